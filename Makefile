@@ -1,0 +1,47 @@
+# Two commands for a new user: `make run` (the main job) and `make test` (the test suite).
+# Both create the virtualenv in .venv and install the package into it on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOURCE ?= ../shared/data/cifar10-jpg.tar.gz
+DATA ?= data/cifar10
+RUN ?= scratch
+TRAIN_FLAGS ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: run test data train evaluate explain benchmarks clean-venv
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+# The main job: TFRecords, then a from-scratch cat detector trained, evaluated and explained.
+run: data train evaluate explain
+
+data: $(VENV)/.installed
+	@if [ -f $(DATA)/manifest.json ]; then echo "$(DATA) exists; reusing it (rm -r $(DATA) to rebuild)"; \
+	else $(PY) -m research.apps.make_tfrecords --source=$(SOURCE) --out_dir=$(DATA); fi
+
+train: $(VENV)/.installed
+	$(PY) -m research.apps.train --data_dir=$(DATA) --model=scratch --run_name=$(RUN) $(TRAIN_FLAGS)
+
+evaluate: $(VENV)/.installed
+	$(PY) -m research.apps.evaluate --data_dir=$(DATA) --run_name=$(RUN) --split=test \
+	    --output=checkpoints/$(RUN)/eval_test.json
+
+explain: $(VENV)/.installed
+	$(PY) -m research.apps.explain --run_name=$(RUN) --data_dir=$(DATA) --num_examples=8 \
+	    --method=gradcam --out_dir=checkpoints/$(RUN)/explain
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+benchmarks: $(VENV)/.installed
+	$(PY) -m research.benchmarks.input_pipeline --data_dir=$(DATA)
+	$(PY) -m research.benchmarks.train_step
+	$(PY) -m research.benchmarks.gradcam
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""A CIFAR-10 cat detector and tools to see what CNNs see."""

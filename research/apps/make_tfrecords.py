@@ -1,0 +1,95 @@
+r"""Turns CIFAR-10/100 or a folder of images into sharded TFRecords with a manifest.
+
+  python -m research.apps.make_tfrecords --source=../shared/data/cifar10-jpg.tar.gz \
+      --out_dir=data/cifar10
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 (downloaded into "
+                    "--download_dir if absent), or a path: an official CIFAR archive/folder, or "
+                    "an image folder / .tar(.gz) (<class>/<img> or <class>.<id>.jpg, optionally "
+                    "under train/ and test/).")
+flags.DEFINE_string("out_dir", None, "Output folder, e.g. data/cifar10.")
+flags.DEFINE_string("positive_class", "cat", "Class whose examples get label 1.")
+flags.DEFINE_float("val_fraction", 0.1, "Stratified fraction of train held out as val.")
+flags.DEFINE_float("test_fraction", 0.2, "Stratified fraction held out as test, only for "
+                   "sources without a test split.")
+flags.DEFINE_integer("seed", 0, "Seed for the val split and shard order.")
+flags.DEFINE_integer("train_shards", 12, "Number of train shards.")
+flags.DEFINE_integer("val_shards", 2, "Number of val shards.")
+flags.DEFINE_integer("test_shards", 4, "Number of test shards.")
+flags.DEFINE_integer("image_size", 32, "Height and width images from folders are resized to.")
+flags.DEFINE_enum("resize_policy", "center_crop", ["center_crop", "stretch"],
+                  "center_crop keeps the aspect ratio; stretch distorts it.")
+flags.DEFINE_string("download_dir", "data/downloads", "Where official archives are kept.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
+flags.DEFINE_integer("sample_grid", 32, "Images in samples.png (0: none).")
+flags.mark_flags_as_required(["source", "out_dir"])
+
+
+def write_sample_grid(data_dir: str, n: int) -> str:
+    """Reads the first n train examples back from the TFRecords and draws them."""
+    from research import plots
+    from research.data import pipeline
+
+    manifest = pipeline.load_manifest(data_dir)
+    batch = next(iter(pipeline.make_dataset(data_dir, "train", n, training=False, scale="uint8")))
+    names = manifest["class_names"]
+    titles = [f"{names[c]} / label {lab}" for c, lab in
+              zip(batch["class_id"].numpy(), batch["label"].numpy())]
+    colors = ["red" if lab else "black" for lab in batch["label"].numpy()]
+    fig = plots.image_grid(batch["image"].numpy(), titles, ncols=8, title_colors=colors,
+                           title=f"{data_dir}: first {len(titles)} train examples read back "
+                                 f"from TFRecords (red: label 1 = {manifest['positive_class']})")
+    return plots.save_figure(fig, os.path.join(data_dir, "samples.png"))
+
+
+def main(argv):
+    del argv
+    from keras.utils import Progbar
+
+    from research.data import sources, tfrecords
+
+    start = time.time()
+    logging.info("Reading %s", FLAGS.source)
+    try:
+        data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
+                                   resize_policy=FLAGS.resize_policy,
+                                   download_dir=FLAGS.download_dir)
+        total = sum(len(s) for s in data.splits.values())
+        logging.info("Decoded %d images in %.1fs (%d skipped)", total, time.time() - start,
+                     len(data.skipped))
+        cfg = tfrecords.WriteConfig(
+            out_dir=FLAGS.out_dir, positive_class=FLAGS.positive_class,
+            val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
+            shards={"train": FLAGS.train_shards, "val": FLAGS.val_shards,
+                    "test": FLAGS.test_shards},
+            overwrite=FLAGS.overwrite)
+        bar = Progbar(total, unit_name="image")
+        flag_values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+        manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, flag_values,
+                                             progress=lambda k: bar.add(k))
+    except (sources.SourceError, ValueError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    seconds = time.time() - start
+    print()
+    print(tfrecords.summary_table(manifest))
+    for s in data.skipped[:20]:
+        print(f"skipped {s['file']}: {s['reason']}")
+    if len(data.skipped) > 20:
+        print(f"... and {len(data.skipped) - 20} more skipped files, all listed in manifest.json")
+    if FLAGS.sample_grid:
+        print(f"sample grid: {write_sample_grid(FLAGS.out_dir, FLAGS.sample_grid)}")
+    print(f"wrote {FLAGS.out_dir} in {seconds:.1f}s (read + decode + write)")
+
+
+if __name__ == "__main__":
+    app.run(main)

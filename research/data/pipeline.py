@@ -1,0 +1,223 @@
+"""tf.data input pipeline over the TFRecords written by `research.data.tfrecords`.
+
+Training streams are infinite and a pure function of (seed, step): epoch e is shuffled with
+seed (seed, e), and the augmentation of the i-th example of the stream is drawn from a
+stateless RNG keyed on (seed, i). Starting at `start_step` therefore yields exactly the batches
+an uninterrupted run would have seen, and 1 or N replicas see the same global batches.
+Evaluation streams are finite, ordered, and never drop the remainder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from research.data.tfrecords import MANIFEST, SCHEMA_VERSION
+
+AUTOTUNE = tf.data.AUTOTUNE
+SCALES = ("unit", "raw", "uint8")
+
+_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "class_id": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+class DataError(ValueError):
+    """A manifest or shard is missing, from another schema version, or corrupt."""
+
+
+def load_manifest(data_dir: str) -> dict:
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: --data_dir must be a folder written by "
+                        "`python -m research.apps.make_tfrecords`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version {version!r}, but this code reads version "
+                        f"{SCHEMA_VERSION}; rebuild the data with research.apps.make_tfrecords")
+    return manifest
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(path: str, size: int, sha256: str) -> bool:
+    from research.data.tfrecords import sha256_file
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: shard listed in the manifest is missing")
+    actual = os.path.getsize(path)
+    if actual != size:
+        raise DataError(f"{path}: {actual} bytes, the manifest says {size} (truncated shard?)")
+    if sha256_file(path) != sha256:
+        raise DataError(f"{path}: sha256 does not match the manifest (corrupt shard)")
+    return True
+
+
+def shard_paths(data_dir: str, manifest: dict, split: str, verify: bool = True) -> list[str]:
+    if split not in manifest["splits"]:
+        raise DataError(f"split {split!r} not in {data_dir}; it has "
+                        f"{', '.join(manifest['splits'])}")
+    paths = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = os.path.join(data_dir, shard["file"])
+        if verify:
+            _verified(os.path.abspath(path), shard["bytes"], shard["sha256"])
+        paths.append(path)
+    return paths
+
+
+def class_weights(manifest: dict, split: str = "train") -> dict[str, np.ndarray]:
+    """Balanced weights n / (k * n_c): 'binary' over {neg, pos}, 'multiclass' over class ids."""
+    s = manifest["splits"][split]
+    n, pos = s["num_examples"], s["num_positive"]
+    counts = np.array([s["class_counts"][c] for c in manifest["class_names"]], np.float64)
+    return {
+        "binary": np.array([n / (2.0 * (n - pos)), n / (2.0 * pos)], np.float32),
+        "multiclass": (n / (len(counts) * np.maximum(counts, 1))).astype(np.float32),
+    }
+
+
+def parse_batch(serialized: tf.Tensor, image_shape) -> dict[str, tf.Tensor]:
+    """Parses a batch of serialized Examples with one parse_example and one decode_raw."""
+    f = tf.io.parse_example(serialized, _FEATURES)
+    images = tf.io.decode_raw(f["image"], tf.uint8)
+    images = tf.reshape(images, [-1, *image_shape])
+    return {"image": images, "label": tf.cast(f["label"], tf.int32),
+            "class_id": tf.cast(f["class_id"], tf.int32)}
+
+
+def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4) -> tf.Tensor:
+    """Random horizontal flip and pad-and-crop (reflect padding), one draw per example.
+
+    `rand` is [B, 3] uniform in [0, 1): flip, row offset, column offset.
+    """
+    h, w = images.shape[1], images.shape[2]
+    if pad > 0:
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        span = 2 * pad + 1
+        dy = tf.minimum(tf.cast(rand[:, 1] * span, tf.int32), span - 1)
+        dx = tf.minimum(tf.cast(rand[:, 2] * span, tf.int32), span - 1)
+        rows = dy[:, None] + tf.range(h)[None]
+        cols = dx[:, None] + tf.range(w)[None]
+        images = tf.gather(padded, rows, axis=1, batch_dims=1)
+        images = tf.gather(images, cols, axis=2, batch_dims=1)
+    flip = rand[:, 0] < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+
+
+def _scale(images: tf.Tensor, scale: str) -> tf.Tensor:
+    if scale == "unit":
+        return tf.cast(images, tf.float32) / 255.0
+    if scale == "raw":
+        return tf.cast(images, tf.float32)
+    return images
+
+
+def steps_per_epoch(manifest: dict, global_batch_size: int, split: str = "train") -> int:
+    return max(1, manifest["splits"][split]["num_examples"] // global_batch_size)
+
+
+def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
+                 seed: int = 0, scale: str = "unit", augment: bool = True, pad: int = 4,
+                 shuffle_buffer: int = 16384, rebalance: bool = False, start_step: int = 0,
+                 global_batch_size: int | None = None,
+                 input_context: tf.distribute.InputContext | None = None,
+                 verify: bool = True) -> tf.data.Dataset:
+    """The dataset of dicts {image, label, class_id[, index]} for one split.
+
+    training=True: infinite, shuffled, augmented, `batch_size` per element (drop remainder),
+    starting at `start_step` of a stream whose global batch is `global_batch_size`.
+    training=False: one ordered pass, each element also carries `index` (position in the
+    split), the last batch may be partial.
+    `scale`: 'unit' float32 in [0, 1], 'raw' float32 in [0, 255] (for a backbone's own
+    preprocess_input), or 'uint8'.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    manifest = load_manifest(data_dir)
+    files = shard_paths(data_dir, manifest, split, verify=verify)
+    image_shape = manifest["image_shape"]
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+
+    if not training:
+        ds = tf.data.TFRecordDataset(files).enumerate()
+        if num_pipelines > 1:
+            ds = ds.shard(num_pipelines, pipeline_id)
+        ds = ds.batch(batch_size, drop_remainder=False)
+
+        def parse_eval(index, serialized):
+            out = parse_batch(serialized, image_shape)
+            out["image"] = _scale(out["image"], scale)
+            out["index"] = index
+            return out
+
+        return ds.map(parse_eval, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+    global_batch_size = global_batch_size or batch_size * num_pipelines
+    n = manifest["splits"][split]["num_examples"]
+    start_example = start_step * global_batch_size
+    file_ds_seed = tf.constant(seed, tf.int64)
+
+    def epoch(e):
+        s = file_ds_seed * 1_000_003 + e
+        f = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=s)
+        records = f.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                               num_parallel_calls=AUTOTUNE, deterministic=True)
+        return records.shuffle(min(shuffle_buffer, n), seed=s)
+
+    if rebalance:
+        label_spec = {"label": tf.io.FixedLenFeature([], tf.int64)}
+
+        def is_pos(x):
+            return tf.equal(tf.io.parse_single_example(x, label_spec)["label"], 1)
+
+        stream = tf.data.Dataset.range(tf.int64.max).flat_map(epoch)
+        pos = stream.filter(is_pos)
+        neg = stream.filter(lambda x: tf.logical_not(is_pos(x)))
+        ds = tf.data.Dataset.sample_from_datasets([pos, neg], [0.5, 0.5], seed=seed)
+        ds = ds.skip(start_example)
+    else:
+        first_epoch, offset = divmod(start_example, n)
+        ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch).skip(offset)
+
+    # The i-th example of the stream always gets the same augmentation draw.
+    ds = ds.enumerate(start=start_example)
+    if num_pipelines > 1:
+        ds = ds.shard(num_pipelines, pipeline_id)
+
+    def draw(i, x):
+        return x, tf.random.stateless_uniform([3], seed=tf.stack([tf.cast(seed, tf.int64), i]))
+
+    ds = ds.map(draw, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+
+    def parse_train(serialized, rand):
+        out = parse_batch(serialized, image_shape)
+        if augment:
+            out["image"] = augment_batch(out["image"], rand, pad)
+        out["image"] = _scale(out["image"], scale)
+        return out
+
+    return ds.map(parse_train, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def make_input_fn(data_dir: str, split: str, global_batch_size: int, training: bool, **kwargs):
+    """A per-replica input function for `strategy.distribute_datasets_from_function`."""
+
+    def input_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+        return make_dataset(data_dir, split, per_replica, training, input_context=ctx,
+                            global_batch_size=global_batch_size, **kwargs)
+
+    return input_fn

@@ -1,0 +1,207 @@
+"""Writing a `SourceData` to sharded TFRecords with a manifest.
+
+One `tf.train.Example` per image: the raw uint8 pixels (never scaled), their shape, the
+preprocessed binary `label` (1 for the positive class), the source's `class_id`/`class_name`,
+`coarse_id` (CIFAR-100, else -1) and a `source_id`. The whole output folder is built under a
+temporary name and renamed into place at the end, so a crash never leaves a half dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+
+from research.data.sources import SourceData, Split
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+DEFAULT_SHARDS = {"train": 12, "val": 2, "test": 4}
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@dataclasses.dataclass
+class WriteConfig:
+    out_dir: str
+    positive_class: str = "cat"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2   # only for sources without a test split of their own
+    seed: int = 0
+    shards: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SHARDS))
+    overwrite: bool = False
+
+
+def stratified_split(class_ids: np.ndarray, fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Splits indices into (keep, held_out), holding out round(fraction * n) of every class."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(class_ids):
+        idx = np.flatnonzero(class_ids == c)
+        idx = idx[rng.permutation(len(idx))]
+        n = int(round(fraction * len(idx)))
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def make_splits(data: SourceData, cfg: WriteConfig) -> dict[str, Split]:
+    """train/val/test: val is a stratified slice of train; test is the source's own when it
+    has one, otherwise a stratified slice too."""
+    train = data.splits["train"]
+    test = data.splits.get("test")
+    if test is None:
+        if cfg.test_fraction <= 0:
+            raise ValueError("The source has no test split; set --test_fraction > 0 to hold one out")
+        keep, held = stratified_split(train.class_ids, cfg.test_fraction, cfg.seed + 1)
+        train, test = train.take(keep), train.take(held)
+    keep, held = stratified_split(train.class_ids, cfg.val_fraction, cfg.seed)
+    return {"train": train.take(keep), "val": train.take(held), "test": test}
+
+
+def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: str,
+                      coarse_id: int, source_id: str) -> bytes:
+    import tensorflow as tf
+
+    def ints(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+
+    def bytes_(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    h, w, c = image.shape
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": bytes_(image.tobytes()),
+        "height": ints([h]), "width": ints([w]), "channels": ints([c]),
+        "label": ints([label]),
+        "class_id": ints([class_id]),
+        "class_name": bytes_(class_name.encode()),
+        "coarse_id": ints([coarse_id]),
+        "source_id": bytes_(source_id.encode()),
+    })).SerializeToString()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_names: list[str],
+                 positive_id: int, seed: int, progress: Callable[[int], None] | None) -> dict:
+    import tensorflow as tf
+
+    n = len(split)
+    if n == 0:
+        raise ValueError(f"split {name!r} is empty")
+    num_shards = max(1, min(num_shards, n))
+    order = np.random.default_rng(seed).permutation(n)  # shards mix classes
+    shards = []
+    for s, idx in enumerate(np.array_split(order, num_shards)):
+        fname = f"{name}-{s:05d}-of-{num_shards:05d}.tfrecord"
+        path = os.path.join(out_dir, fname)
+        with tf.io.TFRecordWriter(path) as w:
+            for i in idx:
+                cid = int(split.class_ids[i])
+                coarse = -1 if split.coarse_ids is None else int(split.coarse_ids[i])
+                w.write(serialize_example(split.images[i], int(cid == positive_id), cid,
+                                          class_names[cid], coarse, split.source_ids[i]))
+        if progress:
+            progress(len(idx))
+        shards.append({"file": fname, "num_examples": len(idx), "sha256": sha256_file(path),
+                       "bytes": os.path.getsize(path)})
+    counts = np.bincount(split.class_ids, minlength=len(class_names))
+    return {
+        "num_examples": n,
+        "num_positive": int(counts[positive_id]),
+        "class_counts": {c: int(k) for c, k in zip(class_names, counts)},
+        "shards": shards,
+    }
+
+
+def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict | None = None,
+                    progress: Callable[[int], None] | None = None) -> dict:
+    """Writes train/val/test shards and manifest.json into cfg.out_dir; returns the manifest."""
+    if cfg.positive_class not in data.class_names:
+        raise ValueError(f"--positive_class={cfg.positive_class!r} is not a class of {source}; "
+                         f"the classes are: {', '.join(data.class_names)}")
+    out_dir = os.path.abspath(cfg.out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not cfg.overwrite:
+        raise OutputExistsError(f"{out_dir} already exists and is not empty; pass --overwrite "
+                                "to replace it")
+    for split, k in cfg.shards.items():
+        if split not in SPLITS or k < 1:
+            raise ValueError(f"bad shard count {split}={k}; splits are {SPLITS}, counts >= 1")
+    start = time.time()
+    positive_id = data.class_names.index(cfg.positive_class)
+    splits = make_splits(data, cfg)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "source": source,
+            "source_format": data.format,
+            "positive_class": cfg.positive_class,
+            "positive_class_id": positive_id,
+            "class_names": list(data.class_names),
+            "coarse_class_names": data.coarse_class_names,
+            "image_shape": list(splits["train"].images.shape[1:]),
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
+            "splits": {},
+            "skipped": list(data.skipped),
+            "flags": flags or {},
+        }
+        for i, name in enumerate(SPLITS):
+            manifest["splits"][name] = _write_split(
+                splits[name], name, cfg.shards.get(name, DEFAULT_SHARDS[name]), tmp,
+                data.class_names, positive_id, cfg.seed + 100 + i, progress)
+        manifest["seconds"] = round(time.time() - start, 2)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def summary_table(manifest: dict) -> str:
+    """A plain-text table of counts per split and class, shards and bytes."""
+    names = manifest["class_names"]
+    splits = manifest["splits"]
+    width = max(12, max(len(n) for n in names) + 2)
+    rows = [f"{'class':<{width}}" + "".join(f"{s:>10}" for s in splits)]
+    if len(names) <= 20:  # CIFAR-100: per-class rows would drown the table
+        for n in names:
+            mark = " *" if n == manifest["positive_class"] else ""
+            rows.append(f"{(n + mark):<{width}}" +
+                        "".join(f"{splits[s]['class_counts'][n]:>10,}" for s in splits))
+    rows.append("-" * len(rows[0]))
+    for key, fmt in (("num_examples", "{:>10,}"), ("num_positive", "{:>10,}")):
+        rows.append(f"{key:<{width}}" + "".join(fmt.format(splits[s][key]) for s in splits))
+    rows.append(f"{'shards':<{width}}" + "".join(f"{len(splits[s]['shards']):>10}" for s in splits))
+    rows.append(f"{'MB':<{width}}" + "".join(
+        f"{sum(sh['bytes'] for sh in splits[s]['shards']) / 1e6:>10.1f}" for s in splits))
+    rows.append(f"positive class: {manifest['positive_class']} (*)   skipped files: "
+                f"{len(manifest['skipped'])}   seconds: {manifest.get('seconds', '?')}")
+    return "\n".join(rows)
