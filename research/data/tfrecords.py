@@ -108,7 +108,8 @@ def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_n
 
     n = len(split)
     if n == 0:
-        raise ValueError(f"split {name!r} is empty")
+        raise ValueError(f"split {name!r} would be empty; with so few images per class, raise "
+                         "--val_fraction / --test_fraction")
     num_shards = max(1, min(num_shards, n))
     order = np.random.default_rng(seed).permutation(n)  # shards mix classes
     shards = []

@@ -1,0 +1,149 @@
+"""Tiny fixtures in every supported source format, made by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+
+
+def random_cifar(n: int, num_classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = [int(i % num_classes) for i in range(n)]
+    return data, labels
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_cifar10_python(path: str, per_batch: int = 20, seed: int = 0) -> dict:
+    """A cifar-10-python.tar.gz look-alike; returns {source_id prefix: (images NHWC, labels)}."""
+    out = {}
+    with tarfile.open(path, "w:gz") as tar:
+        meta = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
+        _add_bytes(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+        for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+            data, labels = random_cifar(per_batch, seed=seed + k)
+            batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                     b"filenames": [f"img_{name}_{i}.png".encode() for i in range(per_batch)]}
+            _add_bytes(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
+            out[name] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
+    return out
+
+
+def make_cifar10_binary(path: str, per_batch: int = 20, seed: int = 0) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        _add_bytes(tar, "cifar-10-batches-bin/batches.meta.txt",
+                   ("\n".join(CIFAR10_CLASSES) + "\n\n").encode())
+        for k, name in enumerate([f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]):
+            data, labels = random_cifar(per_batch, seed=seed + k)
+            rec = np.concatenate([np.asarray(labels, np.uint8)[:, None], data], axis=1)
+            _add_bytes(tar, f"cifar-10-batches-bin/{name}", rec.tobytes())
+
+
+def make_cifar100_python(path: str, n: int = 400) -> None:
+    fine = [f"fine{i}" for i in range(100)]
+    fine[3] = "leopard"
+    coarse = [f"coarse{i}" for i in range(20)]
+    with tarfile.open(path, "w:gz") as tar:
+        _add_bytes(tar, "cifar-100-python/meta", pickle.dumps(
+            {b"fine_label_names": [c.encode() for c in fine],
+             b"coarse_label_names": [c.encode() for c in coarse]}, protocol=2))
+        for k, split in enumerate(("train", "test")):
+            data, labels = random_cifar(n, num_classes=100, seed=k)
+            labels = [(i * 7) % 100 for i in range(n)]
+            batch = {b"data": data, b"fine_labels": labels,
+                     b"coarse_labels": [lab // 5 for lab in labels],
+                     b"filenames": [f"{split}_{i}.png".encode() for i in range(n)]}
+            _add_bytes(tar, f"cifar-100-python/{split}", pickle.dumps(batch, protocol=2))
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_class_folders(root: str, classes=("cat", "dog", "frog"), per_class: int = 6,
+                       size=(40, 48)) -> None:
+    """<root>/{train,test}/<class>/*.png plus a grayscale JPEG, an RGBA PNG, a CMYK JPEG and a
+    corrupt file in train/cat."""
+    for split, n in (("train", per_class), ("test", max(2, per_class // 2))):
+        for c in classes:
+            d = os.path.join(root, split, c)
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rgb(*size, seed=hash((split, c, i)) % 1000)).save(
+                    os.path.join(d, f"{i:03d}.png"))
+    cat = os.path.join(root, "train", "cat")
+    base = Image.fromarray(rgb(*size, seed=7))
+    with open(os.path.join(cat, "gray.jpg"), "wb") as f:
+        f.write(encode(base.convert("L"), "JPEG"))
+    with open(os.path.join(cat, "rgba.png"), "wb") as f:
+        f.write(encode(base.convert("RGBA"), "PNG"))
+    with open(os.path.join(cat, "cmyk.jpg"), "wb") as f:
+        f.write(encode(base.convert("CMYK"), "JPEG"))
+    with open(os.path.join(cat, "corrupt.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+
+
+def make_flat_folder(root: str, n_per_class: int = 8, size=(50, 60)) -> None:
+    os.makedirs(root, exist_ok=True)
+    for c in ("cat", "dog"):
+        for i in range(n_per_class):
+            Image.fromarray(rgb(*size, seed=i + (100 if c == "dog" else 0))).save(
+                os.path.join(root, f"{c}.{i}.jpg"))
+
+
+def tar_folder(folder: str, path: str) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=os.path.basename(folder))
+    return path
+
+
+class Evil:
+    """Pickles to a call of os.system: a crafted CIFAR batch."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def make_synthetic_tfrecords(out_dir: str, n_train: int = 200, n_test: int = 60, size: int = 32,
+                             num_classes: int = 10, seed: int = 0) -> dict:
+    """A learnable tiny CIFAR-like dataset: each class paints a coloured block at its own
+    place, so a small CNN can learn 'cat' (class 3) in a few dozen steps."""
+    from research.data import sources, tfrecords
+
+    def split(n, s):
+        rng = np.random.default_rng(s)
+        ids = np.arange(n) % num_classes
+        imgs = rng.integers(0, 80, (n, size, size, 3), dtype=np.uint8)
+        for i, c in enumerate(ids):
+            r, q = divmod(int(c), 4)
+            y, x = 2 + r * (size // 4), 2 + q * (size // 4)
+            imgs[i, y:y + size // 5, x:x + size // 5, c % 3] = 255
+        return sources.Split(imgs, ids.astype(np.int64), [f"syn{s}_{i}" for i in range(n)])
+
+    data = sources.SourceData("synthetic", CIFAR10_CLASSES[:num_classes],
+                              {"train": split(n_train, seed), "test": split(n_test, seed + 1)})
+    cfg = tfrecords.WriteConfig(out_dir=out_dir, shards={"train": 3, "val": 2, "test": 2},
+                                seed=seed)
+    return tfrecords.write_tfrecords(data, cfg, "synthetic")
