@@ -115,6 +115,26 @@ def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4) -> tf.Tensor
     return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
+def _splitmix64(x: tf.Tensor) -> tf.Tensor:
+    def mix(z, shift, mult):
+        return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(shift, tf.uint64))
+                                      ) * tf.constant(mult, tf.uint64)
+
+    z = x + tf.constant(0x9E3779B97F4A7C15, tf.uint64)
+    z = mix(z, 30, 0xBF58476D1CE4E5B9)
+    z = mix(z, 27, 0x94D049BB133111EB)
+    return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
+
+
+def uniform_from_index(index: tf.Tensor, seed: int, k: int) -> tf.Tensor:
+    """[B, k] uniforms in [0, 1) that depend only on (seed, example index): a counter-based
+    hash (splitmix64), vectorised over the batch, so draws do not depend on batching."""
+    key = _splitmix64(tf.constant([seed], tf.uint64))
+    idx = tf.cast(index, tf.uint64)[:, None] * tf.constant(k, tf.uint64) + tf.cast(tf.range(k), tf.uint64)
+    bits = tf.bitwise.right_shift(_splitmix64(idx + key), tf.constant(40, tf.uint64))
+    return tf.cast(bits, tf.float32) / float(1 << 24)
+
+
 def _scale(images: tf.Tensor, scale: str) -> tf.Tensor:
     if scale == "unit":
         return tf.cast(images, tf.float32) / 255.0
@@ -167,14 +187,16 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
     global_batch_size = global_batch_size or batch_size * num_pipelines
     n = manifest["splits"][split]["num_examples"]
     start_example = start_step * global_batch_size
-    file_ds_seed = tf.constant(seed, tf.int64)
+    seed_t = tf.constant(seed, tf.int64)
+    chunk = max(1, min(shuffle_buffer, n))
 
-    def epoch(e):
-        s = file_ds_seed * 1_000_003 + e
+    def epoch_records(e):
+        s = seed_t * 1_000_003 + e
         f = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=s)
-        records = f.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                               num_parallel_calls=AUTOTUNE, deterministic=True)
-        return records.shuffle(min(shuffle_buffer, n), seed=s)
+        # Sequential reads in a per-epoch file order: shards are class-mixed at write time and
+        # the chunk permutation below mixes ~chunk/shard_size shards; parallel interleave
+        # measured slower on 2 cores.
+        return tf.data.TFRecordDataset(f, buffer_size=1 << 20)
 
     if rebalance:
         label_spec = {"label": tf.io.FixedLenFeature([], tf.int64)}
@@ -182,34 +204,58 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         def is_pos(x):
             return tf.equal(tf.io.parse_single_example(x, label_spec)["label"], 1)
 
-        stream = tf.data.Dataset.range(tf.int64.max).flat_map(epoch)
-        pos = stream.filter(is_pos)
-        neg = stream.filter(lambda x: tf.logical_not(is_pos(x)))
-        ds = tf.data.Dataset.sample_from_datasets([pos, neg], [0.5, 0.5], seed=seed)
-        ds = ds.skip(start_example)
+        def shuffled(e):
+            return epoch_records(e).shuffle(chunk, seed=seed_t * 1_000_003 + e)
+
+        stream = tf.data.Dataset.range(tf.int64.max).flat_map(shuffled)
+        ds = tf.data.Dataset.sample_from_datasets(
+            [stream.filter(is_pos), stream.filter(lambda x: tf.logical_not(is_pos(x)))],
+            [0.5, 0.5], seed=seed)
+        ds = ds.skip(start_example).enumerate(start=start_example).batch(chunk)
+        ds = ds.map(lambda i, r: (i, parse_batch(r, image_shape)))
     else:
+        # Shuffling happens a chunk at a time (one permutation per chunk of `shuffle_buffer`
+        # records) rather than element by element: 2-5x faster in tf.data, and a chunk can
+        # be skipped whole on resume. Example positions e*n + j*chunk + i are the RNG keys.
         first_epoch, offset = divmod(start_example, n)
-        ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch).skip(offset)
+        skip_chunks, skip_in_chunk = divmod(offset, chunk)
 
-    # The i-th example of the stream always gets the same augmentation draw.
-    ds = ds.enumerate(start=start_example)
-    if num_pipelines > 1:
-        ds = ds.shard(num_pipelines, pipeline_id)
+        def epoch(e):
+            first = tf.equal(e, first_epoch)
+            chunks = epoch_records(e).batch(chunk).enumerate()
+            chunks = chunks.skip(tf.where(first, tf.constant(skip_chunks, tf.int64), 0))
 
-    def draw(i, x):
-        return x, tf.random.stateless_uniform([3], seed=tf.stack([tf.cast(seed, tf.int64), i]))
+            def permute(j, records):
+                k = tf.shape(records, out_type=tf.int64)[0]
+                perm = tf.random.experimental.stateless_shuffle(
+                    tf.range(k), seed=tf.stack([seed_t * 1_000_003 + e, j]))
+                index = e * n + j * chunk + tf.range(k)
+                drop = tf.where(first & tf.equal(j, skip_chunks),
+                                tf.constant(skip_in_chunk, tf.int64), 0)
+                # Parse the whole chunk in one op, then permute dense tensors (cheap copies).
+                parsed = parse_batch(records, image_shape)
+                parsed = {k: tf.gather(v, perm)[drop:] for k, v in parsed.items()}
+                return index[drop:], parsed
 
-    ds = ds.map(draw, num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
+            return chunks.map(permute, num_parallel_calls=2)
 
-    def parse_train(serialized, rand):
-        out = parse_batch(serialized, image_shape)
+        ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
+
+    ds = ds.rebatch(global_batch_size, drop_remainder=True)
+    if num_pipelines > 1:  # each input pipeline takes its slice of every global batch
+        per = global_batch_size // num_pipelines
+        lo, hi = pipeline_id * per, (pipeline_id + 1) * per
+        ds = ds.map(lambda i, r: (i[lo:hi], {k: v[lo:hi] for k, v in r.items()}))
+    ds = ds.rebatch(batch_size, drop_remainder=True)
+
+    def finish(index, out):
+        out = dict(out)
         if augment:
-            out["image"] = augment_batch(out["image"], rand, pad)
+            out["image"] = augment_batch(out["image"], uniform_from_index(index, seed, 3), pad)
         out["image"] = _scale(out["image"], scale)
         return out
 
-    return ds.map(parse_train, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    return ds.map(finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
 def make_input_fn(data_dir: str, split: str, global_batch_size: int, training: bool, **kwargs):
