@@ -191,8 +191,9 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
     chunk = max(1, min(shuffle_buffer, n))
 
     def epoch_records(e):
-        s = seed_t * 1_000_003 + e
-        f = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=s)
+        order = tf.random.experimental.stateless_shuffle(tf.constant(files),
+                                                         seed=tf.stack([seed_t, e]))
+        f = tf.data.Dataset.from_tensor_slices(order)
         # Sequential reads in a per-epoch file order: shards are class-mixed at write time and
         # the chunk permutation below mixes ~chunk/shard_size shards; parallel interleave
         # measured slower on 2 cores.
@@ -204,10 +205,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         def is_pos(x):
             return tf.equal(tf.io.parse_single_example(x, label_spec)["label"], 1)
 
-        def shuffled(e):
-            return epoch_records(e).shuffle(chunk, seed=seed_t * 1_000_003 + e)
-
-        stream = tf.data.Dataset.range(tf.int64.max).flat_map(shuffled)
+        stream = tf.data.Dataset.range(tf.int64.max).flat_map(epoch_records).shuffle(
+            chunk, seed=seed)
         ds = tf.data.Dataset.sample_from_datasets(
             [stream.filter(is_pos), stream.filter(lambda x: tf.logical_not(is_pos(x)))],
             [0.5, 0.5], seed=seed)

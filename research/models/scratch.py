@@ -1,0 +1,56 @@
+"""The from-scratch CNN for 32x32 images: a compact ResNet-9-style network.
+
+stem conv -> for each stage: conv-BN-ReLU, 2x2 max-pool, then `res_blocks[i]` residual blocks
+of two conv-BN-ReLU -> global max+avg pooling -> dropout -> one logit (binary objective) or
+one logit per class (multiclass). The network outputs logits; sigmoid/softmax is applied only
+where probabilities are wanted.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from research.models.layers import FusedBatchNorm
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _conv_bn_relu(x, filters: int, name: str, dtype):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv",
+                      kernel_initializer="he_normal", dtype=dtype)(x)
+    x = FusedBatchNorm(momentum=0.9, name=f"{name}_bn", dtype=dtype)(x)
+    return layers.ReLU(name=f"{name}_relu", dtype=dtype)(x)
+
+
+def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
+                      widths=(64, 128, 256), res_blocks=(1, 0, 1), stem_width: int = 32,
+                      dropout: float = 0.1, dtype: str | None = None,
+                      name: str = "scratch_cnn") -> keras.Model:
+    """Builds the CNN. Inputs are float images scaled to [0, 1]; outputs are float32 logits.
+
+    `dtype` is a Keras dtype policy name such as 'mixed_bfloat16'; the logits layer always
+    computes in float32.
+    """
+    if len(widths) != len(res_blocks):
+        raise ValueError(f"widths {widths} and res_blocks {res_blocks} must have equal length")
+    inputs = keras.Input(shape=image_shape, name="image")
+    var = [s * s for s in CIFAR_STD]
+    x = layers.Normalization(mean=list(CIFAR_MEAN), variance=var, name="normalize",
+                             dtype=dtype)(inputs)
+    x = _conv_bn_relu(x, stem_width, "stem", dtype)
+    for i, (w, r) in enumerate(zip(widths, res_blocks)):
+        x = _conv_bn_relu(x, w, f"stage{i}", dtype)
+        x = layers.MaxPooling2D(2, name=f"stage{i}_pool", dtype=dtype)(x)
+        for j in range(r):
+            y = _conv_bn_relu(x, w, f"stage{i}_res{j}a", dtype)
+            y = _conv_bn_relu(y, w, f"stage{i}_res{j}b", dtype)
+            x = layers.Add(name=f"stage{i}_res{j}_add", dtype=dtype)([x, y])
+    x = layers.Concatenate(name="pool", dtype=dtype)([
+        layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x),
+        layers.GlobalAveragePooling2D(name="gap", dtype=dtype)(x)])
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout", dtype=dtype)(x)
+    logits = layers.Dense(num_outputs, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name)
