@@ -52,5 +52,7 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
         layers.GlobalAveragePooling2D(name="gap", dtype=dtype)(x)])
     if dropout:
         x = layers.Dropout(dropout, name="dropout", dtype=dtype)(x)
-    logits = layers.Dense(num_outputs, name="logits", dtype="float32")(x)
+    # Zero-initialised head: the first loss is ln(K) rather than a large random value.
+    logits = layers.Dense(num_outputs, kernel_initializer="zeros", name="logits",
+                          dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)

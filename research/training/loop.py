@@ -179,8 +179,11 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         if multiclass:
             for d in (train_metrics, eval_metrics):
                 d["class_accuracy"] = keras.metrics.SparseCategoricalAccuracy("class_accuracy")
+        # Keras seed-generator states (dropout masks) are not tracked through the model by
+        # tf.train.Checkpoint; without them a resumed run would replay the first masks.
+        rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
-                                         best_metric=best, bad_evals=bad)
+                                         best_metric=best, bad_evals=bad, rng_states=rng_states)
         manager = tf.train.CheckpointManager(checkpoint, cfg.run_dir,
                                              max_to_keep=cfg.keep_checkpoints,
                                              step_counter=optimizer.iterations)

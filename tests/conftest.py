@@ -1,0 +1,12 @@
+"""Test session set-up: quiet TF logs and two logical CPU devices for replica tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+# Must happen before TensorFlow initialises its devices: MirroredStrategy tests need 2 replicas.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])

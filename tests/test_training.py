@@ -1,0 +1,208 @@
+"""The custom loop: learning, replica equivalence, exact resume, NaN stop, bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from research.data import pipeline
+from research.models import MODELS
+from research.training import loop, metrics
+from research.training.config import ConfigError, TrainConfig
+
+TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+    # One MirroredStrategy per process: two strategies over the same devices can reuse
+    # collective instance keys and abort each other's all-reduces.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    return strategy
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn") / "data"
+    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
+    return str(d)
+
+
+def config(syn, tmp_path, **kw):
+    base = dict(data_dir=syn, run_name="t", checkpoint_dir=str(tmp_path / "ck"),
+                log_dir=str(tmp_path / "logs"), model_options=dict(TINY), batch_size=32,
+                eval_batch_size=16, learning_rate=0.03, warmup_epochs=0.5, steps_per_loop=5,
+                progress=False, precision="float32", gradcam_images=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def step_losses(cfg, strategy, steps):
+    """Per-step training losses from the real train loop, one step per call."""
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    spe, total = loop.plan_steps(cfg, manifest)
+    keras.utils.set_random_seed(cfg.seed)
+    state = loop.create_train_state(cfg, strategy, manifest, total, spe)
+    train_loop = loop.make_train_loop(cfg, state, manifest["positive_class_id"], None)
+    it = iter(strategy.distribute_datasets_from_function(pipeline.make_input_fn(
+        cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, augment=True)))
+    losses = []
+    for _ in range(steps):
+        train_loop(it, tf.constant(1))
+        losses.append(float(state.train_metrics["loss"].result()))
+        state.train_metrics["loss"].reset_state()
+    return losses, state
+
+
+def test_loss_falls(syn, tmp_path):
+    cfg = config(syn, tmp_path)
+    losses, _ = step_losses(cfg, tf.distribute.get_strategy(), 40)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("objective", ["multiclass", "binary"])
+def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
+    cfg = config(syn, tmp_path, objective=objective, eval_batch_size=14)  # val 30: 14+14+2
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    two = two_replicas
+    l1, s1 = step_losses(cfg, one, 6)
+    l2, s2 = step_losses(cfg, two, 6)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    pid = pipeline.load_manifest(syn)["positive_class_id"]
+    for split in ("val", "test"):
+        e1 = loop.evaluate(cfg, s1, split, pid)
+        e2 = loop.evaluate(cfg, s2, split, pid)
+        n = pipeline.load_manifest(syn)["splits"][split]["num_examples"]
+        assert len(e1.scores) == len(e2.scores) == n
+        np.testing.assert_array_equal(e1.labels, e2.labels)
+        np.testing.assert_allclose(e2.scores, e1.scores, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(e2.loss, e1.loss, rtol=1e-5)
+        assert e1.accuracy == e2.accuracy
+
+
+def test_eval_counts_every_example_once(syn, tmp_path):
+    cfg = config(syn, tmp_path, eval_batch_size=7)
+    _, state = step_losses(cfg, tf.distribute.get_strategy(), 1)
+    manifest = pipeline.load_manifest(syn)
+    for split in ("train", "val", "test"):
+        r = loop.evaluate(cfg, state, split, manifest["positive_class_id"])
+        s = manifest["splits"][split]
+        assert r.index.tolist() == list(range(s["num_examples"]))
+        assert int(r.labels.sum()) == s["num_positive"]
+
+
+def test_warmup_cosine_schedule():
+    sched = loop.WarmupCosine(1.0, 10, 110, final_fraction=0.1)
+    assert float(sched(0)) == pytest.approx(0.1)
+    assert float(sched(9)) == pytest.approx(1.0)
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.55)
+    assert float(sched(110)) == pytest.approx(0.1)
+
+
+def run_train(syn, tmp_path, *extra):
+    cmd = [sys.executable, "-m", "research.apps.train", f"--data_dir={syn}", "--run_name=r",
+           f"--checkpoint_dir={tmp_path}/ck", f"--log_dir={tmp_path}/logs", "--batch_size=32",
+           "--widths=8,16", "--res_blocks=1,0", "--stem_width=8", "--learning_rate=0.03",
+           "--steps_per_loop=3", "--eval_every_steps=6", "--gradcam_images=0",
+           "--progress=false", "--precision=float32", "--deterministic", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def checkpoint_values(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if "save_counter" not in k}
+
+
+def test_kill_and_resume_is_exact(syn, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = run_train(syn, a, "--train_steps=18", "--dropout=0.2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_train(syn, b, "--train_steps=18", "--dropout=0.2", "--stop_at_step=9")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tf.train.latest_checkpoint(f"{b}/ck/r").endswith("-9")
+    res = run_train(syn, b, "--train_steps=18", "--dropout=0.2")  # a fresh process resumes
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Resumed" in res.stderr and "at step 9" in res.stderr
+    summary = json.loads((b / "ck" / "r" / "train_summary.json").read_text())
+    assert summary["start_step"] == 9 and summary["final_step"] == 18
+    va = checkpoint_values(tf.train.latest_checkpoint(f"{a}/ck/r"))
+    vb = checkpoint_values(tf.train.latest_checkpoint(f"{b}/ck/r"))
+    assert va.keys() == vb.keys()
+    slots = [k for k in va if k.startswith("optimizer/") and "iterations" not in k]
+    assert slots, "optimizer slots are checkpointed"
+    assert any("iterations" in k for k in va) and any(k.startswith("epoch") for k in va)
+    for k in va:
+        np.testing.assert_array_equal(va[k], vb[k], err_msg=k)
+
+
+class NanAfter(keras.layers.Layer):
+    """Turns its input into NaN once it has been called `k` times in training."""
+
+    def __init__(self, k, **kw):
+        super().__init__(**kw)
+        self.k = k
+
+    def build(self, shape):
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False)
+
+    def call(self, x, training=False):
+        if training:
+            self.calls.assign_add(1.0)
+        return x + tf.where(self.calls > self.k, np.nan, 0.0)  # NaN-free gradients before k
+
+
+def test_nan_stops_cleanly_and_keeps_checkpoint(syn, tmp_path, monkeypatch):
+    def nan_model(image_shape, num_outputs, dtype=None, **opts):
+        base = MODELS["scratch"](image_shape=image_shape, num_outputs=num_outputs, **TINY)
+        return keras.Sequential([base, NanAfter(12)])
+
+    monkeypatch.setitem(MODELS, "nan", nan_model)
+    cfg = config(syn, tmp_path, model="nan", model_options={}, train_steps=30,
+                 checkpoint_every_steps=5, eval_every_steps=100)
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is kept.*ckpt-10"):
+        loop.train_and_evaluate(cfg)
+    assert tf.train.latest_checkpoint(cfg.run_dir).endswith("ckpt-10")
+    values = checkpoint_values(tf.train.latest_checkpoint(cfg.run_dir))
+    floats = [v for v in values.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    assert floats and all(np.all(np.isfinite(v)) for v in floats)
+
+
+def test_bad_flags_fail_before_work(syn, tmp_path, two_replicas):
+    two = two_replicas
+    with pytest.raises(ConfigError, match="--batch_size=33 is not divisible by the 2"):
+        loop.train_and_evaluate(config(syn, tmp_path, batch_size=33), strategy=two)
+    assert not os.path.exists(tmp_path / "ck")
+    with pytest.raises(ConfigError, match="--data_dir.*no manifest.json"):
+        config(str(tmp_path / "nope"), tmp_path).validate()
+    with pytest.raises(ConfigError, match="--model.*unknown model 'vgg99'"):
+        config(syn, tmp_path, model="vgg99").validate()
+    res = run_train(str(tmp_path / "missing"), tmp_path)
+    assert res.returncode != 0 and "--data_dir" in res.stderr
+    res = run_train(syn, tmp_path, "--cpu_replicas=2", "--batch_size=33")
+    assert res.returncode != 0 and "not divisible" in res.stderr
+    assert not os.path.exists(tmp_path / "ck" / "r" / "checkpoint")
+
+
+def test_exact_metrics_against_brute_force():
+    rng = np.random.default_rng(0)
+    labels = rng.random(300) < 0.1
+    scores = np.round(rng.random(300) + labels * 0.5, 2)  # with ties
+    pos, neg = scores[labels], scores[~labels]
+    brute = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+    assert metrics.roc_auc(labels, scores) == pytest.approx(brute)
+    t = metrics.best_f1_threshold(labels, scores)
+    best = max(metrics.at_threshold(labels, scores, s)["f1"] for s in np.unique(scores))
+    assert metrics.at_threshold(labels, scores, t)["f1"] == pytest.approx(best)
+    assert metrics.pr_auc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx((1 + 2 / 3) / 2)
+    r = metrics.detection_report(labels, scores, 0.5)
+    (tn, fp), (fn, tp) = r["confusion_matrix"]
+    assert tn + fp + fn + tp == 300 and tp + fn == labels.sum()
