@@ -1,0 +1,385 @@
+"""Gradient-based explanations for any Keras model, nested sub-models included.
+
+The usual recipe, `keras.Model(model.inputs, [model.get_layer(name).output, model.output])`,
+fails with "Graph disconnected" when the layer lives inside a nested backbone, and only works
+for functional models. We instead run the model itself and *capture* the target layer's
+output as it is produced (the layer's `call` is wrapped for the duration of the forward
+pass). The captured tensor is the one the rest of the network consumes, so
+`tape.gradient(score, captured)` is exact at any nesting depth, for functional, Sequential
+and subclassed models alike, eagerly or inside `tf.function`.
+
+All methods take raw images (float, 0..255, HxWx3 RGB) and an `Explainer` that knows how to
+preprocess them for its model and where its pre-softmax scores are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+            keras.layers.GlobalMaxPooling2D, keras.layers.GlobalAveragePooling2D)
+
+
+class LayerNotFoundError(ValueError):
+    pass
+
+
+class DisconnectedLayerError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers, searched through nested sub-models.
+
+def iter_layers(model: keras.Model, prefix: str = "") -> Iterable[tuple[str, keras.layers.Layer]]:
+    """(path, layer) for every layer, depth first, in the order the model lists them."""
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        yield path, layer
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer, prefix=path + "/")
+
+
+def _output_rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):
+        return None
+
+
+def spatial_layers(model: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
+    """Layers with a 4-D (N, H, W, C) output and H, W > 1: the candidates for CAMs."""
+    out = []
+    for path, layer in iter_layers(model):
+        if isinstance(layer, (keras.layers.InputLayer, keras.Model)):
+            continue
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4 and (shape[1] is None or shape[1] > 1) and (
+                shape[2] is None or shape[2] > 1):
+            out.append((path, layer))
+    return out
+
+
+def find_layer(model: keras.Model, name: str | None = None) -> tuple[str, keras.layers.Layer]:
+    """The named layer ('block5_conv3' or 'vgg16/block5_conv3'), or by default the last
+    spatial feature map that is not a pooling layer."""
+    candidates = spatial_layers(model)
+    if name is None:
+        for path, layer in reversed(candidates):
+            if not isinstance(layer, _POOLING + (keras.layers.Dropout,)):
+                return path, layer
+        raise LayerNotFoundError(f"model {model.name!r} has no spatial (4-D) layer to explain")
+    for path, layer in iter_layers(model):
+        if path == name or layer.name == name:
+            return path, layer
+    raise LayerNotFoundError(
+        f"no layer named {name!r} in model {model.name!r}; spatial layers are: "
+        + ", ".join(p for p, _ in candidates))
+
+
+@contextlib.contextmanager
+def capture(layers: list[keras.layers.Layer]):
+    """Records each layer's outputs while the block runs: {layer: [outputs...]}."""
+    store: dict = {id(layer): [] for layer in layers}
+    patched = []
+    for layer in layers:
+        if "call" in layer.__dict__:
+            raise RuntimeError(f"layer {layer.name} is already being captured")
+        original = layer.call
+
+        def wrapper(*args, _orig=original, _key=id(layer), **kwargs):
+            out = _orig(*args, **kwargs)
+            store[_key].append(out)
+            return out
+
+        object.__setattr__(layer, "call", wrapper)
+        patched.append(layer)
+    try:
+        yield store
+    finally:
+        for layer in patched:
+            object.__delattr__(layer, "call")
+
+
+def _final_activation_layer(model: keras.Model):
+    """The last layer whose activation is softmax or sigmoid, if any."""
+    last = None
+    for _, layer in iter_layers(model):
+        act = getattr(layer, "activation", None)
+        if act is not None and getattr(act, "__name__", "") in ("softmax", "sigmoid"):
+            last = layer
+    return last
+
+
+@contextlib.contextmanager
+def linear_head(model: keras.Model):
+    """Temporarily removes a final softmax/sigmoid so the model returns pre-activation scores."""
+    layer = _final_activation_layer(model)
+    if layer is None:
+        yield None
+        return
+    original = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        yield original.__name__
+    finally:
+        layer.activation = original
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Explainer:
+    """A model plus how to feed it: `preprocess` maps raw 0..255 images to model inputs.
+
+    `output` says what the model's scores are turned into probabilities with: 'softmax',
+    'sigmoid', or 'auto' (a final softmax/sigmoid layer is detected; otherwise one output
+    means sigmoid and several mean softmax).
+    """
+    model: keras.Model
+    preprocess: Callable[[tf.Tensor], tf.Tensor] = lambda x: x
+    class_names: list[str] | None = None
+    output: str = "auto"
+
+    def __post_init__(self):
+        final = _final_activation_layer(self.model)
+        if self.output == "auto":
+            if final is not None:
+                self.output = final.activation.__name__
+            else:
+                self.output = "sigmoid" if self.model.output.shape[-1] == 1 else "softmax"
+        self._compiled: dict = {}
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        shape = self.model.input.shape
+        return int(shape[1]), int(shape[2])
+
+    def class_name(self, index: int) -> str:
+        if self.class_names and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return str(index)
+
+    def logits(self, raw: tf.Tensor) -> tf.Tensor:
+        with linear_head(self.model):
+            return tf.cast(self.model(self.preprocess(raw), training=False), tf.float32)
+
+    def probabilities(self, logits) -> np.ndarray:
+        logits = np.asarray(logits, np.float64)
+        if self.output == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def resolve_classes(self, logits, class_index) -> np.ndarray:
+        """Per-image class: given (int or per-image list) or the top prediction."""
+        n = logits.shape[0]
+        if class_index is None:
+            if logits.shape[-1] == 1:
+                return np.zeros(n, np.int32)
+            return np.asarray(tf.argmax(logits, -1), np.int32)
+        idx = np.broadcast_to(np.asarray(class_index, np.int32), (n,)).copy()
+        if np.any(idx < 0) or np.any(idx >= logits.shape[-1]):
+            raise ValueError(f"class index {class_index} outside [0, {logits.shape[-1]})")
+        return idx
+
+    def gradients(self, layer: keras.layers.Layer, raw: tf.Tensor, classes: tf.Tensor,
+                  path: str | None = None):
+        """(A, dS/dA, logits) for the layer, compiled once per layer with tf.function."""
+        key = ("grad", id(layer))
+        if key not in self._compiled:
+            @tf.function(reduce_retracing=True, autograph=False)
+            def fn(raw, classes):
+                with tf.GradientTape() as tape:
+                    with capture([layer]) as store, linear_head(self.model):
+                        logits = tf.cast(self.model(self.preprocess(raw), training=False),
+                                         tf.float32)
+                    if not store[id(layer)]:
+                        raise DisconnectedLayerError(
+                            f"layer {path or layer.name} was not called in the forward pass "
+                            f"of {self.model.name}")
+                    acts = store[id(layer)][-1]
+                    score = tf.gather(logits, classes, axis=1, batch_dims=1)
+                grads = tape.gradient(score, acts)
+                if grads is None:
+                    raise DisconnectedLayerError(
+                        f"the gradient of the score with respect to layer {path or layer.name} "
+                        f"is None: the layer is not connected to {self.model.name}'s output")
+                return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits
+
+            self._compiled[key] = fn
+        return self._compiled[key](raw, classes)
+
+    def input_gradients(self, raw: tf.Tensor, classes: tf.Tensor):
+        """(dS/d raw, logits), compiled."""
+        key = ("input",)
+        if key not in self._compiled:
+            @tf.function(reduce_retracing=True, autograph=False)
+            def fn(raw, classes):
+                with tf.GradientTape() as tape:
+                    tape.watch(raw)
+                    with linear_head(self.model):
+                        logits = tf.cast(self.model(self.preprocess(raw), training=False),
+                                         tf.float32)
+                    score = tf.gather(logits, classes, axis=1, batch_dims=1)
+                return tape.gradient(score, raw), logits
+
+            self._compiled[key] = fn
+        return self._compiled[key](raw, classes)
+
+
+@dataclasses.dataclass
+class Explanation:
+    maps: np.ndarray          # (N, H, W) in [0, 1], at the model's input size
+    classes: np.ndarray       # (N,) explained class per image
+    logits: np.ndarray        # (N,) pre-activation score of that class
+    probabilities: np.ndarray  # (N,) its probability
+    method: str
+    layer: str | None
+    params: dict
+    low_res: np.ndarray | None = None  # CAM methods: the normalised map at the layer's size
+
+
+def normalize_maps(maps: tf.Tensor) -> tf.Tensor:
+    """Scales each map to [0, 1] by its max; an all-zero map stays zero (never NaN)."""
+    peak = tf.reduce_max(maps, axis=[1, 2], keepdims=True)
+    return tf.math.divide_no_nan(maps, peak)
+
+
+def _upsample(maps: tf.Tensor, size) -> tf.Tensor:
+    return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+
+
+def _finish(ex: Explainer, maps, classes, logits, method, layer, params, low_res=None
+            ) -> Explanation:
+    logits = np.asarray(logits)
+    chosen = logits[np.arange(len(classes)), classes]
+    probs = ex.probabilities(logits)[np.arange(len(classes)), classes]
+    return Explanation(np.asarray(maps), np.asarray(classes), chosen, probs, method, layer,
+                       params, None if low_res is None else np.asarray(low_res))
+
+
+def _prepare(ex: Explainer, images, class_index):
+    raw = tf.convert_to_tensor(np.asarray(images, np.float32))
+    if raw.shape.rank != 4:
+        raise ValueError(f"images must be (N, H, W, 3), got {raw.shape}")
+    logits = ex.logits(raw)
+    return raw, tf.constant(ex.resolve_classes(logits, class_index))
+
+
+def grad_cam(ex: Explainer, images, class_index=None, layer: str | None = None) -> Explanation:
+    """Grad-CAM: alpha_k = spatial mean of dS/dA_k per image; cam = ReLU(sum_k alpha_k A_k)."""
+    path, target = find_layer(ex.model, layer)
+    raw, classes = _prepare(ex, images, class_index)
+    acts, grads, logits = ex.gradients(target, raw, classes, path)
+    alpha = tf.reduce_mean(grads, axis=[1, 2])                      # (N, K)
+    cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, alpha)))
+    maps = normalize_maps(_upsample(cam, raw.shape[1:3]))
+    return _finish(ex, maps, classes.numpy(), logits, "gradcam", path, {}, cam)
+
+
+def grad_cam_pp(ex: Explainer, images, class_index=None, layer: str | None = None
+                ) -> Explanation:
+    """Grad-CAM++ (Chattopadhyay et al. 2018), with the closed-form alpha for exp(score)."""
+    path, target = find_layer(ex.model, layer)
+    raw, classes = _prepare(ex, images, class_index)
+    acts, grads, logits = ex.gradients(target, raw, classes, path)
+    g2, g3 = tf.square(grads), tf.pow(grads, 3)
+    sum_a = tf.reduce_sum(acts, axis=[1, 2], keepdims=True)
+    denom = 2.0 * g2 + sum_a * g3
+    alpha = tf.math.divide_no_nan(g2, tf.where(tf.abs(denom) > 0, denom, tf.ones_like(denom)))
+    weights = tf.reduce_sum(alpha * tf.nn.relu(grads), axis=[1, 2])  # (N, K)
+    cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, weights)))
+    maps = normalize_maps(_upsample(cam, raw.shape[1:3]))
+    return _finish(ex, maps, classes.numpy(), logits, "gradcam_pp", path, {}, cam)
+
+
+def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
+              max_channels: int = 64, batch_size: int = 64) -> Explanation:
+    """Score-CAM (Wang et al. 2020): each channel, upsampled and scaled to [0, 1], masks the
+    input; the channel's weight is the softmax over channels of the class score it yields.
+    Only the `max_channels` channels with the highest mean activation are used (VGG16 has
+    512; each costs one forward pass)."""
+    path, target = find_layer(ex.model, layer)
+    raw, classes = _prepare(ex, images, class_index)
+    acts, _, logits = ex.gradients(target, raw, classes, path)
+    size = raw.shape[1:3]
+    maps = []
+    for i in range(raw.shape[0]):
+        a = acts[i]                                                   # (h, w, K)
+        k = min(max_channels, a.shape[-1])
+        top = tf.math.top_k(tf.reduce_mean(a, axis=[0, 1]), k).indices
+        masks = tf.transpose(tf.gather(a, top, axis=-1), [2, 0, 1])   # (k, h, w)
+        lo = tf.reduce_min(masks, axis=[1, 2], keepdims=True)
+        hi = tf.reduce_max(masks, axis=[1, 2], keepdims=True)
+        masks = _upsample(tf.math.divide_no_nan(masks - lo, hi - lo), size)
+        scores = []
+        for s in range(0, k, batch_size):
+            m = masks[s:s + batch_size]
+            batch = raw[i][None] * m[..., None]
+            scores.append(ex.logits(batch)[:, int(classes[i])])
+        w = tf.nn.softmax(tf.concat(scores, 0))
+        cam = tf.nn.relu(tf.einsum("khw,k->hw", masks, w))
+        maps.append(cam)
+    maps = normalize_maps(tf.stack(maps))
+    return _finish(ex, maps, classes.numpy(), logits, "scorecam", path,
+                   {"max_channels": max_channels})
+
+
+def saliency(ex: Explainer, images, class_index=None) -> Explanation:
+    """Vanilla saliency: |dS/dx|, max over colour channels."""
+    raw, classes = _prepare(ex, images, class_index)
+    grads, logits = ex.input_gradients(raw, classes)
+    maps = normalize_maps(tf.reduce_max(tf.abs(grads), axis=-1))
+    return _finish(ex, maps, classes.numpy(), logits, "saliency", None, {})
+
+
+def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: float = 0.15,
+               seed: int = 0) -> Explanation:
+    """SmoothGrad (Smilkov et al. 2017): the vanilla saliency map averaged over `n` copies of
+    the image with Gaussian noise of std `noise` x (max - min) of that image; the paper finds
+    10-20% best. We average |dS/dx| (max over channels) rather than signed gradients, so
+    opposite-signed evidence does not cancel."""
+    raw, classes = _prepare(ex, images, class_index)
+    rng = tf.random.Generator.from_seed(seed)
+    span = tf.reduce_max(raw, axis=[1, 2, 3], keepdims=True) - tf.reduce_min(
+        raw, axis=[1, 2, 3], keepdims=True)
+    total = tf.zeros(raw.shape[:3])
+    logits = None
+    for _ in range(n):
+        noisy = raw + rng.normal(raw.shape) * noise * span
+        grads, lg = ex.input_gradients(noisy, classes)
+        total += tf.reduce_max(tf.abs(grads), axis=-1)
+        logits = lg if logits is None else logits
+    logits = ex.logits(raw)
+    maps = normalize_maps(total / n)
+    return _finish(ex, maps, classes.numpy(), logits, "smoothgrad", None,
+                   {"n": n, "noise": noise, "seed": seed})
+
+
+METHODS = {
+    "gradcam": grad_cam,
+    "gradcam_pp": grad_cam_pp,
+    "scorecam": score_cam,
+    "saliency": saliency,
+    "smoothgrad": smoothgrad,
+}
+
+
+def explain(ex: Explainer, method: str, images, class_index=None, layer=None, **params
+            ) -> Explanation:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    fn = METHODS[method]
+    if method in ("gradcam", "gradcam_pp", "scorecam"):
+        return fn(ex, images, class_index, layer=layer, **params)
+    return fn(ex, images, class_index, **params)

@@ -1,0 +1,101 @@
+"""Loading the models the explain CLI works on: keras.applications or our training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from research.explain.core import Explainer
+
+# name -> (constructor, preprocess module, input size)
+APPLICATIONS = {
+    "vgg16": (keras.applications.VGG16, keras.applications.vgg16, 224),
+    "vgg19": (keras.applications.VGG19, keras.applications.vgg19, 224),
+    "resnet50": (keras.applications.ResNet50, keras.applications.resnet50, 224),
+    "mobilenet_v2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2, 224),
+}
+KERAS_WEIGHTS = {
+    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+    "vgg19": "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+    "mobilenet_v2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
+}
+CLASS_INDEX = "imagenet_class_index.json"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def keras_models_dir() -> str:
+    return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+
+
+def imagenet_class_names() -> list[str] | None:
+    """The 1,000 ImageNet class names, from Keras' cached index (downloaded if possible)."""
+    try:
+        path = keras.utils.get_file(
+            CLASS_INDEX, "https://storage.googleapis.com/download.tensorflow.org/data/"
+            "imagenet_class_index.json", cache_subdir="models",
+            file_hash="c2c37ea517e94d9795004a39431a14cb")
+    except Exception:
+        return None
+    with open(path) as f:
+        index = json.load(f)
+    return [index[str(i)][1] for i in range(len(index))]
+
+
+def load_application(name: str, weights: str = "imagenet") -> Explainer:
+    """A keras.applications model with its own preprocess_input; weights 'imagenet', 'none'
+    or a path to a weights file."""
+    if name not in APPLICATIONS:
+        raise ModelLoadError(f"--model: unknown model {name!r}; choose one of "
+                             f"{', '.join(APPLICATIONS)}")
+    ctor, module, size = APPLICATIONS[name]
+    w = None if weights in (None, "", "none") else weights
+    try:
+        model = ctor(weights="imagenet" if w == "imagenet" else None,
+                     input_shape=(size, size, 3))
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not get the ImageNet weights of {name} ({e}). Without network access, "
+            f"place {KERAS_WEIGHTS[name]} in {keras_models_dir()}/ (or pass --weights=<path> "
+            "or --weights=none)") from e
+    if w not in (None, "imagenet"):
+        if not os.path.isfile(w):
+            raise ModelLoadError(f"--weights: {w} not found")
+        model.load_weights(w)
+    names = imagenet_class_names() if w is not None else None
+    return Explainer(model, lambda x: module.preprocess_input(x), class_names=names)
+
+
+def load_run(checkpoint_dir: str, run_name: str) -> tuple[Explainer, dict]:
+    """Our trained detector: the exported model.keras of the run."""
+    import research.models.layers  # noqa: F401  (registers FusedBatchNorm)
+    import research.training.loop  # noqa: F401  (registers the LR schedule)
+
+    export = os.path.join(checkpoint_dir, run_name, "export")
+    path = os.path.join(export, "model.keras")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"--run_name: {path} not found; the run has not finished "
+                             "training (its export is written at the end)")
+    with open(os.path.join(export, "metadata.json")) as f:
+        meta = json.load(f)
+    model = keras.models.load_model(path, compile=False)
+    preprocess = (lambda x: x / 255.0) if meta["scale"] == "unit" else (lambda x: x)
+    names = meta["class_names"] if meta["objective"] == "multiclass" else [
+        meta["positive_class"]]
+    return Explainer(model, preprocess, class_names=names,
+                     output="softmax" if meta["objective"] == "multiclass" else "sigmoid"), meta
+
+
+def top_k(ex: Explainer, logits: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+    probs = ex.probabilities(logits)
+    out = []
+    for p in probs:
+        idx = np.argsort(-p)[:k]
+        out.append([(ex.class_name(int(i)), float(p[i])) for i in idx])
+    return out

@@ -1,0 +1,84 @@
+"""Turning explanation maps into overlays, figures and JSON sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import plots
+
+
+def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(jet-coloured heatmap, overlay), both RGB uint8 at the image's own resolution.
+
+    `heatmap` in [0, 1] at any size is resized to the image with bilinear interpolation.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    h, w = image.shape[:2]
+    hm = cv2.resize(np.asarray(heatmap, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    hm = np.uint8(np.clip(hm, 0.0, 1.0) * 255)
+    colored = cv2.applyColorMap(hm, cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
+    overlay = cv2.addWeighted(colored, alpha, image, 1.0 - alpha, 0.0)
+    return colored, overlay
+
+
+def three_panel_figure(image, heatmap, overlay, title: str):
+    """Original, heatmap and overlay side by side, readable at a glance."""
+    fig, axes = plots.plt.subplots(1, 3, figsize=(11, 4.0))
+    for ax, img, name in zip(axes, (image, heatmap, overlay), ("original", "heatmap",
+                                                                 "overlay")):
+        ax.imshow(img, interpolation="bilinear")
+        ax.set_title(name, fontsize=11)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def versions() -> dict:
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.ndarray,
+                     record: dict, alpha: float = 0.4) -> dict:
+    """Writes heatmap_<name> (the overlay), <stem>_<method>.png (3 panels) and
+    heatmap_<name>.json (the record); returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.basename(name)
+    stem, ext = os.path.splitext(base)
+    if ext.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+        base, ext = stem + ".png", ".png"
+    colored, overlay = overlay_heatmap(image, heatmap, alpha)
+    overlay_path = os.path.join(out_dir, f"heatmap_{base}")
+    cv2.imwrite(overlay_path, overlay[:, :, ::-1])
+    title = (f"{base}: {record['method']} for '{record['class_name']}' "
+             f"(p={record['probability']:.3f}, logit={record['logit']:.2f})"
+             + (f"\nlayer {record['layer']}" if record.get("layer") else ""))
+    figure_path = os.path.join(out_dir, f"{stem}_{record['method']}.png")
+    plots.save_figure(three_panel_figure(image, colored, overlay, title), figure_path)
+    record = {**record, "image": name, "overlay": overlay_path, "figure": figure_path,
+              "alpha": alpha, "versions": versions()}
+    sidecar = os.path.join(out_dir, f"heatmap_{base}.json")
+    with open(sidecar, "w") as f:
+        json.dump(record, f, indent=1)
+    return {"overlay": overlay_path, "figure": figure_path, "sidecar": sidecar}
+
+
+def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96):
+    """One figure of overlays (images upscaled so 32x32 inputs stay visible)."""
+    cells = []
+    for img, m in zip(images, maps):
+        img = np.asarray(img)
+        if img.shape[0] < upscale:
+            img = cv2.resize(np.clip(img, 0, 255).astype(np.uint8), (upscale, upscale),
+                             interpolation=cv2.INTER_NEAREST)
+        cells.append(overlay_heatmap(img, m, alpha)[1])
+    return plots.image_grid(cells, titles, ncols=8)

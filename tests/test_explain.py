@@ -1,0 +1,226 @@
+"""Explanations on tiny models and a nested keras.applications backbone (no downloads)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from research.explain import core, faithfulness, features, render
+from research.models import build_model
+
+
+def tiny_cam_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6, 6, 2))
+    a = keras.layers.Conv2D(3, 3, padding="same", name="conv")(x)
+    y = keras.layers.GlobalAveragePooling2D()(a)
+    out = keras.layers.Dense(2, name="head")(y)
+    return keras.Model(x, out)
+
+
+def images(n, h=6, w=6, c=2, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, h, w, c)).astype(np.float32)
+
+
+def test_grad_cam_matches_hand_computation():
+    model = tiny_cam_model()
+    ex = core.Explainer(model)
+    x = images(3)
+    res = core.grad_cam(ex, x, class_index=[0, 1, 1], layer="conv")
+    acts = keras.Model(model.input, model.get_layer("conv").output)(x).numpy()
+    w = model.get_layer("head").kernel.numpy()                 # (3, 2)
+    for i, c in enumerate([0, 1, 1]):
+        alpha = w[:, c] / 36.0                                  # d mean(A_k) / dA_k = 1/(H W)
+        cam = np.maximum(np.einsum("hwk,k->hw", acts[i], alpha), 0)
+        cam = cam / cam.max() if cam.max() > 0 else cam
+        np.testing.assert_allclose(res.low_res[i], cam, rtol=1e-5, atol=1e-6)
+    assert res.maps.shape == (3, 6, 6) and res.layer == "conv"
+    logits = model(x).numpy()
+    np.testing.assert_allclose(res.logits, logits[[0, 1, 2], [0, 1, 1]], rtol=1e-5)
+
+
+def test_batch_equals_single_and_logit_scale_invariance():
+    model = tiny_cam_model(1)
+    ex = core.Explainer(model)
+    x = images(4, seed=1)
+    batch = core.grad_cam(ex, x)
+    for i in range(4):
+        single = core.grad_cam(ex, x[i:i + 1])
+        np.testing.assert_allclose(single.maps[0], batch.maps[i], rtol=1e-5, atol=1e-6)
+        assert single.classes[0] == batch.classes[i]
+    scaled = keras.Model(model.input, keras.layers.Rescaling(7.5)(model.output))
+    np.testing.assert_allclose(core.grad_cam(core.Explainer(scaled), x).maps, batch.maps,
+                               rtol=1e-5, atol=1e-6)
+    for method in ("gradcam_pp", "scorecam"):
+        a = core.explain(ex, method, x, layer="conv")
+        assert a.maps.shape == (4, 6, 6) and np.all(np.isfinite(a.maps))
+        assert a.maps.max() <= 1.0 + 1e-6 and a.maps.min() >= 0.0
+
+
+def test_all_zero_cam_stays_zero():
+    out = core.normalize_maps(tf.zeros([2, 4, 4]))
+    assert np.all(out.numpy() == 0)
+    # A model whose target layer feeds the score only through a dead ReLU.
+    x = keras.Input((6, 6, 2))
+    a = keras.layers.Conv2D(2, 3, padding="same", name="conv", kernel_initializer="zeros",
+                            bias_initializer="zeros")(x)
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(a))
+    res = core.grad_cam(core.Explainer(keras.Model(x, out)), images(2))
+    assert np.all(res.maps == 0) and not np.any(np.isnan(res.maps))
+
+
+def transfer_model():
+    """A keras.applications backbone nested as a sub-model, as in our transfer detectors."""
+    keras.utils.set_random_seed(0)
+    backbone = keras.applications.VGG16(weights=None, include_top=False,
+                                        input_shape=(64, 64, 3))
+    x = keras.Input((64, 64, 3))
+    y = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    y = backbone(y)
+    y = keras.layers.GlobalAveragePooling2D()(y)
+    out = keras.layers.Dense(2)(y)
+    return keras.Model(x, out, name="transfer")
+
+
+def test_nested_backbone_gives_nontrivial_cam():
+    model = transfer_model()
+    path, _ = core.find_layer(model)
+    assert path == "vgg16/block5_conv3"
+    ex = core.Explainer(model)
+    x = images(2, 64, 64, 3, seed=3)
+    for layer in (None, "vgg16/block4_conv3", "block3_conv3"):
+        res = core.grad_cam(ex, x, layer=layer)
+        assert np.all(np.isfinite(res.maps))
+        assert res.maps.max() == pytest.approx(1.0) and res.maps.std() > 0.01
+    sal = core.saliency(ex, x)
+    assert sal.maps.max() == pytest.approx(1.0)
+
+
+def test_mixed_precision_models_work():
+    for policy in ("mixed_bfloat16", "mixed_float16"):
+        model = build_model("scratch", (32, 32, 3), 10, dtype=policy, widths=(8, 16),
+                            res_blocks=(1, 0), stem_width=8)
+        ex = core.Explainer(model, lambda x: x / 255.0)
+        x = images(2, 32, 32, 3)
+        for method in ("gradcam", "saliency"):
+            res = core.explain(ex, method, x, class_index=3)
+            assert res.maps.dtype == np.float32 and np.all(np.isfinite(res.maps))
+            assert res.maps.shape == (2, 32, 32)
+
+
+def test_vanilla_saliency_of_linear_model_is_abs_weights():
+    keras.utils.set_random_seed(2)
+    x = keras.Input((4, 5, 3))
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    model = keras.Model(x, out)
+    res = core.saliency(core.Explainer(model), images(2, 4, 5, 3), class_index=2)
+    w = np.abs(model.layers[-1].kernel.numpy()[:, 2].reshape(4, 5, 3)).max(-1)
+    for m in res.maps:
+        np.testing.assert_allclose(m, w / w.max(), rtol=1e-6)
+    sg = core.smoothgrad(core.Explainer(model), images(1, 4, 5, 3), class_index=2, n=4)
+    np.testing.assert_allclose(sg.maps[0], w / w.max(), rtol=1e-5)  # linear: noise-free
+
+
+def test_filter_visualization_raises_activation():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((16, 16, 3))
+    y = keras.layers.Conv2D(4, 3, padding="same", activation="tanh", name="c1")(x)
+    y = keras.layers.Conv2D(4, 3, padding="same", name="c2")(y)
+    model = keras.Model(x, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(y)))
+    ex = core.Explainer(model, lambda t: t / 255.0)
+    for k in range(2):
+        p = features.visualize_filter(ex, "c2", k, steps=30, step_size=4.0, seed=k)
+        assert p.final_activation > p.start_activation + 0.5 * abs(p.start_activation) + 0.05
+        assert p.image.shape == (16, 16, 3) and p.image.dtype == np.uint8
+
+
+def test_activations_standardize_and_dead_channels():
+    fmap = np.random.default_rng(0).normal(size=(5, 5, 3))
+    fmap[:, :, 1] = 2.0  # dead
+    out = features.standardize_channels(fmap)
+    assert out.dtype == np.uint8 and np.all(out[:, :, 1] == 0)
+    assert out[:, :, 0].std() > 10
+    model = tiny_cam_model()
+    outs = features.layer_outputs(core.Explainer(model), images(1)[0], ["conv"])
+    assert outs["conv"].shape == (6, 6, 3)
+    fig = features.activation_grid(outs["conv"], "conv")
+    assert len(fig.axes) >= 3
+
+
+def test_files_written_with_expected_names_and_sizes(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    heat = np.random.default_rng(1).random((8, 8))
+    record = {"method": "gradcam", "class_name": "cat", "class_index": 3, "probability": 0.9,
+              "logit": 2.2, "layer": "conv", "model": "m", "params": {}, "seed": 0}
+    paths = render.save_explanation(str(tmp_path), "photos/kitty.jpg", img, heat, record)
+    assert os.path.basename(paths["overlay"]) == "heatmap_kitty.jpg"
+    assert cv2.imread(paths["overlay"]).shape == (50, 70, 3)
+    assert os.path.basename(paths["figure"]) == "kitty_gradcam.png"
+    assert Image.open(paths["figure"]).size[0] >= 800  # three readable panels
+    meta = json.loads(open(paths["sidecar"]).read())
+    assert meta["class_name"] == "cat" and "tensorflow" in meta["versions"]
+    colored, overlay = render.overlay_heatmap(img, heat, 0.4)
+    assert colored.shape == overlay.shape == img.shape
+
+
+def test_bad_layer_lists_candidates_and_disconnected_layer_is_named():
+    model = transfer_model()
+    with pytest.raises(core.LayerNotFoundError, match="no layer named 'block9'.*block5_conv3"):
+        core.find_layer(model, "block9")
+
+    class WithSpare(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.used = keras.layers.Conv2D(2, 3, name="used")
+            self.spare = keras.layers.Conv2D(2, 3, name="spare")
+            self.head = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.head(keras.layers.Flatten()(self.used(x)))
+
+    m = WithSpare()
+    m(np.zeros((1, 6, 6, 2), np.float32))
+    m.spare.build((None, 6, 6, 2))
+    ex = core.Explainer(m, output="sigmoid")
+    with pytest.raises(core.DisconnectedLayerError, match="spare"):
+        ex.gradients(m.spare, tf.zeros([1, 6, 6, 2]), tf.zeros([1], tf.int32))
+
+
+def test_deletion_insertion_scores_are_probabilities():
+    model = tiny_cam_model(5)
+    ex = core.Explainer(model)
+    x = images(2)
+    res = core.grad_cam(ex, x)
+    s = faithfulness.deletion_insertion(ex, x, res, steps=6)
+    assert 0.0 <= s["deletion_auc"] <= 1.0 and 0.0 <= s["insertion_auc"] <= 1.0
+    assert len(s["per_image"]["deletion"]) == 2
+
+
+def test_explain_cli_on_vgg16_without_download(tmp_path):
+    good = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 4),
+                                                       dtype=np.uint8), "RGBA").save(good)
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40), dtype=np.uint8)).save(
+        gray)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "research.apps.explain", "--model=vgg16", "--weights=none",
+           f"--images={good},{bad},{gray}", "--method=gradcam", f"--out_dir={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "broken.jpg" in res.stderr
+    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 120, 3)
+    assert cv2.imread(str(out / "heatmap_gray.jpg")).shape == (40, 40, 3)
+    assert (out / "cat_gradcam.png").exists()
+    assert json.loads((out / "heatmap_cat.png.json").read_text())["layer"] == "block5_conv3"
+    res = subprocess.run(cmd[:5] + [f"--images={good}", "--layer=nope", f"--out_dir={out}"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "block5_conv3" in res.stderr and "nope" in res.stderr
