@@ -147,3 +147,18 @@ def make_synthetic_tfrecords(out_dir: str, n_train: int = 200, n_test: int = 60,
     cfg = tfrecords.WriteConfig(out_dir=out_dir, shards={"train": 3, "val": 2, "test": 2},
                                 seed=seed)
     return tfrecords.write_tfrecords(data, cfg, "synthetic")
+
+
+def write_synthetic_folder(root: str, n_train: int = 240, n_test: int = 60) -> None:
+    """Learnable synthetic classes (a coloured block per class) as PNGs in
+    <root>/<split>/<class>/ folders, for the end-to-end test of the CLIs."""
+    for split, n, s in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = np.random.default_rng(s)
+        for i in range(n):
+            c = i % 10
+            img = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+            r, q = divmod(c, 4)
+            img[2 + r * 8:2 + r * 8 + 6, 2 + q * 8:2 + q * 8 + 6, c % 3] = 255
+            d = os.path.join(root, split, CIFAR10_CLASSES[c])
+            os.makedirs(d, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(d, f"{i:04d}.png"))

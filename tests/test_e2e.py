@@ -1,0 +1,67 @@
+"""The whole path through the CLIs on tiny synthetic data: images -> TFRecords -> training
+(with TensorBoard, checkpoints, the Grad-CAM hook) -> evaluation -> prediction -> explanation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import helpers
+
+
+def run(*args, timeout=300):
+    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, f"{args[0]} failed:\n{res.stderr[-4000:]}"
+    return res
+
+
+def test_end_to_end(tmp_path):
+    src, data = tmp_path / "images", tmp_path / "data"
+    ck, logs = tmp_path / "checkpoints", tmp_path / "logs"
+    helpers.write_synthetic_folder(str(src))
+    run("research.apps.make_tfrecords", f"--source={src}", f"--out_dir={data}",
+        "--train_shards=3", "--val_shards=1", "--test_shards=1", "--val_fraction=0.2")
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["splits"]["test"]["num_examples"] == 60
+
+    run("research.apps.train", f"--data_dir={data}", "--run_name=e2e", f"--checkpoint_dir={ck}",
+        f"--log_dir={logs}", "--train_steps=60", "--batch_size=32", "--learning_rate=0.03",
+        "--widths=16,32", "--res_blocks=1,0", "--stem_width=8", "--eval_every_steps=20",
+        "--steps_per_loop=10", "--gradcam_images=4", "--progress=false",
+        "--precision=mixed_bfloat16")
+    run_dir = ck / "e2e"
+    for name in ("config.json", "versions.json", "flags.txt", "train_summary.json",
+                 "export/model.keras", "export/metadata.json"):
+        assert (run_dir / name).exists(), name
+    assert "--run_name=e2e" in (run_dir / "flags.txt").read_text()
+    events = {p.parent.name for p in logs.rglob("events.out.tfevents*")}
+    assert events == {"train", "eval"}
+
+    out = tmp_path / "eval_test.json"
+    res = run("research.apps.evaluate", "--run_name=e2e", f"--checkpoint_dir={ck}",
+              "--split=test", f"--output={out}")
+    report = json.loads(out.read_text())
+    for key in ("split", "num_examples", "num_positive", "roc_auc", "pr_auc", "threshold",
+                "precision", "recall", "f1", "accuracy"):
+        assert key in report, key
+    assert report["num_examples"] == 60 and report["num_positive"] == 6
+    assert report["roc_auc"] > 0.9, report  # the synthetic cat block is easy
+    assert "ROC-AUC" in res.stdout
+    figures = {os.path.basename(p) for p in report["figures"]}
+    assert {"test_roc_pr.png", "test_confusion.png"} <= figures
+
+    cat = next((src / "test" / "cat").iterdir())
+    res = run("research.apps.predict", f"--model={run_dir}/export/model.keras",
+              f"--images={cat}")
+    assert "p(cat)=" in res.stdout
+
+    exp = tmp_path / "explain"
+    run("research.apps.explain", "--run_name=e2e", f"--checkpoint_dir={ck}",
+        f"--data_dir={data}", "--num_examples=3", "--example_filter=positive",
+        "--method=gradcam,saliency", "--faithfulness", f"--out_dir={exp}",
+        "--visualize=activations,filters", "--num_filters=4", "--filter_steps=5")
+    overlays = sorted(p.name for p in (exp / "gradcam").glob("heatmap_*.png"))
+    assert len(overlays) == 3 and all("_cat" in o for o in overlays)
+    assert json.loads((exp / "faithfulness.json").read_text()).keys() == {"gradcam", "saliency"}
+    assert list(exp.glob("activations_*.png")) and list(exp.glob("filters_*.png"))
