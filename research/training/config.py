@@ -34,7 +34,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     final_lr_fraction: float = 0.0
     momentum: float = 0.9
-    weight_decay: float = 5e-4          # decoupled: var -= lr * wd * var (= L2 5e-4 for SGD)
+    weight_decay: float = 5e-3          # decoupled: var -= lr * wd * var
     label_smoothing: float = 0.1
     clip_norm: float | None = None
     class_weighting: str = "none"       # none | balanced
