@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SOURCE ?= ../shared/data/cifar10-jpg.tar.gz
 DATA ?= data/cifar10
 RUN ?= scratch
-TRAIN_FLAGS ?=
+TRAIN_FLAGS ?= --eval_every_steps=525
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: run test data train evaluate explain benchmarks clean-venv
@@ -33,7 +33,8 @@ evaluate: $(VENV)/.installed
 
 explain: $(VENV)/.installed
 	$(PY) -m research.apps.explain --run_name=$(RUN) --data_dir=$(DATA) --num_examples=8 \
-	    --method=gradcam --out_dir=checkpoints/$(RUN)/explain
+	    --example_filter=positive --class_name=cat --method=gradcam,saliency \
+	    --out_dir=checkpoints/$(RUN)/explain
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -17,7 +17,7 @@ def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.4),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows * 1.15 + 0.5),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -29,7 +29,8 @@ def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
             ax.set_title(titles[i], fontsize=7, color=color)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # Leave room for the suptitle, which tight_layout does not see.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if title else None)
     return fig
 
 

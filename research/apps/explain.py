@@ -149,7 +149,14 @@ def main(argv):
     batch = np.stack([it[2] for it in items])
     logits = np.concatenate([np.asarray(ex.logits(batch[i:i + FLAGS.batch_size]))
                              for i in range(0, len(batch), FLAGS.batch_size)])
-    for (name, *_), preds in zip(items, top_k(ex, logits, 3)):
+    if FLAGS.model and ex.class_names and len(ex.class_names) == 1000:
+        from keras.applications.imagenet_utils import decode_predictions
+
+        top3 = [[(n, float(p)) for _, n, p in row]
+                for row in decode_predictions(ex.probabilities(logits), top=3)]
+    else:
+        top3 = top_k(ex, logits, 3)
+    for (name, *_), preds in zip(items, top3):
         print(f"  {name}: " + ", ".join(f"{c} {p:.3f}" for c, p in preds))
 
     scores = {}

@@ -26,7 +26,7 @@ flags.DEFINE_string("checkpoint_dir", "checkpoints", "Parent folder of run check
 # --log_dir is absl.logging's own flag (it names where absl would put log files, which it
 # does not do unless asked); we share it as the parent folder of TensorBoard logs.
 FLAGS.set_default("log_dir", "logs")
-flags.DEFINE_float("epochs", 16, "Epochs to train (ignored if --train_steps is set).")
+flags.DEFINE_float("epochs", 18, "Epochs to train (ignored if --train_steps is set).")
 flags.DEFINE_integer("train_steps", None, "Total optimizer steps.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (divisible by the replicas).")
 flags.DEFINE_integer("eval_batch_size", 1000, "Global eval batch size.")

@@ -50,6 +50,7 @@ def main(argv):
         size, pre = 32, (lambda x: x / 255.0)
     else:
         model = keras.applications.VGG16(weights=None)
+        model.layers[-1].activation = None  # keras.io: explain the pre-softmax score
         size, pre = 224, keras.applications.vgg16.preprocess_input
     ex = core.Explainer(model, pre)
     path, _ = core.find_layer(model)

@@ -56,17 +56,20 @@ def custom_loop_rate(precision: str, steps: int, batch_size: int, steps_per_loop
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     it = iter(strategy.experimental_distribute_dataset(ds))
 
-    def replica_step(batch):
-        images, labels = batch
+    @tf.function(jit_compile=jit or None)  # as in research.training.loop
+    def forward_backward(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_ex = keras.losses.sparse_categorical_crossentropy(labels, logits,
                                                                   from_logits=True)
             loss = tf.nn.compute_average_loss(per_ex, global_batch_size=batch_size)
-        grads = tape.gradient(loss, model.trainable_variables)
+        return tape.gradient(loss, model.trainable_variables)
+
+    def replica_step(batch):
+        grads = forward_backward(*batch)
         opt.apply_gradients(zip(grads, model.trainable_variables))
 
-    @tf.function(jit_compile=jit or None)
+    @tf.function
     def loop(n):
         for _ in tf.range(n):
             strategy.run(replica_step, args=(next(it),))
@@ -111,19 +114,20 @@ def main(argv):
     s, b, k = FLAGS.steps, FLAGS.batch_size, FLAGS.steps_per_loop
     print(f"scratch CNN (ResNet-9-style, 1.65M params), batch {b}, {s} timed steps each")
     rows = []
-    bf16 = custom_loop_rate("mixed_bfloat16", s, b, k)
-    rows.append(("custom loop, mixed_bfloat16", bf16))
-    fit = fit_rate("mixed_bfloat16", s, b)
-    rows.append(("model.fit, mixed_bfloat16 (reference)", fit))
-    fp32 = custom_loop_rate("float32", s // 2, b, k // 2 or 1)
-    rows.append(("custom loop, float32", fp32))
+
+    def row(name, rate):
+        rows.append((name, rate))
+        print(f"  {name:<46}{rate:>9,.0f} img/s", flush=True)
+        return rate
+
+    bf16 = row("custom loop, mixed_bfloat16", custom_loop_rate("mixed_bfloat16", s, b, k))
+    fit = row("model.fit, mixed_bfloat16 (reference)", fit_rate("mixed_bfloat16", s, b))
+    fp32 = row("custom loop, float32", custom_loop_rate("float32", s // 2, b, k // 2 or 1))
     if FLAGS.extras:
-        rows.append(("custom loop, bf16, Keras BatchNormalization",
-                     custom_loop_rate("mixed_bfloat16", s // 2, b, k // 2 or 1, keras_bn=True)))
-        rows.append(("custom loop, bf16, jit_compile (XLA)",
-                     custom_loop_rate("mixed_bfloat16", s // 2, b, k // 2 or 1, jit=True)))
-    for name, rate in rows:
-        print(f"  {name:<46}{rate:>9,.0f} img/s")
+        row("custom loop, bf16, Keras BatchNormalization",
+            custom_loop_rate("mixed_bfloat16", s // 2, b, k // 2 or 1, keras_bn=True))
+        row("custom loop, bf16, jit_compile (XLA)",
+            custom_loop_rate("mixed_bfloat16", s // 2, b, k // 2 or 1, jit=True))
     print(f"custom loop / model.fit (bf16): {bf16 / fit:.2f}   (target >= 1.0)")
     print(f"bf16 / fp32 (custom loop):      {bf16 / fp32:.2f}   (target >= 2.5)")
     if FLAGS.extras:

@@ -58,8 +58,9 @@ class GradCamHook:
                                                                ex.probabilities)]
         from research.explain.render import overlay_grid
 
-        fig = overlay_grid(self.images, ex.maps, titles)
-        fig.suptitle(f"Grad-CAM of the cat score at step {step} (layer {ex.layer})")
+        fig = overlay_grid(self.images, ex.maps, titles,
+                           title=f"Grad-CAM of the positive-class score at step {step} "
+                                 f"(layer {ex.layer})")
         png = plots.figure_to_png(fig)
         with writer.as_default(step=step):
             tf.summary.image("gradcam", tf.image.decode_png(png)[None], step=step)

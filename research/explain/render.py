@@ -72,7 +72,8 @@ def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.nda
     return {"overlay": overlay_path, "figure": figure_path, "sidecar": sidecar}
 
 
-def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96):
+def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96,
+                 title: str | None = None):
     """One figure of overlays (images upscaled so 32x32 inputs stay visible)."""
     cells = []
     for img, m in zip(images, maps):
@@ -81,4 +82,4 @@ def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96):
             img = cv2.resize(np.clip(img, 0, 255).astype(np.uint8), (upscale, upscale),
                              interpolation=cv2.INTER_NEAREST)
         cells.append(overlay_heatmap(img, m, alpha)[1])
-    return plots.image_grid(cells, titles, ncols=8)
+    return plots.image_grid(cells, titles, ncols=8, title=title)

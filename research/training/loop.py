@@ -228,7 +228,10 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
     m = state.train_metrics
     replicas = strategy.num_replicas_in_sync
 
-    def replica_step(batch):
+    # XLA compiles the forward and backward pass; the iterator, the all-reduce and the
+    # optimizer update stay outside (XLA has no kernel for IteratorGetNext). Without XLA it
+    # is not a nested tf.function: synchronised BatchNorm all-reduces inside it.
+    def forward_backward(batch):
         with tf.GradientTape() as tape:
             logits = model(batch["image"], training=True)
             per_ex = per_example_loss(cfg, batch, logits, weights)
@@ -236,7 +239,16 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, model.trainable_variables)
+        return tape.gradient(scaled, model.trainable_variables), per_ex, logits
+
+    if cfg.jit_compile:
+        if replicas > 1:
+            raise ConfigError("--jit_compile needs a single replica: synchronised BatchNorm "
+                              "all-reduces inside the compiled step")
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(batch):
+        grads, per_ex, logits = forward_backward(batch)
         if cfg.clip_norm:
             # Clip the global (all-replica) gradient; Keras would clip per replica. Its own
             # all-reduce then sums the 1/replicas shares back to the clipped total.
@@ -257,7 +269,7 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
         if "class_accuracy" in m:
             m["class_accuracy"].update_state(batch["class_id"], logits)
 
-    @tf.function(jit_compile=None)
+    @tf.function
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
             strategy.run(replica_step, args=(next(iterator),))
