@@ -206,3 +206,14 @@ def test_exact_metrics_against_brute_force():
     r = metrics.detection_report(labels, scores, 0.5)
     (tn, fp), (fn, tp) = r["confusion_matrix"]
     assert tn + fp + fn + tp == 300 and tp + fn == labels.sum()
+
+
+def test_early_stopping_and_profiler(syn, tmp_path):
+    # A zero learning rate never improves val PR-AUC: patience 1 stops at the second eval.
+    cfg = config(syn, tmp_path, learning_rate=0.0, train_steps=40, eval_every_steps=4,
+                 patience=1, profile_steps=(1, 3))
+    summary = loop.train_and_evaluate(cfg)
+    assert summary["stopped_early"] and summary["final_step"] == 8
+    assert os.path.exists(os.path.join(cfg.run_dir, "export", "model.keras"))
+    traces = [f for _, _, fs in os.walk(cfg.tb_dir) for f in fs if f.endswith(".xplane.pb")]
+    assert traces, "profiler trace written"
