@@ -205,8 +205,8 @@ def test_deletion_insertion_scores_are_probabilities():
 
 def test_explain_cli_on_vgg16_without_download(tmp_path):
     good = tmp_path / "cat.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 4),
-                                                       dtype=np.uint8), "RGBA").save(good)
+    rgba = np.random.default_rng(0).integers(0, 255, (90, 120, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(good)
     gray = tmp_path / "gray.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40), dtype=np.uint8)).save(
         gray)

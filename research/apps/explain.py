@@ -42,8 +42,8 @@ flags.DEFINE_float("smoothgrad_noise", 0.15, "SmoothGrad: noise std as a fractio
                    "image's value range.")
 flags.DEFINE_integer("scorecam_channels", 64, "Score-CAM: channels used (highest mean first).")
 flags.DEFINE_list("visualize", [], "activations and/or filters, for --layers.")
-flags.DEFINE_list("layers", [], "Layers for --visualize (default: all spatial layers for "
-                  "activations would be too many; name them).")
+flags.DEFINE_list("layers", [], "Layers for --visualize (default: the CAM layer, i.e. the "
+                  "last spatial feature map).")
 flags.DEFINE_integer("num_filters", 16, "Filters per layer for --visualize=filters.")
 flags.DEFINE_integer("filter_steps", 40, "Gradient-ascent steps per filter.")
 flags.DEFINE_float("filter_step_size", 2.0, "RMS pixel change (0..255) per ascent step.")

@@ -130,7 +130,8 @@ def uniform_from_index(index: tf.Tensor, seed: int, k: int) -> tf.Tensor:
     """[B, k] uniforms in [0, 1) that depend only on (seed, example index): a counter-based
     hash (splitmix64), vectorised over the batch, so draws do not depend on batching."""
     key = _splitmix64(tf.constant([seed], tf.uint64))
-    idx = tf.cast(index, tf.uint64)[:, None] * tf.constant(k, tf.uint64) + tf.cast(tf.range(k), tf.uint64)
+    idx = (tf.cast(index, tf.uint64)[:, None] * tf.constant(k, tf.uint64)
+           + tf.cast(tf.range(k), tf.uint64))
     bits = tf.bitwise.right_shift(_splitmix64(idx + key), tf.constant(40, tf.uint64))
     return tf.cast(bits, tf.float32) / float(1 << 24)
 

@@ -157,7 +157,8 @@ def _safe_member_name(archive: str, name: str) -> str | None:
     norm = posixpath.normpath(name.replace("\\", "/"))
     if norm in (".", ""):
         return None
-    if norm.startswith("/") or norm == ".." or norm.startswith("../") or re.match(r"^[A-Za-z]:", norm):
+    escapes = norm == ".." or norm.startswith(("/", "../")) or re.match(r"^[A-Za-z]:", norm)
+    if escapes:
         raise UnsafeArchiveError(
             f"{archive}: member {name!r} escapes the archive root (path traversal); refusing "
             "to read this archive")
@@ -357,9 +358,8 @@ def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy
                     skipped.append({"file": tree.where(items[i][0]), "reason": err})
             if keep:
                 idx = np.asarray(keep)
-                splits[split] = Split(images[idx],
-                                      np.asarray([class_index[items[i][1]] for i in keep], np.int64),
-                                      [items[i][0] for i in keep])
+                ids = np.asarray([class_index[items[i][1]] for i in keep], np.int64)
+                splits[split] = Split(images[idx], ids, [items[i][0] for i in keep])
     if not splits:
         raise SourceError(f"{tree.root}: none of the images could be decoded; see the reasons: "
                           + "; ".join(s["reason"] for s in skipped[:5]))

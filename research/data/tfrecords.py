@@ -65,7 +65,8 @@ def make_splits(data: SourceData, cfg: WriteConfig) -> dict[str, Split]:
     test = data.splits.get("test")
     if test is None:
         if cfg.test_fraction <= 0:
-            raise ValueError("The source has no test split; set --test_fraction > 0 to hold one out")
+            raise ValueError("The source has no test split; set --test_fraction > 0 to hold "
+                             "one out")
         keep, held = stratified_split(train.class_ids, cfg.test_fraction, cfg.seed + 1)
         train, test = train.take(keep), train.take(held)
     keep, held = stratified_split(train.class_ids, cfg.val_fraction, cfg.seed)

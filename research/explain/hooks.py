@@ -10,8 +10,8 @@ from research.data import pipeline
 from research.explain.core import Explainer, grad_cam
 
 
-def pick_examples(data_dir: str, split: str, num: int) -> tuple[np.ndarray, np.ndarray,
-                                                                 np.ndarray]:
+def pick_examples(data_dir: str, split: str, num: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first num/2 positives and num - num/2 negatives of a split, in split order."""
     want_pos, want_neg = num // 2, num - num // 2
     images, labels, class_ids = [], [], []

@@ -33,8 +33,8 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
 def three_panel_figure(image, heatmap, overlay, title: str):
     """Original, heatmap and overlay side by side, readable at a glance."""
     fig, axes = plots.plt.subplots(1, 3, figsize=(11, 4.0))
-    for ax, img, name in zip(axes, (image, heatmap, overlay), ("original", "heatmap",
-                                                                 "overlay")):
+    names = ("original", "heatmap", "overlay")
+    for ax, img, name in zip(axes, (image, heatmap, overlay), names):
         ax.imshow(img, interpolation="bilinear")
         ax.set_title(name, fontsize=11)
         ax.axis("off")
