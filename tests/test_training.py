@@ -134,6 +134,10 @@ def test_kill_and_resume_is_exact(syn, tmp_path):
     assert "Resumed" in res.stderr and "at step 9" in res.stderr
     summary = json.loads((b / "ck" / "r" / "train_summary.json").read_text())
     assert summary["start_step"] == 9 and summary["final_step"] == 18
+    assert [(s["start_step"], s["final_step"]) for s in summary["sessions"]] == [(0, 9), (9, 18)]
+    res = run_train(syn, b, "--train_steps=18", "--dropout=0.2")  # finished: nothing to do
+    assert res.returncode == 0 and "already finished" in res.stderr
+    assert json.loads((b / "ck" / "r" / "train_summary.json").read_text()) == summary
     va = checkpoint_values(tf.train.latest_checkpoint(f"{a}/ck/r"))
     vb = checkpoint_values(tf.train.latest_checkpoint(f"{b}/ck/r"))
     assert va.keys() == vb.keys()

@@ -454,10 +454,17 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     elif cfg.init_checkpoint:
         tf.train.Checkpoint(model=state.model).restore(cfg.init_checkpoint).expect_partial()
         logging.info("Warm-started the model from %s", cfg.init_checkpoint)
-    write_run_record(cfg, flagfile)
     start_step = state.step
-    if start_step >= total_steps:
-        logging.info("Run %s already finished at step %d", cfg.run_name, start_step)
+    summary_path = os.path.join(cfg.run_dir, "train_summary.json")
+    previous = {}
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            previous = json.load(f)
+    if start_step >= total_steps and previous.get("final_step", -1) >= total_steps:
+        logging.info("Run %s already finished at step %d; nothing to do (--restart trains it "
+                     "anew)", cfg.run_name, start_step)
+        return previous
+    write_run_record(cfg, flagfile)
 
     weights = None
     if cfg.class_weighting == "balanced":
@@ -559,9 +566,13 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     if profiling:
         tf.profiler.experimental.stop()
 
+    sessions = previous.get("sessions", []) + [
+        {"start_step": start_step, "final_step": state.step,
+         "train_seconds": round(train_seconds, 1)}]
     summary.update({"final_step": state.step, "epoch": int(state.epoch.numpy()),
                     "best_val_pr_auc": float(state.best_metric.numpy()),
-                    "train_seconds": round(train_seconds, 1), "stopped_early": stopped_early})
+                    "train_seconds": round(sum(s["train_seconds"] for s in sessions), 1),
+                    "stopped_early": stopped_early, "sessions": sessions})
     if state.step >= total_steps or stopped_early:
         if last_report is None:
             result = evaluate(cfg, state, "val", positive_id, eval_step)
@@ -572,7 +583,7 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
         _log_hparams(cfg, eval_writer, summary)
     train_writer.flush()
     eval_writer.flush()
-    with open(os.path.join(cfg.run_dir, "train_summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
