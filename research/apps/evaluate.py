@@ -34,7 +34,7 @@ def main(argv):
 
     try:
         cfg = load_run_config(FLAGS.checkpoint_dir, FLAGS.run_name)
-        cfg.checkpoint_dir = FLAGS.checkpoint_dir
+        cfg.checkpoint_dir, cfg.run_name = FLAGS.checkpoint_dir, FLAGS.run_name
         if FLAGS.data_dir:
             cfg.data_dir = FLAGS.data_dir
         if FLAGS.tta is not None:

@@ -22,11 +22,13 @@ flags.DEFINE_list("widths", ["64", "128", "256"], "Scratch CNN: channels per sta
 flags.DEFINE_list("res_blocks", ["1", "0", "1"], "Scratch CNN: residual blocks per stage.")
 flags.DEFINE_integer("stem_width", 32, "Scratch CNN: channels of the stem conv.")
 flags.DEFINE_float("dropout", 0.0, "Dropout before the logits.")
+flags.DEFINE_bool("pool_before_bn", True, "Scratch CNN: max-pool each stage's conv output "
+                  "before BN and ReLU (20% faster on CPU; else conv-BN-ReLU-pool).")
 flags.DEFINE_string("checkpoint_dir", "checkpoints", "Parent folder of run checkpoints.")
 # --log_dir is absl.logging's own flag (it names where absl would put log files, which it
 # does not do unless asked); we share it as the parent folder of TensorBoard logs.
 FLAGS.set_default("log_dir", "logs")
-flags.DEFINE_float("epochs", 18, "Epochs to train (ignored if --train_steps is set).")
+flags.DEFINE_float("epochs", 20, "Epochs to train (ignored if --train_steps is set).")
 flags.DEFINE_integer("train_steps", None, "Total optimizer steps.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (divisible by the replicas).")
 flags.DEFINE_integer("eval_batch_size", 1000, "Global eval batch size.")
@@ -77,7 +79,8 @@ def config_from_flags():
         try:
             options = {"widths": tuple(int(w) for w in FLAGS.widths),
                        "res_blocks": tuple(int(r) for r in FLAGS.res_blocks),
-                       "stem_width": FLAGS.stem_width, "dropout": FLAGS.dropout}
+                       "stem_width": FLAGS.stem_width, "dropout": FLAGS.dropout,
+                       "pool_before_bn": FLAGS.pool_before_bn}
         except ValueError as e:
             raise ConfigError(f"--widths/--res_blocks must be integers: {e}") from e
     profile = None

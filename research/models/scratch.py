@@ -1,7 +1,8 @@
 """The from-scratch CNN for 32x32 images: a compact ResNet-9-style network.
 
-stem conv -> for each stage: conv-BN-ReLU, 2x2 max-pool, then `res_blocks[i]` residual blocks
-of two conv-BN-ReLU -> global max+avg pooling -> dropout -> one logit (binary objective) or
+stem conv -> for each stage: conv, 2x2 max-pool, BN, ReLU (or conv-BN-ReLU-pool with
+pool_before_bn=False), then `res_blocks[i]` residual blocks of two conv-BN-ReLU -> global
+max+avg pooling -> dropout -> one logit (binary objective) or
 one logit per class (multiclass). The network outputs logits; sigmoid/softmax is applied only
 where probabilities are wanted.
 """
@@ -26,7 +27,8 @@ def _conv_bn_relu(x, filters: int, name: str, dtype):
 
 def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
                       widths=(64, 128, 256), res_blocks=(1, 0, 1), stem_width: int = 32,
-                      dropout: float = 0.1, dtype: str | None = None,
+                      dropout: float = 0.1, pool_before_bn: bool = True,
+                      dtype: str | None = None,
                       name: str = "scratch_cnn") -> keras.Model:
     """Builds the CNN. Inputs are float images scaled to [0, 1]; outputs are float32 logits.
 
@@ -41,8 +43,15 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
                              dtype=dtype)(inputs)
     x = _conv_bn_relu(x, stem_width, "stem", dtype)
     for i, (w, r) in enumerate(zip(widths, res_blocks)):
-        x = _conv_bn_relu(x, w, f"stage{i}", dtype)
-        x = layers.MaxPooling2D(2, name=f"stage{i}_pool", dtype=dtype)(x)
+        if pool_before_bn:  # BN and ReLU at a quarter of the pixels: they are memory-bound
+            x = layers.Conv2D(w, 3, padding="same", use_bias=False, name=f"stage{i}_conv",
+                              kernel_initializer="he_normal", dtype=dtype)(x)
+            x = layers.MaxPooling2D(2, name=f"stage{i}_pool", dtype=dtype)(x)
+            x = FusedBatchNorm(momentum=0.9, name=f"stage{i}_bn", dtype=dtype)(x)
+            x = layers.ReLU(name=f"stage{i}_relu", dtype=dtype)(x)
+        else:
+            x = _conv_bn_relu(x, w, f"stage{i}", dtype)
+            x = layers.MaxPooling2D(2, name=f"stage{i}_pool", dtype=dtype)(x)
         for j in range(r):
             y = _conv_bn_relu(x, w, f"stage{i}_res{j}a", dtype)
             y = _conv_bn_relu(y, w, f"stage{i}_res{j}b", dtype)

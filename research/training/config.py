@@ -25,7 +25,7 @@ class TrainConfig:
     objective: str = "multiclass"
     checkpoint_dir: str = "checkpoints"
     log_dir: str = "logs"
-    epochs: float = 18.0
+    epochs: float = 20.0
     train_steps: int | None = None      # overrides epochs
     batch_size: int = 256               # global
     eval_batch_size: int = 1000
