@@ -79,21 +79,21 @@ def load_inputs(ex, errors):
         if not FLAGS.data_dir:
             raise ValueError("--num_examples needs --data_dir")
         names = pipeline.load_manifest(FLAGS.data_dir)["class_names"]
-        want = FLAGS.num_examples
+        keep = {"all": (0, 1), "positive": (1,), "negative": (0,)}[FLAGS.example_filter]
+        taken = 0
         for b in pipeline.make_dataset(FLAGS.data_dir, FLAGS.split, 500, training=False,
                                        scale="uint8"):
             for img, lab, cid, idx in zip(b["image"].numpy(), b["label"].numpy(),
                                           b["class_id"].numpy(), b["index"].numpy()):
-                if FLAGS.example_filter == "positive" and not lab:
-                    continue
-                if FLAGS.example_filter == "negative" and lab:
+                if taken >= FLAGS.num_examples:
+                    break
+                if lab not in keep:
                     continue
                 name = f"{FLAGS.split}_{idx:05d}_{names[cid]}.png"
                 items.append((name, img, resize_image(img, size, "stretch").astype(np.float32),
                               names[cid]))
-                if sum(1 for it in items if it[3] is not None) >= want:
-                    break
-            if sum(1 for it in items if it[3] is not None) >= want:
+                taken += 1
+            if taken >= FLAGS.num_examples:
                 break
     return items
 

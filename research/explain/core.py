@@ -354,13 +354,11 @@ def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: floa
     span = tf.reduce_max(raw, axis=[1, 2, 3], keepdims=True) - tf.reduce_min(
         raw, axis=[1, 2, 3], keepdims=True)
     total = tf.zeros(raw.shape[:3])
-    logits = None
     for _ in range(n):
         noisy = raw + rng.normal(raw.shape) * noise * span
-        grads, lg = ex.input_gradients(noisy, classes)
+        grads, _ = ex.input_gradients(noisy, classes)
         total += tf.reduce_max(tf.abs(grads), axis=-1)
-        logits = lg if logits is None else logits
-    logits = ex.logits(raw)
+    logits = ex.logits(raw)  # the score reported is that of the clean image
     maps = normalize_maps(total / n)
     return _finish(ex, maps, classes.numpy(), logits, "smoothgrad", None,
                    {"n": n, "noise": noise, "seed": seed})

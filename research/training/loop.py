@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as pylogging
 import math
 import os
 import shutil
@@ -609,7 +608,3 @@ def _log_hparams(cfg: TrainConfig, writer, summary: dict) -> None:
         hp.hparams(hparams, trial_id=cfg.run_name)
         for k, v in summary.get("final_val", {}).items():
             tf.summary.scalar(f"hparams/val_{k}", v)
-
-
-def silence_tf_warnings() -> None:
-    pylogging.getLogger("tensorflow").setLevel(pylogging.ERROR)
