@@ -62,7 +62,7 @@ def step_losses(cfg, strategy, steps):
 
 
 def test_loss_falls(syn, tmp_path):
-    cfg = config(syn, tmp_path)
+    cfg = config(syn, tmp_path, learning_rate=0.1)
     losses, _ = step_losses(cfg, tf.distribute.get_strategy(), 40)
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 

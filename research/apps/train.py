@@ -22,6 +22,8 @@ flags.DEFINE_list("widths", ["64", "128", "256"], "Scratch CNN: channels per sta
 flags.DEFINE_list("res_blocks", ["1", "0", "1"], "Scratch CNN: residual blocks per stage.")
 flags.DEFINE_integer("stem_width", 32, "Scratch CNN: channels of the stem conv.")
 flags.DEFINE_float("dropout", 0.0, "Dropout before the logits.")
+flags.DEFINE_float("feature_scale", 0.125, "Scratch CNN: multiply the pooled features by this "
+                   "before the logits layer (tames the loss spike of early training).")
 flags.DEFINE_bool("pool_before_bn", True, "Scratch CNN: max-pool each stage's conv output "
                   "before BN and ReLU (20% faster on CPU; else conv-BN-ReLU-pool).")
 flags.DEFINE_string("checkpoint_dir", "checkpoints", "Parent folder of run checkpoints.")
@@ -80,7 +82,8 @@ def config_from_flags():
             options = {"widths": tuple(int(w) for w in FLAGS.widths),
                        "res_blocks": tuple(int(r) for r in FLAGS.res_blocks),
                        "stem_width": FLAGS.stem_width, "dropout": FLAGS.dropout,
-                       "pool_before_bn": FLAGS.pool_before_bn}
+                       "pool_before_bn": FLAGS.pool_before_bn,
+                       "feature_scale": FLAGS.feature_scale}
         except ValueError as e:
             raise ConfigError(f"--widths/--res_blocks must be integers: {e}") from e
     profile = None

@@ -2,7 +2,7 @@
 
 stem conv -> for each stage: conv, 2x2 max-pool, BN, ReLU (or conv-BN-ReLU-pool with
 pool_before_bn=False), then `res_blocks[i]` residual blocks of two conv-BN-ReLU -> global
-max+avg pooling -> dropout -> one logit (binary objective) or
+max+avg pooling, scaled by `feature_scale` -> dropout -> one logit (binary objective) or
 one logit per class (multiclass). The network outputs logits; sigmoid/softmax is applied only
 where probabilities are wanted.
 """
@@ -28,6 +28,7 @@ def _conv_bn_relu(x, filters: int, name: str, dtype):
 def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
                       widths=(64, 128, 256), res_blocks=(1, 0, 1), stem_width: int = 32,
                       dropout: float = 0.1, pool_before_bn: bool = True,
+                      feature_scale: float = 0.125,
                       dtype: str | None = None,
                       name: str = "scratch_cnn") -> keras.Model:
     """Builds the CNN. Inputs are float images scaled to [0, 1]; outputs are float32 logits.
@@ -59,6 +60,8 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
     x = layers.Concatenate(name="pool", dtype=dtype)([
         layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x),
         layers.GlobalAveragePooling2D(name="gap", dtype=dtype)(x)])
+    if feature_scale != 1.0:
+        x = layers.Rescaling(feature_scale, name="feature_scale", dtype=dtype)(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout", dtype=dtype)(x)
     # Zero-initialised head: the first loss is ln(K) rather than a large random value.
