@@ -28,6 +28,7 @@ def main(argv):
 
     import research.models.layers  # noqa: F401  (registers custom layers)
     from research.data.imaging import ImageDecodeError, load_image_file
+    from research.training.loop import positive_scores
 
     meta_path = os.path.join(os.path.dirname(FLAGS.model), "metadata.json")
     if not os.path.isfile(FLAGS.model) or not os.path.isfile(meta_path):
@@ -47,15 +48,8 @@ def main(argv):
             continue
         x = img[None] / 255.0 if meta["scale"] == "unit" else img[None]
         views = [x, x[:, :, ::-1]] if meta.get("tta") else [x]
-        probs = []
-        for v in views:
-            logits = np.asarray(model(v, training=False), np.float32)[0]
-            if meta["objective"] == "binary":
-                probs.append(1 / (1 + np.exp(-logits[0])))
-            else:
-                e = np.exp(logits - logits.max())
-                probs.append(e[meta["positive_class_id"]] / e.sum())
-        p = float(np.mean(probs))
+        p = float(np.mean([positive_scores(model(v, training=False), meta["objective"],
+                                           meta["positive_class_id"])[0] for v in views]))
         verdict = meta["positive_class"] if p >= threshold else f"not {meta['positive_class']}"
         print(f"{path}\tp({meta['positive_class']})={p:.4f}\t{verdict}")
     if failed:

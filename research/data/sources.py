@@ -124,11 +124,9 @@ class FileTree:
     def _strip_wrapper_dirs(self) -> None:
         while self._files:
             tops = {n.split("/", 1)[0] for n in self._files}
-            if len(tops) != 1 or all("/" not in n for n in self._files):
+            if len(tops) != 1 or any("/" not in n for n in self._files):
                 return
             top = tops.pop()
-            if any("/" not in n for n in self._files):
-                return
             self._files = {n[len(top) + 1:]: f for n, f in self._files.items()}
 
     def names(self) -> list[str]:

@@ -75,7 +75,6 @@ def load_application(name: str, weights: str = "imagenet") -> Explainer:
 def load_run(checkpoint_dir: str, run_name: str) -> tuple[Explainer, dict]:
     """Our trained detector: the exported model.keras of the run."""
     import research.models.layers  # noqa: F401  (registers FusedBatchNorm)
-    import research.training.loop  # noqa: F401  (registers the LR schedule)
 
     export = os.path.join(checkpoint_dir, run_name, "export")
     path = os.path.join(export, "model.keras")
