@@ -10,13 +10,12 @@ Evaluation streams are finite, ordered, and never drop the remainder.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
-from research.data.tfrecords import MANIFEST, SCHEMA_VERSION
+from research.data.manifest import DataError, load_manifest, sha256_file  # noqa: F401
 
 AUTOTUNE = tf.data.AUTOTUNE
 SCALES = ("unit", "raw", "uint8")
@@ -28,31 +27,8 @@ _FEATURES = {
 }
 
 
-class DataError(ValueError):
-    """A manifest or shard is missing, from another schema version, or corrupt."""
-
-
-def load_manifest(data_dir: str) -> dict:
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise DataError(f"{path} not found: --data_dir must be a folder written by "
-                        "`python -m research.apps.make_tfrecords`")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema_version {version!r}, but this code reads version "
-                        f"{SCHEMA_VERSION}; rebuild the data with research.apps.make_tfrecords")
-    return manifest
-
-
 @functools.lru_cache(maxsize=None)
 def _verified(path: str, size: int, sha256: str) -> bool:
-    from research.data.tfrecords import sha256_file
-
     if not os.path.isfile(path):
         raise DataError(f"{path}: shard listed in the manifest is missing")
     actual = os.path.getsize(path)

@@ -9,7 +9,6 @@ temporary name and renamed into place at the end, so a crash never leaves a half
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -19,10 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from research.data.manifest import MANIFEST, SCHEMA_VERSION, sha256_file  # noqa: F401
 from research.data.sources import SourceData, Split
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARDS = {"train": 12, "val": 2, "test": 4}
 
@@ -93,14 +91,6 @@ def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: 
         "coarse_id": ints([coarse_id]),
         "source_id": bytes_(source_id.encode()),
     })).SerializeToString()
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_names: list[str],
