@@ -1,58 +1,75 @@
 r"""Scores image files with an exported detector.
 
   python -m research.apps.predict --model=checkpoints/scratch/export/model.keras \
-      --images=a.jpg,b.png
+      --images=photos/,extra/*.jpg,one.png --output=scores.csv
 
-Images are decoded and resized exactly as make_tfrecords does for folders (center crop).
+`--images` takes files, folders (searched recursively, image extensions only, sorted) and globs
+(`**` included). Each image prints `<path as given>\tp(<class>)=<score>\t<decision>`; an
+unreadable one prints `<path>\terror: <reason>`, is counted and listed in the CSV, and makes the
+exit status 1 once the rest are scored. Images are decoded and resized exactly as
+make_tfrecords does for folders (center crop).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, flags
 
+from research.inference import PredictOptions
+from research.training.config import TrainConfig
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "An exported model.keras (metadata.json beside it).")
-flags.DEFINE_list("images", None, "Image files (JPEG, PNG, ... of any size).")
-flags.DEFINE_float("threshold", None, "Decision threshold (default: the val-chosen one).")
-flags.mark_flags_as_required(["model", "images"])
+flags.DEFINE_string("run_name", None, "Instead of --model: the training run whose export to use.")
+flags.DEFINE_string("checkpoint_dir", TrainConfig.checkpoint_dir,
+                    "Parent folder of training runs (with --run_name).")
+flags.DEFINE_list("images", None, "Image files, folders and globs (JPEG, PNG, ... any size).")
+flags.DEFINE_string("output", None, "CSV of path,score,decision,top_classes,error.")
+flags.DEFINE_float("threshold", PredictOptions.threshold,
+                   "Decision threshold (default: the run's val-chosen one).")
+flags.DEFINE_integer("batch_size", PredictOptions.batch_size, "Images scored per batch.")
+flags.DEFINE_integer("top_k", PredictOptions.top_k,
+                     "Classes listed per image in the CSV (multiclass models; at most their "
+                     "class count).")
+flags.mark_flags_as_required(["images"])
 
 
 def main(argv):
     del argv
-    import keras
-    import numpy as np
+    from research import inference
 
-    import research.models.layers  # noqa: F401  (registers custom layers)
-    from research.data.imaging import ImageDecodeError, load_image_file
-    from research.training.loop import positive_scores
+    try:
+        if (FLAGS.model is None) == (FLAGS.run_name is None):
+            raise inference.InferenceError("--model, --run_name: give exactly one")
+        if FLAGS.output:
+            inference.check_output(FLAGS.output)
+        options = PredictOptions(batch_size=FLAGS.batch_size, top_k=FLAGS.top_k,
+                                 threshold=FLAGS.threshold)
+        options.validate()
+        model_path = FLAGS.model or inference.exported_model_path(FLAGS.checkpoint_dir,
+                                                                  FLAGS.run_name)
+        meta = inference.read_metadata(model_path)
+        expansion = inference.expand_images(FLAGS.images)
+        detector = inference.load_detector(model_path, meta)
+    except inference.InferenceError as e:
+        sys.exit(f"error: {e}")
 
-    meta_path = os.path.join(os.path.dirname(FLAGS.model), "metadata.json")
-    if not os.path.isfile(FLAGS.model) or not os.path.isfile(meta_path):
-        sys.exit(f"error: --model: need {FLAGS.model} and {meta_path}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    model = keras.models.load_model(FLAGS.model)
-    h, w, _ = meta["image_shape"]
-    threshold = FLAGS.threshold if FLAGS.threshold is not None else meta["threshold"]
-    failed = 0
-    for path in FLAGS.images:
-        try:
-            img = load_image_file(path, (h, w)).astype(np.float32)
-        except ImageDecodeError as e:
-            print(f"{path}\terror: {e}")
-            failed += 1
-            continue
-        x = img[None] / 255.0 if meta["scale"] == "unit" else img[None]
-        views = [x, x[:, :, ::-1]] if meta.get("tta") else [x]
-        p = float(np.mean([positive_scores(model(v, training=False), meta["objective"],
-                                           meta["positive_class_id"])[0] for v in views]))
-        verdict = meta["positive_class"] if p >= threshold else f"not {meta['positive_class']}"
-        print(f"{path}\tp({meta['positive_class']})={p:.4f}\t{verdict}")
-    if failed:
+    if expansion.skipped:
+        first_path, first_reason = expansion.skipped[0]
+        print(f"skipped {len(expansion.skipped)} files (not images, hidden or duplicates; "
+              f"first: {first_path}: {first_reason})", file=sys.stderr)
+    predictions = inference.predict_files(detector, expansion.paths, options)
+    if FLAGS.output:
+        with open(FLAGS.output, "w", newline="") as f:
+            counts = inference.write_predictions(predictions, detector.positive_class,
+                                                 sys.stdout, f)
+    else:
+        counts = inference.write_predictions(predictions, detector.positive_class, sys.stdout)
+    where = f"listed in {FLAGS.output}" if FLAGS.output else "listed above"
+    print(f"scored {counts.scored}, unreadable {counts.unreadable}"
+          + (f": {where}" if counts.unreadable else ""), file=sys.stderr)
+    if counts.unreadable:
         sys.exit(1)
 
 

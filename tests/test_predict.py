@@ -1,0 +1,221 @@
+"""predict: input expansion, batched scoring against a per-image oracle, TTA per metadata, the
+CSV and the standard-output lines, bad input, and loading an export in a fresh process."""
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from research import inference
+from research.data.imaging import load_image_file
+from research.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+LINE = re.compile(r"^(?P<path>[^\t]+)\tp\(cat\)=(?P<score>[01]\.\d{4})\t(?P<decision>(not )?cat)$")
+
+
+def export(out_dir, objective="multiclass", tta=True, threshold=0.1, seed=0):
+    """A tiny scratch CNN with a random head (the built one is zero-initialised)."""
+    n_out = len(NAMES) if objective == "multiclass" else 1
+    model = build_model("scratch", (32, 32, 3), n_out, widths=(8, 16), res_blocks=(1, 0),
+                        stem_width=8)
+    head = model.get_layer("logits").kernel
+    head.assign(np.random.default_rng(seed).normal(0, 2, head.shape).astype(np.float32))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model.keras")
+    model.save(path)
+    meta = {"objective": objective, "positive_class": "cat", "positive_class_id": 3,
+            "class_names": NAMES, "image_shape": [32, 32, 3], "scale": "unit",
+            "threshold": threshold, "tta": tta}
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    return path
+
+
+def write_image(path, h, w, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """7 readable images of assorted sizes and one corrupt .jpg, as a folder."""
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(7):
+        write_image(os.path.join(root, "cats" if i % 2 else "dogs", f"p{i}.jpg" if i % 3 else
+                                 f"p{i}.png"), 30 + 9 * i, 60 - 4 * i, seed=i)
+    (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {"tta": export(str(root / "tta"), tta=True),
+            "plain": export(str(root / "plain"), tta=False),
+            "binary": export(str(root / "binary"), objective="binary")}
+
+
+def oracle(model, meta, path):
+    """One image at a time, in numpy: p(cat), mirror-averaged when the metadata says so."""
+    x = load_image_file(path, (32, 32)).astype(np.float32)[None] / 255.0
+    views = [x, x[:, :, ::-1]] if meta["tta"] else [x]
+    ps = []
+    for v in views:
+        z = np.asarray(model(v, training=False), np.float64)[0]
+        if meta["objective"] == "binary":
+            ps.append(1 / (1 + np.exp(-z[0])))
+        else:
+            e = np.exp(z - z.max())
+            ps.append(e[meta["positive_class_id"]] / e.sum())
+    return float(np.mean(ps))
+
+
+def test_expand_files_folders_globs(tmp_path):
+    for rel in ("a/x.jpg", "a/sub/y.png", "a/.hidden.jpg", "b.jpg", "c/z.JPG"):
+        write_image(tmp_path / rel, 8, 8, seed=0)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    t = str(tmp_path)
+    got = inference.expand_images([f"{t}/b.jpg", f"{t}/a", f"{t}/a/**/*.png", f"{t}/b.jpg",
+                                   f"{t}/c/*", ""])
+    # Folders: sorted by relative path; the first mention of a file wins.
+    assert got.paths == [f"{t}/b.jpg", f"{t}/a/sub/y.png", f"{t}/a/x.jpg", f"{t}/c/z.JPG"]
+    reasons = {os.path.relpath(p, t): r for p, r in got.skipped}
+    assert reasons == {"a/.hidden.jpg": "hidden file", "a/notes.txt": "not an image file "
+                       "extension", "a/sub/y.png": f"duplicate of {t}/a/sub/y.png",
+                       "b.jpg": f"duplicate of {t}/b.jpg"}
+    # `**` matches a folder and its files: no duplicates reported within the one entry.
+    every = inference.expand_images([f"{t}/**"])
+    assert sorted(every.paths) == sorted(got.paths)
+    assert not [r for _, r in every.skipped if r.startswith("duplicate")]
+    for entries, message in (([f"{t}/nope.jpg"], "no such file or folder"),
+                             ([f"{t}/*.gif"], "matches no files"),
+                             ([f"{t}/a/sub", f"{t}/empty/"], "no such file")):
+        with pytest.raises(inference.InferenceError, match=message):
+            inference.expand_images(entries)
+    os.makedirs(tmp_path / "texts")
+    (tmp_path / "texts" / "readme.md").write_text("x")
+    with pytest.raises(inference.InferenceError, match=r"holds no image files \(1 other"):
+        inference.expand_images([f"{t}/texts"])
+
+
+@pytest.mark.parametrize("kind", ["tta", "plain", "binary"])
+def test_batched_scores_equal_one_at_a_time(models, photos, kind):
+    det = inference.load_detector(models[kind])
+    paths = inference.expand_images([str(photos)]).paths
+    # Batches of 3 over 8 files: several batches in flight, a partial last one, a corrupt file.
+    preds = list(inference.predict_files(det, paths, inference.PredictOptions(batch_size=3)))
+    assert [p.path for p in preds] == paths
+    bad = [p for p in preds if p.error]
+    assert [os.path.basename(p.path) for p in bad] == ["broken.jpg"]
+    assert bad[0].score is None and "not a decodable image" in bad[0].error
+    for p in preds:
+        if p.error is None:
+            assert abs(p.score - oracle(det.model, det.meta, p.path)) < 1e-6, p.path
+            assert p.decision == ("cat" if p.score >= 0.1 else "not cat")
+            if kind == "binary":
+                assert p.top_classes == ()
+            else:
+                assert len(p.top_classes) == 3
+                probs = [q for _, q in p.top_classes]
+                assert probs == sorted(probs, reverse=True) and {n for n, _ in
+                                                                 p.top_classes} <= set(NAMES)
+
+
+def test_tta_follows_the_metadata(models, photos):
+    paths = [p for p in inference.expand_images([str(photos)]).paths if "broken" not in p]
+    scores = {}
+    for kind in ("tta", "plain"):
+        det = inference.load_detector(models[kind])
+        scores[kind] = np.array([p.score for p in inference.predict_files(det, paths)])
+    # Same weights (same seed), so only the mirror average separates them.
+    assert np.abs(scores["tta"] - scores["plain"]).max() > 1e-3
+
+
+def test_csv_and_stdout_lines(models, photos):
+    det = inference.load_detector(models["tta"])
+    paths = inference.expand_images([str(photos)]).paths
+    opts = inference.PredictOptions(batch_size=4, top_k=2, threshold=0.5)
+    out, table = io.StringIO(), io.StringIO()
+    counts = inference.write_predictions(inference.predict_files(det, paths, opts), "cat", out,
+                                         table)
+    assert (counts.scored, counts.unreadable) == (7, 1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 8
+    rows = list(csv.DictReader(io.StringIO(table.getvalue())))
+    assert list(rows[0]) == list(inference.CSV_COLUMNS) and len(rows) == 8
+    for line, row, path in zip(lines, rows, paths):
+        assert row["path"] == path
+        if row["error"]:
+            assert line == f"{path}\terror: {row['error']}"
+            assert row["score"] == row["decision"] == row["top_classes"] == ""
+            continue
+        m = LINE.match(line)
+        assert m and m["path"] == path, line
+        assert abs(float(m["score"]) - float(row["score"])) <= 5e-5
+        assert m["decision"] == row["decision"] == ("cat" if float(row["score"]) >= 0.5
+                                                    else "not cat")
+        assert re.fullmatch(r"[a-z]+:0\.\d{4};[a-z]+:0\.\d{4}", row["top_classes"])
+
+
+def test_bad_input_is_named(models, tmp_path):
+    for opts, flag in ((inference.PredictOptions(batch_size=0), "--batch_size"),
+                       (inference.PredictOptions(top_k=-1), "--top_k"),
+                       (inference.PredictOptions(threshold=1.5), "--threshold")):
+        with pytest.raises(inference.InferenceError, match=flag):
+            opts.validate()
+    with pytest.raises(inference.InferenceError, match="--output: want a .csv"):
+        inference.check_output(str(tmp_path / "out.txt"))
+    with pytest.raises(inference.InferenceError, match="--model: no such file"):
+        inference.read_metadata(str(tmp_path / "model.keras"))
+    meta = json.load(open(os.path.join(os.path.dirname(models["binary"]), "metadata.json")))
+    del meta["tta"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.link(models["binary"], bad / "model.keras")
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(inference.InferenceError, match="lacks tta"):
+        inference.read_metadata(str(bad / "model.keras"))
+    meta.update(tta=False, objective="multiclass")  # a 1-output model cannot be multiclass
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(inference.InferenceError, match="outputs 1 values"):
+        inference.load_detector(str(bad / "model.keras"))
+
+
+def test_cli_folder_glob_and_a_corrupt_file(models, photos, tmp_path):
+    ck = tmp_path / "checkpoints"
+    os.makedirs(ck / "run" / "export")
+    for name in ("model.keras", "metadata.json"):
+        os.link(os.path.join(os.path.dirname(models["tta"]), name), ck / "run" / "export" / name)
+    out = tmp_path / "scores.csv"
+    res = subprocess.run(
+        [sys.executable, "-m", "research.apps.predict", "--run_name=run",
+         f"--checkpoint_dir={ck}", f"--images={photos}/dogs,{photos}/cats/*.jpg",
+         f"--output={out}", "--batch_size=2"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 1, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    n = len(os.listdir(photos / "dogs")) + len(list((photos / "cats").glob("*.jpg")))
+    assert len(lines) == n == 7
+    assert sum(bool(LINE.match(line)) for line in lines) == 6
+    assert [line for line in lines if "\terror: " in line][0].startswith(f"{photos}/dogs/broken")
+    assert f"scored 6, unreadable 1: listed in {out}" in res.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 7 and sum(bool(r["error"]) for r in rows) == 1
+
+
+def test_export_loads_after_one_import(models):
+    code = ("import keras, research.models; "
+            f"m = keras.models.load_model({models['tta']!r}); print(m.output_shape)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("(None, 10)")
