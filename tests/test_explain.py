@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from research.explain import core, faithfulness, features, render
+from research import detector
+from research.explain import core, dream, faithfulness, features, loading, render
 from research.models import build_model
 
 
@@ -107,7 +108,7 @@ def test_mixed_precision_models_work():
     for policy in ("mixed_bfloat16", "mixed_float16"):
         model = build_model("scratch", (32, 32, 3), 10, dtype=policy, widths=(8, 16),
                             res_blocks=(1, 0), stem_width=8)
-        ex = core.Explainer(model, lambda x: x / 255.0)
+        ex = core.Explainer(model, detector.preprocess_fn("unit"))
         x = images(2, 32, 32, 3)
         for method in ("gradcam", "saliency"):
             res = core.explain(ex, method, x, class_index=3)
@@ -134,7 +135,7 @@ def test_filter_visualization_raises_activation():
     y = keras.layers.Conv2D(4, 3, padding="same", activation="tanh", name="c1")(x)
     y = keras.layers.Conv2D(4, 3, padding="same", name="c2")(y)
     model = keras.Model(x, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(y)))
-    ex = core.Explainer(model, lambda t: t / 255.0)
+    ex = core.Explainer(model, detector.preprocess_fn("unit"))
     for k in range(2):
         p = features.visualize_filter(ex, "c2", k, steps=30, step_size=4.0, seed=k)
         assert p.final_activation > p.start_activation + 0.5 * abs(p.start_activation) + 0.05
@@ -224,3 +225,120 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
     res = subprocess.run(cmd[:5] + [f"--images={good}", "--layer=nope", f"--out_dir={out}"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "block5_conv3" in res.stderr and "nope" in res.stderr
+
+
+def score_cam_per_channel_reference(ex, images, classes, layer, max_channels):
+    """The former Score-CAM: a Python loop over images, masks upsampled one image at a time."""
+    path, target = core.find_layer(ex.model, layer)
+    raw = tf.constant(images)
+    acts, _, _ = ex.gradients(target, raw, tf.constant(classes), path)
+    maps = []
+    for i in range(raw.shape[0]):
+        a = acts[i]
+        k = min(max_channels, a.shape[-1])
+        top = tf.math.top_k(tf.reduce_mean(a, axis=[0, 1]), k).indices
+        masks = tf.transpose(tf.gather(a, top, axis=-1), [2, 0, 1])
+        lo = tf.reduce_min(masks, axis=[1, 2], keepdims=True)
+        hi = tf.reduce_max(masks, axis=[1, 2], keepdims=True)
+        masks = tf.image.resize(tf.math.divide_no_nan(masks - lo, hi - lo)[..., None],
+                                raw.shape[1:3])[..., 0]
+        scores = [ex.logits(raw[i][None] * masks[j][None, ..., None])[0, classes[i]]
+                  for j in range(k)]
+        w = tf.nn.softmax(tf.stack(scores))
+        maps.append(tf.nn.relu(tf.einsum("khw,k->hw", masks, w)))
+    return core.normalize_maps(tf.stack(maps)).numpy()
+
+
+def test_batched_score_cam_matches_per_channel_loop():
+    keras.utils.set_random_seed(4)
+    x = keras.Input((12, 12, 3))
+    a = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv")(x)
+    y = keras.layers.MaxPooling2D(2)(a)
+    y = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="conv2")(y)
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(y))
+    ex = core.Explainer(keras.Model(x, out), detector.preprocess_fn("unit"))
+    x = images(3, 12, 12, 3, seed=4)
+    for layer, channels, batch in (("conv", 4, 5), ("conv2", 64, 2)):
+        res = core.score_cam(ex, x, [0, 2, 1], layer=layer, max_channels=channels,
+                             batch_size=batch)
+        ref = score_cam_per_channel_reference(ex, x, [0, 2, 1], layer, channels)
+        assert res.maps.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(res.maps, ref, atol=1e-5)
+
+
+def pearson_per_image(a, b):
+    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
+def test_bf16_maps_correlate_with_float32():
+    small = build_model("scratch", (32, 32, 3), 10, widths=(8, 16), res_blocks=(1, 0),
+                        stem_width=8)
+    head = small.layers[-1]
+    head.kernel.assign(np.random.default_rng(6).normal(0, 1, head.kernel.shape))  # zero-init
+    # Input saliency through VGG16 in bf16 is slow on CPUs without bf16 units: CAM only there.
+    for model, pre, size, methods in (
+            (small, detector.preprocess_fn("unit"), 32, ("gradcam", "saliency")),
+            (transfer_model(), lambda t: t, 64, ("gradcam",))):
+        x = images(3, size, size, 3, seed=7)
+        fast = loading.with_policy(model, "mixed_bfloat16")
+        assert fast.layers[1].compute_dtype == "bfloat16"
+        for method in methods:
+            ref = core.explain(core.Explainer(model, pre), method, x, class_index=1)
+            got = core.explain(core.Explainer(fast, pre), method, x, class_index=1)
+            assert got.maps.dtype == np.float32
+            r = pearson_per_image(got.maps, ref.maps)
+            assert np.all(r >= 0.99), (model.name, method, r)
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(loading.machine, "has_fast_bf16", lambda: True)
+    assert loading.resolve_precision("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(loading.machine, "has_fast_bf16", lambda: False)
+    assert loading.resolve_precision("auto") == "float32"
+    with pytest.raises(ValueError, match="--precision: 'float16'"):
+        loading.resolve_precision("float16")
+
+
+def test_positive_saliency_of_linear_model_is_positive_weights():
+    keras.utils.set_random_seed(3)
+    x = keras.Input((4, 5, 3))
+    out = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    model = keras.Model(x, out)
+    res = core.explain(core.Explainer(model), "saliency_positive", images(2, 4, 5, 3),
+                       class_index=1)
+    w = np.maximum(model.layers[-1].kernel.numpy()[:, 1].reshape(4, 5, 3), 0).max(-1)
+    assert np.any(w == 0)  # some pixels have only negative weights
+    for m in res.maps:
+        np.testing.assert_allclose(m, w / w.max(), rtol=1e-6)
+
+
+def test_class_comparison_figure(tmp_path):
+    model = tiny_cam_model(7)
+    ex = core.Explainer(model)
+    x = images(3, seed=7)
+    per_class = [core.grad_cam(ex, x, class_index=c) for c in (0, 1)]
+    assert np.abs(per_class[0].maps - per_class[1].maps).max() > 0.1
+    titles = [[f"class {c} p={p:.2f}" for p in r.probabilities]
+              for c, r in zip((0, 1), per_class)]
+    fig = render.class_comparison_figure(x[..., [0, 1, 1]], [r.maps for r in per_class], titles)
+    assert len(fig.axes) == 3 * 3
+    path = tmp_path / "compare_classes.png"
+    render.plots.save_figure(fig, str(path))
+    assert Image.open(path).size[0] > 300
+
+
+def test_dream_raises_activation_and_keeps_size():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((16, 16, 3))
+    y = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(x)
+    y = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c2")(y)
+    model = keras.Model(x, keras.layers.Dense(1)(keras.layers.Flatten()(y)))
+    ex = core.Explainer(model, detector.preprocess_fn("unit"))
+    img = images(1, 20, 24, 3, seed=2)[0]
+    a = dream.dream(ex, img, ["c2"], steps=5, seed=1)
+    assert a.image.shape == (20, 24, 3) and a.image.dtype == np.uint8
+    assert a.final_activation > 1.2 * a.start_activation
+    b = dream.dream(ex, img, ["c2"], steps=5, seed=1)
+    np.testing.assert_array_equal(a.image, b.image)

@@ -46,13 +46,6 @@ def iter_layers(model: keras.Model, prefix: str = "") -> Iterable[tuple[str, ker
             yield from iter_layers(layer, prefix=path + "/")
 
 
-def _output_rank(layer) -> int | None:
-    try:
-        return len(layer.output.shape)
-    except (AttributeError, ValueError):
-        return None
-
-
 def spatial_layers(model: keras.Model) -> list[tuple[str, keras.layers.Layer]]:
     """Layers with a 4-D (N, H, W, C) output and H, W > 1: the candidates for CAMs."""
     out = []
@@ -236,6 +229,24 @@ class Explainer:
             self._compiled[key] = fn
         return self._compiled[key](raw, classes)
 
+    def masked_scores(self, raw: tf.Tensor, masks: tf.Tensor, owner: tf.Tensor,
+                      classes: tf.Tensor) -> tf.Tensor:
+        """Score of each image's class on raw[owner[j]] times masks[j] (upsampled to the
+        image), for j over the batch of masks; compiled."""
+        key = ("masked",)
+        if key not in self._compiled:
+            @tf.function(reduce_retracing=True, autograph=False)
+            def fn(raw, masks, owner, classes):
+                up = _upsample(masks, tf.shape(raw)[1:3])
+                batch = tf.gather(raw, owner) * up[..., None]
+                with linear_head(self.model):
+                    logits = tf.cast(self.model(self.preprocess(batch), training=False),
+                                     tf.float32)
+                return tf.gather(logits, tf.gather(classes, owner), axis=1, batch_dims=1)
+
+            self._compiled[key] = fn
+        return self._compiled[key](raw, masks, owner, classes)
+
 
 @dataclasses.dataclass
 class Explanation:
@@ -308,29 +319,26 @@ def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
     """Score-CAM (Wang et al. 2020): each channel, upsampled and scaled to [0, 1], masks the
     input; the channel's weight is the softmax over channels of the class score it yields.
     Only the `max_channels` channels with the highest mean activation are used (VGG16 has
-    512; each costs one forward pass)."""
+    512; each costs one forward pass). The masked images of all images and channels run as
+    batches of `batch_size`, which bounds the memory."""
     path, target = find_layer(ex.model, layer)
     raw, classes = _prepare(ex, images, class_index)
     acts, _, logits = ex.gradients(target, raw, classes, path)
-    size = raw.shape[1:3]
-    maps = []
-    for i in range(raw.shape[0]):
-        a = acts[i]                                                   # (h, w, K)
-        k = min(max_channels, a.shape[-1])
-        top = tf.math.top_k(tf.reduce_mean(a, axis=[0, 1]), k).indices
-        masks = tf.transpose(tf.gather(a, top, axis=-1), [2, 0, 1])   # (k, h, w)
-        lo = tf.reduce_min(masks, axis=[1, 2], keepdims=True)
-        hi = tf.reduce_max(masks, axis=[1, 2], keepdims=True)
-        masks = _upsample(tf.math.divide_no_nan(masks - lo, hi - lo), size)
-        scores = []
-        for s in range(0, k, batch_size):
-            m = masks[s:s + batch_size]
-            batch = raw[i][None] * m[..., None]
-            scores.append(ex.logits(batch)[:, int(classes[i])])
-        w = tf.nn.softmax(tf.concat(scores, 0))
-        cam = tf.nn.relu(tf.einsum("khw,k->hw", masks, w))
-        maps.append(cam)
-    maps = normalize_maps(tf.stack(maps))
+    n, h, w, channels = acts.shape
+    k = min(max_channels, channels)
+    top = tf.math.top_k(tf.reduce_mean(acts, axis=[1, 2]), k).indices          # (N, k)
+    masks = tf.transpose(tf.gather(acts, top, axis=-1, batch_dims=1), [0, 3, 1, 2])
+    lo = tf.reduce_min(masks, axis=[2, 3], keepdims=True)
+    hi = tf.reduce_max(masks, axis=[2, 3], keepdims=True)
+    masks = tf.math.divide_no_nan(masks - lo, hi - lo)                         # (N, k, h, w)
+    flat = tf.reshape(masks, [n * k, h, w])
+    owner = tf.repeat(tf.range(n), k)
+    scores = tf.concat([ex.masked_scores(raw, flat[s:s + batch_size], owner[s:s + batch_size],
+                                         classes) for s in range(0, n * k, batch_size)], 0)
+    weights = tf.nn.softmax(tf.reshape(scores, [n, k]), axis=-1)
+    # Bilinear upsampling is linear, so the weighted sum is taken at the layer's size.
+    cam = _upsample(tf.einsum("nkhw,nk->nhw", masks, weights), raw.shape[1:3])
+    maps = normalize_maps(tf.nn.relu(cam))
     return _finish(ex, maps, classes.numpy(), logits, "scorecam", path,
                    {"max_channels": max_channels})
 
@@ -341,6 +349,15 @@ def saliency(ex: Explainer, images, class_index=None) -> Explanation:
     grads, logits = ex.input_gradients(raw, classes)
     maps = normalize_maps(tf.reduce_max(tf.abs(grads), axis=-1))
     return _finish(ex, maps, classes.numpy(), logits, "saliency", None, {})
+
+
+def saliency_positive(ex: Explainer, images, class_index=None) -> Explanation:
+    """Saliency from positive evidence only: max over colour channels of max(dS/dx, 0), the
+    pixels whose brightening raises the score."""
+    raw, classes = _prepare(ex, images, class_index)
+    grads, logits = ex.input_gradients(raw, classes)
+    maps = normalize_maps(tf.reduce_max(tf.nn.relu(grads), axis=-1))
+    return _finish(ex, maps, classes.numpy(), logits, "saliency_positive", None, {})
 
 
 def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: float = 0.15,
@@ -369,6 +386,7 @@ METHODS = {
     "gradcam_pp": grad_cam_pp,
     "scorecam": score_cam,
     "saliency": saliency,
+    "saliency_positive": saliency_positive,
     "smoothgrad": smoothgrad,
 }
 

@@ -1,14 +1,20 @@
-"""Loading the models the explain CLI works on: keras.applications or our training runs."""
+"""Loading the models the explain CLI works on (keras.applications or our training runs),
+at the precision the explanations run in."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import keras
 import numpy as np
 
+from research import detector, machine
 from research.explain.core import Explainer
+
+# float16 is left out: unscaled score gradients underflow in it.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 # name -> (constructor, preprocess module, input size)
 APPLICATIONS = {
@@ -48,34 +54,79 @@ def imagenet_class_names() -> list[str] | None:
     return [index[str(i)][1] for i in range(len(index))]
 
 
-def load_application(name: str, weights: str = "imagenet") -> Explainer:
+def resolve_precision(precision: str) -> str:
+    """'auto' is mixed_bfloat16 on CPUs with AMX or AVX512-BF16 (where bf16 is faster), else
+    float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "mixed_bfloat16" if machine.has_fast_bf16() else "float32"
+    return precision
+
+
+@contextlib.contextmanager
+def policy_scope(policy: str):
+    """Layers built inside take `policy` as their dtype policy (Keras has no public scope)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def with_policy(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` computing under dtype policy `policy`, with the same weights.
+
+    Every layer but the model's outputs gets the policy (nested sub-models included); the
+    outputs keep their own, so the scores stay float32 as in training."""
+    outputs = {id(t._keras_history[0]) for t in keras.tree.flatten(model.outputs)}
+
+    def clone(layer):
+        config = layer.get_config()
+        if id(layer) not in outputs and "dtype" in config:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def load_application(name: str, weights: str = "imagenet", precision: str = "float32"
+                     ) -> Explainer:
     """A keras.applications model with its own preprocess_input; weights 'imagenet', 'none'
-    or a path to a weights file."""
+    or a path to a weights file; `precision` one of PRECISIONS."""
     if name not in APPLICATIONS:
         raise ModelLoadError(f"--model: unknown model {name!r}; choose one of "
                              f"{', '.join(APPLICATIONS)}")
+    policy = resolve_precision(precision)
     ctor, module, size = APPLICATIONS[name]
     w = None if weights in (None, "", "none") else weights
+    if w not in (None, "imagenet") and not os.path.isfile(w):
+        raise ModelLoadError(f"--weights: {w} not found")
     try:
-        model = ctor(weights="imagenet" if w == "imagenet" else None,
-                     input_shape=(size, size, 3))
+        with policy_scope(policy):
+            model = ctor(weights="imagenet" if w == "imagenet" else None,
+                         input_shape=(size, size, 3))
     except Exception as e:
         raise ModelLoadError(
             f"could not get the ImageNet weights of {name} ({e}). Without network access, "
             f"place {KERAS_WEIGHTS[name]} in {keras_models_dir()}/ (or pass --weights=<path> "
             "or --weights=none)") from e
     if w not in (None, "imagenet"):
-        if not os.path.isfile(w):
-            raise ModelLoadError(f"--weights: {w} not found")
         model.load_weights(w)
     names = imagenet_class_names() if w is not None else None
     return Explainer(model, lambda x: module.preprocess_input(x), class_names=names)
 
 
-def load_run(checkpoint_dir: str, run_name: str) -> tuple[Explainer, dict]:
-    """Our trained detector: the exported model.keras of the run."""
+def load_run(checkpoint_dir: str, run_name: str, precision: str = "float32"
+             ) -> tuple[Explainer, dict]:
+    """Our trained detector: the exported model.keras of the run, rebuilt under `precision`
+    (one of PRECISIONS)."""
     import research.models.layers  # noqa: F401  (registers FusedBatchNorm)
 
+    policy = resolve_precision(precision)
     export = os.path.join(checkpoint_dir, run_name, "export")
     path = os.path.join(export, "model.keras")
     if not os.path.isfile(path):
@@ -84,7 +135,8 @@ def load_run(checkpoint_dir: str, run_name: str) -> tuple[Explainer, dict]:
     with open(os.path.join(export, "metadata.json")) as f:
         meta = json.load(f)
     model = keras.models.load_model(path, compile=False)
-    preprocess = (lambda x: x / 255.0) if meta["scale"] == "unit" else (lambda x: x)
+    model = with_policy(model, policy)  # also undoes a bf16 export when asked for float32
+    preprocess = detector.preprocess_fn(meta["scale"])
     names = meta["class_names"] if meta["objective"] == "multiclass" else [
         meta["positive_class"]]
     return Explainer(model, preprocess, class_names=names,

@@ -6,11 +6,10 @@ import json
 import os
 
 import cv2
-import keras
 import numpy as np
-import tensorflow as tf
+from matplotlib.figure import Figure
 
-from research import plots
+from research import machine, plots
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
@@ -32,7 +31,8 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
 
 def three_panel_figure(image, heatmap, overlay, title: str):
     """Original, heatmap and overlay side by side, readable at a glance."""
-    fig, axes = plots.plt.subplots(1, 3, figsize=(11, 4.0))
+    fig = Figure(figsize=(11, 4.0))
+    axes = fig.subplots(1, 3)
     names = ("original", "heatmap", "overlay")
     for ax, img, name in zip(axes, (image, heatmap, overlay), names):
         ax.imshow(img, interpolation="bilinear")
@@ -41,10 +41,6 @@ def three_panel_figure(image, heatmap, overlay, title: str):
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
-
-
-def versions() -> dict:
-    return {"tensorflow": tf.__version__, "keras": keras.__version__}
 
 
 def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.ndarray,
@@ -65,7 +61,7 @@ def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.nda
     figure_path = os.path.join(out_dir, f"{stem}_{record['method']}.png")
     plots.save_figure(three_panel_figure(image, colored, overlay, title), figure_path)
     record = {**record, "image": name, "overlay": overlay_path, "figure": figure_path,
-              "alpha": alpha, "versions": versions()}
+              "alpha": alpha, "versions": machine.versions()}
     sidecar = os.path.join(out_dir, f"heatmap_{base}.json")
     with open(sidecar, "w") as f:
         json.dump(record, f, indent=1)
@@ -83,3 +79,25 @@ def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96,
                              interpolation=cv2.INTER_NEAREST)
         cells.append(overlay_heatmap(img, m, alpha)[1])
     return plots.image_grid(cells, titles, ncols=8, title=title)
+
+
+def class_comparison_figure(images, maps, titles, alpha: float = 0.4, upscale: int = 96
+                            ) -> Figure:
+    """Rows are images; columns the image, then one overlay per class.
+
+    `maps[c][i]` is class c's map of image i; `titles[c][i]` its cell title."""
+    cols = 1 + len(maps)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * len(images)))
+    axes = fig.subplots(len(images), cols, squeeze=False)
+    for i, img in enumerate(images):
+        img = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+        if img.shape[0] < upscale:  # 32x32 inputs stay visible
+            img = cv2.resize(img, (upscale, upscale), interpolation=cv2.INTER_NEAREST)
+        cells = [img] + [overlay_heatmap(img, m[i], alpha)[1] for m in maps]
+        names = ["image"] + [t[i] for t in titles]
+        for ax, cell, name in zip(axes[i], cells, names):
+            ax.imshow(cell, interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
