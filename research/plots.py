@@ -1,29 +1,33 @@
-"""Matplotlib helpers shared by the data, training, evaluation and explain stages."""
+"""Matplotlib helpers shared by the data, training, evaluation and explain stages.
+
+Figures are built with the object-oriented `matplotlib.figure.Figure`, never through pyplot,
+so importing a library module neither picks a backend nor keeps figures alive in a global
+registry; `savefig` renders them with Agg whatever the backend.
+"""
 
 from __future__ import annotations
 
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: every figure goes to a file or to TensorBoard
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
-               cell: float = 1.6, title_colors=None):
+               cell: float = 1.6, title_colors=None) -> Figure:
     """A figure with one image per cell; images are HxWx3 uint8 or float in [0, 1]."""
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows * 1.15 + 0.5),
-                             squeeze=False)
+    fig = Figure(figsize=(cell * ncols, cell * nrows * 1.15 + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, img in enumerate(images):
         ax = axes.flat[i]
-        ax.imshow(np.asarray(img), interpolation="nearest")
+        img = np.asarray(img)
+        ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img,
+                  interpolation="nearest", cmap="gray")
         if titles is not None:
             color = title_colors[i] if title_colors is not None else "black"
             ax.set_title(titles[i], fontsize=7, color=color)
@@ -34,14 +38,12 @@ def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
     return fig
 
 
-def figure_to_png(fig, dpi: int = 100) -> bytes:
+def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
     return buf.getvalue()
 
 
-def save_figure(fig, path: str, dpi: int = 100) -> str:
+def save_figure(fig: Figure, path: str, dpi: int = 100) -> str:
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path

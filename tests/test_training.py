@@ -13,7 +13,9 @@ import tensorflow as tf
 import helpers
 from research.data import pipeline
 from research.models import MODELS
-from research.training import loop, metrics
+from research.training import loop, metrics, state as train_state
+from research.training.evaluation import Evaluator
+from research.training.steps import make_train_loop
 from research.training.config import ConfigError, TrainConfig
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
@@ -47,10 +49,10 @@ def config(syn, tmp_path, **kw):
 def step_losses(cfg, strategy, steps):
     """Per-step training losses from the real train loop, one step per call."""
     manifest = pipeline.load_manifest(cfg.data_dir)
-    spe, total = loop.plan_steps(cfg, manifest)
+    plan = train_state.plan_steps(cfg, manifest)
     keras.utils.set_random_seed(cfg.seed)
-    state = loop.create_train_state(cfg, strategy, manifest, total, spe)
-    train_loop = loop.make_train_loop(cfg, state, manifest["positive_class_id"], None)
+    state = train_state.create_train_state(cfg, strategy, manifest, plan)
+    train_loop = make_train_loop(cfg, state, manifest["positive_class_id"], None)
     it = iter(strategy.distribute_datasets_from_function(pipeline.make_input_fn(
         cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, augment=True)))
     losses = []
@@ -77,8 +79,8 @@ def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     pid = pipeline.load_manifest(syn)["positive_class_id"]
     for split in ("val", "test"):
-        e1 = loop.evaluate(cfg, s1, split, pid)
-        e2 = loop.evaluate(cfg, s2, split, pid)
+        e1 = Evaluator(cfg, one, s1.model, pid).evaluate(split)
+        e2 = Evaluator(cfg, two, s2.model, pid).evaluate(split)
         n = pipeline.load_manifest(syn)["splits"][split]["num_examples"]
         assert len(e1.scores) == len(e2.scores) == n
         np.testing.assert_array_equal(e1.labels, e2.labels)
@@ -91,15 +93,17 @@ def test_eval_counts_every_example_once(syn, tmp_path):
     cfg = config(syn, tmp_path, eval_batch_size=7)
     _, state = step_losses(cfg, tf.distribute.get_strategy(), 1)
     manifest = pipeline.load_manifest(syn)
+    evaluator = Evaluator(cfg, tf.distribute.get_strategy(), state.model,
+                          manifest["positive_class_id"])
     for split in ("train", "val", "test"):
-        r = loop.evaluate(cfg, state, split, manifest["positive_class_id"])
+        r = evaluator.evaluate(split)
         s = manifest["splits"][split]
         assert r.index.tolist() == list(range(s["num_examples"]))
         assert int(r.labels.sum()) == s["num_positive"]
 
 
 def test_warmup_cosine_schedule():
-    sched = loop.WarmupCosine(1.0, 10, 110, final_fraction=0.1)
+    sched = train_state.WarmupCosine(1.0, 10, 110, final_fraction=0.1)
     assert float(sched(0)) == pytest.approx(0.1)
     assert float(sched(9)) == pytest.approx(1.0)
     assert float(sched(10)) == pytest.approx(1.0)

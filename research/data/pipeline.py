@@ -16,9 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from research.data.manifest import DataError, load_manifest, sha256_file  # noqa: F401
+from research.detector import SCALES, scale_images
 
 AUTOTUNE = tf.data.AUTOTUNE
-SCALES = ("unit", "raw", "uint8")
+EXAMPLE_FILTERS = ("all", "positive", "negative", "balanced")
 
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -112,14 +113,6 @@ def uniform_from_index(index: tf.Tensor, seed: int, k: int) -> tf.Tensor:
     return tf.cast(bits, tf.float32) / float(1 << 24)
 
 
-def _scale(images: tf.Tensor, scale: str) -> tf.Tensor:
-    if scale == "unit":
-        return tf.cast(images, tf.float32) / 255.0
-    if scale == "raw":
-        return tf.cast(images, tf.float32)
-    return images
-
-
 def steps_per_epoch(manifest: dict, global_batch_size: int, split: str = "train") -> int:
     return max(1, manifest["splits"][split]["num_examples"] // global_batch_size)
 
@@ -155,7 +148,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
 
         def parse_eval(index, serialized):
             out = parse_batch(serialized, image_shape)
-            out["image"] = _scale(out["image"], scale)
+            out["image"] = scale_images(out["image"], scale)
             out["index"] = index
             return out
 
@@ -228,7 +221,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         out = dict(out)
         if augment:
             out["image"] = augment_batch(out["image"], uniform_from_index(index, seed, 3), pad)
-        out["image"] = _scale(out["image"], scale)
+        out["image"] = scale_images(out["image"], scale)
         return out
 
     return ds.map(finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
@@ -243,3 +236,53 @@ def make_input_fn(data_dir: str, split: str, global_batch_size: int, training: b
                             global_batch_size=global_batch_size, **kwargs)
 
     return input_fn
+
+
+def take_examples(data_dir: str, split: str, n: int | None = None, filter: str = "all",
+                  indices=None) -> dict[str, np.ndarray]:
+    """uint8 examples of a split, in split order, as arrays {image, label, class_id, index}.
+
+    Either the first `n` that pass `filter` ('all', 'positive', 'negative', or 'balanced':
+    n // 2 positives and the rest negatives, positives first), or those at `indices`.
+    One ordered pass that stops as soon as it has them all.
+    """
+    if filter not in EXAMPLE_FILTERS:
+        raise ValueError(f"filter must be one of {EXAMPLE_FILTERS}, got {filter!r}")
+    wanted = None if indices is None else {int(i) for i in indices}
+    quota = {1: n // 2, 0: n - n // 2} if filter == "balanced" else None
+    keep_labels = {"all": (0, 1), "positive": (1,), "negative": (0,), "balanced": (0, 1)}[filter]
+    taken: dict[str, list] = {"image": [], "label": [], "class_id": [], "index": []}
+
+    def done() -> bool:
+        if wanted is not None:
+            return len(taken["index"]) == len(wanted)
+        if quota is not None:
+            return not any(quota.values())
+        return n is not None and len(taken["index"]) >= n
+
+    if not done():
+        for b in make_dataset(data_dir, split, 500, training=False, scale="uint8"):
+            for img, lab, cid, idx in zip(b["image"].numpy(), b["label"].numpy(),
+                                          b["class_id"].numpy(), b["index"].numpy()):
+                if wanted is not None:
+                    if int(idx) not in wanted:
+                        continue
+                elif lab not in keep_labels:
+                    continue
+                elif quota is not None:
+                    if quota[int(lab)] == 0:
+                        continue
+                    quota[int(lab)] -= 1
+                for key, value in zip(taken, (img, lab, cid, idx)):
+                    taken[key].append(value)
+                if done():
+                    break
+            if done():
+                break
+    image_shape = load_manifest(data_dir)["image_shape"]
+    out = {k: np.asarray(v, np.uint8 if k == "image" else np.int64) for k, v in taken.items()}
+    out["image"] = out["image"].reshape(-1, *image_shape)
+    if filter == "balanced":
+        order = np.argsort(-out["label"], kind="stable")  # positives first
+        out = {k: v[order] for k, v in out.items()}
+    return out

@@ -1,4 +1,9 @@
-"""Model registry: name -> builder(image_shape, num_outputs, dtype, **options)."""
+"""Model registry: name -> builder(image_shape, num_outputs, dtype, **options), and each
+model's options dataclass (the one home of its defaults; the train app's flags).
+
+`import research.models` also registers our custom layers with Keras, so an exported
+`model.keras` loads with `keras.models.load_model` after that one import.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,27 @@ from typing import Callable
 
 import keras
 
-from research.models.scratch import build_scratch_cnn
+from research.models import layers  # noqa: F401  (registers the custom layers)
+from research.models.scratch import ScratchOptions, build_scratch_cnn
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "scratch": build_scratch_cnn,
 }
+MODEL_OPTIONS: dict[str, type] = {
+    "scratch": ScratchOptions,
+}
+
+
+def model_options_error(name: str, options: dict) -> tuple[str, str] | None:
+    """(flag, message) if `options` do not fit model `name`, else None."""
+    cls = MODEL_OPTIONS.get(name)
+    if cls is None:
+        return None
+    try:
+        opts = cls(**options)
+    except TypeError as e:
+        return "model", f"bad options for {name!r}: {e}"
+    return opts.validate()
 
 
 def build_model(name: str, image_shape, num_outputs: int, dtype: str | None = None,

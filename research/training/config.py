@@ -1,4 +1,9 @@
-"""The training configuration: one dataclass, validated before any work starts."""
+"""The training configuration: one dataclass, the single home of every training default.
+
+Each field carries its help text (and allowed choices) in its metadata; the train app derives
+its flags from the fields, so a new hyperparameter is one field here plus its use.
+`validate()` runs before any work starts and names the flag at fault.
+"""
 
 from __future__ import annotations
 
@@ -8,57 +13,76 @@ import os
 
 OBJECTIVES = ("binary", "multiclass")
 OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 
 class ConfigError(ValueError):
     """A bad setting; the message names the flag."""
 
 
+def _f(default, help: str, **meta):
+    """A dataclass field with its flag help (and `choices`, `flag=False`) in its metadata."""
+    meta["help"] = help
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    data_dir: str
-    run_name: str
-    model: str = "scratch"
-    model_options: dict = dataclasses.field(default_factory=dict)
-    objective: str = "multiclass"
-    checkpoint_dir: str = "checkpoints"
-    log_dir: str = "logs"
-    epochs: float = 20.0
-    train_steps: int | None = None      # overrides epochs
-    batch_size: int = 256               # global
-    eval_batch_size: int = 1000
-    optimizer: str = "sgd"
-    learning_rate: float = 0.2          # peak, after warmup
-    warmup_epochs: float = 1.0
-    final_lr_fraction: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-3          # decoupled: var -= lr * wd * var
-    label_smoothing: float = 0.1
-    clip_norm: float | None = None
-    class_weighting: str = "none"       # none | balanced
-    rebalance: bool = False
-    augment: bool = True
-    tta: bool = True                    # eval on the image and its mirror
-    scale: str = "unit"
-    precision: str = "float32"
-    jit_compile: bool = False
-    steps_per_loop: int = 50
-    eval_every_steps: int | None = None  # default: once per epoch
-    checkpoint_every_steps: int | None = None  # default: at every eval
-    keep_checkpoints: int = 3
-    strategy: str = "auto"
-    cpu_replicas: int = 0
-    seed: int = 0
-    deterministic: bool = False
-    patience: int = 0                   # evals without val PR-AUC gain before stopping; 0: off
-    restart: bool = False
-    init_checkpoint: str | None = None  # warm start: model weights only
-    stop_at_step: int | None = None     # stop early (as if preempted); resumable
-    profile_steps: tuple[int, int] | None = None
-    gradcam_images: int = 0             # val images whose Grad-CAM is logged at each eval
-    progress: bool = True
+    data_dir: str = _f(None, "TFRecords folder written by make_tfrecords.")
+    run_name: str = _f(None, "Run name: checkpoints/<run_name>, logs/<run_name>.")
+    model: str = _f("scratch", "Model name (see research.models.MODELS).")
+    model_options: dict = _f({}, "Options of the model's builder (from its own flags).",
+                             flag=False)
+    objective: str = _f("multiclass", "binary: one sigmoid logit for the positive class; "
+                        "multiclass: softmax over the source classes, the detector score is "
+                        "P(positive class).", choices=OBJECTIVES)
+    checkpoint_dir: str = _f("checkpoints", "Parent folder of run checkpoints.")
+    log_dir: str = _f("logs", "Parent folder of TensorBoard logs.")
+    epochs: float = _f(20.0, "Epochs to train (ignored if --train_steps is set).")
+    train_steps: int | None = _f(None, "Total optimizer steps (overrides --epochs).")
+    batch_size: int = _f(256, "Global batch size (divisible by the replicas).")
+    eval_batch_size: int = _f(1000, "Global eval batch size.")
+    optimizer: str = _f("sgd", "SGD with Nesterov momentum, or AdamW.", choices=OPTIMIZERS)
+    learning_rate: float = _f(0.2, "Peak learning rate after warmup.")
+    warmup_epochs: float = _f(1.0, "Linear warmup length in epochs.")
+    final_lr_fraction: float = _f(0.0, "Cosine decays to this fraction of the peak.")
+    momentum: float = _f(0.9, "SGD momentum.")
+    weight_decay: float = _f(5e-3, "Decoupled weight decay (kernels only): "
+                             "var -= lr * wd * var.")
+    label_smoothing: float = _f(0.1, "Label smoothing.")
+    clip_norm: float | None = _f(None, "Clip the global gradient norm to this.")
+    class_weighting: str = _f("none", "Per-example loss weights.", choices=CLASS_WEIGHTINGS)
+    rebalance: bool = _f(False, "Sample positives and negatives 50/50 in training.")
+    augment: bool = _f(True, "Random flip and pad-and-crop in training.")
+    tta: bool = _f(True, "Average the score over the image and its mirror in eval.")
+    scale: str = _f("unit", "Input scaling (research.detector.SCALES).", flag=False)
+    precision: str = _f("auto", "auto: mixed_float16 on GPU, mixed_bfloat16 on CPUs with "
+                        "AMX/AVX512-BF16, else float32. A run keeps the resolved value.",
+                        choices=PRECISIONS)
+    jit_compile: bool = _f(False, "XLA-compile the train step.")
+    steps_per_loop: int = _f(50, "Steps per tf.function call.")
+    eval_every_steps: int | None = _f(None, "Eval on val every N steps (default: epoch).")
+    checkpoint_every_steps: int | None = _f(None, "Checkpoint every N steps "
+                                            "(default: at every eval).")
+    keep_checkpoints: int = _f(3, "Rolling checkpoints kept.")
+    strategy: str = _f("auto", "tf.distribute strategy.", choices=STRATEGIES)
+    cpu_replicas: int = _f(0, "Split the CPU into N logical devices (N > 1 makes "
+                           "--strategy=auto mirrored over them).")
+    seed: int = _f(0, "Seed for weights, data order and augmentation.")
+    deterministic: bool = _f(False, "Enable TF op determinism.")
+    patience: int = _f(0, "Stop after N evals without val PR-AUC gain (0: off).")
+    restart: bool = _f(False, "Delete the run's checkpoints and logs and start anew.")
+    init_checkpoint: str | None = _f(None, "Warm start the model (weights only) from here.")
+    stop_at_step: int | None = _f(None, "Stop (resumably) at this step, as if preempted.")
+    profile_steps: tuple[int, int] | None = _f(None, "a,b: record a profiler trace for "
+                                               "steps [a, b).")
+    gradcam_images: int = _f(16, "Val images (half positives) whose Grad-CAM overlays are "
+                             "logged to TensorBoard at every eval (0: off).")
+    progress: bool = _f(True, "Show a progress bar.")
 
     @property
     def run_dir(self) -> str:
@@ -74,21 +98,22 @@ class TrainConfig:
 
         if not self.run_name or "/" in self.run_name:
             bad("run_name", f"must be a plain name, got {self.run_name!r}")
-        if not os.path.isfile(os.path.join(self.data_dir, "manifest.json")):
+        if not self.data_dir or not os.path.isfile(os.path.join(self.data_dir,
+                                                                "manifest.json")):
             bad("data_dir", f"{self.data_dir!r} has no manifest.json; build it with "
                 "`python -m research.apps.make_tfrecords`")
-        from research.models import MODELS
+        from research.models import MODELS, model_options_error
 
         if self.model not in MODELS:
             bad("model", f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
-        for flag, value, allowed in (("objective", self.objective, OBJECTIVES),
-                                     ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("precision", self.precision, PRECISIONS),
-                                     ("strategy", self.strategy, STRATEGIES),
-                                     ("class_weighting", self.class_weighting,
-                                      ("none", "balanced"))):
-            if value not in allowed:
-                bad(flag, f"{value!r} is not one of {', '.join(allowed)}")
+        problem = model_options_error(self.model, self.model_options)
+        if problem:
+            bad(problem[0], problem[1])
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            if choices and getattr(self, field.name) not in choices:
+                bad(field.name, f"{getattr(self, field.name)!r} is not one of "
+                    f"{', '.join(choices)}")
         if self.batch_size < 1:
             bad("batch_size", "must be positive")
         if self.train_steps is None and self.epochs <= 0:

@@ -1,10 +1,13 @@
-"""Evaluating a trained run: restore a checkpoint, score val and a split, write the report."""
+"""Evaluation: one ordered pass over a whole split (no example dropped), and evaluating a
+finished run from its checkpoint (the model alone is restored; no optimizer is built)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -12,7 +15,71 @@ from research import plots
 from research.data import pipeline
 from research.training import metrics as detmetrics
 from research.training.config import ConfigError, TrainConfig
-from research.training.loop import create_train_state, evaluate, plan_steps
+from research.training.state import make_model
+from research.training.steps import make_eval_step
+
+
+@dataclasses.dataclass
+class EvalResult:
+    split: str
+    scores: np.ndarray
+    labels: np.ndarray
+    class_ids: np.ndarray
+    index: np.ndarray
+    logits: np.ndarray
+    loss: float
+    accuracy: float
+    class_accuracy: float | None
+
+
+def make_eval_metrics(cfg: TrainConfig) -> dict:
+    metrics = {"loss": keras.metrics.Mean(name="loss"),
+               "accuracy": keras.metrics.BinaryAccuracy(name="accuracy")}
+    if cfg.objective == "multiclass":
+        metrics["class_accuracy"] = keras.metrics.SparseCategoricalAccuracy("class_accuracy")
+    return metrics
+
+
+class Evaluator:
+    """Scores whole splits with `model` under `strategy` (orbit's evaluator, as one class)."""
+
+    def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
+                 positive_id: int):
+        self.cfg, self.strategy = cfg, strategy
+        with strategy.scope():
+            self.metrics = make_eval_metrics(cfg)
+        self.eval_step = make_eval_step(cfg, strategy, model, self.metrics, positive_id)
+
+    def evaluate(self, split: str, progress: bool = False) -> EvalResult:
+        cfg = self.cfg
+        for metric in self.metrics.values():
+            metric.reset_state()
+        ds = pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size, training=False,
+                                   scale=cfg.scale)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        dist = self.strategy.experimental_distribute_dataset(ds.with_options(options))
+        n = pipeline.load_manifest(cfg.data_dir)["splits"][split]["num_examples"]
+        bar = keras.utils.Progbar(n, unit_name="image") if progress else None
+        parts = []
+        for batch in dist:
+            out = {k: v.numpy() for k, v in self.eval_step(batch).items()}
+            parts.append(out)
+            if bar:
+                bar.add(len(out["score"]))
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(outputs["index"])
+        outputs = {k: v[order] for k, v in outputs.items()}
+        if len(outputs["index"]) != n or not np.array_equal(outputs["index"], np.arange(n)):
+            raise RuntimeError(f"evaluation of {split} saw {len(outputs['index'])} examples, "
+                               f"the manifest lists {n}")
+        m = self.metrics
+        return EvalResult(split, outputs["score"], outputs["label"], outputs["class_id"],
+                          outputs["index"], outputs["logits"], float(m["loss"].result()),
+                          float(m["accuracy"].result()),
+                          float(m["class_accuracy"].result()) if "class_accuracy" in m
+                          else None)
 
 
 def resolve_checkpoint(cfg: TrainConfig, which: str) -> str:
@@ -32,24 +99,29 @@ def resolve_checkpoint(cfg: TrainConfig, which: str) -> str:
 
 
 def restore_for_eval(cfg: TrainConfig, checkpoint: str, strategy=None):
+    """(model, manifest, strategy): the run's network with the checkpoint's weights."""
     strategy = strategy or tf.distribute.get_strategy()
     manifest = pipeline.load_manifest(cfg.data_dir)
-    spe, total = plan_steps(cfg, manifest)
-    state = create_train_state(cfg, strategy, manifest, total, spe)
-    tf.train.Checkpoint(model=state.model).restore(checkpoint).expect_partial()
-    return state, manifest
+    with strategy.scope():
+        model = make_model(cfg, manifest)
+    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    return model, manifest, strategy
 
 
 def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
                  progress: bool = True) -> tuple[dict, dict]:
     """Scores val (to choose the threshold) and `split`; returns (report, raw arrays)."""
     path = resolve_checkpoint(cfg, checkpoint)
-    state, manifest = restore_for_eval(cfg, path)
-    positive_id = manifest["positive_class_id"]
-    val = evaluate(cfg, state, "val", positive_id, progress=progress)
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    for name in {"val", split}:  # a corrupt shard fails here, before any scoring
+        pipeline.shard_paths(cfg.data_dir, manifest, name)
+    model, manifest, strategy = restore_for_eval(cfg, path)
+    evaluator = Evaluator(cfg, strategy, model, manifest["positive_class_id"])
+    val = evaluator.evaluate("val", progress=progress)
     threshold = detmetrics.best_f1_threshold(val.labels, val.scores)
-    res = val if split == "val" else evaluate(cfg, state, split, positive_id, progress=progress)
-    report = {"split": split, "run_name": cfg.run_name, "checkpoint": path,
+    res = val if split == "val" else evaluator.evaluate(split, progress=progress)
+    report = {"split": split, "run_name": cfg.run_name,
+              "num_classes": len(manifest["class_names"]), "checkpoint": path,
               "step": int(path.rsplit("-", 1)[-1]) if path.rsplit("-", 1)[-1].isdigit() else None,
               "threshold_source": "val (max F1)", "tta": cfg.tta, "objective": cfg.objective}
     report.update(detmetrics.detection_report(res.labels, res.scores, threshold))
@@ -75,7 +147,7 @@ def format_report(r: dict) -> str:
     (tn, fp), (fn, tp) = r["confusion_matrix"]
     rows.append(f"  confusion: TN {tn:,}  FP {fp:,}  FN {fn:,}  TP {tp:,}")
     if "class_accuracy" in r:
-        rows.append(f"  10-class accuracy {r['class_accuracy']:.4f}")
+        rows.append(f"  {r.get('num_classes', '?')}-class accuracy {r['class_accuracy']:.4f}")
     return "\n".join(rows)
 
 
@@ -98,7 +170,8 @@ def write_figures(cfg: TrainConfig, report: dict, raw: dict, out_dir: str,
     fn_idx = np.flatnonzero(labels & (scores < report["threshold"]))
     fp_idx = fp_idx[np.argsort(-scores[fp_idx])][:worst]
     fn_idx = fn_idx[np.argsort(scores[fn_idx])][:worst]
-    images = load_split_images(cfg.data_dir, split, np.r_[fp_idx, fn_idx])
+    found = pipeline.take_examples(cfg.data_dir, split, indices=np.r_[fp_idx, fn_idx])
+    images = dict(zip(found["index"].tolist(), found["image"]))
     for kind, idx in (("false_positives", fp_idx), ("false_negatives", fn_idx)):
         if len(idx) == 0:
             continue
@@ -108,21 +181,6 @@ def write_figures(cfg: TrainConfig, report: dict, raw: dict, out_dir: str,
                                      f"(threshold {report['threshold']:.3f})")
         paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{split}_worst_{kind}.png")))
     return paths
-
-
-def load_split_images(data_dir: str, split: str, indices) -> dict[int, np.ndarray]:
-    """uint8 images of a split at the given positions (one ordered pass)."""
-    wanted = set(int(i) for i in indices)
-    out = {}
-    if not wanted:
-        return out
-    for b in pipeline.make_dataset(data_dir, split, 1000, training=False, scale="uint8"):
-        for i, img in zip(b["index"].numpy(), b["image"].numpy()):
-            if int(i) in wanted:
-                out[int(i)] = img
-        if len(out) == len(wanted):
-            break
-    return out
 
 
 def save_report(report: dict, path: str) -> None:

@@ -1,0 +1,217 @@
+"""Small actions run after each train-loop call (orbit's "actions"): each one owns one concern
+(NaN guard, train summaries, evaluation, best checkpoint and early stop, checkpointing,
+profiling, images at eval) instead of being threaded through the loop.
+
+An action may name the next step at which the loop must hand control back
+(`next_boundary`), prepare before a call (`before`), act after it (`__call__`), and finish
+(`end`). They share one `LoopContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from research.training import metrics as detmetrics
+from research.training import record
+from research.training.config import TrainConfig
+from research.training.evaluation import EvalResult, Evaluator
+from research.training.state import Plan, TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class LoopContext:
+    cfg: TrainConfig
+    state: TrainState
+    plan: Plan
+    manifest: dict
+    writers: record.Writers
+    evaluator: Evaluator
+    start_step: int
+    stop_at: int
+    step: int = 0
+    steps_run: int = 0          # in the last call
+    seconds: float = 0.0        # of the last call
+    train_seconds: float = 0.0  # this session
+    loss: float = 0.0
+    result: EvalResult | None = None  # set by Evaluate in the round it evaluates
+    report: dict | None = None
+    last_report: dict | None = None
+    stop: bool = False          # set by an action to end training after this round
+
+    @property
+    def at_end(self) -> bool:
+        return self.step == self.plan.total_steps
+
+
+class Action:
+    def next_boundary(self, ctx: LoopContext) -> int | None:
+        return None
+
+    def before(self, ctx: LoopContext) -> None:
+        pass
+
+    def __call__(self, ctx: LoopContext) -> None:
+        pass
+
+    def end(self, ctx: LoopContext) -> None:
+        pass
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+class NanGuard(Action):
+    """Stops with an error, without saving, when the training loss is not finite."""
+
+    def __call__(self, ctx):
+        if not math.isfinite(ctx.loss):
+            latest = ctx.state.manager.latest_checkpoint
+            kept = (f"The last good checkpoint is kept: {latest}." if latest else
+                    "No checkpoint had been saved yet.")
+            raise NonFiniteLossError(
+                f"loss became {ctx.loss} between steps {ctx.step - ctx.steps_run} and "
+                f"{ctx.step}; stopped without saving. {kept} Try a lower --learning_rate, "
+                "--clip_norm, or --precision=float32.")
+
+
+class TrainLog(Action):
+    """Train scalars to TensorBoard, an orbit-style log line, and the progress bar; then the
+    train metrics are reset for the next call."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.bar, self.bar_epoch = None, -1
+
+    def __call__(self, ctx):
+        cfg, state = ctx.cfg, ctx.state
+        values = {k: float(v.result()) for k, v in state.train_metrics.items()}
+        record.log_train(ctx.writers.train, values, float(state.optimizer.learning_rate),
+                         ctx.steps_run, ctx.seconds, cfg.batch_size, ctx.step)
+        for metric in state.train_metrics.values():
+            metric.reset_state()
+        rate = ctx.steps_run * cfg.batch_size / ctx.seconds
+        if self.progress:
+            per_epoch = ctx.plan.steps_per_epoch
+            epoch = (ctx.step - 1) // per_epoch
+            if epoch != self.bar_epoch:
+                self.bar_epoch, self.bar = epoch, keras.utils.Progbar(per_epoch,
+                                                                      unit_name="step")
+                print(f"epoch {epoch + 1}/{math.ceil(ctx.plan.total_steps / per_epoch)}")
+            self.bar.update(ctx.step - epoch * per_epoch, list(values.items()) +
+                            [("img/s", rate)])
+        logging.info("train | step %6d | loss %.4f | %.1f steps/s | %.0f img/s", ctx.step,
+                     ctx.loss, ctx.steps_run / ctx.seconds, rate)
+
+
+class Evaluate(Action):
+    """Scores the whole val split every `eval_every` steps and at the end of training."""
+
+    def next_boundary(self, ctx):
+        return _next_multiple(ctx.step, ctx.plan.eval_every)
+
+    def __call__(self, ctx):
+        ctx.result = ctx.report = None
+        if ctx.step % ctx.plan.eval_every and not ctx.at_end:
+            return
+        ctx.result = ctx.evaluator.evaluate("val")
+        ctx.report = ctx.last_report = detmetrics.detection_report(ctx.result.labels,
+                                                                   ctx.result.scores)
+        record.log_eval(ctx.writers.eval, ctx.result, ctx.report, ctx.step,
+                        ["other", ctx.manifest["positive_class"]])
+        r = ctx.report
+        logging.info("eval  | step %6d | val loss %.4f | roc_auc %.4f | pr_auc %.4f | f1 %.4f"
+                     " @ %.3f", ctx.step, ctx.result.loss, r["roc_auc"], r["pr_auc"], r["f1"],
+                     r["threshold"])
+
+
+class OnEval(Action):
+    """Calls `fn(model, eval_writer, step)` after each evaluation (e.g. Grad-CAM images)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, ctx):
+        if ctx.result is not None:
+            self.fn(ctx.state.model, ctx.writers.eval, ctx.step)
+
+
+class BestAndEarlyStop(Action):
+    """Keeps the checkpoint with the best val PR-AUC; stops after `patience` evals without a
+    gain (0: never)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def __call__(self, ctx):
+        if ctx.report is None:
+            return
+        state = ctx.state
+        if ctx.report["pr_auc"] > float(state.best_metric.numpy()):
+            state.best_metric.assign(ctx.report["pr_auc"])
+            state.bad_evals.assign(0)
+            state.best_manager.save(checkpoint_number=ctx.step)
+            return
+        state.bad_evals.assign_add(1)
+        if self.patience and int(state.bad_evals.numpy()) >= self.patience:
+            logging.info("Early stop: val PR-AUC has not improved for %d evals", self.patience)
+            ctx.stop = True
+
+
+class Checkpoint(Action):
+    """Saves `ckpt-<step>` every `checkpoint_every` steps, at the stop step, and on a stop."""
+
+    def next_boundary(self, ctx):
+        return _next_multiple(ctx.step, ctx.plan.checkpoint_every)
+
+    def __call__(self, ctx):
+        if ctx.step % ctx.plan.checkpoint_every == 0 or ctx.step == ctx.stop_at or ctx.stop:
+            ctx.state.manager.save(checkpoint_number=ctx.step)
+
+
+class Profiler(Action):
+    """Records a TensorFlow profiler trace of steps [a, b) into the train log folder."""
+
+    def __init__(self, steps: tuple[int, int], log_dir: str):
+        self.first, self.last = steps
+        self.log_dir = log_dir
+        self.running = False
+
+    def next_boundary(self, ctx):
+        later = [b for b in (self.first, self.last) if b > ctx.step]
+        return min(later) if later else None
+
+    def before(self, ctx):
+        if ctx.step == self.first and not self.running:
+            tf.profiler.experimental.start(self.log_dir)
+            self.running = True
+
+    def __call__(self, ctx):
+        if self.running and ctx.step >= self.last:
+            self.end(ctx)
+
+    def end(self, ctx):
+        if self.running:
+            tf.profiler.experimental.stop()
+            self.running = False
+
+
+def standard_actions(cfg: TrainConfig, extra=()) -> list[Action]:
+    """The loop's actions, in the order they run after each call; `extra` run right after
+    the evaluation."""
+    actions = [NanGuard(), TrainLog(cfg.progress), Evaluate(), *extra,
+               BestAndEarlyStop(cfg.patience), Checkpoint()]
+    if cfg.profile_steps:
+        actions.append(Profiler(cfg.profile_steps, os.path.join(cfg.tb_dir, "train")))
+    return actions

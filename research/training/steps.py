@@ -1,0 +1,108 @@
+"""Losses and the compiled steps: the train loop (`steps_per_loop` replica steps per call) and
+the eval step. Metrics are updated inside the replica functions."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from research.detector import detector_scores, positive_scores
+from research.training.config import ConfigError, TrainConfig
+from research.training.state import TrainState
+
+
+def per_example_loss(cfg: TrainConfig, batch: dict, logits: tf.Tensor,
+                     weights: dict | None) -> tf.Tensor:
+    logits = tf.cast(logits, tf.float32)
+    if cfg.objective == "binary":
+        y = tf.cast(batch["label"], tf.float32)[:, None]
+        loss = keras.losses.binary_crossentropy(y, logits, from_logits=True,
+                                                label_smoothing=cfg.label_smoothing)
+        w = None if weights is None else tf.gather(weights["binary"], batch["label"])
+    else:
+        y = tf.one_hot(batch["class_id"], tf.shape(logits)[-1])
+        loss = keras.losses.categorical_crossentropy(y, logits, from_logits=True,
+                                                     label_smoothing=cfg.label_smoothing)
+        w = None if weights is None else tf.gather(weights["multiclass"], batch["class_id"])
+    return loss if w is None else loss * w
+
+
+def update_metrics(metrics: dict, batch: dict, per_example: tf.Tensor, scores: tf.Tensor,
+                   logits: tf.Tensor) -> None:
+    metrics["loss"].update_state(per_example)
+    metrics["accuracy"].update_state(batch["label"], scores)
+    if "roc_auc" in metrics:
+        metrics["roc_auc"].update_state(batch["label"], scores)
+    if "class_accuracy" in metrics:
+        metrics["class_accuracy"].update_state(batch["class_id"], logits)
+
+
+def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
+                    weights: dict | None):
+    """A tf.function that runs `num_steps` distributed steps from `iterator`."""
+    strategy, model, optimizer = state.strategy, state.model, state.optimizer
+    replicas = strategy.num_replicas_in_sync
+
+    # XLA compiles the forward and backward pass; the iterator, the all-reduce and the
+    # optimizer update stay outside (XLA has no kernel for IteratorGetNext). Without XLA it
+    # is not a nested tf.function: synchronised BatchNorm all-reduces inside it.
+    def forward_backward(batch):
+        with tf.GradientTape() as tape:
+            logits = model(batch["image"], training=True)
+            per_ex = per_example_loss(cfg, batch, logits, weights)
+            loss = tf.nn.compute_average_loss(per_ex, global_batch_size=cfg.batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss)
+        return tape.gradient(scaled, model.trainable_variables), per_ex, logits
+
+    if cfg.jit_compile:
+        if replicas > 1:
+            raise ConfigError("--jit_compile needs a single replica: synchronised BatchNorm "
+                              "all-reduces inside the compiled step")
+        forward_backward = tf.function(forward_backward, jit_compile=True)
+
+    def replica_step(batch):
+        grads, per_ex, logits = forward_backward(batch)
+        if cfg.clip_norm:
+            # Clip the global (all-replica) gradient; Keras would clip per replica. Its own
+            # all-reduce then sums the 1/replicas shares back to the clipped total.
+            ctx = tf.distribute.get_replica_context()
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                grads = [g / optimizer.dynamic_scale for g in grads]
+                grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
+                grads = [g * optimizer.dynamic_scale for g in grads]
+            else:
+                grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
+            grads = [g / replicas for g in grads]
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        update_metrics(state.train_metrics, batch, per_ex,
+                       positive_scores(logits, cfg.objective, positive_id), logits)
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        for _ in tf.range(num_steps):
+            strategy.run(replica_step, args=(next(iterator),))
+
+    return train_loop
+
+
+def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
+                   metrics: dict, positive_id: int):
+    """A tf.function scoring one distributed batch; returns the gathered outputs."""
+
+    def replica_step(batch):
+        scores, logits = detector_scores(model, batch["image"], cfg.objective, positive_id,
+                                         cfg.tta)
+        update_metrics(metrics, batch, per_example_loss(cfg, batch, logits, None), scores,
+                       logits)
+        return {"score": scores, "label": batch["label"], "class_id": batch["class_id"],
+                "index": batch["index"], "logits": tf.cast(logits, tf.float32)}
+
+    @tf.function
+    def eval_step(dist_batch):
+        out = strategy.run(replica_step, args=(dist_batch,))
+        return {k: strategy.gather(v, axis=0) for k, v in out.items()}
+
+    return eval_step
