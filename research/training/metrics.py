@@ -1,13 +1,44 @@
 """Exact detection metrics over all scores of a split, and their figures.
 
 Streaming Keras AUCs bucket scores into a fixed set of thresholds; for the numbers we report
-we keep every score (10,000 floats for CIFAR-10 test) and compute ROC-AUC, average precision
-(PR-AUC) and the F1-maximising threshold exactly.
+we keep every score (10,000 floats for CIFAR-10 test, millions for larger sets) and compute
+ROC-AUC, average precision (PR-AUC) and the F1-maximising threshold exactly.
+
+Everything is numpy in O(n log n): one `np.sort` of the scores (a SIMD sort, several times
+faster than the stable `argsort` the first version used) finds the distinct scores, and a sort
+of the rarer class plus `searchsorted` counts the positives at each. Results equal the
+rank-and-loop version (`research/benchmarks/_metrics_reference.py`) to the last bit, ties
+included; inputs the fast path cannot reproduce exactly (NaN or infinite scores, labels other
+than 0/1) go through a stable-`argsort` path that follows the old definitions step by step.
+The figures use `matplotlib.figure.Figure` directly, so importing or calling this module
+never selects a matplotlib backend.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+_SORTABLE_FLOATS = (np.float16, np.float32, np.float64)  # exact in, and ordered as, float64
+
+
+def _groups(positive: np.ndarray, key: np.ndarray):
+    """(distinct values of `key` ascending, scores per value, positives per value).
+
+    `key` must be NaN-free: equal values form one group (so -0.0 joins 0.0, inf joins inf).
+    """
+    srt = np.sort(key)
+    n = len(srt)
+    first = np.empty(n, bool)
+    first[:1] = True
+    np.not_equal(srt[1:], srt[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    values = srt[starts]
+    size = np.diff(np.append(starts, n))
+    num_pos = int(np.count_nonzero(positive))
+    minority = positive if num_pos <= n - num_pos else ~positive
+    # Every minority score is one of `values`: searchsorted finds its group exactly.
+    counts = np.bincount(np.searchsorted(values, np.sort(key[minority])), minlength=len(values))
+    return values, size, (counts if num_pos <= n - num_pos else size - counts)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -16,28 +47,54 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     pos, neg = labels.sum(), (~labels).sum()
     if pos == 0 or neg == 0:
         return float("nan")
+    scores = np.asarray(scores)
+    if scores.dtype.kind not in "biuf" or (scores.dtype.kind == "f" and np.isnan(scores).any()):
+        return _roc_auc_ranked(labels, scores, pos, neg)
+    _, size, npos = _groups(labels, scores)
+    nneg = size - npos
+    below = np.cumsum(nneg) - nneg  # negatives scored strictly lower than each group
+    # Mann-Whitney U = sum of positive ranks - pos(pos+1)/2 = sum over groups of
+    # npos * (below + nneg/2); doubled it is an integer, exact in int64.
+    twice_u = int(np.dot(npos, 2 * below + nneg))
+    return float((twice_u / 2.0) / (pos * neg))
+
+
+def _roc_auc_ranked(labels, scores, pos, neg) -> float:
+    """The rank-sum definition with a stable argsort; NaNs rank last, each on its own."""
     order = np.argsort(scores, kind="mergesort")
-    s = np.asarray(scores)[order]
-    ranks = np.empty(len(s), np.float64)
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[i:j + 1] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    r = np.empty_like(ranks)
-    r[order] = ranks
-    return float((r[labels].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+    s = scores[order]
+    n = len(s)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # NaN != NaN: one group per NaN
+    ends = np.append(starts[1:], n) - 1
+    ranks = np.repeat((starts + ends) / 2.0 + 1.0, ends - starts + 1)  # average rank over ties
+    return float((ranks[labels[order]].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
 def _sorted_counts(labels, scores):
-    """Cumulative TP/FP when predicting positive for score >= each distinct threshold."""
-    labels = np.asarray(labels).astype(np.int64)
-    scores = np.asarray(scores, np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    """Cumulative TP/FP when predicting positive for score >= each distinct threshold.
+
+    Thresholds descend. Returns (thresholds, tp, fp, positives), all float64.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    s = np.asarray(scores)
+    if s.dtype.type not in _SORTABLE_FLOATS:
+        s = s.astype(np.float64)
+    if len(s) and y.min() >= 0 and y.max() <= 1 and np.isfinite(s).all():
+        values, size, npos = _groups(y.astype(bool), s)
+        thr = values[::-1].astype(np.float64)
+        tp = np.cumsum(npos[::-1])
+        fp = np.cumsum(size[::-1]) - tp
+        zeros = np.flatnonzero(s == 0)
+        if len(zeros):  # the 0 threshold keeps the sign of the last zero, as a stable sort does
+            thr[len(values) - 1 - np.searchsorted(values, 0)] = s[zeros[-1]]
+        return thr, tp.astype(np.float64), fp.astype(np.float64), float(tp[-1])
+    # Non-finite scores or non-binary labels: the original stable-sort definition, where each
+    # inf or NaN is its own threshold (their differences are NaN) and labels are weights.
+    s = s.astype(np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    with np.errstate(invalid="ignore"):  # inf - inf
+        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
     tp = np.cumsum(y)[last]
     fp = (last + 1) - tp
     return s[last], tp.astype(np.float64), fp.astype(np.float64), float(y.sum())
@@ -65,10 +122,10 @@ def best_f1_threshold(labels, scores) -> float:
 def at_threshold(labels, scores, threshold: float) -> dict:
     labels = np.asarray(labels).astype(bool)
     pred = np.asarray(scores) >= threshold
-    tp = int(np.sum(pred & labels))
-    fp = int(np.sum(pred & ~labels))
-    fn = int(np.sum(~pred & labels))
-    tn = int(np.sum(~pred & ~labels))
+    tp = int(np.count_nonzero(pred & labels))
+    fp = int(np.count_nonzero(pred)) - tp
+    fn = int(np.count_nonzero(labels)) - tp
+    tn = len(labels) - tp - fp - fn
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -104,10 +161,11 @@ def pr_curve(labels, scores):
 
 
 def curves_figure(labels, scores, title: str = ""):
-    """ROC and PR curves side by side."""
-    from research.plots import plt
+    """ROC and PR curves side by side, as a backend-free `matplotlib.figure.Figure`."""
+    from matplotlib.figure import Figure
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
+    fig = Figure(figsize=(9, 4))
+    a, b = fig.subplots(1, 2)
     fpr, tpr = roc_curve(labels, scores)
     a.plot(fpr, tpr)
     a.plot([0, 1], [0, 1], "k:", lw=0.8)
@@ -125,10 +183,12 @@ def curves_figure(labels, scores, title: str = ""):
 
 
 def confusion_figure(matrix, class_names=("other", "cat"), title: str = ""):
-    from research.plots import plt
+    """A confusion matrix as a backend-free `matplotlib.figure.Figure`."""
+    from matplotlib.figure import Figure
 
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(3.6 + 0.25 * len(m), 3.2 + 0.25 * len(m)))
+    fig = Figure(figsize=(3.6 + 0.25 * len(m), 3.2 + 0.25 * len(m)))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, f"{v:,}", ha="center", va="center",
