@@ -162,3 +162,43 @@ def write_synthetic_folder(root: str, n_train: int = 240, n_test: int = 60) -> N
             d = os.path.join(root, split, CIFAR10_CLASSES[c])
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{i:04d}.png"))
+
+
+def zip_folder(folder: str, path: str) -> str:
+    """Zips `folder` under its own name, folder entries included (as zip tools do)."""
+    import zipfile
+
+    base = os.path.dirname(os.path.abspath(folder))
+    with zipfile.ZipFile(path, "w") as zf:
+        for dirpath, dirnames, filenames in sorted(os.walk(folder)):
+            dirnames.sort()
+            zf.write(dirpath, os.path.relpath(dirpath, base) + "/")
+            for fn in sorted(filenames):
+                full = os.path.join(dirpath, fn)
+                zf.write(full, os.path.relpath(full, base))
+    return path
+
+
+def make_unpaired_folder(root: str, counts=None, size=(24, 20)) -> dict:
+    """horse2zebra-like <root>/{trainA,trainB,testA,testB}/*.png; returns {folder: [images]}."""
+    counts = counts or {"trainA": 6, "trainB": 5, "testA": 3, "testB": 2}
+    out = {}
+    for k, (folder, n) in enumerate(counts.items()):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+        out[folder] = []
+        for i in range(n):
+            img = rgb(*size, seed=100 * k + i)
+            Image.fromarray(img).save(os.path.join(root, folder, f"n{k}_{i:03d}.png"))
+            out[folder].append(img)
+    return out
+
+
+def make_mnist_npz(path: str, n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict:
+    """An mnist.npz look-alike: x_* (N, 28, 28) uint8, y_* uint8 digits."""
+    rng = np.random.default_rng(seed)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "y_train": (np.arange(n_train) % 10).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "y_test": ((np.arange(n_test) * 3) % 10).astype(np.uint8)}
+    np.savez_compressed(path, **arrays)
+    return arrays

@@ -1,7 +1,17 @@
-r"""Turns CIFAR-10/100 or a folder of images into sharded TFRecords with a manifest.
+r"""Turns CIFAR-10/100, MNIST or a folder of images into sharded TFRecords with a manifest.
 
   python -m research.apps.make_tfrecords --source=../shared/data/cifar10-jpg.tar.gz \
       --out_dir=data/cifar10
+  python -m research.apps.make_tfrecords --source=../shared/data/dogs-vs-cats-2000.tar \
+      --out_dir=data/dvc150 --image_size=150 --positive_class=cats
+  python -m research.apps.make_tfrecords --source=cifar100 --label=coarse \
+      --positive_class=large_carnivores --out_dir=data/cifar100_coarse
+  python -m research.apps.make_tfrecords --source=mnist --positive_class=7 --out_dir=data/mnist
+  python -m research.apps.make_tfrecords --source=horse2zebra.zip --class_names=horse,zebra \
+      --positive_class=zebra --out_dir=data/horse2zebra
+
+Two runs with the same source and flags write byte-identical shards and manifest.json (the
+wall time is printed, not stored).
 """
 
 from __future__ import annotations
@@ -13,12 +23,21 @@ import time
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 (downloaded into "
-                    "--download_dir if absent), or a path: an official CIFAR archive/folder, or "
-                    "an image folder / .tar(.gz) (<class>/<img> or <class>.<id>.jpg, optionally "
-                    "under train/ and test/).")
+flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 | mnist (downloaded "
+                    "into --download_dir if absent), or a path: an official CIFAR "
+                    "archive/folder, an MNIST .npz, or an image folder / .tar(.gz) / .zip "
+                    "(<class>/<img> or <class>.<id>.jpg, optionally under train/ and test/; or "
+                    "unpaired trainA/ trainB/ testA/ testB/ folders, see --class_names).")
 flags.DEFINE_string("out_dir", None, "Output folder, e.g. data/cifar10.")
-flags.DEFINE_string("positive_class", "cat", "Class whose examples get label 1.")
+flags.DEFINE_string("positive_class", "cat", "Class whose examples get label 1. It must be one "
+                    "of the source's classes: cat (CIFAR-10), cats (dogs-vs-cats); CIFAR-100 "
+                    "has no cat: e.g. leopard (--label=fine) or large_carnivores "
+                    "(--label=coarse); MNIST: a digit, e.g. 7; trainA/trainB: one of "
+                    "--class_names. A wrong name is an error that lists the classes.")
+flags.DEFINE_enum("label", "fine", ["fine", "coarse"], "CIFAR-100 only: the 100 fine classes "
+                  "or the 20 coarse superclasses.")
+flags.DEFINE_list("class_names", None, "trainA/trainB layout only: the names of the A and B "
+                  "classes, A first, e.g. horse,zebra (default: A,B).")
 flags.DEFINE_float("val_fraction", 0.1, "Stratified fraction of train held out as val.")
 flags.DEFINE_float("test_fraction", 0.2, "Stratified fraction held out as test, only for "
                    "sources without a test split.")
@@ -26,7 +45,8 @@ flags.DEFINE_integer("seed", 0, "Seed for the val split and shard order.")
 flags.DEFINE_integer("train_shards", 12, "Number of train shards.")
 flags.DEFINE_integer("val_shards", 2, "Number of val shards.")
 flags.DEFINE_integer("test_shards", 4, "Number of test shards.")
-flags.DEFINE_integer("image_size", 32, "Height and width images from folders are resized to.")
+flags.DEFINE_integer("image_size", 32, "Height and width images from folders are resized to "
+                     "at conversion time (CIFAR and MNIST keep their own 32x32 / 28x28).")
 flags.DEFINE_enum("resize_policy", "center_crop", ["center_crop", "stretch"],
                   "center_crop keeps the aspect ratio; stretch distorts it.")
 flags.DEFINE_string("download_dir", "data/downloads", "Where official archives are kept.")
@@ -34,9 +54,14 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
 flags.DEFINE_integer("sample_grid", 32, "Images in samples.png (0: none).")
 flags.mark_flags_as_required(["source", "out_dir"])
 
+# Where the output goes and whether to replace it do not change its content: not recorded,
+# so that conversions into two folders give byte-identical manifests.
+UNRECORDED_FLAGS = ("out_dir", "overwrite")
+
 
 def write_sample_grid(data_dir: str, n: int) -> str:
-    """Reads the first n train examples back from the TFRecords and draws them."""
+    """Reads the first n train examples back from the TFRecords and draws them. The title
+    names the source, not `data_dir`, so the figure too is the same in any output folder."""
     from research import plots
     from research.data import pipeline
 
@@ -47,8 +72,9 @@ def write_sample_grid(data_dir: str, n: int) -> str:
               zip(batch["class_id"].numpy(), batch["label"].numpy())]
     colors = ["red" if lab else "black" for lab in batch["label"].numpy()]
     fig = plots.image_grid(batch["image"].numpy(), titles, ncols=8, title_colors=colors,
-                           title=f"{data_dir}: first {len(titles)} train examples read back "
-                                 f"from TFRecords (red: label 1 = {manifest['positive_class']})")
+                           title=f"{manifest['source']}: first {len(titles)} train examples "
+                                 f"read back from TFRecords (red: label 1 = "
+                                 f"{manifest['positive_class']})")
     return plots.save_figure(fig, os.path.join(data_dir, "samples.png"))
 
 
@@ -56,6 +82,7 @@ def main(argv):
     del argv
     from keras.utils import Progbar
 
+    from research import machine
     from research.data import sources, tfrecords
 
     start = time.time()
@@ -63,7 +90,8 @@ def main(argv):
     try:
         data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
                                    resize_policy=FLAGS.resize_policy,
-                                   download_dir=FLAGS.download_dir)
+                                   download_dir=FLAGS.download_dir, label_set=FLAGS.label,
+                                   class_names=FLAGS.class_names)
         total = sum(len(s) for s in data.splits.values())
         logging.info("Decoded %d images in %.1fs (%d skipped)", total, time.time() - start,
                      len(data.skipped))
@@ -74,7 +102,8 @@ def main(argv):
                     "test": FLAGS.test_shards},
             overwrite=FLAGS.overwrite)
         bar = Progbar(total, unit_name="image")
-        flag_values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])}
+        flag_values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])
+                       if f.name not in UNRECORDED_FLAGS}
         manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, flag_values,
                                              progress=lambda k: bar.add(k))
     except (sources.SourceError, ValueError, FileExistsError) as e:
@@ -82,13 +111,15 @@ def main(argv):
     seconds = time.time() - start
     print()
     print(tfrecords.summary_table(manifest))
+    for e in data.empty_classes:
+        print(sources.describe_empty_class(e))
     for s in data.skipped[:20]:
         print(f"skipped {s['file']}: {s['reason']}")
     if len(data.skipped) > 20:
         print(f"... and {len(data.skipped) - 20} more skipped files, all listed in manifest.json")
     if FLAGS.sample_grid:
         print(f"sample grid: {write_sample_grid(FLAGS.out_dir, FLAGS.sample_grid)}")
-    print(f"wrote {FLAGS.out_dir} in {seconds:.1f}s (read + decode + write)")
+    print(f"wrote {FLAGS.out_dir} in {seconds:.1f}s (read + decode + write) on {machine.banner()}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Readers for the supported sources: CIFAR-10/100 archives and folders of images.
+"""Readers for the supported sources: CIFAR-10/100 archives, MNIST's mnist.npz, and folders
+of images (class folders, Kaggle names, or the unpaired trainA/trainB layout).
 
-Every reader returns a `SourceData`: uint8 images per split, class ids and names, and the
-files it could not use, each with a reason. Archives are read in memory (never extracted),
-pickles go through a restricted unpickler, and tar members that try to escape the archive
-root are refused.
+Every reader returns a `SourceData`: uint8 images per split, class ids and names, the files it
+could not use and the class folders that held no image, each with a reason. Archives (.tar,
+.tar.gz, .zip) are read in memory (never extracted), pickles go through a restricted
+unpickler, .npz files are loaded with allow_pickle=False, and archive members that try to
+escape the archive root are refused.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import os
 import pickle
 import posixpath
 import re
+import stat
 import tarfile
+import zipfile
+import zlib
 from typing import Callable, Iterable
 
 import numpy as np
@@ -35,7 +40,18 @@ DOWNLOADS = {
         fname="cifar-100-python.tar.gz",
         origin="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         sha256="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"),
+    # The file and hash keras.datasets.mnist.load_data uses.
+    "mnist": dict(
+        fname="mnist.npz",
+        origin="https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+        sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),
 }
+
+LABEL_SETS = ("fine", "coarse")
+MNIST_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# Unpaired two-domain layout (CycleGAN's horse2zebra etc.): folder -> (split, class A=0/B=1).
+UNPAIRED_FOLDERS = {"trainA": ("train", 0), "trainB": ("train", 1),
+                    "testA": ("test", 0), "testB": ("test", 1)}
 
 CIFAR_RECORD_BYTES = 1 + 32 * 32 * 3
 
@@ -50,7 +66,7 @@ class UnsafeArchiveError(SourceError):
 
 @dataclasses.dataclass
 class Split:
-    images: np.ndarray            # (N, H, W, 3) uint8
+    images: np.ndarray            # (N, H, W, C) uint8: C=3, or 1 for MNIST
     class_ids: np.ndarray         # (N,) int64
     source_ids: list[str]
     coarse_ids: np.ndarray | None = None  # (N,) int64, CIFAR-100 only
@@ -70,72 +86,116 @@ class SourceData:
     splits: dict[str, Split]
     coarse_class_names: list[str] | None = None
     skipped: list[dict] = dataclasses.field(default_factory=list)
+    # Class folders without a decodable image: {folder, split, class, reason, kept}.
+    empty_classes: list[dict] = dataclasses.field(default_factory=list)
+    label_set: str | None = None  # CIFAR-100: 'fine' or 'coarse' class names
 
 
 # ---------------------------------------------------------------------------------------------
-# File trees: a folder or a tar archive, read without extracting.
+# File trees: a folder, a tar or a zip archive, read without extracting.
 
 class FileTree:
-    """Regular files of a folder or a tar archive, by relative posix path."""
+    """Regular files (and the folders) of a folder, a tar or a zip archive, by relative posix
+    path. A single wrapper folder around everything is stripped."""
 
     def __init__(self, root: str):
         self.root = root
         self._files: dict[str, Callable[[], bytes]] = {}
+        self._dirs: set[str] = set()
+        self._wrapper = ""  # the stripped wrapper folders, for `where`
         self.ignored: list[dict] = []
         if os.path.isdir(root):
             self._scan_dir(root)
         elif os.path.isfile(root) and tarfile.is_tarfile(root):
             self._scan_tar(root)
+        elif os.path.isfile(root) and zipfile.is_zipfile(root):
+            self._scan_zip(root)
         elif os.path.exists(root):
-            raise SourceError(f"{root}: not a folder or a .tar/.tar.gz archive")
+            raise SourceError(f"{root}: not a folder or a .tar/.tar.gz/.zip archive")
         else:
             raise SourceError(f"{root}: no such file or folder")
         self._strip_wrapper_dirs()
 
+    def _add_file(self, name: str, reader: Callable[[], bytes]) -> None:
+        self._files[name] = reader
+        parts = name.split("/")
+        self._dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+
     def _scan_dir(self, root: str) -> None:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            if rel_dir != ".":
+                self._dirs.add(rel_dir)
             for fn in sorted(filenames):
                 if _hidden(fn):
                     continue
                 full = os.path.join(dirpath, fn)
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
-                self._files[rel] = (lambda p=full: _read_file(p))
+                self._add_file(rel, lambda p=full: _read_file(p))
 
     def _scan_tar(self, path: str) -> None:
         try:
             with tarfile.open(path, "r|*") as tar:  # streaming: one pass over a .gz
                 for member in tar:
                     name = _safe_member_name(path, member.name)
-                    if name is None:
+                    if name is None or any(_hidden(p) for p in name.split("/")):
                         continue
-                    if not member.isfile():
-                        if not member.isdir():
-                            self.ignored.append({"file": f"{path}:{member.name}",
-                                                 "reason": "not a regular file (link or device)"})
-                        continue
-                    if any(_hidden(p) for p in name.split("/")):
-                        continue
-                    data = tar.extractfile(member).read()
-                    self._files[name] = (lambda d=data: d)
+                    if member.isdir():
+                        self._dirs.add(name)
+                    elif not member.isfile():
+                        self.ignored.append({"file": f"{path}:{member.name}",
+                                             "reason": "not a regular file (link or device)"})
+                    else:
+                        data = tar.extractfile(member).read()
+                        self._add_file(name, lambda d=data: d)
         except (tarfile.TarError, EOFError, OSError) as e:
+            raise SourceError(f"{path}: truncated or corrupt archive ({e})") from e
+
+    def _scan_zip(self, path: str) -> None:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    name = _safe_member_name(path, info.filename)
+                    if name is None or any(_hidden(p) for p in name.split("/")):
+                        continue
+                    mode = info.external_attr >> 16  # unix mode, 0 from Windows zippers
+                    if info.is_dir():
+                        self._dirs.add(name)
+                    elif mode and not stat.S_ISREG(mode):
+                        self.ignored.append({"file": f"{path}:{info.filename}",
+                                             "reason": "not a regular file (link or device)"})
+                    elif info.flag_bits & 0x1:
+                        raise SourceError(f"{path}: member {info.filename!r} is encrypted")
+                    else:
+                        data = zf.read(info)
+                        self._add_file(name, lambda d=data: d)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
             raise SourceError(f"{path}: truncated or corrupt archive ({e})") from e
 
     def _strip_wrapper_dirs(self) -> None:
         while self._files:
-            tops = {n.split("/", 1)[0] for n in self._files}
+            tops = {n.split("/", 1)[0] for n in [*self._files, *self._dirs]}
             if len(tops) != 1 or any("/" not in n for n in self._files):
                 return
             top = tops.pop()
             self._files = {n[len(top) + 1:]: f for n, f in self._files.items()}
+            self._dirs = {d[len(top) + 1:] for d in self._dirs if d != top}
+            self._wrapper += top + "/"
 
     def names(self) -> list[str]:
         return sorted(self._files)
+
+    def dirs(self) -> list[str]:
+        """Every folder, including those that hold no file."""
+        return sorted(self._dirs)
 
     def read(self, name: str) -> bytes:
         return self._files[name]()
 
     def where(self, name: str) -> str:
+        """The path of a member as the user sees it: <folder>/<path> or <archive>:<member>."""
+        name = self._wrapper + name
         return f"{self.root}:{name}" if os.path.isfile(self.root) else os.path.join(self.root, name)
 
     def __contains__(self, name: str) -> bool:
@@ -286,18 +346,62 @@ def _concat(parts: list[Split]) -> Split:
 
 
 # ---------------------------------------------------------------------------------------------
-# Image folders: <root>/[train|test]/<class>/<file> or flat Kaggle names <class>.<id>.<ext>.
+# MNIST: the mnist.npz that keras.datasets.mnist downloads, x_* (N, 28, 28) uint8, y_* digits.
+
+def read_mnist_npz(path: str) -> SourceData:
+    """Reads mnist.npz (never unpickling) into 28x28x1 uint8 images, classes '0'..'9'."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in MNIST_ARRAYS if k not in z.files]
+            if missing:
+                raise SourceError(f"{path}: missing arrays {', '.join(missing)}; an MNIST .npz "
+                                  f"holds {', '.join(MNIST_ARRAYS)}")
+            arrays = {k: z[k] for k in MNIST_ARRAYS}
+    except SourceError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # ValueError includes "Object arrays cannot be loaded when allow_pickle=False".
+        raise SourceError(f"{path}: not a readable MNIST .npz ({e})") from e
+    class_names = [str(d) for d in range(10)]
+    splits = {}
+    for split in ("train", "test"):
+        x, where = arrays[f"x_{split}"], f"{path}:x_{split}"
+        if x.ndim == 4 and x.shape[-1] == 1:
+            x = x[..., 0]
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise SourceError(f"{where}: expected uint8 grayscale images (N, H, W), got "
+                              f"{x.dtype} {x.shape}")
+        labels = _check_labels(arrays[f"y_{split}"], 10, f"{path}:y_{split}")
+        if len(labels) != len(x):
+            raise SourceError(f"{path}: {len(x)} x_{split} images but {len(labels)} labels")
+        splits[split] = Split(np.ascontiguousarray(x[..., None]), labels,
+                              [f"x_{split}/{i}" for i in range(len(x))])
+    return SourceData("mnist-npz", class_names, splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: <root>/[train|test]/<class>/<file>, flat Kaggle names <class>.<id>.<ext>, or
+# the unpaired <root>/{train,test}{A,B}/<file> layout. Every class folder that ends up without
+# a decodable image is reported in `empty_classes`; its class is kept if another split has
+# images of it, and dropped otherwise.
 
 _FLAT_NAME = re.compile(r"^(?P<cls>[^./]+)\.[^/]+\.[A-Za-z]+$")
 
 
-def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy: str,
-                      num_threads: int | None = None) -> SourceData:
-    names = tree.names()
-    skipped: list[dict] = list(tree.ignored)
-    split_dirs = {n.split("/", 1)[0] for n in names if "/" in n} & {"train", "test"}
-    if "train" in split_dirs:
-        groups = {s: [] for s in ("train", "test") if s in split_dirs}
+@dataclasses.dataclass
+class _Layout:
+    name: str
+    items: dict[str, list[tuple[str, str]]]   # split -> [(file, class name)]
+    folders: list[tuple[str, str, str]]       # class folders: (split, class name, folder)
+    class_order: list[str] | None = None      # None: sorted
+
+
+def _class_folder_layout(tree: FileTree, skipped: list[dict]) -> _Layout:
+    names, dirs = tree.names(), tree.dirs()
+    file_tops = {n.split("/", 1)[0] for n in names if "/" in n}
+    if "train" in file_tops:
+        # An existing but imageless test/ is kept as a group so its folders get reported.
+        groups = {s: [] for s in ("train", "test") if s in file_tops or s in dirs}
         for n in names:
             top = n.split("/", 1)[0]
             if top in groups:
@@ -309,30 +413,83 @@ def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy
     else:
         groups, prefixes = {"train": names}, {"train": ""}
 
-    labelled: dict[str, list[tuple[str, str]]] = {}
-    layouts = set()
+    items: dict[str, list[tuple[str, str]]] = {}
+    folders = []
+    kinds = set()
     for split, rels in groups.items():
-        items = []
+        prefix = prefixes[split]
+        for d in dirs:
+            if d.startswith(prefix) and "/" not in d[len(prefix):]:
+                folders.append((split, d[len(prefix):], d))
+        items[split] = []
         for rel in rels:
-            full = prefixes[split] + rel
+            full = prefix + rel
             parts = rel.split("/")
             if not imaging.is_image_name(rel):
                 skipped.append({"file": tree.where(full), "reason": "not an image file extension"})
             elif len(parts) == 2:
-                items.append((full, parts[0]))
-                layouts.add("class_folders")
+                items[split].append((full, parts[0]))
+                kinds.add("class_folders")
             elif len(parts) == 1 and _FLAT_NAME.match(rel):
-                items.append((full, _FLAT_NAME.match(rel).group("cls").lower()))
-                layouts.add("flat_names")
+                items[split].append((full, _FLAT_NAME.match(rel).group("cls").lower()))
+                kinds.add("flat_names")
             else:
                 skipped.append({"file": tree.where(full), "reason":
                                 "not at <class>/<file> and not named <class>.<id>.<ext>"})
-        labelled[split] = items
-    if not any(labelled.values()):
-        raise SourceError(f"{tree.root}: no images found (expected <class>/<image> folders or "
-                          "files named <class>.<id>.jpg, optionally under train/ and test/)")
-    class_names = sorted({c for items in labelled.values() for _, c in items})
-    class_index = {c: i for i, c in enumerate(class_names)}
+        if prefix and not rels and not any(f[0] == split for f in folders):
+            skipped.append({"file": tree.where(split) + "/", "reason":
+                            f"empty {split}/ folder (no class folders, no images)"})
+    return _Layout("+".join(sorted(kinds)) or "class_folders", items, folders)
+
+
+def _unpaired_layout(tree: FileTree, class_names: list[str], skipped: list[dict]) -> _Layout:
+    tops = set(tree.dirs())
+    has_test = bool({"testA", "testB"} & tops)
+    folders = [(split, class_names[k], f) for f, (split, k) in UNPAIRED_FOLDERS.items()
+               if split == "train" or has_test]
+    items: dict[str, list[tuple[str, str]]] = {"train": [], "test": []} if has_test else {
+        "train": []}
+    for n in tree.names():
+        top, _, rest = n.partition("/")
+        if top not in UNPAIRED_FOLDERS:
+            skipped.append({"file": tree.where(n),
+                            "reason": "outside the trainA/ trainB/ testA/ testB/ folders"})
+        elif "/" in rest:
+            skipped.append({"file": tree.where(n), "reason": f"not directly in {top}/"})
+        elif not imaging.is_image_name(rest):
+            skipped.append({"file": tree.where(n), "reason": "not an image file extension"})
+        else:
+            split, k = UNPAIRED_FOLDERS[top]
+            items[split].append((n, class_names[k]))
+    return _Layout("unpaired_ab", items, folders, list(class_names))
+
+
+def is_unpaired_layout(tree: FileTree) -> bool:
+    return {"trainA", "trainB"} <= set(tree.dirs())
+
+
+def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy: str,
+                      num_threads: int | None = None,
+                      class_names: list[str] | None = None) -> SourceData:
+    """Decodes and resizes every image; `class_names` names the A and B classes of the
+    unpaired trainA/trainB layout (default 'A', 'B') and is refused for other layouts."""
+    skipped: list[dict] = list(tree.ignored)
+    if is_unpaired_layout(tree):
+        names = list(class_names or ("A", "B"))
+        if len(names) != 2 or len(set(names)) != 2 or not all(names):
+            raise SourceError(f"{tree.root}: the trainA/trainB layout needs two distinct class "
+                              f"names, A first (e.g. --class_names=horse,zebra); got {names}")
+        layout = _unpaired_layout(tree, names, skipped)
+    else:
+        if class_names:
+            raise SourceError(f"{tree.root}: --class_names only applies to the unpaired "
+                              "trainA/ trainB/ (testA/ testB/) layout; this source names its "
+                              "classes by folder or file name")
+        layout = _class_folder_layout(tree, skipped)
+    if not any(layout.items.values()):
+        raise SourceError(f"{tree.root}: no images found (expected <class>/<image> folders, "
+                          "files named <class>.<id>.jpg, optionally under train/ and test/, or "
+                          "trainA/ trainB/ (testA/ testB/) folders of images)")
 
     def decode(item):
         name, _ = item
@@ -342,10 +499,10 @@ def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy
         except (imaging.ImageDecodeError, OSError) as e:
             return None, str(e)
 
-    splits = {}
     h, w = image_size
+    decoded: dict[str, tuple[np.ndarray, list[int]]] = {}
     with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 2) as pool:
-        for split, items in labelled.items():
+        for split, items in layout.items.items():
             images = np.empty((len(items), h, w, 3), np.uint8)
             keep = []
             for i, (img, err) in enumerate(pool.map(decode, items, chunksize=256)):
@@ -354,51 +511,124 @@ def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy
                     keep.append(i)
                 else:
                     skipped.append({"file": tree.where(items[i][0]), "reason": err})
-            if keep:
-                idx = np.asarray(keep)
-                ids = np.asarray([class_index[items[i][1]] for i in keep], np.int64)
-                splits[split] = Split(images[idx], ids, [items[i][0] for i in keep])
-    if not splits:
+            decoded[split] = (images, keep)
+
+    found = {(split, layout.items[split][i][1]) for split, (_, keep) in decoded.items()
+             for i in keep}
+    present = {c for _, c in found}
+    if not present:
         raise SourceError(f"{tree.root}: none of the images could be decoded; see the reasons: "
                           + "; ".join(s["reason"] for s in skipped[:5]))
-    layout = "+".join(sorted(layouts))
-    return SourceData(f"image_folder:{layout}", class_names, splits, skipped=skipped)
+    order = layout.class_order or sorted(present)
+    class_names_out = [c for c in order if c in present]
+    class_index = {c: i for i, c in enumerate(class_names_out)}
+
+    empty = []
+    for split, cls, folder in layout.folders:
+        if (split, cls) in found:
+            continue
+        n_images = sum(1 for n, c in layout.items[split] if c == cls)
+        empty.append({
+            "folder": tree.where(folder) + "/", "split": split, "class": cls,
+            "reason": (f"none of its {n_images} images could be decoded" if n_images
+                       else "no image files"),
+            "kept": cls in present})
+
+    splits = {}
+    for split, (images, keep) in decoded.items():
+        if keep:
+            idx = np.asarray(keep)
+            items = layout.items[split]
+            ids = np.asarray([class_index[items[i][1]] for i in keep], np.int64)
+            splits[split] = Split(images[idx], ids, [items[i][0] for i in keep])
+    return SourceData(f"image_folder:{layout.name}", class_names_out, splits, skipped=skipped,
+                      empty_classes=empty)
+
+
+def describe_empty_class(entry: dict) -> str:
+    """One line for the summary: the folder, why it is empty, and whether the class stays."""
+    fate = (f"class {entry['class']!r} kept, with 0 {entry['split']} images (it has images in "
+            "another split)" if entry["kept"] else
+            f"class {entry['class']!r} dropped (no images in any split)")
+    return f"empty class folder {entry['folder']}: {entry['reason']}; {fate}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-100 label sets.
+
+def select_label_set(data: SourceData, label_set: str) -> SourceData:
+    """'fine' keeps the source's classes; 'coarse' makes CIFAR-100's 20 superclasses the
+    classes (class_id = coarse_id)."""
+    if label_set not in LABEL_SETS:
+        raise SourceError(f"--label must be one of {', '.join(LABEL_SETS)}, got {label_set!r}")
+    if data.coarse_class_names is None:
+        if label_set == "coarse":
+            raise SourceError(f"--label=coarse needs a source with coarse labels (CIFAR-100); "
+                              f"this {data.format} source has none")
+        return data
+    if label_set == "fine":
+        return dataclasses.replace(data, label_set="fine")
+    splits = {k: Split(s.images, s.coarse_ids, s.source_ids, s.coarse_ids)
+              for k, s in data.splits.items()}
+    return dataclasses.replace(data, class_names=list(data.coarse_class_names), splits=splits,
+                               label_set="coarse")
 
 
 # ---------------------------------------------------------------------------------------------
 
 def download_archive(key: str, download_dir: str) -> str:
-    """Returns the local path of an official archive, downloading it if it is not there."""
+    """Returns the local path of an official archive, downloading it if it is not there;
+    a file already there must have the official sha256."""
+    from research.data.manifest import sha256_file
+
     spec = DOWNLOADS[key]
-    target = os.path.join(os.path.abspath(download_dir), spec["fname"])
+    folder = os.path.abspath(download_dir)
+    target = os.path.join(folder, spec["fname"])
     if os.path.isfile(target):
+        actual = sha256_file(target)
+        if actual != spec["sha256"]:
+            raise SourceError(f"{target}: sha256 {actual}, but the official {spec['fname']} has "
+                              f"{spec['sha256']}; delete it (a partial or different file) and "
+                              "run again, or pass --source=<path>")
         return target
     import keras  # deferred: keras import is slow and only needed to download
 
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     try:
         return keras.utils.get_file(spec["fname"], origin=spec["origin"],
-                                    file_hash=spec["sha256"], cache_dir=os.path.dirname(target),
-                                    cache_subdir="")
+                                    file_hash=spec["sha256"], cache_dir=folder, cache_subdir="")
     except Exception as e:
         raise SourceError(
-            f"Could not download {spec['origin']} ({e}). Without network access, place "
-            f"{spec['fname']} (sha256 {spec['sha256']}) at {target}, or pass "
-            "--source=<path to the archive or folder>.") from e
+            f"Could not download {spec['origin']} ({e}). Without network access, put "
+            f"{spec['fname']} (sha256 {spec['sha256']}) into the folder {folder} "
+            "(--download_dir), or pass --source=<path to the file or folder>.") from e
 
 
 def load_source(source: str, *, image_size: tuple[int, int] = (32, 32),
                 resize_policy: str = "center_crop", download_dir: str = "data/downloads",
-                num_threads: int | None = None) -> SourceData:
-    """Loads `source`: 'cifar10', 'cifar10_binary', 'cifar100', or a path to a file/folder."""
+                num_threads: int | None = None, label_set: str = "fine",
+                class_names: list[str] | None = None) -> SourceData:
+    """Loads `source`: 'cifar10', 'cifar10_binary', 'cifar100', 'mnist', or a path to a
+    file/folder. `label_set` picks CIFAR-100's fine or coarse classes; `class_names` names the
+    two classes of an unpaired trainA/trainB folder."""
     if source in DOWNLOADS:
         source = download_archive(source, download_dir)
-    tree = FileTree(source)
-    names = set(tree.names())
-    if "data_batch_1" in names and "test_batch" in names:
-        return read_cifar10_python(tree)
-    if "data_batch_1.bin" in names:
-        return read_cifar10_binary(tree)
-    if {"train", "test", "meta"} <= names:
-        return read_cifar100_python(tree)
-    return read_image_folder(tree, image_size, resize_policy, num_threads)
+    if os.path.isfile(source) and source.lower().endswith(".npz"):
+        data = read_mnist_npz(source)
+    else:
+        tree = FileTree(source)
+        names = set(tree.names())
+        if "data_batch_1" in names and "test_batch" in names:
+            data = read_cifar10_python(tree)
+        elif "data_batch_1.bin" in names:
+            data = read_cifar10_binary(tree)
+        elif {"train", "test", "meta"} <= names:
+            data = read_cifar100_python(tree)
+        else:
+            return select_label_set(
+                read_image_folder(tree, image_size, resize_policy, num_threads, class_names),
+                label_set)
+    if class_names:
+        raise SourceError(f"{source}: --class_names only applies to the unpaired trainA/ "
+                          f"trainB/ image folder layout, not to this {data.format} source")
+    return select_label_set(data, label_set)

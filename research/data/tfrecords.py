@@ -4,6 +4,11 @@ One `tf.train.Example` per image: the raw uint8 pixels (never scaled), their sha
 preprocessed binary `label` (1 for the positive class), the source's `class_id`/`class_name`,
 `coarse_id` (CIFAR-100, else -1) and a `source_id`. The whole output folder is built under a
 temporary name and renamed into place at the end, so a crash never leaves a half dataset.
+
+The output is a pure function of the source and the settings: Examples are serialized with
+deterministic (sorted) map order, whatever PYTHONHASHSEED is, and manifest.json holds no
+timing, paths of the output or other run-specific values, so two conversions are byte for
+byte identical, shards and manifest alike.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from typing import Callable
 
 import numpy as np
@@ -90,7 +94,7 @@ def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: 
         "class_name": bytes_(class_name.encode()),
         "coarse_id": ints([coarse_id]),
         "source_id": bytes_(source_id.encode()),
-    })).SerializeToString()
+    })).SerializeToString(deterministic=True)  # else map order follows Python's string hash
 
 
 def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_names: list[str],
@@ -126,12 +130,22 @@ def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_n
     }
 
 
+def positive_class_error(data: SourceData, positive_class: str, source: str) -> str:
+    """One line: the missing class and every class name that does exist."""
+    what = f"{source} ({data.label_set} labels)" if data.label_set else source
+    msg = (f"--positive_class={positive_class!r} is not a class of {what}; its "
+           f"{len(data.class_names)} classes are: {', '.join(data.class_names)}")
+    dropped = sorted({e["class"] for e in data.empty_classes if not e["kept"]})
+    if dropped:
+        msg += f" (dropped, no images: {', '.join(dropped)})"
+    return msg
+
+
 def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict | None = None,
                     progress: Callable[[int], None] | None = None) -> dict:
     """Writes train/val/test shards and manifest.json into cfg.out_dir; returns the manifest."""
     if cfg.positive_class not in data.class_names:
-        raise ValueError(f"--positive_class={cfg.positive_class!r} is not a class of {source}; "
-                         f"the classes are: {', '.join(data.class_names)}")
+        raise ValueError(positive_class_error(data, cfg.positive_class, source))
     out_dir = os.path.abspath(cfg.out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not cfg.overwrite:
         raise OutputExistsError(f"{out_dir} already exists and is not empty; pass --overwrite "
@@ -139,17 +153,22 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
     for split, k in cfg.shards.items():
         if split not in SPLITS or k < 1:
             raise ValueError(f"bad shard count {split}={k}; splits are {SPLITS}, counts >= 1")
-    start = time.time()
     positive_id = data.class_names.index(cfg.positive_class)
+    held_out_test = "test" not in data.splits
     splits = make_splits(data, cfg)
+    if not np.any(splits["train"].class_ids == positive_id):
+        raise ValueError(f"--positive_class={cfg.positive_class!r} has no train images; see "
+                         "the empty class folders or pick another class")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename into place
     try:
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "source": source,
             "source_format": data.format,
+            "label_set": data.label_set,
             "positive_class": cfg.positive_class,
             "positive_class_id": positive_id,
             "class_names": list(data.class_names),
@@ -157,17 +176,20 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
             "image_shape": list(splits["train"].images.shape[1:]),
             "seed": cfg.seed,
             "val_fraction": cfg.val_fraction,
+            # None: the source's own test split; else the stratified fraction held out.
+            "test_fraction": cfg.test_fraction if held_out_test else None,
             "splits": {},
             "skipped": list(data.skipped),
-            "flags": flags or {},
+            "empty_classes": list(data.empty_classes),
+            "flags": dict(sorted((flags or {}).items())),
         }
         for i, name in enumerate(SPLITS):
             manifest["splits"][name] = _write_split(
                 splits[name], name, cfg.shards.get(name, DEFAULT_SHARDS[name]), tmp,
                 data.class_names, positive_id, cfg.seed + 100 + i, progress)
-        manifest["seconds"] = round(time.time() - start, 2)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+            f.write("\n")
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -178,7 +200,8 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
 
 
 def summary_table(manifest: dict) -> str:
-    """A plain-text table of counts per split and class, shards and bytes."""
+    """A plain-text table of counts per split and class, shards and bytes. The wall time is
+    not in the manifest (it must not vary between runs); the app prints it."""
     names = manifest["class_names"]
     splits = manifest["splits"]
     width = max(12, max(len(n) for n in names) + 2)
@@ -195,5 +218,9 @@ def summary_table(manifest: dict) -> str:
     rows.append(f"{'MB':<{width}}" + "".join(
         f"{sum(sh['bytes'] for sh in splits[s]['shards']) / 1e6:>10.1f}" for s in splits))
     rows.append(f"positive class: {manifest['positive_class']} (*)   skipped files: "
-                f"{len(manifest['skipped'])}   seconds: {manifest.get('seconds', '?')}")
+                f"{len(manifest['skipped'])}   empty class folders: "
+                f"{len(manifest.get('empty_classes', []))}")
+    if manifest.get("test_fraction") is not None:
+        rows.append(f"test: {manifest['test_fraction']:g} of every class held out of train "
+                    f"(stratified, seed {manifest['seed'] + 1}); the source has no test split")
     return "\n".join(rows)

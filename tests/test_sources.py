@@ -1,0 +1,303 @@
+"""Reproducible conversions, empty class folders, CIFAR-100 label sets, the unpaired
+trainA/trainB layout, zip archives and MNIST, on tiny fixtures made here (no network)."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import helpers
+from research.data import pipeline, sources, tfrecords
+
+
+def write(source, out_dir, load=None, **kw):
+    data = sources.load_source(str(source), **(load or {}))
+    cfg = tfrecords.WriteConfig(out_dir=str(out_dir), **kw)
+    return data, tfrecords.write_tfrecords(data, cfg, str(source))
+
+
+def read_records(data_dir, split):
+    """Every record of a split as {source_id: (image, class_id, class_name, coarse_id, label)}."""
+    manifest = pipeline.load_manifest(str(data_dir))
+    out = {}
+    for path in pipeline.shard_paths(str(data_dir), manifest, split):
+        for rec in tf.data.TFRecordDataset(path):
+            f = tf.train.Example.FromString(rec.numpy()).features.feature
+            img = np.frombuffer(f["image"].bytes_list.value[0], np.uint8).reshape(
+                manifest["image_shape"])
+            ints = {k: f[k].int64_list.value[0] for k in ("class_id", "coarse_id", "label")}
+            out[f["source_id"].bytes_list.value[0].decode()] = (
+                img, ints["class_id"], f["class_name"].bytes_list.value[0].decode(),
+                ints["coarse_id"], ints["label"])
+    return out
+
+
+def make_folders_with_empty_classes(root):
+    """Class folders where train/dog/ is empty (dog still has test images) and bird/ is empty
+    in both splits (no images anywhere)."""
+    helpers.make_class_folders(str(root))
+    shutil.rmtree(root / "train" / "dog")
+    for d in ("train/dog", "train/bird", "test/bird"):
+        (root / d).mkdir(parents=True)
+
+
+# --- 1. reproducibility ------------------------------------------------------------------------
+
+def test_examples_serialize_in_sorted_key_order():
+    # Map order otherwise follows Python's per-process string hash (PYTHONHASHSEED).
+    b = tfrecords.serialize_example(np.zeros((2, 2, 3), np.uint8), 1, 3, "cat", -1, "x/1.png")
+    assert tf.train.Example.FromString(b).SerializeToString(deterministic=True) == b
+
+
+def test_same_source_and_flags_give_byte_identical_output(tmp_path):
+    root = tmp_path / "imgs"
+    make_folders_with_empty_classes(root)
+    outs, stdouts = [tmp_path / "out1", tmp_path / "out2"], []
+    for hash_seed, out in zip(("1", "2"), outs):  # two processes, two string-hash orders
+        res = subprocess.run(
+            [sys.executable, "-m", "research.apps.make_tfrecords", f"--source={root}",
+             f"--out_dir={out}", "--sample_grid=8", "--train_shards=3"],
+            capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert res.returncode == 0, res.stderr
+        stdouts.append(res.stdout)
+    files = sorted(os.listdir(outs[0]))
+    assert files == sorted(os.listdir(outs[1]))
+    assert "manifest.json" in files and "samples.png" in files and len(files) == 3 + 2 + 4 + 2
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    assert "seconds" not in manifest and "out_dir" not in manifest["flags"]
+    # The empty class folders are in the printed summary, with the decision taken.
+    out = stdouts[0]
+    assert "empty class folders: 3" in out
+    assert f"empty class folder {root / 'train' / 'dog'}/: no image files; class 'dog' kept" in out
+    assert f"empty class folder {root / 'train' / 'bird'}/: no image files; class 'bird' " \
+           "dropped (no images in any split)" in out
+    assert "CPU:" in out and "wrote" in out
+
+
+# --- 2. empty class folders --------------------------------------------------------------------
+
+def test_empty_class_folders_are_reported_kept_or_dropped(tmp_path):
+    root = tmp_path / "imgs"
+    make_folders_with_empty_classes(root)
+    (root / "test" / "frog" / "001.png").write_bytes(b"not a png")  # frog/test: 3 files, 1 bad
+    for fmt, src in (("folder", root),
+                     ("tar", helpers.tar_folder(str(root), str(tmp_path / "imgs.tar.gz"))),
+                     ("zip", helpers.zip_folder(str(root), str(tmp_path / "imgs.zip")))):
+        data = sources.load_source(str(src))
+        assert data.class_names == ["cat", "dog", "frog"], fmt  # bird dropped, dog kept
+        got = {(e["split"], e["class"]): (e["reason"], e["kept"]) for e in data.empty_classes}
+        assert got == {("train", "dog"): ("no image files", True),
+                       ("train", "bird"): ("no image files", False),
+                       ("test", "bird"): ("no image files", False)}, fmt
+        where = {e["class"] + e["split"]: e["folder"] for e in data.empty_classes}
+        assert where["dogtrain"].endswith("imgs/train/dog/"), where
+    _, manifest = write(root, tmp_path / "out")
+    assert len(manifest["empty_classes"]) == 3
+    assert manifest["splits"]["train"]["class_counts"]["dog"] == 0
+    assert manifest["splits"]["test"]["class_counts"] == {"cat": 3, "dog": 3, "frog": 2}
+    with pytest.raises(ValueError, match="'bird' is not a class.*cat, dog, frog.*dropped, no "
+                                         "images: bird"):
+        write(root, tmp_path / "out2", positive_class="bird")
+    with pytest.raises(ValueError, match="'dog' has no train images"):
+        write(root, tmp_path / "out2", positive_class="dog")
+
+
+def test_class_folder_of_undecodable_images_is_empty(tmp_path):
+    root = tmp_path / "imgs"
+    helpers.make_class_folders(str(root), classes=("cat", "dog"))
+    shutil.rmtree(root / "test")
+    for f in (root / "train" / "dog").iterdir():
+        f.write_bytes(b"junk")
+    data = sources.load_source(str(root))  # train/ alone is a wrapper: <class>/<img> layout
+    assert data.class_names == ["cat"]
+    [entry] = data.empty_classes
+    assert entry["folder"] == str(root / "train" / "dog") + "/"
+    assert entry["reason"] == "none of its 6 images could be decoded" and not entry["kept"]
+    assert "class 'dog' dropped" in sources.describe_empty_class(entry)
+    assert sum("dog/" in s["file"] for s in data.skipped) == 6
+
+
+# --- 3. CIFAR-100 fine or coarse ---------------------------------------------------------------
+
+def test_cifar100_coarse_labels_round_trip(tmp_path):
+    src = tmp_path / "c100.tar.gz"
+    helpers.make_cifar100_python(str(src))
+    with pytest.raises(ValueError) as e:
+        write(src, tmp_path / "out", load={"label_set": "coarse"}, positive_class="leopard")
+    msg = str(e.value)
+    assert "\n" not in msg and "(coarse labels)" in msg and "20 classes" in msg
+    assert "coarse0, coarse1" in msg and "coarse19" in msg
+    data, manifest = write(src, tmp_path / "out", load={"label_set": "coarse"},
+                           positive_class="coarse0", val_fraction=0.25)
+    assert manifest["label_set"] == "coarse" and data.class_names == [f"coarse{i}" for i in
+                                                                      range(20)]
+    assert manifest["class_names"] == manifest["coarse_class_names"]
+    fine = sources.load_source(str(src))
+    assert fine.label_set == "fine" and len(fine.class_names) == 100
+    fine_ids = {f"{s}/{i}": fine.splits[s].class_ids[i] for s in ("train", "test")
+                for i in range(400)}
+    seen = 0
+    for split in ("train", "val", "test"):
+        for sid, (_, cid, cname, coarse, label) in read_records(tmp_path / "out", split).items():
+            want = fine_ids["/".join(sid.split("/")[:2])] // 5  # the maker's coarse = fine // 5
+            assert cid == coarse == want and cname == f"coarse{want}" and label == int(want == 0)
+            seen += 1
+    assert seen == 800
+    assert manifest["splits"]["test"]["num_positive"] == int(np.sum(
+        fine.splits["test"].class_ids // 5 == 0))
+
+
+def test_coarse_needs_cifar100(tmp_path):
+    helpers.make_cifar10_python(str(tmp_path / "c10.tar.gz"))
+    with pytest.raises(sources.SourceError, match="--label=coarse needs.*CIFAR-100"):
+        sources.load_source(str(tmp_path / "c10.tar.gz"), label_set="coarse")
+
+
+# --- 4. unpaired trainA/trainB -----------------------------------------------------------------
+
+def test_unpaired_two_folder_layout(tmp_path):
+    root = tmp_path / "horse2zebra"
+    arrays = helpers.make_unpaired_folder(str(root))
+    (root / "trainA" / "README.txt").write_text("x")
+    for src in (root, helpers.tar_folder(str(root), str(tmp_path / "h2z.tar.gz")),
+                helpers.zip_folder(str(root), str(tmp_path / "h2z.zip"))):
+        data = sources.load_source(str(src), image_size=(24, 20), class_names=["horse", "zebra"])
+        assert data.format == "image_folder:unpaired_ab"
+        assert data.class_names == ["horse", "zebra"]  # A first, whatever the alphabet says
+        for split, a, b in (("train", "trainA", "trainB"), ("test", "testA", "testB")):
+            s = data.splits[split]
+            assert np.bincount(s.class_ids).tolist() == [len(arrays[a]), len(arrays[b])]
+            i = s.source_ids.index(f"{b}/n{list(arrays).index(b)}_001.png")
+            np.testing.assert_array_equal(s.images[i], arrays[b][1])  # at size: bit for bit
+        assert [os.path.basename(x["file"]) for x in data.skipped] == ["README.txt"]
+    default = sources.load_source(str(root))
+    assert default.class_names == ["A", "B"]
+    _, manifest = write(root, tmp_path / "out", load={"class_names": ["horse", "zebra"]},
+                        positive_class="zebra", val_fraction=0.2)
+    assert manifest["splits"]["test"]["class_counts"] == {"horse": 3, "zebra": 2}
+    assert manifest["test_fraction"] is None  # testA/testB are the test split
+    with pytest.raises(sources.SourceError, match="two distinct class names"):
+        sources.load_source(str(root), class_names=["horse"])
+    helpers.make_flat_folder(str(tmp_path / "flat"))
+    with pytest.raises(sources.SourceError, match="--class_names only applies"):
+        sources.load_source(str(tmp_path / "flat"), class_names=["horse", "zebra"])
+
+
+def test_unpaired_without_test_folders_holds_test_out(tmp_path):
+    root = tmp_path / "ab"
+    helpers.make_unpaired_folder(str(root), counts={"trainA": 8, "trainB": 8})
+    data, manifest = write(root, tmp_path / "out", load={"class_names": ["horse", "zebra"]},
+                           positive_class="horse", test_fraction=0.25, val_fraction=0.2)
+    assert list(data.splits) == ["train"] and manifest["test_fraction"] == 0.25
+    assert manifest["splits"]["test"]["class_counts"] == {"horse": 2, "zebra": 2}
+
+
+def test_zip_with_path_traversal_is_refused(tmp_path):
+    path = tmp_path / "trav.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("../escaped.jpg", b"abcd")
+    with pytest.raises(sources.UnsafeArchiveError, match="escaped.jpg.*path traversal"):
+        sources.load_source(str(path))
+
+
+# --- 5. MNIST ----------------------------------------------------------------------------------
+
+def test_mnist_npz_round_trip_as_28x28x1(tmp_path):
+    src = tmp_path / "mnist.npz"
+    arrays = helpers.make_mnist_npz(str(src))
+    data = sources.load_source(str(src))
+    assert data.format == "mnist-npz" and data.class_names == [str(d) for d in range(10)]
+    assert data.splits["train"].images.shape == (60, 28, 28, 1)
+    with pytest.raises(ValueError) as e:
+        write(src, tmp_path / "out")
+    assert "'cat' is not a class" in str(e.value)
+    assert "10 classes are: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in str(e.value)
+    _, manifest = write(src, tmp_path / "out", positive_class="7", val_fraction=0.2)
+    assert manifest["image_shape"] == [28, 28, 1]
+    assert manifest["splits"]["test"]["num_positive"] == int(np.sum(arrays["y_test"] == 7))
+    seen = 0
+    for split in ("train", "val", "test"):
+        for sid, (img, cid, cname, _, label) in read_records(tmp_path / "out", split).items():
+            which, i = sid.split("/")
+            np.testing.assert_array_equal(img[..., 0], arrays[which][int(i)])  # raw pixels
+            assert cid == arrays["y" + which[1:]][int(i)] and cname == str(cid)
+            assert label == int(cid == 7)
+            seen += 1
+    assert seen == 80
+    batch = next(iter(pipeline.make_dataset(str(tmp_path / "out"), "test", 4, training=False,
+                                            scale="uint8")))
+    assert batch["image"].shape == (4, 28, 28, 1)
+
+
+def test_mnist_npz_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, x_train=np.array([helpers.Evil(str(tmp_path / "pwned"))], dtype=object),
+             y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
+    with pytest.raises(sources.SourceError, match="evil.npz.*allow_pickle"):
+        sources.load_source(str(path))
+    assert not (tmp_path / "pwned").exists()
+    np.savez(tmp_path / "partial.npz", x_train=np.zeros((1, 28, 28), np.uint8))
+    with pytest.raises(sources.SourceError, match="partial.npz: missing arrays y_train"):
+        sources.load_source(str(tmp_path / "partial.npz"))
+
+
+def test_mnist_download_offline_and_hand_placed(tmp_path, monkeypatch):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    downloads = tmp_path / "downloads"
+    with pytest.raises(sources.SourceError) as e:
+        sources.load_source("mnist", download_dir=str(downloads))
+    msg = str(e.value)
+    assert sources.DOWNLOADS["mnist"]["origin"] in msg and "network is unreachable" in msg
+    assert f"put mnist.npz (sha256 {sources.DOWNLOADS['mnist']['sha256']}) into the folder " \
+           f"{downloads}" in msg
+    # A hand-placed file must be the official one.
+    helpers.make_mnist_npz(str(downloads / "mnist.npz"))
+    with pytest.raises(sources.SourceError, match="mnist.npz: sha256 .* official"):
+        sources.load_source("mnist", download_dir=str(downloads))
+    monkeypatch.setitem(sources.DOWNLOADS["mnist"], "sha256",
+                        tfrecords.sha256_file(str(downloads / "mnist.npz")))
+    data = sources.load_source("mnist", download_dir=str(downloads))
+    assert len(data.splits["test"]) == 20
+
+
+def test_corrupt_zip_names_the_file(tmp_path):
+    root = tmp_path / "imgs"
+    helpers.make_flat_folder(str(root))
+    raw = bytearray(open(helpers.zip_folder(str(root), str(tmp_path / "a.zip")), "rb").read())
+    raw[200:260] = b"\0" * 60  # inside the first member's data
+    (tmp_path / "a.zip").write_bytes(bytes(raw))
+    with pytest.raises(sources.SourceError, match="a.zip: truncated or corrupt"):
+        sources.load_source(str(tmp_path / "a.zip"))
+
+
+def test_tar_member_types(tmp_path):
+    # A symlink in a tar is listed as skipped, never followed.
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        img = helpers.encode(Image.fromarray(helpers.rgb(8, 8)), "PNG")
+        for name in ("cat/1.png", "dog/1.png", "cat/2.png", "dog/2.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(img)
+            tar.addfile(info, io.BytesIO(img))
+        link = tarfile.TarInfo("cat/evil.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    data = sources.load_source(str(path), image_size=(8, 8))
+    assert data.class_names == ["cat", "dog"]
+    assert data.skipped[0]["reason"] == "not a regular file (link or device)"
