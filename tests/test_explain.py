@@ -52,6 +52,7 @@ def test_batch_equals_single_and_logit_scale_invariance():
     ex = core.Explainer(model)
     x = images(4, seed=1)
     batch = core.grad_cam(ex, x)
+    np.testing.assert_array_equal(batch.classes, np.argmax(model(x), -1))  # top class
     for i in range(4):
         single = core.grad_cam(ex, x[i:i + 1])
         np.testing.assert_allclose(single.maps[0], batch.maps[i], rtol=1e-5, atol=1e-6)
@@ -231,7 +232,7 @@ def score_cam_per_channel_reference(ex, images, classes, layer, max_channels):
     """The former Score-CAM: a Python loop over images, masks upsampled one image at a time."""
     path, target = core.find_layer(ex.model, layer)
     raw = tf.constant(images)
-    acts, _, _ = ex.gradients(target, raw, tf.constant(classes), path)
+    acts, _, _, _ = ex.gradients(target, raw, tf.constant(classes), path)
     maps = []
     for i in range(raw.shape[0]):
         a = acts[i]

@@ -162,9 +162,18 @@ class Explainer:
             return self.class_names[index]
         return str(index)
 
-    def logits(self, raw: tf.Tensor) -> tf.Tensor:
+    def _forward(self, raw):
         with linear_head(self.model):
             return tf.cast(self.model(self.preprocess(raw), training=False), tf.float32)
+
+    def _compile(self, key, fn):
+        if key not in self._compiled:
+            self._compiled[key] = tf.function(fn, reduce_retracing=True, autograph=False)
+        return self._compiled[key]
+
+    def logits(self, raw) -> tf.Tensor:
+        """Pre-activation float32 scores of raw 0..255 images; compiled."""
+        return self._compile(("logits",), self._forward)(tf.convert_to_tensor(raw, tf.float32))
 
     def probabilities(self, logits) -> np.ndarray:
         logits = np.asarray(logits, np.float64)
@@ -173,79 +182,69 @@ class Explainer:
         e = np.exp(logits - logits.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
 
-    def resolve_classes(self, logits, class_index) -> np.ndarray:
-        """Per-image class: given (int or per-image list) or the top prediction."""
-        n = logits.shape[0]
+    def class_indices(self, n: int, class_index) -> np.ndarray:
+        """Per-image class: given (int or per-image list), or -1 for the top prediction, which
+        the compiled functions resolve from the same forward pass."""
         if class_index is None:
-            if logits.shape[-1] == 1:
-                return np.zeros(n, np.int32)
-            return np.asarray(tf.argmax(logits, -1), np.int32)
+            return np.full(n, -1, np.int32)
         idx = np.broadcast_to(np.asarray(class_index, np.int32), (n,)).copy()
-        if np.any(idx < 0) or np.any(idx >= logits.shape[-1]):
-            raise ValueError(f"class index {class_index} outside [0, {logits.shape[-1]})")
+        try:
+            num = int(self.model.output.shape[-1])
+        except (AttributeError, ValueError, TypeError):  # subclassed: no symbolic output
+            num = None
+        if np.any(idx < 0) or (num is not None and np.any(idx >= num)):
+            raise ValueError(f"class index {class_index} outside [0, {num})")
         return idx
 
     def gradients(self, layer: keras.layers.Layer, raw: tf.Tensor, classes: tf.Tensor,
                   path: str | None = None):
-        """(A, dS/dA, logits) for the layer, compiled once per layer with tf.function."""
-        key = ("grad", id(layer))
-        if key not in self._compiled:
-            @tf.function(reduce_retracing=True, autograph=False)
-            def fn(raw, classes):
-                with tf.GradientTape() as tape:
-                    with capture([layer]) as store, linear_head(self.model):
-                        logits = tf.cast(self.model(self.preprocess(raw), training=False),
-                                         tf.float32)
-                    if not store[id(layer)]:
-                        raise DisconnectedLayerError(
-                            f"layer {path or layer.name} was not called in the forward pass "
-                            f"of {self.model.name}")
-                    acts = store[id(layer)][-1]
-                    score = tf.gather(logits, classes, axis=1, batch_dims=1)
-                grads = tape.gradient(score, acts)
-                if grads is None:
+        """(A, dS/dA, logits, classes) for the layer, compiled once per layer."""
+        def fn(raw, classes):
+            with tf.GradientTape() as tape:
+                with capture([layer]) as store:
+                    logits = self._forward(raw)
+                if not store[id(layer)]:
                     raise DisconnectedLayerError(
-                        f"the gradient of the score with respect to layer {path or layer.name} "
-                        f"is None: the layer is not connected to {self.model.name}'s output")
-                return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits
+                        f"layer {path or layer.name} was not called in the forward pass "
+                        f"of {self.model.name}")
+                acts = store[id(layer)][-1]
+                classes, score = _class_scores(logits, classes)
+            grads = tape.gradient(score, acts)
+            if grads is None:
+                raise DisconnectedLayerError(
+                    f"the gradient of the score with respect to layer {path or layer.name} "
+                    f"is None: the layer is not connected to {self.model.name}'s output")
+            return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits, classes
 
-            self._compiled[key] = fn
-        return self._compiled[key](raw, classes)
+        return self._compile(("grad", id(layer)), fn)(raw, classes)
 
     def input_gradients(self, raw: tf.Tensor, classes: tf.Tensor):
-        """(dS/d raw, logits), compiled."""
-        key = ("input",)
-        if key not in self._compiled:
-            @tf.function(reduce_retracing=True, autograph=False)
-            def fn(raw, classes):
-                with tf.GradientTape() as tape:
-                    tape.watch(raw)
-                    with linear_head(self.model):
-                        logits = tf.cast(self.model(self.preprocess(raw), training=False),
-                                         tf.float32)
-                    score = tf.gather(logits, classes, axis=1, batch_dims=1)
-                return tape.gradient(score, raw), logits
+        """(dS/d raw, logits, classes), compiled."""
+        def fn(raw, classes):
+            with tf.GradientTape() as tape:
+                tape.watch(raw)
+                logits = self._forward(raw)
+                classes, score = _class_scores(logits, classes)
+            return tape.gradient(score, raw), logits, classes
 
-            self._compiled[key] = fn
-        return self._compiled[key](raw, classes)
+        return self._compile(("input",), fn)(raw, classes)
 
     def masked_scores(self, raw: tf.Tensor, masks: tf.Tensor, owner: tf.Tensor,
                       classes: tf.Tensor) -> tf.Tensor:
         """Score of each image's class on raw[owner[j]] times masks[j] (upsampled to the
         image), for j over the batch of masks; compiled."""
-        key = ("masked",)
-        if key not in self._compiled:
-            @tf.function(reduce_retracing=True, autograph=False)
-            def fn(raw, masks, owner, classes):
-                up = _upsample(masks, tf.shape(raw)[1:3])
-                batch = tf.gather(raw, owner) * up[..., None]
-                with linear_head(self.model):
-                    logits = tf.cast(self.model(self.preprocess(batch), training=False),
-                                     tf.float32)
-                return tf.gather(logits, tf.gather(classes, owner), axis=1, batch_dims=1)
+        def fn(raw, masks, owner, classes):
+            up = _upsample(masks, tf.shape(raw)[1:3])
+            logits = self._forward(tf.gather(raw, owner) * up[..., None])
+            return tf.gather(logits, tf.gather(classes, owner), axis=1, batch_dims=1)
 
-            self._compiled[key] = fn
-        return self._compiled[key](raw, masks, owner, classes)
+        return self._compile(("masked",), fn)(raw, masks, owner, classes)
+
+
+def _class_scores(logits, classes):
+    """(classes with -1 replaced by the top class, the score of each image's class)."""
+    classes = tf.where(classes < 0, tf.argmax(logits, -1, output_type=tf.int32), classes)
+    return classes, tf.gather(logits, classes, axis=1, batch_dims=1)
 
 
 @dataclasses.dataclass
@@ -283,15 +282,14 @@ def _prepare(ex: Explainer, images, class_index):
     raw = tf.convert_to_tensor(np.asarray(images, np.float32))
     if raw.shape.rank != 4:
         raise ValueError(f"images must be (N, H, W, 3), got {raw.shape}")
-    logits = ex.logits(raw)
-    return raw, tf.constant(ex.resolve_classes(logits, class_index))
+    return raw, tf.constant(ex.class_indices(raw.shape[0], class_index))
 
 
 def grad_cam(ex: Explainer, images, class_index=None, layer: str | None = None) -> Explanation:
     """Grad-CAM: alpha_k = spatial mean of dS/dA_k per image; cam = ReLU(sum_k alpha_k A_k)."""
     path, target = find_layer(ex.model, layer)
     raw, classes = _prepare(ex, images, class_index)
-    acts, grads, logits = ex.gradients(target, raw, classes, path)
+    acts, grads, logits, classes = ex.gradients(target, raw, classes, path)
     alpha = tf.reduce_mean(grads, axis=[1, 2])                      # (N, K)
     cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, alpha)))
     maps = normalize_maps(_upsample(cam, raw.shape[1:3]))
@@ -303,7 +301,7 @@ def grad_cam_pp(ex: Explainer, images, class_index=None, layer: str | None = Non
     """Grad-CAM++ (Chattopadhyay et al. 2018), with the closed-form alpha for exp(score)."""
     path, target = find_layer(ex.model, layer)
     raw, classes = _prepare(ex, images, class_index)
-    acts, grads, logits = ex.gradients(target, raw, classes, path)
+    acts, grads, logits, classes = ex.gradients(target, raw, classes, path)
     g2, g3 = tf.square(grads), tf.pow(grads, 3)
     sum_a = tf.reduce_sum(acts, axis=[1, 2], keepdims=True)
     denom = 2.0 * g2 + sum_a * g3
@@ -323,7 +321,7 @@ def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
     batches of `batch_size`, which bounds the memory."""
     path, target = find_layer(ex.model, layer)
     raw, classes = _prepare(ex, images, class_index)
-    acts, _, logits = ex.gradients(target, raw, classes, path)
+    acts, _, logits, classes = ex.gradients(target, raw, classes, path)
     n, h, w, channels = acts.shape
     k = min(max_channels, channels)
     top = tf.math.top_k(tf.reduce_mean(acts, axis=[1, 2]), k).indices          # (N, k)
@@ -346,7 +344,7 @@ def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
 def saliency(ex: Explainer, images, class_index=None) -> Explanation:
     """Vanilla saliency: |dS/dx|, max over colour channels."""
     raw, classes = _prepare(ex, images, class_index)
-    grads, logits = ex.input_gradients(raw, classes)
+    grads, logits, classes = ex.input_gradients(raw, classes)
     maps = normalize_maps(tf.reduce_max(tf.abs(grads), axis=-1))
     return _finish(ex, maps, classes.numpy(), logits, "saliency", None, {})
 
@@ -355,7 +353,7 @@ def saliency_positive(ex: Explainer, images, class_index=None) -> Explanation:
     """Saliency from positive evidence only: max over colour channels of max(dS/dx, 0), the
     pixels whose brightening raises the score."""
     raw, classes = _prepare(ex, images, class_index)
-    grads, logits = ex.input_gradients(raw, classes)
+    grads, logits, classes = ex.input_gradients(raw, classes)
     maps = normalize_maps(tf.reduce_max(tf.nn.relu(grads), axis=-1))
     return _finish(ex, maps, classes.numpy(), logits, "saliency_positive", None, {})
 
@@ -367,15 +365,16 @@ def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: floa
     10-20% best. We average |dS/dx| (max over channels) rather than signed gradients, so
     opposite-signed evidence does not cancel."""
     raw, classes = _prepare(ex, images, class_index)
+    logits = ex.logits(raw)  # the class and score reported are those of the clean image
+    classes, _ = _class_scores(logits, classes)
     rng = tf.random.Generator.from_seed(seed)
     span = tf.reduce_max(raw, axis=[1, 2, 3], keepdims=True) - tf.reduce_min(
         raw, axis=[1, 2, 3], keepdims=True)
     total = tf.zeros(raw.shape[:3])
     for _ in range(n):
         noisy = raw + rng.normal(raw.shape) * noise * span
-        grads, _ = ex.input_gradients(noisy, classes)
+        grads, _, _ = ex.input_gradients(noisy, classes)
         total += tf.reduce_max(tf.abs(grads), axis=-1)
-    logits = ex.logits(raw)  # the score reported is that of the clean image
     maps = normalize_maps(total / n)
     return _finish(ex, maps, classes.numpy(), logits, "smoothgrad", None,
                    {"n": n, "noise": noise, "seed": seed})
