@@ -133,13 +133,6 @@ def expand_images(entries: Iterable[str]) -> Expansion:
     return Expansion(paths, skipped)
 
 
-# ---------------------------------------------------------------------------------------------
-# The detector
-
-def exported_model_path(checkpoint_dir: str, run_name: str) -> str:
-    return os.path.join(checkpoint_dir, run_name, "export", "model.keras")
-
-
 def check_output(path: str) -> None:
     """A .csv path whose folder exists (it is made here) and is writable."""
     if not path.endswith(".csv"):
@@ -151,6 +144,13 @@ def check_output(path: str) -> None:
         raise InferenceError(f"--output: cannot make folder {folder} ({e.strerror})") from e
     if not os.access(folder, os.W_OK) or os.path.isdir(path):
         raise InferenceError(f"--output: cannot write {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The detector
+
+def exported_model_path(checkpoint_dir: str, run_name: str) -> str:
+    return os.path.join(checkpoint_dir, run_name, "export", "model.keras")
 
 
 def read_metadata(model_path: str) -> dict:
@@ -312,7 +312,7 @@ def write_predictions(predictions: Iterable[Prediction], positive_class: str,
         writer.writerow(CSV_COLUMNS)
     counts = Counts()
     for pred in predictions:
-        print(format_line(pred, positive_class), file=stdout, flush=False)
+        print(format_line(pred, positive_class), file=stdout)
         if writer:
             writer.writerow(csv_row(pred))
         if pred.error is None:
