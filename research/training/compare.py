@@ -1,0 +1,306 @@
+"""Comparing training runs on one split: a table (markdown and JSON) and their ROC and PR
+curves overlaid in one figure.
+
+Each run is scored exactly as `evaluate` scores it (`evaluation.evaluate_run`: its own config,
+the F1-max threshold of its own val scores applied to the split), and every run must read the
+same split (same example count, same shard sha256s), so the rows differ by model only.
+
+Parameter counts come from the run's export (export/model.keras): Keras saves each layer's
+`trainable` flag, so a transfer run counts what its last phase trained. A run without an export
+(unfinished) is counted on the network its config builds, with the trainable flags it has at
+build time; `params_source` in the JSON and a note under the table say which. Training cost
+comes from train_summary.json: images seen = final_step x batch_size, wall time = its
+train_seconds (time in the train steps, all sessions, evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+from absl import logging
+
+import research.models  # noqa: F401  (registers our layers for load_model)
+from research import inference, plots
+from research.data import pipeline
+from research.training import evaluation, record
+from research.training import metrics as detmetrics
+from research.training.config import ConfigError, TrainConfig, load_run_config
+from research.training.state import make_model
+
+DASH = "\u2014"  # the table's "not applicable"
+EXPORT_KEYS = ("class_names", "positive_class", "image_shape")  # must match the scored data
+
+
+def list_runs(checkpoint_dir: str) -> list[str]:
+    """Names of the folders in `checkpoint_dir` that hold a run's config.json."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(d for d in os.listdir(checkpoint_dir)
+                  if os.path.isfile(os.path.join(checkpoint_dir, d, "config.json")))
+
+
+def _check_arguments(checkpoint_dir: str, runs, checkpoint: str,
+                     eval_batch_size: int | None) -> None:
+    if not runs:
+        raise ConfigError("--runs: give at least one run name")
+    dups = sorted({r for r in runs if list(runs).count(r) > 1})
+    if dups:
+        raise ConfigError(f"--runs: {', '.join(dups)} listed more than once")
+    if checkpoint not in ("best", "latest") and len(runs) > 1:
+        raise ConfigError(f"--checkpoint={checkpoint}: a checkpoint path belongs to one run; "
+                          "with several --runs use best or latest")
+    if eval_batch_size is not None and eval_batch_size < 1:
+        raise ConfigError(f"--eval_batch_size: must be positive, got {eval_batch_size}")
+    if not os.path.isdir(checkpoint_dir):
+        raise ConfigError(f"--checkpoint_dir: {checkpoint_dir} is not a folder")
+
+
+def _bad_runs(checkpoint_dir: str, what: str) -> ConfigError:
+    found = list_runs(checkpoint_dir)
+    return ConfigError(f"--runs: {what}; runs in {checkpoint_dir}: "
+                       f"{', '.join(found) if found else 'none'}")
+
+
+def load_runs(checkpoint_dir: str, runs, split: str, data_dir: str | None = None,
+              checkpoint: str = "best", eval_batch_size: int | None = None) -> list[dict]:
+    """Each run's config (with the overrides), checkpoint path, manifest and summary; checks
+    all of it, and that all runs read the same `split`, before any scoring."""
+    _check_arguments(checkpoint_dir, runs, checkpoint, eval_batch_size)
+    missing = [r for r in runs
+               if not os.path.isfile(os.path.join(checkpoint_dir, r, "config.json"))]
+    if missing:
+        raise _bad_runs(checkpoint_dir, f"no training run named {', '.join(missing)}")
+    loaded = []
+    for name in runs:
+        try:
+            cfg = load_run_config(checkpoint_dir, name)
+        except (ValueError, TypeError) as e:  # corrupt JSON or fields of the wrong shape
+            raise ConfigError(f"run {name}: unreadable "
+                              f"{os.path.join(checkpoint_dir, name, 'config.json')} ({e})") from e
+        cfg.checkpoint_dir, cfg.run_name = checkpoint_dir, name  # the run may have moved
+        if data_dir:
+            cfg.data_dir = data_dir
+        if eval_batch_size:
+            cfg.eval_batch_size = eval_batch_size
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"run {name}: {e}") from e
+        try:
+            path = evaluation.resolve_checkpoint(cfg, checkpoint)
+        except ConfigError as e:
+            if checkpoint in ("best", "latest"):
+                raise _bad_runs(checkpoint_dir, f"run {name} has no checkpoint ({e})") from e
+            raise ConfigError(f"run {name}: {e}") from e
+        try:
+            manifest = pipeline.load_manifest(cfg.data_dir)
+            for s in {"val", split}:  # a missing or corrupt shard fails here
+                pipeline.shard_paths(cfg.data_dir, manifest, s)
+        except pipeline.DataError as e:
+            raise pipeline.DataError(f"run {name}: {e}") from e
+        _check_export_matches(cfg, manifest)
+        try:
+            summary = record.read_summary(cfg)
+        except ValueError as e:
+            raise ConfigError(f"run {name}: unreadable "
+                              f"{os.path.join(cfg.run_dir, record.SUMMARY)} ({e})") from e
+        loaded.append({"name": name, "cfg": cfg, "checkpoint": path, "manifest": manifest,
+                       "summary": summary})
+    _check_same_split(loaded, split)
+    return loaded
+
+
+def _check_export_matches(cfg: TrainConfig, manifest: dict) -> None:
+    """A --data_dir override must hold the classes the run was trained on."""
+    meta_path = os.path.join(os.path.dirname(
+        inference.exported_model_path(cfg.checkpoint_dir, cfg.run_name)), "metadata.json")
+    if not os.path.isfile(meta_path):
+        return
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise pipeline.DataError(f"run {cfg.run_name}: unreadable {meta_path} ({e})") from e
+    for key in EXPORT_KEYS:
+        if key in meta and list(_listify(meta[key])) != list(_listify(manifest[key])):
+            raise pipeline.DataError(f"run {cfg.run_name} was trained with {key} {meta[key]} "
+                                     f"(its {meta_path}), but {cfg.data_dir} has "
+                                     f"{manifest[key]}")
+
+
+def _listify(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def _split_signature(run: dict, split: str) -> tuple:
+    s = run["manifest"]["splits"][split]
+    return s["num_examples"], tuple(shard["sha256"] for shard in s["shards"])
+
+
+def _check_same_split(loaded: list[dict], split: str) -> None:
+    first = loaded[0]
+    want = _split_signature(first, split)
+    for run in loaded[1:]:
+        got = _split_signature(run, split)
+        if got != want:
+            raise pipeline.DataError(
+                f"--runs: {first['name']} and {run['name']} read different {split} data "
+                f"({first['name']}: {want[0]:,} examples in {first['cfg'].data_dir}; "
+                f"{run['name']}: {got[0]:,} examples in {run['cfg'].data_dir}, "
+                f"{'other shards' if got[0] == want[0] else 'other count'}); "
+                "pass --data_dir to score every run on one folder")
+
+
+def count_params(cfg: TrainConfig, manifest: dict) -> dict:
+    """Parameters and trainable parameters, from the export if there is one (see the module
+    docstring), else from the network the config builds."""
+    path = inference.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
+    if os.path.isfile(path):
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as e:  # zip, h5, config or layer errors alike: one line
+            raise ConfigError(f"run {cfg.run_name}: cannot load {path}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        source = "export"
+    else:
+        model = make_model(cfg, manifest)
+        source = "config (no export; trainable flags as built)"
+    return {"params": int(model.count_params()),
+            "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+            "params_source": source}
+
+
+def training_cost(cfg: TrainConfig, summary: dict) -> dict:
+    """Images seen, wall time and images/s from train_summary.json (None where it is absent)."""
+    step, seconds = summary.get("final_step"), summary.get("train_seconds")
+    seen = step * cfg.batch_size if step is not None else None
+    return {"final_step": step, "batch_size": cfg.batch_size, "images_seen": seen,
+            "train_seconds": seconds,
+            "images_per_sec": seen / seconds if seen is not None and seconds else None}
+
+
+def compare_runs(checkpoint_dir: str, runs, split: str, data_dir: str | None = None,
+                 checkpoint: str = "best", eval_batch_size: int | None = None,
+                 progress: bool = True) -> tuple[dict, dict]:
+    """Scores every run on `split`; returns (result, raw arrays by run). `result` is what
+    write_table writes: {"split", ..., "runs": {name: evaluate's report + cost + params}}."""
+    loaded = load_runs(checkpoint_dir, runs, split, data_dir, checkpoint, eval_batch_size)
+    extras = {run["name"]: {"data_dir": run["cfg"].data_dir,
+                            **count_params(run["cfg"], run["manifest"]),
+                            **training_cost(run["cfg"], run["summary"])} for run in loaded}
+    first = loaded[0]
+    s = first["manifest"]["splits"][split]
+    result = {"split": split, "data_dir": first["cfg"].data_dir,
+              "num_examples": s["num_examples"], "num_positive": s["num_positive"],
+              "num_classes": len(first["manifest"]["class_names"]),
+              "checkpoint": checkpoint, "threshold_source": "each run's val (max F1)",
+              "runs": {}}
+    raw_by_run = {}
+    for i, run in enumerate(loaded):
+        logging.info("Scoring %s (%d of %d) on %s", run["name"], i + 1, len(loaded), split)
+        report, raw = evaluation.evaluate_run(run["cfg"], split, run["checkpoint"],
+                                              progress=progress)
+        result["runs"][run["name"]] = {**report, **extras[run["name"]]}
+        raw_by_run[run["name"]] = raw
+    return result, raw_by_run
+
+
+def check_output_prefix(prefix: str) -> str:
+    """Makes the prefix's folder; a bad prefix fails here, before any scoring."""
+    if (not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix)
+            or os.path.splitext(prefix)[1] in (".md", ".json", ".png")):
+        raise ConfigError(f"--output: want a path prefix without extension such as "
+                          f"results/compare (writes .md, .json and .png), got {prefix!r}")
+    folder = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output: cannot create {folder}: {e.strerror}") from e
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--output: {folder} is not writable")
+    return prefix
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return DASH
+    return f"{v:,.{digits}f}" if digits else f"{round(v):,}"
+
+
+def format_table(result: dict) -> str:
+    """The markdown table: one row per run, then notes on thresholds, costs and counts."""
+    runs = result["runs"]
+    n_cls = any("class_accuracy" in r for r in runs.values())
+    head = ["run", "ROC-AUC", "PR-AUC", "F1", "precision", "recall", "threshold"]
+    head += [f"{result['num_classes']}-class acc"] if n_cls else []
+    head += ["params", "trainable", "images seen", "wall time (s)", "images/s"]
+    lines = [f"Runs on **{result['split']}** of `{result['data_dir']}`: "
+             f"{result['num_examples']:,} images, {result['num_positive']:,} positive; "
+             f"checkpoint {result['checkpoint']}; thresholds chosen on "
+             f"{result['threshold_source']}.", "",
+             "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for name, r in runs.items():
+        row = [name.replace("|", "\\|")]
+        row += [_num(r[k]) for k in ("roc_auc", "pr_auc", "f1", "precision", "recall",
+                                     "threshold")]
+        row += [_num(r.get("class_accuracy"))] if n_cls else []
+        row += [_num(r["params"], 0), _num(r["trainable_params"], 0),
+                _num(r["images_seen"], 0), _num(r["train_seconds"], 1),
+                _num(r["images_per_sec"], 1)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Images seen = final step x batch size; wall time = seconds in the train "
+              "steps (train_summary.json, evaluation excluded)."]
+    no_summary = [n for n, r in runs.items() if r["final_step"] is None]
+    if no_summary:
+        lines.append(f"No train_summary.json for {', '.join(no_summary)}: its training cost "
+                     "is unknown.")
+    from_config = [n for n, r in runs.items() if r["params_source"] != "export"]
+    if from_config:
+        lines.append(f"Parameters of {', '.join(from_config)} are counted on the network built "
+                     "from config.json (no export yet), with its trainable flags as built.")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(result: dict, prefix: str) -> list[str]:
+    """<prefix>.md and <prefix>.json; returns their paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    md, js = prefix + ".md", prefix + ".json"
+    with open(md, "w") as f:
+        f.write(format_table(result))
+    with open(js, "w") as f:
+        json.dump(result, f, indent=1)
+    return [md, js]
+
+
+def curves_figure(result: dict, raw_by_run: dict):
+    """ROC and PR curves of every run, overlaid, as a backend-free Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.8))
+    roc, pr = fig.subplots(1, 2)
+    for name, r in result["runs"].items():
+        labels, scores = raw_by_run[name]["labels"], raw_by_run[name]["scores"]
+        line, = roc.plot(*detmetrics.roc_curve(labels, scores),
+                         label=f"{name} (AUC {r['roc_auc']:.4f})")
+        pr.plot(*detmetrics.pr_curve(labels, scores), color=line.get_color(),
+                label=f"{name} (AP {r['pr_auc']:.4f})")
+    roc.plot([0, 1], [0, 1], "k:", lw=0.8)
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    roc.legend(loc="lower right", fontsize=8)
+    pr.axhline(np.mean(next(iter(raw_by_run.values()))["labels"]), color="k", ls=":", lw=0.8)
+    pr.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02), title="precision-recall")
+    pr.legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"{result['split']}: {result['num_examples']:,} images "
+                 f"({result['num_positive']:,} positive), {len(result['runs'])} run(s)")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def write_figure(result: dict, raw_by_run: dict, prefix: str) -> str:
+    """<prefix>.png: the overlaid ROC and PR curves; returns its path."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    return plots.save_figure(curves_figure(result, raw_by_run), prefix + ".png")
