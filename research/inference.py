@@ -33,13 +33,21 @@ class InferenceError(ValueError):
     """Bad input; the message names the flag, file or value."""
 
 
+def _opt(default, help_text, **metadata):
+    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
-    batch_size: int = 64
-    top_k: int = 3                    # classes listed per image (multiclass models only)
-    threshold: float | None = None    # None: the run's val-chosen threshold
-    decode_threads: int | None = None  # None: one per core
-    prefetch_batches: int = 2         # batches decoded ahead of the one being scored
+    """How predict scores; the predict app's flags are derived from these fields."""
+    batch_size: int = _opt(64, "Images scored per batch.")
+    top_k: int = _opt(3, "Classes listed per image in the CSV (multiclass models, at most their "
+                      "class count; probabilities of the image as given, not mirror-averaged).")
+    threshold: float | None = _opt(None, "Decision threshold (default: the run's val-chosen "
+                                   "one).")
+    decode_threads: int | None = _opt(None, "Image decoding threads (default: one per core).")
+    prefetch_batches: int = _opt(2, "Batches decoded ahead of the one being scored.",
+                                 flag=False)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -48,6 +56,8 @@ class PredictOptions:
             raise InferenceError(f"--top_k: must be >= 0, got {self.top_k}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise InferenceError(f"--threshold: must be in [0, 1], got {self.threshold}")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise InferenceError(f"--decode_threads: must be >= 1, got {self.decode_threads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +105,11 @@ def expand_images(entries: Iterable[str]) -> Expansion:
     """Files as given; folders recursively (image extensions, sorted by relative path); globs
     (`**` included, sorted). The first occurrence of a file wins. An entry that names nothing,
     or a folder or glob without images, raises InferenceError."""
+    entries = [e for e in entries if e]
+    if not entries:
+        raise InferenceError("--images: no files, folders or globs given")
     paths, skipped, seen = [], [], {}
     for entry in entries:
-        if not entry:
-            continue
         found, before = [], len(skipped)
         if any(c in entry for c in "*?["):
             matches = sorted(glob.glob(entry, recursive=True))
@@ -153,25 +164,26 @@ def exported_model_path(checkpoint_dir: str, run_name: str) -> str:
     return os.path.join(checkpoint_dir, run_name, "export", "model.keras")
 
 
-def read_metadata(model_path: str) -> dict:
-    """metadata.json beside `model_path`, checked for the keys predict needs."""
+def read_metadata(model_path: str, flag: str = "--model") -> dict:
+    """metadata.json beside `model_path`, checked for the keys predict needs; errors name
+    `flag`."""
     meta_path = os.path.join(os.path.dirname(model_path), "metadata.json")
     for path in (model_path, meta_path):
         if not os.path.isfile(path):
-            raise InferenceError(f"--model: no such file {path} (an export holds model.keras "
+            raise InferenceError(f"{flag}: no such file {path} (an export holds model.keras "
                                  "and metadata.json)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise InferenceError(f"--model: {meta_path}: not readable JSON ({e})") from e
+        raise InferenceError(f"{flag}: {meta_path}: not readable JSON ({e})") from e
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
-        raise InferenceError(f"--model: {meta_path} lacks {', '.join(missing)}")
+        raise InferenceError(f"{flag}: {meta_path} lacks {', '.join(missing)}")
     if meta["objective"] not in ("binary", "multiclass"):
-        raise InferenceError(f"--model: {meta_path}: unknown objective {meta['objective']!r}")
+        raise InferenceError(f"{flag}: {meta_path}: unknown objective {meta['objective']!r}")
     if len(meta["image_shape"]) != 3:
-        raise InferenceError(f"--model: {meta_path}: image_shape {meta['image_shape']} is not "
+        raise InferenceError(f"{flag}: {meta_path}: image_shape {meta['image_shape']} is not "
                              "[height, width, channels]")
     return meta
 
@@ -216,22 +228,22 @@ class Detector:
         return scores.numpy(), probs.numpy()
 
 
-def load_detector(model_path: str, meta: dict | None = None) -> Detector:
+def load_detector(model_path: str, meta: dict | None = None, flag: str = "--model") -> Detector:
     """Loads an export; the model's output width must match its metadata."""
     import keras
 
     import research.models  # noqa: F401  (registers the custom layers)
 
-    meta = meta or read_metadata(model_path)
+    meta = meta or read_metadata(model_path, flag)
     try:
         model = keras.models.load_model(model_path, compile=False)
     except Exception as e:  # Keras raises many types for a bad archive
-        raise InferenceError(f"--model: {model_path}: cannot load ({type(e).__name__}: "
+        raise InferenceError(f"{flag}: {model_path}: cannot load ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
     want = len(meta["class_names"]) if meta["objective"] == "multiclass" else 1
     got = model.output_shape[-1]
     if got != want:
-        raise InferenceError(f"--model: {model_path} outputs {got} values but its metadata "
+        raise InferenceError(f"{flag}: {model_path} outputs {got} values but its metadata "
                              f"({meta['objective']}, {len(meta['class_names'])} classes) "
                              f"needs {want}")
     return Detector(model, meta)

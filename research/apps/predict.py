@@ -16,6 +16,7 @@ import sys
 
 from absl import app, flags
 
+from research.apps import config_flags
 from research.inference import PredictOptions
 from research.training.config import TrainConfig
 
@@ -26,12 +27,8 @@ flags.DEFINE_string("checkpoint_dir", TrainConfig.checkpoint_dir,
                     "Parent folder of training runs (with --run_name).")
 flags.DEFINE_list("images", None, "Image files, folders and globs (JPEG, PNG, ... any size).")
 flags.DEFINE_string("output", None, "CSV of path,score,decision,top_classes,error.")
-flags.DEFINE_float("threshold", PredictOptions.threshold,
-                   "Decision threshold (default: the run's val-chosen one).")
-flags.DEFINE_integer("batch_size", PredictOptions.batch_size, "Images scored per batch.")
-flags.DEFINE_integer("top_k", PredictOptions.top_k,
-                     "Classes listed per image in the CSV (multiclass models; at most their "
-                     "class count).")
+config_flags.define_flags(PredictOptions)
+flags.adopt_module_key_flags(config_flags)  # list them in this app's --help
 flags.mark_flags_as_required(["images"])
 
 
@@ -44,14 +41,14 @@ def main(argv):
             raise inference.InferenceError("--model, --run_name: give exactly one")
         if FLAGS.output:
             inference.check_output(FLAGS.output)
-        options = PredictOptions(batch_size=FLAGS.batch_size, top_k=FLAGS.top_k,
-                                 threshold=FLAGS.threshold)
+        options = PredictOptions(**config_flags.values_from_flags(PredictOptions))
         options.validate()
         model_path = FLAGS.model or inference.exported_model_path(FLAGS.checkpoint_dir,
                                                                   FLAGS.run_name)
-        meta = inference.read_metadata(model_path)
+        flag = "--model" if FLAGS.model else "--run_name"
+        meta = inference.read_metadata(model_path, flag)
         expansion = inference.expand_images(FLAGS.images)
-        detector = inference.load_detector(model_path, meta)
+        detector = inference.load_detector(model_path, meta, flag)
     except inference.InferenceError as e:
         sys.exit(f"error: {e}")
 
