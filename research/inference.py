@@ -5,7 +5,7 @@ decodes them in a thread pool while the model scores the previous batch, and yie
 `Prediction` per file in that order, unreadable files included (with their error).
 
 The export is `model.keras` plus `metadata.json` beside it (written by
-`research.training.loop.export_model`). It loads with `keras.models.load_model` once
+`research.training.record.export_model`). It loads with `keras.models.load_model` once
 `research.models` is imported, which registers the custom layers.
 """
 
@@ -286,15 +286,16 @@ def predict_files(detector: Detector, paths: list[str],
         ok = [i for i, (_, img, _) in enumerate(batch) if img is not None]
         scores, probs = (detector.score_batch(np.stack([batch[i][1] for i in ok])) if ok
                          else (np.zeros(0), np.zeros((0, 0))))
-        row = dict(zip(ok, range(len(ok))))
-        for i, (path, _, error) in enumerate(batch):
+        j = 0  # row of the next readable image in scores and probs
+        for path, _, error in batch:
             if error is not None:
                 yield Prediction(path, None, "", (), error)
                 continue
-            p, j = float(scores[row[i]]), row[i]
+            p = float(scores[j])
             top = np.argsort(-probs[j], kind="stable")[:options.top_k]
             yield Prediction(path, p, detector.decision(p, threshold),
                              tuple((names[k], float(probs[j, k])) for k in top))
+            j += 1
 
 
 def format_line(pred: Prediction, positive_class: str) -> str:
