@@ -39,7 +39,7 @@ def main(argv):
             cfg.data_dir = FLAGS.data_dir
         if FLAGS.tta is not None:
             cfg.tta = FLAGS.tta
-        if FLAGS.eval_batch_size:
+        if FLAGS.eval_batch_size is not None:  # 0 or less is an error, not 'unset'
             cfg.eval_batch_size = FLAGS.eval_batch_size
         cfg.validate()
         report, raw = evaluation.evaluate_run(cfg, FLAGS.split, FLAGS.checkpoint)
