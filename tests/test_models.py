@@ -41,8 +41,8 @@ def test_fused_bn_matches_keras_bn(dtype, tol):
     assert ours.moving_mean.dtype == "float32" and ours.gamma.dtype == "float32"
 
 
-def test_fused_bn_synchronises_statistics_across_replicas():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_fused_bn_synchronises_statistics_across_replicas(two_replicas):
+    strategy = two_replicas
     x = tf.random.stateless_normal([8, 4, 4, 3], seed=[3, 4])
     # Each replica sees a different half; synchronised BN must match one replica on all of x.
     x = tf.concat([x[:4] * 2.0 + 1.0, x[4:]], axis=0)

@@ -21,15 +21,6 @@ from research.training.config import ConfigError, TrainConfig
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
 
 
-@pytest.fixture(scope="session")
-def two_replicas():
-    # One MirroredStrategy per process: two strategies over the same devices can reuse
-    # collective instance keys and abort each other's all-reduces.
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert strategy.num_replicas_in_sync == 2
-    return strategy
-
-
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
     d = tmp_path_factory.mktemp("syn") / "data"

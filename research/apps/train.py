@@ -16,14 +16,14 @@ import sys
 from absl import app, flags, logging
 
 from research.apps import config_flags
-from research.models import MODEL_OPTIONS
+from research.models import MODEL_OPTIONS, options_class
 from research.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
 # --log_dir is absl.logging's own flag (where absl would put log files, which it does not do
 # unless asked); define_flags only sets its default, and it serves as the TensorBoard parent.
 config_flags.define_flags(TrainConfig)
-for _options in MODEL_OPTIONS.values():
+for _options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
     config_flags.define_flags(_options)
 flags.adopt_module_key_flags(config_flags)  # list them in this app's --help
 flags.mark_flags_as_required(["data_dir", "run_name"])
@@ -31,9 +31,10 @@ flags.mark_flags_as_required(["data_dir", "run_name"])
 
 def config_from_flags() -> TrainConfig:
     values = config_flags.values_from_flags(TrainConfig)
-    options_cls = MODEL_OPTIONS.get(FLAGS.model)
-    options = config_flags.values_from_flags(options_cls) if options_cls else {}
-    return TrainConfig(**values, model_options=options)
+    cfg = TrainConfig(**values)
+    options_cls = options_class(cfg.model, cfg.uses_backbone)
+    cfg.model_options = config_flags.values_from_flags(options_cls) if options_cls else {}
+    return cfg
 
 
 def gradcam_action(cfg: TrainConfig):
@@ -50,18 +51,26 @@ def main(argv):
     from research.apps.config_flags import FlagValueError
     from research.data.pipeline import DataError
     from research.training.config import ConfigError
+    from research.training.faults import PREEMPTED_EXIT, Preemption
     from research.training.loop import NonFiniteLossError, train_and_evaluate
 
     try:
         cfg = config_from_flags()
-        actions = [gradcam_action(cfg)] if cfg.gradcam_images else []
-        summary = train_and_evaluate(cfg, flagfile=FLAGS.flags_into_string(), actions=actions)
+        # The features recipe trains a head on cached feature vectors: nothing spatial to map.
+        use_gradcam = cfg.gradcam_images and cfg.transfer != "features"
+        actions = [gradcam_action(cfg)] if use_gradcam else []
+        with Preemption() as preemption:  # SIGTERM/SIGINT: checkpoint, then exit 75
+            summary = train_and_evaluate(cfg, flagfile=FLAGS.flags_into_string(),
+                                         actions=actions + [preemption])
     except (ConfigError, DataError, FlagValueError) as e:
         sys.exit(f"error: {e}")
     except NonFiniteLossError as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
     print(json.dumps(summary, indent=1))
+    if preemption.stopped_at is not None:
+        print(preemption.message(cfg), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -113,8 +113,10 @@ def uniform_from_index(index: tf.Tensor, seed: int, k: int) -> tf.Tensor:
     return tf.cast(bits, tf.float32) / float(1 << 24)
 
 
-def steps_per_epoch(manifest: dict, global_batch_size: int, split: str = "train") -> int:
-    return max(1, manifest["splits"][split]["num_examples"] // global_batch_size)
+def steps_per_epoch(manifest: dict, global_batch_size: int, split: str = "train",
+                    num_examples: int | None = None) -> int:
+    n = manifest["splits"][split]["num_examples"] if num_examples is None else num_examples
+    return max(1, n // global_batch_size)
 
 
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
@@ -122,7 +124,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
                  shuffle_buffer: int = 16384, rebalance: bool = False, start_step: int = 0,
                  global_batch_size: int | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 verify: bool = True) -> tf.data.Dataset:
+                 verify: bool = True, keep: np.ndarray | None = None) -> tf.data.Dataset:
     """The dataset of dicts {image, label, class_id[, index]} for one split.
 
     training=True: infinite, shuffled, augmented, `batch_size` per element (drop remainder),
@@ -131,6 +133,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
     split), the last batch may be partial.
     `scale`: 'unit' float32 in [0, 1], 'raw' float32 in [0, 255] (for a backbone's own
     preprocess_input), or 'uint8'.
+    `keep`: a boolean mask over the split's positions (see `example_mask`); only those
+    examples are read, and an epoch is one pass over them.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -140,8 +144,13 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
 
+    keep_t = None if keep is None else tf.constant(np.asarray(keep, bool))
+
+    def kept(ds):  # (position, record) pairs of the kept examples
+        return ds if keep_t is None else ds.filter(lambda i, _: tf.gather(keep_t, i))
+
     if not training:
-        ds = tf.data.TFRecordDataset(files).enumerate()
+        ds = kept(tf.data.TFRecordDataset(files).enumerate())
         if num_pipelines > 1:
             ds = ds.shard(num_pipelines, pipeline_id)
         ds = ds.batch(batch_size, drop_remainder=False)
@@ -155,7 +164,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         return ds.map(parse_eval, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
     global_batch_size = global_batch_size or batch_size * num_pipelines
-    n = manifest["splits"][split]["num_examples"]
+    n = manifest["splits"][split]["num_examples"] if keep is None else int(np.sum(keep))
+    starts = np.cumsum([0] + [sh["num_examples"] for sh in manifest["splits"][split]["shards"]])
     start_example = start_step * global_batch_size
     seed_t = tf.constant(seed, tf.int64)
     chunk = max(1, min(shuffle_buffer, n))
@@ -167,7 +177,16 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         # Sequential reads in a per-epoch file order: shards are class-mixed at write time and
         # the chunk permutation below mixes ~chunk/shard_size shards; parallel interleave
         # measured slower on 2 cores.
-        return tf.data.TFRecordDataset(f, buffer_size=1 << 20)
+        if keep_t is None:
+            return tf.data.TFRecordDataset(f, buffer_size=1 << 20)
+        # A subset: number each shard's records by their position in the split, then filter.
+        perm = tf.random.experimental.stateless_shuffle(tf.range(len(files)),
+                                                        seed=tf.stack([seed_t, e]))
+        pairs = tf.data.Dataset.from_tensor_slices((tf.gather(tf.constant(files), perm),
+                                                    tf.gather(tf.constant(starts[:-1]), perm)))
+        records = pairs.flat_map(lambda path, start: tf.data.TFRecordDataset(
+            path, buffer_size=1 << 20).enumerate(start))
+        return kept(records).map(lambda _, r: r)
 
     if rebalance:
         label_spec = {"label": tf.io.FixedLenFeature([], tf.int64)}
@@ -286,3 +305,43 @@ def take_examples(data_dir: str, split: str, n: int | None = None, filter: str =
         order = np.argsort(-out["label"], kind="stable")  # positives first
         out = {k: v[order] for k, v in out.items()}
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def split_class_ids(data_dir: str, split: str) -> np.ndarray:
+    """The class id of every example of a split, in position order (one parse-only pass)."""
+    manifest = load_manifest(data_dir)
+    spec = {"class_id": tf.io.FixedLenFeature([], tf.int64)}
+    ds = tf.data.TFRecordDataset(shard_paths(data_dir, manifest, split)).batch(4096).map(
+        lambda r: tf.io.parse_example(r, spec)["class_id"])
+    ids = np.concatenate([b.numpy() for b in ds]) if len(manifest["splits"][split]["shards"]) \
+        else np.zeros(0, np.int64)
+    ids.setflags(write=False)
+    return ids
+
+
+def example_mask(data_dir: str, split: str, exclude_classes=(), fraction: float | None = None,
+                 per_class: int | None = None, seed: int = 0) -> np.ndarray | None:
+    """Which examples of a split a run reads: not of `exclude_classes` (names), and, when
+    `fraction` or `per_class` is given, a deterministic stratified subset of each class
+    (round(fraction * n_c), or min(per_class, n_c); chosen by a seeded permutation).
+    None when everything is kept."""
+    if not exclude_classes and fraction is None and per_class is None:
+        return None
+    names = load_manifest(data_dir)["class_names"]
+    unknown = [c for c in exclude_classes if c not in names]
+    if unknown:
+        raise DataError(f"--exclude_classes: {', '.join(unknown)} not among the classes of "
+                        f"{data_dir}: {', '.join(names)}")
+    ids = split_class_ids(data_dir, split)
+    keep = ~np.isin(ids, [names.index(c) for c in exclude_classes])
+    if fraction is not None or per_class is not None:
+        rng = np.random.default_rng(seed)
+        chosen = np.zeros_like(keep)
+        for c in np.unique(ids[keep]):
+            idx = np.flatnonzero(ids == c)
+            idx = idx[rng.permutation(len(idx))]
+            k = int(round(fraction * len(idx))) if fraction is not None else per_class
+            chosen[idx[:max(1, min(k, len(idx)))]] = True
+        keep &= chosen
+    return keep

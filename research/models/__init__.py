@@ -7,30 +7,45 @@ model's options dataclass (the one home of its defaults; the train app's flags).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import keras
 
 from research.models import layers  # noqa: F401  (registers the custom layers)
+from research.models.backbones import (BACKBONES, TransferOptions, build_transfer_model,
+                                       check_options)
 from research.models.scratch import ScratchOptions, build_scratch_cnn
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "scratch": build_scratch_cnn,
+    **{name: functools.partial(build_transfer_model, name) for name in BACKBONES
+       if name != "scratch"},
 }
 MODEL_OPTIONS: dict[str, type] = {
     "scratch": ScratchOptions,
+    **{name: TransferOptions for name in BACKBONES if name != "scratch"},
 }
 
 
-def model_options_error(name: str, options: dict) -> tuple[str, str] | None:
+def options_class(name: str, transfer: bool = False) -> type | None:
+    """The options dataclass of model `name`; TransferOptions for any backbone in a transfer
+    recipe (the scratch network too)."""
+    return TransferOptions if transfer and name in BACKBONES else MODEL_OPTIONS.get(name)
+
+
+def model_options_error(name: str, options: dict, transfer: bool = False,
+                        image_shape=None) -> tuple[str, str] | None:
     """(flag, message) if `options` do not fit model `name`, else None."""
-    cls = MODEL_OPTIONS.get(name)
+    cls = options_class(name, transfer)
     if cls is None:
         return None
     try:
         opts = cls(**options)
     except TypeError as e:
         return "model", f"bad options for {name!r}: {e}"
+    if cls is TransferOptions:
+        return check_options(name, opts, image_shape)
     return opts.validate()
 
 

@@ -40,7 +40,9 @@ class FusedBatchNorm(keras.layers.Layer):
 
     def call(self, x, training=False):
         gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
-        if not training:
+        # As Keras' BatchNormalization: a frozen layer runs in inference mode (Keras 3 passes
+        # the outer training flag down through nested models, whatever they were called with).
+        if not training or not self.trainable:
             return tf.compat.v1.nn.fused_batch_norm(
                 x, gamma, beta, mean=tf.convert_to_tensor(self.moving_mean),
                 variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,

@@ -15,6 +15,7 @@ import os
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -48,6 +49,7 @@ class LoopContext:
     report: dict | None = None
     last_report: dict | None = None
     stop: bool = False          # set by an action to end training after this round
+    rebuild: bool = False       # set by an action that changed what trains (a new phase)
 
     @property
     def at_end(self) -> bool:
@@ -97,7 +99,8 @@ class TrainLog(Action):
     def __call__(self, ctx):
         cfg, state = ctx.cfg, ctx.state
         values = {k: float(v.result()) for k, v in state.train_metrics.items()}
-        record.log_train(ctx.writers.train, values, float(state.optimizer.learning_rate),
+        record.log_train(ctx.writers.train, values,
+                         float(state.active_optimizer.learning_rate),
                          ctx.steps_run, ctx.seconds, cfg.batch_size, ctx.step)
         for metric in state.train_metrics.values():
             metric.reset_state()
@@ -148,24 +151,27 @@ class OnEval(Action):
 
 
 class BestAndEarlyStop(Action):
-    """Keeps the checkpoint with the best val PR-AUC; stops after `patience` evals without a
-    gain (0: never)."""
+    """Keeps the checkpoint with the best val PR-AUC (val N-class accuracy for a source task
+    without the positive class); stops after `patience` evals without a gain (0: never)."""
 
-    def __init__(self, patience: int):
-        self.patience = patience
+    def __init__(self, patience: int, metric: str = "pr_auc"):
+        self.patience, self.metric = patience, metric
 
     def __call__(self, ctx):
         if ctx.report is None:
             return
         state = ctx.state
-        if ctx.report["pr_auc"] > float(state.best_metric.numpy()):
-            state.best_metric.assign(ctx.report["pr_auc"])
+        value = (ctx.result.class_accuracy if self.metric == "class_accuracy"
+                 else ctx.report[self.metric])
+        if value > float(state.best_metric.numpy()):
+            state.best_metric.assign(value)
             state.bad_evals.assign(0)
             state.best_manager.save(checkpoint_number=ctx.step)
             return
         state.bad_evals.assign_add(1)
         if self.patience and int(state.bad_evals.numpy()) >= self.patience:
-            logging.info("Early stop: val PR-AUC has not improved for %d evals", self.patience)
+            logging.info("Early stop: val %s has not improved for %d evals", self.metric,
+                         self.patience)
             ctx.stop = True
 
 
@@ -178,6 +184,26 @@ class Checkpoint(Action):
     def __call__(self, ctx):
         if ctx.step % ctx.plan.checkpoint_every == 0 or ctx.step == ctx.stop_at or ctx.stop:
             ctx.state.manager.save(checkpoint_number=ctx.step)
+
+
+class PhaseSwitch(Action):
+    """fine_tune: at the end of phase 1, unfreezes the base from --fine_tune_from and hands
+    training to the phase-2 optimizer (the loop rebuilds its compiled step)."""
+
+    def next_boundary(self, ctx):
+        return None if ctx.state.in_phase_2 else ctx.plan.head_steps
+
+    def __call__(self, ctx):
+        if ctx.state.in_phase_2 or ctx.step < ctx.plan.head_steps:
+            return
+        from research.training.state import apply_phase
+
+        apply_phase(ctx.cfg, ctx.state.model, 2)
+        ctx.state.phase.assign(2)
+        ctx.rebuild = True
+        trainable = sum(int(np.prod(v.shape)) for v in ctx.state.model.trainable_variables)
+        logging.info("Phase 2 at step %d: fine-tuning %s parameters at peak lr %g", ctx.step,
+                     f"{trainable:,}", ctx.cfg.fine_tune_lr)
 
 
 class Profiler(Action):
@@ -207,11 +233,16 @@ class Profiler(Action):
             self.running = False
 
 
-def standard_actions(cfg: TrainConfig, extra=()) -> list[Action]:
+def standard_actions(cfg: TrainConfig, positive_class: str, extra=()) -> list[Action]:
     """The loop's actions, in the order they run after each call; `extra` run right after
     the evaluation."""
+    metric = ("class_accuracy" if cfg.exclude_classes and positive_class in cfg.exclude_classes
+              else "pr_auc")
     actions = [NanGuard(), TrainLog(cfg.progress), Evaluate(), *extra,
-               BestAndEarlyStop(cfg.patience), Checkpoint()]
+               BestAndEarlyStop(cfg.patience, metric)]
+    if cfg.transfer == "fine_tune":
+        actions.append(PhaseSwitch())  # before Checkpoint: a phase-2 checkpoint says so
+    actions.append(Checkpoint())
     if cfg.profile_steps:
         actions.append(Profiler(cfg.profile_steps, os.path.join(cfg.tb_dir, "train")))
     return actions

@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 CLASS_WEIGHTINGS = ("none", "balanced")
+TRANSFERS = ("none", "features", "frozen", "fine_tune")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,33 @@ class TrainConfig:
     objective: str = _f("multiclass", "binary: one sigmoid logit for the positive class; "
                         "multiclass: softmax over the source classes, the detector score is "
                         "P(positive class).", choices=OBJECTIVES)
+    transfer: str = _f("none", "Transfer recipe for a backbone --model (vgg16, ..., or scratch "
+                       "with --weights=<run>). features: the frozen base runs once over "
+                       "train/val/test, its features are cached under <data_dir>/features/<key>/"
+                       " and a dense head trains on them (no augmentation can apply); frozen: "
+                       "base frozen, head trained end to end with augmentation; fine_tune: "
+                       "phase 1 trains the head (--head_epochs at --head_lr), phase 2 unfreezes "
+                       "from --fine_tune_from and trains at --fine_tune_lr for "
+                       "--fine_tune_epochs with a fresh optimizer (new slots for every "
+                       "variable). none: a backbone --model trains whole. BatchNorm layers of "
+                       "the base stay in inference mode throughout.", choices=TRANSFERS)
+    head_epochs: float = _f(2.0, "fine_tune: phase-1 length (head only), in epochs.")
+    head_lr: float | None = _f(None, "fine_tune: phase-1 peak learning rate (default: "
+                               "--learning_rate).")
+    fine_tune_from: str | None = _f(None, "fine_tune: unfreeze the base from this block or "
+                                    "layer on (default: the backbone's last block).")
+    fine_tune_layers: int | None = _f(None, "fine_tune: unfreeze the last N weighted layers of "
+                                      "the base instead of --fine_tune_from.")
+    fine_tune_lr: float = _f(0.01, "fine_tune: phase-2 peak learning rate (cosine, no "
+                             "warmup).")
+    fine_tune_epochs: float = _f(2.0, "fine_tune: phase-2 length, in epochs.")
+    exclude_classes: tuple[str, ...] = _f((), "Classes left out of every split (a source task, "
+                                          "e.g. cat: with no positive class, the best "
+                                          "checkpoint is chosen by val N-class accuracy).")
+    train_fraction: float | None = _f(None, "Train on a deterministic stratified fraction of "
+                                      "each class (val and test stay whole).")
+    train_per_class: int | None = _f(None, "Train on at most N examples per class "
+                                     "(deterministic, stratified).")
     checkpoint_dir: str = _f("checkpoints", "Parent folder of run checkpoints.")
     log_dir: str = _f("logs", "Parent folder of TensorBoard logs.")
     epochs: float = _f(20.0, "Epochs to train (ignored if --train_steps is set).")
@@ -81,7 +109,8 @@ class TrainConfig:
     profile_steps: tuple[int, int] | None = _f(None, "a,b: record a profiler trace for "
                                                "steps [a, b).")
     gradcam_images: int = _f(16, "Val images (half positives) whose Grad-CAM overlays are "
-                             "logged to TensorBoard at every eval (0: off).")
+                             "logged to TensorBoard at every eval (0: off; not with "
+                             "--transfer=features).")
     progress: bool = _f(True, "Show a progress bar.")
 
     @property
@@ -106,7 +135,7 @@ class TrainConfig:
 
         if self.model not in MODELS:
             bad("model", f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
-        problem = model_options_error(self.model, self.model_options)
+        problem = model_options_error(self.model, self.model_options, self.uses_backbone)
         if problem:
             bad(problem[0], problem[1])
         for field in dataclasses.fields(self):
@@ -116,13 +145,38 @@ class TrainConfig:
                     f"{', '.join(choices)}")
         if self.batch_size < 1:
             bad("batch_size", "must be positive")
+        from research.training.checks import numeric_errors
+
+        for flag, problem in numeric_errors(self):  # signs, ranges and zero
+            bad(flag, problem)
         if self.train_steps is None and self.epochs <= 0:
             bad("epochs", "must be positive (or set --train_steps)")
         if self.train_steps is not None and self.train_steps < 1:
             bad("train_steps", "must be positive")
         if self.steps_per_loop < 1:
             bad("steps_per_loop", "must be >= 1")
-        if self.profile_steps and not 0 <= self.profile_steps[0] < self.profile_steps[1]:
+        if self.transfer == "fine_tune":
+            if self.train_steps is not None:
+                bad("train_steps", "does not apply to --transfer=fine_tune; its length is "
+                    "--head_epochs + --fine_tune_epochs")
+            if self.head_epochs <= 0 or self.fine_tune_epochs <= 0:
+                bad("head_epochs", "--head_epochs and --fine_tune_epochs must be positive")
+            if self.fine_tune_from and self.fine_tune_layers:
+                bad("fine_tune_layers", "give --fine_tune_from or --fine_tune_layers, not both")
+        if self.transfer != "none":
+            from research.models.backbones import BACKBONES
+
+            if self.model not in BACKBONES:
+                bad("model", f"--transfer={self.transfer} needs a backbone model: "
+                    f"{', '.join(BACKBONES)}")
+        if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
+            bad("train_fraction", f"must be in (0, 1], got {self.train_fraction}")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            bad("train_per_class", f"must be >= 1, got {self.train_per_class}")
+        if self.train_fraction is not None and self.train_per_class is not None:
+            bad("train_per_class", "give --train_fraction or --train_per_class, not both")
+        if self.profile_steps and (len(self.profile_steps) != 2 or
+                                   not 0 <= self.profile_steps[0] < self.profile_steps[1]):
             bad("profile_steps", f"want a,b with 0 <= a < b, got {self.profile_steps}")
 
     def to_json(self) -> str:
@@ -133,9 +187,17 @@ class TrainConfig:
         d = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if d.get("profile_steps"):
-            d["profile_steps"] = tuple(d["profile_steps"])
+        for name in ("profile_steps", "exclude_classes"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
         return cls(**d)
+
+    @property
+    def uses_backbone(self) -> bool:
+        """A transfer model (backbone + head) rather than a plain registered network."""
+        from research.models.backbones import BACKBONES
+
+        return self.transfer != "none" or (self.model in BACKBONES and self.model != "scratch")
 
 
 def load_run_config(checkpoint_dir: str, run_name: str) -> TrainConfig:

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from research import plots
 from research.data import pipeline
+from research.training import inputs
 from research.training import metrics as detmetrics
 from research.training.config import ConfigError, TrainConfig
 from research.training.state import make_model
@@ -54,14 +55,12 @@ class Evaluator:
         cfg = self.cfg
         for metric in self.metrics.values():
             metric.reset_state()
-        ds = pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size, training=False,
-                                   scale=cfg.scale)
+        ds, expected = inputs.eval_dataset(cfg, split)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA)
         dist = self.strategy.experimental_distribute_dataset(ds.with_options(options))
-        n = pipeline.load_manifest(cfg.data_dir)["splits"][split]["num_examples"]
-        bar = keras.utils.Progbar(n, unit_name="image") if progress else None
+        bar = keras.utils.Progbar(len(expected), unit_name="image") if progress else None
         parts = []
         for batch in dist:
             out = {k: v.numpy() for k, v in self.eval_step(batch).items()}
@@ -71,9 +70,9 @@ class Evaluator:
         outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(outputs["index"])
         outputs = {k: v[order] for k, v in outputs.items()}
-        if len(outputs["index"]) != n or not np.array_equal(outputs["index"], np.arange(n)):
+        if not np.array_equal(outputs["index"], expected):
             raise RuntimeError(f"evaluation of {split} saw {len(outputs['index'])} examples, "
-                               f"the manifest lists {n}")
+                               f"the run's examples of it are {len(expected)}")
         m = self.metrics
         return EvalResult(split, outputs["score"], outputs["label"], outputs["class_id"],
                           outputs["index"], outputs["logits"], float(m["loss"].result()),

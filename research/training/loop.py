@@ -16,14 +16,16 @@ import tensorflow as tf
 from absl import logging
 
 from research.data import pipeline
+from research.training import cluster, faults
 from research.training import metrics as detmetrics
 from research.training import record
 from research.training.actions import (LoopContext, NonFiniteLossError,  # noqa: F401
                                        standard_actions)
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluation import Evaluator
-from research.training.state import (create_train_state, make_strategy, plan_steps,
-                                     resolve_precision)
+from research.training import inputs
+from research.training.state import (apply_phase, create_train_state, make_strategy,
+                                     plan_steps, resolve_precision)
 from research.training.steps import make_train_loop
 
 
@@ -35,15 +37,19 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     if precision == "auto" and not cfg.restart and os.path.isfile(saved):
         with open(saved) as f:
             precision = TrainConfig.from_json(f.read()).precision
-    return dataclasses.replace(cfg, precision=resolve_precision(precision))
+    # A backbone model takes raw pixels and preprocesses them itself.
+    scale = "raw" if cfg.uses_backbone else cfg.scale
+    return dataclasses.replace(cfg, precision=resolve_precision(precision), scale=scale)
 
 
-def restore_or_warm_start(cfg: TrainConfig, state) -> None:
-    latest = state.manager.latest_checkpoint
+def restore_or_warm_start(cfg: TrainConfig, state, latest: str | None = None) -> None:
+    latest = latest or state.manager.latest_checkpoint
     if latest:
         state.checkpoint.restore(latest).assert_existing_objects_matched()
-        logging.info("Resumed %s at step %d (epoch %d)", latest, state.step,
-                     int(state.epoch.numpy()))
+        if state.in_phase_2:
+            apply_phase(cfg, state.model, 2)
+        logging.info("Resumed %s at step %d (epoch %d%s)", latest, state.step,
+                     int(state.epoch.numpy()), ", phase 2" if state.in_phase_2 else "")
     elif cfg.init_checkpoint:
         tf.train.Checkpoint(model=state.model).restore(cfg.init_checkpoint).expect_partial()
         logging.info("Warm-started the model from %s", cfg.init_checkpoint)
@@ -55,10 +61,20 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     """Trains (or resumes) the run in cfg.run_dir, evaluating on val; returns a summary.
     `actions` run after each evaluation (e.g. the train app's Grad-CAM images)."""
     cfg = prepare_config(cfg)
+    cluster.check_tf_config(cfg.strategy)
+    faults.check_resume(cfg)  # a resume that changes the network or the data stops here
     strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
     if cfg.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas")
+    worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
+    with faults.RunLock(worker_cfg.run_dir):
+        return _train(worker_cfg, cfg, flagfile, strategy, actions)
+
+
+def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) -> dict:
+    """train_and_evaluate under the run lock; `run_cfg` names the run folder to resume from
+    (the chief's), `cfg` the one to write."""
     manifest = pipeline.load_manifest(cfg.data_dir)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -66,31 +82,34 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     if cfg.restart:
         for d in (cfg.run_dir, cfg.tb_dir):
             shutil.rmtree(d, ignore_errors=True)
-    plan = plan_steps(cfg, manifest)
+    plan = plan_steps(cfg, manifest, inputs.num_examples(cfg, manifest, "train"))
+    # An unreadable latest checkpoint is moved aside (by the chief) before the manager reads
+    # the list; every worker resumes from the chief's run folder.
+    latest = None if cfg.restart else faults.latest_good_checkpoint(
+        run_cfg.run_dir, move_aside=cfg is run_cfg)
     state = create_train_state(cfg, strategy, manifest, plan)
-    restore_or_warm_start(cfg, state)
-    previous = record.read_summary(cfg)
+    restore_or_warm_start(cfg, state, latest)
+    previous = record.read_summary(run_cfg)
     if state.step >= plan.total_steps and previous.get("final_step", -1) >= plan.total_steps:
         logging.info("Run %s already finished at step %d; nothing to do (--restart trains it "
                      "anew)", cfg.run_name, state.step)
         return previous
-    record.write_run_record(cfg, flagfile)
+    faults.record_session(cfg, flagfile, state.step)  # config.json is written once
 
     positive_id = manifest["positive_class_id"]
     weights = None
     if cfg.class_weighting == "balanced":
         weights = {k: tf.constant(v) for k, v in pipeline.class_weights(manifest).items()}
     train_loop = make_train_loop(cfg, state, positive_id, weights)
-    iterator = iter(strategy.distribute_datasets_from_function(pipeline.make_input_fn(
-        cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, scale=cfg.scale,
-        augment=cfg.augment, rebalance=cfg.rebalance, start_step=state.step)))
+    iterator = iter(strategy.distribute_datasets_from_function(
+        inputs.train_input_fn(cfg, state.step)))
     ctx = LoopContext(cfg, state, plan, manifest, record.Writers(cfg.tb_dir),
                       Evaluator(cfg, strategy, state.model, positive_id), start_step=state.step,
                       stop_at=min(plan.total_steps, cfg.stop_at_step or plan.total_steps),
                       step=state.step)
-    if ctx.start_step == 0:
+    if ctx.start_step == 0 and cfg.transfer != "features":
         record.log_sample_inputs(cfg, manifest, ctx.writers.train)
-    actions = standard_actions(cfg, extra=actions)
+    actions = standard_actions(cfg, manifest["positive_class"], extra=actions)
     logging.info("Training %s: %d steps (%d per epoch), global batch %d on %d replica(s), %s",
                  cfg.run_name, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,
                  strategy.num_replicas_in_sync, cfg.precision)
@@ -109,6 +128,8 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
         state.epoch.assign(ctx.step // plan.steps_per_epoch)
         for action in actions:
             action(ctx)
+        if ctx.rebuild:
+            train_loop, ctx.rebuild = make_train_loop(cfg, state, positive_id, weights), False
     for action in actions:
         action.end(ctx)
     return finish(ctx, previous)
@@ -134,8 +155,12 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
             report = detmetrics.detection_report(result.labels, result.scores)
         summary["final_val"] = {k: report[k] for k in
                                 ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold")}
-        summary["export"] = record.export_model(state.model, cfg, ctx.manifest,
-                                                report["threshold"])
+        model = state.model
+        if cfg.transfer == "features":  # export image -> logits, not the head alone
+            from research.training import features
+
+            model = features.full_model(cfg, ctx.manifest, state.model)
+        summary["export"] = record.export_model(model, cfg, ctx.manifest, report["threshold"])
         record.log_hparams(cfg, ctx.writers.eval, summary)
     ctx.writers.flush()
     record.write_summary(cfg, summary)

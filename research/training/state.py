@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from research import machine
 from research.data import pipeline
-from research.models import build_model
+from research.models import backbones, build_model
 from research.training.config import ConfigError, TrainConfig
 
 
@@ -96,18 +96,25 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How long the run is, in optimizer steps."""
+    """How long the run is, in optimizer steps (fine_tune: phase 1 is `head_steps` long)."""
     steps_per_epoch: int
     total_steps: int
     eval_every: int
     checkpoint_every: int
+    head_steps: int | None = None
 
 
-def plan_steps(cfg: TrainConfig, manifest: dict) -> Plan:
-    per_epoch = pipeline.steps_per_epoch(manifest, cfg.batch_size)
-    total = cfg.train_steps or max(1, int(round(cfg.epochs * per_epoch)))
+def plan_steps(cfg: TrainConfig, manifest: dict, num_train: int | None = None) -> Plan:
+    """`num_train`: the run's training examples when it trains on a subset."""
+    per_epoch = pipeline.steps_per_epoch(manifest, cfg.batch_size, num_examples=num_train)
+    head = None
+    if cfg.transfer == "fine_tune":
+        head = max(1, int(round(cfg.head_epochs * per_epoch)))
+        total = head + max(1, int(round(cfg.fine_tune_epochs * per_epoch)))
+    else:
+        total = cfg.train_steps or max(1, int(round(cfg.epochs * per_epoch)))
     eval_every = cfg.eval_every_steps or per_epoch
-    return Plan(per_epoch, total, eval_every, cfg.checkpoint_every_steps or eval_every)
+    return Plan(per_epoch, total, eval_every, cfg.checkpoint_every_steps or eval_every, head)
 
 
 def num_outputs(cfg: TrainConfig, manifest: dict) -> int:
@@ -115,10 +122,42 @@ def num_outputs(cfg: TrainConfig, manifest: dict) -> int:
 
 
 def make_model(cfg: TrainConfig, manifest: dict, **overrides) -> keras.Model:
-    """The run's network (call inside the strategy scope)."""
+    """The run's network (call inside the strategy scope): a registered network, a backbone
+    with a new head, or (features recipe) the head alone on the cached features."""
+    dtype = None if cfg.precision == "float32" else cfg.precision
+    options = {**cfg.model_options, **overrides}
+    if cfg.transfer == "features":
+        from research.training import features
+
+        return backbones.head_model(features.open_cache(cfg).feature_shape,
+                                    num_outputs(cfg, manifest), dtype=dtype, **options)
+    if cfg.uses_backbone:
+        return backbones.build_transfer_model(
+            cfg.model, manifest["image_shape"], num_outputs(cfg, manifest), dtype=dtype,
+            checkpoint_dir=cfg.checkpoint_dir, **options)
     return build_model(cfg.model, manifest["image_shape"], num_outputs(cfg, manifest),
-                       dtype=None if cfg.precision == "float32" else cfg.precision,
-                       **{**cfg.model_options, **overrides})
+                       dtype=dtype, **options)
+
+
+def apply_phase(cfg: TrainConfig, model: keras.Model, phase: int) -> None:
+    """Which backbone layers train: none (frozen, features, fine_tune phase 1), those from
+    --fine_tune_from / the last --fine_tune_layers (phase 2), or all (transfer none).
+    In the transfer recipes BatchNorm layers of the base never train (inference mode)."""
+    if not cfg.uses_backbone or cfg.transfer == "features":
+        return
+    base = backbones.backbone_of(model)
+    if cfg.transfer == "frozen" or (cfg.transfer == "fine_tune" and phase == 1):
+        backbones.set_trainable_from(base, None)
+    elif cfg.transfer == "fine_tune":
+        if cfg.fine_tune_layers:
+            weighted = [i for i, layer in enumerate(base.layers) if layer.weights]
+            start = weighted[-min(cfg.fine_tune_layers, len(weighted))]
+        else:
+            name = cfg.fine_tune_from or backbones.BACKBONES[cfg.model].blocks[-1]
+            start = backbones.block_start(base, name, cfg.model)
+        backbones.set_trainable_from(base, start)
+    else:  # transfer none: the whole network trains, BatchNorm in training mode too
+        base.trainable = True
 
 
 def make_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
@@ -146,10 +185,24 @@ class TrainState:
     best_metric: tf.Variable
     bad_evals: tf.Variable
     train_metrics: dict
+    fine_tune_optimizer: keras.optimizers.Optimizer | None = None  # fine_tune phase 2
+    phase: tf.Variable | None = None                                # fine_tune: 1 or 2
+
+    @property
+    def in_phase_2(self) -> bool:
+        return self.phase is not None and int(self.phase.numpy()) == 2
+
+    @property
+    def active_optimizer(self) -> keras.optimizers.Optimizer:
+        return self.fine_tune_optimizer if self.in_phase_2 else self.optimizer
 
     @property
     def step(self) -> int:
-        return int(self.optimizer.iterations.numpy())
+        """The global step: phase 2's optimizer counts from 0 where phase 1's stopped."""
+        step = int(self.optimizer.iterations.numpy())
+        if self.fine_tune_optimizer is not None:
+            step += int(self.fine_tune_optimizer.iterations.numpy())
+        return step
 
 
 def make_train_metrics(cfg: TrainConfig) -> dict:
@@ -169,10 +222,22 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
     all created inside strategy.scope()."""
     with strategy.scope():
         model = model or make_model(cfg, manifest)
-        schedule = WarmupCosine(cfg.learning_rate,
+        head_steps = plan.head_steps or plan.total_steps
+        schedule = WarmupCosine(cfg.head_lr or cfg.learning_rate,
                                 int(cfg.warmup_epochs * plan.steps_per_epoch),
-                                plan.total_steps, cfg.final_lr_fraction)
+                                head_steps, cfg.final_lr_fraction)
         optimizer = make_optimizer(cfg, schedule)
+        extra = {}
+        if cfg.transfer == "fine_tune":
+            # Phase 2's optimizer is built now, on phase 2's variables, so a checkpoint of
+            # either phase restores into the same objects.
+            apply_phase(cfg, model, 2)
+            fine_tune = make_optimizer(cfg, WarmupCosine(
+                cfg.fine_tune_lr, 0, plan.total_steps - head_steps, cfg.final_lr_fraction))
+            fine_tune.build(model.trainable_variables)
+            extra = {"fine_tune_optimizer": fine_tune,
+                     "phase": tf.Variable(1, dtype=tf.int64, trainable=False, name="phase")}
+        apply_phase(cfg, model, 1)
         optimizer.build(model.trainable_variables)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_val_pr_auc")
@@ -182,7 +247,8 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
-                                         best_metric=best, bad_evals=bad, rng_states=rng_states)
+                                         best_metric=best, bad_evals=bad, rng_states=rng_states,
+                                         **extra)
         manager = tf.train.CheckpointManager(checkpoint, cfg.run_dir,
                                              max_to_keep=cfg.keep_checkpoints,
                                              step_counter=optimizer.iterations)
@@ -190,4 +256,4 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
                                                   max_to_keep=1, checkpoint_name="best",
                                                   step_counter=optimizer.iterations)
     return TrainState(strategy, model, optimizer, checkpoint, manager, best_manager, epoch, best,
-                      bad, train_metrics)
+                      bad, train_metrics, **extra)

@@ -40,7 +40,7 @@ def update_metrics(metrics: dict, batch: dict, per_example: tf.Tensor, scores: t
 def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
                     weights: dict | None):
     """A tf.function that runs `num_steps` distributed steps from `iterator`."""
-    strategy, model, optimizer = state.strategy, state.model, state.optimizer
+    strategy, model, optimizer = state.strategy, state.model, state.active_optimizer
     replicas = strategy.num_replicas_in_sync
 
     # XLA compiles the forward and backward pass; the iterator, the all-reduce and the

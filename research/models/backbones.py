@@ -1,0 +1,335 @@
+"""Pretrained CNN backbones for transfer learning, and the transfer model built on them.
+
+A registry over keras.applications (plus our own scratch network, so a run of ours can serve
+as a backbone). Each entry knows its `preprocess_input`, its minimum input size, the size it
+was trained at, a CPU-friendly default size, its block names (for fine-tuning and surgery),
+and the Keras cache file of its ImageNet weights without the classifier.
+
+The transfer model takes the TFRecords' raw pixels (float 0..255, scale 'raw'); resizing and
+the backbone's own preprocessing live inside it, so evaluate, predict, explain and the
+TensorBoard hook see exactly what training saw:
+
+  image -> Resizing(image_size) -> BackbonePreprocess -> base (nested; its BatchNorm layers
+  are frozen in the transfer recipes, which keeps them in inference mode) -> GAP | Flatten ->
+  Dense(units, relu) + Dropout ... -> Dense(num_outputs) logits (float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
+HEADS = ("gap", "flatten")
+
+
+class BackboneError(ValueError):
+    """A bad backbone setting; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[..., keras.Model] | None  # (input_shape, weights) -> base; None: scratch
+    preprocess: str            # keras.applications module whose preprocess_input to use
+    min_size: int
+    native_size: int           # the size its ImageNet weights were trained at
+    default_size: int          # what a 2-core CPU trains in minutes
+    blocks: tuple[str, ...]    # block name prefixes, first to last
+    weights_file: str | None   # Keras' cache name of the no-top ImageNet weights
+
+
+def _app(ctor):
+    return lambda input_shape, weights: ctor(include_top=False, weights=weights,
+                                             input_shape=input_shape)
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("vgg16", _app(keras.applications.VGG16), "vgg16", 32, 224, 64,
+             ("block1", "block2", "block3", "block4", "block5"),
+             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("vgg19", _app(keras.applications.VGG19), "vgg19", 32, 224, 64,
+             ("block1", "block2", "block3", "block4", "block5"),
+             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("resnet50", _app(keras.applications.ResNet50), "resnet50", 32, 224, 64,
+             ("conv1", "conv2", "conv3", "conv4", "conv5"),
+             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("mobilenet_v2", _app(keras.applications.MobileNetV2), "mobilenet_v2", 32, 224, 96,
+             ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(1, 17)), "Conv_1"),
+             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
+    Backbone("efficientnetb0", _app(keras.applications.EfficientNetB0), "efficientnet", 32,
+             224, 64, ("stem", "block1", "block2", "block3", "block4", "block5", "block6",
+                       "block7", "top"), "efficientnetb0_notop.h5"),
+    Backbone("scratch", None, "unit", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
+)}
+
+
+@dataclasses.dataclass
+class TransferOptions:
+    """The transfer model's options and their one set of defaults (the train app's flags)."""
+    weights: str = dataclasses.field(default="imagenet", metadata={
+        "help": f"Backbone weights: {WEIGHTS_CHOICES_HELP}. imagenet uses Keras' download and "
+                "cache (~/.keras/models); a run name loads the model of one of our runs as the "
+                "backbone."})
+    image_size: int | None = dataclasses.field(default=None, metadata={
+        "help": "Size the backbone sees (the model resizes its input). Default per backbone, "
+                "for a 2-core CPU (64 for VGG16); bigger sizes are for GPUs."})
+    cut_at: str | None = dataclasses.field(default=None, metadata={
+        "help": "Model surgery: the backbone ends at this layer (a bad name lists them)."})
+    head: str = dataclasses.field(default="gap", metadata={
+        "help": "How the head pools the backbone's feature map.", "choices": HEADS})
+    head_units: tuple[int, ...] = dataclasses.field(default=(256,), metadata={
+        "help": "Hidden Dense layers of the head (ReLU), e.g. 256 or 512,128; empty: none."})
+    dropout: float = dataclasses.field(default=0.0, metadata={
+        "help": "Dropout before the logits."})
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.head not in HEADS:
+            return "head", f"{self.head!r} is not one of {', '.join(HEADS)}"
+        if any(u < 1 for u in self.head_units):
+            return "head_units", f"units must be positive, got {self.head_units}"
+        if not 0.0 <= self.dropout < 1.0:
+            return "dropout", f"must be in [0, 1), got {self.dropout}"
+        if self.image_size is not None and self.image_size < 1:
+            return "image_size", f"must be positive, got {self.image_size}"
+        return None
+
+
+@keras.saving.register_keras_serializable(package="research")
+class BackbonePreprocess(keras.layers.Layer):
+    """The backbone's own `preprocess_input` on raw 0..255 pixels (gray is tiled to RGB)."""
+
+    def __init__(self, backbone: str, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+
+    def call(self, x):
+        x = tf.cast(x, self.compute_dtype)
+        if x.shape[-1] == 1:
+            x = tf.tile(x, [1, 1, 1, 3])
+        module = BACKBONES[self.backbone].preprocess
+        if module == "unit":
+            return x / 255.0
+        return getattr(keras.applications, module).preprocess_input(x)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+def keras_models_dir() -> str:
+    return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+
+
+def image_size_of(backbone: str, opts: TransferOptions) -> int:
+    return opts.image_size or BACKBONES[backbone].default_size
+
+
+def check_options(backbone: str, opts: TransferOptions, image_shape) -> tuple[str, str] | None:
+    """(flag, message) for a setting the backbone cannot take, before any work."""
+    if backbone not in BACKBONES:
+        return "model", f"{backbone!r} is not a backbone; choose one of {', '.join(BACKBONES)}"
+    problem = opts.validate()
+    if problem:
+        return problem
+    b = BACKBONES[backbone]
+    size = image_size_of(backbone, opts)
+    if size < b.min_size:
+        return "image_size", f"{size} is below {backbone}'s minimum input size {b.min_size}"
+    if backbone == "scratch" and opts.weights == "imagenet":
+        return "weights", "the scratch network has no ImageNet weights; use none or a run name"
+    return None
+
+
+def _imagenet_base(b: Backbone, input_shape) -> keras.Model:
+    target = os.path.join(keras_models_dir(), b.weights_file)
+    try:
+        return b.build(input_shape, "imagenet")
+    except Exception as e:
+        # get_file downloads beside the target first; never leave a partial file behind.
+        for leftover in (target + ".part", target + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise BackboneError(
+            f"--weights=imagenet: could not get the ImageNet weights of {b.name} ({e}). "
+            f"Without network access, place {b.weights_file} in {keras_models_dir()}/ (or "
+            "pass --weights=<file>, --weights=<run name> or --weights=none)") from e
+
+
+def _scratch_base(input_shape, model_options: dict) -> keras.Model:
+    from research.models.scratch import build_scratch_cnn
+
+    full = build_scratch_cnn(input_shape, 1, **model_options)
+    return keras.Model(full.input, last_spatial_layer(full).output, name="scratch")
+
+
+def last_spatial_layer(model: keras.Model) -> keras.layers.Layer:
+    """The last layer with a 4-D output (the end of a CNN's feature extractor)."""
+    spatial = [layer for layer in model.layers[1:] if len(layer.output.shape) == 4]
+    return spatial[-1]
+
+
+def load_run_model(checkpoint_dir: str, run: str) -> tuple[keras.Model, dict]:
+    """(exported model, its config.json) of one of our runs."""
+    path = os.path.join(checkpoint_dir, run, "export", "model.keras")
+    if not os.path.isfile(path):
+        raise BackboneError(f"--weights={run}: {path} not found (the run has not finished, or "
+                            f"is not in --checkpoint_dir={checkpoint_dir})")
+    with open(os.path.join(checkpoint_dir, run, "config.json")) as f:
+        config = json.load(f)
+    return keras.models.load_model(path, compile=False), config
+
+
+def _weights_from_run(base: keras.Model, backbone: str, run: str, checkpoint_dir: str) -> None:
+    """Copies the source run's backbone weights into `base`, layer by layer by name."""
+    source, config = load_run_model(checkpoint_dir, run)
+    nested = [layer for layer in source.layers if isinstance(layer, keras.Model)]
+    if config.get("model") != backbone:
+        raise BackboneError(f"--weights={run}: that run trained --model="
+                            f"{config.get('model')}, not {backbone}")
+    donor = nested[0] if nested else source
+    by_name = {layer.name: layer for layer in donor.layers}
+    copied = 0
+    for layer in base.layers:
+        if layer.weights and layer.name in by_name:
+            layer.set_weights(by_name[layer.name].get_weights())
+            copied += 1
+    if not copied:
+        raise BackboneError(f"--weights={run}: no layer of its model matches {backbone}")
+
+
+def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir: str = "",
+               scratch_options: dict | None = None) -> keras.Model:
+    """The backbone without its classifier, with its weights, cut at `opts.cut_at`."""
+    b = BACKBONES[backbone]
+    weights = opts.weights
+    if backbone == "scratch":
+        if weights not in ("none", "") and not os.path.isfile(weights):
+            _, config = load_run_model(checkpoint_dir, weights)
+            scratch_options = config.get("model_options", {})
+        base = _scratch_base(input_shape, dict(scratch_options or {}))
+    elif weights == "imagenet":
+        base = _imagenet_base(b, input_shape)
+    else:
+        base = b.build(input_shape, None)
+    if weights not in ("imagenet", "none", ""):
+        if os.path.isfile(weights):
+            if not weights.endswith(".h5"):
+                raise BackboneError(f"--weights={weights}: want a .h5 or .weights.h5 file")
+            base.load_weights(weights)
+        else:
+            _weights_from_run(base, backbone, weights, checkpoint_dir)
+    base.trainable = True
+    if opts.cut_at:
+        names = [layer.name for layer in base.layers[1:]]
+        if opts.cut_at not in names:
+            raise BackboneError(f"--cut_at: no layer {opts.cut_at!r} in {backbone}; its layers "
+                                f"are: {', '.join(names)}")
+        base = keras.Model(base.input, base.get_layer(opts.cut_at).output, name=base.name)
+    return base
+
+
+def build_transfer_model(backbone: str, image_shape, num_outputs: int,
+                         dtype: str | None = None, checkpoint_dir: str = "",
+                         scratch_options: dict | None = None, features_only: bool = False,
+                         **options) -> keras.Model:
+    """The detector: raw pixels in, logits out; the backbone nested under its own name.
+    `features_only`: the frozen extractor (image -> feature map) for the features recipe."""
+    opts = TransferOptions(**options)
+    problem = check_options(backbone, opts, image_shape)
+    if problem:
+        raise BackboneError(f"--{problem[0]}: {problem[1]}")
+    size = image_size_of(backbone, opts)
+    base_shape = (size, size, 3)
+    if backbone == "scratch":
+        base_shape = (size, size, image_shape[-1])
+    policy = keras.config.dtype_policy()
+    if dtype:
+        keras.config.set_dtype_policy(dtype)  # keras.applications take the global policy
+    try:
+        base = build_base(backbone, opts, base_shape, checkpoint_dir, scratch_options)
+        inputs = keras.Input(shape=tuple(image_shape), name="image")
+        x = inputs
+        if tuple(image_shape[:2]) != (size, size):
+            x = keras.layers.Resizing(size, size, name="resize", dtype=dtype)(x)
+        if backbone != "scratch":
+            x = BackbonePreprocess(backbone, name="preprocess", dtype=dtype)(x)
+        else:
+            x = keras.layers.Rescaling(1 / 255.0, name="preprocess", dtype=dtype)(x)
+        features = base(x)
+        if features_only:
+            return keras.Model(inputs, features, name=f"{backbone}_features")
+        head_inputs = features
+        logits = build_head(head_inputs, num_outputs, opts, dtype)
+        return keras.Model(inputs, logits, name=f"{backbone}_transfer")
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def build_head(x, num_outputs: int, opts: TransferOptions, dtype=None):
+    x = (keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype) if opts.head == "gap"
+         else keras.layers.Flatten(name="head_flatten", dtype=dtype))(x)
+    for i, units in enumerate(opts.head_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}", dtype=dtype)(x)
+    if opts.dropout:
+        x = keras.layers.Dropout(opts.dropout, name="head_dropout", dtype=dtype)(x)
+    return keras.layers.Dense(num_outputs, name="logits", dtype="float32")(x)
+
+
+def head_model(feature_shape, num_outputs: int, dtype: str | None = None,
+               **options) -> keras.Model:
+    """The head alone, on cached features (the features recipe)."""
+    opts = TransferOptions(**options)
+    inputs = keras.Input(shape=tuple(feature_shape), name="image")
+    return keras.Model(inputs, build_head(inputs, num_outputs, opts, dtype), name="head")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone of a transfer model."""
+    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not nested:
+        raise BackboneError(f"model {model.name!r} has no nested backbone")
+    return nested[0]
+
+
+def block_start(base: keras.Model, name: str, backbone: str) -> int:
+    """Index in base.layers of the first layer of block or layer `name`."""
+    for i, layer in enumerate(base.layers):
+        if layer.name == name or layer.name.startswith(name + "_") or (
+                layer.name.startswith(name) and name in BACKBONES[backbone].blocks
+                and layer.name[len(name):len(name) + 1].isalpha()):
+            return i
+    blocks = ", ".join(BACKBONES[backbone].blocks)
+    raise BackboneError(f"--fine_tune_from: no block or layer {name!r} in {backbone}; its "
+                        f"blocks are: {blocks} (or any layer name: "
+                        f"{', '.join(layer.name for layer in base.layers[1:])})")
+
+
+def set_trainable_from(base: keras.Model, start: int | None) -> None:
+    """Freezes the whole base (start None), or unfreezes its layers from index `start` on.
+    BatchNorm layers stay frozen, which also keeps them in inference mode: their statistics
+    and scales never move. start=0 with all=True: everything trains, BatchNorm included."""
+    base.trainable = start is not None
+    if start is None:
+        return
+    for i, layer in enumerate(base.layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization) or "BatchNorm" in type(
+            layer).__name__
+        layer.trainable = i >= start and not is_bn
+
+
+def weights_hash(model: keras.Model) -> str:
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(w.path.encode())
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()
