@@ -343,3 +343,40 @@ def test_dream_raises_activation_and_keeps_size():
     assert a.final_activation > 1.2 * a.start_activation
     b = dream.dream(ex, img, ["c2"], steps=5, seed=1)
     np.testing.assert_array_equal(a.image, b.image)
+
+
+def fake_run(checkpoint_dir, name="tiny"):
+    """An exported 10-class scratch detector, as training leaves it (weights random)."""
+    model = build_model("scratch", (32, 32, 3), 10, widths=(8, 16), res_blocks=(1, 0),
+                        stem_width=8)
+    head = model.layers[-1]
+    head.kernel.assign(np.random.default_rng(8).normal(0, 1, head.kernel.shape))  # zero-init
+    export = checkpoint_dir / name / "export"
+    export.mkdir(parents=True)
+    model.save(export / "model.keras")
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+               "ship", "truck"]
+    (export / "metadata.json").write_text(json.dumps(
+        {"objective": "multiclass", "positive_class": "cat", "positive_class_id": 3,
+         "class_names": classes, "image_shape": [32, 32, 3], "scale": "unit",
+         "threshold": 0.5, "tta": False}))
+    return name
+
+
+def test_explain_cli_on_a_run_compare_classes_and_dream(tmp_path):
+    run = fake_run(tmp_path / "ck")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+                    ).save(photo)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "research.apps.explain", f"--run_name={run}",
+           f"--checkpoint_dir={tmp_path / 'ck'}", f"--images={photo}", "--precision=float32",
+           "--method=gradcam,saliency_positive", "--compare_classes=cat,dog",
+           "--visualize=dream", "--dream_steps=3", f"--out_dir={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (out / "compare_classes.png").exists()
+    assert cv2.imread(str(out / "dream_photo.png")).shape == (32, 32, 3)
+    assert (out / "saliency_positive" / "heatmap_photo.png").exists()
+    assert json.loads((out / "gradcam" / "heatmap_photo.png.json").read_text()
+                      )["precision"] == "float32"

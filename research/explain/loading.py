@@ -124,16 +124,19 @@ def load_run(checkpoint_dir: str, run_name: str, precision: str = "float32"
              ) -> tuple[Explainer, dict]:
     """Our trained detector: the exported model.keras of the run, rebuilt under `precision`
     (one of PRECISIONS)."""
-    import research.models.layers  # noqa: F401  (registers FusedBatchNorm)
+    import research.models  # noqa: F401  (registers our custom layers)
+    from research import inference
 
     policy = resolve_precision(precision)
-    export = os.path.join(checkpoint_dir, run_name, "export")
-    path = os.path.join(export, "model.keras")
+    path = inference.exported_model_path(checkpoint_dir, run_name)
     if not os.path.isfile(path):
         raise ModelLoadError(f"--run_name: {path} not found; the run has not finished "
                              "training (its export is written at the end)")
-    with open(os.path.join(export, "metadata.json")) as f:
-        meta = json.load(f)
+    try:
+        meta = inference.read_metadata(path)
+    except inference.InferenceError as e:
+        raise ModelLoadError(f"--run_name={run_name}: {str(e).removeprefix('--model: ')}"
+                             ) from e
     model = keras.models.load_model(path, compile=False)
     model = with_policy(model, policy)  # also undoes a bf16 export when asked for float32
     preprocess = detector.preprocess_fn(meta["scale"])
