@@ -347,6 +347,7 @@ def test_dream_raises_activation_and_keeps_size():
 
 def fake_run(checkpoint_dir, name="tiny"):
     """An exported 10-class scratch detector, as training leaves it (weights random)."""
+    keras.utils.set_random_seed(8)
     model = build_model("scratch", (32, 32, 3), 10, widths=(8, 16), res_blocks=(1, 0),
                         stem_width=8)
     head = model.layers[-1]

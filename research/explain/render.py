@@ -91,8 +91,10 @@ def class_comparison_figure(images, maps, titles, alpha: float = 0.4, upscale: i
     axes = fig.subplots(len(images), cols, squeeze=False)
     for i, img in enumerate(images):
         img = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
-        if img.shape[0] < upscale:  # 32x32 inputs stay visible
-            img = cv2.resize(img, (upscale, upscale), interpolation=cv2.INTER_NEAREST)
+        f = -(-upscale // min(img.shape[:2]))  # whole-pixel zoom: 32x32 inputs stay visible
+        if f > 1:
+            img = cv2.resize(img, (img.shape[1] * f, img.shape[0] * f),
+                             interpolation=cv2.INTER_NEAREST)
         cells = [img] + [overlay_heatmap(img, m[i], alpha)[1] for m in maps]
         names = ["image"] + [t[i] for t in titles]
         for ax, cell, name in zip(axes[i], cells, names):
