@@ -338,10 +338,10 @@ def test_dream_raises_activation_and_keeps_size():
     model = keras.Model(x, keras.layers.Dense(1)(keras.layers.Flatten()(y)))
     ex = core.Explainer(model, detector.preprocess_fn("unit"))
     img = images(1, 20, 24, 3, seed=2)[0]
-    a = dream.dream(ex, img, ["c2"], steps=5, seed=1)
+    a = dream.dream(ex, img, ["c2"], steps=10, seed=1)
     assert a.image.shape == (20, 24, 3) and a.image.dtype == np.uint8
-    assert a.final_activation > 1.2 * a.start_activation
-    b = dream.dream(ex, img, ["c2"], steps=5, seed=1)
+    assert a.final_activation > 1.3 * a.start_activation  # 0.064 -> 0.095
+    b = dream.dream(ex, img, ["c2"], steps=10, seed=1)
     np.testing.assert_array_equal(a.image, b.image)
 
 
