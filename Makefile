@@ -43,6 +43,9 @@ benchmarks: $(VENV)/.installed
 	$(PY) -m research.benchmarks.input_pipeline --data_dir=$(DATA)
 	$(PY) -m research.benchmarks.train_step
 	$(PY) -m research.benchmarks.gradcam
+	$(PY) -m research.benchmarks.metrics
+	$(PY) -m research.benchmarks.transfer
+	$(PY) -m research.benchmarks.predict
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,6 +9,7 @@ Evaluation streams are finite, ordered, and never drop the remainder.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -92,6 +93,57 @@ def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4) -> tf.Tensor
     return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
+FILL_MODES = ("nearest", "reflect", "wrap", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """Random affine augmentation as Keras' ImageDataGenerator names it (rotation and shear
+    in degrees, shifts and zoom as fractions of the image); all zero: off."""
+    rotation_range: float = 0.0
+    width_shift_range: float = 0.0
+    height_shift_range: float = 0.0
+    shear_range: float = 0.0
+    zoom_range: float = 0.0
+    fill_mode: str = "nearest"
+
+    @property
+    def active(self) -> bool:
+        return any((self.rotation_range, self.width_shift_range, self.height_shift_range,
+                    self.shear_range, self.zoom_range))
+
+
+def affine_batch(images: tf.Tensor, rand: tf.Tensor, affine: Affine) -> tf.Tensor:
+    """One random affine transform per image, all in one op (no per-image Python).
+
+    `rand` is [B, 6] uniform in [0, 1): rotation, x shift, y shift, shear, x zoom, y zoom.
+    Each transform is taken about the image centre; the output keeps dtype and shape.
+    """
+    h, w = images.shape[1], images.shape[2]
+    u = 2.0 * rand - 1.0  # [-1, 1)
+    theta = np.deg2rad(affine.rotation_range) * u[:, 0]
+    tx, ty = affine.width_shift_range * w * u[:, 1], affine.height_shift_range * h * u[:, 2]
+    shear = np.deg2rad(affine.shear_range) * u[:, 3]
+    zx, zy = 1.0 + affine.zoom_range * u[:, 4], 1.0 + affine.zoom_range * u[:, 5]
+    # Output pixel (x, y) samples input pixel c + A (p - c) - t, with A = R(theta) S(shear) Z:
+    # the map from output to input coordinates that ImageProjectiveTransform expects.
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    a00, a01 = cos * zx, (-sin - cos * tf.tan(shear)) * zy
+    a10, a11 = sin * zx, (cos - sin * tf.tan(shear)) * zy
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    b0 = cx - a00 * cx - a01 * cy - tx
+    b1 = cy - a10 * cx - a11 * cy - ty
+    zeros = tf.zeros_like(a00)
+    transforms = tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32), transforms=transforms,
+        output_shape=tf.constant([h, w]), fill_value=0.0, interpolation="BILINEAR",
+        fill_mode=affine.fill_mode.upper())
+    if images.dtype == tf.uint8:
+        out = tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    return out
+
+
 def _splitmix64(x: tf.Tensor) -> tf.Tensor:
     def mix(z, shift, mult):
         return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(shift, tf.uint64))
@@ -121,6 +173,7 @@ def steps_per_epoch(manifest: dict, global_batch_size: int, split: str = "train"
 
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
                  seed: int = 0, scale: str = "unit", augment: bool = True, pad: int = 4,
+                 affine: Affine | None = None,
                  shuffle_buffer: int = 16384, rebalance: bool = False, start_step: int = 0,
                  global_batch_size: int | None = None,
                  input_context: tf.distribute.InputContext | None = None,
@@ -133,6 +186,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
     split), the last batch may be partial.
     `scale`: 'unit' float32 in [0, 1], 'raw' float32 in [0, 255] (for a backbone's own
     preprocess_input), or 'uint8'.
+    `affine`: random rotation/shift/shear/zoom on top of flip and crop (training only).
     `keep`: a boolean mask over the split's positions (see `example_mask`); only those
     examples are read, and an epoch is one pass over them.
     """
@@ -240,6 +294,9 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         out = dict(out)
         if augment:
             out["image"] = augment_batch(out["image"], uniform_from_index(index, seed, 3), pad)
+        if affine is not None and affine.active:  # its own key: flip/crop draws unchanged
+            out["image"] = affine_batch(out["image"],
+                                        uniform_from_index(index, seed + 7919, 6), affine)
         out["image"] = scale_images(out["image"], scale)
         return out
 

@@ -48,6 +48,7 @@ class LoopContext:
     result: EvalResult | None = None  # set by Evaluate in the round it evaluates
     report: dict | None = None
     last_report: dict | None = None
+    train_values: dict = dataclasses.field(default_factory=dict)  # of the last call
     stop: bool = False          # set by an action to end training after this round
     rebuild: bool = False       # set by an action that changed what trains (a new phase)
 
@@ -102,6 +103,7 @@ class TrainLog(Action):
         record.log_train(ctx.writers.train, values,
                          float(state.active_optimizer.learning_rate),
                          ctx.steps_run, ctx.seconds, cfg.batch_size, ctx.step)
+        ctx.train_values = values
         for metric in state.train_metrics.values():
             metric.reset_state()
         rate = ctx.steps_run * cfg.batch_size / ctx.seconds
@@ -137,6 +139,41 @@ class Evaluate(Action):
         logging.info("eval  | step %6d | val loss %.4f | roc_auc %.4f | pr_auc %.4f | f1 %.4f"
                      " @ %.3f", ctx.step, ctx.result.loss, r["roc_auc"], r["pr_auc"], r["f1"],
                      r["threshold"])
+
+
+class Curves(Action):
+    """history.jsonl and curves.png beside the checkpoints, redrawn at each evaluation:
+    train loss and accuracy (averaged since the last eval), val loss, accuracy, ROC-AUC and
+    PR-AUC. A resumed run continues the history of its earlier sessions."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        self.rows = record.read_history(cfg, start_step)
+        self.sums, self.steps = {}, 0
+
+    def __call__(self, ctx):
+        for k, v in ctx.train_values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * ctx.steps_run
+        self.steps += ctx.steps_run
+        if ctx.result is None:
+            return
+        train = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        multiclass = "class_accuracy" in train
+        row = {"step": ctx.step, "train_loss": train.get("loss"),
+               "train_accuracy": train.get("class_accuracy" if multiclass else "accuracy"),
+               "val_loss": ctx.result.loss,
+               "val_accuracy": (ctx.result.class_accuracy if multiclass
+                                else ctx.result.accuracy),
+               "val_roc_auc": _finite(ctx.report["roc_auc"]),
+               "val_pr_auc": _finite(ctx.report["pr_auc"]),
+               "accuracy_kind": (f"{len(ctx.manifest['class_names'])}-class accuracy"
+                                 if multiclass else "accuracy")}
+        self.rows.append(row)
+        self.sums, self.steps = {}, 0
+        record.write_history(ctx.cfg, self.rows, ctx.plan.steps_per_epoch)
+
+
+def _finite(x):
+    return x if x is not None and math.isfinite(x) else None
 
 
 class OnEval(Action):
@@ -233,12 +270,13 @@ class Profiler(Action):
             self.running = False
 
 
-def standard_actions(cfg: TrainConfig, positive_class: str, extra=()) -> list[Action]:
+def standard_actions(cfg: TrainConfig, positive_class: str, start_step: int = 0,
+                     extra=()) -> list[Action]:
     """The loop's actions, in the order they run after each call; `extra` run right after
     the evaluation."""
     metric = ("class_accuracy" if cfg.exclude_classes and positive_class in cfg.exclude_classes
               else "pr_auc")
-    actions = [NanGuard(), TrainLog(cfg.progress), Evaluate(), *extra,
+    actions = [NanGuard(), TrainLog(cfg.progress), Evaluate(), Curves(cfg, start_step), *extra,
                BestAndEarlyStop(cfg.patience, metric)]
     if cfg.transfer == "fine_tune":
         actions.append(PhaseSwitch())  # before Checkpoint: a phase-2 checkpoint says so

@@ -35,6 +35,11 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("fine_tune_lr", 0, None, True, True),
     ("fine_tune_epochs", 0, None, False, True),
     ("fine_tune_layers", 1, None, True, True),
+    ("rotation_range", 0, 180, True, True),
+    ("width_shift_range", 0, 1, True, False),
+    ("height_shift_range", 0, 1, True, False),
+    ("shear_range", 0, 90, True, False),
+    ("zoom_range", 0, 1, True, False),
 )
 
 

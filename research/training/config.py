@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 
+from research.data.pipeline import FILL_MODES, Affine
+
 OBJECTIVES = ("binary", "multiclass")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -86,12 +88,22 @@ class TrainConfig:
     class_weighting: str = _f("none", "Per-example loss weights.", choices=CLASS_WEIGHTINGS)
     rebalance: bool = _f(False, "Sample positives and negatives 50/50 in training.")
     augment: bool = _f(True, "Random flip and pad-and-crop in training.")
+    rotation_range: float = _f(0.0, "Random rotation, degrees (Keras ImageDataGenerator's "
+                               "name and meaning; 0: off). Vectorised in tf.data, seeded.")
+    width_shift_range: float = _f(0.0, "Random horizontal shift, fraction of the width.")
+    height_shift_range: float = _f(0.0, "Random vertical shift, fraction of the height.")
+    shear_range: float = _f(0.0, "Random shear angle, degrees.")
+    zoom_range: float = _f(0.0, "Random zoom in [1 - z, 1 + z], per axis.")
+    fill_mode: str = _f("nearest", "How the affine augmentations fill points outside the "
+                        "image.", choices=FILL_MODES)
     tta: bool = _f(True, "Average the score over the image and its mirror in eval.")
     scale: str = _f("unit", "Input scaling (research.detector.SCALES).", flag=False)
     precision: str = _f("auto", "auto: mixed_float16 on GPU, mixed_bfloat16 on CPUs with "
                         "AMX/AVX512-BF16, else float32. A run keeps the resolved value.",
                         choices=PRECISIONS)
     jit_compile: bool = _f(False, "XLA-compile the train step.")
+    run_eagerly: bool = _f(False, "Run the train and eval steps without tf.function, for "
+                           "debugging (slow; same results within float tolerance).")
     steps_per_loop: int = _f(50, "Steps per tf.function call.")
     eval_every_steps: int | None = _f(None, "Eval on val every N steps (default: epoch).")
     checkpoint_every_steps: int | None = _f(None, "Checkpoint every N steps "
@@ -191,6 +203,12 @@ class TrainConfig:
             if d.get(name) is not None:
                 d[name] = tuple(d[name])
         return cls(**d)
+
+    @property
+    def affine(self):
+        """The affine augmentation settings, as the input pipeline takes them."""
+        return Affine(self.rotation_range, self.width_shift_range, self.height_shift_range,
+                      self.shear_range, self.zoom_range, self.fill_mode)
 
     @property
     def uses_backbone(self) -> bool:

@@ -39,7 +39,8 @@ def train_input_fn(cfg: TrainConfig, start_step: int):
             input_context=ctx, keep=keep)
     return pipeline.make_input_fn(
         cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, scale=cfg.scale,
-        augment=cfg.augment, rebalance=cfg.rebalance, start_step=start_step, keep=keep)
+        augment=cfg.augment, affine=cfg.affine, rebalance=cfg.rebalance,
+        start_step=start_step, keep=keep)
 
 
 def eval_dataset(cfg: TrainConfig, split: str) -> tuple[tf.data.Dataset, np.ndarray]:

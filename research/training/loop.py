@@ -24,8 +24,8 @@ from research.training.actions import (LoopContext, NonFiniteLossError,  # noqa:
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluation import Evaluator
 from research.training import inputs
-from research.training.state import (apply_phase, create_train_state, make_strategy,
-                                     plan_steps, resolve_precision)
+from research.training.state import (apply_phase, create_train_state, plan_steps,
+                                     resolve_precision)
 from research.training.steps import make_train_loop
 
 
@@ -63,7 +63,7 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     cfg = prepare_config(cfg)
     cluster.check_tf_config(cfg.strategy)
     faults.check_resume(cfg)  # a resume that changes the network or the data stops here
-    strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
+    strategy = strategy or cluster.make_strategy(cfg.strategy, cfg.cpu_replicas)
     if cfg.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas")
@@ -109,7 +109,9 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
                       step=state.step)
     if ctx.start_step == 0 and cfg.transfer != "features":
         record.log_sample_inputs(cfg, manifest, ctx.writers.train)
-    actions = standard_actions(cfg, manifest["positive_class"], extra=actions)
+    actions = standard_actions(cfg, manifest["positive_class"], ctx.start_step, extra=actions)
+    record.log_devices(strategy)
+    record.log_model_summary(cfg, state.model)
     logging.info("Training %s: %d steps (%d per epoch), global batch %d on %d replica(s), %s",
                  cfg.run_name, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,
                  strategy.num_replicas_in_sync, cfg.precision)

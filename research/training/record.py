@@ -9,6 +9,7 @@ import os
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from research import machine, plots
 from research.data import pipeline
@@ -16,6 +17,8 @@ from research.training import metrics as detmetrics
 from research.training.config import TrainConfig
 
 SUMMARY = "train_summary.json"
+HISTORY = "history.jsonl"
+CURVES = "curves.png"
 
 
 def write_run_record(cfg: TrainConfig, flagfile: str | None = None) -> None:
@@ -88,7 +91,7 @@ def log_eval(writer, result, report: dict, step: int, names) -> None:
 
 def log_sample_inputs(cfg: TrainConfig, manifest: dict, writer) -> None:
     ds = pipeline.make_dataset(cfg.data_dir, "train", 16, training=True, seed=cfg.seed,
-                               scale="uint8", augment=cfg.augment)
+                               scale="uint8", augment=cfg.augment, affine=cfg.affine)
     batch = next(iter(ds))
     names = manifest["class_names"]
     fig = plots.image_grid(batch["image"].numpy(),
@@ -122,3 +125,77 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return path
+
+
+def log_model_summary(cfg: TrainConfig, model: keras.Model) -> str:
+    """Logs the model summary (layers, output shapes, parameters, trainable parameters) and
+    keeps it in the run record as model_summary.txt."""
+    lines = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=100,
+                  expand_nested=True)
+    text = "\n".join(lines)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "model_summary.txt"), "w") as f:
+        f.write(text + "\n")
+    logging.info("Model %s:\n%s", model.name, text)
+    return text
+
+
+def log_devices(strategy: tf.distribute.Strategy) -> None:
+    gpus = tf.config.list_physical_devices("GPU")
+    names = []
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        names.append(details.get("device_name", gpu.name))
+    logging.info("Devices: %d CPU logical device(s), %d GPU(s)%s; %s with %d replica(s) in "
+                 "use", len(tf.config.list_logical_devices("CPU")), len(gpus),
+                 f" ({', '.join(names)})" if names else "", type(strategy).__name__,
+                 strategy.num_replicas_in_sync)
+
+
+def read_history(cfg: TrainConfig, up_to_step: int) -> list[dict]:
+    """The per-eval rows of earlier sessions, up to the step this session resumes from."""
+    path = os.path.join(cfg.run_dir, HISTORY)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def write_history(cfg: TrainConfig, rows: list[dict], steps_per_epoch: int) -> str:
+    """history.jsonl and curves.png beside the checkpoints."""
+    with open(os.path.join(cfg.run_dir, HISTORY), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    path = os.path.join(cfg.run_dir, CURVES)
+    plots.save_figure(curves_figure(rows, steps_per_epoch, cfg.run_name), path)
+    return path
+
+
+def curves_figure(rows: list[dict], steps_per_epoch: int, title: str):
+    """Train and val loss, accuracy, and val ROC-AUC / PR-AUC per epoch, one panel each."""
+    from matplotlib.figure import Figure
+
+    epochs = [r["step"] / steps_per_epoch for r in rows]
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
+    panels = (("loss", [("train_loss", "train"), ("val_loss", "val")]),
+              ("accuracy", [("train_accuracy", "train"), ("val_accuracy", "val")]),
+              ("val ROC-AUC and PR-AUC", [("val_roc_auc", "ROC-AUC"),
+                                          ("val_pr_auc", "PR-AUC")]))
+    for ax, (name, series) in zip(axes, panels):
+        for key, label in series:
+            values = [r.get(key) for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, [float("nan") if v is None else v for v in values], "o-",
+                        label=label, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name.split(" ")[0] if name != "val ROC-AUC and PR-AUC" else "AUC")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    accuracy = rows[-1].get("accuracy_kind", "accuracy") if rows else "accuracy"
+    axes[1].set_title(accuracy)
+    fig.suptitle(f"{title}: training curves", fontsize=11)
+    fig.tight_layout()
+    return fig

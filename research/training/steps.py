@@ -80,12 +80,12 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
         update_metrics(state.train_metrics, batch, per_ex,
                        positive_scores(logits, cfg.objective, positive_id), logits)
 
-    @tf.function
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
             strategy.run(replica_step, args=(next(iterator),))
 
-    return train_loop
+    # --run_eagerly: the same Python, run op by op (tf.range iterates eagerly too).
+    return train_loop if cfg.run_eagerly else tf.function(train_loop)
 
 
 def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
@@ -100,9 +100,8 @@ def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: ke
         return {"score": scores, "label": batch["label"], "class_id": batch["class_id"],
                 "index": batch["index"], "logits": tf.cast(logits, tf.float32)}
 
-    @tf.function
     def eval_step(dist_batch):
         out = strategy.run(replica_step, args=(dist_batch,))
         return {k: strategy.gather(v, axis=0) for k, v in out.items()}
 
-    return eval_step
+    return eval_step if cfg.run_eagerly else tf.function(eval_step)
