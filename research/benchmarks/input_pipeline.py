@@ -40,7 +40,10 @@ def main(argv):
     import tensorflow as tf
 
     from research.data import pipeline, sources, tfrecords
+    from research.detector import scale_images
+    from research.machine import banner
 
+    print(banner())
     d, bs = FLAGS.data_dir, FLAGS.batch_size
     manifest = pipeline.load_manifest(d)
     evalds = pipeline.make_dataset(d, FLAGS.split, 1024, training=False, scale="uint8")
@@ -56,7 +59,7 @@ def main(argv):
                 rand = tf.random.uniform([tf.shape(b["image"])[0], 3])
                 return {**b, "image": pipeline.augment_batch(b["image"], rand)}
             ds = ds.map(aug, num_parallel_calls=pipeline.AUTOTUNE)
-        ds = ds.map(lambda b: {**b, "image": tf.cast(b["image"], tf.float32) / 255.0},
+        ds = ds.map(lambda b: {**b, "image": scale_images(b["image"], "unit")},
                     num_parallel_calls=pipeline.AUTOTUNE)
         return ds.prefetch(pipeline.AUTOTUNE)
 
