@@ -67,7 +67,8 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("efficientnetb0", _app(keras.applications.EfficientNetB0), "efficientnet", 32,
              224, 64, ("stem", "block1", "block2", "block3", "block4", "block5", "block6",
                        "block7", "top"), "efficientnetb0_notop.h5"),
-    Backbone("scratch", None, "unit", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
+    # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
+    Backbone("scratch", None, "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
 )}
 
 
@@ -115,8 +116,6 @@ class BackbonePreprocess(keras.layers.Layer):
         if x.shape[-1] == 1:
             x = tf.tile(x, [1, 1, 1, 3])
         module = BACKBONES[self.backbone].preprocess
-        if module == "unit":
-            return x / 255.0
         return getattr(keras.applications, module).preprocess_input(x)
 
     def compute_output_shape(self, input_shape):
