@@ -1,0 +1,96 @@
+"""The lab's own figures: explanations of two detectors side by side, and training curves
+read back from TensorBoard event files."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import cv2
+import numpy as np
+from matplotlib.figure import Figure
+
+from research.explain.render import overlay_heatmap
+
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "scorecam": "Score-CAM",
+                "saliency": "saliency", "saliency_positive": "positive saliency",
+                "smoothgrad": "SmoothGrad"}
+
+
+def _zoom(img: np.ndarray, size: int = 96) -> np.ndarray:
+    """Whole-pixel zoom so 32x32 inputs stay visible."""
+    img = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
+    f = -(-size // min(img.shape[:2]))
+    if f > 1:
+        img = cv2.resize(img, (img.shape[1] * f, img.shape[0] * f),
+                         interpolation=cv2.INTER_NEAREST)
+    return img
+
+
+def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
+                 class_name: str = "cat") -> Figure:
+    """Rows: images. Columns: the image, then per detector its heatmap and overlay (the
+    three-panel figure of each detector, side by side). Cell titles give P(class)."""
+    runs = list(explanations)
+    cols = 1 + 2 * len(runs)
+    fig = Figure(figsize=(1.9 * cols, 2.1 * len(images) + 0.8))
+    axes = fig.subplots(len(images), cols, squeeze=False)
+    for i, img in enumerate(images):
+        big = _zoom(img)
+        axes[i, 0].imshow(big, interpolation="nearest")
+        axes[i, 0].set_title(row_labels[i], fontsize=7)
+        for j, run in enumerate(runs):
+            res = explanations[run]
+            colored, overlay = overlay_heatmap(big, res.maps[i])
+            name = f"p({class_name})={res.probabilities[i]:.2f}"
+            axes[i, 1 + 2 * j].imshow(colored, interpolation="nearest")
+            axes[i, 1 + 2 * j].set_title(f"{run}\nheatmap", fontsize=7)
+            axes[i, 2 + 2 * j].imshow(overlay, interpolation="nearest")
+            axes[i, 2 + 2 * j].set_title(f"{run}\noverlay, {name}", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    layers = ", ".join(f"{r}: {explanations[r].layer}" for r in runs if explanations[r].layer)
+    fig.suptitle(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, {what}"
+                 + (f"\nlayers {layers}" if layers else ""), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
+    return fig
+
+
+def read_scalars(run_log_dir: str, tags) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} from a TensorBoard folder's event files (all sessions; the
+    last value written for a step wins)."""
+    import tensorflow as tf
+
+    found: dict[str, dict[int, float]] = {t: {} for t in tags}
+    for path in sorted(glob.glob(os.path.join(run_log_dir, "events.out.tfevents*"))):
+        try:
+            for event in tf.compat.v1.train.summary_iterator(path):
+                for v in event.summary.value:
+                    if v.tag in found:
+                        value = (float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")
+                                 else float(v.simple_value))
+                        found[v.tag][int(event.step)] = value
+        except tf.errors.DataLossError:  # a file cut short by a kill: keep what was read
+            continue
+    return {t: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)]))
+            for t, d in found.items() if d}
+
+
+def curves_figure(runs: dict[str, str], title: str) -> Figure:
+    """Train loss, val ROC-AUC and val PR-AUC against the step, one line per run.
+    `runs`: {label: TensorBoard folder of the run (logs/<run>)}."""
+    fig = Figure(figsize=(13, 3.9))
+    axes = fig.subplots(1, 3)
+    panels = (("train", "loss", "training loss (per loop)"),
+              ("eval", "roc_auc", "val ROC-AUC"), ("eval", "pr_auc", "val PR-AUC"))
+    for ax, (sub, tag, name) in zip(axes, panels):
+        for label, tb_dir in runs.items():
+            data = read_scalars(os.path.join(tb_dir, sub), [tag]).get(tag)
+            if data is not None:
+                ax.plot(*data, marker="." if len(data[0]) < 30 else None, label=label)
+        ax.set(xlabel="step", ylabel=name, title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return fig

@@ -1,0 +1,163 @@
+"""The lab's settings per machine: one `LabProfile` for a 2-core CPU, one for GPUs, and the
+`--quick` shrink of either. Training settings are `TrainConfig` overrides (TrainConfig keeps
+every training default); only what the lab changes is written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Explanation methods compared on the same images, with deletion/insertion scores.
+METHODS = ("gradcam", "gradcam_pp", "saliency")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabProfile:
+    name: str
+    shards: dict                  # TFRecord shards per split
+    scratch: dict                 # the from-scratch detector
+    source_task: dict             # the fallback backbone: scratch network trained without cats
+    transfer_imagenet: dict       # the transfer detector with ImageNet weights
+    transfer_fallback: dict       # the transfer detector on the source-task backbone
+    memory_check: dict            # both runs of the input check
+    explain_per_class: int = 4    # test cats and as many non-cats
+    methods: tuple = METHODS
+    faithfulness_steps: int = 32
+    visualize_layers: int = 2     # activation grids and filter patterns of the last N stages
+    num_filters: int = 16
+    filter_steps: int = 40
+    run_prefix: str = "lab_"
+    quick: bool = False
+
+    def transfer(self, weights: str) -> dict:
+        """The transfer detector's settings for `weights` (imagenet, a .h5 file, or the
+        source-task run name)."""
+        if weights == "imagenet" or weights.endswith(".h5"):
+            out = dict(self.transfer_imagenet)
+            out["model_options"] = {**out.get("model_options", {}), "weights": weights}
+            return out
+        out = dict(self.transfer_fallback)
+        out["model_options"] = {**out.get("model_options", {}), "weights": weights}
+        return out
+
+
+CPU = LabProfile(
+    name="cpu",
+    shards={"train": 12, "val": 2, "test": 4},
+    scratch=dict(model="scratch", eval_every_steps=525),
+    # 9 classes, no cats: the features a cat detector can start from when ImageNet is out
+    # of reach; 8 epochs are most of what 20 give on the 10-class task.
+    source_task=dict(model="scratch", exclude_classes=("cat",), epochs=8.0,
+                     eval_every_steps=525),
+    # Features are computed once (the backbone is the slow part on a CPU); the head trains
+    # in seconds.
+    transfer_imagenet=dict(model="vgg16", transfer="features", epochs=10.0,
+                           optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4,
+                           warmup_epochs=0.5, label_smoothing=0.0,
+                           model_options={"image_size": 64, "head_units": (256,),
+                                          "dropout": 0.5}),
+    transfer_fallback=dict(model="scratch", transfer="fine_tune", head_epochs=1.0,
+                           fine_tune_epochs=3.0, head_lr=0.1, fine_tune_lr=0.02,
+                           fine_tune_from="stage1", model_options={"head_units": ()}),
+    memory_check=dict(model="scratch", epochs=2.0, eval_every_steps=175),
+)
+
+GPU = LabProfile(
+    name="gpu",
+    shards={"train": 12, "val": 2, "test": 4},
+    scratch=dict(model="scratch", epochs=40.0, strategy="auto"),
+    source_task=dict(model="scratch", exclude_classes=("cat",), epochs=30.0, strategy="auto"),
+    # The backbone at its native size, fine-tuned with augmentation: the best numbers.
+    transfer_imagenet=dict(model="vgg16", transfer="fine_tune", head_epochs=2.0,
+                           fine_tune_epochs=8.0, batch_size=128, head_lr=1e-3,
+                           optimizer="adamw", learning_rate=1e-3, fine_tune_lr=1e-4,
+                           weight_decay=1e-4, label_smoothing=0.0, strategy="auto",
+                           model_options={"image_size": 224, "head_units": (256,),
+                                          "dropout": 0.5}),
+    transfer_fallback=dict(model="scratch", transfer="fine_tune", head_epochs=2.0,
+                           fine_tune_epochs=10.0, head_lr=0.1, fine_tune_lr=0.02,
+                           fine_tune_from="stage1", strategy="auto",
+                           model_options={"head_units": ()}),
+    memory_check=dict(model="scratch", epochs=5.0, strategy="auto"),
+    explain_per_class=8,
+    num_filters=32,
+    filter_steps=60,
+)
+
+PROFILES = {p.name: p for p in (CPU, GPU)}
+
+
+def quick(profile: LabProfile) -> LabProfile:
+    """A few minutes on a 2-core CPU, for smoke tests: tiny step counts and subsets. Runs get
+    their own names, so a quick lab never resumes into a full one."""
+    net = {"widths": (16, 32, 64), "res_blocks": (1, 0, 0), "stem_width": 16}
+    short = dict(train_steps=30, batch_size=64, eval_every_steps=15, model_options=net)
+    return dataclasses.replace(
+        profile, quick=True, run_prefix=profile.run_prefix + "quick_",
+        scratch={**profile.scratch, **short},
+        source_task={**profile.source_task, **short},
+        transfer_imagenet={**profile.transfer_imagenet, "train_fraction": 0.05,
+                           "epochs": 1.0, "head_epochs": 0.5, "fine_tune_epochs": 0.5,
+                           "batch_size": 64,
+                           "model_options": {**profile.transfer_imagenet["model_options"],
+                                             "image_size": 32}},
+        transfer_fallback={**profile.transfer_fallback, "train_fraction": 0.05,
+                           "batch_size": 64, "head_epochs": 1.0, "fine_tune_epochs": 1.0},
+        memory_check={**profile.memory_check, **short},
+        explain_per_class=2, faithfulness_steps=8, num_filters=8, filter_steps=10)
+
+
+@dataclasses.dataclass
+class Overrides:
+    """The lab flags that shrink or change every training run of a profile (None: the
+    profile's value). The end-to-end test uses them to run in about a minute."""
+    train_steps: int | None = None      # scratch, source task, memory check
+    transfer_epochs: float | None = None  # each fine_tune phase / the features head
+    batch_size: int | None = None
+    eval_batch_size: int | None = None
+    eval_every_steps: int | None = None
+    widths: tuple | None = None
+    res_blocks: tuple | None = None
+    stem_width: int | None = None
+    precision: str | None = None
+    explain_per_class: int | None = None
+    faithfulness_steps: int | None = None
+    num_filters: int | None = None
+    filter_steps: int | None = None
+
+
+def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
+    net = {k: v for k, v in (("widths", o.widths), ("res_blocks", o.res_blocks),
+                             ("stem_width", o.stem_width)) if v is not None}
+    common = {k: v for k, v in (("batch_size", o.batch_size),
+                                ("eval_batch_size", o.eval_batch_size),
+                                ("eval_every_steps", o.eval_every_steps),
+                                ("precision", o.precision)) if v is not None}
+
+    def scratch_like(d):
+        d = {**d, **common}
+        if o.train_steps is not None:
+            d["train_steps"] = o.train_steps
+        if net:
+            d["model_options"] = {**d.get("model_options", {}), **net}
+        return d
+
+    def transfer(d):
+        d = {**d, **common}
+        if o.transfer_epochs is not None:
+            key = "epochs" if d.get("transfer") == "features" else None
+            if key:
+                d[key] = o.transfer_epochs
+            else:
+                d["head_epochs"] = d["fine_tune_epochs"] = o.transfer_epochs
+        return d
+
+    pick = {k: getattr(o, k) for k in ("explain_per_class", "faithfulness_steps",
+                                       "num_filters", "filter_steps")
+            if getattr(o, k) is not None}
+    return dataclasses.replace(
+        profile, scratch=scratch_like(profile.scratch),
+        source_task=scratch_like(profile.source_task),
+        memory_check=scratch_like(profile.memory_check),
+        transfer_imagenet=transfer(profile.transfer_imagenet),
+        transfer_fallback=transfer(profile.transfer_fallback), **pick)

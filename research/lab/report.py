@@ -1,0 +1,267 @@
+"""The lab's report: <workdir>/logs/lab/report.html, one self-contained page (every image
+embedded as a base64 PNG, no network needed to view it), and report.md beside it (the same
+text, images linked as files)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import os
+
+from research import machine, plots
+from research.lab import figures
+
+DASH = "\u2014"
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;
+margin:1.5em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;vertical-align:top}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
+td.cmd{text-align:left;font-family:monospace;font-size:.85em;word-break:break-all}
+img{max-width:100%;height:auto;display:block;margin:.5em 0}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+.quick{background:#fff3cd;border:1px solid #e0c060;padding:.5em .8em}
+.note{background:#eef5ff;border:1px solid #9bbbe0;padding:.5em .8em}
+"""
+
+
+class Doc:
+    """Builds the HTML page and the markdown file side by side."""
+
+    def __init__(self, md_dir: str):
+        self.html: list[str] = []
+        self.md: list[str] = []
+        self.md_dir = md_dir
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md.append(f"\n{'#' * level} {text}\n")
+
+    def para(self, text: str, cls: str | None = None) -> None:
+        attr = f' class="{cls}"' if cls else ""
+        self.html.append(f"<p{attr}>{html.escape(text)}</p>")
+        self.md.append(("> " if cls else "") + text + "\n")
+
+    def pre(self, text: str) -> None:
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        self.md.append(f"```\n{text}\n```\n")
+
+    def table(self, header: list[str], rows: list[list], cmd_cols=(), info: bool = False
+              ) -> None:
+        """`info`: a table of facts, not of numbers (the report's tests tell them apart)."""
+        h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+        body = []
+        for row in rows:
+            cells = "".join(
+                f'<td{" class=cmd" if i in cmd_cols else ""}>{html.escape(str(c))}</td>'
+                for i, c in enumerate(row))
+            body.append(f"<tr>{cells}</tr>")
+        cls = ' class="info"' if info else ""
+        self.html.append(f"<table{cls}><thead><tr>{h}</tr></thead><tbody>{''.join(body)}"
+                         "</tbody></table>")
+        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("|" + "|".join("---" for _ in header) + "|")
+        for row in rows:
+            self.md.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
+                                             for c in row) + " |")
+        self.md.append("")
+
+    def image(self, path: str, alt: str) -> None:
+        if not path or not os.path.isfile(path):
+            self.para(f"({alt}: not available)")
+            return
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+        self.html.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">')
+        self.md.append(f"![{alt}]({os.path.relpath(path, self.md_dir)})\n")
+
+    def write(self, html_path: str, md_path: str, title: str) -> None:
+        page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+                f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
+                + "\n".join(self.html) + "\n</body></html>\n")
+        for path, text in ((html_path, page), (md_path, "\n".join(self.md) + "\n")):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+
+
+def num(v, digits: int = 4) -> str:
+    if v is None:
+        return DASH
+    if isinstance(v, (int,)) and not isinstance(v, bool):
+        return f"{v:,}"
+    return f"{v:,.{digits}f}"
+
+
+def seconds(v) -> str:
+    if v is None:
+        return DASH
+    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
+
+
+def _load(path: str) -> dict | None:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_report(lab, records: dict) -> tuple[str, str]:
+    """Writes report.html and report.md from the stage records; returns their paths."""
+    s, p = lab.s, lab.profile
+    out_dir = s.lab_dir
+    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
+    doc = Doc(out_dir)
+    title = "Cat-detector lab" + (" (quick)" if p.quick else "")
+    doc.heading(title, 1)
+    if p.quick:
+        doc.para("QUICK RUN (--quick): every stage was shrunk (tiny step counts and subsets) "
+                 "for a smoke test. These numbers say nothing about the detectors.", "quick")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc.table(["", ""], [["written", now], ["profile", p.name + (" + quick" if p.quick else "")],
+                         ["machine", machine.banner()], ["command", s.command],
+                         ["workdir", os.path.abspath(s.workdir)], ["data", lab.source_line],
+                         ["transfer weights", lab.weights_note or DASH]], info=True)
+    doc.para("TensorBoard shows every run of the lab side by side: "
+             f"tensorboard --logdir {s.log_dir}  (then open http://localhost:6006).")
+
+    data = records.get("data")
+    doc.heading("Data")
+    if data:
+        doc.pre(data.outputs["summary"])
+        doc.image(data.outputs.get("sample_figure"), "train examples by class")
+    else:
+        doc.para("The data stage has not run.")
+
+    dets = [records.get(k) for k in ("scratch", "transfer")]
+    doc.heading("Training curves")
+    runs = {r.outputs["run_name"]: r.outputs["tb_dir"] for r in dets if r}
+    src = records.get("source_task")
+    if src:
+        runs[src.outputs["run_name"] + " (source task, no cats)"] = src.outputs["tb_dir"]
+    if runs:
+        path = plots.save_figure(figures.curves_figure(
+            runs, "Training of the lab's detectors (TensorBoard scalars)"),
+            os.path.join(out_dir, "figures", f"{p.run_prefix}curves.png"))
+        doc.image(path, "training curves")
+        rows = [[r.outputs["run_name"], r.title, num(r.outputs["summary"].get("final_step")),
+                 seconds(r.outputs["summary"].get("train_seconds")),
+                 num(r.outputs["summary"].get("best_val_pr_auc"))]
+                for r in dets + [src] if r]
+        doc.table(["run", "role", "steps", "time in train steps", "best val metric"], rows)
+    else:
+        doc.para("No detector has been trained yet.")
+
+    doc.heading("Comparison on the full test set")
+    comp = records.get("compare")
+    result = _load(comp.outputs["json"]) if comp else None
+    if result:
+        n_cls = result.get("num_classes")
+        doc.para(f"{result['num_examples']:,} test images, {result['num_positive']:,} cats. "
+                 "Each detector's threshold is the F1-max one on its own val split, applied "
+                 "unchanged to test.")
+        rows = []
+        for name, r in result["runs"].items():
+            rows.append([name, num(r["roc_auc"]), num(r["pr_auc"]), num(r["f1"]),
+                         num(r["threshold"]), num(r.get("class_accuracy")),
+                         num(r["params"]), num(r["trainable_params"]),
+                         seconds(r.get("train_seconds"))])
+        doc.table(["run", "test ROC-AUC", "test PR-AUC", "F1 at val threshold", "threshold",
+                   f"{n_cls}-class accuracy", "parameters", "trainable", "wall time (train)"],
+                  rows)
+        doc.image(comp.outputs["figure"], "ROC and PR curves of both detectors")
+    else:
+        doc.para("The compare stage has not run.")
+
+    doc.heading("Errors: confusion matrices, worst false positives and negatives")
+    for r in dets:
+        if not r:
+            continue
+        for fig in r.outputs.get("figures", []):
+            if fig.endswith("_roc_pr.png"):
+                continue
+            doc.image(fig, f"{r.outputs['run_name']}: {os.path.basename(fig)}")
+
+    doc.heading("What the detectors look at")
+    exp = records.get("explain")
+    if exp:
+        doc.para(f"{exp.outputs['num_images']} fixed test images (cats first, then non-cats); "
+                 "each map explains the detector's cat score. "
+                 + ("Row labels give the top-3 ImageNet classes of VGG16 with its classifier."
+                    if exp.outputs.get("top3") else
+                    "Titles give each detector's cat probability."))
+        for fig in exp.outputs["figures"]:
+            doc.image(fig, os.path.basename(fig))
+        doc.para("Deletion: pixels removed most-important first, the cat probability should "
+                 "fall fast (lower is better). Insertion: pixels restored in the same order "
+                 "onto a blurred image, it should rise fast (higher is better).")
+        rows = []
+        for run, per in exp.outputs["faithfulness"].items():
+            for method, sc in per.items():
+                rows.append([run, figures.METHOD_NAMES.get(method, method),
+                             num(sc["deletion_auc"]), num(sc["insertion_auc"]),
+                             num(sc["num_images"]), num(sc["steps"])])
+        doc.table(["run", "method", "deletion AUC", "insertion AUC", "images", "steps"], rows)
+    else:
+        doc.para("The explain stage has not run.")
+
+    doc.heading("Inside the networks: activations and filter patterns")
+    vis = records.get("visualize")
+    if vis:
+        for fig in vis.outputs["figures"]:
+            doc.image(fig, os.path.basename(fig))
+    else:
+        doc.para("The visualize stage has not run.")
+
+    doc.heading("Reading from disk vs from memory")
+    mem = records.get("memory_check")
+    if mem:
+        o = mem.outputs
+        same = "identical" if o["same_batches"] else "DIFFERENT"
+        doc.para(f"The same network, seed and steps trained twice: {o['runs']['tfrecords']} "
+                 f"from the TFRecords, {o['runs']['memory']} from the whole training split "
+                 "held in memory, fed the same batches (the first batches of both streams "
+                 f"compared element for element: {same}).")
+        rows = [[k, num(v["tfrecords"]), num(v["memory"]), f"{v['difference']:+.4f}"]
+                for k, v in o["test"].items()]
+        t = o["train_seconds"]
+        rows.append(["time in train steps (s)", num(t["tfrecords"], 1), num(t["memory"], 1),
+                     f"{(t['memory'] or 0) - (t['tfrecords'] or 0):+.1f}"])
+        doc.table(["test metric", "from TFRecords", "from memory", "memory - TFRecords"], rows)
+        roc = o["test"].get("roc_auc", {}).get("difference")
+        if roc is not None:
+            doc.para(f"Difference in test ROC-AUC: {roc:+.4f}"
+                     + (" (none: identical results)." if abs(roc) < 1e-12 else
+                        "; with identical batches, what remains is the run-to-run noise of "
+                        "floating-point reduction order."))
+        for n in mem.notes:
+            doc.para(n, "note")
+    else:
+        doc.para("The memory_check stage has not run.")
+
+    doc.heading("Stages")
+    rows = []
+    for r in records.values():
+        rows.append([r.name, "reused" if r.reused else "ran", seconds(r.wall_seconds),
+                     seconds(r.ran_seconds), "\n".join(r.commands)])
+    doc.table(["stage", "this time", "wall time now", "time when it ran", "command"], rows,
+              cmd_cols=(4,), info=True)
+    for r in records.values():
+        v = r.versions
+        doc.para(f"{r.name}: flags {json.dumps(r.flags, default=str)}; TensorFlow "
+                 f"{v.get('tensorflow')}, Keras {v.get('keras')}, Python {v.get('python')}, "
+                 f"git {str(v.get('git_commit'))[:10]}{' (dirty)' if v.get('git_dirty') else ''}"
+                 f"; {v.get('cpu')}")
+        for n in r.notes:
+            if r.name != "memory_check":
+                doc.para(n, "note")
+    html_path = os.path.join(out_dir, "report.html")
+    md_path = os.path.join(out_dir, "report.md")
+    doc.write(html_path, md_path, title)
+    return html_path, md_path

@@ -1,0 +1,98 @@
+"""What one invocation of the lab is asked to do (the app's flags, as plain values), and the
+checks that need no TensorFlow: they run before any work, so bad input costs one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
+
+STAGES = ("data", "scratch", "transfer", "compare", "explain", "visualize", "memory_check")
+# The repository's CIFAR-10 copy, relative to the repository root (where `make` runs).
+LOCAL_SOURCE = os.path.join("..", "shared", "data", "cifar10-jpg.tar.gz")
+OFFICIAL_SOURCE = "cifar10"
+WEIGHTS_MODES = ("auto", "imagenet", "source_task")
+
+
+class LabError(ValueError):
+    """Bad lab input; the message names the flag or file."""
+
+
+@dataclasses.dataclass
+class LabSettings:
+    workdir: str = "."
+    source: str | None = None        # None: the local copy if present, else the official one
+    weights: str = "auto"            # auto | imagenet | source_task | <.h5 file>
+    images: tuple = ()               # the user's own photos to explain
+    stages: tuple = STAGES
+    profile: str = "cpu"
+    quick: bool = False
+    overrides: Overrides = dataclasses.field(default_factory=Overrides)
+    progress: bool = False
+    command: str = "python -m research.apps.lab"
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.normpath(os.path.join(self.workdir, "data", "cifar10"))
+
+    @property
+    def download_dir(self) -> str:
+        return os.path.normpath(os.path.join(self.workdir, "data", "downloads"))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.normpath(os.path.join(self.workdir, "checkpoints"))
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.normpath(os.path.join(self.workdir, "logs"))
+
+    @property
+    def lab_dir(self) -> str:
+        return os.path.join(self.log_dir, "lab")
+
+    def lab_profile(self) -> LabProfile:
+        p = PROFILES[self.profile]
+        return apply_overrides(quick(p) if self.quick else p, self.overrides)
+
+
+def pick_source(source: str | None) -> tuple[str, str]:
+    """(source, the line that says which one and why)."""
+    if source:
+        return source, f"source: {source} (--source)"
+    if os.path.isfile(LOCAL_SOURCE):
+        return LOCAL_SOURCE, f"source: {LOCAL_SOURCE} (the local copy)"
+    return OFFICIAL_SOURCE, (f"source: {OFFICIAL_SOURCE}, the official archive (downloaded "
+                             f"once into data/downloads, sha256-checked; {LOCAL_SOURCE} is "
+                             "not there)")
+
+
+def check(s: LabSettings) -> None:
+    """Flag errors that need no model and no data."""
+    if s.profile not in PROFILES:
+        raise LabError(f"--profile: {s.profile!r} is not one of {', '.join(PROFILES)}")
+    unknown = [x for x in s.stages if x not in STAGES]
+    if unknown or not s.stages:
+        raise LabError(f"--stages: {', '.join(unknown) or 'none given'}: choose from "
+                       f"{','.join(STAGES)}")
+    if os.path.exists(s.workdir) and not os.path.isdir(s.workdir):
+        raise LabError(f"--workdir: {s.workdir} is not a folder")
+    if s.weights not in WEIGHTS_MODES:
+        if not s.weights.endswith(".h5"):
+            raise LabError(f"--weights: {s.weights!r} is not one of {', '.join(WEIGHTS_MODES)} "
+                           "or a .h5 weights file of the backbone")
+        if not os.path.isfile(s.weights):
+            raise LabError(f"--weights: {s.weights} not found")
+    for path in s.images:
+        if not os.path.isfile(path):
+            raise LabError(f"--images: {path} not found")
+    o = s.overrides
+    for name in ("train_steps", "batch_size", "eval_batch_size", "eval_every_steps",
+                 "explain_per_class", "faithfulness_steps", "num_filters", "filter_steps",
+                 "stem_width"):
+        v = getattr(o, name)
+        if v is not None and v < 1:
+            raise LabError(f"--{name}: must be positive, got {v}")
+    if o.transfer_epochs is not None and o.transfer_epochs <= 0:
+        raise LabError(f"--transfer_epochs: must be positive, got {o.transfer_epochs}")
