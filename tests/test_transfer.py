@@ -241,3 +241,14 @@ def test_gradcam_on_a_transfer_run(source, syn):
     out = grad_cam(ex, images.astype(np.float32), meta["positive_class_id"])
     assert out.layer.startswith("scratch/") and out.maps.shape[0] == 2
     assert np.isfinite(out.maps).all() and out.maps.max() > 0
+
+
+def test_a_transfer_run_serves_as_a_backbone(source, syn):
+    ck, _, _ = source
+    train_and_evaluate(transfer_cfg(syn, ck, run_name="hop1", transfer="frozen", train_steps=2))
+    model = backbones.build_transfer_model("scratch", (32, 32, 3), 10, weights="hop1",
+                                           checkpoint_dir=str(ck), head_units=(4,))
+    donor = backbones.backbone_of(keras.models.load_model(
+        str(ck / "hop1" / "export" / "model.keras")))
+    for a, b in zip(backbones.backbone_of(model).get_weights(), donor.get_weights()):
+        np.testing.assert_array_equal(a, b)

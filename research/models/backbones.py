@@ -188,6 +188,22 @@ def load_run_model(checkpoint_dir: str, run: str) -> tuple[keras.Model, dict]:
     return keras.models.load_model(path, compile=False), config
 
 
+def _scratch_options_of_run(checkpoint_dir: str, run: str, depth: int = 0) -> dict:
+    """The scratch network's options of a run, following a transfer run to its source."""
+    path = os.path.join(checkpoint_dir, run, "config.json")
+    if not os.path.isfile(path) or depth > 8:
+        raise BackboneError(f"--weights={run}: no run config at {path}")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model") != "scratch":
+        raise BackboneError(f"--weights={run}: that run trained --model={config.get('model')}"
+                            ", not scratch")
+    if config.get("transfer", "none") == "none":
+        return config.get("model_options", {})
+    return _scratch_options_of_run(checkpoint_dir, config["model_options"]["weights"],
+                                   depth + 1)
+
+
 def _weights_from_run(base: keras.Model, backbone: str, run: str, checkpoint_dir: str) -> None:
     """Copies the source run's backbone weights into `base`, layer by layer by name."""
     source, config = load_run_model(checkpoint_dir, run)
@@ -213,8 +229,7 @@ def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir
     weights = opts.weights
     if backbone == "scratch":
         if weights not in ("none", "") and not os.path.isfile(weights):
-            _, config = load_run_model(checkpoint_dir, weights)
-            scratch_options = config.get("model_options", {})
+            scratch_options = _scratch_options_of_run(checkpoint_dir, weights)
         base = _scratch_base(input_shape, dict(scratch_options or {}))
     elif weights == "imagenet":
         base = _imagenet_base(b, input_shape)

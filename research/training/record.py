@@ -193,7 +193,8 @@ def curves_figure(rows: list[dict], steps_per_epoch: int, title: str):
         ax.set_ylabel(name.split(" ")[0] if name != "val ROC-AUC and PR-AUC" else "AUC")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     accuracy = rows[-1].get("accuracy_kind", "accuracy") if rows else "accuracy"
     axes[1].set_title(accuracy)
     fig.suptitle(f"{title}: training curves", fontsize=11)
