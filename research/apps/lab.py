@@ -53,6 +53,8 @@ flags.DEFINE_integer("explain_per_class", None, "Test cats (and as many non-cats
 flags.DEFINE_integer("faithfulness_steps", None, "Deletion/insertion steps.")
 flags.DEFINE_integer("num_filters", None, "Filter patterns per layer.")
 flags.DEFINE_integer("filter_steps", None, "Gradient-ascent steps per filter pattern.")
+flags.DEFINE_integer("gradcam_images", None, "Val images whose Grad-CAM goes to TensorBoard at "
+                     "every eval (0: off).")
 
 
 def _ints(name):
@@ -65,28 +67,30 @@ def _ints(name):
         raise ValueError(f"--{name}: {','.join(value)!r} is not a list of integers") from None
 
 
-def settings_from_flags(argv) -> LabSettings:
+def settings_from_flags() -> LabSettings:
     o = Overrides(train_steps=FLAGS.train_steps, transfer_epochs=FLAGS.transfer_epochs,
                   batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
                   eval_every_steps=FLAGS.eval_every_steps, widths=_ints("widths"),
                   res_blocks=_ints("res_blocks"), stem_width=FLAGS.stem_width,
                   precision=FLAGS.precision, explain_per_class=FLAGS.explain_per_class,
                   faithfulness_steps=FLAGS.faithfulness_steps, num_filters=FLAGS.num_filters,
-                  filter_steps=FLAGS.filter_steps)
+                  filter_steps=FLAGS.filter_steps, gradcam_images=FLAGS.gradcam_images)
     progress = sys.stdout.isatty() if FLAGS.progress is None else FLAGS.progress
     return LabSettings(workdir=FLAGS.workdir, source=FLAGS.source, weights=FLAGS.weights,
                        images=tuple(FLAGS.images), stages=tuple(FLAGS.stages),
                        profile=FLAGS.profile, quick=FLAGS.quick, overrides=o,
                        progress=progress,
                        command=" ".join(["python -m research.apps.lab"]
-                                        + [shlex.quote(a) for a in argv[1:]]))
+                                        + [shlex.quote(a) for a in sys.argv[1:]]))
 
 
 def main(argv):
     from research.lab.settings import LabError, check, pick_source
 
     try:
-        settings = settings_from_flags(argv)
+        if argv[1:]:
+            raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (flags start with --)")
+        settings = settings_from_flags()
         check(settings)
     except (LabError, ValueError) as e:
         sys.exit(f"error: {e}")

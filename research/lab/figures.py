@@ -33,7 +33,7 @@ def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
     three-panel figure of each detector, side by side). Cell titles give P(class)."""
     runs = list(explanations)
     cols = 1 + 2 * len(runs)
-    fig = Figure(figsize=(1.9 * cols, 2.1 * len(images) + 0.8))
+    fig = Figure(figsize=(1.9 * cols, 2.2 * len(images) + 0.9))
     axes = fig.subplots(len(images), cols, squeeze=False)
     for i, img in enumerate(images):
         big = _zoom(img)
@@ -52,7 +52,7 @@ def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
     layers = ", ".join(f"{r}: {explanations[r].layer}" for r in runs if explanations[r].layer)
     fig.suptitle(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, {what}"
                  + (f"\nlayers {layers}" if layers else ""), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
     return fig
 
 

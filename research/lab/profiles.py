@@ -59,7 +59,8 @@ CPU = LabProfile(
     transfer_fallback=dict(model="scratch", transfer="fine_tune", head_epochs=1.0,
                            fine_tune_epochs=3.0, head_lr=0.1, fine_tune_lr=0.02,
                            fine_tune_from="stage1", model_options={"head_units": ()}),
-    memory_check=dict(model="scratch", epochs=2.0, eval_every_steps=175),
+    # No TensorBoard Grad-CAM for the pair: only their test numbers matter.
+    memory_check=dict(model="scratch", epochs=2.0, eval_every_steps=175, gradcam_images=0),
 )
 
 GPU = LabProfile(
@@ -78,7 +79,7 @@ GPU = LabProfile(
                            fine_tune_epochs=10.0, head_lr=0.1, fine_tune_lr=0.02,
                            fine_tune_from="stage1", strategy="auto",
                            model_options={"head_units": ()}),
-    memory_check=dict(model="scratch", epochs=5.0, strategy="auto"),
+    memory_check=dict(model="scratch", epochs=5.0, strategy="auto", gradcam_images=0),
     explain_per_class=8,
     num_filters=32,
     filter_steps=60,
@@ -124,6 +125,7 @@ class Overrides:
     faithfulness_steps: int | None = None
     num_filters: int | None = None
     filter_steps: int | None = None
+    gradcam_images: int | None = None
 
 
 def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
@@ -132,11 +134,13 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
     common = {k: v for k, v in (("batch_size", o.batch_size),
                                 ("eval_batch_size", o.eval_batch_size),
                                 ("eval_every_steps", o.eval_every_steps),
-                                ("precision", o.precision)) if v is not None}
+                                ("precision", o.precision),
+                                ("gradcam_images", o.gradcam_images)) if v is not None}
 
     def scratch_like(d):
         d = {**d, **common}
         if o.train_steps is not None:
+            d.pop("epochs", None)
             d["train_steps"] = o.train_steps
         if net:
             d["model_options"] = {**d.get("model_options", {}), **net}

@@ -150,11 +150,14 @@ def write_report(lab, records: dict) -> tuple[str, str]:
             runs, "Training of the lab's detectors (TensorBoard scalars)"),
             os.path.join(out_dir, "figures", f"{p.run_prefix}curves.png"))
         doc.image(path, "training curves")
-        rows = [[r.outputs["run_name"], r.title, num(r.outputs["summary"].get("final_step")),
+        rows = [[f"{r.outputs['run_name']} ({r.title.lower()})",
+                 num(r.outputs["summary"].get("final_step")),
                  seconds(r.outputs["summary"].get("train_seconds")),
                  num(r.outputs["summary"].get("best_val_pr_auc"))]
                 for r in dets + [src] if r]
-        doc.table(["run", "role", "steps", "time in train steps", "best val metric"], rows)
+        doc.table(["run", "steps", "time in train steps", "best val metric"], rows)
+        doc.para("Best val metric: PR-AUC of the detectors; 9-class accuracy for the source "
+                 "task, which has no cats.")
     else:
         doc.para("No detector has been trained yet.")
 
@@ -204,10 +207,10 @@ def write_report(lab, records: dict) -> tuple[str, str]:
         rows = []
         for run, per in exp.outputs["faithfulness"].items():
             for method, sc in per.items():
-                rows.append([run, figures.METHOD_NAMES.get(method, method),
+                rows.append([f"{run}: {figures.METHOD_NAMES.get(method, method)}",
                              num(sc["deletion_auc"]), num(sc["insertion_auc"]),
                              num(sc["num_images"]), num(sc["steps"])])
-        doc.table(["run", "method", "deletion AUC", "insertion AUC", "images", "steps"], rows)
+        doc.table(["run: method", "deletion AUC", "insertion AUC", "images", "steps"], rows)
     else:
         doc.para("The explain stage has not run.")
 

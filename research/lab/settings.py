@@ -88,6 +88,8 @@ def check(s: LabSettings) -> None:
         if not os.path.isfile(path):
             raise LabError(f"--images: {path} not found")
     o = s.overrides
+    if o.gradcam_images is not None and o.gradcam_images < 0:
+        raise LabError(f"--gradcam_images: must be >= 0, got {o.gradcam_images}")
     for name in ("train_steps", "batch_size", "eval_batch_size", "eval_every_steps",
                  "explain_per_class", "faithfulness_steps", "num_filters", "filter_steps",
                  "stem_width"):

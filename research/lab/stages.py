@@ -571,18 +571,21 @@ def stage_explain(lab: Lab) -> StageRecord:
             f"{m} del {s['deletion_auc']:.3f} ins {s['insertion_auc']:.3f}"
             for m, s in scores[run].items()), flush=True)
     paths = []
+    short = dict(zip(runs, ("scratch", "transfer")))  # column titles stay legible
     for method in p.methods:
         rows = labels if top3 is None else [
             f"{lab_}\nImageNet VGG16: {t}" for lab_, t in zip(labels, top3)]
         fig = figures.side_by_side(examples["image"], rows, {
-            r: maps[r][method]["test"] for r in runs}, method,
-            f"{len(labels)} fixed test images ({p.explain_per_class} cats, then non-cats)")
+            short[r]: maps[r][method]["test"] for r in runs}, method,
+            f"{len(labels)} fixed test images ({p.explain_per_class} cats, then non-cats): "
+            + ", ".join(f"{v} = {k}" for k, v in short.items()))
         paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{method}_test.png")))
         if photos:
             rows = [n for n, _ in photos] if top3 is None else [
                 f"{n}\nImageNet VGG16: {t}" for (n, _), t in zip(photos, top3[len(labels):])]
             fig = figures.side_by_side([ph for _, ph in photos], rows, {
-                r: maps[r][method]["photos"] for r in runs}, method, "your photos (--images)")
+                short[r]: maps[r][method]["photos"] for r in runs}, method,
+                "your photos (--images): " + ", ".join(f"{v} = {k}" for k, v in short.items()))
             paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{method}_photos.png")))
     with open(os.path.join(out_dir, "faithfulness.json"), "w") as f:
         json.dump(scores, f, indent=1)

@@ -1,0 +1,176 @@
+"""The lab: the in-memory training stream replays the TFRecord one batch for batch, and the
+whole lab runs end to end on a tiny synthetic CIFAR-10 archive (the cpu profile shrunk by
+flags), leaves every stage's outputs and a self-contained report, and reuses them all on a
+second invocation."""
+
+import base64
+import html.parser
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import helpers
+from research.data import pipeline
+from research.lab import memory_check
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn") / "data"
+    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
+    return str(d)
+
+
+@pytest.mark.parametrize("shuffle_buffer,start_step,replicas", [
+    (16384, 0, 1), (50, 7, 1), (64, 3, 2)])
+def test_memory_stream_is_the_tfrecord_stream(syn, shuffle_buffer, start_step, replicas):
+    manifest = pipeline.load_manifest(syn)
+    arrays = memory_check.load_train_split(syn)
+    for rid in range(replicas):
+        ctx = tf.distribute.InputContext(replicas, rid, replicas) if replicas > 1 else None
+        kw = dict(seed=3, shuffle_buffer=shuffle_buffer, start_step=start_step,
+                  global_batch_size=16, input_context=ctx)
+        disk = pipeline.make_dataset(syn, "train", 16 // replicas, training=True, **kw)
+        mem = memory_check.memory_dataset(arrays, manifest, 16 // replicas, **kw)
+        for a, b in zip(disk.take(40), mem.take(40)):  # more than two epochs
+            for k in ("image", "label", "class_id"):
+                np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+
+
+class _Page(html.parser.HTMLParser):
+    """Images, links and table rows of the report."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.rows = [], [], []
+        self._table_info, self._row, self._cell = [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        elif tag in ("a", "link", "script"):
+            self.links.append(a.get("href") or a.get("src") or "")
+        elif tag == "table":
+            self._table_info.append(a.get("class") == "info")
+        elif tag == "tr":
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            if self._row and not self._table_info[-1]:
+                self.rows.append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table_info.pop()
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def lab(workdir, *flags, timeout=900):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "research.apps.lab", *flags], cwd=workdir,
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    return res, time.perf_counter() - start
+
+
+TINY = ["--weights=source_task", "--train_steps=8", "--batch_size=16", "--eval_every_steps=8",
+        "--eval_batch_size=100", "--widths=8,16", "--res_blocks=1,0", "--stem_width=8",
+        "--transfer_epochs=0.4", "--gradcam_images=0", "--precision=float32",
+        "--explain_per_class=2", "--faithfulness_steps=4", "--num_filters=2",
+        "--filter_steps=2"]
+
+
+def test_lab_end_to_end_and_reuse(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    helpers.make_cifar10_python(str(archive), per_batch=40)
+    photo = tmp_path / "my_cat.png"
+    Image.fromarray(helpers.rgb(45, 60, seed=3)).save(photo)
+    work = tmp_path / "work"
+    work.mkdir()
+    flags = [f"--source={archive}", f"--images={photo}", *TINY]
+
+    bad, _ = lab(work, "--stages=data,bogus")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --stages: bogus")
+
+    first, t1 = lab(work, *flags)
+    assert first.returncode == 0, first.stderr[-4000:]
+    out = first.stdout.splitlines()
+    assert out[0] == f"source: {archive} (--source)"
+    stages = ("data", "scratch", "source_task", "transfer", "compare", "explain", "visualize",
+              "memory_check")
+    for s in stages:
+        assert f"[lab] {s}: done" in first.stdout, s
+
+    ck, lab_dir = work / "checkpoints", work / "logs" / "lab"
+    assert (work / "data" / "cifar10" / "manifest.json").is_file()
+    runs = ["lab_scratch", "lab_src_nocat", "lab_transfer_scratch_fine_tune_src",
+            "lab_mem_tfrecords", "lab_mem_memory"]
+    for run in runs:
+        assert (ck / run / "export" / "model.keras").is_file(), run
+        assert (work / "logs" / run / "train").is_dir(), run  # TensorBoard, side by side
+    for run in runs[::2]:
+        report = json.loads((ck / run / "eval_test.json").read_text())
+        assert report["num_examples"] == 40 and report["split"] == "test"
+    comp = json.loads((lab_dir / "lab_compare.json").read_text())
+    assert list(comp["runs"]) == ["lab_scratch", "lab_transfer_scratch_fine_tune_src"]
+    assert (lab_dir / "lab_compare.png").is_file()
+    explained = {p.name for p in (lab_dir / "lab_explain").glob("*.png")}
+    assert explained == {f"{m}_{w}.png" for m in ("gradcam", "gradcam_pp", "saliency")
+                         for w in ("test", "photos")}
+    faith = json.loads((lab_dir / "lab_explain" / "faithfulness.json").read_text())
+    assert set(faith) == set(comp["runs"])
+    assert all(set(v) == {"gradcam", "gradcam_pp", "saliency"} for v in faith.values())
+    vis = {p.name for p in (lab_dir / "lab_visualize").glob("*.png")}
+    assert sum("activations" in n for n in vis) == 4 and sum("filters" in n for n in vis) == 4
+    mem = json.loads((lab_dir / "lab_memory_check.json").read_text())
+    assert mem["same_batches"] is True
+    assert {"roc_auc", "pr_auc", "f1"} <= set(mem["test"])
+
+    page = _Page()
+    text = (lab_dir / "report.html").read_text()
+    page.feed(text)
+    page.close()
+    assert len(page.images) >= 20
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        png = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert tf.image.decode_png(png).shape[-1] in (3, 4)
+    assert not [h for h in page.links if h.startswith(("http", "//"))]
+    assert page.rows
+    for row in page.rows:  # every table row has its numbers
+        assert all(any(ch.isdigit() for ch in cell) for cell in row[1:]), row
+    for needle in ("Comparison on the full test set", "test ROC-AUC", "deletion AUC",
+                   "Reading from disk vs from memory", "tensorboard --logdir",
+                   "source-task backbone"):
+        assert needle in text, needle
+    md = (lab_dir / "report.md").read_text()
+    for target in [line.split("](", 1)[1].rstrip(")") for line in md.splitlines()
+                   if line.startswith("![")]:
+        assert (lab_dir / target).is_file(), target
+
+    second, t2 = lab(work, *flags)
+    assert second.returncode == 0, second.stderr[-4000:]
+    for s in stages:
+        assert f"[lab] {s}: reused" in second.stdout, s
+    assert "done in" not in second.stdout
+    assert t2 < t1 / 2, (t1, t2)
+    rec = json.loads((lab_dir / "stages" / "lab_scratch.json").read_text())
+    assert rec["reused"] is True and rec["ran_seconds"] is not None
+    assert "reused" in (lab_dir / "report.html").read_text()
