@@ -101,7 +101,7 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     """SIGTERM: a checkpoint past the last periodic one, status 75, the same command
     finishes the run. kill -9 after a periodic checkpoint: the stale lock is taken over and
     the resumed run ends on the same weights as the SIGTERM'd one, bit for bit."""
-    flags = ("--train_steps=120", "--steps_per_loop=2", "--checkpoint_every_steps=1000")
+    flags = ("--train_steps=40", "--steps_per_loop=2", "--checkpoint_every_steps=1000")
     a = tmp_path / "a"
     proc = subprocess.Popen(train_cmd(syn, a, *flags), stderr=subprocess.PIPE, text=True)
     wait_for(proc, "train | step", 120)
@@ -109,19 +109,19 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == faults.PREEMPTED_EXIT, err[-3000:]
     step = int(tf.train.latest_checkpoint(f"{a}/ck/r").rsplit("-", 1)[1])
-    assert 0 < step < 120 and step % 2 == 0
+    assert 0 < step < 40 and step % 2 == 0
     assert f"preempted by SIGTERM at step {step}" in err.strip().splitlines()[-1]
     assert not os.path.exists(f"{a}/ck/r.lock")
     res = subprocess.run(train_cmd(syn, a, *flags), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"at step {step}" in res.stderr, res.stderr[-3000:]
     summary = json.loads((a / "ck" / "r" / "train_summary.json").read_text())
     assert [(s["start_step"], s["final_step"]) for s in summary["sessions"]] == [
-        (0, step), (step, 120)]
+        (0, step), (step, 40)]
 
     b = tmp_path / "b"
-    flags_b = ("--train_steps=120", "--steps_per_loop=2", "--checkpoint_every_steps=10")
+    flags_b = ("--train_steps=40", "--steps_per_loop=2", "--checkpoint_every_steps=10")
     proc = subprocess.Popen(train_cmd(syn, b, *flags_b), stderr=subprocess.PIPE, text=True)
-    wait_for(proc, "train | step     20", 120)
+    wait_for(proc, "train | step     12", 120)
     proc.kill()
     proc.wait(timeout=60)
     assert os.path.exists(f"{b}/ck/r.lock")

@@ -40,6 +40,16 @@ def check_tf_config(strategy_name: str) -> dict | None:
     return tf_config
 
 
+def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
+    """state.make_strategy, except that MultiWorkerMirroredStrategy is created before
+    anything (listing devices included) initialises TensorFlow, as it must be."""
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    from research.training.state import make_strategy as make_local
+
+    return make_local(name, cpu_replicas)
+
+
 def task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
@@ -75,18 +85,24 @@ def worker_config(cfg: TrainConfig, strategy: tf.distribute.Strategy) -> TrainCo
                                log_dir=os.path.join(tmp, "logs"))
 
 
+_FLAGS: dict = {}
+
+
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     """True on every worker if `flag` is True on any (a collective: all workers must call
     it at the same point). One process: `flag` itself."""
     if num_workers(strategy) <= 1:
         return flag
-    value = tf.constant(1.0 if flag else 0.0)
-
-    def replica_fn(v):
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MAX, v)
-
-    out = strategy.run(tf.function(replica_fn), args=(value,))
-    return bool(float(strategy.experimental_local_results(out)[0]) > 0)
+    if id(strategy) not in _FLAGS:
+        # Summed over the replicas when read, like a Keras metric's state.
+        with strategy.scope():
+            _FLAGS[id(strategy)] = tf.Variable(
+                0.0, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM)
+    var = _FLAGS[id(strategy)]
+    for local in strategy.experimental_local_results(var):
+        local.assign(1.0 if flag else 0.0)
+    return float(var.read_value()) > 0
 
 
 def barrier(strategy: tf.distribute.Strategy) -> None:

@@ -99,6 +99,14 @@ class Preemption(Action):
                         "with status %d (send it again to stop at once)", self.signal_name,
                         PREEMPTED_EXIT)
 
+    def before(self, ctx):
+        if self._previous and not getattr(self, "_rearmed", False):
+            # MultiWorkerMirroredStrategy's coordination service installs its own SIGTERM
+            # handler (which only records the signal); ours must be the one that runs.
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+            self._rearmed = True
+
     def request(self, name: str = "request") -> None:
         """As if a signal had arrived (tests, and callers with their own notice)."""
         self.signal_name = self.signal_name or name
@@ -235,8 +243,10 @@ class RunLock:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         import fcntl
 
-        # Same-host contenders take turns (a stale lock is taken over by one of them only).
-        with open(self.path + ".guard", "a") as guard:
+        # Same-host contenders take turns (a stale lock is taken over by one of them only):
+        # an flock on the parent folder, released when the process ends whatever happens.
+        guard = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -261,6 +271,8 @@ class RunLock:
             else:
                 with os.fdopen(fd, "w") as f:
                     json.dump(self._info(), f)
+        finally:
+            os.close(guard)  # also releases the flock
         self.held = True
         return self
 

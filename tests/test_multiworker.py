@@ -1,0 +1,113 @@
+"""Two workers on loopback (MultiWorkerMirroredStrategy over TF_CONFIG, started by
+launch_local) against one process with the same global batch and seed; a worker killed
+mid-run, then the job restarted from the chief's latest checkpoint."""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from research.apps import launch_local
+from research.training import loop
+from research.training.config import TrainConfig
+
+FLAGS = ["--run_name=r", "--batch_size=32", "--widths=8,16", "--res_blocks=1,0",
+         "--stem_width=8", "--learning_rate=0.03", "--gradcam_images=0", "--progress=false",
+         "--precision=float32", "--deterministic", "--train_steps=20", "--steps_per_loop=1",
+         "--eval_every_steps=1000", "--checkpoint_every_steps=5", "--eval_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn") / "data"
+    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
+    return str(d)
+
+
+def dirs(root):
+    return [f"--checkpoint_dir={root}/ck", f"--log_dir={root}/logs"]
+
+
+def step_losses(logdir):
+    """{step: train loss} from the TensorBoard events (a replayed step: its last value)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "train", "events*")),
+                       key=os.path.getmtime):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                if v.tag == "loss":
+                    out[event.step] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def model_weights(run_dir):
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
+    names = sorted(k for k in reader.get_variable_to_shape_map() if k.startswith("model/"))
+    assert names
+    return np.concatenate([np.ravel(reader.get_tensor(k)) for k in names])
+
+
+def test_tf_configs_and_ports():
+    ports = launch_local.free_ports(3)
+    assert len(set(ports)) == 3
+    configs = launch_local.tf_configs(ports)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert configs[2]["cluster"]["worker"][0] == f"127.0.0.1:{ports[0]}"
+
+
+def test_two_workers_match_one_process_and_resume_after_a_kill(syn, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # The one-process reference runs here (no process start-up to pay): the same settings.
+    loop.train_and_evaluate(TrainConfig(
+        data_dir=syn, run_name="r", checkpoint_dir=str(one / "ck"), log_dir=str(one / "logs"),
+        model_options={"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8},
+        batch_size=32, learning_rate=0.03, gradcam_images=0, progress=False,
+        precision="float32", train_steps=20, steps_per_loop=1, eval_every_steps=1000,
+        checkpoint_every_steps=5, eval_batch_size=16, strategy="default"))
+
+    launch = [sys.executable, "-m", "research.apps.launch_local", "--workers=2",
+              "--grace_seconds=5", "--", f"--data_dir={syn}", *FLAGS, *dirs(two)]
+    proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines, pids, deadline = [], {}, time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.match(r"\[launch\] worker (\d+): pid (\d+)", line)
+        if m:
+            pids[int(m.group(1))] = int(m.group(2))
+        if line.startswith("[worker 0]") and "train | step     12" in line:
+            os.kill(pids[1], signal.SIGKILL)  # ckpt-10 is written
+            break
+    else:
+        proc.kill()
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGKILL, out[-3000:]
+    assert "[launch] worker 1 exited with status 137; stopping the others" in out
+    assert not glob.glob(os.path.join(str(two), "ck", "r", "export"))
+
+    res = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:]
+    for worker in (0, 1):
+        assert re.search(rf"\[worker {worker}\].*Resumed \S*ckpt-(10|15) at step (10|15)",
+                         out), out[-3000:]
+    assert os.path.exists(two / "ck" / "r" / "export" / "model.keras")
+    assert sorted(os.listdir(two / "logs" / "r")) == ["eval", "train"]
+
+    l1, l2 = step_losses(str(one / "logs" / "r")), step_losses(str(two / "logs" / "r"))
+    assert sorted(l1) == sorted(l2) == list(range(1, 21))
+    np.testing.assert_allclose([l2[s] for s in range(1, 21)], [l1[s] for s in range(1, 21)],
+                               rtol=1e-4)
+    w1, w2 = model_weights(str(one / "ck" / "r")), model_weights(str(two / "ck" / "r"))
+    assert np.linalg.norm(w2 - w1) <= 1e-5 * np.linalg.norm(w1)
