@@ -174,3 +174,27 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     rec = json.loads((lab_dir / "stages" / "lab_scratch.json").read_text())
     assert rec["reused"] is True and rec["ran_seconds"] is not None
     assert "reused" in (lab_dir / "report.html").read_text()
+
+
+def test_weights_fall_back_to_the_source_task_only_when_allowed(tmp_path, monkeypatch):
+    from research.lab import stages
+    from research.lab.settings import LabSettings
+    from research.models.backbones import BackboneError
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache
+
+    def offline(backbone):
+        raise BackboneError(f"--weights=imagenet: could not get the ImageNet weights of "
+                            f"{backbone}; place vgg16_weights_tf_dim_ordering_tf_kernels_notop"
+                            ".h5 in ...")
+
+    monkeypatch.setattr(stages, "fetch_imagenet", offline)
+    auto = stages.Lab(LabSettings(workdir=str(tmp_path)), "cifar10", "")
+    stages.resolve_weights(auto)
+    assert auto.weights == "lab_src_nocat" and "Fallback" in auto.weights_note
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in auto.weights_note
+    key, settings = stages.transfer_settings(auto)
+    assert settings["model_options"]["weights"] == "lab_src_nocat" and key.endswith("_src")
+    strict = stages.Lab(LabSettings(workdir=str(tmp_path), weights="imagenet"), "cifar10", "")
+    with pytest.raises(BackboneError, match="notop.h5"):
+        stages.resolve_weights(strict)

@@ -94,7 +94,7 @@ def main(argv):
         check(settings)
     except (LabError, ValueError) as e:
         sys.exit(f"error: {e}")
-    source, line = pick_source(settings.source)
+    source, line = pick_source(settings.source, settings.data_dir)
     print(line, flush=True)  # the first line: which data the lab reads
 
     from research.data.pipeline import DataError

@@ -93,10 +93,13 @@ def quick(profile: LabProfile) -> LabProfile:
     their own names, so a quick lab never resumes into a full one."""
     net = {"widths": (16, 32, 64), "res_blocks": (1, 0, 0), "stem_width": 16}
     short = dict(train_steps=30, batch_size=64, eval_every_steps=15, model_options=net)
+
+    def shrink(d):
+        return {**{k: v for k, v in d.items() if k != "epochs"}, **short}
+
     return dataclasses.replace(
         profile, quick=True, run_prefix=profile.run_prefix + "quick_",
-        scratch={**profile.scratch, **short},
-        source_task={**profile.source_task, **short},
+        scratch=shrink(profile.scratch), source_task=shrink(profile.source_task),
         transfer_imagenet={**profile.transfer_imagenet, "train_fraction": 0.05,
                            "epochs": 1.0, "head_epochs": 0.5, "fine_tune_epochs": 0.5,
                            "batch_size": 64,
@@ -104,7 +107,7 @@ def quick(profile: LabProfile) -> LabProfile:
                                              "image_size": 32}},
         transfer_fallback={**profile.transfer_fallback, "train_fraction": 0.05,
                            "batch_size": 64, "head_epochs": 1.0, "fine_tune_epochs": 1.0},
-        memory_check={**profile.memory_check, **short},
+        memory_check=shrink(profile.memory_check),
         explain_per_class=2, faithfulness_steps=8, num_filters=8, filter_steps=10)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from research.lab import stages
@@ -30,12 +31,16 @@ def preflight(lab: stages.Lab, order: list[str]) -> None:
     problem = stages.data_mismatch(lab)
     if problem:
         raise stages.LabError(f"data: {problem}")
-    if "data" not in order:
-        import os
+    if "data" not in order and not os.path.isfile(os.path.join(lab.s.data_dir,
+                                                               "manifest.json")):
+        raise stages.LabError(f"--stages: {lab.s.data_dir} has no TFRecords yet; include the "
+                              "data stage")
+    from research.data.imaging import ImageDecodeError
 
-        if not os.path.isfile(os.path.join(lab.s.data_dir, "manifest.json")):
-            raise stages.LabError(f"--stages: {lab.s.data_dir} has no TFRecords yet; include "
-                                  "the data stage")
+    try:  # an unreadable photo would otherwise surface after the training
+        stages.user_images(lab.s.images)
+    except (OSError, ImageDecodeError) as e:
+        raise stages.LabError(f"--images: {e}") from e
 
 
 def run_lab(settings: LabSettings, source: str | None = None, source_line: str = ""
@@ -43,10 +48,11 @@ def run_lab(settings: LabSettings, source: str | None = None, source_line: str =
     """Runs the asked stages; returns the paths of report.html and report.md."""
     check(settings)
     if source is None:
-        source, source_line = pick_source(settings.source)
+        source, source_line = pick_source(settings.source, settings.data_dir)
     lab = stages.Lab(settings, source, source_line)
     if "transfer" in settings.stages or any(s in settings.stages for s in NEEDS_DETECTORS):
         stages.resolve_weights(lab)
+        print(f"[lab] transfer weights: {lab.weights_note}", flush=True)
     order = plan(lab)
     preflight(lab, order)
     start = time.perf_counter()

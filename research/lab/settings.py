@@ -4,6 +4,7 @@ checks that need no TensorFlow: they run before any work, so bad input costs one
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
@@ -57,10 +58,20 @@ class LabSettings:
         return apply_overrides(quick(p) if self.quick else p, self.overrides)
 
 
-def pick_source(source: str | None) -> tuple[str, str]:
-    """(source, the line that says which one and why)."""
+def pick_source(source: str | None, data_dir: str | None = None) -> tuple[str, str]:
+    """(source, the line that says which one and why). Without --source, TFRecords already
+    in `data_dir` are kept with the source they were built from."""
     if source:
         return source, f"source: {source} (--source)"
+    manifest = os.path.join(data_dir or "", "manifest.json")
+    if data_dir and os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                built_from = json.load(f)["source"]
+            return built_from, (f"source: {built_from} (the TFRecords already in {data_dir} "
+                                "were built from it; --source to choose)")
+        except (OSError, ValueError, KeyError):
+            pass  # the data stage names the problem
     if os.path.isfile(LOCAL_SOURCE):
         return LOCAL_SOURCE, f"source: {LOCAL_SOURCE} (the local copy)"
     return OFFICIAL_SOURCE, (f"source: {OFFICIAL_SOURCE}, the official archive (downloaded "

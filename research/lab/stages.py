@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shlex
-import socket
 import time
 
 import numpy as np
@@ -349,12 +348,13 @@ def imagenet_file(backbone: str = "vgg16") -> str:
     return os.path.join(backbones.keras_models_dir(), backbones.BACKBONES[backbone].weights_file)
 
 
-def online(host: str = "storage.googleapis.com", timeout: float = 5.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def fetch_imagenet(backbone: str) -> None:
+    """Gets the backbone's ImageNet weights into Keras' cache (a download when they are not
+    there); BackboneError names the file and the folder when that fails."""
+    from research.models import backbones
+
+    backbones.build_base(backbone, backbones.TransferOptions(weights="imagenet"),
+                         (backbones.BACKBONES[backbone].min_size,) * 2 + (3,))
 
 
 def resolve_weights(lab: Lab) -> None:
@@ -372,20 +372,23 @@ def resolve_weights(lab: Lab) -> None:
                             f"source-task backbone {lab.weights} (the scratch network trained "
                             "without cats, a stage of its own)")
         return
+    from research.models.backbones import BackboneError
+
     have = os.path.isfile(path)
-    if have or online():
+    try:
+        if not have:
+            fetch_imagenet(backbone)  # --weights=imagenet stops here with the file's name
         lab.weights = "imagenet"
         lab.weights_note = (f"ImageNet weights of {backbone}: {path}" +
-                            ("" if have else " (downloaded by Keras on first use)"))
+                            ("" if have else " (downloaded now into Keras' cache)"))
         return
-    if mode == "imagenet":
-        raise LabError(f"--weights=imagenet: {os.path.basename(path)} is not in "
-                       f"{os.path.dirname(path)}/ and there is no network; place it there, or "
-                       "pass --weights=<file.h5> or --weights=source_task")
+    except BackboneError:
+        if mode == "imagenet":
+            raise
     lab.weights = lab.run_name("src_nocat")
     lab.weights_note = (f"Fallback: the ImageNet weights of {backbone} could not be had "
                         f"({os.path.basename(path)} is not in {os.path.dirname(path)}/ and "
-                        f"there is no network), so the transfer detector starts from the "
+                        f"could not be downloaded), so the transfer detector starts from the "
                         f"source-task backbone {lab.weights}: the scratch network trained on "
                         "the 9 other classes, a stage of its own.")
 
