@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
-from research.training import faults, loop
+from research.training import evaluation, faults, loop
 from research.training.config import ConfigError, TrainConfig
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
@@ -181,6 +181,8 @@ def test_corrupt_checkpoint_falls_back_and_resume_checks(syn, tmp_path):
     with pytest.raises(faults.CheckpointError, match="ckpt-16 .*ckpt-12 .*ckpt-8 "):
         loop.train_and_evaluate(config(syn, tmp_path, train_steps=20))
     assert sorted(os.listdir(cfg.run_dir)) == before
+    with pytest.raises(ConfigError, match="--checkpoint=latest: .*ckpt-16 cannot be read"):
+        evaluation.resolve_checkpoint(cfg, "latest")  # evaluate names it before any work
 
 
 def test_run_lock(tmp_path):

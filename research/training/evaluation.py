@@ -90,11 +90,17 @@ def resolve_checkpoint(cfg: TrainConfig, which: str) -> str:
             path = tf.train.latest_checkpoint(cfg.run_dir)
         if path is None:
             raise ConfigError(f"--checkpoint={which}: no checkpoint in {folder}")
-        return path
-    if not tf.io.gfile.exists(which + ".index"):
+    elif not tf.io.gfile.exists(which + ".index"):
         raise ConfigError(f"--checkpoint: {which!r} is not a checkpoint prefix "
                           f"({which}.index not found)")
-    return which
+    else:
+        path = which
+    from research.training.faults import checkpoint_problem
+
+    problem = checkpoint_problem(path)  # a truncated file is named here, not in a traceback
+    if problem:
+        raise ConfigError(f"--checkpoint={which}: {path} cannot be read ({problem})")
+    return path
 
 
 def restore_for_eval(cfg: TrainConfig, checkpoint: str, strategy=None):

@@ -42,8 +42,9 @@ SESSIONS = "sessions.jsonl"
 MAY_CHANGE = frozenset({
     "train_steps", "epochs", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "steps_per_loop", "eval_batch_size", "tta", "patience", "stop_at_step", "profile_steps",
-    "gradcam_images", "progress", "jit_compile", "strategy", "cpu_replicas", "deterministic",
-    "restart", "init_checkpoint", "data_dir", "checkpoint_dir", "log_dir", "run_name",
+    "gradcam_images", "progress", "jit_compile", "run_eagerly", "strategy", "cpu_replicas",
+    "deterministic", "restart", "init_checkpoint", "data_dir", "checkpoint_dir", "log_dir",
+    "run_name",
     "learning_rate", "warmup_epochs", "final_lr_fraction", "momentum", "weight_decay",
     "clip_norm",
 })
