@@ -3,6 +3,7 @@ launch_local) against one process with the same global batch and seed; a worker 
 mid-run, then the job restarted from the chief's latest checkpoint."""
 
 import glob
+import json
 import os
 import re
 import signal
@@ -61,6 +62,23 @@ def test_tf_configs_and_ports():
     configs = launch_local.tf_configs(ports)
     assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
     assert configs[2]["cluster"]["worker"][0] == f"127.0.0.1:{ports[0]}"
+
+
+def test_tf_config_is_checked_before_any_work(monkeypatch):
+    from research.training import cluster
+    from research.training.config import ConfigError
+
+    assert cluster.check_tf_config("auto") is None
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="--strategy=multi_worker: TF_CONFIG is not set"):
+        cluster.check_tf_config("multi_worker")
+    for bad in ("{", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+                '{"cluster": {"worker": ["a:1"]}}'):
+        monkeypatch.setenv("TF_CONFIG", bad)
+        with pytest.raises(ConfigError, match="TF_CONFIG is not a valid cluster description"):
+            cluster.check_tf_config("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", json.dumps(launch_local.tf_configs([1, 2])[1]))
+    assert cluster.check_tf_config("multi_worker")["task"]["index"] == 1
 
 
 def test_two_workers_match_one_process_and_resume_after_a_kill(syn, tmp_path):
