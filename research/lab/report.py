@@ -21,7 +21,8 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;vertical-align:top}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
-td.cmd{text-align:left;font-family:monospace;font-size:.85em;word-break:break-all}
+td.cmd{text-align:left;font-family:monospace;font-size:.85em;word-break:break-all;
+white-space:pre-wrap}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 .quick{background:#fff3cd;border:1px solid #e0c060;padding:.5em .8em}
@@ -66,7 +67,7 @@ class Doc:
         self.md.append("| " + " | ".join(header) + " |")
         self.md.append("|" + "|".join("---" for _ in header) + "|")
         for row in rows:
-            self.md.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
+            self.md.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>")
                                              for c in row) + " |")
         self.md.append("")
 
