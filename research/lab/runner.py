@@ -35,6 +35,15 @@ def preflight(lab: stages.Lab, order: list[str]) -> None:
                                                                "manifest.json")):
         raise stages.LabError(f"--stages: {lab.s.data_dir} has no TFRecords yet; include the "
                               "data stage")
+    needing = [n for n in order if n in NEEDS_DETECTORS]
+    if needing:
+        trained = {"scratch": lab.run_name("scratch"),
+                   "transfer": stages.detector_runs(lab)[1]}
+        missing = [r for k, r in trained.items() if k not in order]
+        try:
+            stages.require_runs(lab, needing[0], missing)
+        except stages.LabError as e:
+            raise stages.LabError(f"{e} (or add them to --stages)") from None
     from research.data.imaging import ImageDecodeError
 
     try:  # an unreadable photo would otherwise surface after the training
