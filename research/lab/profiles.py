@@ -100,15 +100,21 @@ def quick(profile: LabProfile) -> LabProfile:
     return dataclasses.replace(
         profile, quick=True, run_prefix=profile.run_prefix + "quick_",
         scratch=shrink(profile.scratch), source_task=shrink(profile.source_task),
-        transfer_imagenet={**profile.transfer_imagenet, "train_fraction": 0.05,
-                           "epochs": 1.0, "head_epochs": 0.5, "fine_tune_epochs": 0.5,
-                           "batch_size": 64,
-                           "model_options": {**profile.transfer_imagenet["model_options"],
-                                             "image_size": 32}},
-        transfer_fallback={**profile.transfer_fallback, "train_fraction": 0.05,
-                           "batch_size": 64, "head_epochs": 1.0, "fine_tune_epochs": 1.0},
+        transfer_imagenet=few_epochs({**profile.transfer_imagenet, "train_fraction": 0.05,
+                                      "batch_size": 64, "model_options": {
+                                          **profile.transfer_imagenet["model_options"],
+                                          "image_size": 32}}, 0.5),
+        transfer_fallback=few_epochs({**profile.transfer_fallback, "train_fraction": 0.05,
+                                      "batch_size": 64}, 1.0),
         memory_check=shrink(profile.memory_check),
         explain_per_class=2, faithfulness_steps=8, num_filters=8, filter_steps=10)
+
+
+def few_epochs(d: dict, epochs: float) -> dict:
+    """A transfer recipe's length set to `epochs` (each phase of fine_tune)."""
+    if d.get("transfer") == "fine_tune":
+        return {**d, "head_epochs": epochs, "fine_tune_epochs": epochs}
+    return {**d, "epochs": epochs}
 
 
 @dataclasses.dataclass
@@ -151,13 +157,7 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
 
     def transfer(d):
         d = {**d, **common}
-        if o.transfer_epochs is not None:
-            key = "epochs" if d.get("transfer") == "features" else None
-            if key:
-                d[key] = o.transfer_epochs
-            else:
-                d["head_epochs"] = d["fine_tune_epochs"] = o.transfer_epochs
-        return d
+        return d if o.transfer_epochs is None else few_epochs(d, o.transfer_epochs)
 
     pick = {k: getattr(o, k) for k in ("explain_per_class", "faithfulness_steps",
                                        "num_filters", "filter_steps")
