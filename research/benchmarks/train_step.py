@@ -3,7 +3,7 @@ r"""Training throughput, measured in one run on the same model, data and batch:
 1. the real training loop (`research.training.steps.make_train_loop`: a tf.function around
    strategy.run, `steps_per_loop` steps per call) against `model.fit` (the reference; used
    nowhere else in this codebase);
-2. mixed_bfloat16 against float32 in the real loop;
+2. mixed_bfloat16 against float32 in the real loop (where the CPU runs bf16 natively);
 3. Keras' BatchNormalization against our FusedBatchNorm, and XLA on/off (informational).
 
   python -m research.benchmarks.train_step [--steps=60] [--batch_size=256]
@@ -24,6 +24,11 @@ flags.DEFINE_integer("steps", 60, "Timed steps per configuration (after warm-up)
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 flags.DEFINE_integer("steps_per_loop", 20, "Steps per tf.function call in the custom loop.")
 flags.DEFINE_bool("extras", True, "Also time Keras BN and XLA variants.")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16"],
+                  "Precision of the loop and model.fit rows; auto: bf16 where the CPU runs it "
+                  "natively (AMX / AVX512-BF16), as training does.")
+flags.DEFINE_bool("bf16_row", None, "Time bf16 against fp32 (default: only where the CPU has "
+                  "native bf16; elsewhere bf16 is emulated and very slow).")
 
 MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)],
             "positive_class_id": 3}
@@ -116,19 +121,30 @@ def main(argv):
         print(f"  {name:<46}{rate:>9,.0f} img/s", flush=True)
         return rate
 
-    bf16 = row("custom loop, mixed_bfloat16", custom_loop_rate("mixed_bfloat16", s, b, k))
-    fit = row("model.fit, mixed_bfloat16 (reference)", fit_rate("mixed_bfloat16", s, b))
-    fp32 = row("custom loop, float32", custom_loop_rate("float32", s // 2, b, k // 2 or 1))
+    from research.machine import has_fast_bf16
+
+    p = FLAGS.precision
+    if p == "auto":
+        p = "mixed_bfloat16" if has_fast_bf16() else "float32"
+    loop = row(f"custom loop, {p}", custom_loop_rate(p, s, b, k))
+    fit = row(f"model.fit, {p} (reference)", fit_rate(p, s, b))
+    print(f"custom loop / model.fit ({p}): {loop / fit:.2f}   (target >= 1.0)")
+    bf16_row = has_fast_bf16() if FLAGS.bf16_row is None else FLAGS.bf16_row
+    if bf16_row:
+        other = "float32" if p == "mixed_bfloat16" else "mixed_bfloat16"
+        rate = row(f"custom loop, {other}", custom_loop_rate(other, s // 2, b, k // 2 or 1))
+        bf16, fp32 = (loop, rate) if p == "mixed_bfloat16" else (rate, loop)
+        print(f"bf16 / fp32 (custom loop):      {bf16 / fp32:.2f}")
+    else:
+        print("bf16 / fp32: skipped (no AMX / AVX512-BF16 on this CPU: bf16 is emulated; "
+              "--bf16_row to time it anyway)")
     if FLAGS.extras:
-        row("custom loop, bf16, Keras BatchNormalization",
-            custom_loop_rate("mixed_bfloat16", s // 2, b, k // 2 or 1, keras_bn=True))
-        row("custom loop, bf16, jit_compile (XLA)",
-            custom_loop_rate("mixed_bfloat16", s // 2, b, k // 2 or 1, jit=True))
-    print(f"custom loop / model.fit (bf16): {bf16 / fit:.2f}   (target >= 1.0)")
-    print(f"bf16 / fp32 (custom loop):      {bf16 / fp32:.2f}")
-    if FLAGS.extras:
-        print(f"FusedBatchNorm / Keras BN:      {bf16 / rows[3][1]:.2f}")
-        print(f"no XLA / XLA:                   {bf16 / rows[4][1]:.2f}")
+        keras_bn = row(f"custom loop, {p}, Keras BatchNormalization",
+                       custom_loop_rate(p, s // 2, b, k // 2 or 1, keras_bn=True))
+        xla = row(f"custom loop, {p}, jit_compile (XLA)",
+                  custom_loop_rate(p, s // 2, b, k // 2 or 1, jit=True))
+        print(f"FusedBatchNorm / Keras BN:      {loop / keras_bn:.2f}")
+        print(f"no XLA / XLA:                   {loop / xla:.2f}")
 
 
 if __name__ == "__main__":
