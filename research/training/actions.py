@@ -135,10 +135,10 @@ class Evaluate(Action):
                                                                    ctx.result.scores)
         record.log_eval(ctx.writers.eval, ctx.result, ctx.report, ctx.step,
                         ["other", ctx.manifest["positive_class"]])
-        r = ctx.report
+        r, acc = ctx.report, ctx.result.class_accuracy
         logging.info("eval  | step %6d | val loss %.4f | roc_auc %.4f | pr_auc %.4f | f1 %.4f"
-                     " @ %.3f", ctx.step, ctx.result.loss, r["roc_auc"], r["pr_auc"], r["f1"],
-                     r["threshold"])
+                     " @ %.3f%s", ctx.step, ctx.result.loss, r["roc_auc"], r["pr_auc"], r["f1"],
+                     r["threshold"], "" if acc is None else f" | class acc {acc:.4f}")
 
 
 class Curves(Action):
