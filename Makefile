@@ -9,7 +9,9 @@ RUN ?= scratch
 TRAIN_FLAGS ?= --eval_every_steps=525
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test data train evaluate explain benchmarks clean-venv
+LAB_FLAGS ?=
+
+.PHONY: run lab-quick test data train evaluate explain benchmarks clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +19,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
-# The main job: TFRecords, then a from-scratch cat detector trained, evaluated and explained.
-run: data train evaluate explain
+# The main job: the whole lab and one report, logs/lab/report.html. Every stage reuses its
+# finished output (a second `make run` only rewrites the report); SOURCE given on the command
+# line is passed on, otherwise the lab picks (the first line of output says which).
+run: $(VENV)/.installed
+	$(PY) -m research.apps.lab $(if $(filter-out file default,$(origin SOURCE)),--source=$(SOURCE)) $(LAB_FLAGS)
+
+# Every stage shrunk: a smoke test of the whole lab in a few minutes.
+lab-quick: $(VENV)/.installed
+	$(PY) -m research.apps.lab --quick $(LAB_FLAGS)
+
+# The single steps of the scratch detector (TFRecords, train, evaluate, explain).
 
 data: $(VENV)/.installed
 	@if [ -f $(DATA)/manifest.json ]; then echo "$(DATA) exists; reusing it (rm -r $(DATA) to rebuild)"; \

@@ -94,6 +94,7 @@ def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4) -> tf.Tensor
 
 
 FILL_MODES = ("nearest", "reflect", "wrap", "constant")
+AFFINE_KEY = 7919  # seed offset of the affine draws: the flip/crop draws stay as they were
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,11 +295,75 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         out = dict(out)
         if augment:
             out["image"] = augment_batch(out["image"], uniform_from_index(index, seed, 3), pad)
-        if affine is not None and affine.active:  # its own key: flip/crop draws unchanged
+        if affine is not None and affine.active:
             out["image"] = affine_batch(out["image"],
-                                        uniform_from_index(index, seed + 7919, 6), affine)
+                                        uniform_from_index(index, seed + AFFINE_KEY, 6), affine)
         out["image"] = scale_images(out["image"], scale)
         return out
+
+    return ds.map(finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def make_memory_dataset(arrays: dict, manifest: dict, batch_size: int, *, seed: int = 0,
+                        scale: str = "unit", augment: bool = True, pad: int = 4, affine=None,
+                        shuffle_buffer: int = 16384, start_step: int = 0,
+                        global_batch_size: int | None = None,
+                        input_context: tf.distribute.InputContext | None = None
+                        ) -> tf.data.Dataset:
+    """The training stream of `make_dataset(..., training=True)` (no rebalancing, no subset),
+    fed from `arrays` (the whole split in memory, `take_examples(data_dir, "train")`) instead
+    of the shards: epoch e's shard order, chunk permutations and per-example augmentation
+    draws are the same stateless functions of (seed, e, position), so both streams give the
+    same batches (train --input=memory; the lab's disk-vs-memory check)."""
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    global_batch_size = global_batch_size or batch_size * num_pipelines
+    sizes = [sh["num_examples"] for sh in manifest["splits"]["train"]["shards"]]
+    n = int(sum(sizes))
+    if len(arrays["label"]) != n:
+        raise ValueError(f"{len(arrays['label'])} training examples in memory, the manifest "
+                         f"lists {n}")
+    starts = tf.constant(np.cumsum([0] + sizes[:-1]), tf.int64)
+    ends = tf.constant(np.cumsum(sizes), tf.int64)
+    chunk = max(1, min(shuffle_buffer, n))
+    num_chunks = -(-n // chunk)
+    seed_t = tf.constant(seed, tf.int64)
+    first_epoch, offset = divmod(start_step * global_batch_size, n)
+    images = tf.constant(arrays["image"])
+    labels = tf.constant(arrays["label"], tf.int32)
+    class_ids = tf.constant(arrays["class_id"], tf.int32)
+
+    def epoch(e):
+        # The same draw as the pipeline's shuffle of the file names (same length, same seed).
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(sizes)),
+                                                         seed=tf.stack([seed_t, e]))
+        positions = tf.ragged.range(tf.gather(starts, order), tf.gather(ends, order)).flat_values
+
+        def permute(j):
+            part = positions[j * chunk:(j + 1) * chunk]
+            k = tf.shape(part, out_type=tf.int64)[0]
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(k), seed=tf.stack([seed_t * 1_000_003 + e, j]))
+            return e * n + j * chunk + tf.range(k), tf.gather(part, perm)
+
+        return tf.data.Dataset.range(num_chunks).map(permute).unbatch()
+
+    ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch).skip(offset)
+    ds = ds.batch(global_batch_size, drop_remainder=True)
+    if num_pipelines > 1:  # each input pipeline takes its slice of every global batch
+        per = global_batch_size // num_pipelines
+        lo, hi = pipeline_id * per, (pipeline_id + 1) * per
+        ds = ds.map(lambda i, p: (i[lo:hi], p[lo:hi]))
+    ds = ds.rebatch(batch_size, drop_remainder=True)
+
+    def finish(index, pos):
+        image = tf.gather(images, pos)
+        if augment:
+            image = augment_batch(image, uniform_from_index(index, seed, 3), pad)
+        if affine is not None and affine.active:
+            image = affine_batch(image, uniform_from_index(index, seed + AFFINE_KEY, 6), affine)
+        return {"image": scale_images(image, scale), "label": tf.gather(labels, pos),
+                "class_id": tf.gather(class_ids, pos)}
 
     return ds.map(finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 

@@ -236,7 +236,7 @@ def finished(cfg: TrainConfig) -> dict | None:
     return summary if done else None
 
 
-def train(lab: Lab, cfg: TrainConfig, input_fn=None) -> tuple[dict, bool]:
+def train(lab: Lab, cfg: TrainConfig) -> tuple[dict, bool]:
     """(summary, reused): trains or resumes the run, or reuses it when it has finished."""
     from research.training import faults
     from research.training.loop import train_and_evaluate
@@ -255,11 +255,7 @@ def train(lab: Lab, cfg: TrainConfig, input_fn=None) -> tuple[dict, bool]:
     print(f"[lab] training {cfg.run_name}: {command('research.apps.train', changed_flags(cfg))}",
           flush=True)
     with faults.Preemption() as preemption:
-        if input_fn is None:
-            summary = train_and_evaluate(cfg, actions=actions + [preemption])
-        else:
-            with memory_check.training_input(input_fn) as extra:
-                summary = train_and_evaluate(cfg, actions=actions + [preemption], **extra)
+        summary = train_and_evaluate(cfg, actions=actions + [preemption])
     if preemption.stopped_at is not None:
         raise Preempted(preemption.message(cfg))
     return summary, False
@@ -689,26 +685,20 @@ def stage_memory_check(lab: Lab) -> StageRecord:
     start = time.perf_counter()
     settings = lab.profile.memory_check
     disk = train_config(lab, "mem_tfrecords", settings)
-    mem = train_config(lab, "mem_memory", settings)
+    mem = dataclasses.replace(train_config(lab, "mem_memory", settings), input="memory")
     memory_check.check_supported(disk)
     out = os.path.join(lab.s.lab_dir, f"{lab.profile.run_prefix}memory_check.json")
     flags = changed_flags(disk)
     commands = [command("research.apps.train", flags),
-                command("research.apps.train", {**changed_flags(mem), "input": "memory"}),
+                command("research.apps.train", changed_flags(mem)),
                 _eval_command(lab, disk.run_name), _eval_command(lab, mem.run_name)]
-    notes = ["`train --input=memory` is not a train flag yet: the lab feeds the loop from "
-             "research.lab.memory_check (the same batches, proven identical below)."]
+    notes = ["`train --input=memory` reads the whole training split once and feeds the loop "
+             "the same batches from memory (checked element by element below)."]
     d_summary, d_reused = train(lab, disk)
     m_summary = finished(mem)
     m_reused = m_summary is not None
-    loaded = 0.0
     if not m_reused:
-        t = time.perf_counter()
-        manifest = pipeline.load_manifest(lab.s.data_dir)
-        arrays = memory_check.load_train_split(lab.s.data_dir)
-        loaded = time.perf_counter() - t
-        input_fn = memory_check.memory_input_fn(mem, arrays, manifest)
-        m_summary, _ = train(lab, mem, input_fn=input_fn)
+        m_summary, _ = train(lab, mem)
     d_report, d_eval = evaluate(lab, disk.run_name, figures=False)
     m_report, m_eval = evaluate(lab, mem.run_name, figures=False)
     old = _marker(out)
@@ -717,7 +707,7 @@ def stage_memory_check(lab: Lab) -> StageRecord:
     else:
         same = same_batches(lab, disk)
     result = {"runs": {"tfrecords": disk.run_name, "memory": mem.run_name},
-              "settings": flags, "same_batches": same, "load_seconds": round(loaded, 1),
+              "settings": flags, "same_batches": same,
               "test": {}, "train_seconds": {"tfrecords": d_summary.get("train_seconds"),
                                             "memory": m_summary.get("train_seconds")}}
     for k in METRICS:

@@ -88,6 +88,10 @@ class TrainConfig:
     class_weighting: str = _f("none", "Per-example loss weights.", choices=CLASS_WEIGHTINGS)
     rebalance: bool = _f(False, "Sample positives and negatives 50/50 in training.")
     augment: bool = _f(True, "Random flip and pad-and-crop in training.")
+    input: str = _f("tfrecords", "Where training batches come from: the TFRecords, or the whole "
+                    "training split loaded into memory once (the same batches, augmented the "
+                    "same way; not with --rebalance, subsets, --exclude_classes or "
+                    "--transfer=features).", choices=("tfrecords", "memory"))
     rotation_range: float = _f(0.0, "Random rotation, degrees (Keras ImageDataGenerator's "
                                "name and meaning; 0: off). Vectorised in tf.data, seeded.")
     width_shift_range: float = _f(0.0, "Random horizontal shift, fraction of the width.")
@@ -181,6 +185,12 @@ class TrainConfig:
             if self.model not in BACKBONES:
                 bad("model", f"--transfer={self.transfer} needs a backbone model: "
                     f"{', '.join(BACKBONES)}")
+        if self.input == "memory" and (self.rebalance or self.exclude_classes or
+                                       self.train_fraction or self.train_per_class or
+                                       self.transfer == "features"):
+            bad("input", "memory replays the plain training stream: not with --rebalance, "
+                "--exclude_classes, --train_fraction/--train_per_class or "
+                "--transfer=features")
         if self.train_fraction is not None and not 0.0 < self.train_fraction <= 1.0:
             bad("train_fraction", f"must be in (0, 1], got {self.train_fraction}")
         if self.train_per_class is not None and self.train_per_class < 1:

@@ -44,7 +44,7 @@ MAY_CHANGE = frozenset({
     "steps_per_loop", "eval_batch_size", "tta", "patience", "stop_at_step", "profile_steps",
     "gradcam_images", "progress", "jit_compile", "run_eagerly", "strategy", "cpu_replicas",
     "deterministic", "restart", "init_checkpoint", "data_dir", "checkpoint_dir", "log_dir",
-    "run_name",
+    "run_name", "input",
     "learning_rate", "warmup_epochs", "final_lr_fraction", "momentum", "weight_decay",
     "clip_norm",
 })
