@@ -122,3 +122,17 @@ def test_run_eagerly_matches_graph(syn, tmp_path):
         losses[eager] = out
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
     assert not os.path.exists(tmp_path / "ck" / "c" / "checkpoint")
+
+
+def test_input_memory_feeds_the_same_batches(syn, tmp_path):
+    disk = config(syn, tmp_path, rotation_range=15)
+    mem = config(syn, tmp_path, rotation_range=15, input="memory")
+    from research.training import inputs
+
+    ctx = tf.distribute.InputContext()
+    a = next(iter(inputs.train_input_fn(disk, 3)(ctx)))
+    b = next(iter(inputs.train_input_fn(mem, 3)(ctx)))
+    for k in ("image", "label", "class_id"):
+        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+    with pytest.raises(ConfigError, match="--input: memory"):
+        config(syn, tmp_path, input="memory", rebalance=True).validate()
