@@ -14,6 +14,8 @@ import sys
 
 from absl import app, flags
 
+from research.apps import config_flags
+
 from research.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -38,6 +40,7 @@ def main(argv):
     from research.training import compare
     from research.training.config import ConfigError
 
+    config_flags.exit_on_numeric_errors((("eval_batch_size", 1, None, True, True),))
     try:
         compare.check_output_prefix(FLAGS.output)
         result, raw = compare.compare_runs(FLAGS.checkpoint_dir, FLAGS.runs, FLAGS.split,

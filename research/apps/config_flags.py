@@ -84,3 +84,24 @@ def values_from_flags(cls, flag_values=flags.FLAGS, skip=()) -> dict:
                                      f"{elem.__name__} ({e})") from e
         out[f.name] = value
     return out
+
+
+def numeric_flag_errors(rules, flag_values=flags.FLAGS) -> list[str]:
+    """'--flag: must be ..., got v' for every set numeric flag outside its range
+    (rules as research.training.checks.Rule), so an app can refuse them before any work."""
+    from research.training.checks import numeric_errors
+
+    class _Values:  # getattr over the flag values, None for flags this app lacks
+        def __getattr__(self, name):
+            return flag_values[name].value if name in flag_values else None
+
+    return [f"--{name}: {problem}" for name, problem in numeric_errors(_Values(), rules)]
+
+
+def exit_on_numeric_errors(rules, flag_values=flags.FLAGS) -> None:
+    """One line per bad numeric flag, then exit 1 (no traceback), before any work."""
+    import sys
+
+    errors = numeric_flag_errors(rules, flag_values)
+    if errors:
+        sys.exit("\n".join(f"error: {e}" for e in errors))

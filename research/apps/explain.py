@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 from absl import app, flags
 
+from research.apps import config_flags
+
 from research.explain import core, dream, features, loading, render
 
 VISUALIZATIONS = ("activations", "filters", "dream")
@@ -179,11 +181,24 @@ def check_flags():
         raise ValueError("--compare_classes needs at least two class names")
 
 
+NUMERIC_RULES = (  # (flag, low, high, low allowed, high allowed)
+    ("num_examples", 0, None, True, True), ("class_index", 0, None, True, True),
+    ("alpha", 0, 1, True, True), ("smoothgrad_samples", 1, None, True, True),
+    ("smoothgrad_noise", 0, None, True, True), ("scorecam_channels", 1, None, True, True),
+    ("scorecam_batch", 1, None, True, True), ("num_filters", 1, None, True, True),
+    ("filter_steps", 1, None, True, True), ("filter_step_size", 0, None, False, True),
+    ("dream_octaves", 1, None, True, True), ("dream_octave_scale", 0, None, False, True),
+    ("dream_steps", 1, None, True, True), ("dream_step_size", 0, None, False, True),
+    ("batch_size", 1, None, True, True), ("seed", 0, 2**32 - 1, True, True),
+)
+
+
 def main(argv):
     del argv
     from research import plots
     from research.explain import faithfulness
 
+    config_flags.exit_on_numeric_errors(NUMERIC_RULES)
     try:
         check_flags()
         precision = loading.resolve_precision(FLAGS.precision)

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from research.apps import config_flags
+
 from research.lab.profiles import PROFILES, Overrides
 from research.lab.settings import STAGES, LabSettings
 
@@ -84,9 +86,20 @@ def settings_from_flags() -> LabSettings:
                                         + [shlex.quote(a) for a in sys.argv[1:]]))
 
 
+NUMERIC_RULES = (  # (flag, low, high, low allowed, high allowed); unset flags are skipped
+    ("train_steps", 1, None, True, True), ("transfer_epochs", 0, None, False, True),
+    ("batch_size", 1, None, True, True), ("eval_batch_size", 1, None, True, True),
+    ("eval_every_steps", 1, None, True, True), ("stem_width", 1, None, True, True),
+    ("explain_per_class", 0, None, True, True), ("faithfulness_steps", 1, None, True, True),
+    ("num_filters", 0, None, True, True), ("filter_steps", 1, None, True, True),
+    ("gradcam_images", 0, None, True, True),
+)
+
+
 def main(argv):
     from research.lab.settings import LabError, check, pick_source
 
+    config_flags.exit_on_numeric_errors(NUMERIC_RULES)
     try:
         if argv[1:]:
             raise ValueError(f"unexpected arguments {' '.join(argv[1:])} (flags start with --)")

@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags, logging
 
+from research.apps import config_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 | mnist (downloaded "
                     "into --download_dir if absent), or a path: an official CIFAR "
@@ -78,6 +80,14 @@ def write_sample_grid(data_dir: str, n: int) -> str:
     return plots.save_figure(fig, os.path.join(data_dir, "samples.png"))
 
 
+NUMERIC_RULES = (  # (flag, low, high, low allowed, high allowed)
+    ("val_fraction", 0, 1, True, False), ("test_fraction", 0, 1, True, False),
+    ("seed", 0, 2**32 - 1, True, True), ("train_shards", 1, None, True, True),
+    ("val_shards", 1, None, True, True), ("test_shards", 1, None, True, True),
+    ("image_size", 1, None, True, True), ("sample_grid", 0, None, True, True),
+)
+
+
 def main(argv):
     del argv
     from keras.utils import Progbar
@@ -85,6 +95,10 @@ def main(argv):
     from research import machine
     from research.data import sources, tfrecords
 
+    config_flags.exit_on_numeric_errors(NUMERIC_RULES)
+    if FLAGS.val_fraction + FLAGS.test_fraction >= 1:
+        sys.exit("error: --val_fraction + --test_fraction must be < 1, got "
+                 f"{FLAGS.val_fraction + FLAGS.test_fraction}")
     start = time.time()
     logging.info("Reading %s", FLAGS.source)
     try:

@@ -32,10 +32,17 @@ flags.adopt_module_key_flags(config_flags)  # list them in this app's --help
 flags.mark_flags_as_required(["images"])
 
 
+NUMERIC_RULES = (  # (flag, low, high, low allowed, high allowed)
+    ("threshold", 0, 1, True, True), ("batch_size", 1, None, True, True),
+    ("top_k", 1, None, True, True), ("decode_threads", 1, None, True, True),
+)
+
+
 def main(argv):
     del argv
     from research import inference
 
+    config_flags.exit_on_numeric_errors(NUMERIC_RULES)
     try:
         if (FLAGS.model is None) == (FLAGS.run_name is None):
             raise inference.InferenceError("--model, --run_name: give exactly one")

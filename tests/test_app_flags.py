@@ -1,0 +1,42 @@
+"""Flags derived from dataclasses, and the apps' numeric flag checks (one line per error,
+before any work)."""
+
+import dataclasses
+
+import pytest
+from absl import flags
+
+from research.apps import config_flags
+
+
+@dataclasses.dataclass
+class Options:
+    size: int = dataclasses.field(default=3, metadata={"help": "a size"})
+    rate: float | None = dataclasses.field(default=None, metadata={"help": "a rate"})
+    widths: tuple[int, ...] = dataclasses.field(default=(8, 16), metadata={"help": "w"})
+    mode: str = dataclasses.field(default="a", metadata={"help": "m", "choices": ("a", "b")})
+    hidden: dict = dataclasses.field(default_factory=dict, metadata={"flag": False})
+
+
+def test_flags_round_trip_through_the_dataclass():
+    fv = flags.FlagValues()
+    names = config_flags.define_flags(Options, flag_values=fv)
+    assert names == ["size", "rate", "widths", "mode"]
+    fv(["prog", "--size=5", "--widths=1,2,3", "--mode=b"])
+    expected = Options(5, None, (1, 2, 3), "b")
+    assert Options(**config_flags.values_from_flags(Options, fv)) == expected
+    fv["widths"].value = ["1", "x"]
+    with pytest.raises(config_flags.FlagValueError, match="--widths"):
+        config_flags.values_from_flags(Options, fv)
+
+
+def test_numeric_flag_errors_name_each_flag():
+    fv = flags.FlagValues()
+    config_flags.define_flags(Options, flag_values=fv)
+    fv(["prog", "--size=0", "--rate=nan"])
+    rules = (("size", 1, None, True, True), ("rate", 0, 1, True, True),
+             ("absent", 0, None, True, True))
+    assert config_flags.numeric_flag_errors(rules, fv) == [
+        "--size: must be >= 1, got 0", "--rate: must be in [0, 1], got nan"]
+    with pytest.raises(SystemExit, match="error: --size"):
+        config_flags.exit_on_numeric_errors(rules, fv)
