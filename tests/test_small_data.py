@@ -136,3 +136,20 @@ def test_input_memory_feeds_the_same_batches(syn, tmp_path):
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
     with pytest.raises(ConfigError, match="--input: memory"):
         config(syn, tmp_path, input="memory", rebalance=True).validate()
+
+
+def test_sharding_by_files_gives_each_pipeline_its_own_shards(syn):
+    manifest = pipeline.load_manifest(syn)
+    seen = []
+    for i in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i)
+        ds = pipeline.make_dataset(syn, "train", 8, training=True, global_batch_size=16,
+                                   input_context=ctx, shard_by="files", augment=False,
+                                   scale="uint8")
+        n = sum(sh["num_examples"] for sh in manifest["splits"]["train"]["shards"][i::2])
+        images = np.concatenate([b["image"].numpy() for b in ds.take(n // 8)])
+        seen.append({img.tobytes() for img in images})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # disjoint shards, nothing twice
+    with pytest.raises(pipeline.DataError, match="shards for 4 input pipelines"):
+        pipeline.make_dataset(syn, "val", 8, training=True, shard_by="files",
+                              input_context=tf.distribute.InputContext(4, 0))

@@ -178,7 +178,8 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
                  shuffle_buffer: int = 16384, rebalance: bool = False, start_step: int = 0,
                  global_batch_size: int | None = None,
                  input_context: tf.distribute.InputContext | None = None,
-                 verify: bool = True, keep: np.ndarray | None = None) -> tf.data.Dataset:
+                 verify: bool = True, keep: np.ndarray | None = None,
+                 shard_by: str = "slice") -> tf.data.Dataset:
     """The dataset of dicts {image, label, class_id[, index]} for one split.
 
     training=True: infinite, shuffled, augmented, `batch_size` per element (drop remainder),
@@ -188,6 +189,11 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
     `scale`: 'unit' float32 in [0, 1], 'raw' float32 in [0, 255] (for a backbone's own
     preprocess_input), or 'uint8'.
     `affine`: random rotation/shift/shear/zoom on top of flip and crop (training only).
+    `shard_by` (training, several input pipelines, e.g. workers): 'slice' reads one
+    deterministic global stream everywhere and keeps this pipeline's slice of every global
+    batch (exactly the batches of one process); 'files' gives each pipeline its own shards
+    (pipeline i reads shards i, i+N, ...; its own shuffle and augmentation keys), so nothing
+    is read twice; batches then differ from a single process.
     `keep`: a boolean mask over the split's positions (see `example_mask`); only those
     examples are read, and an epoch is one pass over them.
     """
@@ -219,8 +225,24 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         return ds.map(parse_eval, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
     global_batch_size = global_batch_size or batch_size * num_pipelines
-    n = manifest["splits"][split]["num_examples"] if keep is None else int(np.sum(keep))
-    starts = np.cumsum([0] + [sh["num_examples"] for sh in manifest["splits"][split]["shards"]])
+    shard_counts = [sh["num_examples"] for sh in manifest["splits"][split]["shards"]]
+    if shard_by == "files" and num_pipelines > 1:
+        if keep is not None or rebalance:
+            raise DataError("input sharding by files does not combine with training subsets, "
+                            "--exclude_classes or --rebalance; use slice")
+        if len(files) < num_pipelines:
+            raise DataError(f"{split} has {len(files)} shards for {num_pipelines} input "
+                            "pipelines: sharding by files needs at least one each (rebuild "
+                            "with more shards, or shard by slice)")
+        files = files[pipeline_id::num_pipelines]
+        shard_counts = shard_counts[pipeline_id::num_pipelines]
+        global_batch_size //= num_pipelines  # this pipeline's own stream
+        seed = seed * 1_000_003 + pipeline_id
+        num_pipelines = 1  # nothing left to slice
+    elif shard_by not in ("slice", "files"):
+        raise ValueError(f"shard_by must be slice or files, got {shard_by!r}")
+    n = sum(shard_counts) if keep is None else int(np.sum(keep))
+    starts = np.cumsum([0] + shard_counts)
     start_example = start_step * global_batch_size
     seed_t = tf.constant(seed, tf.int64)
     chunk = max(1, min(shuffle_buffer, n))

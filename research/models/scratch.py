@@ -10,6 +10,7 @@ where probabilities are wanted.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import keras
 from keras import layers
@@ -45,8 +46,12 @@ class ScratchOptions:
         if len(self.widths) != len(self.res_blocks):
             return "widths", (f"{len(self.widths)} stages but --res_blocks has "
                               f"{len(self.res_blocks)}")
-        if not self.widths or min(self.widths) < 1 or self.stem_width < 1:
-            return "widths", f"channels must be positive, got {self.widths}, {self.stem_width}"
+        if not self.widths or min(self.widths) < 1:
+            return "widths", f"channels must be positive, got {self.widths}"
+        if self.stem_width < 1:
+            return "stem_width", f"must be positive, got {self.stem_width}"
+        if not (math.isfinite(self.feature_scale) and self.feature_scale > 0):
+            return "feature_scale", f"must be positive, got {self.feature_scale}"
         if min(self.res_blocks) < 0:
             return "res_blocks", f"must be >= 0, got {self.res_blocks}"
         if not 0.0 <= self.dropout < 1.0:

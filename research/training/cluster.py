@@ -40,16 +40,6 @@ def check_tf_config(strategy_name: str) -> dict | None:
     return tf_config
 
 
-def make_strategy(name: str, cpu_replicas: int = 0) -> tf.distribute.Strategy:
-    """state.make_strategy, except that MultiWorkerMirroredStrategy is created before
-    anything (listing devices included) initialises TensorFlow, as it must be."""
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    from research.training.state import make_strategy as make_local
-
-    return make_local(name, cpu_replicas)
-
-
 def task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():

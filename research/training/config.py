@@ -92,6 +92,11 @@ class TrainConfig:
                     "training split loaded into memory once (the same batches, augmented the "
                     "same way; not with --rebalance, subsets, --exclude_classes or "
                     "--transfer=features).", choices=("tfrecords", "memory"))
+    input_sharding: str = _f("slice", "How several workers split the training input: slice "
+                             "(each reads the one global stream and keeps its slice of every "
+                             "batch: exactly one process's batches) or files (each reads only "
+                             "its own shards: no read twice, for many workers; other batches).",
+                             choices=("slice", "files"))
     rotation_range: float = _f(0.0, "Random rotation, degrees (Keras ImageDataGenerator's "
                                "name and meaning; 0: off). Vectorised in tf.data, seeded.")
     width_shift_range: float = _f(0.0, "Random horizontal shift, fraction of the width.")

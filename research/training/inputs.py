@@ -47,7 +47,7 @@ def train_input_fn(cfg: TrainConfig, start_step: int):
     return pipeline.make_input_fn(
         cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, scale=cfg.scale,
         augment=cfg.augment, affine=cfg.affine, rebalance=cfg.rebalance,
-        start_step=start_step, keep=keep)
+        start_step=start_step, keep=keep, shard_by=cfg.input_sharding)
 
 
 def eval_dataset(cfg: TrainConfig, split: str) -> tuple[tf.data.Dataset, np.ndarray]:

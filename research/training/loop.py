@@ -24,7 +24,7 @@ from research.training.actions import (LoopContext, NonFiniteLossError,  # noqa:
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluation import Evaluator
 from research.training import inputs
-from research.training.state import (apply_phase, create_train_state, plan_steps,
+from research.training.state import (apply_phase, create_train_state, make_strategy, plan_steps,
                                      resolve_precision)
 from research.training.steps import make_train_loop
 
@@ -63,7 +63,7 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     cfg = prepare_config(cfg)
     cluster.check_tf_config(cfg.strategy)
     faults.check_resume(cfg)  # a resume that changes the network or the data stops here
-    strategy = strategy or cluster.make_strategy(cfg.strategy, cfg.cpu_replicas)
+    strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
     if cfg.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas")

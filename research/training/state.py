@@ -38,6 +38,8 @@ def configure_cpu_replicas(n: int) -> None:
 
 
 def make_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.Strategy:
+    if name == "multi_worker":  # before anything, listing devices included, starts TF
+        return tf.distribute.MultiWorkerMirroredStrategy()
     configure_cpu_replicas(cpu_replicas)
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")
@@ -50,8 +52,6 @@ def make_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.St
     if name == "mirrored":
         devices = None if gpus else [d.name for d in cpus]
         return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"--strategy: unknown strategy {name!r}")
 
 
