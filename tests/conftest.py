@@ -22,3 +22,14 @@ def two_replicas():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == 2
     return strategy
+
+
+@pytest.fixture(scope="session")
+def syn(tmp_path_factory):
+    """A learnable tiny CIFAR-like TFRecord folder (300 train, 50 test), shared read-only by
+    the training, transfer, fault, multi-worker and lab tests."""
+    import helpers
+
+    d = tmp_path_factory.mktemp("syn") / "data"
+    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
+    return str(d)

@@ -20,13 +20,6 @@ from research.training.config import ConfigError, TrainConfig
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn") / "data"
-    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
-    return str(d)
-
-
 def config(syn, tmp_path, **kw):
     base = dict(data_dir=syn, run_name="t", checkpoint_dir=str(tmp_path / "ck"),
                 log_dir=str(tmp_path / "logs"), model_options=dict(TINY), batch_size=32,

@@ -21,13 +21,6 @@ from research.data import pipeline
 from research.lab import memory_check
 
 
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn") / "data"
-    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
-    return str(d)
-
-
 @pytest.mark.parametrize("shuffle_buffer,start_step,replicas", [
     (16384, 0, 1), (50, 7, 1), (64, 3, 2)])
 def test_memory_stream_is_the_tfrecord_stream(syn, shuffle_buffer, start_step, replicas):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
 from research.apps import launch_local
 from research.training import loop
 from research.training.config import TrainConfig
@@ -24,13 +23,6 @@ FLAGS = ["--run_name=r", "--batch_size=32", "--widths=8,16", "--res_blocks=1,0",
          "--stem_width=8", "--learning_rate=0.03", "--gradcam_images=0", "--progress=false",
          "--precision=float32", "--deterministic", "--train_steps=20", "--steps_per_loop=1",
          "--eval_every_steps=1000", "--checkpoint_every_steps=5", "--eval_batch_size=16"]
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn") / "data"
-    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
-    return str(d)
 
 
 def dirs(root):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
 from research.data import pipeline
 from research.models import build_model
 from research.training import state as train_state
@@ -16,13 +15,6 @@ from research.training.loop import train_and_evaluate
 from research.training.steps import make_train_loop
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn") / "data"
-    helpers.make_synthetic_tfrecords(str(d), n_train=200, n_test=40)
-    return str(d)
 
 
 def _images():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
 from research.data import pipeline
 from research.models import MODELS
 from research.training import loop, metrics, state as train_state
@@ -19,13 +18,6 @@ from research.training.steps import make_train_loop
 from research.training.config import ConfigError, TrainConfig
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn") / "data"
-    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
-    return str(d)
 
 
 def config(syn, tmp_path, **kw):

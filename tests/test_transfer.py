@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
 from research.data import pipeline
 from research.models import backbones
 from research.training import evaluation, features, inputs, state as train_state
@@ -19,13 +18,6 @@ from research.training.loop import prepare_config, train_and_evaluate
 from research.training.steps import make_train_loop
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn") / "data"
-    helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
-    return str(d)
 
 
 def config(syn, ck, **kw):
