@@ -244,3 +244,14 @@ def test_a_transfer_run_serves_as_a_backbone(source, syn):
         str(ck / "hop1" / "export" / "model.keras")))
     for a, b in zip(backbones.backbone_of(model).get_weights(), donor.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gradcam_hook_feeds_a_backbone_raw_pixels(syn, tmp_path):
+    from research.explain.hooks import gradcam_actions
+
+    backbone = config(syn, tmp_path, model="vgg16", transfer="frozen", gradcam_images=4,
+                      model_options={"weights": "none"})
+    assert gradcam_actions(backbone)[0].fn.scale == "raw"  # the model preprocesses itself
+    assert gradcam_actions(config(syn, tmp_path, gradcam_images=4))[0].fn.scale == "unit"
+    assert gradcam_actions(config(syn, tmp_path, model="vgg16", transfer="features",
+                                  gradcam_images=4)) == []

@@ -40,28 +40,18 @@ def config_from_flags() -> TrainConfig:
     return cfg
 
 
-def gradcam_action(cfg: TrainConfig):
-    """Grad-CAM overlays of fixed val images in TensorBoard at every eval."""
-    from research.explain.hooks import GradCamHook
-    from research.training.actions import OnEval
-
-    return OnEval(GradCamHook(cfg.data_dir, cfg.gradcam_images, scale=cfg.scale,
-                              objective=cfg.objective))
-
-
 def main(argv):
     del argv
     from research.apps.config_flags import FlagValueError
     from research.data.pipeline import DataError
+    from research.explain.hooks import gradcam_actions
     from research.training.config import ConfigError
     from research.training.faults import PREEMPTED_EXIT, Preemption
     from research.training.loop import NonFiniteLossError, train_and_evaluate
 
     try:
         cfg = config_from_flags()
-        # The features recipe trains a head on cached feature vectors: nothing spatial to map.
-        use_gradcam = cfg.gradcam_images and cfg.transfer != "features"
-        actions = [gradcam_action(cfg)] if use_gradcam else []
+        actions = gradcam_actions(cfg)
         with Preemption() as preemption:  # SIGTERM/SIGINT: checkpoint, then exit 75
             summary = train_and_evaluate(cfg, flagfile=FLAGS.flags_into_string(),
                                          actions=actions + [preemption])

@@ -54,3 +54,15 @@ class GradCamHook:
         png = plots.figure_to_png(fig)
         with writer.as_default(step=step):
             tf.summary.image("gradcam", tf.image.decode_png(png)[None], step=step)
+
+
+def gradcam_actions(cfg) -> list:
+    """The training actions that log Grad-CAM overlays at every eval for a TrainConfig:
+    none with --gradcam_images=0, nor for the features recipe (its head trains on feature
+    vectors: nothing spatial to map)."""
+    if not cfg.gradcam_images or cfg.transfer == "features":
+        return []
+    from research.training.actions import OnEval
+
+    return [OnEval(GradCamHook(cfg.data_dir, cfg.gradcam_images, scale=cfg.input_scale,
+                               objective=cfg.objective))]

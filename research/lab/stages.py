@@ -245,13 +245,10 @@ def train(lab: Lab, cfg: TrainConfig) -> tuple[dict, bool]:
     if summary is not None:
         return summary, True
     actions = []
-    if cfg.gradcam_images and cfg.transfer != "features" and not cfg.exclude_classes:
-        from research.explain.hooks import GradCamHook
-        from research.training.actions import OnEval
+    if not cfg.exclude_classes:  # a source task has no cats to map
+        from research.explain.hooks import gradcam_actions
 
-        actions.append(OnEval(GradCamHook(cfg.data_dir, cfg.gradcam_images,
-                                          scale="raw" if cfg.uses_backbone else cfg.scale,
-                                          objective=cfg.objective)))
+        actions += gradcam_actions(cfg)
     print(f"[lab] training {cfg.run_name}: {command('research.apps.train', changed_flags(cfg))}",
           flush=True)
     with faults.Preemption() as preemption:

@@ -226,6 +226,12 @@ class TrainConfig:
                       self.shear_range, self.zoom_range, self.fill_mode)
 
     @property
+    def input_scale(self) -> str:
+        """How the model's inputs are scaled: a backbone model takes raw pixels and
+        preprocesses them itself; other models take `scale`."""
+        return "raw" if self.uses_backbone else self.scale
+
+    @property
     def uses_backbone(self) -> bool:
         """A transfer model (backbone + head) rather than a plain registered network."""
         from research.models.backbones import BACKBONES

@@ -103,10 +103,10 @@ def resolve_checkpoint(cfg: TrainConfig, which: str) -> str:
     return path
 
 
-def restore_for_eval(cfg: TrainConfig, checkpoint: str, strategy=None):
+def restore_for_eval(cfg: TrainConfig, checkpoint: str, strategy=None, manifest=None):
     """(model, manifest, strategy): the run's network with the checkpoint's weights."""
     strategy = strategy or tf.distribute.get_strategy()
-    manifest = pipeline.load_manifest(cfg.data_dir)
+    manifest = manifest or pipeline.load_manifest(cfg.data_dir)
     with strategy.scope():
         model = make_model(cfg, manifest)
     tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
@@ -120,7 +120,7 @@ def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
     manifest = pipeline.load_manifest(cfg.data_dir)
     for name in {"val", split}:  # a corrupt shard fails here, before any scoring
         pipeline.shard_paths(cfg.data_dir, manifest, name)
-    model, manifest, strategy = restore_for_eval(cfg, path)
+    model, manifest, strategy = restore_for_eval(cfg, path, manifest=manifest)
     evaluator = Evaluator(cfg, strategy, model, manifest["positive_class_id"])
     val = evaluator.evaluate("val", progress=progress)
     threshold = detmetrics.best_f1_threshold(val.labels, val.scores)

@@ -37,9 +37,8 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     if precision == "auto" and not cfg.restart and os.path.isfile(saved):
         with open(saved) as f:
             precision = TrainConfig.from_json(f.read()).precision
-    # A backbone model takes raw pixels and preprocesses them itself.
-    scale = "raw" if cfg.uses_backbone else cfg.scale
-    return dataclasses.replace(cfg, precision=resolve_precision(precision), scale=scale)
+    return dataclasses.replace(cfg, precision=resolve_precision(precision),
+                               scale=cfg.input_scale)
 
 
 def restore_or_warm_start(cfg: TrainConfig, state, latest: str | None = None) -> None:
