@@ -40,3 +40,28 @@ def test_numeric_flag_errors_name_each_flag():
         "--size: must be >= 1, got 0", "--rate: must be in [0, 1], got nan"]
     with pytest.raises(SystemExit, match="error: --size"):
         config_flags.exit_on_numeric_errors(rules, fv)
+
+
+@dataclasses.dataclass
+class NetAOptions:
+    widths: tuple[int, ...] = dataclasses.field(default=(1, 2), metadata={"help": "A widths"})
+    depth: int = dataclasses.field(default=3, metadata={"help": "depth"})
+
+
+@dataclasses.dataclass
+class NetBOptions:
+    widths: tuple[int, ...] = dataclasses.field(default=(5, 6), metadata={"help": "B widths"})
+    depth: int = dataclasses.field(default=3, metadata={"help": "depth"})
+
+
+def test_option_flags_shared_by_two_models_keep_each_models_default():
+    fv = flags.FlagValues()
+    for cls in (NetAOptions, NetBOptions):
+        config_flags.define_flags(cls, flag_values=fv)
+    assert "neta 1,2; netb 5,6" in fv["widths"].help
+    fv(["prog"])
+    assert config_flags.values_from_flags(NetAOptions, fv) == {"widths": (1, 2), "depth": 3}
+    assert config_flags.values_from_flags(NetBOptions, fv) == {"widths": (5, 6), "depth": 3}
+    fv(["prog", "--widths=7"])
+    assert config_flags.values_from_flags(NetAOptions, fv)["widths"] == (7,)
+    assert config_flags.values_from_flags(NetBOptions, fv)["widths"] == (7,)

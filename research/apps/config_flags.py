@@ -41,9 +41,15 @@ def flag_fields(cls, skip=()) -> list[tuple[dataclasses.Field, type, type | None
     return out
 
 
+def _model_name(cls) -> str:
+    return cls.__name__.removesuffix("Options").lower()
+
+
 def define_flags(cls, skip=(), flag_values=flags.FLAGS) -> list[str]:
-    """Defines one flag per field of `cls`; a flag that already exists (absl's own --log_dir,
-    or a field shared by two option classes) only gets its default set. Returns the names."""
+    """Defines one flag per field of `cls`; a flag that already exists (absl's own --log_dir)
+    only gets its default set. A field that two option classes share with different defaults
+    (--widths of the scratch and the fast network) gets the default None, read back as "the
+    model's own default", and its help lists each. Returns the names."""
     names = []
     for f, base, elem in flag_fields(cls, skip):
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -52,7 +58,20 @@ def define_flags(cls, skip=(), flag_values=flags.FLAGS) -> list[str]:
         if base is tuple and default is not None:
             default = [str(v) for v in default]
         if f.name in flag_values:
-            flag_values.set_default(f.name, default)
+            flag = flag_values[f.name]
+            owners = getattr(flag, "_option_defaults", None)
+            if owners is None:  # absl's own flag, or one of TrainConfig's
+                flag_values.set_default(f.name, default)
+                continue
+            owners[_model_name(cls)] = default
+            helps = flag._helps
+            if f.metadata.get("help", f.name) not in helps:
+                helps.append(f.metadata.get("help", f.name))
+            if len({repr(v) for v in owners.values()}) > 1:
+                flag_values.set_default(f.name, None)
+                flag.help = " ".join(helps) + " Default per model: " + "; ".join(
+                    f"{m} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for m, v in owners.items()) + "."
             continue
         help_text = f.metadata.get("help", f.name)
         kw = dict(flag_values=flag_values)
@@ -68,14 +87,22 @@ def define_flags(cls, skip=(), flag_values=flags.FLAGS) -> list[str]:
             flags.DEFINE_enum(f.name, default, list(f.metadata["choices"]), help_text, **kw)
         else:
             flags.DEFINE_string(f.name, default, help_text, **kw)
+        if cls.__name__.endswith("Options"):  # a model's options: may be shared (above)
+            flag_values[f.name]._option_defaults = {_model_name(cls): default}
+            flag_values[f.name]._helps = [help_text]
     return names
 
 
 def values_from_flags(cls, flag_values=flags.FLAGS, skip=()) -> dict:
-    """{field: value} read back from the flags, list flags converted to typed tuples."""
+    """{field: value} read back from the flags, list flags converted to typed tuples. A shared
+    option flag left at None (see define_flags) reads as `cls`'s own default."""
     out = {}
     for f, base, elem in flag_fields(cls, skip):
         value = flag_values[f.name].value
+        if value is None and len(getattr(flag_values[f.name], "_option_defaults", ())) > 1:
+            out[f.name] = (f.default if f.default is not dataclasses.MISSING
+                           else f.default_factory())
+            continue
         if base is tuple and value is not None:
             try:
                 value = tuple(elem(v) for v in value)

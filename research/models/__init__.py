@@ -15,17 +15,20 @@ import keras
 from research.models import layers  # noqa: F401  (registers the custom layers)
 from research.models.backbones import (BACKBONES, TransferOptions, build_transfer_model,
                                        check_options)
+from research.models.fast import FastOptions, build_fast_cnn
 from research.models.scratch import ScratchOptions, build_scratch_cnn
 from research.models.small_convnet import SmallConvnetOptions, build_small_convnet
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "scratch": build_scratch_cnn,
+    "fast": build_fast_cnn,
     "small_convnet": build_small_convnet,
     **{name: functools.partial(build_transfer_model, name) for name in BACKBONES
        if name != "scratch"},
 }
 MODEL_OPTIONS: dict[str, type] = {
     "scratch": ScratchOptions,
+    "fast": FastOptions,
     "small_convnet": SmallConvnetOptions,
     **{name: TransferOptions for name in BACKBONES if name != "scratch"},
 }

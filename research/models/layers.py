@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -17,15 +18,17 @@ class FusedBatchNorm(keras.layers.Layer):
     Statistics and parameters stay float32 under mixed precision.
     """
 
-    def __init__(self, momentum: float = 0.9, epsilon: float = 1e-3, **kwargs):
+    def __init__(self, momentum: float = 0.9, epsilon: float = 1e-3, scale: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.momentum = momentum
         self.epsilon = epsilon
+        self.scale = scale  # False: gamma stays 1 (not trained), only the shift beta learns
 
     def build(self, input_shape):
         c = input_shape[-1]
         self.gamma = self.add_weight(shape=(c,), initializer="ones", name="gamma",
-                                     autocast=False)
+                                     trainable=self.scale, autocast=False)
         self.beta = self.add_weight(shape=(c,), initializer="zeros", name="beta", autocast=False)
         self.moving_mean = self.add_weight(shape=(c,), initializer="zeros", name="moving_mean",
                                            trainable=False, autocast=False)
@@ -69,4 +72,79 @@ class FusedBatchNorm(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
+        return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon,
+                "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="research")
+class PatchWhitening(keras.layers.Layer):
+    """A k x k 'valid' convolution whose 2 k^2 C filters whiten the training images' k x k
+    patches: the eigenvectors of the patch covariance over sqrt(eigenvalue + eps), and their
+    negatives (so a ReLU-like activation after it loses nothing). The filters are frozen; the
+    bias trains. From the fast CIFAR-10 recipes (hlb-cifar10, airbench): the first layer starts
+    as a decorrelated view of the pixels rather than noise.
+
+    `init_from_data(x)` sets the filters from this layer's inputs `x` (a few thousand training
+    images suffice); until then they are random. They are a variable, so checkpoints carry them.
+    """
+
+    def __init__(self, kernel_size: int = 2, eps: float = 5e-4, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = kernel_size
+        self.eps = eps
+
+    def build(self, input_shape):
+        k, c = self.kernel_size, input_shape[-1]
+        n = k * k * c
+        self.kernel = self.add_weight(shape=(k, k, c, 2 * n), initializer="glorot_uniform",
+                                      name="kernel", trainable=False, autocast=False)
+        self.bias = self.add_weight(shape=(2 * n,), initializer="zeros", name="bias",
+                                    autocast=False)
+
+    def call(self, x):
+        y = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "VALID")
+        return tf.nn.bias_add(y, tf.cast(self.bias, x.dtype))
+
+    def whitening_kernel(self, x) -> np.ndarray:
+        """The (k, k, C, 2 k^2 C) filters that whiten the k x k patches of `x` (N, H, W, C),
+        strongest direction first."""
+        k = self.kernel_size
+        x = np.asarray(x, np.float64)
+        n = k * k * x.shape[-1]
+        cov, count = np.zeros((n, n)), 0
+        for i in range(0, len(x), 256):  # patches of 256 images at a time: bounded memory
+            p = np.lib.stride_tricks.sliding_window_view(x[i:i + 256], (k, k), axis=(1, 2))
+            p = p.transpose(0, 1, 2, 4, 5, 3).reshape(-1, n)  # (patch, k*k*C) in kernel order
+            cov += p.T @ p
+            count += len(p)
+        values, vectors = np.linalg.eigh(cov / count)  # ascending
+        scaled = vectors[:, ::-1] / np.sqrt(np.maximum(values[::-1], 0.0) + self.eps)
+        return np.concatenate([scaled, -scaled], axis=1).reshape(k, k, x.shape[-1], 2 * n)
+
+    def init_from_data(self, x) -> None:
+        self.kernel.assign(self.whitening_kernel(x).astype(np.float32))
+
+    def compute_output_shape(self, input_shape):
+        k, c = self.kernel_size, input_shape[-1]
+        return (input_shape[0], None if input_shape[1] is None else input_shape[1] - k + 1,
+                None if input_shape[2] is None else input_shape[2] - k + 1, 2 * k * k * c)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "eps": self.eps}
+
+
+def data_initialised(model: keras.Model) -> list:
+    """The layers of `model` that set themselves from training data (`init_from_data`)."""
+    return [layer for layer in model._flatten_layers() if hasattr(layer, "init_from_data")]
+
+
+def init_from_data(model: keras.Model, images) -> list[str]:
+    """Runs `init_from_data` of every such layer of `model` on what reaches it when `images`
+    (already scaled as the model's inputs) go in. Returns the layers' names."""
+    names = []
+    for layer in data_initialised(model):
+        feed = keras.Model(model.input, layer.input)
+        layer.init_from_data(np.concatenate([feed(images[i:i + 500], training=False).numpy()
+                                             for i in range(0, len(images), 500)]))
+        names.append(layer.name)
+    return names

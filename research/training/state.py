@@ -12,11 +12,15 @@ import math
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from research import machine
 from research.data import pipeline
+from research.detector import scale_images
 from research.models import backbones, build_model
+from research.models.layers import data_initialised, init_from_data
 from research.training.config import ConfigError, TrainConfig
 
 
@@ -139,6 +143,24 @@ def make_model(cfg: TrainConfig, manifest: dict, **overrides) -> keras.Model:
                        dtype=dtype, **options)
 
 
+DATA_INIT_IMAGES = 5000  # training images that set a data-initialised layer (fast CNN)
+
+
+def init_model_from_data(cfg: TrainConfig, model: keras.Model, manifest: dict) -> None:
+    """Sets the layers that start from training-data statistics (the fast CNN's patch
+    whitening) from the first DATA_INIT_IMAGES training images the run may see (its
+    --exclude_classes left out; labels unused). Deterministic, so a resumed run computes the
+    same values before the checkpoint restores them."""
+    if not data_initialised(model):
+        return
+    d = pipeline.take_examples(cfg.data_dir, "train", DATA_INIT_IMAGES + 1000 * len(
+        cfg.exclude_classes))
+    excluded = [manifest["class_names"].index(c) for c in cfg.exclude_classes]
+    images = d["image"][~np.isin(d["class_id"], excluded)][:DATA_INIT_IMAGES]
+    names = init_from_data(model, scale_images(images, cfg.input_scale).numpy())
+    logging.info("Initialised %s from %d training images", ", ".join(names), len(images))
+
+
 def apply_phase(cfg: TrainConfig, model: keras.Model, phase: int) -> None:
     """Which backbone layers train: none (frozen, features, fine_tune phase 1), those from
     --fine_tune_from / the last --fine_tune_layers (phase 2), or all (transfer none).
@@ -221,7 +243,9 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
     """Model (unless given, already built in this scope), optimizer, metrics and checkpoint,
     all created inside strategy.scope()."""
     with strategy.scope():
-        model = model or make_model(cfg, manifest)
+        if model is None:
+            model = make_model(cfg, manifest)
+            init_model_from_data(cfg, model, manifest)
         head_steps = plan.head_steps or plan.total_steps
         schedule = WarmupCosine(cfg.head_lr or cfg.learning_rate,
                                 int(cfg.warmup_epochs * plan.steps_per_epoch),
