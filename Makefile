@@ -50,10 +50,9 @@ explain: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# The ratio benchmarks (input pipeline, train step, Grad-CAM) with one table, then the others.
 benchmarks: $(VENV)/.installed
-	$(PY) -m research.benchmarks.input_pipeline --data_dir=$(DATA)
-	$(PY) -m research.benchmarks.train_step
-	$(PY) -m research.benchmarks.gradcam
+	$(PY) -m research.benchmarks.all --data_dir=$(DATA)
 	$(PY) -m research.benchmarks.metrics
 	$(PY) -m research.benchmarks.transfer
 	$(PY) -m research.benchmarks.predict

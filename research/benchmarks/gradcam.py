@@ -17,6 +17,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from research.benchmarks.ratios import Ratios
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["vgg16", "scratch"], "Any of vgg16, scratch.")
 flags.DEFINE_integer("images", 16, "Images explained per implementation and repeat.")
@@ -102,7 +104,7 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench(name: str) -> None:
+def bench(name: str, out: Ratios) -> None:
     from research.explain import core, loading
 
     model, pre, size = build(name)
@@ -166,8 +168,12 @@ def bench(name: str) -> None:
         ratios += [(f"ours({FLAGS.precision}) / tf-keras-vis(float32)", t_tkv / t_second,
                     target),
                    ("ours(float32) / tf-keras-vis(float32)", t_tkv / t32, "")]
+    else:
+        out.add(f"Grad-CAM {name}: ours / tf-keras-vis", None, "", SKIPPED)
     for label, ratio, note in ratios:
         print(f"  ratio {label + ':':<42}{ratio:6.2f}x{note}")
+        out.add(f"Grad-CAM {name}: {label}", ratio, note.strip(" ()").replace("target ", ""),
+                rows[second][1] if label.startswith(f"ours({FLAGS.precision})") else "")
 
 
 def main(argv):
@@ -175,8 +181,10 @@ def main(argv):
     from research.machine import banner
 
     print(banner())
+    out = Ratios("gradcam")
     for name in FLAGS.models:
-        bench(name)
+        bench(name, out)
+    out.write()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from research.benchmarks.ratios import Ratios
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
 flags.DEFINE_string("split", "train", "Split to read.")
@@ -70,8 +72,11 @@ def main(argv):
         mem = _rate(numpy_ds(augment), FLAGS.batches, bs)
         rows.append((augment, tfr, mem))
     print(f"{'augment':<9}{'tfrecord img/s':>16}{'numpy img/s':>14}{'ratio':>8}")
+    ratios = Ratios("input_pipeline")
     for augment, tfr, mem in rows:
         print(f"{str(augment):<9}{tfr:>16,.0f}{mem:>14,.0f}{tfr / mem:>8.2f}")
+        ratios.add(f"TFRecord / in-memory input, augment={augment}", tfr / mem,
+                   "" if augment else ">= 0.5", f"{tfr:,.0f} vs {mem:,.0f} img/s")
     print("target: ratio >= 0.5 without augmentation")
 
     if FLAGS.source:
@@ -85,6 +90,7 @@ def main(argv):
         n = sum(s["num_examples"] for s in m["splits"].values())
         print(f"write {n:,} images of {FLAGS.source} to TFRecords: {total:.1f}s "
               f"(read+decode {t_read:.1f}s, shard+write+hash {total - t_read:.1f}s); target <= 60s")
+    ratios.write()
     del manifest
 
 

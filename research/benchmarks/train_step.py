@@ -19,11 +19,14 @@ import time
 
 from absl import app, flags
 
+from research.benchmarks.ratios import Ratios
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 60, "Timed steps per configuration (after warm-up).")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 flags.DEFINE_integer("steps_per_loop", 20, "Steps per tf.function call in the custom loop.")
 flags.DEFINE_bool("extras", True, "Also time Keras BN and XLA variants.")
+flags.DEFINE_bool("fast_row", True, "Also time the fast CNN (--model=fast) in the same loop.")
 flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16"],
                   "Precision of the loop and model.fit rows; auto: bf16 where the CPU runs it "
                   "natively (AMX / AVX512-BF16), as training does.")
@@ -34,10 +37,10 @@ MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10
             "positive_class_id": 3}
 
 
-def _config(precision: str, batch_size: int, jit: bool = False):
+def _config(precision: str, batch_size: int, jit: bool = False, model: str = "scratch"):
     from research.training.config import TrainConfig
 
-    return TrainConfig(data_dir="<in memory>", run_name="bench",
+    return TrainConfig(data_dir="<in memory>", run_name="bench", model=model,
                        checkpoint_dir=tempfile.mkdtemp(prefix="bench-"), batch_size=batch_size,
                        precision=precision, jit_compile=jit, learning_rate=0.01,
                        weight_decay=0.0, label_smoothing=0.0, tta=False)
@@ -53,7 +56,7 @@ def _batches(batch_size: int):
 
 
 def custom_loop_rate(precision: str, steps: int, batch_size: int, steps_per_loop: int,
-                     keras_bn: bool = False, jit: bool = False) -> float:
+                     keras_bn: bool = False, jit: bool = False, model: str = "scratch") -> float:
     """img/s of the real train loop (state, steps, metrics) on one fixed batch."""
     import keras
     import tensorflow as tf
@@ -61,7 +64,7 @@ def custom_loop_rate(precision: str, steps: int, batch_size: int, steps_per_loop
     from research.training.state import create_train_state, make_model, plan_steps
     from research.training.steps import make_train_loop
 
-    cfg = _config(precision, batch_size, jit)
+    cfg = _config(precision, batch_size, jit, model)
     strategy = tf.distribute.get_strategy()
     plan = dataclasses.replace(plan_steps(cfg, {"splits": {"train": {
         "num_examples": batch_size * 100}}}), total_steps=10 ** 6)
@@ -129,15 +132,28 @@ def main(argv):
     loop = row(f"custom loop, {p}", custom_loop_rate(p, s, b, k))
     fit = row(f"model.fit, {p} (reference)", fit_rate(p, s, b))
     print(f"custom loop / model.fit ({p}): {loop / fit:.2f}   (target >= 1.0)")
+    ratios = Ratios("train_step")
+    ratios.add(f"custom loop / model.fit ({p})", loop / fit, ">= 1.0",
+               f"{loop:,.0f} vs {fit:,.0f} img/s")
     bf16_row = has_fast_bf16() if FLAGS.bf16_row is None else FLAGS.bf16_row
     if bf16_row:
         other = "float32" if p == "mixed_bfloat16" else "mixed_bfloat16"
         rate = row(f"custom loop, {other}", custom_loop_rate(other, s // 2, b, k // 2 or 1))
         bf16, fp32 = (loop, rate) if p == "mixed_bfloat16" else (rate, loop)
         print(f"bf16 / fp32 (custom loop):      {bf16 / fp32:.2f}")
+        ratios.add("bf16 / fp32 (custom loop)", bf16 / fp32, "",
+                   f"{bf16:,.0f} vs {fp32:,.0f} img/s")
     else:
         print("bf16 / fp32: skipped (no AMX / AVX512-BF16 on this CPU: bf16 is emulated; "
               "--bf16_row to time it anyway)")
+        ratios.add("bf16 / fp32 (custom loop)", None, "",
+                   "skipped: no AMX / AVX512-BF16 on this CPU (bf16 emulated)")
+    if FLAGS.fast_row:
+        fast = row(f"custom loop, {p}, fast CNN (--model=fast)",
+                   custom_loop_rate(p, s // 2, b, k // 2 or 1, model="fast"))
+        print(f"fast CNN / scratch CNN (img/s): {fast / loop:.2f}")
+        ratios.add("fast CNN / scratch CNN, img/s per step", fast / loop, "",
+                   f"{fast:,.0f} vs {loop:,.0f} img/s")
     if FLAGS.extras:
         keras_bn = row(f"custom loop, {p}, Keras BatchNormalization",
                        custom_loop_rate(p, s // 2, b, k // 2 or 1, keras_bn=True))
@@ -145,6 +161,9 @@ def main(argv):
                   custom_loop_rate(p, s // 2, b, k // 2 or 1, jit=True))
         print(f"FusedBatchNorm / Keras BN:      {loop / keras_bn:.2f}")
         print(f"no XLA / XLA:                   {loop / xla:.2f}")
+        ratios.add("FusedBatchNorm / Keras BN", loop / keras_bn)
+        ratios.add("no XLA / XLA", loop / xla)
+    ratios.write()
 
 
 if __name__ == "__main__":
