@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, TextIO
 import numpy as np
 
 from research.data import imaging
+from research.runs import exported_model_path  # noqa: F401  (predict, explain, compare)
 
 METADATA_KEYS = ("objective", "positive_class", "positive_class_id", "class_names",
                  "image_shape", "scale", "threshold", "tta")
@@ -159,10 +160,6 @@ def check_output(path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The detector
-
-def exported_model_path(checkpoint_dir: str, run_name: str) -> str:
-    return os.path.join(checkpoint_dir, run_name, "export", "model.keras")
-
 
 def read_metadata(model_path: str, flag: str = "--model") -> dict:
     """metadata.json beside `model_path`, checked for the keys predict needs; errors name

@@ -19,6 +19,7 @@ from absl import logging
 from research import machine, plots
 from research.data import pipeline
 from research.data.manifest import sha256_file
+from research.runs import exported_model_path
 from research.lab import memory_check
 from research.lab.profiles import LabProfile
 from research.lab.settings import LabError, LabSettings
@@ -227,7 +228,7 @@ def finished(cfg: TrainConfig) -> dict | None:
     run = prepare_config(cfg)
     faults.check_resume(run)
     summary = record.read_summary(run)
-    export = os.path.join(run.run_dir, "export", "model.keras")
+    export = exported_model_path(run.checkpoint_dir, run.run_name)
     if not summary or not os.path.isfile(export):
         return None
     manifest = pipeline.load_manifest(run.data_dir)
@@ -412,7 +413,7 @@ def detector_runs(lab: Lab) -> list[str]:
 
 def require_runs(lab: Lab, stage: str, runs) -> None:
     missing = [r for r in runs if not os.path.isfile(
-        os.path.join(lab.s.checkpoint_dir, r, "export", "model.keras"))]
+        exported_model_path(lab.s.checkpoint_dir, r))]
     if missing:
         raise LabError(f"--stages={stage}: needs the finished run(s) {', '.join(missing)} in "
                        f"{lab.s.checkpoint_dir}; run the scratch and transfer stages first")
@@ -456,7 +457,7 @@ def stage_compare(lab: Lab) -> StageRecord:
 # ----------------------------------------------------------------------------- explanations
 
 def export_key(lab: Lab, runs) -> dict:
-    return {r: sha256_file(os.path.join(lab.s.checkpoint_dir, r, "export", "model.keras"))
+    return {r: sha256_file(exported_model_path(lab.s.checkpoint_dir, r))
             for r in runs}
 
 

@@ -26,6 +26,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from research.runs import exported_model_path
+
 WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
 HEADS = ("gap", "flatten")
 
@@ -179,7 +181,7 @@ def last_spatial_layer(model: keras.Model) -> keras.layers.Layer:
 
 def load_run_model(checkpoint_dir: str, run: str) -> tuple[keras.Model, dict]:
     """(exported model, its config.json) of one of our runs."""
-    path = os.path.join(checkpoint_dir, run, "export", "model.keras")
+    path = exported_model_path(checkpoint_dir, run)
     if not os.path.isfile(path):
         raise BackboneError(f"--weights={run}: {path} not found (the run has not finished, or "
                             f"is not in --checkpoint_dir={checkpoint_dir})")

@@ -13,6 +13,7 @@ from absl import logging
 
 from research import machine, plots
 from research.data import pipeline
+from research.runs import exported_model_path
 from research.training import metrics as detmetrics
 from research.training.config import TrainConfig
 
@@ -114,9 +115,9 @@ def log_hparams(cfg: TrainConfig, writer, summary: dict) -> None:
 
 def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold: float) -> str:
     """Saves the model as .keras plus the metadata `predict` needs."""
-    out = os.path.join(cfg.run_dir, "export")
+    path = exported_model_path(cfg.checkpoint_dir, cfg.run_name)
+    out = os.path.dirname(path)
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "model.keras")
     model.save(path)
     meta = {"objective": cfg.objective, "positive_class": manifest["positive_class"],
             "positive_class_id": manifest["positive_class_id"],
