@@ -18,7 +18,7 @@ import keras
 from keras import layers
 
 from research.models.layers import FusedBatchNorm, PatchWhitening
-from research.models.scratch import CIFAR_MEAN, CIFAR_STD
+from research.models.scratch import logits_head, normalized_input
 
 ACTIVATIONS = ("gelu", "relu")
 
@@ -68,11 +68,7 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
     problem = opts.validate()
     if problem:
         raise ValueError(f"{problem[0]}: {problem[1]}")
-    inputs = keras.Input(shape=image_shape, name="image")
-    channels = image_shape[-1]
-    mean = list(CIFAR_MEAN) if channels == 3 else [0.5] * channels
-    var = [s * s for s in CIFAR_STD] if channels == 3 else [0.25 ** 2] * channels
-    x = layers.Normalization(mean=mean, variance=var, name="normalize", dtype=dtype)(inputs)
+    inputs, x = normalized_input(image_shape, dtype)
     x = PatchWhitening(opts.whiten_kernel, name="whiten", dtype=dtype)(x)
     x = layers.Activation(opts.activation, name="whiten_act", dtype=dtype)(x)
 
@@ -91,9 +87,5 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
         x = bn_act(x, f"group{i}_1")
         x = bn_act(conv(x, w, f"group{i}_conv2"), f"group{i}_2")
     x = layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x)
-    x = layers.Rescaling(opts.feature_scale, name="feature_scale", dtype=dtype)(x)
-    if opts.dropout:
-        x = layers.Dropout(opts.dropout, name="dropout", dtype=dtype)(x)
-    logits = layers.Dense(num_outputs, kernel_initializer="zeros", name="logits",
-                          dtype="float32")(x)
+    logits = logits_head(x, num_outputs, opts.feature_scale, opts.dropout, dtype)
     return keras.Model(inputs, logits, name=name)

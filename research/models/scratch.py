@@ -59,6 +59,28 @@ class ScratchOptions:
         return None
 
 
+def normalized_input(image_shape, dtype) -> tuple:
+    """(the model's image input, that input normalised): CIFAR-10 statistics for RGB, a generic
+    centring for other channel counts (MNIST)."""
+    inputs = keras.Input(shape=image_shape, name="image")
+    channels = image_shape[-1]
+    mean = list(CIFAR_MEAN) if channels == 3 else [0.5] * channels
+    var = [s * s for s in CIFAR_STD] if channels == 3 else [0.25 ** 2] * channels
+    return inputs, layers.Normalization(mean=mean, variance=var, name="normalize",
+                                        dtype=dtype)(inputs)
+
+
+def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype):
+    """Pooled features -> x feature_scale -> dropout -> float32 logits. Zero-initialised: the
+    first loss is ln(K) rather than a large random value."""
+    if feature_scale != 1.0:
+        x = layers.Rescaling(feature_scale, name="feature_scale", dtype=dtype)(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout", dtype=dtype)(x)
+    return layers.Dense(num_outputs, kernel_initializer="zeros", name="logits",
+                        dtype="float32")(x)
+
+
 def _conv_bn_relu(x, filters: int, name: str, dtype, bn_layer):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv",
                       kernel_initializer="he_normal", dtype=dtype)(x)
@@ -81,12 +103,7 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
     if problem:
         raise ValueError(f"{problem[0]}: {problem[1]}")
     widths, res_blocks = opts.widths, opts.res_blocks
-    inputs = keras.Input(shape=image_shape, name="image")
-    channels = image_shape[-1]
-    # CIFAR-10 statistics for RGB; a generic centring for other channel counts (MNIST).
-    mean = list(CIFAR_MEAN) if channels == 3 else [0.5] * channels
-    var = [s * s for s in CIFAR_STD] if channels == 3 else [0.25 ** 2] * channels
-    x = layers.Normalization(mean=mean, variance=var, name="normalize", dtype=dtype)(inputs)
+    inputs, x = normalized_input(image_shape, dtype)
     x = _conv_bn_relu(x, opts.stem_width, "stem", dtype, bn_layer)
     for i, (w, r) in enumerate(zip(widths, res_blocks)):
         if opts.pool_before_bn:  # BN and ReLU at a quarter of the pixels: memory-bound ops
@@ -105,11 +122,5 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
     x = layers.Concatenate(name="pool", dtype=dtype)([
         layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x),
         layers.GlobalAveragePooling2D(name="gap", dtype=dtype)(x)])
-    if opts.feature_scale != 1.0:
-        x = layers.Rescaling(opts.feature_scale, name="feature_scale", dtype=dtype)(x)
-    if opts.dropout:
-        x = layers.Dropout(opts.dropout, name="dropout", dtype=dtype)(x)
-    # Zero-initialised head: the first loss is ln(K) rather than a large random value.
-    logits = layers.Dense(num_outputs, kernel_initializer="zeros", name="logits",
-                          dtype="float32")(x)
+    logits = logits_head(x, num_outputs, opts.feature_scale, opts.dropout, dtype)
     return keras.Model(inputs, logits, name=name)
