@@ -44,11 +44,14 @@ def mirror(images) -> tf.Tensor:
 
 
 def detector_scores(model, images, objective: str, positive_id: int, tta: bool):
-    """(positive-class scores, logits of the unflipped images); with `tta` the score is the
-    mean over the image and its mirror. `images` are already scaled model inputs."""
+    """(positive-class scores, logits); with `tta` the score is the mean of the image's and
+    its mirror's scores, and the logits (which the N-class accuracy reads) are the mean of
+    theirs. `images` are already scaled model inputs."""
     logits = model(images, training=False)
     scores = positive_scores(logits, objective, positive_id)
     if tta:
-        flipped = positive_scores(model(mirror(images), training=False), objective, positive_id)
+        flipped_logits = model(mirror(images), training=False)
+        flipped = positive_scores(flipped_logits, objective, positive_id)
         scores = 0.5 * (scores + flipped)
+        logits = 0.5 * (tf.cast(logits, tf.float32) + tf.cast(flipped_logits, tf.float32))
     return scores, logits

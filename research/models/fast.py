@@ -17,7 +17,7 @@ import math
 import keras
 from keras import layers
 
-from research.models.layers import FusedBatchNorm, PatchWhitening
+from research.models.layers import FusedBatchNorm, PartialDirac, PatchWhitening
 from research.models.scratch import logits_head, normalized_input
 
 ACTIVATIONS = ("gelu", "relu")
@@ -41,6 +41,10 @@ class FastOptions:
                                  "before the logits layer."})
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout before the "
                                                               "logits."})
+    dirac_init: bool = dataclasses.field(
+        default=True, metadata={"help": "Fast CNN: start each conv as the identity on its "
+                                "input channels (the rest uniform, +-1/sqrt(fan_in)) instead "
+                                "of He-normal."})
 
     def validate(self) -> tuple[str, str] | None:
         """(flag, message) for the first bad option, else None."""
@@ -73,8 +77,9 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
     x = layers.Activation(opts.activation, name="whiten_act", dtype=dtype)(x)
 
     def conv(x, w, name):
+        init = PartialDirac() if opts.dirac_init else "he_normal"
         return layers.Conv2D(w, 3, padding="same", use_bias=False, name=name,
-                             kernel_initializer="he_normal", dtype=dtype)(x)
+                             kernel_initializer=init, dtype=dtype)(x)
 
     def bn_act(x, name):
         x = bn_layer(momentum=opts.bn_momentum, epsilon=1e-5, scale=False, name=f"{name}_bn",

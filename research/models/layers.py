@@ -148,3 +148,26 @@ def init_from_data(model: keras.Model, images) -> list[str]:
                                              for i in range(0, len(images), 500)]))
         names.append(layer.name)
     return names
+
+
+@keras.saving.register_keras_serializable(package="research")
+class PartialDirac(keras.initializers.Initializer):
+    """A conv kernel [kh, kw, in, out] whose first min(in, out) filters pass their input
+    channel through unchanged (a 1 at the centre tap) and whose other filters are uniform in
+    +-1/sqrt(fan_in) (PyTorch's default conv init), as in hlb-cifar10 and airbench: a deep
+    stack starts close to the identity."""
+
+    def __init__(self, seed=None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        kh, kw, cin, cout = shape
+        base = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform", seed=self.seed)
+        w = base(shape, dtype=dtype)
+        n = min(cin, cout)
+        eye = np.zeros((kh, kw, cin, n), np.float32)
+        eye[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+        return keras.ops.concatenate([keras.ops.cast(eye, w.dtype), w[..., n:]], axis=-1)
+
+    def get_config(self):
+        return {"seed": self.seed}

@@ -21,6 +21,8 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("momentum", 0, 1, True, False),
     ("weight_decay", 0, None, True, True),
     ("label_smoothing", 0, 1, True, False),
+    ("bias_lr_scale", 0, None, False, True),
+    ("crop_pad", 0, 16, True, True),
     ("clip_norm", 0, None, False, True),
     ("eval_every_steps", 1, None, True, True),
     ("checkpoint_every_steps", 1, None, True, True),

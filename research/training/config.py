@@ -84,10 +84,14 @@ class TrainConfig:
     weight_decay: float = _f(5e-3, "Decoupled weight decay (kernels only): "
                              "var -= lr * wd * var.")
     label_smoothing: float = _f(0.1, "Label smoothing.")
+    bias_lr_scale: float = _f(1.0, "SGD: the learning rate of BatchNorm shifts (beta) is this "
+                              "times --learning_rate (the fast CIFAR-10 recipes use 64).")
     clip_norm: float | None = _f(None, "Clip the global gradient norm to this.")
     class_weighting: str = _f("none", "Per-example loss weights.", choices=CLASS_WEIGHTINGS)
     rebalance: bool = _f(False, "Sample positives and negatives 50/50 in training.")
     augment: bool = _f(True, "Random flip and pad-and-crop in training.")
+    crop_pad: int = _f(4, "Pad-and-crop augmentation: reflect-pad by this many pixels, then "
+                       "crop back at a random offset (0: flip only).")
     input: str = _f("tfrecords", "Where training batches come from: the TFRecords, or the whole "
                     "training split loaded into memory once (the same batches, augmented the "
                     "same way; not with --rebalance, subsets, --exclude_classes or "
@@ -190,6 +194,9 @@ class TrainConfig:
             if self.model not in BACKBONES:
                 bad("model", f"--transfer={self.transfer} needs a backbone model: "
                     f"{', '.join(BACKBONES)}")
+        if self.bias_lr_scale != 1.0 and self.optimizer != "sgd":
+            bad("bias_lr_scale", "scales SGD's gradients of the BatchNorm shifts; with "
+                f"--optimizer={self.optimizer} it would not scale their learning rate")
         if self.input == "memory" and (self.rebalance or self.exclude_classes or
                                        self.train_fraction or self.train_per_class or
                                        self.transfer == "features"):

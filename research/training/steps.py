@@ -76,6 +76,11 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
             else:
                 grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
             grads = [g / replicas for g in grads]
+        if cfg.bias_lr_scale != 1.0:
+            # SGD is linear in the gradient: scaling the BN shifts' gradients scales their
+            # learning rate, momentum included (they are not weight-decayed).
+            grads = [g * cfg.bias_lr_scale if v.name == "beta" else g
+                     for g, v in zip(grads, model.trainable_variables)]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         update_metrics(state.train_metrics, batch, per_ex,
                        positive_scores(logits, cfg.objective, positive_id), logits)
