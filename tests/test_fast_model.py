@@ -71,3 +71,24 @@ def test_training_sets_the_whitening_from_the_train_split(syn, tmp_path):
     # Frozen: the optimizer never sees the filters; the bias trains.
     assert all(v is not layer.kernel for v in state.model.trainable_variables)
     assert any(v is layer.bias for v in state.model.trainable_variables)
+
+
+def test_partial_dirac_starts_convs_as_identities():
+    from research.models.layers import PartialDirac
+
+    x = tf.random.stateless_normal((2, 5, 5, 4), (0, 1))
+    square = keras.layers.Conv2D(4, 3, padding="same", use_bias=False,
+                                 kernel_initializer=PartialDirac(seed=1))
+    np.testing.assert_allclose(square(x), x, atol=1e-6)  # in == out: the identity
+    wide = keras.layers.Conv2D(10, 3, padding="same", use_bias=False,
+                               kernel_initializer=PartialDirac(seed=1))
+    y = wide(x)
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)  # first 4 filters pass through
+    rest = wide.kernel.numpy()[..., 4:]
+    bound = 1 / np.sqrt(3 * 3 * 4)
+    assert np.abs(rest).max() <= bound and rest.std() > 0.4 * bound  # uniform(+-bound)
+    model = build_model("fast", (32, 32, 3), 10, widths=(8, 16))
+    k = model.get_layer("group1_conv2").kernel.numpy()
+    np.testing.assert_array_equal(k[1, 1], np.eye(16))
+    off = build_model("fast", (32, 32, 3), 10, widths=(8, 16), dirac_init=False)
+    assert not np.allclose(off.get_layer("group1_conv2").kernel.numpy()[1, 1], np.eye(16))

@@ -208,3 +208,60 @@ def test_early_stopping_and_profiler(syn, tmp_path):
     assert os.path.exists(os.path.join(cfg.run_dir, "export", "model.keras"))
     traces = [f for _, _, fs in os.walk(cfg.tb_dir) for f in fs if f.endswith(".xplane.pb")]
     assert traces, "profiler trace written"
+
+
+def test_bias_lr_scale_multiplies_only_the_bn_shift_updates(syn, tmp_path):
+    def two_step_deltas(scale):
+        cfg = config(syn, tmp_path / str(scale), bias_lr_scale=scale, learning_rate=0.1)
+        manifest = pipeline.load_manifest(syn)
+        keras.utils.set_random_seed(0)
+        state = train_state.create_train_state(cfg, tf.distribute.get_strategy(), manifest,
+                                               train_state.plan_steps(cfg, manifest))
+        before = [v.numpy().copy() for v in state.model.trainable_variables]
+        step_loop = make_train_loop(cfg, state, manifest["positive_class_id"], None)
+        it = iter(pipeline.make_dataset(syn, "train", 32, training=True, seed=0))
+        step_loop(it, tf.constant(2))  # step 1 moves only the zero-initialised logits layer
+        return {v.path: v.numpy() - b for v, b in zip(state.model.trainable_variables, before)}
+
+    one, eight = two_step_deltas(1.0), two_step_deltas(8.0)
+    betas = [k for k in one if k.endswith("/beta")]
+    assert betas and any(np.abs(one[k]).max() > 0 for k in betas)
+    for k in one:
+        want = 8.0 * one[k] if k in betas else one[k]
+        np.testing.assert_allclose(eight[k], want, rtol=1e-4, atol=1e-7, err_msg=k)
+    with pytest.raises(ConfigError, match="--bias_lr_scale"):
+        config(syn, tmp_path, bias_lr_scale=64.0, optimizer="adamw").validate()
+    with pytest.raises(ConfigError, match="--crop_pad"):
+        config(syn, tmp_path, crop_pad=-1).validate()
+
+
+def test_crop_pad_reaches_the_training_input(syn, tmp_path):
+    """--crop_pad=0 leaves flips only: every training image is its original or its mirror;
+    the default pad moves most of them."""
+    from research.training.inputs import train_input_fn
+
+    originals = pipeline.take_examples(syn, "train")["image"].astype(np.float32) / 255.0
+    views = np.concatenate([originals, originals[:, :, ::-1]])
+
+    def unmoved(cfg):
+        ds = train_input_fn(cfg, 0)(tf.distribute.InputContext())
+        images = next(iter(ds))["image"].numpy()
+        return [np.abs(views - image).max(axis=(1, 2, 3)).min() < 1e-6 for image in images]
+
+    assert all(unmoved(config(syn, tmp_path, crop_pad=0)))
+    assert sum(unmoved(config(syn, tmp_path))) < 16  # of 32: pad 4 leaves 1 offset in 81
+
+
+def test_tta_logits_are_the_mirror_average():
+    from research.detector import detector_scores
+
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(4)])
+    x = tf.random.stateless_uniform((5, 6, 6, 3), (1, 2))
+    plain, flipped = model(x), model(x[:, :, ::-1])
+    scores, logits = detector_scores(model, x, "multiclass", 2, tta=True)
+    np.testing.assert_allclose(logits, 0.5 * (plain + flipped), rtol=1e-5, atol=1e-6)
+    p = 0.5 * (tf.nn.softmax(plain)[:, 2] + tf.nn.softmax(flipped)[:, 2])
+    np.testing.assert_allclose(scores, p, rtol=1e-5)
+    _, logits = detector_scores(model, x, "multiclass", 2, tta=False)
+    np.testing.assert_allclose(logits, plain, rtol=1e-6)
