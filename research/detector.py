@@ -43,15 +43,33 @@ def mirror(images) -> tf.Tensor:
     return tf.reverse(images, axis=[2])
 
 
-def detector_scores(model, images, objective: str, positive_id: int, tta: bool):
-    """(positive-class scores, logits); with `tta` the score is the mean of the image's and
-    its mirror's scores, and the logits (which the N-class accuracy reads) are the mean of
-    theirs. `images` are already scaled model inputs."""
-    logits = model(images, training=False)
-    scores = positive_scores(logits, objective, positive_id)
-    if tta:
-        flipped_logits = model(mirror(images), training=False)
-        flipped = positive_scores(flipped_logits, objective, positive_id)
-        scores = 0.5 * (scores + flipped)
-        logits = 0.5 * (tf.cast(logits, tf.float32) + tf.cast(flipped_logits, tf.float32))
+def shifted(images, dy: int, dx: int) -> tf.Tensor:
+    """NHWC images moved by (dy, dx) pixels (|d| <= 1), reflect-padded at the edges."""
+    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+    h, w = tf.shape(images)[1], tf.shape(images)[2]
+    return padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+
+
+def tta_views(tta: bool, shifts: bool = False) -> list[tuple[int, int, bool, float]]:
+    """The test-time views as (dy, dx, mirrored, weight), weights summing to 1: the image;
+    with `tta` its mirror too; with `shifts` also both shifted one pixel down-right and
+    up-left (with their mirrors), at half the weight in all (the fast recipes' TTA)."""
+    flips = (False, True) if tta else (False,)
+    offsets = [(0, 0, 1.0)]
+    if tta and shifts:
+        offsets = [(0, 0, 0.5), (1, 1, 0.25), (-1, -1, 0.25)]
+    return [(dy, dx, f, w / len(flips)) for dy, dx, w in offsets for f in flips]
+
+
+def detector_scores(model, images, objective: str, positive_id: int, tta: bool,
+                    shifts: bool = False):
+    """(positive-class scores, logits), each the weighted mean over `tta_views`: with `tta`
+    the image and its mirror, with `shifts` also one-pixel shifts of both. The logits are
+    what the N-class accuracy reads. `images` are already scaled model inputs."""
+    scores = logits = 0.0
+    for dy, dx, flip, weight in tta_views(tta, shifts):
+        view = shifted(images, dy, dx) if dy or dx else images
+        out = tf.cast(model(mirror(view) if flip else view, training=False), tf.float32)
+        scores += weight * positive_scores(out, objective, positive_id)
+        logits += weight * out
     return scores, logits

@@ -201,7 +201,8 @@ class Detector:
         @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8)])
         def score(images):
             scores, logits = detector_scores(model, scale_images(images, meta["scale"]),
-                                             objective, positive_id, meta["tta"])
+                                             objective, positive_id, meta["tta"],
+                                             meta.get("tta_shifts", False))
             probs = tf.nn.softmax(tf.cast(logits, tf.float32)) if multiclass else logits[:, :0]
             return scores, probs
 

@@ -265,3 +265,12 @@ def test_tta_logits_are_the_mirror_average():
     np.testing.assert_allclose(scores, p, rtol=1e-5)
     _, logits = detector_scores(model, x, "multiclass", 2, tta=False)
     np.testing.assert_allclose(logits, plain, rtol=1e-6)
+    # Shifts: the image moved one pixel down-right / up-left (reflected edge), and mirrors.
+    padded = np.pad(x.numpy(), [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
+    down_right, up_left = padded[:, :6, :6], padded[:, 2:, 2:]
+    np.testing.assert_array_equal(down_right[:, 1:, 1:], x.numpy()[:, :5, :5])
+    want = 0.25 * (plain + flipped) + sum(
+        0.125 * (model(v) + model(v[:, :, ::-1])) for v in (down_right, up_left))
+    scores, logits = detector_scores(model, x, "multiclass", 2, tta=True, shifts=True)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits, 0.5 * (plain + flipped), atol=1e-4)

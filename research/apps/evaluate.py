@@ -22,6 +22,7 @@ flags.DEFINE_string("output", None, "JSON report path (default: "
                     "<checkpoint_dir>/<run_name>/eval_<split>.json).")
 flags.DEFINE_string("figures_dir", None, "Figures folder (default: beside --output).")
 flags.DEFINE_bool("tta", None, "Override the run's test-time mirror averaging.")
+flags.DEFINE_bool("tta_shifts", None, "Override the run's one-pixel-shift test-time views.")
 flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch size.")
 flags.mark_flags_as_required(["run_name"])
 
@@ -39,6 +40,8 @@ def main(argv):
             cfg.data_dir = FLAGS.data_dir
         if FLAGS.tta is not None:
             cfg.tta = FLAGS.tta
+        if FLAGS.tta_shifts is not None:
+            cfg.tta_shifts = FLAGS.tta_shifts
         if FLAGS.eval_batch_size is not None:  # 0 or less is an error, not 'unset'
             cfg.eval_batch_size = FLAGS.eval_batch_size
         cfg.validate()

@@ -110,6 +110,9 @@ class TrainConfig:
     fill_mode: str = _f("nearest", "How the affine augmentations fill points outside the "
                         "image.", choices=FILL_MODES)
     tta: bool = _f(True, "Average the score over the image and its mirror in eval.")
+    tta_shifts: bool = _f(False, "With --tta, also average over the image shifted one pixel "
+                          "down-right and up-left, and their mirrors: 6 forward passes instead "
+                          "of 2 (the fast recipes' test-time augmentation).")
     scale: str = _f("unit", "Input scaling (research.detector.SCALES).", flag=False)
     precision: str = _f("auto", "auto: mixed_float16 on GPU, mixed_bfloat16 on CPUs with "
                         "AMX/AVX512-BF16, else float32. A run keeps the resolved value.",

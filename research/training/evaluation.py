@@ -128,7 +128,8 @@ def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
     report = {"split": split, "run_name": cfg.run_name,
               "num_classes": len(manifest["class_names"]), "checkpoint": path,
               "step": int(path.rsplit("-", 1)[-1]) if path.rsplit("-", 1)[-1].isdigit() else None,
-              "threshold_source": "val (max F1)", "tta": cfg.tta, "objective": cfg.objective}
+              "threshold_source": "val (max F1)", "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
+              "objective": cfg.objective}
     report.update(detmetrics.detection_report(res.labels, res.scores, threshold))
     report["loss"] = res.loss
     if res.class_accuracy is not None:

@@ -41,7 +41,8 @@ SESSIONS = "sessions.jsonl"
 # match the run's config.json.
 MAY_CHANGE = frozenset({
     "train_steps", "epochs", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "steps_per_loop", "eval_batch_size", "tta", "patience", "stop_at_step", "profile_steps",
+    "steps_per_loop", "eval_batch_size", "tta", "tta_shifts", "patience", "stop_at_step",
+    "profile_steps",
     "gradcam_images", "progress", "jit_compile", "run_eagerly", "strategy", "cpu_replicas",
     "deterministic", "restart", "init_checkpoint", "data_dir", "checkpoint_dir", "log_dir",
     "run_name", "input",

@@ -122,7 +122,8 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold
     meta = {"objective": cfg.objective, "positive_class": manifest["positive_class"],
             "positive_class_id": manifest["positive_class_id"],
             "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
-            "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta}
+            "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
+            "tta_shifts": cfg.tta_shifts}
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return path

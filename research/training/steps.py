@@ -99,7 +99,7 @@ def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: ke
 
     def replica_step(batch):
         scores, logits = detector_scores(model, batch["image"], cfg.objective, positive_id,
-                                         cfg.tta)
+                                         cfg.tta, cfg.tta_shifts)
         update_metrics(metrics, batch, per_example_loss(cfg, batch, logits, None), scores,
                        logits)
         return {"score": scores, "label": batch["label"], "class_id": batch["class_id"],
