@@ -65,3 +65,25 @@ def test_option_flags_shared_by_two_models_keep_each_models_default():
     fv(["prog", "--widths=7"])
     assert config_flags.values_from_flags(NetAOptions, fv)["widths"] == (7,)
     assert config_flags.values_from_flags(NetBOptions, fv)["widths"] == (7,)
+
+
+def test_recipe_flagfiles_name_only_real_flags(syn, tmp_path):
+    """Each shipped recipe parses in the train app and gives a valid config."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    recipes = glob.glob(os.path.join(os.path.dirname(__file__), "..", "research", "recipes",
+                                     "*.flags"))
+    assert recipes
+    code = ("import sys\nfrom absl import flags\nfrom research.apps import train\n"
+            "flags.FLAGS(sys.argv)\ncfg = train.config_from_flags()\ncfg.validate()\n"
+            "print(cfg.model, cfg.batch_size, cfg.bias_lr_scale, cfg.model_options)\n")
+    for path in recipes:
+        res = subprocess.run([sys.executable, "-c", code, f"--flagfile={path}",
+                              f"--data_dir={syn}", "--run_name=r"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        if path.endswith("fast_cifar10.flags"):
+            assert res.stdout.startswith("fast 1024 64.0"), res.stdout
