@@ -10,6 +10,21 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+TINY_NET = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
+
+
+def tiny_config(syn: str, tmp_path, **overrides):
+    """The training tests' TrainConfig: a tiny scratch network on the synthetic TFRecords,
+    float32, no progress bar or Grad-CAM images; `overrides` replace any field."""
+    from research.training.config import TrainConfig
+
+    base = dict(data_dir=syn, run_name="t", checkpoint_dir=str(tmp_path / "ck"),
+                log_dir=str(tmp_path / "logs"), model_options=dict(TINY_NET), batch_size=32,
+                eval_batch_size=16, learning_rate=0.03, warmup_epochs=0.5, steps_per_loop=5,
+                progress=False, precision="float32", gradcam_images=0)
+    return TrainConfig(**{**base, **overrides})
+
+
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 

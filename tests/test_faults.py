@@ -15,18 +15,13 @@ import tensorflow as tf
 
 import helpers
 from research.training import evaluation, faults, loop
-from research.training.config import ConfigError, TrainConfig
+from research.training.config import ConfigError
 
-TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
+TINY = helpers.TINY_NET
 
 
 def config(syn, tmp_path, **kw):
-    base = dict(data_dir=syn, run_name="t", checkpoint_dir=str(tmp_path / "ck"),
-                log_dir=str(tmp_path / "logs"), model_options=dict(TINY), batch_size=32,
-                eval_batch_size=16, learning_rate=0.03, warmup_epochs=0.5, steps_per_loop=2,
-                progress=False, precision="float32", gradcam_images=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return helpers.tiny_config(syn, tmp_path, **{"steps_per_loop": 2, **kw})
 
 
 BAD_NUMBERS = [

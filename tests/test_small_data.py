@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from research.data import pipeline
 from research.models import build_model
 from research.training import state as train_state
-from research.training.config import ConfigError, TrainConfig
+from research.training.config import ConfigError
 from research.training.loop import train_and_evaluate
 from research.training.steps import make_train_loop
 
@@ -69,12 +70,10 @@ def test_small_convnet_has_the_reference_parameter_count():
 
 
 def config(syn, tmp_path, **kw):
-    base = dict(data_dir=syn, run_name="c", checkpoint_dir=str(tmp_path / "ck"),
-                log_dir=str(tmp_path / "logs"), model_options=dict(TINY), batch_size=32,
-                eval_batch_size=50, learning_rate=0.05, steps_per_loop=3, progress=False,
-                precision="float32", gradcam_images=0, train_steps=12, eval_every_steps=4)
-    base.update(kw)
-    return TrainConfig(**base)
+    return helpers.tiny_config(syn, tmp_path, **{
+        "run_name": "c", "model_options": dict(TINY), "eval_batch_size": 50,
+        "learning_rate": 0.05, "warmup_epochs": 1.0, "steps_per_loop": 3, "train_steps": 12,
+        "eval_every_steps": 4, **kw})
 
 
 def test_curves_summary_and_resume(syn, tmp_path):

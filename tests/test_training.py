@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from research.data import pipeline
 from research.models import MODELS
 from research.training import loop, metrics, state as train_state
 from research.training.evaluation import Evaluator
 from research.training.steps import make_train_loop
-from research.training.config import ConfigError, TrainConfig
+from research.training.config import ConfigError
 
-TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
-
-
-def config(syn, tmp_path, **kw):
-    base = dict(data_dir=syn, run_name="t", checkpoint_dir=str(tmp_path / "ck"),
-                log_dir=str(tmp_path / "logs"), model_options=dict(TINY), batch_size=32,
-                eval_batch_size=16, learning_rate=0.03, warmup_epochs=0.5, steps_per_loop=5,
-                progress=False, precision="float32", gradcam_images=0)
-    base.update(kw)
-    return TrainConfig(**base)
+TINY = helpers.TINY_NET
+config = helpers.tiny_config
 
 
 def step_losses(cfg, strategy, steps):
@@ -274,3 +267,44 @@ def test_tta_logits_are_the_mirror_average():
     scores, logits = detector_scores(model, x, "multiclass", 2, tta=True, shifts=True)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(logits, 0.5 * (plain + flipped), atol=1e-4)
+
+
+def test_lookahead_matches_a_step_by_step_reference(syn, tmp_path):
+    """The in-graph lookahead (every 2 steps, 5 steps in one call) against the same training
+    one step per call with the pulls done by hand in numpy."""
+    manifest = pipeline.load_manifest(syn)
+
+    def run(cfg, by_hand):
+        keras.utils.set_random_seed(0)
+        plan = train_state.Plan(10, 5, 5, 5)
+        state = train_state.create_train_state(cfg, tf.distribute.get_strategy(), manifest, plan)
+        loop_fn = make_train_loop(cfg, state, manifest["positive_class_id"], None)
+        it = iter(pipeline.make_dataset(syn, "train", 32, training=True, seed=0))
+        if not by_hand:
+            loop_fn(it, tf.constant(5))
+            return state
+        variables = train_state.Lookahead.create(state.model, 2, 0.9, 5).fast
+        slow = [v.numpy().copy() for v in variables]
+        for step in range(1, 6):
+            loop_fn(it, tf.constant(1))
+            if step % 2 == 0 or step == 5:
+                keep = 1.0 if step == 5 else 0.9 ** 2 * (step / 5) ** 3
+                for i, v in enumerate(variables):
+                    slow[i] = keep * slow[i] + (1 - keep) * v.numpy()
+                    v.assign(slow[i])
+        return state
+
+    with_la = run(config(syn, tmp_path / "a", lookahead_every=2, lookahead_decay=0.9), False)
+    ref = run(config(syn, tmp_path / "b"), True)
+    assert len(with_la.lookahead.fast) > len(with_la.model.trainable_variables)  # + BN stats
+    for a, b in zip(with_la.model.weights, ref.model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=1e-6, err_msg=a.path)
+    saved = tf.train.list_variables(with_la.manager.save())
+    assert sum(name.startswith("lookahead_slow/") for name, _ in saved) == len(
+        with_la.lookahead.slow)  # resumable: the slow copies are in the checkpoint
+    plain = run(config(syn, tmp_path / "c"), False)
+    assert not all(np.allclose(a.numpy(), b.numpy()) for a, b in
+                   zip(with_la.model.trainable_variables, plain.model.trainable_variables))
+    with pytest.raises(ConfigError, match="--lookahead_every"):
+        config(syn, tmp_path, lookahead_every=5, model="vgg16", model_options={},
+               transfer="fine_tune").validate()

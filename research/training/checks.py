@@ -22,6 +22,8 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("weight_decay", 0, None, True, True),
     ("label_smoothing", 0, 1, True, False),
     ("bias_lr_scale", 0, None, False, True),
+    ("lookahead_every", 0, None, True, True),
+    ("lookahead_decay", 0, 1, True, False),
     ("crop_pad", 0, 16, True, True),
     ("clip_norm", 0, None, False, True),
     ("eval_every_steps", 1, None, True, True),

@@ -87,6 +87,11 @@ class TrainConfig:
     bias_lr_scale: float = _f(1.0, "SGD: the learning rate of BatchNorm shifts (beta) is this "
                               "times --learning_rate (the fast CIFAR-10 recipes use 64).")
     clip_norm: float | None = _f(None, "Clip the global gradient norm to this.")
+    lookahead_every: int = _f(0, "Lookahead (airbench's): every N steps move slow copies of "
+                              "the weights and BN statistics toward the trained ones and reset "
+                              "those to them; the last step ends on the slow copies. 0: off.")
+    lookahead_decay: float = _f(0.95, "Lookahead: the slow copies keep decay**N * "
+                                "(step / total steps)**3 of themselves at each pull.")
     class_weighting: str = _f("none", "Per-example loss weights.", choices=CLASS_WEIGHTINGS)
     rebalance: bool = _f(False, "Sample positives and negatives 50/50 in training.")
     augment: bool = _f(True, "Random flip and pad-and-crop in training.")
@@ -197,6 +202,9 @@ class TrainConfig:
             if self.model not in BACKBONES:
                 bad("model", f"--transfer={self.transfer} needs a backbone model: "
                     f"{', '.join(BACKBONES)}")
+        if self.lookahead_every and self.transfer == "fine_tune":
+            bad("lookahead_every", "not with --transfer=fine_tune (its two phases would "
+                "share one set of slow weights)")
         if self.bias_lr_scale != 1.0 and self.optimizer != "sgd":
             bad("bias_lr_scale", "scales SGD's gradients of the BatchNorm shifts; with "
                 f"--optimizer={self.optimizer} it would not scale their learning rate")

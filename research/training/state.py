@@ -196,6 +196,45 @@ def make_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
 
 
 @dataclasses.dataclass
+class Lookahead:
+    """Slow copies of the model's float variables (weights and BN statistics), as in
+    airbench's LookaheadState: every `every` steps the slow copies move toward the trained
+    variables, keeping `decay**every * (step / total_steps)**3` of themselves (so the pull
+    strengthens as training ends), and the trained variables are reset to them; at the last
+    step the slow copies stay as they are and the model ends on them."""
+    slow: list
+    fast: list
+    every: int
+    decay: float
+    total_steps: int
+
+    @classmethod
+    def create(cls, model: keras.Model, every: int, decay: float, total_steps: int):
+        """Call inside the strategy scope."""
+        fast = [v for v in model.weights
+                if "float" in str(v.dtype) and "seed_generator" not in v.path]
+        slow = [tf.Variable(v.value, trainable=False, name=f"slow_{i}")
+                for i, v in enumerate(fast)]
+        return cls(slow, fast, int(every), float(decay), int(total_steps))
+
+    def keep(self, step):
+        """The slow copies' share at `step` (1.0 at the last step)."""
+        frac = tf.cast(step, tf.float32) / float(self.total_steps)
+        return tf.where(step >= self.total_steps, 1.0, self.decay ** self.every * frac ** 3)
+
+    def due(self, step):
+        return tf.logical_or(step % self.every == 0, step >= self.total_steps)
+
+    def update(self, step) -> None:
+        """In cross-replica context (the train loop, between steps)."""
+        keep = self.keep(step)
+        for s, f in zip(self.slow, self.fast):
+            k = tf.cast(keep, s.dtype)
+            s.assign(k * s + (1.0 - k) * tf.cast(f.value, s.dtype))
+            f.assign(tf.cast(s, f.dtype))
+
+
+@dataclasses.dataclass
 class TrainState:
     strategy: tf.distribute.Strategy
     model: keras.Model
@@ -209,6 +248,7 @@ class TrainState:
     train_metrics: dict
     fine_tune_optimizer: keras.optimizers.Optimizer | None = None  # fine_tune phase 2
     phase: tf.Variable | None = None                                # fine_tune: 1 or 2
+    lookahead: Lookahead | None = None                               # --lookahead_every
 
     @property
     def in_phase_2(self) -> bool:
@@ -263,6 +303,9 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
                      "phase": tf.Variable(1, dtype=tf.int64, trainable=False, name="phase")}
         apply_phase(cfg, model, 1)
         optimizer.build(model.trainable_variables)
+        if cfg.lookahead_every:
+            extra["lookahead"] = Lookahead.create(model, cfg.lookahead_every,
+                                                  cfg.lookahead_decay, plan.total_steps)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_val_pr_auc")
         bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="evals_without_gain")
@@ -270,9 +313,12 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         # Keras seed-generator states (dropout masks) are not tracked through the model by
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+        tracked = {k: v for k, v in extra.items() if k != "lookahead"}
+        if "lookahead" in extra:
+            tracked["lookahead_slow"] = extra["lookahead"].slow
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
                                          best_metric=best, bad_evals=bad, rng_states=rng_states,
-                                         **extra)
+                                         **tracked)
         manager = tf.train.CheckpointManager(checkpoint, cfg.run_dir,
                                              max_to_keep=cfg.keep_checkpoints,
                                              step_counter=optimizer.iterations)

@@ -85,9 +85,14 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
         update_metrics(state.train_metrics, batch, per_ex,
                        positive_scores(logits, cfg.objective, positive_id), logits)
 
+    lookahead = state.lookahead
+
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
             strategy.run(replica_step, args=(next(iterator),))
+            if lookahead is not None:
+                if lookahead.due(optimizer.iterations):  # a tf.cond under tf.function
+                    lookahead.update(optimizer.iterations)
 
     # --run_eagerly: the same Python, run op by op (tf.range iterates eagerly too).
     return train_loop if cfg.run_eagerly else tf.function(train_loop)
