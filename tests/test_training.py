@@ -224,6 +224,8 @@ def test_bias_lr_scale_multiplies_only_the_bn_shift_updates(syn, tmp_path):
         np.testing.assert_allclose(eight[k], want, rtol=1e-4, atol=1e-7, err_msg=k)
     with pytest.raises(ConfigError, match="--bias_lr_scale"):
         config(syn, tmp_path, bias_lr_scale=64.0, optimizer="adamw").validate()
+    with pytest.raises(ConfigError, match="--tta_shifts.*needs --tta"):
+        config(syn, tmp_path, tta=False, tta_shifts=True).validate()
     with pytest.raises(ConfigError, match="--crop_pad"):
         config(syn, tmp_path, crop_pad=-1).validate()
 

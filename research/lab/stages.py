@@ -734,9 +734,9 @@ def same_batches(lab: Lab, cfg: TrainConfig, num_batches: int = 3) -> bool:
     arrays = memory_check.load_train_split(run.data_dir)
     a = pipeline.make_dataset(run.data_dir, "train", run.batch_size, training=True,
                               seed=run.seed, scale=run.scale, augment=run.augment,
-                              affine=getattr(run, "affine", None))
+                              pad=run.crop_pad, affine=getattr(run, "affine", None))
     b = memory_check.memory_dataset(arrays, manifest, run.batch_size, seed=run.seed,
-                                    scale=run.scale, augment=run.augment,
+                                    scale=run.scale, augment=run.augment, pad=run.crop_pad,
                                     affine=getattr(run, "affine", None))
     for x, y in zip(a.take(num_batches), b.take(num_batches)):
         for k in ("image", "label", "class_id"):

@@ -202,6 +202,8 @@ class TrainConfig:
             if self.model not in BACKBONES:
                 bad("model", f"--transfer={self.transfer} needs a backbone model: "
                     f"{', '.join(BACKBONES)}")
+        if self.tta_shifts and not self.tta:
+            bad("tta_shifts", "adds shifted views to the mirror pair of --tta; it needs --tta")
         if self.lookahead_every and self.transfer == "fine_tune":
             bad("lookahead_every", "not with --transfer=fine_tune (its two phases would "
                 "share one set of slow weights)")

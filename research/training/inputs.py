@@ -43,8 +43,7 @@ def train_input_fn(cfg: TrainConfig, start_step: int):
         return lambda ctx: pipeline.make_memory_dataset(
             arrays, manifest, ctx.get_per_replica_batch_size(cfg.batch_size), seed=cfg.seed,
             scale=cfg.scale, augment=cfg.augment, pad=cfg.crop_pad, affine=cfg.affine,
-            start_step=start_step,
-            global_batch_size=cfg.batch_size, input_context=ctx)
+            start_step=start_step, global_batch_size=cfg.batch_size, input_context=ctx)
     return pipeline.make_input_fn(
         cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, scale=cfg.scale,
         augment=cfg.augment, pad=cfg.crop_pad, affine=cfg.affine, rebalance=cfg.rebalance,

@@ -303,9 +303,8 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
                      "phase": tf.Variable(1, dtype=tf.int64, trainable=False, name="phase")}
         apply_phase(cfg, model, 1)
         optimizer.build(model.trainable_variables)
-        if cfg.lookahead_every:
-            extra["lookahead"] = Lookahead.create(model, cfg.lookahead_every,
-                                                  cfg.lookahead_decay, plan.total_steps)
+        lookahead = (Lookahead.create(model, cfg.lookahead_every, cfg.lookahead_decay,
+                                      plan.total_steps) if cfg.lookahead_every else None)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_val_pr_auc")
         bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="evals_without_gain")
@@ -313,12 +312,10 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         # Keras seed-generator states (dropout masks) are not tracked through the model by
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
-        tracked = {k: v for k, v in extra.items() if k != "lookahead"}
-        if "lookahead" in extra:
-            tracked["lookahead_slow"] = extra["lookahead"].slow
+        slow = {"lookahead_slow": lookahead.slow} if lookahead else {}
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
                                          best_metric=best, bad_evals=bad, rng_states=rng_states,
-                                         **tracked)
+                                         **extra, **slow)
         manager = tf.train.CheckpointManager(checkpoint, cfg.run_dir,
                                              max_to_keep=cfg.keep_checkpoints,
                                              step_counter=optimizer.iterations)
@@ -326,4 +323,4 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
                                                   max_to_keep=1, checkpoint_name="best",
                                                   step_counter=optimizer.iterations)
     return TrainState(strategy, model, optimizer, checkpoint, manager, best_manager, epoch, best,
-                      bad, train_metrics, **extra)
+                      bad, train_metrics, lookahead=lookahead, **extra)
