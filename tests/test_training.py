@@ -65,6 +65,20 @@ def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
         assert e1.accuracy == e2.accuracy
 
 
+def test_lookahead_two_replicas_match_one(syn, tmp_path, two_replicas):
+    """The lookahead's pulls (cross-replica, between steps) give the same training and the
+    same slow copies on 2 replicas as on 1."""
+    cfg = config(syn, tmp_path, lookahead_every=2, lookahead_decay=0.9)
+    l1, s1 = step_losses(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"), 6)
+    l2, s2 = step_losses(cfg, two_replicas, 6)
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    for a, b in zip(s1.lookahead.slow + s1.model.weights, s2.lookahead.slow + s2.model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.name)
+    for state in (s1, s2):  # step 6 pulled: the model sits on its slow copies
+        for s, f in zip(state.lookahead.slow, state.lookahead.fast):
+            np.testing.assert_array_equal(f.numpy(), s.numpy())
+
+
 def test_eval_counts_every_example_once(syn, tmp_path):
     cfg = config(syn, tmp_path, eval_batch_size=7)
     _, state = step_losses(cfg, tf.distribute.get_strategy(), 1)
