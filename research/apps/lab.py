@@ -126,7 +126,7 @@ def main(argv):
             NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
     except Preempted as e:
-        print(f"{e}; the same lab command resumes it", file=sys.stderr)
+        print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
 
 

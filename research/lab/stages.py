@@ -255,7 +255,7 @@ def train(lab: Lab, cfg: TrainConfig) -> tuple[dict, bool]:
     with faults.Preemption() as preemption:
         summary = train_and_evaluate(cfg, actions=actions + [preemption])
     if preemption.stopped_at is not None:
-        raise Preempted(preemption.message(cfg))
+        raise Preempted(preemption.message(cfg, "the same lab command"))
     return summary, False
 
 

@@ -122,10 +122,10 @@ class Preemption(Action):
         self.signal_name = self.signal_name or "a peer worker's signal"
         self.stopped_at = ctx.stop_at = ctx.step  # the Checkpoint action saves at stop_at
 
-    def message(self, cfg: TrainConfig) -> str:
+    def message(self, cfg: TrainConfig, resume: str = "the same command") -> str:
         return (f"preempted by {self.signal_name} at step {self.stopped_at}: saved "
                 f"{os.path.join(cfg.run_dir, f'ckpt-{self.stopped_at}')}; exit status "
-                f"{PREEMPTED_EXIT}, the same command resumes")
+                f"{PREEMPTED_EXIT}, {resume} resumes it")
 
 
 # -------------------------------------------------------------------------- checkpoints
