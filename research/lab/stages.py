@@ -727,17 +727,15 @@ def stage_memory_check(lab: Lab) -> StageRecord:
 
 def same_batches(lab: Lab, cfg: TrainConfig, num_batches: int = 3) -> bool:
     """The first batches of both streams compared element for element."""
+    from research.training.inputs import augmentation
     from research.training.loop import prepare_config
 
     run = prepare_config(cfg)
     manifest = pipeline.load_manifest(run.data_dir)
     arrays = memory_check.load_train_split(run.data_dir)
     a = pipeline.make_dataset(run.data_dir, "train", run.batch_size, training=True,
-                              seed=run.seed, scale=run.scale, augment=run.augment,
-                              pad=run.crop_pad, affine=getattr(run, "affine", None))
-    b = memory_check.memory_dataset(arrays, manifest, run.batch_size, seed=run.seed,
-                                    scale=run.scale, augment=run.augment, pad=run.crop_pad,
-                                    affine=getattr(run, "affine", None))
+                              **augmentation(run))
+    b = memory_check.memory_dataset(arrays, manifest, run.batch_size, **augmentation(run))
     for x, y in zip(a.take(num_batches), b.take(num_batches)):
         for k in ("image", "label", "class_id"):
             if not np.array_equal(x[k].numpy(), y[k].numpy()):

@@ -26,6 +26,13 @@ def num_examples(cfg: TrainConfig, manifest: dict, split: str) -> int:
     return manifest["splits"][split]["num_examples"] if mask is None else int(mask.sum())
 
 
+def augmentation(cfg: TrainConfig) -> dict:
+    """The training stream's seed, scaling and augmentation, as both the TFRecord and the
+    in-memory pipelines take them: one place, so the two streams cannot drift apart."""
+    return dict(seed=cfg.seed, scale=cfg.scale, augment=cfg.augment, pad=cfg.crop_pad,
+                affine=cfg.affine)
+
+
 def train_input_fn(cfg: TrainConfig, start_step: int):
     """Per-replica input function for `strategy.distribute_datasets_from_function`."""
     keep = example_mask(cfg, "train")
@@ -41,13 +48,12 @@ def train_input_fn(cfg: TrainConfig, start_step: int):
         arrays = pipeline.take_examples(cfg.data_dir, "train")  # one read, then from memory
         manifest = pipeline.load_manifest(cfg.data_dir)
         return lambda ctx: pipeline.make_memory_dataset(
-            arrays, manifest, ctx.get_per_replica_batch_size(cfg.batch_size), seed=cfg.seed,
-            scale=cfg.scale, augment=cfg.augment, pad=cfg.crop_pad, affine=cfg.affine,
-            start_step=start_step, global_batch_size=cfg.batch_size, input_context=ctx)
+            arrays, manifest, ctx.get_per_replica_batch_size(cfg.batch_size),
+            start_step=start_step, global_batch_size=cfg.batch_size, input_context=ctx,
+            **augmentation(cfg))
     return pipeline.make_input_fn(
-        cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, scale=cfg.scale,
-        augment=cfg.augment, pad=cfg.crop_pad, affine=cfg.affine, rebalance=cfg.rebalance,
-        start_step=start_step, keep=keep, shard_by=cfg.input_sharding)
+        cfg.data_dir, "train", cfg.batch_size, training=True, rebalance=cfg.rebalance,
+        start_step=start_step, keep=keep, shard_by=cfg.input_sharding, **augmentation(cfg))
 
 
 def eval_dataset(cfg: TrainConfig, split: str) -> tuple[tf.data.Dataset, np.ndarray]:
