@@ -151,7 +151,7 @@ def test_lab_end_to_end_and_reuse(tmp_path):
         assert all(any(ch.isdigit() for ch in cell) for cell in row[1:]), row
     for needle in ("Comparison on the full test set", "test ROC-AUC", "deletion AUC",
                    "Reading from disk vs from memory", "tensorboard --logdir",
-                   "source-task backbone"):
+                   "source-task backbone", "(PR-AUC)", "(class accuracy)"):
         assert needle in text, needle
     md = (lab_dir / "report.md").read_text()
     for target in [line.split("](", 1)[1].rstrip(")") for line in md.splitlines()
@@ -191,3 +191,23 @@ def test_weights_fall_back_to_the_source_task_only_when_allowed(tmp_path, monkey
     strict = stages.Lab(LabSettings(workdir=str(tmp_path), weights="imagenet"), "cifar10", "")
     with pytest.raises(BackboneError, match="notop.h5"):
         stages.resolve_weights(strict)
+
+
+def test_stage_notes_a_resumed_training_and_reads_old_summaries(syn):
+    from research.lab import stages
+    from research.training.config import TrainConfig
+
+    summary = {"train_seconds": 2847.4, "sessions": [
+        {"start_step": 0, "final_step": 50}, {"start_step": 50, "final_step": 450},
+        {"start_step": 450, "final_step": 1264}]}
+    (note,) = stages.resume_notes(summary)
+    assert note.startswith("Trained in 3 sessions") and "at steps 50, 450" in note
+    assert "2,847.4 s in the train steps in all" in note
+    assert stages.resume_notes({"sessions": summary["sessions"][:1]}) == []
+    # A summary written before best_val_metric existed: its best_val_pr_auc held the metric
+    # the run was selected by, val class accuracy for a source task without cats.
+    old = {"final_step": 8, "train_seconds": 1.0, "best_val_pr_auc": 0.7}
+    source = stages.run_summary(TrainConfig(data_dir=syn, exclude_classes=("cat",)), old)
+    assert (source["best_val"], source["best_val_metric"]) == (0.7, "class_accuracy")
+    detector = stages.run_summary(TrainConfig(data_dir=syn), old)
+    assert detector["best_val_metric"] == "pr_auc"

@@ -129,6 +129,7 @@ def test_kill_and_resume_is_exact(syn, tmp_path):
     summary = json.loads((b / "ck" / "r" / "train_summary.json").read_text())
     assert summary["start_step"] == 9 and summary["final_step"] == 18
     assert [(s["start_step"], s["final_step"]) for s in summary["sessions"]] == [(0, 9), (9, 18)]
+    assert summary["best_val_metric"] == "pr_auc" and 0.0 < summary["best_val"] <= 1.0
     res = run_train(syn, b, "--train_steps=18", "--dropout=0.2")  # finished: nothing to do
     assert res.returncode == 0 and "already finished" in res.stderr
     assert json.loads((b / "ck" / "r" / "train_summary.json").read_text()) == summary

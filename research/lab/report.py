@@ -14,6 +14,7 @@ from research import machine, plots
 from research.lab import figures
 
 DASH = "\u2014"
+METRIC_NAMES = {"pr_auc": "PR-AUC", "class_accuracy": "class accuracy"}
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1150px;
 margin:1.5em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -92,6 +93,13 @@ class Doc:
             os.replace(tmp, path)
 
 
+def best_val(summary: dict) -> str:
+    """The best val number a run's best checkpoint was chosen by, and its name."""
+    metric = summary.get("best_val_metric")
+    return num(summary.get("best_val")) + (f" ({METRIC_NAMES.get(metric, metric)})"
+                                           if metric else "")
+
+
 def num(v, digits: int = 4) -> str:
     if v is None:
         return DASH
@@ -154,11 +162,11 @@ def write_report(lab, records: dict) -> tuple[str, str]:
         rows = [[f"{r.outputs['run_name']} ({r.title.lower()})",
                  num(r.outputs["summary"].get("final_step")),
                  seconds(r.outputs["summary"].get("train_seconds")),
-                 num(r.outputs["summary"].get("best_val_pr_auc"))]
+                 best_val(r.outputs["summary"])]
                 for r in dets + [src] if r]
-        doc.table(["run", "steps", "time in train steps", "best val metric"], rows)
-        doc.para("Best val metric: PR-AUC of the detectors; 9-class accuracy for the source "
-                 "task, which has no cats.")
+        doc.table(["run", "steps", "time in train steps", "best val"], rows)
+        doc.para("The best checkpoint is chosen by val PR-AUC; the source task has no cats, "
+                 "so by its val class accuracy.")
     else:
         doc.para("No detector has been trained yet.")
 

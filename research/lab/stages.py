@@ -297,6 +297,32 @@ def _eval_command(lab: Lab, run_name: str) -> str:
                                                f"eval_{SPLIT}.json")})
 
 
+def run_summary(cfg: TrainConfig, summary: dict, *more: str) -> dict:
+    """What the report shows of a run's train_summary.json (a run trained before the summary
+    named its best-checkpoint metric has only best_val_pr_auc, which held that metric)."""
+    from research.training.actions import best_metric
+
+    out = {k: summary.get(k) for k in ("final_step", "train_seconds", "best_val_metric",
+                                       "best_val", *more)}
+    if "best_val_pr_auc" in summary and out["best_val"] is None:
+        out["best_val"] = summary["best_val_pr_auc"]
+        out["best_val_metric"] = best_metric(
+            cfg, pipeline.load_manifest(cfg.data_dir)["positive_class"])
+    return out
+
+
+def resume_notes(summary: dict) -> list[str]:
+    """A training interrupted and resumed: its time over all sessions, since the stage's wall
+    time is the last session's."""
+    sessions = summary.get("sessions") or []
+    if len(sessions) < 2:
+        return []
+    steps = ", ".join(f"{x['start_step']:,}" for x in sessions[1:])
+    return [f"Trained in {len(sessions)} sessions (interrupted, then resumed from its "
+            f"checkpoints at steps {steps}): {summary['train_seconds']:,.1f} s in the train "
+            f"steps in all; the stage's wall time is the last session's."]
+
+
 def detector_stage(lab: Lab, name: str, title: str, key: str, settings: dict,
                    notes=()) -> StageRecord:
     """Train (or resume, or reuse) one detector, then evaluate it on the whole test set."""
@@ -306,13 +332,13 @@ def detector_stage(lab: Lab, name: str, title: str, key: str, settings: dict,
     report, eval_reused = evaluate(lab, cfg.run_name)
     flags = changed_flags(cfg)
     outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
-               "summary": {k: summary.get(k) for k in ("final_step", "train_seconds",
-                                                       "best_val_pr_auc", "final_val")},
+               "summary": run_summary(cfg, summary, "final_val"),
                "eval": os.path.join(cfg.run_dir, f"eval_{SPLIT}.json"),
                "figures": report.get("figures", [])}
     return lab.finish(name, title, start, trained_before and eval_reused,
                       [command("research.apps.train", flags), _eval_command(lab, cfg.run_name)],
-                      flags, outputs, notes, ran_seconds=summary.get("train_seconds"))
+                      flags, outputs, [*notes, *resume_notes(summary)],
+                      ran_seconds=summary.get("train_seconds"))
 
 
 def stage_scratch(lab: Lab) -> StageRecord:
@@ -327,11 +353,10 @@ def stage_source_task(lab: Lab) -> StageRecord:
     summary, reused = train(lab, cfg)
     flags = changed_flags(cfg)
     outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
-               "summary": {k: summary.get(k) for k in ("final_step", "train_seconds",
-                                                       "best_val_pr_auc")}}
+               "summary": run_summary(cfg, summary)}
     return lab.finish("source_task", "Source task (no cats): the fallback backbone", start,
                       reused, [command("research.apps.train", flags)], flags, outputs,
-                      ran_seconds=summary.get("train_seconds"))
+                      resume_notes(summary), ran_seconds=summary.get("train_seconds"))
 
 
 # ------------------------------------------------------------------------ transfer weights

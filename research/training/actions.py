@@ -270,12 +270,18 @@ class Profiler(Action):
             self.running = False
 
 
+def best_metric(cfg: TrainConfig, positive_class: str) -> str:
+    """What the best checkpoint is chosen by: val PR-AUC, or val N-class accuracy for a source
+    task that leaves the positive class out (its PR-AUC is undefined)."""
+    return ("class_accuracy" if cfg.exclude_classes and positive_class in cfg.exclude_classes
+            else "pr_auc")
+
+
 def standard_actions(cfg: TrainConfig, positive_class: str, start_step: int = 0,
                      extra=()) -> list[Action]:
     """The loop's actions, in the order they run after each call; `extra` run right after
     the evaluation."""
-    metric = ("class_accuracy" if cfg.exclude_classes and positive_class in cfg.exclude_classes
-              else "pr_auc")
+    metric = best_metric(cfg, positive_class)
     actions = [NanGuard(), TrainLog(cfg.progress), Evaluate(), Curves(cfg, start_step), *extra,
                BestAndEarlyStop(cfg.patience, metric)]
     if cfg.transfer == "fine_tune":

@@ -20,7 +20,7 @@ from research.training import cluster, faults
 from research.training import metrics as detmetrics
 from research.training import record
 from research.training.actions import (LoopContext, NonFiniteLossError,  # noqa: F401
-                                       standard_actions)
+                                       best_metric, standard_actions)
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluation import Evaluator
 from research.training import inputs
@@ -140,13 +140,15 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
     """Writes train_summary.json (one entry per session); at the end of training also the
     final val numbers, the export and the hparams."""
     cfg, state = ctx.cfg, ctx.state
+    best = float(state.best_metric.numpy())  # -1 until the first evaluation
     sessions = previous.get("sessions", []) + [
         {"start_step": ctx.start_step, "final_step": state.step,
          "train_seconds": round(ctx.train_seconds, 1)}]
     summary = {"run_name": cfg.run_name, "start_step": ctx.start_step,
                "total_steps": ctx.plan.total_steps, "final_step": state.step,
                "epoch": int(state.epoch.numpy()),
-               "best_val_pr_auc": float(state.best_metric.numpy()),
+               "best_val_metric": best_metric(cfg, ctx.manifest["positive_class"]),
+               "best_val": best if best >= 0 else None,
                "train_seconds": round(sum(s["train_seconds"] for s in sessions), 1),
                "stopped_early": ctx.stop, "sessions": sessions}
     if state.step >= ctx.plan.total_steps or ctx.stop:

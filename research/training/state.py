@@ -306,7 +306,7 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         lookahead = (Lookahead.create(model, cfg.lookahead_every, cfg.lookahead_decay,
                                       plan.total_steps) if cfg.lookahead_every else None)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_val_pr_auc")
+        best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_val")
         bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="evals_without_gain")
         train_metrics = make_train_metrics(cfg)
         # Keras seed-generator states (dropout masks) are not tracked through the model by
