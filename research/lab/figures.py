@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import textwrap
 
 import cv2
 import numpy as np
@@ -50,9 +51,14 @@ def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
         for ax in axes[i]:
             ax.axis("off")
     layers = ", ".join(f"{r}: {explanations[r].layer}" for r in runs if explanations[r].layer)
-    fig.suptitle(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, {what}"
-                 + (f"\nlayers {layers}" if layers else ""), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
+    # Wrapped to the figure's width (about 14 characters of 9 pt per inch): long run names
+    # would otherwise run off both edges.
+    width = int(fig.get_figwidth() * 14)
+    lines = textwrap.wrap(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, "
+                          f"{what}", width) + textwrap.wrap(f"layers {layers}" if layers else "",
+                                                            width)
+    fig.suptitle("\n".join(lines), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.16 * len(lines)) / fig.get_figheight()))
     return fig
 
 
