@@ -83,20 +83,24 @@ def read_scalars(run_log_dir: str, tags) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 def curves_figure(runs: dict[str, str], title: str) -> Figure:
-    """Train loss, val ROC-AUC and val PR-AUC against the step, one line per run.
+    """Train loss, val N-class accuracy, val ROC-AUC and val PR-AUC against the step, one line
+    per run (a run with no finite value in a panel, such as a source task without the
+    positive class in the ROC-AUC panel, is left out of it).
     `runs`: {label: TensorBoard folder of the run (logs/<run>)}."""
-    fig = Figure(figsize=(13, 3.9))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(12, 7.4))
+    axes = fig.subplots(2, 2).ravel()
     panels = (("train", "loss", "training loss (per loop)"),
+              ("eval", "class_accuracy", "val class accuracy (all classes of the run)"),
               ("eval", "roc_auc", "val ROC-AUC"), ("eval", "pr_auc", "val PR-AUC"))
     for ax, (sub, tag, name) in zip(axes, panels):
         for label, tb_dir in runs.items():
             data = read_scalars(os.path.join(tb_dir, sub), [tag]).get(tag)
-            if data is not None:
+            if data is not None and np.isfinite(data[1]).any():
                 ax.plot(*data, marker="." if len(data[0]) < 30 else None, label=label)
-        ax.set(xlabel="step", ylabel=name, title=name)
+        ax.set(xlabel="step", ylabel=name.split(" (")[0], title=name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
