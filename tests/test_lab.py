@@ -197,13 +197,15 @@ def test_stage_notes_a_resumed_training_and_reads_old_summaries(syn):
     from research.lab import stages
     from research.training.config import TrainConfig
 
-    summary = {"train_seconds": 2847.4, "sessions": [
+    summary = {"run_name": "src", "train_seconds": 2847.4, "sessions": [
         {"start_step": 0, "final_step": 50}, {"start_step": 50, "final_step": 450},
         {"start_step": 450, "final_step": 1264}]}
     (note,) = stages.resume_notes(summary)
     assert note.startswith("Trained in 3 sessions") and "at steps 50, 450" in note
     assert "2,847.4 s in the train steps in all" in note
+    assert "(src, interrupted" in note
     assert stages.resume_notes({"sessions": summary["sessions"][:1]}) == []
+    assert len(stages.resume_notes(summary, {"sessions": []}, summary)) == 2
     # A summary written before best_val_metric existed: its best_val_pr_auc held the metric
     # the run was selected by, val class accuracy for a source task without cats.
     old = {"final_step": 8, "train_seconds": 1.0, "best_val_pr_auc": 0.7}

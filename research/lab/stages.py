@@ -311,16 +311,21 @@ def run_summary(cfg: TrainConfig, summary: dict, *more: str) -> dict:
     return out
 
 
-def resume_notes(summary: dict) -> list[str]:
-    """A training interrupted and resumed: its time over all sessions, since the stage's wall
-    time is the last session's."""
-    sessions = summary.get("sessions") or []
-    if len(sessions) < 2:
-        return []
-    steps = ", ".join(f"{x['start_step']:,}" for x in sessions[1:])
-    return [f"Trained in {len(sessions)} sessions (interrupted, then resumed from its "
-            f"checkpoints at steps {steps}): {summary['train_seconds']:,.1f} s in the train "
-            f"steps in all; the stage's wall time is the last session's."]
+def resume_notes(*summaries: dict) -> list[str]:
+    """Each training interrupted and resumed: its time over all sessions, since the stage's
+    wall time is the last session's."""
+    notes = []
+    for summary in summaries:
+        sessions = summary.get("sessions") or []
+        if len(sessions) < 2:
+            continue
+        steps = ", ".join(f"{x['start_step']:,}" for x in sessions[1:])
+        run = f"{summary['run_name']}, " if summary.get("run_name") else ""
+        notes.append(f"Trained in {len(sessions)} sessions ({run}interrupted, then resumed "
+                     f"from its checkpoints at steps {steps}): {summary['train_seconds']:,.1f}"
+                     f" s in the train steps in all; the stage's wall time is the last "
+                     f"session's.")
+    return notes
 
 
 def detector_stage(lab: Lab, name: str, title: str, key: str, settings: dict,
@@ -745,7 +750,8 @@ def stage_memory_check(lab: Lab) -> StageRecord:
           flush=True)
     reused = d_reused and m_reused and d_eval and m_eval
     return lab.finish("memory_check", "Reading from disk vs from memory", start, reused,
-                      commands, flags, {"json": out, **result}, notes,
+                      commands, flags, {"json": out, **result},
+                      notes + resume_notes(d_summary, m_summary),
                       ran_seconds=(d_summary.get("train_seconds") or 0)
                       + (m_summary.get("train_seconds") or 0))
 
