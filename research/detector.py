@@ -1,14 +1,21 @@
-"""How a detector is fed and read, in one place: input scaling, the positive-class score, and
-the mirror average used at test time.
+"""How a detector is fed and read, in one place: input scaling, the positive-class score, the
+mirror average used at test time, and `Detector`, an exported model with its metadata.
 
 Every stage that runs a trained detector (the training loop's eval step, predict, explain,
 the TensorBoard Grad-CAM hook, the benchmarks) goes through these functions, so they all see
-the same numbers.
+the same numbers. The export is `model.keras` plus `metadata.json` beside it (research.runs);
+it loads with `keras.models.load_model` once `research.models` is imported, which registers
+the custom layers.
 """
 
 from __future__ import annotations
 
+import keras
+import numpy as np
 import tensorflow as tf
+
+import research.models  # noqa: F401  (registers the custom layers for load_model)
+from research import runs
 
 SCALES = ("unit", "raw", "uint8")
 
@@ -73,3 +80,57 @@ def detector_scores(model, images, objective: str, positive_id: int, tta: bool,
         scores += weight * positive_scores(out, objective, positive_id)
         logits += weight * out
     return scores, logits
+
+
+class Detector:
+    """An exported model with its metadata and a compiled batch scorer."""
+
+    def __init__(self, model, meta: dict):
+        self.model, self.meta = model, meta
+        h, w, c = meta["image_shape"]
+        objective, positive_id = meta["objective"], meta["positive_class_id"]
+        multiclass = objective == "multiclass"
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8)])
+        def score(images):
+            scores, logits = detector_scores(model, scale_images(images, meta["scale"]),
+                                             objective, positive_id, meta["tta"],
+                                             meta.get("tta_shifts", False))
+            probs = tf.nn.softmax(tf.cast(logits, tf.float32)) if multiclass else logits[:, :0]
+            return scores, probs
+
+        self._score = score
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.meta["image_shape"][:2])
+
+    @property
+    def positive_class(self) -> str:
+        return self.meta["positive_class"]
+
+    def decision(self, score: float, threshold: float) -> str:
+        return self.positive_class if score >= threshold else f"not {self.positive_class}"
+
+    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p(positive) per image, class probabilities of the image as given: the top classes
+        are not mirror-averaged; shape (n, 0) for binary models)."""
+        scores, probs = self._score(images)
+        return scores.numpy(), probs.numpy()
+
+
+def load_detector(model_path: str, meta: dict | None = None, flag: str = "--model") -> Detector:
+    """Loads an export; the model's output width must match its metadata."""
+    meta = meta or runs.read_metadata(model_path, flag)
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except Exception as e:  # Keras raises many types for a bad archive
+        raise runs.RunError(f"{flag}: {model_path}: cannot load ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    want = len(meta["class_names"]) if meta["objective"] == "multiclass" else 1
+    got = model.output_shape[-1]
+    if got != want:
+        raise runs.RunError(f"{flag}: {model_path} outputs {got} values but its metadata "
+                            f"({meta['objective']}, {len(meta['class_names'])} classes) "
+                            f"needs {want}")
+    return Detector(model, meta)

@@ -1,12 +1,8 @@
-"""Scoring image files with an exported detector.
+"""Scoring image files with an exported detector (research.detector.Detector).
 
 `expand_images` turns files, folders and globs into an ordered list of files; `predict_files`
 decodes them in a thread pool while the model scores the previous batch, and yields one
 `Prediction` per file in that order, unreadable files included (with their error).
-
-The export is `model.keras` plus `metadata.json` beside it (written by
-`research.training.record.export_model`). It loads with `keras.models.load_model` once
-`research.models` is imported, which registers the custom layers.
 """
 
 from __future__ import annotations
@@ -16,49 +12,43 @@ import concurrent.futures
 import csv
 import dataclasses
 import glob
-import json
 import os
-from typing import Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 
 import numpy as np
 
 from research.data import imaging
-from research.runs import exported_model_path  # noqa: F401  (predict, explain, compare)
+from research.errors import UserError
+from research.fields import first_error, setting
 
-METADATA_KEYS = ("objective", "positive_class", "positive_class_id", "class_names",
-                 "image_shape", "scale", "threshold", "tta")
+if TYPE_CHECKING:  # the scorer is TensorFlow; this module stays light for predict's flags
+    from research.detector import Detector
+
 CSV_COLUMNS = ("path", "score", "decision", "top_classes", "error")
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError):
     """Bad input; the message names the flag, file or value."""
-
-
-def _opt(default, help_text, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
     """How predict scores; the predict app's flags are derived from these fields."""
-    batch_size: int = _opt(64, "Images scored per batch.")
-    top_k: int = _opt(3, "Classes listed per image in the CSV (multiclass models, at most their "
-                      "class count; probabilities of the image as given, not mirror-averaged).")
-    threshold: float | None = _opt(None, "Decision threshold (default: the run's val-chosen "
-                                   "one).")
-    decode_threads: int | None = _opt(None, "Image decoding threads (default: one per core).")
-    prefetch_batches: int = _opt(2, "Batches decoded ahead of the one being scored.",
-                                 flag=False)
+    batch_size: int = setting(64, "Images scored per batch.", ge=1)
+    top_k: int = setting(3, "Classes listed per image in the CSV (multiclass models, at most "
+                         "their class count; probabilities of the image as given, not "
+                         "mirror-averaged).", ge=0)
+    threshold: float | None = setting(None, "Decision threshold (default: the run's "
+                                      "val-chosen one).", ge=0, le=1)
+    decode_threads: int | None = setting(None, "Image decoding threads (default: one per "
+                                         "core).", ge=1)
+    prefetch_batches: int = setting(2, "Batches decoded ahead of the one being scored.", ge=0,
+                                    flag=False)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise InferenceError(f"--batch_size: must be >= 1, got {self.batch_size}")
-        if self.top_k < 0:
-            raise InferenceError(f"--top_k: must be >= 0, got {self.top_k}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise InferenceError(f"--threshold: must be in [0, 1], got {self.threshold}")
-        if self.decode_threads is not None and self.decode_threads < 1:
-            raise InferenceError(f"--decode_threads: must be >= 1, got {self.decode_threads}")
+        problem = first_error(self)
+        if problem:
+            raise InferenceError(f"--{problem[0]}: {problem[1]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,95 +146,6 @@ def check_output(path: str) -> None:
         raise InferenceError(f"--output: cannot make folder {folder} ({e.strerror})") from e
     if not os.access(folder, os.W_OK) or os.path.isdir(path):
         raise InferenceError(f"--output: cannot write {path}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The detector
-
-def read_metadata(model_path: str, flag: str = "--model") -> dict:
-    """metadata.json beside `model_path`, checked for the keys predict needs; errors name
-    `flag`."""
-    meta_path = os.path.join(os.path.dirname(model_path), "metadata.json")
-    for path in (model_path, meta_path):
-        if not os.path.isfile(path):
-            raise InferenceError(f"{flag}: no such file {path} (an export holds model.keras "
-                                 "and metadata.json)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InferenceError(f"{flag}: {meta_path}: not readable JSON ({e})") from e
-    missing = [k for k in METADATA_KEYS if k not in meta]
-    if missing:
-        raise InferenceError(f"{flag}: {meta_path} lacks {', '.join(missing)}")
-    if meta["objective"] not in ("binary", "multiclass"):
-        raise InferenceError(f"{flag}: {meta_path}: unknown objective {meta['objective']!r}")
-    if len(meta["image_shape"]) != 3:
-        raise InferenceError(f"{flag}: {meta_path}: image_shape {meta['image_shape']} is not "
-                             "[height, width, channels]")
-    return meta
-
-
-class Detector:
-    """An exported model with its metadata and a compiled batch scorer."""
-
-    def __init__(self, model, meta: dict):
-        import tensorflow as tf
-
-        from research.detector import detector_scores, scale_images
-
-        self.model, self.meta = model, meta
-        h, w, c = meta["image_shape"]
-        objective, positive_id = meta["objective"], meta["positive_class_id"]
-        multiclass = objective == "multiclass"
-
-        @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8)])
-        def score(images):
-            scores, logits = detector_scores(model, scale_images(images, meta["scale"]),
-                                             objective, positive_id, meta["tta"],
-                                             meta.get("tta_shifts", False))
-            probs = tf.nn.softmax(tf.cast(logits, tf.float32)) if multiclass else logits[:, :0]
-            return scores, probs
-
-        self._score = score
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self.meta["image_shape"][:2])
-
-    @property
-    def positive_class(self) -> str:
-        return self.meta["positive_class"]
-
-    def decision(self, score: float, threshold: float) -> str:
-        return self.positive_class if score >= threshold else f"not {self.positive_class}"
-
-    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(p(positive) per image, class probabilities of the image as given: the top classes
-        are not mirror-averaged; shape (n, 0) for binary models)."""
-        scores, probs = self._score(images)
-        return scores.numpy(), probs.numpy()
-
-
-def load_detector(model_path: str, meta: dict | None = None, flag: str = "--model") -> Detector:
-    """Loads an export; the model's output width must match its metadata."""
-    import keras
-
-    import research.models  # noqa: F401  (registers the custom layers)
-
-    meta = meta or read_metadata(model_path, flag)
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as e:  # Keras raises many types for a bad archive
-        raise InferenceError(f"{flag}: {model_path}: cannot load ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    want = len(meta["class_names"]) if meta["objective"] == "multiclass" else 1
-    got = model.output_shape[-1]
-    if got != want:
-        raise InferenceError(f"{flag}: {model_path} outputs {got} values but its metadata "
-                             f"({meta['objective']}, {len(meta['class_names'])} classes) "
-                             f"needs {want}")
-    return Detector(model, meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,14 @@ neither), so every benchmark prints `banner()` and every run records `versions()
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
 import subprocess
 import sys
+
+# The precisions a run or an explanation can ask for; 'auto' is resolved per machine.
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,6 +42,18 @@ def has_fast_bf16() -> bool:
     return info["amx"] or info["avx512_bf16"]
 
 
+def resolve_precision(precision: str, gpu: bool, float16: bool = True) -> str:
+    """The one rule for 'auto': mixed_float16 on a GPU (float32 where float16 is not wanted,
+    as for explanations, whose unscaled score gradients underflow in it), mixed_bfloat16 on
+    CPUs with AMX or AVX512-BF16 (where oneDNN runs bf16 faster), else float32. Any other
+    value is returned as it is."""
+    if precision != "auto":
+        return precision
+    if gpu:
+        return "mixed_float16" if float16 else "float32"
+    return "mixed_bfloat16" if has_fast_bf16() else "float32"
+
+
 def banner() -> str:
     """One line naming the CPU, e.g. 'CPU: AMD EPYC, 2 cores, AMX no, AVX512-BF16 yes'."""
     info = cpu_info()
@@ -54,16 +70,25 @@ def _git(*args: str) -> str:
         return ""
 
 
-def versions() -> dict:
-    """Python and package versions, the git commit, and the CPU."""
-    import cv2
-    import keras
-    import matplotlib
-    import numpy as np
-    import tensorflow as tf
+# key in versions() -> the distributions that provide it (the first one installed counts)
+PACKAGES = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "keras": ("keras",),
+            "numpy": ("numpy",), "opencv": ("opencv-python-headless", "opencv-python"),
+            "matplotlib": ("matplotlib",)}
 
-    return {"python": sys.version.split()[0], "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
-            "matplotlib": matplotlib.__version__, "git_commit": _git("rev-parse", "HEAD")
-            or "unknown", "git_dirty": bool(_git("status", "--porcelain")),
-            "cpu": banner()}
+
+def package_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict:
+    """Python and package versions (read from the installed distributions: nothing is
+    imported), the git commit, and the CPU."""
+    return {"python": sys.version.split()[0],
+            **{key: package_version(*names) for key, names in PACKAGES.items()},
+            "git_commit": _git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": bool(_git("status", "--porcelain")), "cpu": banner()}

@@ -12,6 +12,8 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
+from research import files
+
 
 def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
                cell: float = 1.6, title_colors=None) -> Figure:
@@ -45,5 +47,5 @@ def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 
 def save_figure(fig: Figure, path: str, dpi: int = 100) -> str:
-    fig.savefig(path, dpi=dpi)
-    return path
+    """Writes the figure as a PNG, atomically (research.files); returns `path`."""
+    return files.write_bytes(path, figure_to_png(fig, dpi), "a figure")

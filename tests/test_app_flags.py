@@ -7,12 +7,13 @@ import pytest
 from absl import flags
 
 from research.apps import config_flags
+from research.fields import setting
 
 
 @dataclasses.dataclass
 class Options:
-    size: int = dataclasses.field(default=3, metadata={"help": "a size"})
-    rate: float | None = dataclasses.field(default=None, metadata={"help": "a rate"})
+    size: int = setting(3, "a size", ge=1)
+    rate: float | None = setting(None, "a rate", ge=0, le=1)
     widths: tuple[int, ...] = dataclasses.field(default=(8, 16), metadata={"help": "w"})
     mode: str = dataclasses.field(default="a", metadata={"help": "m", "choices": ("a", "b")})
     hidden: dict = dataclasses.field(default_factory=dict, metadata={"flag": False})
@@ -31,15 +32,16 @@ def test_flags_round_trip_through_the_dataclass():
 
 
 def test_numeric_flag_errors_name_each_flag():
+    """Ranges come from the field (derived flags) or from the definition (hand-made ones)."""
     fv = flags.FlagValues()
     config_flags.define_flags(Options, flag_values=fv)
-    fv(["prog", "--size=0", "--rate=nan"])
-    rules = (("size", 1, None, True, True), ("rate", 0, 1, True, True),
-             ("absent", 0, None, True, True))
-    assert config_flags.numeric_flag_errors(rules, fv) == [
-        "--size: must be >= 1, got 0", "--rate: must be in [0, 1], got nan"]
-    with pytest.raises(SystemExit, match="error: --size"):
-        config_flags.exit_on_numeric_errors(rules, fv)
+    config_flags._ranged(flags.DEFINE_integer, "count", 2, "n", gt=0, flag_values=fv)
+    fv(["prog", "--size=0", "--rate=nan", "--count=0"])
+    assert config_flags.range_errors(fv) == [
+        "--size: must be >= 1, got 0", "--rate: must be in [0, 1], got nan",
+        "--count: must be > 0, got 0"]
+    fv(["prog", "--size=1", "--rate=0.5", "--count=1"])
+    assert config_flags.range_errors(fv) == []
 
 
 @dataclasses.dataclass

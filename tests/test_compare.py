@@ -12,7 +12,9 @@ from PIL import Image
 
 import helpers
 from research.data import pipeline
-from research.training import compare, evaluation, loop
+from research.evaluation import compare
+from research.evaluation import run as evaluation
+from research.training import loop
 from research.training.config import ConfigError, TrainConfig, load_run_config
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
@@ -147,7 +149,7 @@ def test_fallbacks_without_export_or_summary(runs, compared, tmp_path):
     result, _ = compared
     cfg = load_run_config(ck, "multi")
     cfg.checkpoint_dir = str(tmp_path)  # no export there: counted on the config's network
-    counts = compare.count_params(cfg, pipeline.load_manifest(data))
+    counts = evaluation.count_params(cfg, pipeline.load_manifest(data))
     row = result["runs"]["multi"]
     assert counts["params_source"].startswith("config")
     assert (counts["params"], counts["trainable_params"]) == (row["params"],

@@ -13,7 +13,8 @@ import tensorflow as tf
 from PIL import Image
 
 from research import detector
-from research.explain import core, dream, faithfulness, features, loading, render
+from research.explain import activations as features
+from research.explain import core, dream, faithfulness, loading, render
 from research.models import build_model
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 from research.data import pipeline
-from research.models import build_model, model_options_error
+from research.model_options import model_options_error
+from research.models import build_model
 from research.models.layers import FusedBatchNorm, PatchWhitening
 from research.training import state as train_state
 from research.training.config import TrainConfig

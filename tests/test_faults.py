@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 import helpers
-from research.training import evaluation, faults, loop
+from research import runs
+from research.training import checkpoints, loop, preemption, resume, runlock
 from research.training.config import ConfigError
 
 TINY = helpers.TINY_NET
@@ -95,7 +96,7 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     wait_for(proc, "train | step", 120)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == faults.PREEMPTED_EXIT, err[-3000:]
+    assert proc.returncode == preemption.PREEMPTED_EXIT, err[-3000:]
     step = int(tf.train.latest_checkpoint(f"{a}/ck/r").rsplit("-", 1)[1])
     assert 0 < step < 40 and step % 2 == 0
     assert f"preempted by SIGTERM at step {step}" in err.strip().splitlines()[-1]
@@ -140,10 +141,10 @@ def test_corrupt_checkpoint_falls_back_and_resume_checks(syn, tmp_path):
     assert summary["final_step"] == 12 and summary["start_step"] == 4
     assert sorted(os.listdir(os.path.join(cfg.run_dir, "corrupt"))) == [
         "ckpt-8.data-00000-of-00001", "ckpt-8.index"]
-    assert faults.checkpoint_problem(os.path.join(cfg.run_dir, "ckpt-8")) is None  # new one
+    assert checkpoints.checkpoint_problem(os.path.join(cfg.run_dir, "ckpt-8")) is None  # new one
 
     # The network may not change; the length may.
-    with pytest.raises(faults.ResumeMismatchError, match=r"--widths: \[8, 16\] -> \[8, 32\]"):
+    with pytest.raises(resume.ResumeMismatchError, match=r"--widths: \[8, 16\] -> \[8, 32\]"):
         loop.train_and_evaluate(config(syn, tmp_path, train_steps=16, checkpoint_every_steps=4,
                                        eval_every_steps=100,
                                        model_options={**TINY, "widths": (8, 32)}))
@@ -152,33 +153,33 @@ def test_corrupt_checkpoint_falls_back_and_resume_checks(syn, tmp_path):
                                              checkpoint_every_steps=4, eval_every_steps=100))
     assert summary["final_step"] == 16
     assert (tmp_path / "ck" / "t" / "config.json").read_text() == original
-    sessions = [json.loads(x) for x in open(os.path.join(cfg.run_dir, faults.SESSIONS))]
+    sessions = [json.loads(x) for x in open(os.path.join(cfg.run_dir, runs.SESSIONS))]
     assert [s["start_step"] for s in sessions] == [0, 4, 12]
     assert sessions[-1]["changed"] == {"stop_at_step": [8, None], "train_steps": [12, 16]}
 
     # Other data under the same flags is refused too.
     other = tmp_path / "other"
     helpers.make_synthetic_tfrecords(str(other), n_train=300, n_test=50, seed=1)
-    with pytest.raises(faults.ResumeMismatchError, match="data_dir"):
+    with pytest.raises(resume.ResumeMismatchError, match="data_dir"):
         loop.train_and_evaluate(config(str(other), tmp_path, train_steps=20))
 
     # No readable checkpoint left: an error naming each, before any work.
     for prefix in tf.train.get_checkpoint_state(cfg.run_dir).all_model_checkpoint_paths:
         truncate(prefix)
     before = sorted(os.listdir(cfg.run_dir))
-    with pytest.raises(faults.CheckpointError, match="ckpt-16 .*ckpt-12 .*ckpt-8 "):
+    with pytest.raises(checkpoints.CheckpointError, match="ckpt-16 .*ckpt-12 .*ckpt-8 "):
         loop.train_and_evaluate(config(syn, tmp_path, train_steps=20))
     assert sorted(os.listdir(cfg.run_dir)) == before
     with pytest.raises(ConfigError, match="--checkpoint=latest: .*ckpt-16 cannot be read"):
-        evaluation.resolve_checkpoint(cfg, "latest")  # evaluate names it before any work
+        checkpoints.resolve_checkpoint(cfg.run_dir, "latest")  # evaluate names it before any work
 
 
 def test_run_lock(tmp_path):
     run = str(tmp_path / "ck" / "r")
-    with faults.RunLock(run):
-        with pytest.raises(faults.RunLockedError, match=f"pid {os.getpid()} on "
+    with runlock.RunLock(run):
+        with pytest.raises(runlock.RunLockedError, match=f"pid {os.getpid()} on "
                            f"{socket.gethostname()} since"):
-            faults.RunLock(run).acquire()
+            runlock.RunLock(run).acquire()
     assert not os.path.exists(run + ".lock")
 
     live = subprocess.Popen(["sleep", "60"])
@@ -189,10 +190,10 @@ def test_run_lock(tmp_path):
             with open(run + ".lock", "w") as f:
                 json.dump({"pid": pid, "host": socket.gethostname(), "started": "then"}, f)
             if refused:
-                with pytest.raises(faults.RunLockedError, match=f"pid {pid} .* since then"):
-                    faults.RunLock(run).acquire()
+                with pytest.raises(runlock.RunLockedError, match=f"pid {pid} .* since then"):
+                    runlock.RunLock(run).acquire()
             else:
-                lock = faults.RunLock(run).acquire()  # stale: taken over
+                lock = runlock.RunLock(run).acquire()  # stale: taken over
                 assert json.load(open(run + ".lock"))["pid"] == os.getpid()
                 lock.release()
     finally:
@@ -201,8 +202,8 @@ def test_run_lock(tmp_path):
     # A holder on another host cannot be checked: refused.
     with open(run + ".lock", "w") as f:
         json.dump({"pid": dead.pid, "host": "elsewhere", "started": "then"}, f)
-    with pytest.raises(faults.RunLockedError, match="on elsewhere"):
-        faults.RunLock(run).acquire()
+    with pytest.raises(runlock.RunLockedError, match="on elsewhere"):
+        runlock.RunLock(run).acquire()
 
 
 def test_preemption_stops_at_the_next_boundary(syn, tmp_path):
@@ -217,9 +218,9 @@ def test_preemption_stops_at_the_next_boundary(syn, tmp_path):
 
     cfg = config(syn, tmp_path, train_steps=30, checkpoint_every_steps=100,
                  eval_every_steps=100)
-    with faults.Preemption() as preemption:
-        summary = loop.train_and_evaluate(cfg, actions=[SignalAt(), preemption])
+    with preemption.Preemption() as signal_catcher:
+        summary = loop.train_and_evaluate(cfg, actions=[SignalAt(), signal_catcher])
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert preemption.stopped_at == 6 and summary["final_step"] == 6
+    assert signal_catcher.stopped_at == 6 and summary["final_step"] == 6
     assert tf.train.latest_checkpoint(cfg.run_dir).endswith("ckpt-6")
     assert "export" not in summary

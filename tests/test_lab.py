@@ -170,7 +170,8 @@ def test_lab_end_to_end_and_reuse(tmp_path):
 
 
 def test_weights_fall_back_to_the_source_task_only_when_allowed(tmp_path, monkeypatch):
-    from research.lab import stages
+    from research.lab import weights
+    from research.lab.lab import Lab
     from research.lab.settings import LabSettings
     from research.models.backbones import BackboneError
 
@@ -181,20 +182,20 @@ def test_weights_fall_back_to_the_source_task_only_when_allowed(tmp_path, monkey
                             f"{backbone}; place vgg16_weights_tf_dim_ordering_tf_kernels_notop"
                             ".h5 in ...")
 
-    monkeypatch.setattr(stages, "fetch_imagenet", offline)
-    auto = stages.Lab(LabSettings(workdir=str(tmp_path)), "cifar10", "")
-    stages.resolve_weights(auto)
+    monkeypatch.setattr(weights, "fetch_imagenet", offline)
+    auto = Lab(LabSettings(workdir=str(tmp_path)), "cifar10", "")
+    weights.resolve_weights(auto)
     assert auto.weights == "lab_src_nocat" and "Fallback" in auto.weights_note
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in auto.weights_note
-    key, settings = stages.transfer_settings(auto)
+    key, settings = weights.transfer_settings(auto)
     assert settings["model_options"]["weights"] == "lab_src_nocat" and key.endswith("_src")
-    strict = stages.Lab(LabSettings(workdir=str(tmp_path), weights="imagenet"), "cifar10", "")
+    strict = Lab(LabSettings(workdir=str(tmp_path), weights="imagenet"), "cifar10", "")
     with pytest.raises(BackboneError, match="notop.h5"):
-        stages.resolve_weights(strict)
+        weights.resolve_weights(strict)
 
 
 def test_stage_notes_a_resumed_training_and_reads_old_summaries(syn):
-    from research.lab import stages
+    from research.lab import detectors as stages
     from research.training.config import TrainConfig
 
     summary = {"run_name": "src", "train_seconds": 2847.4, "sessions": [

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research.models import build_model, model_options_error
+from research.model_options import model_options_error
+from research.models import build_model
 from research.models.layers import FusedBatchNorm
 
 

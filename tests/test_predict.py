@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from research import inference
+from research import detector, inference, runs
 from research.data.imaging import load_image_file
 from research.models import build_model
 
@@ -112,7 +112,7 @@ def test_expand_files_folders_globs(tmp_path):
 
 @pytest.mark.parametrize("kind", ["tta", "plain", "binary"])
 def test_batched_scores_equal_one_at_a_time(models, photos, kind):
-    det = inference.load_detector(models[kind])
+    det = detector.load_detector(models[kind])
     paths = inference.expand_images([str(photos)]).paths
     # Batches of 3 over 8 files: several batches in flight, a partial last one, a corrupt file.
     preds = list(inference.predict_files(det, paths, inference.PredictOptions(batch_size=3)))
@@ -137,14 +137,14 @@ def test_tta_follows_the_metadata(models, photos):
     paths = [p for p in inference.expand_images([str(photos)]).paths if "broken" not in p]
     scores = {}
     for kind in ("tta", "plain"):
-        det = inference.load_detector(models[kind])
+        det = detector.load_detector(models[kind])
         scores[kind] = np.array([p.score for p in inference.predict_files(det, paths)])
     # Same weights (same seed), so only the mirror average separates them.
     assert np.max(np.abs(scores["tta"] - scores["plain"]) / scores["plain"]) > 0.05
 
 
 def test_csv_and_stdout_lines(models, photos):
-    det = inference.load_detector(models["tta"])
+    det = detector.load_detector(models["tta"])
     paths = inference.expand_images([str(photos)]).paths
     scores = sorted(p.score for p in inference.predict_files(det, paths) if p.error is None)
     threshold = (scores[3] + scores[4]) / 2  # both decisions occur, none at the threshold
@@ -183,20 +183,20 @@ def test_bad_input_is_named(models, tmp_path):
         inference.expand_images(["", ""])
     with pytest.raises(inference.InferenceError, match="--output: want a .csv"):
         inference.check_output(str(tmp_path / "out.txt"))
-    with pytest.raises(inference.InferenceError, match="--model: no such file"):
-        inference.read_metadata(str(tmp_path / "model.keras"))
+    with pytest.raises(runs.RunError, match="--model: no such file"):
+        runs.read_metadata(str(tmp_path / "model.keras"))
     meta = json.load(open(os.path.join(os.path.dirname(models["binary"]), "metadata.json")))
     del meta["tta"]
     bad = tmp_path / "bad"
     bad.mkdir()
     os.link(models["binary"], bad / "model.keras")
     (bad / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(inference.InferenceError, match="lacks tta"):
-        inference.read_metadata(str(bad / "model.keras"))
+    with pytest.raises(runs.RunError, match="lacks tta"):
+        runs.read_metadata(str(bad / "model.keras"))
     meta.update(tta=False, objective="multiclass")  # a 1-output model cannot be multiclass
     (bad / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(inference.InferenceError, match="outputs 1 values"):
-        inference.load_detector(str(bad / "model.keras"))
+    with pytest.raises(runs.RunError, match="outputs 1 values"):
+        detector.load_detector(str(bad / "model.keras"))
 
 
 def test_cli_folder_glob_and_a_corrupt_file(models, photos, tmp_path):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import helpers
 from research.data import pipeline
+from research.data.augmentation import FILL_MODES, Affine
 from research.models import build_model
 from research.training import state as train_state
 from research.training.config import ConfigError
@@ -31,31 +32,31 @@ def _images():
 def test_each_affine_transform_changes_images_deterministically(setting):
     images = _images()
     rand = pipeline.uniform_from_index(tf.range(4, dtype=tf.int64), 3, 6)
-    out = pipeline.affine_batch(images, rand, pipeline.Affine(**setting))
+    out = pipeline.affine_batch(images, rand, Affine(**setting))
     assert out.dtype == tf.uint8 and out.shape == images.shape
     assert all(np.any(o != i) for o, i in zip(out.numpy(), images.numpy())), setting
-    again = pipeline.affine_batch(images, rand, pipeline.Affine(**setting))
+    again = pipeline.affine_batch(images, rand, Affine(**setting))
     np.testing.assert_array_equal(out.numpy(), again.numpy())
     other = pipeline.affine_batch(
         images, pipeline.uniform_from_index(tf.range(4, dtype=tf.int64), 4, 6),
-        pipeline.Affine(**setting))
+        Affine(**setting))
     assert np.any(other.numpy() != out.numpy())  # another seed, other draws
 
 
 def test_zero_strength_affine_is_the_identity():
     images = _images()
     rand = pipeline.uniform_from_index(tf.range(4, dtype=tf.int64), 0, 6)
-    for fill in pipeline.FILL_MODES:
-        out = pipeline.affine_batch(images, rand, pipeline.Affine(fill_mode=fill))
+    for fill in FILL_MODES:
+        out = pipeline.affine_batch(images, rand, Affine(fill_mode=fill))
         np.testing.assert_array_equal(out.numpy(), images.numpy())
-    floats = pipeline.affine_batch(tf.cast(images, tf.float32), rand, pipeline.Affine())
+    floats = pipeline.affine_batch(tf.cast(images, tf.float32), rand, Affine())
     assert floats.dtype == tf.float32
 
 
 def test_affine_in_the_training_stream(syn):
     kw = dict(training=True, seed=5, scale="uint8", augment=False)
     plain = next(iter(pipeline.make_dataset(syn, "train", 8, **kw)))["image"].numpy()
-    aff = pipeline.Affine(rotation_range=20, zoom_range=0.2)
+    aff = Affine(rotation_range=20, zoom_range=0.2)
     a = next(iter(pipeline.make_dataset(syn, "train", 8, affine=aff, **kw)))["image"].numpy()
     b = next(iter(pipeline.make_dataset(syn, "train", 8, affine=aff, **kw)))["image"].numpy()
     np.testing.assert_array_equal(a, b)

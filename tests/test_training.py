@@ -12,9 +12,14 @@ import tensorflow as tf
 
 import helpers
 from research.data import pipeline
+from research.model_options import MODEL_OPTIONS
 from research.models import MODELS
-from research.training import loop, metrics, state as train_state
-from research.training.evaluation import Evaluator
+from research.evaluation import metrics
+from research.training import loop, state as train_state
+from research.training.actions import NonFiniteLossError
+from research.training.evaluator import Evaluator
+from research.training.lookahead import Lookahead
+from research.training.schedule import WarmupCosine
 from research.training.steps import make_train_loop
 from research.training.config import ConfigError
 
@@ -93,7 +98,7 @@ def test_eval_counts_every_example_once(syn, tmp_path):
 
 
 def test_warmup_cosine_schedule():
-    sched = train_state.WarmupCosine(1.0, 10, 110, final_fraction=0.1)
+    sched = WarmupCosine(1.0, 10, 110, final_fraction=0.1)
     assert float(sched(0)) == pytest.approx(0.1)
     assert float(sched(9)) == pytest.approx(1.0)
     assert float(sched(10)) == pytest.approx(1.0)
@@ -165,9 +170,10 @@ def test_nan_stops_cleanly_and_keeps_checkpoint(syn, tmp_path, monkeypatch):
         return keras.Sequential([base, NanAfter(12)])
 
     monkeypatch.setitem(MODELS, "nan", nan_model)
+    monkeypatch.setitem(MODEL_OPTIONS, "nan", None)  # a model with no options of its own
     cfg = config(syn, tmp_path, model="nan", model_options={}, train_steps=30,
                  checkpoint_every_steps=5, eval_every_steps=100)
-    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is kept.*ckpt-10"):
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is kept.*ckpt-10"):
         loop.train_and_evaluate(cfg)
     assert tf.train.latest_checkpoint(cfg.run_dir).endswith("ckpt-10")
     values = checkpoint_values(tf.train.latest_checkpoint(cfg.run_dir))
@@ -300,7 +306,7 @@ def test_lookahead_matches_a_step_by_step_reference(syn, tmp_path):
         if not by_hand:
             loop_fn(it, tf.constant(5))
             return state
-        variables = train_state.Lookahead.create(state.model, 2, 0.9, 5).fast
+        variables = Lookahead.create(state.model, 2, 0.9, 5).fast
         slow = [v.numpy().copy() for v in variables]
         for step in range(1, 6):
             loop_fn(it, tf.constant(1))

@@ -12,7 +12,9 @@ import tensorflow as tf
 
 from research.data import pipeline
 from research.models import backbones
-from research.training import evaluation, features, inputs, state as train_state
+from research.evaluation import run as evaluation
+from research.training import feature_cache as features
+from research.training import inputs, state as train_state
 from research.training.actions import PhaseSwitch
 from research.training.config import ConfigError, TrainConfig
 from research.training.loop import prepare_config, train_and_evaluate

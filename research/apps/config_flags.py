@@ -9,13 +9,19 @@ the field (help and `choices` in its metadata), so a default lives only in its d
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 
-from absl import flags
+from absl import app, flags
+
+from research.errors import UserError
+from research.fields import bounds, range_error
+
+HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "-?", "-h")
 
 
-class FlagValueError(ValueError):
+class FlagValueError(UserError):
     """A list flag whose items do not convert; the message names the flag."""
 
 
@@ -45,11 +51,14 @@ def _model_name(cls) -> str:
     return cls.__name__.removesuffix("Options").lower()
 
 
-def define_flags(cls, skip=(), flag_values=flags.FLAGS) -> list[str]:
+def define_flags(cls, skip=(), flag_values=flags.FLAGS, module_name: str | None = None
+                 ) -> list[str]:
     """Defines one flag per field of `cls`; a flag that already exists (absl's own --log_dir)
     only gets its default set. A field that two option classes share with different defaults
     (--widths of the scratch and the fast network) gets the default None, read back as "the
-    model's own default", and its help lists each. Returns the names."""
+    model's own default", and its help lists each. The flags belong to the calling app
+    (`module_name`), so its --help lists them. Returns the names."""
+    module_name = module_name or _module_name(sys._getframe(1))
     names = []
     for f, base, elem in flag_fields(cls, skip):
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -74,7 +83,7 @@ def define_flags(cls, skip=(), flag_values=flags.FLAGS) -> list[str]:
                     for m, v in owners.items()) + "."
             continue
         help_text = f.metadata.get("help", f.name)
-        kw = dict(flag_values=flag_values)
+        kw = dict(flag_values=flag_values, module_name=module_name)
         if base is bool:
             flags.DEFINE_bool(f.name, default, help_text, **kw)
         elif base is int:
@@ -87,6 +96,8 @@ def define_flags(cls, skip=(), flag_values=flags.FLAGS) -> list[str]:
             flags.DEFINE_enum(f.name, default, list(f.metadata["choices"]), help_text, **kw)
         else:
             flags.DEFINE_string(f.name, default, help_text, **kw)
+        if "range" in f.metadata and base in (int, float):  # lists: checked once converted
+            flag_values[f.name]._range = f.metadata["range"]
         if cls.__name__.endswith("Options"):  # a model's options: may be shared (above)
             flag_values[f.name]._option_defaults = {_model_name(cls): default}
             flag_values[f.name]._helps = [help_text]
@@ -113,22 +124,65 @@ def values_from_flags(cls, flag_values=flags.FLAGS, skip=()) -> dict:
     return out
 
 
-def numeric_flag_errors(rules, flag_values=flags.FLAGS) -> list[str]:
-    """'--flag: must be ..., got v' for every set numeric flag outside its range
-    (rules as research.training.checks.Rule), so an app can refuse them before any work."""
-    from research.training.checks import numeric_errors
-
-    class _Values:  # getattr over the flag values, None for flags this app lacks
-        def __getattr__(self, name):
-            return flag_values[name].value if name in flag_values else None
-
-    return [f"--{name}: {problem}" for name, problem in numeric_errors(_Values(), rules)]
+def _ranged(define, name, default, help_text, ge=None, gt=None, le=None, lt=None,
+            flag_values=flags.FLAGS, module_name: str | None = None):
+    define(name, default, help_text, flag_values=flag_values, module_name=module_name)
+    flag_values[name]._range = bounds(ge=ge, gt=gt, le=le, lt=lt)
 
 
-def exit_on_numeric_errors(rules, flag_values=flags.FLAGS) -> None:
-    """One line per bad numeric flag, then exit 1 (no traceback), before any work."""
-    import sys
+def _module_name(frame) -> str:
+    """absl's name for the module of `frame` (the main module goes by sys.argv[0])."""
+    name = frame.f_globals["__name__"]
+    return sys.argv[0] if name == "__main__" else name
 
-    errors = numeric_flag_errors(rules, flag_values)
+
+def _caller() -> str:
+    """The module that called define_*: the flag is that app's (its --help lists it)."""
+    return _module_name(sys._getframe(2))
+
+
+def define_integer(name: str, default, help_text: str, **limits) -> None:
+    """DEFINE_integer with its range (ge/gt/le/lt) declared beside it, checked by `parse`."""
+    _ranged(flags.DEFINE_integer, name, default, help_text, module_name=_caller(), **limits)
+
+
+def define_float(name: str, default, help_text: str, **limits) -> None:
+    """DEFINE_float with its range (ge/gt/le/lt) declared beside it, checked by `parse`."""
+    _ranged(flags.DEFINE_float, name, default, help_text, module_name=_caller(), **limits)
+
+
+def range_errors(flag_values=flags.FLAGS) -> list[str]:
+    """'--flag: must be ..., got v' for every set flag outside its declared range."""
+    errors = []
+    for name in flag_values:
+        flag = flag_values[name]
+        r = getattr(flag, "_range", None)
+        if r is not None and flag.value is not None and name == flag.name:  # no short alias
+            problem = range_error(flag.value, r)
+            if problem:
+                errors.append(f"--{name}: {problem}")
+    return errors
+
+
+def parse(argv: list[str]) -> list[str]:
+    """app.run's flags parser: `--help` prints the app's flags and exits 0; a flag absl
+    cannot parse (an unknown flag, an enum value that is not one of its choices, a number
+    that is not one) and a number outside its range are one line each, `error: ...`, exit 1,
+    before any work."""
+    try:
+        rest = flags.FLAGS(argv)
+    except SystemExit:
+        if any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    errors = range_errors(flags.FLAGS)
     if errors:
         sys.exit("\n".join(f"error: {e}" for e in errors))
+    return rest
+
+
+def run(main) -> None:
+    """Starts an app: our flag parser, then `main`."""
+    app.run(main, flags_parser=parse)

@@ -7,14 +7,18 @@ The threshold is the F1-maximising one on val, applied unchanged to the split.
 
 from __future__ import annotations
 
-import os
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from research import runs
+from research.apps import config_flags
+from research.errors import UserError
+from research.training.config import load_run_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_name", None, "Training run to evaluate.")
-flags.DEFINE_string("checkpoint_dir", "checkpoints", "Parent folder of run checkpoints.")
+flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR, "Parent folder of run checkpoints.")
 flags.DEFINE_string("data_dir", None, "TFRecords folder (default: the run's own).")
 flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to score.")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a checkpoint path prefix.")
@@ -29,35 +33,27 @@ flags.mark_flags_as_required(["run_name"])
 
 def main(argv):
     del argv
-    from research.data.pipeline import DataError
-    from research.training import evaluation
-    from research.training.config import ConfigError, load_run_config
-
     try:
-        cfg = load_run_config(FLAGS.checkpoint_dir, FLAGS.run_name)
-        cfg.checkpoint_dir, cfg.run_name = FLAGS.checkpoint_dir, FLAGS.run_name
-        if FLAGS.data_dir:
-            cfg.data_dir = FLAGS.data_dir
-        if FLAGS.tta is not None:
-            cfg.tta = FLAGS.tta
-        if FLAGS.tta_shifts is not None:
-            cfg.tta_shifts = FLAGS.tta_shifts
-        if FLAGS.eval_batch_size is not None:  # 0 or less is an error, not 'unset'
-            cfg.eval_batch_size = FLAGS.eval_batch_size
-        cfg.validate()
-        report, raw = evaluation.evaluate_run(cfg, FLAGS.split, FLAGS.checkpoint)
-    except (ConfigError, DataError) as e:
+        cfg = load_run_config(FLAGS.checkpoint_dir, FLAGS.run_name, FLAGS.data_dir,
+                              tta=FLAGS.tta, tta_shifts=FLAGS.tta_shifts,
+                              eval_batch_size=FLAGS.eval_batch_size)
+        cfg.validate()  # an --eval_batch_size of 0 or less is an error here, not 'unset'
+    except UserError as e:
         sys.exit(f"error: {e}")
-    output = FLAGS.output or os.path.join(cfg.run_dir, f"eval_{FLAGS.split}.json")
-    figures = FLAGS.figures_dir or os.path.join(os.path.dirname(os.path.abspath(output)),
-                                                f"figures_{FLAGS.split}")
-    report["figures"] = evaluation.write_figures(cfg, report, raw, figures)
-    evaluation.save_report(report, output)
+    from research.evaluation import report as reporting  # the heavy imports, flags known good
+    from research.evaluation.run import evaluate_and_save
+
+    output = FLAGS.output or runs.eval_report_path(cfg.run_dir, FLAGS.split)
+    figures = FLAGS.figures_dir or runs.eval_figures_dir(output, FLAGS.split)
+    try:
+        report, _ = evaluate_and_save(cfg, FLAGS.split, FLAGS.checkpoint, output, figures)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     print()
-    print(evaluation.format_report(report))
+    print(reporting.format_report(report))
     print(f"report: {output}")
     print(f"figures: {figures}/")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flags.run(main)

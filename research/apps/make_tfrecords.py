@@ -20,9 +20,14 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from keras.utils import Progbar
+
+from research import machine, plots
 from research.apps import config_flags
+from research.data import pipeline, sources, tfrecords
+from research.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 | mnist (downloaded "
@@ -40,20 +45,23 @@ flags.DEFINE_enum("label", "fine", ["fine", "coarse"], "CIFAR-100 only: the 100 
                   "or the 20 coarse superclasses.")
 flags.DEFINE_list("class_names", None, "trainA/trainB layout only: the names of the A and B "
                   "classes, A first, e.g. horse,zebra (default: A,B).")
-flags.DEFINE_float("val_fraction", 0.1, "Stratified fraction of train held out as val.")
-flags.DEFINE_float("test_fraction", 0.2, "Stratified fraction held out as test, only for "
-                   "sources without a test split.")
-flags.DEFINE_integer("seed", 0, "Seed for the val split and shard order.")
-flags.DEFINE_integer("train_shards", 12, "Number of train shards.")
-flags.DEFINE_integer("val_shards", 2, "Number of val shards.")
-flags.DEFINE_integer("test_shards", 4, "Number of test shards.")
-flags.DEFINE_integer("image_size", 32, "Height and width images from folders are resized to "
-                     "at conversion time (CIFAR and MNIST keep their own 32x32 / 28x28).")
+config_flags.define_float("val_fraction", 0.1, "Stratified fraction of train held out as val.",
+                          ge=0, lt=1)
+config_flags.define_float("test_fraction", 0.2, "Stratified fraction held out as test, only "
+                          "for sources without a test split.", ge=0, lt=1)
+config_flags.define_integer("seed", 0, "Seed for the val split and shard order.", ge=0,
+                            le=2**32 - 1)
+config_flags.define_integer("train_shards", 12, "Number of train shards.", ge=1)
+config_flags.define_integer("val_shards", 2, "Number of val shards.", ge=1)
+config_flags.define_integer("test_shards", 4, "Number of test shards.", ge=1)
+config_flags.define_integer("image_size", 32, "Height and width images from folders are "
+                            "resized to at conversion time (CIFAR and MNIST keep their own "
+                            "32x32 / 28x28).", ge=1)
 flags.DEFINE_enum("resize_policy", "center_crop", ["center_crop", "stretch"],
                   "center_crop keeps the aspect ratio; stretch distorts it.")
 flags.DEFINE_string("download_dir", "data/downloads", "Where official archives are kept.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
-flags.DEFINE_integer("sample_grid", 32, "Images in samples.png (0: none).")
+config_flags.define_integer("sample_grid", 32, "Images in samples.png (0: none).", ge=0)
 flags.mark_flags_as_required(["source", "out_dir"])
 
 # Where the output goes and whether to replace it do not change its content: not recorded,
@@ -64,9 +72,6 @@ UNRECORDED_FLAGS = ("out_dir", "overwrite")
 def write_sample_grid(data_dir: str, n: int) -> str:
     """Reads the first n train examples back from the TFRecords and draws them. The title
     names the source, not `data_dir`, so the figure too is the same in any output folder."""
-    from research import plots
-    from research.data import pipeline
-
     manifest = pipeline.load_manifest(data_dir)
     batch = next(iter(pipeline.make_dataset(data_dir, "train", n, training=False, scale="uint8")))
     names = manifest["class_names"]
@@ -80,22 +85,8 @@ def write_sample_grid(data_dir: str, n: int) -> str:
     return plots.save_figure(fig, os.path.join(data_dir, "samples.png"))
 
 
-NUMERIC_RULES = (  # (flag, low, high, low allowed, high allowed)
-    ("val_fraction", 0, 1, True, False), ("test_fraction", 0, 1, True, False),
-    ("seed", 0, 2**32 - 1, True, True), ("train_shards", 1, None, True, True),
-    ("val_shards", 1, None, True, True), ("test_shards", 1, None, True, True),
-    ("image_size", 1, None, True, True), ("sample_grid", 0, None, True, True),
-)
-
-
 def main(argv):
     del argv
-    from keras.utils import Progbar
-
-    from research import machine
-    from research.data import sources, tfrecords
-
-    config_flags.exit_on_numeric_errors(NUMERIC_RULES)
     if FLAGS.val_fraction + FLAGS.test_fraction >= 1:
         sys.exit("error: --val_fraction + --test_fraction must be < 1, got "
                  f"{FLAGS.val_fraction + FLAGS.test_fraction}")
@@ -120,7 +111,7 @@ def main(argv):
                        if f.name not in UNRECORDED_FLAGS}
         manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, flag_values,
                                              progress=lambda k: bar.add(k))
-    except (sources.SourceError, ValueError, FileExistsError) as e:
+    except (UserError, ValueError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     seconds = time.time() - start
     print()
@@ -137,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flags.run(main)

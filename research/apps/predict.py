@@ -14,35 +14,29 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from research import runs
 from research.apps import config_flags
+from research.errors import UserError
 from research.inference import PredictOptions
-from research.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "An exported model.keras (metadata.json beside it).")
 flags.DEFINE_string("run_name", None, "Instead of --model: the training run whose export to use.")
-flags.DEFINE_string("checkpoint_dir", TrainConfig.checkpoint_dir,
+flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR,
                     "Parent folder of training runs (with --run_name).")
 flags.DEFINE_list("images", None, "Image files, folders and globs (JPEG, PNG, ... any size).")
 flags.DEFINE_string("output", None, "CSV of path,score,decision,top_classes,error.")
 config_flags.define_flags(PredictOptions)
-flags.adopt_module_key_flags(config_flags)  # list them in this app's --help
 flags.mark_flags_as_required(["images"])
-
-
-NUMERIC_RULES = (  # (flag, low, high, low allowed, high allowed)
-    ("threshold", 0, 1, True, True), ("batch_size", 1, None, True, True),
-    ("top_k", 1, None, True, True), ("decode_threads", 1, None, True, True),
-)
 
 
 def main(argv):
     del argv
+    from research import detector as detectors  # the heavy imports, once the flags parsed
     from research import inference
 
-    config_flags.exit_on_numeric_errors(NUMERIC_RULES)
     try:
         if (FLAGS.model is None) == (FLAGS.run_name is None):
             raise inference.InferenceError("--model, --run_name: give exactly one")
@@ -50,13 +44,13 @@ def main(argv):
             inference.check_output(FLAGS.output)
         options = PredictOptions(**config_flags.values_from_flags(PredictOptions))
         options.validate()
-        model_path = FLAGS.model or inference.exported_model_path(FLAGS.checkpoint_dir,
-                                                                  FLAGS.run_name)
+        model_path = FLAGS.model or runs.exported_model_path(FLAGS.checkpoint_dir,
+                                                             FLAGS.run_name)
         flag = "--model" if FLAGS.model else "--run_name"
-        meta = inference.read_metadata(model_path, flag)
+        meta = runs.read_metadata(model_path, flag)
         expansion = inference.expand_images(FLAGS.images)
-        detector = inference.load_detector(model_path, meta, flag)
-    except inference.InferenceError as e:
+        detector = detectors.load_detector(model_path, meta, flag)
+    except UserError as e:
         sys.exit(f"error: {e}")
 
     if expansion.skipped:
@@ -78,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flags.run(main)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from research.apps import config_flags
-from research.models import MODEL_OPTIONS, options_class
+from research.errors import UserError
+from research.model_options import MODEL_OPTIONS, options_class
 from research.training.config import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -28,7 +29,6 @@ FLAGS = flags.FLAGS
 config_flags.define_flags(TrainConfig)
 for _options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
     config_flags.define_flags(_options)
-flags.adopt_module_key_flags(config_flags)  # list them in this app's --help
 flags.mark_flags_as_required(["data_dir", "run_name"])
 
 
@@ -42,20 +42,23 @@ def config_from_flags() -> TrainConfig:
 
 def main(argv):
     del argv
-    from research.apps.config_flags import FlagValueError
-    from research.data.pipeline import DataError
-    from research.explain.hooks import gradcam_actions
-    from research.training.config import ConfigError
-    from research.training.faults import PREEMPTED_EXIT, Preemption
-    from research.training.loop import NonFiniteLossError, train_and_evaluate
-
     try:
         cfg = config_from_flags()
+        cfg.validate()  # bad settings cost one line, before TensorFlow is even imported
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    # The heavy imports, deferred until the flags are known to be good.
+    from research.explain.hooks import gradcam_actions
+    from research.training.actions import NonFiniteLossError
+    from research.training.loop import train_and_evaluate
+    from research.training.preemption import PREEMPTED_EXIT, Preemption
+
+    try:
         actions = gradcam_actions(cfg)
         with Preemption() as preemption:  # SIGTERM/SIGINT: checkpoint, then exit 75
             summary = train_and_evaluate(cfg, flagfile=FLAGS.flags_into_string(),
                                          actions=actions + [preemption])
-    except (ConfigError, DataError, FlagValueError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     except NonFiniteLossError as e:
         logging.error("%s", e)
@@ -67,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    config_flags.run(main)

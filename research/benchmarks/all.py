@@ -22,6 +22,7 @@ import time
 from absl import app, flags
 
 from research.benchmarks import ratios
+from research.machine import banner
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords the input-pipeline benchmark reads "
@@ -56,7 +57,6 @@ def run(name: str, out: str) -> tuple[list[ratios.Ratio], float]:
 
 
 def table(results: dict[str, tuple[list[ratios.Ratio], float]]) -> str:
-    from research.machine import banner
 
     head = ("benchmark", "ratio", "value", "target", "note")
     lines = [[name, r.name, "-" if r.value is None else f"{r.value:.2f}", r.target, r.note]

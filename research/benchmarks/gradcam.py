@@ -14,10 +14,23 @@ from __future__ import annotations
 
 import time
 
+import keras
 import numpy as np
+import tensorflow as tf
 from absl import app, flags
 
+from research import detector
 from research.benchmarks.ratios import Ratios
+from research.explain import core, loading
+from research.machine import banner
+from research.models import build_model
+
+try:  # the [bench] extra; without it the benchmark skips that row
+    from tf_keras_vis.gradcam import Gradcam
+    from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+    from tf_keras_vis.utils.scores import CategoricalScore
+except ImportError:
+    Gradcam = ReplaceToLinear = CategoricalScore = None
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["vgg16", "scratch"], "Any of vgg16, scratch.")
@@ -32,9 +45,6 @@ SKIPPED = "skipped (pip install '.[bench]')"
 
 def keras_io_gradcam(model, layer_name, image, class_index):
     """The keras.io recipe, one image at a time, eager (its grad model built per call)."""
-    import keras
-    import tensorflow as tf
-
     grad_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
     with tf.GradientTape() as tape:
         conv_out, preds = grad_model(image)
@@ -48,10 +58,6 @@ def keras_io_gradcam(model, layer_name, image, class_index):
 
 def build(name: str):
     """(float32 model with a linear head, preprocess, input size)."""
-    import keras
-
-    from research import detector
-    from research.models import build_model
 
     keras.utils.set_random_seed(0)
     if name == "vgg16":
@@ -68,13 +74,7 @@ def build(name: str):
 
 def tf_keras_vis_gradcam(model, layer):
     """A function (images, classes) -> maps, or None when tf-keras-vis is not installed."""
-    import keras
-
-    try:
-        from tf_keras_vis.gradcam import Gradcam
-        from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
-        from tf_keras_vis.utils.scores import CategoricalScore
-    except ImportError:
+    if Gradcam is None:
         return None
     gradcam = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)
     # A residual add is no conv layer; tf-keras-vis would otherwise look for one before it.
@@ -105,7 +105,6 @@ def best_time(fn, repeats: int) -> float:
 
 
 def bench(name: str, out: Ratios) -> None:
-    from research.explain import core, loading
 
     model, pre, size = build(name)
     policy = loading.resolve_precision(FLAGS.precision)
@@ -178,7 +177,6 @@ def bench(name: str, out: Ratios) -> None:
 
 def main(argv):
     del argv
-    from research.machine import banner
 
     print(banner())
     out = Ratios("gradcam")

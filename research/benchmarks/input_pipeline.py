@@ -15,9 +15,13 @@ import tempfile
 import time
 
 import numpy as np
+import tensorflow as tf
 from absl import app, flags
 
 from research.benchmarks.ratios import Ratios
+from research.data import pipeline, sources, tfrecords
+from research.detector import scale_images
+from research.machine import banner
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
@@ -39,12 +43,6 @@ def _rate(ds, batches: int, batch_size: int) -> float:
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    from research.data import pipeline, sources, tfrecords
-    from research.detector import scale_images
-    from research.machine import banner
-
     print(banner())
     d, bs = FLAGS.data_dir, FLAGS.batch_size
     manifest = pipeline.load_manifest(d)

@@ -19,7 +19,15 @@ import time
 import numpy as np
 from absl import app, flags
 
+from research import detector as detectors
+from research import inference
+from research.data.imaging import ImageDecodeError, load_image_file
+from research.detector import positive_scores
 from research.inference import PredictOptions
+from research.machine import banner
+from research.models import build_model
+from research.training.config import TrainConfig
+from research.training.record import export_model
 
 DEFAULT_PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
                               "shared", "data", "dogs-vs-cats-2000.tar")
@@ -37,9 +45,6 @@ flags.DEFINE_integer("reference_images", 0,
 
 def score_one_at_a_time(model, meta: dict, paths: list[str]) -> list[float | None]:
     """The former predict loop, kept as the reference: one eager call per image and view."""
-    from research.data.imaging import ImageDecodeError, load_image_file
-    from research.detector import positive_scores
-
     h, w, _ = meta["image_shape"]
     out = []
     for path in paths:
@@ -57,9 +62,6 @@ def score_one_at_a_time(model, meta: dict, paths: list[str]) -> list[float | Non
 
 
 def export_untrained(out_dir: str, size: int, tta: bool) -> str:
-    from research.models import build_model
-    from research.training.config import TrainConfig
-    from research.training.record import export_model
 
     cfg = TrainConfig(data_dir="", run_name="untrained", checkpoint_dir=out_dir,
                       objective="multiclass", tta=tta)
@@ -73,8 +75,6 @@ def export_untrained(out_dir: str, size: int, tta: bool) -> str:
 
 def main(argv):
     del argv
-    from research import inference
-    from research.machine import banner
 
     print(banner())
     tmp = tempfile.TemporaryDirectory()
@@ -84,7 +84,7 @@ def main(argv):
             tar.extractall(tmp.name, filter="data")
         folder = tmp.name
     model_path = FLAGS.model or export_untrained(tmp.name, FLAGS.image_size, FLAGS.tta)
-    detector = inference.load_detector(model_path)
+    detector = detectors.load_detector(model_path)
     paths = inference.expand_images([folder]).paths
     ref_paths = paths[:FLAGS.reference_images or len(paths)]
     options = PredictOptions(batch_size=FLAGS.batch_size)

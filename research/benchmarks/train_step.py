@@ -17,9 +17,16 @@ import dataclasses
 import tempfile
 import time
 
+import keras
+import tensorflow as tf
 from absl import app, flags
 
 from research.benchmarks.ratios import Ratios
+from research.machine import banner, has_fast_bf16, resolve_precision
+from research.training.config import TrainConfig
+from research.training.model import make_model
+from research.training.state import create_train_state, plan_steps
+from research.training.steps import make_train_loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 60, "Timed steps per configuration (after warm-up).")
@@ -38,7 +45,6 @@ MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10
 
 
 def _config(precision: str, batch_size: int, jit: bool = False, model: str = "scratch"):
-    from research.training.config import TrainConfig
 
     return TrainConfig(data_dir="<in memory>", run_name="bench", model=model,
                        checkpoint_dir=tempfile.mkdtemp(prefix="bench-"), batch_size=batch_size,
@@ -47,7 +53,6 @@ def _config(precision: str, batch_size: int, jit: bool = False, model: str = "sc
 
 
 def _batches(batch_size: int):
-    import tensorflow as tf
 
     batch = {"image": tf.random.uniform([batch_size, 32, 32, 3]),
              "label": tf.random.uniform([batch_size], 0, 2, tf.int32),
@@ -58,11 +63,6 @@ def _batches(batch_size: int):
 def custom_loop_rate(precision: str, steps: int, batch_size: int, steps_per_loop: int,
                      keras_bn: bool = False, jit: bool = False, model: str = "scratch") -> float:
     """img/s of the real train loop (state, steps, metrics) on one fixed batch."""
-    import keras
-    import tensorflow as tf
-
-    from research.training.state import create_train_state, make_model, plan_steps
-    from research.training.steps import make_train_loop
 
     cfg = _config(precision, batch_size, jit, model)
     strategy = tf.distribute.get_strategy()
@@ -86,10 +86,6 @@ def custom_loop_rate(precision: str, steps: int, batch_size: int, steps_per_loop
 
 
 def fit_rate(precision: str, steps: int, batch_size: int) -> float:
-    import keras
-
-    from research.training.state import make_model
-
     cfg = _config(precision, batch_size)
     model = make_model(cfg, MANIFEST)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
@@ -112,7 +108,6 @@ def fit_rate(precision: str, steps: int, batch_size: int) -> float:
 
 def main(argv):
     del argv
-    from research.machine import banner
 
     s, b, k = FLAGS.steps, FLAGS.batch_size, FLAGS.steps_per_loop
     print(banner())
@@ -123,12 +118,7 @@ def main(argv):
         rows.append((name, rate))
         print(f"  {name:<46}{rate:>9,.0f} img/s", flush=True)
         return rate
-
-    from research.machine import has_fast_bf16
-
-    p = FLAGS.precision
-    if p == "auto":
-        p = "mixed_bfloat16" if has_fast_bf16() else "float32"
+    p = resolve_precision(FLAGS.precision, gpu=bool(tf.config.list_physical_devices("GPU")))
     loop = row(f"custom loop, {p}", custom_loop_rate(p, s, b, k))
     fit = row(f"model.fit, {p} (reference)", fit_rate(p, s, b))
     print(f"custom loop / model.fit ({p}): {loop / fit:.2f}   (target >= 1.0)")

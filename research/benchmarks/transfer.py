@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import time
 
+import keras
+import tensorflow as tf
 from absl import app, flags
 
+from research.machine import banner
+from research.model_options import BACKBONES
+from research.models.backbones import build_transfer_model
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "vgg16", "Backbone (research.models.backbones.BACKBONES).")
+flags.DEFINE_string("model", "vgg16", "Backbone (research.model_options.BACKBONES).")
 flags.DEFINE_integer("image_size", None, "Input size of the backbone (default: its CPU "
                      "default).", lower_bound=1)
 flags.DEFINE_integer("images", 512, "Images timed per precision (after one warm-up batch).",
@@ -25,11 +31,6 @@ flags.DEFINE_integer("batch_size", 64, "Images per batch.", lower_bound=1)
 
 def extraction_rate(model: str, size: int | None, precision: str, images: int,
                     batch_size: int) -> float:
-    import keras
-    import tensorflow as tf
-
-    from research.models.backbones import build_transfer_model
-
     keras.utils.set_random_seed(0)
     extractor = build_transfer_model(model, (32, 32, 3), 1, weights="none", image_size=size,
                                      dtype=None if precision == "float32" else precision,
@@ -46,8 +47,6 @@ def extraction_rate(model: str, size: int | None, precision: str, images: int,
 
 def main(argv):
     del argv
-    from research.machine import banner
-    from research.models.backbones import BACKBONES
 
     size = FLAGS.image_size or BACKBONES[FLAGS.model].default_size
     print(banner())

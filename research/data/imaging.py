@@ -14,6 +14,8 @@ top 8 bits. JPEG EXIF orientation is applied.
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 
@@ -90,3 +92,14 @@ def load_image_file(path: str, size: tuple[int, int] | None = None,
         raise ImageDecodeError(f"{path}: cannot read ({e.strerror})") from e
     img = decode_image(data, path)
     return resize_image(img, size, policy) if size else img
+
+
+def encode_image(rgb: np.ndarray, path: str) -> bytes:
+    """An RGB (or gray) uint8 image encoded in the format of `path`'s extension."""
+    img = np.asarray(rgb)
+    if img.ndim == 3 and img.shape[-1] == 3:
+        img = img[:, :, ::-1]  # OpenCV writes BGR
+    ok, buf = cv2.imencode(os.path.splitext(path)[1] or ".png", img)
+    if not ok:
+        raise ValueError(f"{path}: cannot encode an image of shape {img.shape}")
+    return buf.tobytes()

@@ -23,9 +23,11 @@ import zipfile
 import zlib
 from typing import Callable, Iterable
 
+import keras
 import numpy as np
 
 from research.data import imaging
+from research.data.manifest import sha256_file
 
 DOWNLOADS = {
     "cifar10": dict(
@@ -579,8 +581,6 @@ def select_label_set(data: SourceData, label_set: str) -> SourceData:
 def download_archive(key: str, download_dir: str) -> str:
     """Returns the local path of an official archive, downloading it if it is not there;
     a file already there must have the official sha256."""
-    from research.data.manifest import sha256_file
-
     spec = DOWNLOADS[key]
     folder = os.path.abspath(download_dir)
     target = os.path.join(folder, spec["fname"])
@@ -591,8 +591,6 @@ def download_archive(key: str, download_dir: str) -> str:
                               f"{spec['sha256']}; delete it (a partial or different file) and "
                               "run again, or pass --source=<path>")
         return target
-    import keras  # deferred: keras import is slow and only needed to download
-
     os.makedirs(folder, exist_ok=True)
     try:
         return keras.utils.get_file(spec["fname"], origin=spec["origin"],

@@ -21,6 +21,7 @@ import tempfile
 from typing import Callable
 
 import numpy as np
+import tensorflow as tf
 
 from research.data.manifest import MANIFEST, SCHEMA_VERSION, sha256_file  # noqa: F401
 from research.data.sources import SourceData, Split
@@ -77,8 +78,6 @@ def make_splits(data: SourceData, cfg: WriteConfig) -> dict[str, Split]:
 
 def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: str,
                       coarse_id: int, source_id: str) -> bytes:
-    import tensorflow as tf
-
     def ints(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
 
@@ -99,8 +98,6 @@ def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: 
 
 def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_names: list[str],
                  positive_id: int, seed: int, progress: Callable[[int], None] | None) -> dict:
-    import tensorflow as tf
-
     n = len(split)
     if n == 0:
         raise ValueError(f"split {name!r} would be empty; with so few images per class, raise "

@@ -13,6 +13,8 @@ from research import plots
 from research.data import pipeline
 from research.detector import preprocess_fn
 from research.explain.core import Explainer, grad_cam
+from research.explain.render import overlay_grid
+from research.training.actions import OnEval
 
 
 class GradCamHook:
@@ -46,8 +48,6 @@ class GradCamHook:
         ex = grad_cam(self._explainer, images.astype(np.float32), self.class_index)
         titles = [f"{self.names[c]} p={p:.2f}" for c, p in zip(self.examples["class_id"],
                                                                ex.probabilities)]
-        from research.explain.render import overlay_grid
-
         fig = overlay_grid(images, ex.maps, titles,
                            title=f"Grad-CAM of the positive-class score at step {step} "
                                  f"(layer {ex.layer})")
@@ -62,7 +62,5 @@ def gradcam_actions(cfg) -> list:
     vectors: nothing spatial to map)."""
     if not cfg.gradcam_images or cfg.transfer == "features":
         return []
-    from research.training.actions import OnEval
-
     return [OnEval(GradCamHook(cfg.data_dir, cfg.gradcam_images, scale=cfg.input_scale,
                                objective=cfg.objective))]

@@ -9,12 +9,15 @@ import os
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from research import detector, machine
+from research import detector, machine, runs
+from research.errors import UserError
 from research.explain.core import Explainer
+from research.models.backbones import keras_models_dir
 
 # float16 is left out: unscaled score gradients underflow in it.
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+PRECISIONS = tuple(p for p in machine.PRECISIONS if p != "mixed_float16")
 
 # name -> (constructor, preprocess module, input size)
 APPLICATIONS = {
@@ -32,12 +35,9 @@ KERAS_WEIGHTS = {
 CLASS_INDEX = "imagenet_class_index.json"
 
 
-class ModelLoadError(RuntimeError):
-    pass
-
-
-def keras_models_dir() -> str:
-    return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+class ModelLoadError(UserError):
+    """A model that cannot be had (weights missing, no finished run); the message names the
+    file to place or the flag."""
 
 
 def imagenet_class_names() -> list[str] | None:
@@ -55,13 +55,12 @@ def imagenet_class_names() -> list[str] | None:
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' is mixed_bfloat16 on CPUs with AMX or AVX512-BF16 (where bf16 is faster), else
-    float32."""
+    """The precision explanations run in: machine.resolve_precision's 'auto' without float16
+    (mixed_bfloat16 on CPUs with AMX or AVX512-BF16, else float32)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "mixed_bfloat16" if machine.has_fast_bf16() else "float32"
-    return precision
+        raise ModelLoadError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return machine.resolve_precision(precision, bool(tf.config.list_physical_devices("GPU")),
+                                     float16=False)
 
 
 @contextlib.contextmanager
@@ -124,17 +123,14 @@ def load_run(checkpoint_dir: str, run_name: str, precision: str = "float32"
              ) -> tuple[Explainer, dict]:
     """Our trained detector: the exported model.keras of the run, rebuilt under `precision`
     (one of PRECISIONS)."""
-    import research.models  # noqa: F401  (registers our custom layers)
-    from research import inference
-
     policy = resolve_precision(precision)
-    path = inference.exported_model_path(checkpoint_dir, run_name)
+    path = runs.exported_model_path(checkpoint_dir, run_name)
     if not os.path.isfile(path):
         raise ModelLoadError(f"--run_name: {path} not found; the run has not finished "
                              "training (its export is written at the end)")
     try:
-        meta = inference.read_metadata(path)
-    except inference.InferenceError as e:
+        meta = runs.read_metadata(path)
+    except runs.RunError as e:
         raise ModelLoadError(f"--run_name={run_name}: {str(e).removeprefix('--model: ')}"
                              ) from e
     model = keras.models.load_model(path, compile=False)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import cv2
 import numpy as np
 from matplotlib.figure import Figure
 
-from research import machine, plots
+from research import files, machine, plots
+from research.data.imaging import encode_image
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
@@ -47,14 +47,13 @@ def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.nda
                      record: dict, alpha: float = 0.4) -> dict:
     """Writes heatmap_<name> (the overlay), <stem>_<method>.png (3 panels) and
     heatmap_<name>.json (the record); returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
     base = os.path.basename(name)
     stem, ext = os.path.splitext(base)
     if ext.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
         base, ext = stem + ".png", ".png"
     colored, overlay = overlay_heatmap(image, heatmap, alpha)
     overlay_path = os.path.join(out_dir, f"heatmap_{base}")
-    cv2.imwrite(overlay_path, overlay[:, :, ::-1])
+    files.write_bytes(overlay_path, encode_image(overlay, overlay_path), "an explanation")
     title = (f"{base}: {record['method']} for '{record['class_name']}' "
              f"(p={record['probability']:.3f}, logit={record['logit']:.2f})"
              + (f"\nlayer {record['layer']}" if record.get("layer") else ""))
@@ -63,8 +62,7 @@ def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.nda
     record = {**record, "image": name, "overlay": overlay_path, "figure": figure_path,
               "alpha": alpha, "versions": machine.versions()}
     sidecar = os.path.join(out_dir, f"heatmap_{base}.json")
-    with open(sidecar, "w") as f:
-        json.dump(record, f, indent=1)
+    files.write_json(sidecar, record, "an explanation's record")
     return {"overlay": overlay_path, "figure": figure_path, "sidecar": sidecar}
 
 

@@ -9,6 +9,7 @@ import textwrap
 
 import cv2
 import numpy as np
+import tensorflow as tf
 from matplotlib.figure import Figure
 
 from research.explain.render import overlay_heatmap
@@ -65,8 +66,6 @@ def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
 def read_scalars(run_log_dir: str, tags) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{tag: (steps, values)} from a TensorBoard folder's event files (all sessions; the
     last value written for a step wins)."""
-    import tensorflow as tf
-
     found: dict[str, dict[int, float]] = {t: {} for t in tags}
     for path in sorted(glob.glob(os.path.join(run_log_dir, "events.out.tfevents*"))):
         try:
@@ -82,7 +81,7 @@ def read_scalars(run_log_dir: str, tags) -> dict[str, tuple[np.ndarray, np.ndarr
             for t, d in found.items() if d}
 
 
-def curves_figure(runs: dict[str, str], title: str) -> Figure:
+def tensorboard_curves_figure(runs: dict[str, str], title: str) -> Figure:
     """Train loss, val N-class accuracy, val ROC-AUC and val PR-AUC against the step, one line
     per run (a run with no finite value in a panel, such as a source task without the
     positive class in the ROC-AUC panel, is left out of it).

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from research.fields import setting
+from research.machine import PRECISIONS
+
 # Explanation methods compared on the same images, with deletion/insertion scores.
 METHODS = ("gradcam", "gradcam_pp", "saliency")
 
@@ -120,21 +123,28 @@ def few_epochs(d: dict, epochs: float) -> dict:
 @dataclasses.dataclass
 class Overrides:
     """The lab flags that shrink or change every training run of a profile (None: the
-    profile's value). The end-to-end test uses them to run in about a minute."""
-    train_steps: int | None = None      # scratch, source task, memory check
-    transfer_epochs: float | None = None  # each fine_tune phase / the features head
-    batch_size: int | None = None
-    eval_batch_size: int | None = None
-    eval_every_steps: int | None = None
-    widths: tuple | None = None
-    res_blocks: tuple | None = None
-    stem_width: int | None = None
-    precision: str | None = None
-    explain_per_class: int | None = None
-    faithfulness_steps: int | None = None
-    num_filters: int | None = None
-    filter_steps: int | None = None
-    gradcam_images: int | None = None
+    profile's value); the lab app's flags are derived from these fields. The end-to-end test
+    uses them to run in about a minute."""
+    train_steps: int | None = setting(None, "Steps of the scratch, source-task and "
+                                      "memory-check runs.", ge=1)
+    transfer_epochs: float | None = setting(None, "Epochs of each transfer phase.", gt=0)
+    batch_size: int | None = setting(None, "Global batch size of every run.", ge=1)
+    eval_batch_size: int | None = setting(None, "Eval batch size of every run.", ge=1)
+    eval_every_steps: int | None = setting(None, "Validation interval of every run.", ge=1)
+    widths: tuple[int, ...] | None = setting(None, "Scratch network stage widths.", ge=1)
+    res_blocks: tuple[int, ...] | None = setting(None, "Scratch network residual blocks per "
+                                                 "stage.", ge=0)
+    stem_width: int | None = setting(None, "Scratch network stem width.", ge=1)
+    precision: str | None = setting(None, "Precision of every run (train --precision).",
+                                    choices=PRECISIONS)
+    explain_per_class: int | None = setting(None, "Test cats (and as many non-cats) "
+                                            "explained.", ge=1)
+    faithfulness_steps: int | None = setting(None, "Deletion/insertion steps.", ge=1)
+    num_filters: int | None = setting(None, "Filter patterns per layer.", ge=1)
+    filter_steps: int | None = setting(None, "Gradient-ascent steps per filter pattern.",
+                                       ge=1)
+    gradcam_images: int | None = setting(None, "Val images whose Grad-CAM goes to "
+                                         "TensorBoard at every eval (0: off).", ge=0)
 
 
 def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:

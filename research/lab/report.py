@@ -10,7 +10,7 @@ import html
 import json
 import os
 
-from research import machine, plots
+from research import files, machine, plots
 from research.lab import figures
 
 DASH = "\u2014"
@@ -86,11 +86,8 @@ class Doc:
                 "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
                 f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
                 + "\n".join(self.html) + "\n</body></html>\n")
-        for path, text in ((html_path, page), (md_path, "\n".join(self.md) + "\n")):
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+        files.write_text(html_path, page, "the lab report")
+        files.write_text(md_path, "\n".join(self.md) + "\n", "the lab report")
 
 
 def best_val(summary: dict) -> str:
@@ -115,31 +112,10 @@ def seconds(v) -> str:
 
 
 def _load(path: str) -> dict | None:
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(path) if path and os.path.isfile(path) else None
 
 
-def write_report(lab, records: dict) -> tuple[str, str]:
-    """Writes report.html and report.md from the stage records; returns their paths."""
-    s, p = lab.s, lab.profile
-    out_dir = s.lab_dir
-    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
-    doc = Doc(out_dir)
-    title = "Cat-detector lab" + (" (quick)" if p.quick else "")
-    doc.heading(title, 1)
-    if p.quick:
-        doc.para("QUICK RUN (--quick): every stage was shrunk (tiny step counts and subsets) "
-                 "for a smoke test. These numbers say nothing about the detectors.", "quick")
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc.table(["", ""], [["written", now], ["profile", p.name + (" + quick" if p.quick else "")],
-                         ["machine", machine.banner()], ["command", s.command],
-                         ["workdir", os.path.abspath(s.workdir)], ["data", lab.source_line],
-                         ["transfer weights", lab.weights_note or DASH]], info=True)
-    doc.para("TensorBoard shows every run of the lab side by side: "
-             f"tensorboard --logdir {s.log_dir}  (then open http://localhost:6006).")
-
+def _data_section(doc: Doc, records: dict) -> None:
     data = records.get("data")
     doc.heading("Data")
     if data:
@@ -148,6 +124,8 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     else:
         doc.para("The data stage has not run.")
 
+
+def _training_section(doc: Doc, lab, records: dict) -> None:
     dets = [records.get(k) for k in ("scratch", "transfer")]
     doc.heading("Training curves")
     runs = {r.outputs["run_name"]: r.outputs["tb_dir"] for r in dets if r}
@@ -155,9 +133,9 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     if src:
         runs[src.outputs["run_name"] + " (source task, no cats)"] = src.outputs["tb_dir"]
     if runs:
-        path = plots.save_figure(figures.curves_figure(
+        path = plots.save_figure(figures.tensorboard_curves_figure(
             runs, "Training of the lab's detectors (TensorBoard scalars)"),
-            os.path.join(out_dir, "figures", f"{p.run_prefix}curves.png"))
+            os.path.join(lab.s.lab_dir, "figures", f"{lab.profile.run_prefix}curves.png"))
         doc.image(path, "training curves")
         rows = [[f"{r.outputs['run_name']} ({r.title.lower()})",
                  num(r.outputs["summary"].get("final_step")),
@@ -170,6 +148,8 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     else:
         doc.para("No detector has been trained yet.")
 
+
+def _comparison_section(doc: Doc, records: dict) -> None:
     doc.heading("Comparison on the full test set")
     comp = records.get("compare")
     result = _load(comp.outputs["json"]) if comp else None
@@ -191,6 +171,9 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     else:
         doc.para("The compare stage has not run.")
 
+
+def _errors_section(doc: Doc, records: dict) -> None:
+    dets = [records.get(k) for k in ("scratch", "transfer")]
     doc.heading("Errors: confusion matrices, worst false positives and negatives")
     for r in dets:
         if not r:
@@ -200,6 +183,8 @@ def write_report(lab, records: dict) -> tuple[str, str]:
                 continue
             doc.image(fig, f"{r.outputs['run_name']}: {os.path.basename(fig)}")
 
+
+def _explain_section(doc: Doc, records: dict) -> None:
     doc.heading("What the detectors look at")
     exp = records.get("explain")
     if exp:
@@ -223,6 +208,8 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     else:
         doc.para("The explain stage has not run.")
 
+
+def _visualize_section(doc: Doc, records: dict) -> None:
     doc.heading("Inside the networks: activations and filter patterns")
     vis = records.get("visualize")
     if vis:
@@ -231,6 +218,8 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     else:
         doc.para("The visualize stage has not run.")
 
+
+def _memory_section(doc: Doc, records: dict) -> None:
     doc.heading("Reading from disk vs from memory")
     mem = records.get("memory_check")
     if mem:
@@ -257,6 +246,8 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     else:
         doc.para("The memory_check stage has not run.")
 
+
+def _stages_section(doc: Doc, records: dict) -> None:
     doc.heading("Stages")
     rows = []
     for r in records.values():
@@ -273,6 +264,35 @@ def write_report(lab, records: dict) -> tuple[str, str]:
         for n in r.notes:
             if r.name != "memory_check":
                 doc.para(n, "note")
+
+
+def write_report(lab, records: dict) -> tuple[str, str]:
+    """Writes report.html and report.md from the stage records; returns their paths."""
+    s, p = lab.s, lab.profile
+    out_dir = s.lab_dir
+    os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
+    doc = Doc(out_dir)
+    title = "Cat-detector lab" + (" (quick)" if p.quick else "")
+    doc.heading(title, 1)
+    if p.quick:
+        doc.para("QUICK RUN (--quick): every stage was shrunk (tiny step counts and subsets) "
+                 "for a smoke test. These numbers say nothing about the detectors.", "quick")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc.table(["", ""], [["written", now], ["profile", p.name + (" + quick" if p.quick else "")],
+                         ["machine", machine.banner()], ["command", s.command],
+                         ["workdir", os.path.abspath(s.workdir)], ["data", lab.source_line],
+                         ["transfer weights", lab.weights_note or DASH]], info=True)
+    doc.para("TensorBoard shows every run of the lab side by side: "
+             f"tensorboard --logdir {s.log_dir}  (then open http://localhost:6006).")
+
+    _data_section(doc, records)
+    _training_section(doc, lab, records)
+    _comparison_section(doc, records)
+    _errors_section(doc, records)
+    _explain_section(doc, records)
+    _visualize_section(doc, records)
+    _memory_section(doc, records)
+    _stages_section(doc, records)
     html_path = os.path.join(out_dir, "report.html")
     md_path = os.path.join(out_dir, "report.md")
     doc.write(html_path, md_path, title)

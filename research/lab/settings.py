@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 
+from research.errors import UserError
+from research.fields import field_errors
 from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
 
 STAGES = ("data", "scratch", "transfer", "compare", "explain", "visualize", "memory_check")
@@ -16,7 +18,7 @@ OFFICIAL_SOURCE = "cifar10"
 WEIGHTS_MODES = ("auto", "imagenet", "source_task")
 
 
-class LabError(ValueError):
+class LabError(UserError):
     """Bad lab input; the message names the flag or file."""
 
 
@@ -98,14 +100,5 @@ def check(s: LabSettings) -> None:
     for path in s.images:
         if not os.path.isfile(path):
             raise LabError(f"--images: {path} not found")
-    o = s.overrides
-    if o.gradcam_images is not None and o.gradcam_images < 0:
-        raise LabError(f"--gradcam_images: must be >= 0, got {o.gradcam_images}")
-    for name in ("train_steps", "batch_size", "eval_batch_size", "eval_every_steps",
-                 "explain_per_class", "faithfulness_steps", "num_filters", "filter_steps",
-                 "stem_width"):
-        v = getattr(o, name)
-        if v is not None and v < 1:
-            raise LabError(f"--{name}: must be positive, got {v}")
-    if o.transfer_epochs is not None and o.transfer_epochs <= 0:
-        raise LabError(f"--transfer_epochs: must be positive, got {o.transfer_epochs}")
+    for name, problem in field_errors(s.overrides):  # the one table: Overrides' fields
+        raise LabError(f"--{name}: {problem}")

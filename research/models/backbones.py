@@ -1,9 +1,8 @@
 """Pretrained CNN backbones for transfer learning, and the transfer model built on them.
 
-A registry over keras.applications (plus our own scratch network, so a run of ours can serve
-as a backbone). Each entry knows its `preprocess_input`, its minimum input size, the size it
-was trained at, a CPU-friendly default size, its block names (for fine-tuning and surgery),
-and the Keras cache file of its ImageNet weights without the classifier.
+Builders over keras.applications (plus our own scratch network, so a run of ours can serve
+as a backbone); what each backbone is (its `preprocess_input`, input sizes, blocks, the Keras
+cache file of its ImageNet weights) is in research.model_options.BACKBONES.
 
 The transfer model takes the TFRecords' raw pixels (float 0..255, scale 'raw'); resizing and
 the backbone's own preprocessing live inside it, so evaluate, predict, explain and the
@@ -16,93 +15,34 @@ TensorBoard hook see exactly what training saw:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
-from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from research.runs import exported_model_path
+from research import runs
+from research.errors import UserError
+from research.model_options import (BACKBONES, Backbone, TransferOptions,
+                                    check_transfer_options, image_size_of)
+from research.models.scratch import build_scratch_cnn
 
-WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
-HEADS = ("gap", "flatten")
 
-
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A bad backbone setting; the message names the flag."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-    name: str
-    build: Callable[..., keras.Model] | None  # (input_shape, weights) -> base; None: scratch
-    preprocess: str            # keras.applications module whose preprocess_input to use
-    min_size: int
-    native_size: int           # the size its ImageNet weights were trained at
-    default_size: int          # what a 2-core CPU trains in minutes
-    blocks: tuple[str, ...]    # block name prefixes, first to last
-    weights_file: str | None   # Keras' cache name of the no-top ImageNet weights
-
-
+# name -> (input_shape, weights) -> the keras.applications base without its classifier
 def _app(ctor):
     return lambda input_shape, weights: ctor(include_top=False, weights=weights,
                                              input_shape=input_shape)
 
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("vgg16", _app(keras.applications.VGG16), "vgg16", 32, 224, 64,
-             ("block1", "block2", "block3", "block4", "block5"),
-             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    Backbone("vgg19", _app(keras.applications.VGG19), "vgg19", 32, 224, 64,
-             ("block1", "block2", "block3", "block4", "block5"),
-             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    Backbone("resnet50", _app(keras.applications.ResNet50), "resnet50", 32, 224, 64,
-             ("conv1", "conv2", "conv3", "conv4", "conv5"),
-             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    Backbone("mobilenet_v2", _app(keras.applications.MobileNetV2), "mobilenet_v2", 32, 224, 96,
-             ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(1, 17)), "Conv_1"),
-             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-    Backbone("efficientnetb0", _app(keras.applications.EfficientNetB0), "efficientnet", 32,
-             224, 64, ("stem", "block1", "block2", "block3", "block4", "block5", "block6",
-                       "block7", "top"), "efficientnetb0_notop.h5"),
-    # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
-    Backbone("scratch", None, "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
-)}
-
-
-@dataclasses.dataclass
-class TransferOptions:
-    """The transfer model's options and their one set of defaults (the train app's flags)."""
-    weights: str = dataclasses.field(default="imagenet", metadata={
-        "help": f"Backbone weights: {WEIGHTS_CHOICES_HELP}. imagenet uses Keras' download and "
-                "cache (~/.keras/models); a run name loads the model of one of our runs as the "
-                "backbone."})
-    image_size: int | None = dataclasses.field(default=None, metadata={
-        "help": "Size the backbone sees (the model resizes its input). Default per backbone, "
-                "for a 2-core CPU (64 for VGG16); bigger sizes are for GPUs."})
-    cut_at: str | None = dataclasses.field(default=None, metadata={
-        "help": "Model surgery: the backbone ends at this layer (a bad name lists them)."})
-    head: str = dataclasses.field(default="gap", metadata={
-        "help": "How the head pools the backbone's feature map.", "choices": HEADS})
-    head_units: tuple[int, ...] = dataclasses.field(default=(256,), metadata={
-        "help": "Hidden Dense layers of the head (ReLU), e.g. 256 or 512,128; empty: none."})
-    dropout: float = dataclasses.field(default=0.0, metadata={
-        "help": "Dropout before the logits."})
-
-    def validate(self) -> tuple[str, str] | None:
-        if self.head not in HEADS:
-            return "head", f"{self.head!r} is not one of {', '.join(HEADS)}"
-        if any(u < 1 for u in self.head_units):
-            return "head_units", f"units must be positive, got {self.head_units}"
-        if not 0.0 <= self.dropout < 1.0:
-            return "dropout", f"must be in [0, 1), got {self.dropout}"
-        if self.image_size is not None and self.image_size < 1:
-            return "image_size", f"must be positive, got {self.image_size}"
-        return None
+BUILDERS = {"vgg16": _app(keras.applications.VGG16), "vgg19": _app(keras.applications.VGG19),
+            "resnet50": _app(keras.applications.ResNet50),
+            "mobilenet_v2": _app(keras.applications.MobileNetV2),
+            "efficientnetb0": _app(keras.applications.EfficientNetB0)}
 
 
 @keras.saving.register_keras_serializable(package="research")
@@ -128,33 +68,14 @@ class BackbonePreprocess(keras.layers.Layer):
 
 
 def keras_models_dir() -> str:
+    """Where Keras caches downloaded weights (~/.keras/models, or $KERAS_HOME/models)."""
     return os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
-
-
-def image_size_of(backbone: str, opts: TransferOptions) -> int:
-    return opts.image_size or BACKBONES[backbone].default_size
-
-
-def check_options(backbone: str, opts: TransferOptions, image_shape) -> tuple[str, str] | None:
-    """(flag, message) for a setting the backbone cannot take, before any work."""
-    if backbone not in BACKBONES:
-        return "model", f"{backbone!r} is not a backbone; choose one of {', '.join(BACKBONES)}"
-    problem = opts.validate()
-    if problem:
-        return problem
-    b = BACKBONES[backbone]
-    size = image_size_of(backbone, opts)
-    if size < b.min_size:
-        return "image_size", f"{size} is below {backbone}'s minimum input size {b.min_size}"
-    if backbone == "scratch" and opts.weights == "imagenet":
-        return "weights", "the scratch network has no ImageNet weights; use none or a run name"
-    return None
 
 
 def _imagenet_base(b: Backbone, input_shape) -> keras.Model:
     target = os.path.join(keras_models_dir(), b.weights_file)
     try:
-        return b.build(input_shape, "imagenet")
+        return BUILDERS[b.name](input_shape, "imagenet")
     except Exception as e:
         # get_file downloads beside the target first; never leave a partial file behind.
         for leftover in (target + ".part", target + ".tmp"):
@@ -167,8 +88,6 @@ def _imagenet_base(b: Backbone, input_shape) -> keras.Model:
 
 
 def _scratch_base(input_shape, model_options: dict) -> keras.Model:
-    from research.models.scratch import build_scratch_cnn
-
     full = build_scratch_cnn(input_shape, 1, **model_options)
     return keras.Model(full.input, last_spatial_layer(full).output, name="scratch")
 
@@ -181,22 +100,21 @@ def last_spatial_layer(model: keras.Model) -> keras.layers.Layer:
 
 def load_run_model(checkpoint_dir: str, run: str) -> tuple[keras.Model, dict]:
     """(exported model, its config.json) of one of our runs."""
-    path = exported_model_path(checkpoint_dir, run)
+    path = runs.exported_model_path(checkpoint_dir, run)
     if not os.path.isfile(path):
         raise BackboneError(f"--weights={run}: {path} not found (the run has not finished, or "
                             f"is not in --checkpoint_dir={checkpoint_dir})")
-    with open(os.path.join(checkpoint_dir, run, "config.json")) as f:
-        config = json.load(f)
+    config = runs.read_config(runs.run_dir(checkpoint_dir, run), f"--weights={run}")
     return keras.models.load_model(path, compile=False), config
 
 
 def _scratch_options_of_run(checkpoint_dir: str, run: str, depth: int = 0) -> dict:
     """The scratch network's options of a run, following a transfer run to its source."""
-    path = os.path.join(checkpoint_dir, run, "config.json")
-    if not os.path.isfile(path) or depth > 8:
-        raise BackboneError(f"--weights={run}: no run config at {path}")
-    with open(path) as f:
-        config = json.load(f)
+    folder = runs.run_dir(checkpoint_dir, run)
+    if not runs.has_config(folder) or depth > 8:
+        raise BackboneError(f"--weights={run}: no run config at "
+                            f"{os.path.join(folder, runs.CONFIG)}")
+    config = runs.read_config(folder, f"--weights={run}")
     if config.get("model") != "scratch":
         raise BackboneError(f"--weights={run}: that run trained --model={config.get('model')}"
                             ", not scratch")
@@ -236,7 +154,7 @@ def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir
     elif weights == "imagenet":
         base = _imagenet_base(b, input_shape)
     else:
-        base = b.build(input_shape, None)
+        base = BUILDERS[backbone](input_shape, None)
     if weights not in ("imagenet", "none", ""):
         if os.path.isfile(weights):
             if not weights.endswith(".h5"):
@@ -261,7 +179,7 @@ def build_transfer_model(backbone: str, image_shape, num_outputs: int,
     """The detector: raw pixels in, logits out; the backbone nested under its own name.
     `features_only`: the frozen extractor (image -> feature map) for the features recipe."""
     opts = TransferOptions(**options)
-    problem = check_options(backbone, opts, image_shape)
+    problem = check_transfer_options(backbone, opts)
     if problem:
         raise BackboneError(f"--{problem[0]}: {problem[1]}")
     size = image_size_of(backbone, opts)

@@ -11,56 +11,12 @@ trained scale (gamma stays 1): the convolutions before it make it redundant.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import keras
 from keras import layers
 
 from research.models.layers import FusedBatchNorm, PartialDirac, PatchWhitening
+from research.model_options import FastOptions
 from research.models.scratch import logits_head, normalized_input
-
-ACTIVATIONS = ("gelu", "relu")
-
-
-@dataclasses.dataclass
-class FastOptions:
-    """The fast network's options and their one set of defaults (the train app's flags)."""
-    widths: tuple[int, ...] = dataclasses.field(
-        default=(64, 256, 256), metadata={"help": "Fast CNN: channels per conv group."})
-    whiten_kernel: int = dataclasses.field(
-        default=2, metadata={"help": "Fast CNN: patch size of the whitening conv "
-                             "(2 k^2 C channels)."})
-    activation: str = dataclasses.field(
-        default="gelu", metadata={"help": "Fast CNN: activation.", "choices": ACTIVATIONS})
-    bn_momentum: float = dataclasses.field(
-        default=0.4, metadata={"help": "Fast CNN: BN moving-average momentum (Keras "
-                               "convention; 0.4 keeps 60% of each batch: short runs)."})
-    feature_scale: float = dataclasses.field(
-        default=1 / 9, metadata={"help": "Fast CNN: multiply the pooled features by this "
-                                 "before the logits layer."})
-    dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout before the "
-                                                              "logits."})
-    dirac_init: bool = dataclasses.field(
-        default=True, metadata={"help": "Fast CNN: start each conv as the identity on its "
-                                "input channels (the rest uniform, +-1/sqrt(fan_in)) instead "
-                                "of He-normal."})
-
-    def validate(self) -> tuple[str, str] | None:
-        """(flag, message) for the first bad option, else None."""
-        if not self.widths or min(self.widths) < 1:
-            return "widths", f"channels must be positive, got {self.widths}"
-        if self.whiten_kernel < 1:
-            return "whiten_kernel", f"must be positive, got {self.whiten_kernel}"
-        if self.activation not in ACTIVATIONS:
-            return "activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}"
-        if not 0.0 <= self.bn_momentum < 1.0:
-            return "bn_momentum", f"must be in [0, 1), got {self.bn_momentum}"
-        if not (math.isfinite(self.feature_scale) and self.feature_scale > 0):
-            return "feature_scale", f"must be positive, got {self.feature_scale}"
-        if not 0.0 <= self.dropout < 1.0:
-            return "dropout", f"must be in [0, 1), got {self.dropout}"
-        return None
 
 
 def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | None = None,

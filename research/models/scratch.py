@@ -9,54 +9,14 @@ where probabilities are wanted.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import keras
 from keras import layers
 
 from research.models.layers import FusedBatchNorm
+from research.model_options import ScratchOptions
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-@dataclasses.dataclass
-class ScratchOptions:
-    """The scratch network's options and their one set of defaults (the train app's flags)."""
-    widths: tuple[int, ...] = dataclasses.field(
-        default=(64, 128, 256), metadata={"help": "Scratch CNN: channels per stage."})
-    res_blocks: tuple[int, ...] = dataclasses.field(
-        default=(1, 0, 1), metadata={"help": "Scratch CNN: residual blocks per stage."})
-    stem_width: int = dataclasses.field(
-        default=32, metadata={"help": "Scratch CNN: channels of the stem conv."})
-    dropout: float = dataclasses.field(default=0.0, metadata={"help": "Dropout before the "
-                                                              "logits."})
-    feature_scale: float = dataclasses.field(
-        default=0.125, metadata={"help": "Scratch CNN: multiply the pooled features by this "
-                                 "before the logits layer (tames the loss spike of early "
-                                 "training)."})
-    pool_before_bn: bool = dataclasses.field(
-        default=True, metadata={"help": "Scratch CNN: max-pool each stage's conv output "
-                                "before BN and ReLU (20% faster on CPU; else "
-                                "conv-BN-ReLU-pool)."})
-
-    def validate(self) -> tuple[str, str] | None:
-        """(flag, message) for the first bad option, else None."""
-        if len(self.widths) != len(self.res_blocks):
-            return "widths", (f"{len(self.widths)} stages but --res_blocks has "
-                              f"{len(self.res_blocks)}")
-        if not self.widths or min(self.widths) < 1:
-            return "widths", f"channels must be positive, got {self.widths}"
-        if self.stem_width < 1:
-            return "stem_width", f"must be positive, got {self.stem_width}"
-        if not (math.isfinite(self.feature_scale) and self.feature_scale > 0):
-            return "feature_scale", f"must be positive, got {self.feature_scale}"
-        if min(self.res_blocks) < 0:
-            return "res_blocks", f"must be >= 0, got {self.res_blocks}"
-        if not 0.0 <= self.dropout < 1.0:
-            return "dropout", f"must be in [0, 1), got {self.dropout}"
-        return None
 
 
 def normalized_input(image_shape, dtype) -> tuple:

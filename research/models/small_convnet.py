@@ -10,22 +10,10 @@ network outputs logits (one for --objective=binary, the reference's sigmoid unit
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 from keras import layers
 
-
-@dataclasses.dataclass
-class SmallConvnetOptions:
-    """The small convnet's options (the train app's flags)."""
-    dropout: float = dataclasses.field(default=0.0, metadata={
-        "help": "Dropout before the logits."})
-
-    def validate(self) -> tuple[str, str] | None:
-        if not 0.0 <= self.dropout < 1.0:
-            return "dropout", f"must be in [0, 1), got {self.dropout}"
-        return None
+from research.model_options import SmallConvnetOptions
 
 
 def build_small_convnet(image_shape=(150, 150, 3), num_outputs: int = 1,

@@ -19,10 +19,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from research.training import metrics as detmetrics
+from research import runs
+from research.evaluation import metrics as detmetrics
 from research.training import record
 from research.training.config import TrainConfig
-from research.training.evaluation import EvalResult, Evaluator
+from research.training.evaluator import EvalResult, Evaluator
+from research.training.model import apply_phase
 from research.training.state import Plan, TrainState
 
 
@@ -147,7 +149,7 @@ class Curves(Action):
     PR-AUC. A resumed run continues the history of its earlier sessions."""
 
     def __init__(self, cfg: TrainConfig, start_step: int):
-        self.rows = record.read_history(cfg, start_step)
+        self.rows = runs.read_history(cfg.run_dir, start_step)
         self.sums, self.steps = {}, 0
 
     def __call__(self, ctx):
@@ -233,8 +235,6 @@ class PhaseSwitch(Action):
     def __call__(self, ctx):
         if ctx.state.in_phase_2 or ctx.step < ctx.plan.head_steps:
             return
-        from research.training.state import apply_phase
-
         apply_phase(ctx.cfg, ctx.state.model, 2)
         ctx.state.phase.assign(2)
         ctx.rebuild = True

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from research.data import pipeline
+from research.training import feature_cache
 from research.training.config import TrainConfig
 
 
@@ -26,44 +27,42 @@ def num_examples(cfg: TrainConfig, manifest: dict, split: str) -> int:
     return manifest["splits"][split]["num_examples"] if mask is None else int(mask.sum())
 
 
-def augmentation(cfg: TrainConfig) -> dict:
-    """The training stream's seed, scaling and augmentation, as both the TFRecord and the
-    in-memory pipelines take them: one place, so the two streams cannot drift apart."""
-    return dict(seed=cfg.seed, scale=cfg.scale, augment=cfg.augment, pad=cfg.crop_pad,
-                affine=cfg.affine)
+def train_stream(cfg: TrainConfig, start_step: int = 0) -> pipeline.Stream:
+    """The run's training stream (seed, scaling, augmentation, subset, resume point): the one
+    place it is built, for the TFRecord, in-memory and cached-features inputs alike, so they
+    cannot drift apart."""
+    return pipeline.Stream(seed=cfg.seed, scale=cfg.scale, augment=cfg.augment,
+                           pad=cfg.crop_pad, affine=cfg.affine, rebalance=cfg.rebalance,
+                           start_step=start_step, global_batch_size=cfg.batch_size,
+                           keep=example_mask(cfg, "train"), shard_by=cfg.input_sharding)
 
 
 def train_input_fn(cfg: TrainConfig, start_step: int):
     """Per-replica input function for `strategy.distribute_datasets_from_function`."""
-    keep = example_mask(cfg, "train")
-    if cfg.transfer == "features":
-        from research.training import features
+    stream = train_stream(cfg, start_step)
 
-        cache = features.open_cache(cfg)
-        return lambda ctx: features.make_dataset(
-            cache, "train", ctx.get_per_replica_batch_size(cfg.batch_size), training=True,
-            seed=cfg.seed, start_step=start_step, global_batch_size=cfg.batch_size,
-            input_context=ctx, keep=keep)
+    def per_replica(ctx):
+        return ctx.get_per_replica_batch_size(cfg.batch_size)
+
+    if cfg.transfer == "features":
+        cache = feature_cache.open_cache(cfg)
+        return lambda ctx: feature_cache.make_dataset(
+            cache, "train", per_replica(ctx), training=True, stream=stream, input_context=ctx)
     if cfg.input == "memory":
         arrays = pipeline.take_examples(cfg.data_dir, "train")  # one read, then from memory
         manifest = pipeline.load_manifest(cfg.data_dir)
         return lambda ctx: pipeline.make_memory_dataset(
-            arrays, manifest, ctx.get_per_replica_batch_size(cfg.batch_size),
-            start_step=start_step, global_batch_size=cfg.batch_size, input_context=ctx,
-            **augmentation(cfg))
-    return pipeline.make_input_fn(
-        cfg.data_dir, "train", cfg.batch_size, training=True, rebalance=cfg.rebalance,
-        start_step=start_step, keep=keep, shard_by=cfg.input_sharding, **augmentation(cfg))
+            arrays, manifest, per_replica(ctx), stream=stream, input_context=ctx)
+    return lambda ctx: pipeline.make_dataset(cfg.data_dir, "train", per_replica(ctx),
+                                             training=True, stream=stream, input_context=ctx)
 
 
 def eval_dataset(cfg: TrainConfig, split: str) -> tuple[tf.data.Dataset, np.ndarray]:
     """(one ordered pass over the run's examples of `split`, their expected positions)."""
     keep = example_mask(cfg, split)
     if cfg.transfer == "features":
-        from research.training import features
-
-        ds = features.make_dataset(features.open_cache(cfg), split, cfg.eval_batch_size,
-                                   training=False, keep=keep)
+        ds = feature_cache.make_dataset(feature_cache.open_cache(cfg), split,
+                                        cfg.eval_batch_size, training=False, keep=keep)
     else:
         ds = pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size, training=False,
                                    scale=cfg.scale, keep=keep)

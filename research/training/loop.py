@@ -7,7 +7,6 @@ and writes the run summary and the export at the end.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 
@@ -15,30 +14,45 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from research import machine, runs
 from research.data import pipeline
-from research.training import cluster, faults
-from research.training import metrics as detmetrics
-from research.training import record
-from research.training.actions import (LoopContext, NonFiniteLossError,  # noqa: F401
-                                       best_metric, standard_actions)
+from research.evaluation import metrics as detmetrics
+from research.training import checkpoints, cluster, feature_cache, inputs, record, resume
+from research.training.actions import LoopContext, best_metric, standard_actions
 from research.training.config import ConfigError, TrainConfig
-from research.training.evaluation import Evaluator
-from research.training import inputs
-from research.training.state import (apply_phase, create_train_state, make_strategy, plan_steps,
-                                     resolve_precision)
+from research.training.evaluator import Evaluator
+from research.training.model import apply_phase
+from research.training.runlock import RunLock
+from research.training.state import Plan, create_train_state, plan_steps
 from research.training.steps import make_train_loop
+from research.training.strategy import make_strategy
 
 
 def prepare_config(cfg: TrainConfig) -> TrainConfig:
     """Validated, with precision resolved; a resumed 'auto' run keeps its recorded dtype."""
     cfg.validate()
     precision = cfg.precision
-    saved = os.path.join(cfg.run_dir, "config.json")
-    if precision == "auto" and not cfg.restart and os.path.isfile(saved):
-        with open(saved) as f:
-            precision = TrainConfig.from_json(f.read()).precision
-    return dataclasses.replace(cfg, precision=resolve_precision(precision),
+    if precision == "auto" and not cfg.restart and runs.has_config(cfg.run_dir):
+        precision = runs.read_config(cfg.run_dir).get("precision", precision)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    return dataclasses.replace(cfg, precision=machine.resolve_precision(precision, gpu),
                                scale=cfg.input_scale)
+
+
+def run_plan(cfg: TrainConfig, manifest: dict | None = None) -> Plan:
+    """The run's length in steps, from its config and the examples it trains on."""
+    manifest = manifest or pipeline.load_manifest(cfg.data_dir)
+    return plan_steps(cfg, manifest, inputs.num_examples(cfg, manifest, "train"))
+
+
+def finished_summary(cfg: TrainConfig) -> dict | None:
+    """The run's train_summary.json if the run has finished (runs.is_finished) and its export
+    is written, else None. `cfg` as prepare_config returns it."""
+    summary = runs.read_summary(cfg.run_dir)
+    if not runs.is_finished(summary, run_plan(cfg).total_steps) or not runs.is_exported(
+            cfg.checkpoint_dir, cfg.run_name):
+        return None
+    return summary
 
 
 def restore_or_warm_start(cfg: TrainConfig, state, latest: str | None = None) -> None:
@@ -61,13 +75,13 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     `actions` run after each evaluation (e.g. the train app's Grad-CAM images)."""
     cfg = prepare_config(cfg)
     cluster.check_tf_config(cfg.strategy)
-    faults.check_resume(cfg)  # a resume that changes the network or the data stops here
+    resume.check_resume(cfg)  # a resume that changes the network or the data stops here
     strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
     if cfg.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas")
     worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
-    with faults.RunLock(worker_cfg.run_dir):
+    with RunLock(worker_cfg.run_dir):
         return _train(worker_cfg, cfg, flagfile, strategy, actions)
 
 
@@ -81,19 +95,19 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
     if cfg.restart:
         for d in (cfg.run_dir, cfg.tb_dir):
             shutil.rmtree(d, ignore_errors=True)
-    plan = plan_steps(cfg, manifest, inputs.num_examples(cfg, manifest, "train"))
+    plan = run_plan(cfg, manifest)
     # An unreadable latest checkpoint is moved aside (by the chief) before the manager reads
     # the list; every worker resumes from the chief's run folder.
-    latest = None if cfg.restart else faults.latest_good_checkpoint(
+    latest = None if cfg.restart else checkpoints.latest_good_checkpoint(
         run_cfg.run_dir, move_aside=cfg is run_cfg)
     state = create_train_state(cfg, strategy, manifest, plan)
     restore_or_warm_start(cfg, state, latest)
-    previous = record.read_summary(run_cfg)
-    if state.step >= plan.total_steps and previous.get("final_step", -1) >= plan.total_steps:
+    previous = runs.read_summary(run_cfg.run_dir)
+    if runs.is_finished(previous, plan.total_steps, state.step):
         logging.info("Run %s already finished at step %d; nothing to do (--restart trains it "
                      "anew)", cfg.run_name, state.step)
         return previous
-    faults.record_session(cfg, flagfile, state.step)  # config.json is written once
+    resume.record_session(cfg, flagfile, state.step)  # config.json is written once
 
     positive_id = manifest["positive_class_id"]
     weights = None
@@ -160,11 +174,9 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
                                 ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold")}
         model = state.model
         if cfg.transfer == "features":  # export image -> logits, not the head alone
-            from research.training import features
-
-            model = features.full_model(cfg, ctx.manifest, state.model)
+            model = feature_cache.full_model(cfg, ctx.manifest, state.model)
         summary["export"] = record.export_model(model, cfg, ctx.manifest, report["threshold"])
         record.log_hparams(cfg, ctx.writers.eval, summary)
     ctx.writers.flush()
-    record.write_summary(cfg, summary)
+    runs.write_summary(cfg.run_dir, summary)
     return summary

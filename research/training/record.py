@@ -1,5 +1,5 @@
-"""What a run leaves behind: the run record (config, flags, versions, train_summary.json),
-TensorBoard summaries, and the exported model."""
+"""What a training writes as it goes, beside the run folder's files (research.runs): its
+TensorBoard summaries, the training curves, the model summary, and the exported model."""
 
 from __future__ import annotations
 
@@ -10,40 +10,14 @@ import os
 import keras
 import tensorflow as tf
 from absl import logging
+from matplotlib.figure import Figure
+from tensorboard.plugins.hparams import api as hp
 
-from research import machine, plots
+from research import files, plots, runs
 from research.data import pipeline
-from research.runs import exported_model_path
-from research.training import metrics as detmetrics
+from research.evaluation import metrics as detmetrics
+from research.training import inputs
 from research.training.config import TrainConfig
-
-SUMMARY = "train_summary.json"
-HISTORY = "history.jsonl"
-CURVES = "curves.png"
-
-
-def write_run_record(cfg: TrainConfig, flagfile: str | None = None) -> None:
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        f.write(cfg.to_json())
-    with open(os.path.join(cfg.run_dir, "versions.json"), "w") as f:
-        json.dump(machine.versions(), f, indent=1)
-    if flagfile is not None:
-        with open(os.path.join(cfg.run_dir, "flags.txt"), "w") as f:
-            f.write(flagfile)
-
-
-def read_summary(cfg: TrainConfig) -> dict:
-    path = os.path.join(cfg.run_dir, SUMMARY)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_summary(cfg: TrainConfig, summary: dict) -> None:
-    with open(os.path.join(cfg.run_dir, SUMMARY), "w") as f:
-        json.dump(summary, f, indent=1)
 
 
 class Writers:
@@ -86,13 +60,14 @@ def log_eval(writer, result, report: dict, step: int, names) -> None:
         image_summary("confusion_matrix", detmetrics.confusion_figure(
             report["confusion_matrix"], names, f"{result.split} at t={report['threshold']:.3f}"),
             step)
-        image_summary("roc_pr_curves", detmetrics.curves_figure(
+        image_summary("roc_pr_curves", detmetrics.roc_pr_figure(
             result.labels, result.scores, f"{result.split}, step {step}"), step)
 
 
 def log_sample_inputs(cfg: TrainConfig, manifest: dict, writer) -> None:
-    ds = pipeline.make_dataset(cfg.data_dir, "train", 16, training=True, seed=cfg.seed,
-                               scale="uint8", augment=cfg.augment, affine=cfg.affine)
+    ds = pipeline.make_dataset(cfg.data_dir, "train", 16, training=True,
+                               stream=dataclasses.replace(inputs.train_stream(cfg),
+                                                          scale="uint8", global_batch_size=16))
     batch = next(iter(ds))
     names = manifest["class_names"]
     fig = plots.image_grid(batch["image"].numpy(),
@@ -103,8 +78,6 @@ def log_sample_inputs(cfg: TrainConfig, manifest: dict, writer) -> None:
 
 
 def log_hparams(cfg: TrainConfig, writer, summary: dict) -> None:
-    from tensorboard.plugins.hparams import api as hp
-
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
                for k, v in dataclasses.asdict(cfg).items() if v is not None}
     with writer.as_default(step=summary["final_step"]):
@@ -115,17 +88,15 @@ def log_hparams(cfg: TrainConfig, writer, summary: dict) -> None:
 
 def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold: float) -> str:
     """Saves the model as .keras plus the metadata `predict` needs."""
-    path = exported_model_path(cfg.checkpoint_dir, cfg.run_name)
-    out = os.path.dirname(path)
-    os.makedirs(out, exist_ok=True)
-    model.save(path)
-    meta = {"objective": cfg.objective, "positive_class": manifest["positive_class"],
-            "positive_class_id": manifest["positive_class_id"],
-            "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
-            "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
-            "tta_shifts": cfg.tta_shifts}
-    with open(os.path.join(out, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    path = runs.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
+    with files.atomic_path(path, "the exported model") as tmp:
+        model.save(tmp)
+    runs.write_metadata(path, {
+        "objective": cfg.objective, "positive_class": manifest["positive_class"],
+        "positive_class_id": manifest["positive_class_id"],
+        "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
+        "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
+        "tta_shifts": cfg.tta_shifts})
     return path
 
 
@@ -136,9 +107,7 @@ def log_model_summary(cfg: TrainConfig, model: keras.Model) -> str:
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=100,
                   expand_nested=True)
     text = "\n".join(lines)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "model_summary.txt"), "w") as f:
-        f.write(text + "\n")
+    runs.write_model_summary(cfg.run_dir, text)
     logging.info("Model %s:\n%s", model.name, text)
     return text
 
@@ -155,29 +124,16 @@ def log_devices(strategy: tf.distribute.Strategy) -> None:
                  strategy.num_replicas_in_sync)
 
 
-def read_history(cfg: TrainConfig, up_to_step: int) -> list[dict]:
-    """The per-eval rows of earlier sessions, up to the step this session resumes from."""
-    path = os.path.join(cfg.run_dir, HISTORY)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["step"] <= up_to_step]
-
-
 def write_history(cfg: TrainConfig, rows: list[dict], steps_per_epoch: int) -> str:
     """history.jsonl and curves.png beside the checkpoints."""
-    with open(os.path.join(cfg.run_dir, HISTORY), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    path = os.path.join(cfg.run_dir, CURVES)
-    plots.save_figure(curves_figure(rows, steps_per_epoch, cfg.run_name), path)
+    runs.write_history(cfg.run_dir, rows)
+    path = os.path.join(cfg.run_dir, runs.CURVES)
+    plots.save_figure(training_curves_figure(rows, steps_per_epoch, cfg.run_name), path)
     return path
 
 
-def curves_figure(rows: list[dict], steps_per_epoch: int, title: str):
+def training_curves_figure(rows: list[dict], steps_per_epoch: int, title: str):
     """Train and val loss, accuracy, and val ROC-AUC / PR-AUC per epoch, one panel each."""
-    from matplotlib.figure import Figure
-
     epochs = [r["step"] / steps_per_epoch for r in rows]
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)

@@ -1,56 +1,48 @@
 """Comparing training runs on one split: a table (markdown and JSON) and their ROC and PR
 curves overlaid in one figure.
 
-Each run is scored exactly as `evaluate` scores it (`evaluation.evaluate_run`: its own config,
-the F1-max threshold of its own val scores applied to the split), and every run must read the
-same split (same example count, same shard sha256s), so the rows differ by model only.
+Each run is scored exactly as `evaluate` scores it (research.evaluation.run.evaluate_run: its
+own config, the F1-max threshold of its own val scores applied to the split), and every run
+must read the same split (same example count, same shard sha256s), so the rows differ by model
+only. Every run's config, checkpoint (read whole once) and shards are checked before any
+scoring.
 
-Parameter counts come from the run's export (export/model.keras): Keras saves each layer's
-`trainable` flag, so a transfer run counts what its last phase trained. A run without an export
-(unfinished) is counted on the network its config builds, with the trainable flags it has at
-build time; `params_source` in the JSON and a note under the table say which. Training cost
-comes from train_summary.json: images seen = final_step x batch_size, wall time = its
-train_seconds (time in the train steps, all sessions, evaluation excluded).
+Parameter counts come from the run's export (run.count_params: nothing is run); a run without
+an export (unfinished) is counted on the network its config builds, with the trainable flags
+it has at build time; `params_source` in the JSON and a note under the table say which.
+Training cost comes from train_summary.json: images seen = final_step x batch_size, wall
+time = its train_seconds (time in the train steps, all sessions, evaluation excluded).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
-import keras
 import numpy as np
 from absl import logging
+from matplotlib.figure import Figure
 
 import research.models  # noqa: F401  (registers our layers for load_model)
-from research import inference, plots
+from research import files, plots, runs
 from research.data import pipeline
-from research.training import evaluation, record
-from research.training import metrics as detmetrics
+from research.evaluation import metrics as detmetrics
+from research.evaluation import run as scoring
+from research.training import checkpoints
 from research.training.config import ConfigError, TrainConfig, load_run_config
-from research.training.state import make_model
 
 DASH = "\u2014"  # the table's "not applicable"
 EXPORT_KEYS = ("class_names", "positive_class", "image_shape")  # must match the scored data
 
 
-def list_runs(checkpoint_dir: str) -> list[str]:
-    """Names of the folders in `checkpoint_dir` that hold a run's config.json."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    return sorted(d for d in os.listdir(checkpoint_dir)
-                  if os.path.isfile(os.path.join(checkpoint_dir, d, "config.json")))
-
-
-def _check_arguments(checkpoint_dir: str, runs, checkpoint: str,
+def _check_arguments(checkpoint_dir: str, names, checkpoint: str,
                      eval_batch_size: int | None) -> None:
-    if not runs:
+    if not names:
         raise ConfigError("--runs: give at least one run name")
-    dups = sorted({r for r in runs if list(runs).count(r) > 1})
+    dups = sorted({r for r in names if list(names).count(r) > 1})
     if dups:
         raise ConfigError(f"--runs: {', '.join(dups)} listed more than once")
-    if checkpoint not in ("best", "latest") and len(runs) > 1:
+    if checkpoint not in ("best", "latest") and len(names) > 1:
         raise ConfigError(f"--checkpoint={checkpoint}: a checkpoint path belongs to one run; "
                           "with several --runs use best or latest")
     if eval_batch_size is not None and eval_batch_size < 1:
@@ -60,80 +52,45 @@ def _check_arguments(checkpoint_dir: str, runs, checkpoint: str,
 
 
 def _bad_runs(checkpoint_dir: str, what: str) -> ConfigError:
-    found = list_runs(checkpoint_dir)
+    found = runs.list_runs(checkpoint_dir)
     return ConfigError(f"--runs: {what}; runs in {checkpoint_dir}: "
                        f"{', '.join(found) if found else 'none'}")
 
 
-def load_runs(checkpoint_dir: str, runs, split: str, data_dir: str | None = None,
+def load_runs(checkpoint_dir: str, names, split: str, data_dir: str | None = None,
               checkpoint: str = "best", eval_batch_size: int | None = None) -> list[dict]:
     """Each run's config (with the overrides), checkpoint path, manifest and summary; checks
     all of it, and that all runs read the same `split`, before any scoring."""
-    _check_arguments(checkpoint_dir, runs, checkpoint, eval_batch_size)
-    missing = [r for r in runs
-               if not os.path.isfile(os.path.join(checkpoint_dir, r, "config.json"))]
+    _check_arguments(checkpoint_dir, names, checkpoint, eval_batch_size)
+    missing = [r for r in names if not runs.has_config(runs.run_dir(checkpoint_dir, r))]
     if missing:
         raise _bad_runs(checkpoint_dir, f"no training run named {', '.join(missing)}")
-    loaded = []
-    for name in runs:
-        try:
-            cfg = load_run_config(checkpoint_dir, name)
-        except (ValueError, TypeError) as e:  # corrupt JSON or fields of the wrong shape
-            raise ConfigError(f"run {name}: unreadable "
-                              f"{os.path.join(checkpoint_dir, name, 'config.json')} ({e})") from e
-        cfg.checkpoint_dir, cfg.run_name = checkpoint_dir, name  # the run may have moved
-        if data_dir:
-            cfg.data_dir = data_dir
-        if eval_batch_size:
-            cfg.eval_batch_size = eval_batch_size
-        try:
-            cfg.validate()
-        except ConfigError as e:
-            raise ConfigError(f"run {name}: {e}") from e
-        try:
-            path = evaluation.resolve_checkpoint(cfg, checkpoint)
-        except ConfigError as e:
-            if checkpoint in ("best", "latest"):
-                raise _bad_runs(checkpoint_dir, f"run {name} has no checkpoint ({e})") from e
-            raise ConfigError(f"run {name}: {e}") from e
-        try:
-            manifest = pipeline.load_manifest(cfg.data_dir)
-            for s in {"val", split}:  # a missing or corrupt shard fails here
-                pipeline.shard_paths(cfg.data_dir, manifest, s)
-        except pipeline.DataError as e:
-            raise pipeline.DataError(f"run {name}: {e}") from e
-        _check_export_matches(cfg, manifest)
-        try:
-            summary = record.read_summary(cfg)
-        except ValueError as e:
-            raise ConfigError(f"run {name}: unreadable "
-                              f"{os.path.join(cfg.run_dir, record.SUMMARY)} ({e})") from e
-        loaded.append({"name": name, "cfg": cfg, "checkpoint": path, "manifest": manifest,
-                       "summary": summary})
-    _check_same_split(loaded, split)
-    return loaded
+    return _check_same_split([_load_run(checkpoint_dir, name, split, data_dir, checkpoint,
+                                        eval_batch_size) for name in names], split)
 
 
-def _check_export_matches(cfg: TrainConfig, manifest: dict) -> None:
-    """A --data_dir override must hold the classes the run was trained on."""
-    meta_path = os.path.join(os.path.dirname(
-        inference.exported_model_path(cfg.checkpoint_dir, cfg.run_name)), "metadata.json")
-    if not os.path.isfile(meta_path):
-        return
+def _load_run(checkpoint_dir, name, split, data_dir, checkpoint, eval_batch_size) -> dict:
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise pipeline.DataError(f"run {cfg.run_name}: unreadable {meta_path} ({e})") from e
-    for key in EXPORT_KEYS:
-        if key in meta and list(_listify(meta[key])) != list(_listify(manifest[key])):
-            raise pipeline.DataError(f"run {cfg.run_name} was trained with {key} {meta[key]} "
-                                     f"(its {meta_path}), but {cfg.data_dir} has "
-                                     f"{manifest[key]}")
-
-
-def _listify(v):
-    return v if isinstance(v, (list, tuple)) else [v]
+        cfg = load_run_config(checkpoint_dir, name, data_dir, eval_batch_size=eval_batch_size)
+        cfg.validate()
+    except (ConfigError, runs.RunError) as e:
+        raise ConfigError(f"run {name}: {e}") from e
+    try:
+        path = checkpoints.resolve_checkpoint(cfg.run_dir, checkpoint)  # read whole, once
+    except ConfigError as e:
+        if checkpoint in ("best", "latest"):
+            raise _bad_runs(checkpoint_dir, f"run {name} has no checkpoint ({e})") from e
+        raise ConfigError(f"run {name}: {e}") from e
+    try:
+        manifest = scoring.check_data(cfg, split)
+    except pipeline.DataError as e:
+        raise pipeline.DataError(f"run {name}: {e}") from e
+    try:
+        summary = runs.read_summary(cfg.run_dir)
+    except runs.RunError as e:
+        raise ConfigError(f"run {name}: {e}") from e
+    return {"name": name, "cfg": cfg, "checkpoint": path, "manifest": manifest,
+            "summary": summary}
 
 
 def _split_signature(run: dict, split: str) -> tuple:
@@ -141,7 +98,7 @@ def _split_signature(run: dict, split: str) -> tuple:
     return s["num_examples"], tuple(shard["sha256"] for shard in s["shards"])
 
 
-def _check_same_split(loaded: list[dict], split: str) -> None:
+def _check_same_split(loaded: list[dict], split: str) -> list[dict]:
     first = loaded[0]
     want = _split_signature(first, split)
     for run in loaded[1:]:
@@ -153,25 +110,7 @@ def _check_same_split(loaded: list[dict], split: str) -> None:
                 f"{run['name']}: {got[0]:,} examples in {run['cfg'].data_dir}, "
                 f"{'other shards' if got[0] == want[0] else 'other count'}); "
                 "pass --data_dir to score every run on one folder")
-
-
-def count_params(cfg: TrainConfig, manifest: dict) -> dict:
-    """Parameters and trainable parameters, from the export if there is one (see the module
-    docstring), else from the network the config builds."""
-    path = inference.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
-    if os.path.isfile(path):
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as e:  # zip, h5, config or layer errors alike: one line
-            raise ConfigError(f"run {cfg.run_name}: cannot load {path}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        source = "export"
-    else:
-        model = make_model(cfg, manifest)
-        source = "config (no export; trainable flags as built)"
-    return {"params": int(model.count_params()),
-            "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
-            "params_source": source}
+    return loaded
 
 
 def training_cost(cfg: TrainConfig, summary: dict) -> dict:
@@ -183,14 +122,14 @@ def training_cost(cfg: TrainConfig, summary: dict) -> dict:
             "images_per_sec": seen / seconds if seen is not None and seconds else None}
 
 
-def compare_runs(checkpoint_dir: str, runs, split: str, data_dir: str | None = None,
+def compare_runs(checkpoint_dir: str, names, split: str, data_dir: str | None = None,
                  checkpoint: str = "best", eval_batch_size: int | None = None,
                  progress: bool = True) -> tuple[dict, dict]:
     """Scores every run on `split`; returns (result, raw arrays by run). `result` is what
     write_table writes: {"split", ..., "runs": {name: evaluate's report + cost + params}}."""
-    loaded = load_runs(checkpoint_dir, runs, split, data_dir, checkpoint, eval_batch_size)
+    loaded = load_runs(checkpoint_dir, names, split, data_dir, checkpoint, eval_batch_size)
     extras = {run["name"]: {"data_dir": run["cfg"].data_dir,
-                            **count_params(run["cfg"], run["manifest"]),
+                            **scoring.count_params(run["cfg"], run["manifest"]),
                             **training_cost(run["cfg"], run["summary"])} for run in loaded}
     first = loaded[0]
     s = first["manifest"]["splits"][split]
@@ -202,8 +141,8 @@ def compare_runs(checkpoint_dir: str, runs, split: str, data_dir: str | None = N
     raw_by_run = {}
     for i, run in enumerate(loaded):
         logging.info("Scoring %s (%d of %d) on %s", run["name"], i + 1, len(loaded), split)
-        report, raw = evaluation.evaluate_run(run["cfg"], split, run["checkpoint"],
-                                              progress=progress)
+        report, raw = scoring.evaluate_run(run["cfg"], split, run["checkpoint"],
+                                           progress=progress, verified=True)
         result["runs"][run["name"]] = {**report, **extras[run["name"]]}
         raw_by_run[run["name"]] = raw
     return result, raw_by_run
@@ -267,19 +206,14 @@ def format_table(result: dict) -> str:
 
 def write_table(result: dict, prefix: str) -> list[str]:
     """<prefix>.md and <prefix>.json; returns their paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     md, js = prefix + ".md", prefix + ".json"
-    with open(md, "w") as f:
-        f.write(format_table(result))
-    with open(js, "w") as f:
-        json.dump(result, f, indent=1)
+    files.write_text(md, format_table(result), "the comparison table")
+    files.write_json(js, result, "the comparison")
     return [md, js]
 
 
-def curves_figure(result: dict, raw_by_run: dict):
+def roc_pr_overlay_figure(result: dict, raw_by_run: dict):
     """ROC and PR curves of every run, overlaid, as a backend-free Figure."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(11, 4.8))
     roc, pr = fig.subplots(1, 2)
     for name, r in result["runs"].items():
@@ -302,5 +236,4 @@ def curves_figure(result: dict, raw_by_run: dict):
 
 def write_figure(result: dict, raw_by_run: dict, prefix: str) -> str:
     """<prefix>.png: the overlaid ROC and PR curves; returns its path."""
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    return plots.save_figure(curves_figure(result, raw_by_run), prefix + ".png")
+    return plots.save_figure(roc_pr_overlay_figure(result, raw_by_run), prefix + ".png")

@@ -36,6 +36,7 @@ class FeatureCache:
     feature_shape: tuple[int, ...]
     reused: bool
     model: keras.Model  # the extractor the features came from
+    shard_sizes: dict   # split -> examples per TFRecord shard (the image stream's order)
 
     def arrays(self, split: str) -> dict[str, np.ndarray]:
         with np.load(os.path.join(self.path, f"{split}.npz")) as f:
@@ -50,6 +51,11 @@ def extractor(cfg: TrainConfig, manifest: dict) -> keras.Model:
         cfg.model, manifest["image_shape"], 1, checkpoint_dir=cfg.checkpoint_dir,
         dtype=None if cfg.precision == "float32" else cfg.precision, features_only=True,
         **cfg.model_options)
+
+
+def feature_shape(cfg: TrainConfig, manifest: dict) -> tuple[int, ...]:
+    """The shape of one example's features, from the extractor built but never run."""
+    return tuple(extractor(cfg, manifest).output_shape[1:])
 
 
 def cache_key(cfg: TrainConfig, model: keras.Model) -> tuple[str, dict]:
@@ -98,7 +104,9 @@ def open_cache(cfg: TrainConfig) -> FeatureCache:
         meta = compute(model, cfg, manifest, path, key, parts)
     else:
         logging.info("Feature cache %s reused (key %s)", path, key)
-    _OPEN[memo] = FeatureCache(path, tuple(meta["feature_shape"]), reused, model)
+    sizes = {k: [sh["num_examples"] for sh in v["shards"]]
+             for k, v in manifest["splits"].items()}
+    _OPEN[memo] = FeatureCache(path, tuple(meta["feature_shape"]), reused, model, sizes)
     return _OPEN[memo]
 
 
@@ -143,46 +151,30 @@ def compute(model: keras.Model, cfg: TrainConfig, manifest: dict, path: str, key
 
 
 def make_dataset(cache: FeatureCache, split: str, batch_size: int, training: bool, *,
-                 seed: int = 0, start_step: int = 0, global_batch_size: int | None = None,
+                 stream: pipeline.Stream | None = None,
                  input_context: tf.distribute.InputContext | None = None,
                  keep: np.ndarray | None = None) -> tf.data.Dataset:
     """Like pipeline.make_dataset, over cached features: {image: features, label, class_id,
-    index}. Training: infinite, a seeded permutation per epoch, resumable at `start_step`,
-    one deterministic global stream sliced per input pipeline. Eval: ordered, whole."""
+    index}. Training: the examples of the image pipeline's stream (`pipeline.train_positions`:
+    the same order, the same resume point, sliced per input pipeline), gathered from the cache
+    (`stream`'s augmentation cannot apply to features). Eval: ordered, whole (`keep`'s)."""
     arrays = cache.arrays(split)
-    positions = np.arange(len(arrays["label"])) if keep is None else np.flatnonzero(keep)
-    data = {"image": arrays["features"], "label": arrays["label"].astype(np.int32),
-            "class_id": arrays["class_id"].astype(np.int32)}
+    tensors = {"image": tf.constant(arrays["features"]),
+               "label": tf.constant(arrays["label"].astype(np.int32)),
+               "class_id": tf.constant(arrays["class_id"].astype(np.int32))}
 
-    tensors = {k: tf.constant(v) for k, v in data.items()}  # captured once, not per trace
-
-    def gather(index):
-        return {**{k: tf.gather(v, index) for k, v in tensors.items()}, "index": index}
-
-    def as_float(b):
-        return {**b, "image": tf.cast(b["image"], tf.float32)}
+    def gather(index, positions):
+        out = {k: tf.cast(tf.gather(v, positions), tf.float32) if k == "image"
+               else tf.gather(v, positions) for k, v in tensors.items()}
+        return {**out, "index": positions if index is None else index}
 
     if not training:
+        positions = np.arange(len(arrays["label"])) if keep is None else np.flatnonzero(keep)
         ds = tf.data.Dataset.from_tensor_slices(positions.astype(np.int64)).batch(batch_size)
-        return ds.map(gather).map(as_float).prefetch(tf.data.AUTOTUNE)
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    pipeline_id = input_context.input_pipeline_id if input_context else 0
-    global_batch_size = global_batch_size or batch_size * num_pipelines
-    n = len(positions)
-    pos_t = tf.constant(positions.astype(np.int64))
-    seed_t = tf.constant(seed, tf.int64)
-
-    def epoch(e):
-        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                        seed=tf.stack([seed_t, e]))
-        return tf.data.Dataset.from_tensor_slices(tf.gather(pos_t, perm))
-
-    first_epoch, offset = divmod(start_step * global_batch_size, n)
-    ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch).skip(offset)
-    ds = ds.batch(global_batch_size, drop_remainder=True)
-    per = global_batch_size // num_pipelines
-    ds = ds.map(lambda i: gather(i[pipeline_id * per:(pipeline_id + 1) * per]))
-    return ds.map(as_float).prefetch(tf.data.AUTOTUNE)
+        return ds.map(lambda p: gather(None, p)).prefetch(tf.data.AUTOTUNE)
+    return pipeline.position_batches(cache.shard_sizes[split], batch_size,
+                                     stream or pipeline.Stream(), input_context
+                                     ).map(gather).prefetch(tf.data.AUTOTUNE)
 
 
 def full_model(cfg: TrainConfig, manifest: dict, head: keras.Model) -> keras.Model:

@@ -17,6 +17,7 @@ never selects a matplotlib backend.
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.figure import Figure
 
 _SORTABLE_FLOATS = (np.float16, np.float32, np.float64)  # exact in, and ordered as, float64
 
@@ -160,10 +161,8 @@ def pr_curve(labels, scores):
     return tp / max(pos, 1), tp / (tp + fp)
 
 
-def curves_figure(labels, scores, title: str = ""):
+def roc_pr_figure(labels, scores, title: str = ""):
     """ROC and PR curves side by side, as a backend-free `matplotlib.figure.Figure`."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(9, 4))
     a, b = fig.subplots(1, 2)
     fpr, tpr = roc_curve(labels, scores)
@@ -184,8 +183,6 @@ def curves_figure(labels, scores, title: str = ""):
 
 def confusion_figure(matrix, class_names=("other", "cat"), title: str = ""):
     """A confusion matrix as a backend-free `matplotlib.figure.Figure`."""
-    from matplotlib.figure import Figure
-
     m = np.asarray(matrix)
     fig = Figure(figsize=(3.6 + 0.25 * len(m), 3.2 + 0.25 * len(m)))
     ax = fig.subplots()

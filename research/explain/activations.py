@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -111,3 +112,36 @@ def filter_grid(patterns: list[FilterPattern], title: str):
               for p in patterns]
     return plots.image_grid([p.image for p in patterns], titles, ncols=8, cell=1.5,
                             title=title)
+
+
+def _file_part(layer_path: str) -> str:
+    return layer_path.replace("/", "_")
+
+
+def save_activation_grids(ex: Explainer, raw_image: np.ndarray, layers: list[str], out_dir: str,
+                          name: str, title: str, max_channels: int = 64) -> list[str]:
+    """One grid of feature maps per layer, from one forward pass of `raw_image`:
+    <out_dir>/<name>_<layer>.png, titled '<title>, layer <layer>'. Returns the paths."""
+    paths = []
+    for path, fmap in layer_outputs(ex, raw_image, layers).items():
+        fig = activation_grid(fmap, f"{title}, layer {path}", max_channels=max_channels)
+        paths.append(plots.save_figure(fig, os.path.join(out_dir,
+                                                         f"{name}_{_file_part(path)}.png")))
+    return paths
+
+
+def save_filter_grids(ex: Explainer, layers: list[str], out_dir: str, name: str, title: str,
+                      num_filters: int, seed: int = 0, **ascent) -> list[str]:
+    """The gradient-ascent patterns of the first `num_filters` filters of each layer (filter
+    k seeded with seed + k; `ascent`: visualize_filter's steps and step_size):
+    <out_dir>/<name>_<layer>.png. Returns the paths."""
+    paths = []
+    for layer in layers:
+        path, lyr = find_layer(ex.model, layer)
+        n = min(num_filters, int(lyr.output.shape[-1]))
+        patterns = [visualize_filter(ex, layer, k, seed=seed + k, **ascent) for k in range(n)]
+        fig = filter_grid(patterns, f"{title}, layer {path}: patterns that excite its first "
+                                    f"{n} filters (mean activation start->end)")
+        paths.append(plots.save_figure(fig, os.path.join(out_dir,
+                                                         f"{name}_{_file_part(path)}.png")))
+    return paths

@@ -1,0 +1,60 @@
+"""What an evaluation shows: the printed report, and its figures (ROC and PR curves, the
+confusion matrix, grids of the worst false positives and false negatives)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from research import plots
+from research.data import pipeline
+from research.evaluation import metrics as detmetrics
+from research.training.config import TrainConfig
+
+
+def format_report(r: dict) -> str:
+    rows = [f"{r['run_name']} on {r['split']}: {r['num_examples']:,} images, "
+            f"{r['num_positive']:,} positive  (checkpoint {os.path.basename(r['checkpoint'])})",
+            f"  ROC-AUC   {r['roc_auc']:.4f}     PR-AUC  {r['pr_auc']:.4f}",
+            f"  threshold {r['threshold']:.4f} (chosen on val)   precision {r['precision']:.4f}"
+            f"   recall {r['recall']:.4f}   F1 {r['f1']:.4f}   accuracy {r['accuracy']:.4f}",
+            f"  at 0.5:   precision {r['at_0.5']['precision']:.4f}   recall "
+            f"{r['at_0.5']['recall']:.4f}   F1 {r['at_0.5']['f1']:.4f}"]
+    (tn, fp), (fn, tp) = r["confusion_matrix"]
+    rows.append(f"  confusion: TN {tn:,}  FP {fp:,}  FN {fn:,}  TP {tp:,}")
+    if "class_accuracy" in r:
+        rows.append(f"  {r.get('num_classes', '?')}-class accuracy {r['class_accuracy']:.4f}")
+    return "\n".join(rows)
+
+
+def write_figures(cfg: TrainConfig, report: dict, raw: dict, out_dir: str,
+                  worst: int = 16) -> list[str]:
+    """ROC/PR curves, the confusion matrix, and grids of the worst false positives/negatives."""
+    os.makedirs(out_dir, exist_ok=True)
+    split = report["split"]
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    names = manifest["class_names"]
+    paths = [plots.save_figure(detmetrics.roc_pr_figure(raw["labels"], raw["scores"],
+                                                        f"{cfg.run_name} / {split}"),
+                               os.path.join(out_dir, f"{split}_roc_pr.png")),
+             plots.save_figure(detmetrics.confusion_figure(
+                 report["confusion_matrix"], ["other", manifest["positive_class"]],
+                 f"{split} at threshold {report['threshold']:.3f}"),
+                 os.path.join(out_dir, f"{split}_confusion.png"))]
+    labels, scores = raw["labels"].astype(bool), raw["scores"]
+    fp_idx = np.flatnonzero(~labels & (scores >= report["threshold"]))
+    fn_idx = np.flatnonzero(labels & (scores < report["threshold"]))
+    fp_idx = fp_idx[np.argsort(-scores[fp_idx])][:worst]
+    fn_idx = fn_idx[np.argsort(scores[fn_idx])][:worst]
+    found = pipeline.take_examples(cfg.data_dir, split, indices=np.r_[fp_idx, fn_idx])
+    images = dict(zip(found["index"].tolist(), found["image"]))
+    for kind, idx in (("false_positives", fp_idx), ("false_negatives", fn_idx)):
+        if len(idx) == 0:
+            continue
+        titles = [f"{names[raw['class_ids'][i]]} p={scores[i]:.2f}" for i in idx]
+        fig = plots.image_grid([images[i] for i in idx], titles, ncols=8,
+                               title=f"worst {kind.replace('_', ' ')} on {split} "
+                                     f"(threshold {report['threshold']:.3f})")
+        paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{split}_worst_{kind}.png")))
+    return paths

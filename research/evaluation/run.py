@@ -1,0 +1,123 @@
+"""Scoring a finished run on every example of a split: the model alone is restored from its
+checkpoint (no optimizer is built), val is scored to choose the threshold (F1-max), and the
+split is scored with that threshold unchanged.
+
+`evaluate_and_save` is what `apps/evaluate`, `compare` and the lab call: score, write
+eval_<split>.json and its figures, return the report.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research import runs
+from research.data import pipeline
+from research.evaluation import metrics as detmetrics
+from research.evaluation import report as reporting
+from research.training import checkpoints
+from research.training.config import ConfigError, TrainConfig
+from research.training.evaluator import Evaluator
+from research.training.model import make_model
+
+
+def restore_for_eval(cfg: TrainConfig, checkpoint: str, strategy=None, manifest=None):
+    """(model, manifest, strategy): the run's network with the checkpoint's weights."""
+    strategy = strategy or tf.distribute.get_strategy()
+    manifest = manifest or pipeline.load_manifest(cfg.data_dir)
+    with strategy.scope():
+        model = make_model(cfg, manifest)
+    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    return model, manifest, strategy
+
+
+def check_data(cfg: TrainConfig, split: str) -> dict:
+    """The run's data for scoring `split`, checked before any scoring: the shards of val and
+    the split (size and sha256), and that the data holds the classes the run was trained
+    on. Returns the manifest."""
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    for name in {"val", split}:  # a missing or corrupt shard fails here
+        pipeline.shard_paths(cfg.data_dir, manifest, name)
+    runs.check_export_matches(cfg.checkpoint_dir, cfg.run_name, manifest, cfg.data_dir)
+    return manifest
+
+
+def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
+                 progress: bool = True, verified: bool = False) -> tuple[dict, dict]:
+    """Scores val (to choose the threshold) and `split`; returns (report, raw arrays).
+    `verified`: `checkpoint` is a prefix already resolved and read whole (compare checks
+    every run's before scoring any), so it is not read twice."""
+    path = checkpoint if verified else checkpoints.resolve_checkpoint(cfg.run_dir, checkpoint)
+    manifest = check_data(cfg, split)
+    model, manifest, strategy = restore_for_eval(cfg, path, manifest=manifest)
+    evaluator = Evaluator(cfg, strategy, model, manifest["positive_class_id"])
+    val = evaluator.evaluate("val", progress=progress)
+    threshold = detmetrics.best_f1_threshold(val.labels, val.scores)
+    res = val if split == "val" else evaluator.evaluate(split, progress=progress)
+    step = path.rsplit("-", 1)[-1]
+    report = {"split": split, "run_name": cfg.run_name,
+              "num_classes": len(manifest["class_names"]), "checkpoint": path,
+              "step": int(step) if step.isdigit() else None,
+              "threshold_source": "val (max F1)", "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
+              "objective": cfg.objective}
+    report.update(detmetrics.detection_report(res.labels, res.scores, threshold))
+    report["loss"] = res.loss
+    if res.class_accuracy is not None:
+        report["class_accuracy"] = res.class_accuracy
+        pred = res.logits.argmax(-1)
+        k = len(manifest["class_names"])
+        report["class_confusion_matrix"] = np.bincount(
+            res.class_ids * k + pred, minlength=k * k).reshape(k, k).tolist()
+    return report, {"scores": res.scores, "labels": res.labels, "class_ids": res.class_ids,
+                    "index": res.index}
+
+
+def evaluate_and_save(cfg: TrainConfig, split: str, checkpoint: str = "best",
+                      output: str | None = None, figures_dir: str | None = None,
+                      figures: bool = True, progress: bool = True,
+                      verified: bool = False) -> tuple[dict, dict]:
+    """Scores the run (evaluate_run), writes its figures (ROC/PR, confusion matrix, worst
+    mistakes) and the report to `output` (default <run>/eval_<split>.json, figures in
+    figures_<split>/ beside it); returns (report, raw arrays)."""
+    output = output or runs.eval_report_path(cfg.run_dir, split)
+    report, raw = evaluate_run(cfg, split, checkpoint, progress=progress, verified=verified)
+    if figures:
+        report["figures"] = reporting.write_figures(
+            cfg, report, raw, figures_dir or runs.eval_figures_dir(output, split))
+    runs.write_eval_report(output, report)
+    return report, raw
+
+
+def saved_report(cfg: TrainConfig, split: str, checkpoint: str,
+                 figures: bool = True) -> dict | None:
+    """The run's eval_<split>.json if it scored exactly `checkpoint` (and its figures are
+    all there when wanted), else None: a finished evaluation need not be done again."""
+    report = runs.read_eval_report(runs.eval_report_path(cfg.run_dir, split))
+    if not report or report.get("checkpoint") != checkpoint:
+        return None
+    paths = report.get("figures", [])
+    if figures and (not paths or not all(tf.io.gfile.exists(p) for p in paths)):
+        return None
+    return report
+
+
+def count_params(cfg: TrainConfig, manifest: dict) -> dict:
+    """Parameters and trainable parameters, counted without running anything: from the
+    export if there is one (Keras saves each layer's `trainable` flag, so a transfer run
+    counts what its last phase trained), else from the network the config builds (for the
+    features recipe the head on the backbone's feature shape: the cache is not computed)."""
+    path = runs.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
+    if tf.io.gfile.exists(path):
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as e:  # zip, h5, config or layer errors alike: one line
+            raise ConfigError(f"run {cfg.run_name}: cannot load {path}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        source = "export"
+    else:
+        model = make_model(cfg, manifest, compute_features=False)
+        source = "config (no export; trainable flags as built)"
+    return {"params": int(model.count_params()),
+            "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+            "params_source": source}

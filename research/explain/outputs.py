@@ -1,0 +1,166 @@
+"""What the explain command writes, as library calls: the images to explain (files or TFRecord
+examples), their top classes, the maps of each method with their figures and JSON sidecars,
+the faithfulness scores, the class comparison, activation grids, filter patterns and dreams.
+The explain app strings them together; the lab uses the same functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from keras.applications.imagenet_utils import decode_predictions
+
+from research import files, plots
+from research.data import pipeline
+from research.data.imaging import ImageDecodeError, decode_image, encode_image, resize_image
+from research.errors import UserError
+from research.explain import activations, core, dream, faithfulness, loading, render
+from research.explain.options import ExplainOptions
+
+EXAMPLE_FILTERS = {"all": (0, 1), "positive": (1,), "negative": (0,)}
+
+
+@dataclasses.dataclass
+class Item:
+    name: str                  # file name for the outputs
+    original: np.ndarray       # uint8, the image at its own size
+    model_input: np.ndarray    # float32 0..255 at the model's input size
+    label: str | None = None   # the true class of a TFRecord example
+
+
+def model_input(ex: core.Explainer, image: np.ndarray) -> np.ndarray:
+    """The image at the model's input size; stretched, not cropped, so that the map covers
+    the whole original for the overlay."""
+    return resize_image(image, ex.input_size, "stretch").astype(np.float32)
+
+
+def image_items(ex: core.Explainer, paths) -> tuple[list[Item], list[str]]:
+    """(items, errors): the photos that decode, and one message for each that does not."""
+    items, errors = [], []
+    for path in paths or []:
+        try:
+            with open(path, "rb") as f:
+                original = decode_image(f.read(), path)
+        except (OSError, ImageDecodeError) as e:
+            errors.append(str(e) if isinstance(e, ImageDecodeError)
+                          else f"{path}: cannot read ({e})")
+            continue
+        items.append(Item(os.path.basename(path), original, model_input(ex, original)))
+    return items, errors
+
+
+def example_items(ex: core.Explainer, data_dir: str, split: str, num: int,
+                  example_filter: str = "all") -> list[Item]:
+    """The first `num` examples of `split` that pass `example_filter`, in split order."""
+    if example_filter not in EXAMPLE_FILTERS:
+        raise UserError(f"--example_filter: {example_filter!r} is not one of "
+                        f"{', '.join(EXAMPLE_FILTERS)}")
+    names = pipeline.load_manifest(data_dir)["class_names"]
+    found = pipeline.take_examples(data_dir, split, num, filter=example_filter)
+    return [Item(f"{split}_{idx:05d}_{names[cid]}.png", img, model_input(ex, img), names[cid])
+            for img, cid, idx in zip(found["image"], found["class_id"], found["index"])]
+
+
+def class_index_of(ex: core.Explainer, name: str, flag: str) -> int:
+    names = ex.class_names or []
+    if name not in names:
+        raise UserError(f"--{flag}={name!r} is not a class of this model"
+                        + (f"; classes: {', '.join(names[:20])}" if names else ""))
+    return names.index(name)
+
+
+def logits_of(ex: core.Explainer, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(ex.logits(batch[i:i + batch_size]))
+                           for i in range(0, len(batch), batch_size)])
+
+
+def top_classes(ex: core.Explainer, logits: np.ndarray, k: int = 3
+                ) -> list[list[tuple[str, float]]]:
+    """The k most likely classes of each image (ImageNet names for a 1,000-class model)."""
+    probs = ex.probabilities(logits)
+    if ex.class_names and len(ex.class_names) == 1000:
+        return [[(n, float(p)) for _, n, p in row] for row in decode_predictions(probs, top=k)]
+    return loading.top_k(ex, logits, k)
+
+
+def explain_batched(ex: core.Explainer, method: str, batch: np.ndarray, class_index,
+                    options: ExplainOptions, layer: str | None = None) -> core.Explanation:
+    """core.explain over `options.batch_size` chunks, merged into one Explanation."""
+    bs = options.batch_size
+    results = [core.explain(ex, method, batch[i:i + bs], class_index, layer=layer,
+                            **options.method_params(method))
+               for i in range(0, len(batch), bs)]
+    first = results[0]
+    return core.Explanation(*(np.concatenate([getattr(r, f) for r in results]) for f in
+                              ("maps", "classes", "logits", "probabilities")),
+                            first.method, first.layer, first.params)
+
+
+def save_method(ex: core.Explainer, res: core.Explanation, items: list[Item], out_dir: str,
+                about: dict, options: ExplainOptions) -> list[dict]:
+    """Per image: the overlay, the three-panel figure and the JSON sidecar (render.
+    save_explanation); `about` goes into every sidecar (model, precision, ...)."""
+    out = []
+    for j, item in enumerate(items):
+        record = {**about, "method": res.method, "layer": res.layer,
+                  "class_index": int(res.classes[j]),
+                  "class_name": ex.class_name(int(res.classes[j])),
+                  "logit": float(res.logits[j]), "probability": float(res.probabilities[j]),
+                  "params": res.params, "seed": options.seed, "true_class": item.label,
+                  "image_size": list(item.original.shape[:2]),
+                  "input_size": list(ex.input_size)}
+        out.append(render.save_explanation(out_dir, item.name, item.original, res.maps[j],
+                                           record, options.alpha))
+    return out
+
+
+def save_faithfulness(scores: dict, out_dir: str) -> str:
+    return files.write_json(os.path.join(out_dir, "faithfulness.json"), scores,
+                            "the faithfulness scores")
+
+
+def faithfulness_of(ex: core.Explainer, batch: np.ndarray, res: core.Explanation) -> dict:
+    return faithfulness.deletion_insertion(ex, batch, res)
+
+
+def save_class_comparison(ex: core.Explainer, items: list[Item], method: str, classes,
+                          options: ExplainOptions, out_dir: str,
+                          layer: str | None = None) -> str:
+    """compare_classes.png: per image, the image and `method`'s map for each class."""
+    batch = np.stack([it.model_input for it in items])
+    per_class = [explain_batched(ex, method, batch, c, options, layer) for c in classes]
+    titles = [[f"{ex.class_name(c)} p={p:.2f}" for p in r.probabilities]
+              for c, r in zip(classes, per_class)]
+    fig = render.class_comparison_figure([it.original for it in items],
+                                         [r.maps for r in per_class], titles, options.alpha)
+    return plots.save_figure(fig, os.path.join(out_dir, "compare_classes.png"))
+
+
+def save_activations(ex: core.Explainer, items: list[Item], layers: list[str], out_dir: str,
+                     options: ExplainOptions) -> list[str]:
+    paths = []
+    for item in items:
+        stem = os.path.splitext(item.name)[0]
+        paths += activations.save_activation_grids(ex, item.model_input, layers, out_dir,
+                                                   f"activations_{stem}", item.name,
+                                                   options.max_channels)
+    return paths
+
+
+def save_filters(ex: core.Explainer, layers: list[str], out_dir: str, title: str,
+                 options: ExplainOptions, name: str = "filters") -> list[str]:
+    return activations.save_filter_grids(ex, layers, out_dir, name, title, options.num_filters,
+                                         seed=options.seed, steps=options.filter_steps,
+                                         step_size=options.filter_step_size)
+
+
+def save_dreams(ex: core.Explainer, items: list[Item], layers: list[str], out_dir: str,
+                options: ExplainOptions) -> list[tuple[str, dream.Dream]]:
+    out = []
+    for item in items:
+        d = dream.dream(ex, item.model_input, layers, **options.dream_params())
+        dest = os.path.join(out_dir, f"dream_{os.path.splitext(item.name)[0]}.png")
+        files.write_bytes(dest, encode_image(d.image, dest), "a dream")
+        out.append((dest, d))
+    return out

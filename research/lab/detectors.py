@@ -1,0 +1,158 @@
+"""The lab's trainings: the from-scratch detector, the source task (the fallback backbone)
+and the transfer detector, each trained (or resumed, or reused when finished) through the
+same library calls as the train app, then evaluated on the whole test set as `evaluate`
+does."""
+
+from __future__ import annotations
+
+import time
+
+from research import runs
+from research.data import pipeline
+from research.evaluation import report as reporting
+from research.evaluation import run as scoring
+from research.explain.hooks import gradcam_actions
+from research.lab.lab import SPLIT, Lab, Preempted, StageRecord, changed_flags, command
+from research.lab.settings import LabError
+from research.lab.weights import transfer_settings
+from research.training import checkpoints, loop, resume
+from research.training.actions import best_metric
+from research.training.config import TrainConfig, load_run_config
+from research.training.preemption import Preemption
+
+
+def train_config(lab: Lab, key: str, settings: dict) -> TrainConfig:
+    s = lab.s
+    return TrainConfig(data_dir=s.data_dir, run_name=lab.run_name(key),
+                       checkpoint_dir=s.checkpoint_dir, log_dir=s.log_dir,
+                       progress=s.progress, **settings)
+
+
+def finished(cfg: TrainConfig) -> dict | None:
+    """The run's summary if it has finished training with these settings (its export
+    written), else None. A resume that would change the network or the data is refused
+    here, before any work."""
+    run = loop.prepare_config(cfg)
+    resume.check_resume(run)
+    return loop.finished_summary(run)
+
+
+def train(lab: Lab, cfg: TrainConfig) -> tuple[dict, bool]:
+    """(summary, reused): trains or resumes the run, or reuses it when it has finished."""
+    summary = finished(cfg)
+    if summary is not None:
+        return summary, True
+    actions = [] if cfg.exclude_classes else gradcam_actions(cfg)  # a source task: no cats
+    print(f"[lab] training {cfg.run_name}: {command('research.apps.train', changed_flags(cfg))}",
+          flush=True)
+    with Preemption() as preemption:
+        summary = loop.train_and_evaluate(cfg, actions=actions + [preemption])
+    if preemption.stopped_at is not None:
+        raise Preempted(preemption.message(cfg, "the same lab command"))
+    return summary, False
+
+
+def evaluate(lab: Lab, run_name: str, figures: bool = True) -> tuple[dict, bool]:
+    """(test report, reused): `evaluate --split=test` of the run's best checkpoint, written
+    to checkpoints/<run>/eval_test.json with its figures beside it (as `make evaluate`);
+    reused when that report scored the same checkpoint."""
+    cfg = load_run_config(lab.s.checkpoint_dir, run_name, lab.s.data_dir)
+    best = checkpoints.resolve_checkpoint(cfg.run_dir, "best")
+    report = scoring.saved_report(cfg, SPLIT, best, figures)
+    if report is not None:
+        return report, True
+    report, _ = scoring.evaluate_and_save(cfg, SPLIT, best, figures=figures,
+                                          progress=lab.s.progress, verified=True)
+    print(reporting.format_report(report), flush=True)
+    return report, False
+
+
+def eval_command(lab: Lab, run_name: str) -> str:
+    return command("research.apps.evaluate", {
+        "run_name": run_name, "checkpoint_dir": lab.s.checkpoint_dir, "data_dir": lab.s.data_dir,
+        "split": SPLIT, "output": runs.eval_report_path(runs.run_dir(lab.s.checkpoint_dir,
+                                                                     run_name), SPLIT)})
+
+
+def run_summary(cfg: TrainConfig, summary: dict, *more: str) -> dict:
+    """What the report shows of a run's train_summary.json (a run trained before the summary
+    named its best-checkpoint metric has only best_val_pr_auc, which held that metric)."""
+    out = {k: summary.get(k) for k in ("final_step", "train_seconds", "best_val_metric",
+                                       "best_val", *more)}
+    if "best_val_pr_auc" in summary and out["best_val"] is None:
+        out["best_val"] = summary["best_val_pr_auc"]
+        out["best_val_metric"] = best_metric(
+            cfg, pipeline.load_manifest(cfg.data_dir)["positive_class"])
+    return out
+
+
+def resume_notes(*summaries: dict) -> list[str]:
+    """Each training interrupted and resumed: its time over all sessions, since the stage's
+    wall time is the last session's."""
+    notes = []
+    for summary in summaries:
+        sessions = summary.get("sessions") or []
+        if len(sessions) < 2:
+            continue
+        steps = ", ".join(f"{x['start_step']:,}" for x in sessions[1:])
+        run = f"{summary['run_name']}, " if summary.get("run_name") else ""
+        notes.append(f"Trained in {len(sessions)} sessions ({run}interrupted, then resumed "
+                     f"from its checkpoints at steps {steps}): {summary['train_seconds']:,.1f}"
+                     f" s in the train steps in all; the stage's wall time is the last "
+                     f"session's.")
+    return notes
+
+
+def detector_stage(lab: Lab, name: str, title: str, key: str, settings: dict,
+                   notes=()) -> StageRecord:
+    """Train (or resume, or reuse) one detector, then evaluate it on the whole test set."""
+    start = time.perf_counter()
+    cfg = train_config(lab, key, settings)
+    summary, trained_before = train(lab, cfg)
+    report, eval_reused = evaluate(lab, cfg.run_name)
+    flags = changed_flags(cfg)
+    outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
+               "summary": run_summary(cfg, summary, "final_val"),
+               "eval": runs.eval_report_path(cfg.run_dir, SPLIT),
+               "figures": report.get("figures", [])}
+    return lab.finish(name, title, start, trained_before and eval_reused,
+                      [command("research.apps.train", flags), eval_command(lab, cfg.run_name)],
+                      flags, outputs, [*notes, *resume_notes(summary)],
+                      ran_seconds=summary.get("train_seconds"))
+
+
+def stage_scratch(lab: Lab) -> StageRecord:
+    return detector_stage(lab, "scratch", "From-scratch detector", "scratch",
+                          lab.profile.scratch)
+
+
+def stage_source_task(lab: Lab) -> StageRecord:
+    """The fallback backbone: the scratch network trained on every class but cat."""
+    start = time.perf_counter()
+    cfg = train_config(lab, "src_nocat", lab.profile.source_task)
+    summary, reused = train(lab, cfg)
+    flags = changed_flags(cfg)
+    outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
+               "summary": run_summary(cfg, summary)}
+    return lab.finish("source_task", "Source task (no cats): the fallback backbone", start,
+                      reused, [command("research.apps.train", flags)], flags, outputs,
+                      resume_notes(summary), ran_seconds=summary.get("train_seconds"))
+
+
+def stage_transfer(lab: Lab) -> StageRecord:
+    key, settings = transfer_settings(lab)
+    return detector_stage(lab, "transfer", "Transfer detector", key, settings,
+                          notes=[lab.weights_note])
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def detector_runs(lab: Lab) -> list[str]:
+    return [lab.run_name("scratch"), lab.run_name(transfer_settings(lab)[0])]
+
+
+def require_runs(lab: Lab, stage: str, names) -> None:
+    missing = [r for r in names if not runs.is_exported(lab.s.checkpoint_dir, r)]
+    if missing:
+        raise LabError(f"--stages={stage}: needs the finished run(s) {', '.join(missing)} in "
+                       f"{lab.s.checkpoint_dir}; run the scratch and transfer stages first")

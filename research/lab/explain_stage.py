@@ -1,0 +1,158 @@
+"""The lab's explanations: Grad-CAM, Grad-CAM++ and saliency of the cat score of both
+detectors, side by side on the same test cats and non-cats (and on the user's photos), with
+deletion and insertion AUCs per method; reused when the runs' exports and the settings are
+those of the marker on disk."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from keras.applications.imagenet_utils import decode_predictions
+
+from research import plots, runs
+from research.data import pipeline
+from research.data.imaging import decode_image, resize_image
+from research.data.manifest import sha256_file
+from research.explain import core, faithfulness, loading, outputs
+from research.lab import figures
+from research.lab.detectors import detector_runs, require_runs
+from research.lab.lab import SPLIT, Lab, StageRecord, command, read_marker, reusable, write_marker
+from research.models.backbones import keras_models_dir
+
+
+def export_key(lab: Lab, names) -> dict:
+    """What a figure stage's output depends on: the exports of the runs it draws."""
+    return {r: sha256_file(runs.exported_model_path(lab.s.checkpoint_dir, r)) for r in names}
+
+
+def fixed_examples(lab: Lab) -> dict:
+    """The same test cats and non-cats for every detector: the first of each in split
+    order."""
+    return pipeline.take_examples(lab.s.data_dir, SPLIT, 2 * lab.profile.explain_per_class,
+                                  filter="balanced")
+
+
+def user_images(paths) -> list[tuple[str, np.ndarray]]:
+    out = []
+    for path in paths:
+        with open(path, "rb") as f:
+            out.append((os.path.basename(path), decode_image(f.read(), path)))
+    return out
+
+
+def load_explainer(lab: Lab, run: str):
+    """(explainer, export metadata, index of the positive class) of one of the lab's runs."""
+    ex, meta = loading.load_run(lab.s.checkpoint_dir, run, "float32")
+    positive = meta["positive_class"]
+    index = ex.class_names.index(positive) if positive in (ex.class_names or []) else 0
+    return ex, meta, index
+
+
+def imagenet_top3(lab: Lab, images: np.ndarray) -> list[str] | None:
+    """Top-3 ImageNet classes of the full VGG16 (with its classifier) when the transfer
+    detector is an ImageNet model and those weights are at hand; else None."""
+    if lab.weights != "imagenet":
+        return None
+    if not os.path.isfile(os.path.join(keras_models_dir(), loading.KERAS_WEIGHTS["vgg16"])):
+        return None
+    ex = loading.load_application("vgg16", "imagenet", "float32")
+    big = np.stack([resize_image(np.asarray(i, np.uint8), ex.input_size, "stretch")
+                    for i in images]).astype(np.float32)
+    probs = ex.probabilities(np.asarray(ex.logits(big)))
+    return [", ".join(f"{n} {p:.2f}" for _, n, p in row)
+            for row in decode_predictions(probs, top=3)]
+
+
+def _commands(lab: Lab, names, out_dir: str) -> list[str]:
+    p = lab.profile
+    return [command("research.apps.explain", {
+        "run_name": r, "checkpoint_dir": lab.s.checkpoint_dir, "data_dir": lab.s.data_dir,
+        "num_examples": p.explain_per_class, "example_filter": f,
+        "method": ",".join(p.methods), "class_name": "cat", "faithfulness": True,
+        "out_dir": os.path.join(out_dir, r, f)}) for r in names
+        for f in ("positive", "negative")]
+
+
+def _explain_run(lab: Lab, run: str, batch: np.ndarray, photos) -> tuple[dict, dict]:
+    """({method: deletion/insertion scores}, {method: {"test": maps[, "photos": maps]}})."""
+    p = lab.profile
+    ex, _, cat = load_explainer(lab, run)
+    photo_batch = (np.stack([outputs.model_input(ex, ph) for _, ph in photos])
+                   if photos else None)
+    scores, maps = {}, {}
+    for method in p.methods:
+        res = core.explain(ex, method, batch, cat)
+        scores[method] = faithfulness.deletion_insertion(ex, batch, res,
+                                                         steps=p.faithfulness_steps)
+        maps[method] = {"test": res}
+        if photo_batch is not None:
+            maps[method]["photos"] = core.explain(ex, method, photo_batch, cat)
+    print(f"[lab] explained {run}: " + ", ".join(
+        f"{m} del {s['deletion_auc']:.3f} ins {s['insertion_auc']:.3f}"
+        for m, s in scores.items()), flush=True)
+    return scores, maps
+
+
+def _figures(lab: Lab, names, examples, labels, photos, top3, maps, out_dir) -> list[str]:
+    """One side-by-side figure per method of both detectors on the test images (and on the
+    user's photos)."""
+    p = lab.profile
+    short = dict(zip(names, ("scratch", "transfer")))  # column titles stay legible
+    legend = ", ".join(f"{v} = {k}" for k, v in short.items())
+    paths = []
+    for method in p.methods:
+        rows = labels if top3 is None else [
+            f"{lab_}\nImageNet VGG16: {t}" for lab_, t in zip(labels, top3)]
+        fig = figures.side_by_side(examples["image"], rows, {
+            short[r]: maps[r][method]["test"] for r in names}, method,
+            f"{len(labels)} fixed test images ({p.explain_per_class} cats, then non-cats): "
+            + legend)
+        paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{method}_test.png")))
+        if photos:
+            rows = [n for n, _ in photos] if top3 is None else [
+                f"{n}\nImageNet VGG16: {t}" for (n, _), t in zip(photos, top3[len(labels):])]
+            fig = figures.side_by_side([ph for _, ph in photos], rows, {
+                short[r]: maps[r][method]["photos"] for r in names}, method,
+                "your photos (--images): " + legend)
+            paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{method}_photos.png")))
+    return paths
+
+
+def stage_explain(lab: Lab) -> StageRecord:
+    start = time.perf_counter()
+    names = detector_runs(lab)
+    require_runs(lab, "explain", names)
+    out_dir = lab.out_dir("explain")
+    p = lab.profile
+    key = {"exports": export_key(lab, names), "methods": list(p.methods),
+           "per_class": p.explain_per_class, "steps": p.faithfulness_steps,
+           "images": [os.path.abspath(i) for i in lab.s.images]}
+    marker = os.path.join(out_dir, "done.json")
+    flags = {"runs": names, "method": list(p.methods), "num_examples": 2 * p.explain_per_class,
+             "class_name": "cat", "faithfulness": True, "faithfulness_steps": p.faithfulness_steps,
+             "images": list(lab.s.images)}
+    commands = _commands(lab, names, out_dir)
+    old = read_marker(marker)
+    if reusable(old, key):
+        return lab.finish("explain", "Explanations", start, True, commands, flags,
+                          old["outputs"])
+    examples = fixed_examples(lab)
+    classes = pipeline.load_manifest(lab.s.data_dir)["class_names"]
+    labels = [f"test #{i}: {classes[c]}"
+              for i, c in zip(examples["index"], examples["class_id"])]
+    photos = user_images(lab.s.images)
+    top3 = imagenet_top3(lab, list(examples["image"]) + [ph for _, ph in photos])
+    batch = examples["image"].astype(np.float32)
+    scores, maps = {}, {}
+    for run in names:
+        scores[run], maps[run] = _explain_run(lab, run, batch, photos)
+    paths = _figures(lab, names, examples, labels, photos, top3, maps, out_dir)
+    outputs.save_faithfulness(scores, out_dir)
+    result = {"figures": paths, "faithfulness": {r: {m: {k: s[k] for k in (
+        "deletion_auc", "insertion_auc", "num_images", "steps")} for m, s in per.items()}
+        for r, per in scores.items()}, "num_images": len(labels), "photos": len(photos),
+        "top3": top3 is not None}
+    write_marker(marker, key, result)
+    return lab.finish("explain", "Explanations", start, False, commands, flags, result)

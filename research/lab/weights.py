@@ -1,0 +1,67 @@
+"""Which weights the lab's transfer detector starts from: ImageNet (cached, downloadable, or
+a .h5 file), or the fallback, the source-task backbone trained here; and the transfer run's
+settings for them."""
+
+from __future__ import annotations
+
+import os
+
+from research.lab.lab import Lab
+from research.models import backbones
+
+
+def imagenet_file(backbone: str = "vgg16") -> str:
+    return os.path.join(backbones.keras_models_dir(), backbones.BACKBONES[backbone].weights_file)
+
+
+def fetch_imagenet(backbone: str) -> None:
+    """Gets the backbone's ImageNet weights into Keras' cache (a download when they are not
+    there); BackboneError names the file and the folder when that fails."""
+    backbones.build_base(backbone, backbones.TransferOptions(weights="imagenet"),
+                         (backbones.BACKBONES[backbone].min_size,) * 2 + (3,))
+
+
+def resolve_weights(lab: Lab) -> None:
+    """Sets lab.weights (imagenet, a .h5 file, or the source-task run) and the note the
+    report shows; --weights=imagenet without the file and without network stops here."""
+    mode = lab.s.weights
+    backbone = lab.profile.transfer_imagenet["model"]
+    path = imagenet_file(backbone)
+    if mode.endswith(".h5"):
+        lab.weights, lab.weights_note = mode, f"{backbone} weights from {mode} (--weights)"
+        return
+    if mode == "source_task":
+        lab.weights = lab.run_name("src_nocat")
+        lab.weights_note = (f"--weights=source_task: the transfer detector starts from the "
+                            f"source-task backbone {lab.weights} (the scratch network trained "
+                            "without cats, a stage of its own)")
+        return
+    have = os.path.isfile(path)
+    try:
+        if not have:
+            fetch_imagenet(backbone)  # --weights=imagenet stops here with the file's name
+        lab.weights = "imagenet"
+        lab.weights_note = (f"ImageNet weights of {backbone}: {path}" +
+                            ("" if have else " (downloaded now into Keras' cache)"))
+        return
+    except backbones.BackboneError:
+        if mode == "imagenet":
+            raise
+    lab.weights = lab.run_name("src_nocat")
+    lab.weights_note = (f"Fallback: the ImageNet weights of {backbone} could not be had "
+                        f"({os.path.basename(path)} is not in {os.path.dirname(path)}/ and "
+                        f"could not be downloaded), so the transfer detector starts from the "
+                        f"source-task backbone {lab.weights}: the scratch network trained on "
+                        "the 9 other classes, a stage of its own.")
+
+
+def transfer_settings(lab: Lab) -> tuple[str, dict]:
+    settings = lab.profile.transfer(lab.weights)
+    recipe = f"{settings['model']}_{settings.get('transfer', 'none')}"
+    if lab.weights == "imagenet":
+        key = f"transfer_{recipe}_imagenet"
+    elif lab.weights.endswith(".h5"):
+        key = f"transfer_{recipe}_file"
+    else:
+        key = f"transfer_{recipe}_src"
+    return key, settings

@@ -1,0 +1,178 @@
+"""What can be asked of each model, without building one: every model's options dataclass
+(the one home of its defaults, ranges and help; the train app's flags), the backbone
+catalogue (input sizes, blocks, weight files), and the check of a model's options.
+
+Outside research/models on purpose: importing that package imports Keras (it registers our
+layers), and the train app checks its flags before any heavy import. The builders are in the
+model modules (research.models.scratch, .fast, .small_convnet, .backbones); research.models
+maps names to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from research.fields import first_error, setting
+
+ACTIVATIONS = ("gelu", "relu")
+HEADS = ("gap", "flatten")
+WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    name: str
+    preprocess: str            # keras.applications module whose preprocess_input to use
+    min_size: int
+    native_size: int           # the size its ImageNet weights were trained at
+    default_size: int          # what a 2-core CPU trains in minutes
+    blocks: tuple[str, ...]    # block name prefixes, first to last
+    weights_file: str | None   # Keras' cache name of the no-top ImageNet weights
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("vgg16", "vgg16", 32, 224, 64, ("block1", "block2", "block3", "block4", "block5"),
+             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("vgg19", "vgg19", 32, 224, 64, ("block1", "block2", "block3", "block4", "block5"),
+             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("resnet50", "resnet50", 32, 224, 64, ("conv1", "conv2", "conv3", "conv4", "conv5"),
+             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    Backbone("mobilenet_v2", "mobilenet_v2", 32, 224, 96,
+             ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(1, 17)), "Conv_1"),
+             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
+    Backbone("efficientnetb0", "efficientnet", 32, 224, 64,
+             ("stem", "block1", "block2", "block3", "block4", "block5", "block6", "block7",
+              "top"), "efficientnetb0_notop.h5"),
+    # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
+    Backbone("scratch", "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
+)}
+
+
+@dataclasses.dataclass
+class ScratchOptions:
+    """The scratch network's options and their one set of defaults (the train app's flags)."""
+    widths: tuple[int, ...] = setting((64, 128, 256), "Scratch CNN: channels per stage.", ge=1)
+    res_blocks: tuple[int, ...] = setting((1, 0, 1), "Scratch CNN: residual blocks per stage.",
+                                          ge=0)
+    stem_width: int = setting(32, "Scratch CNN: channels of the stem conv.", ge=1)
+    dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+    feature_scale: float = setting(0.125, "Scratch CNN: multiply the pooled features by this "
+                                   "before the logits layer (tames the loss spike of early "
+                                   "training).", gt=0)
+    pool_before_bn: bool = setting(True, "Scratch CNN: max-pool each stage's conv output "
+                                   "before BN and ReLU (20% faster on CPU; else "
+                                   "conv-BN-ReLU-pool).")
+
+    def validate(self) -> tuple[str, str] | None:
+        """(flag, message) for the first bad option, else None."""
+        if not self.widths:
+            return "widths", "give at least one stage"
+        if len(self.widths) != len(self.res_blocks):
+            return "widths", (f"{len(self.widths)} stages but --res_blocks has "
+                              f"{len(self.res_blocks)}")
+        return first_error(self)
+
+
+@dataclasses.dataclass
+class FastOptions:
+    """The fast network's options and their one set of defaults (the train app's flags)."""
+    widths: tuple[int, ...] = setting((64, 256, 256), "Fast CNN: channels per conv group.",
+                                      ge=1)
+    whiten_kernel: int = setting(2, "Fast CNN: patch size of the whitening conv "
+                                 "(2 k^2 C channels).", ge=1)
+    activation: str = setting("gelu", "Fast CNN: activation.", choices=ACTIVATIONS)
+    bn_momentum: float = setting(0.4, "Fast CNN: BN moving-average momentum (Keras "
+                                 "convention; 0.4 keeps 60% of each batch: short runs).",
+                                 ge=0, lt=1)
+    feature_scale: float = setting(1 / 9, "Fast CNN: multiply the pooled features by this "
+                                   "before the logits layer.", gt=0)
+    dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+    dirac_init: bool = setting(True, "Fast CNN: start each conv as the identity on its input "
+                               "channels (the rest uniform, +-1/sqrt(fan_in)) instead of "
+                               "He-normal.")
+
+    def validate(self) -> tuple[str, str] | None:
+        """(flag, message) for the first bad option, else None."""
+        if not self.widths:
+            return "widths", "give at least one conv group"
+        return first_error(self)
+
+
+@dataclasses.dataclass
+class SmallConvnetOptions:
+    """The small convnet's options (the train app's flags)."""
+    dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+
+    def validate(self) -> tuple[str, str] | None:
+        return first_error(self)
+
+
+@dataclasses.dataclass
+class TransferOptions:
+    """The transfer model's options and their one set of defaults (the train app's flags)."""
+    weights: str = setting("imagenet", f"Backbone weights: {WEIGHTS_CHOICES_HELP}. imagenet "
+                           "uses Keras' download and cache (~/.keras/models); a run name loads "
+                           "the model of one of our runs as the backbone.")
+    image_size: int | None = setting(None, "Size the backbone sees (the model resizes its "
+                                     "input). Default per backbone, for a 2-core CPU (64 for "
+                                     "VGG16); bigger sizes are for GPUs.", ge=1)
+    cut_at: str | None = setting(None, "Model surgery: the backbone ends at this layer (a bad "
+                                 "name lists them).")
+    head: str = setting("gap", "How the head pools the backbone's feature map.", choices=HEADS)
+    head_units: tuple[int, ...] = setting((256,), "Hidden Dense layers of the head (ReLU), "
+                                          "e.g. 256 or 512,128; empty: none.", ge=1)
+    dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+
+    def validate(self) -> tuple[str, str] | None:
+        return first_error(self)
+
+
+MODEL_OPTIONS: dict[str, type] = {
+    "scratch": ScratchOptions,
+    "fast": FastOptions,
+    "small_convnet": SmallConvnetOptions,
+    **{name: TransferOptions for name in BACKBONES if name != "scratch"},
+}
+MODEL_NAMES = tuple(sorted(MODEL_OPTIONS))  # a model without options maps to None
+
+
+def options_class(name: str, transfer: bool = False) -> type | None:
+    """The options dataclass of model `name`; TransferOptions for any backbone in a transfer
+    recipe (the scratch network too)."""
+    return TransferOptions if transfer and name in BACKBONES else MODEL_OPTIONS.get(name)
+
+
+def image_size_of(backbone: str, opts: TransferOptions) -> int:
+    return opts.image_size or BACKBONES[backbone].default_size
+
+
+def check_transfer_options(backbone: str, opts: TransferOptions
+                           ) -> tuple[str, str] | None:
+    """(flag, message) for a setting the backbone cannot take, before any work."""
+    if backbone not in BACKBONES:
+        return "model", f"{backbone!r} is not a backbone; choose one of {', '.join(BACKBONES)}"
+    problem = opts.validate()
+    if problem:
+        return problem
+    b = BACKBONES[backbone]
+    size = image_size_of(backbone, opts)
+    if size < b.min_size:
+        return "image_size", f"{size} is below {backbone}'s minimum input size {b.min_size}"
+    if backbone == "scratch" and opts.weights == "imagenet":
+        return "weights", "the scratch network has no ImageNet weights; use none or a run name"
+    return None
+
+
+def model_options_error(name: str, options: dict, transfer: bool = False
+                        ) -> tuple[str, str] | None:
+    """(flag, message) if `options` do not fit model `name`, else None."""
+    cls = options_class(name, transfer)
+    if cls is None:
+        return None
+    try:
+        opts = cls(**options)
+    except TypeError as e:
+        return "model", f"bad options for {name!r}: {e}"
+    if cls is TransferOptions:
+        return check_transfer_options(name, opts)
+    return opts.validate()

@@ -1,0 +1,68 @@
+"""The in-loop evaluator: one ordered pass over a whole split (no example dropped), scored
+with the model as it trains (orbit's evaluator, as one class)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from research.training import inputs
+from research.training.config import TrainConfig
+from research.training.state import make_metrics
+from research.training.steps import make_eval_step
+
+
+@dataclasses.dataclass
+class EvalResult:
+    split: str
+    scores: np.ndarray
+    labels: np.ndarray
+    class_ids: np.ndarray
+    index: np.ndarray
+    logits: np.ndarray
+    loss: float
+    accuracy: float
+    class_accuracy: float | None
+
+
+class Evaluator:
+    """Scores whole splits with `model` under `strategy` (orbit's evaluator, as one class)."""
+
+    def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
+                 positive_id: int):
+        self.cfg, self.strategy = cfg, strategy
+        with strategy.scope():
+            self.metrics = make_metrics(cfg, training=False)
+        self.eval_step = make_eval_step(cfg, strategy, model, self.metrics, positive_id)
+
+    def evaluate(self, split: str, progress: bool = False) -> EvalResult:
+        cfg = self.cfg
+        for metric in self.metrics.values():
+            metric.reset_state()
+        ds, expected = inputs.eval_dataset(cfg, split)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        dist = self.strategy.experimental_distribute_dataset(ds.with_options(options))
+        bar = keras.utils.Progbar(len(expected), unit_name="image") if progress else None
+        parts = []
+        for batch in dist:
+            out = {k: v.numpy() for k, v in self.eval_step(batch).items()}
+            parts.append(out)
+            if bar:
+                bar.add(len(out["score"]))
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(outputs["index"])
+        outputs = {k: v[order] for k, v in outputs.items()}
+        if not np.array_equal(outputs["index"], expected):
+            raise RuntimeError(f"evaluation of {split} saw {len(outputs['index'])} examples, "
+                               f"the run's examples of it are {len(expected)}")
+        m = self.metrics
+        return EvalResult(split, outputs["score"], outputs["label"], outputs["class_id"],
+                          outputs["index"], outputs["logits"], float(m["loss"].result()),
+                          float(m["accuracy"].result()),
+                          float(m["class_accuracy"].result()) if "class_accuracy" in m
+                          else None)
