@@ -60,17 +60,15 @@ def test_tf_config_is_checked_before_any_work(monkeypatch):
     from research.training import cluster
     from research.training.config import ConfigError
 
-    assert cluster.check_tf_config("auto") is None
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(ConfigError, match="--strategy=multi_worker: TF_CONFIG is not set"):
-        cluster.check_tf_config("multi_worker")
+    assert cluster.resolve("auto") is None
     for bad in ("{", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
                 '{"cluster": {"worker": ["a:1"]}}'):
         monkeypatch.setenv("TF_CONFIG", bad)
         with pytest.raises(ConfigError, match="TF_CONFIG is not a valid cluster description"):
-            cluster.check_tf_config("multi_worker")
+            cluster.resolve("multi_worker")
     monkeypatch.setenv("TF_CONFIG", json.dumps(launch_local.tf_configs([1, 2])[1]))
-    assert cluster.check_tf_config("multi_worker")["task"]["index"] == 1
+    assert cluster.check_tf_config(os.environ["TF_CONFIG"])["task"]["index"] == 1
+    assert cluster.resolve("multi_worker").task_id == 1
 
 
 def test_two_workers_match_one_process_and_resume_after_a_kill(syn, tmp_path):

@@ -21,6 +21,7 @@ from research.data import pipeline
 from research.detector import scale_images
 from research.models import backbones, build_model
 from research.models.layers import data_initialised, init_from_data
+from research.training import cluster
 from research.training.config import ConfigError, TrainConfig
 
 
@@ -43,7 +44,7 @@ def configure_cpu_replicas(n: int) -> None:
 
 def make_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.Strategy:
     if name == "multi_worker":  # before anything, listing devices included, starts TF
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolve(name))
     configure_cpu_replicas(cpu_replicas)
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")
