@@ -21,9 +21,8 @@ import os
 import shutil
 import tempfile
 
-from research.errors import UserError
+from research.errors import OUT_OF_SPACE_EXIT, UserError
 
-OUT_OF_SPACE_EXIT = 74
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 

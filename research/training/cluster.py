@@ -1,4 +1,12 @@
-"""Several machines: MultiWorkerMirroredStrategy over TF_CONFIG.
+"""Several machines: MultiWorkerMirroredStrategy over the scheduler's own description of the
+cluster.
+
+`resolve` finds the cluster for --strategy=multi_worker, in this order:
+1. TF_CONFIG, if set: `launch_local`, a Kubeflow TFJob (the training operator writes it into
+   every pod) or a user. It wins over SLURM, so `launch_local` inside an allocation works.
+2. An srun step (SLURM_STEP_NODELIST is set): TensorFlow's SlurmClusterResolver, one worker
+   per task, GPUs and ports chosen here (see `slurm_resolver`).
+3. Neither: a one-line ConfigError naming both.
 
 Every worker runs the same loop and takes part in every collective (train steps,
 evaluation, checkpoint saves). Only the chief writes the run: the others get a config whose
@@ -16,18 +24,42 @@ import shutil
 import tempfile
 
 import tensorflow as tf
+# The resolver's own parser of SLURM's "2(x3),1" (not exported under tf.distribute).
+from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+    expand_tasks_per_node)
 
 from research.training.config import ConfigError, TrainConfig
 
+# What srun sets in every task that the SLURM resolver reads (TensorFlow's, then ours).
+SLURM_TASK_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                   "SLURM_STEP_TASKS_PER_NODE", "SLURMD_NODENAME", "SLURM_LOCALID")
+PORT_VAR = "RESEARCH_PORT"  # the first port of a node's tasks; else derived from SLURM_JOB_ID
+_NO_CLUSTER = ("--strategy=multi_worker: no cluster found: set TF_CONFIG (launch_local, a "
+               "Kubeflow TFJob, or by hand) or start every worker with srun under SLURM (see "
+               "README, 'Several machines')")
 
-def check_tf_config(strategy_name: str) -> dict | None:
-    """The parsed TF_CONFIG for --strategy=multi_worker (before any work), else None."""
+
+def resolve(strategy_name: str) -> tf.distribute.cluster_resolver.ClusterResolver | None:
+    """The cluster resolver for --strategy=multi_worker (None for other strategies), in the
+    order above. It only reads the environment, so the loop calls it before any work and a
+    bad cluster stops there with one line."""
     if strategy_name != "multi_worker":
         return None
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        raise ConfigError("--strategy=multi_worker: TF_CONFIG is not set (see README, "
-                          "'Several machines', or `python -m research.apps.launch_local`)")
+    if os.environ.get("TF_CONFIG"):
+        check_tf_config(os.environ["TF_CONFIG"])
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if os.environ.get("SLURM_STEP_NODELIST"):
+        return slurm_resolver()
+    if os.environ.get("SLURM_JOB_ID"):
+        raise ConfigError(f"--strategy=multi_worker: SLURM job {os.environ['SLURM_JOB_ID']} "
+                          "but not an srun step (SLURM_STEP_NODELIST is not set): start the "
+                          "workers with `srun python -m research.apps.train ...`")
+    raise ConfigError(_NO_CLUSTER)
+
+
+def check_tf_config(text: str) -> dict:
+    """TF_CONFIG parsed, or a one-line ConfigError if it does not place this task in a
+    cluster of chief/worker tasks."""
     try:
         tf_config = json.loads(text)
         task, cluster = tf_config["task"], tf_config["cluster"]
@@ -38,6 +70,62 @@ def check_tf_config(strategy_name: str) -> dict | None:
         raise ConfigError(f"--strategy=multi_worker: TF_CONFIG is not a valid cluster "
                           f"description ({e}): {text[:200]}") from None
     return tf_config
+
+
+def slurm_port() -> int:
+    """The first port of a node's tasks (task k on a node listens on it + k): RESEARCH_PORT
+    if set, else 20000 + 8 * (SLURM_JOB_ID mod 5000): jobs sharing a node get eight ports
+    each (unless their ids differ by a multiple of 5000), never TensorFlow's fixed 8888."""
+    text = os.environ.get(PORT_VAR)
+    if text is None:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if not job.isdigit():
+            raise ConfigError(f"--strategy=multi_worker: set {PORT_VAR} (SLURM_JOB_ID is "
+                              f"{job or 'not set'}, so no port can be derived from it)")
+        return 20000 + 8 * (int(job) % 5000)
+    if not text.isdigit() or not 1024 <= int(text) <= 65000:
+        raise ConfigError(f"{PORT_VAR}: must be a port number in 1024-65000, got {text!r}")
+    return int(text)
+
+
+def slurm_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
+    """This srun step as a cluster of workers, read by TensorFlow's SlurmClusterResolver.
+
+    - GPUs per node: SLURM_GPUS_ON_NODE (SLURM sets it when the job has GPUs), else 0. The
+      resolver cannot be told 0 (it hands out GPUs in steps of gpus_per_task and drops the
+      tasks beyond them), so a CPU node is described as one unused slot per task and its
+      devices left alone; with GPUs, each task gets its share (CUDA_VISIBLE_DEVICES).
+    - Ports: `slurm_port`, not the resolver's fixed 8888.
+    - This task's index: its own address (SLURMD_NODENAME, port + SLURM_LOCALID) in the
+      cluster the resolver lists, hosts sorted by name. The resolver's own index is
+      SLURM_PROCID, which names another task's address when srun's node order is not that
+      sort (node9 before node10) or tasks are placed cyclically.
+    """
+    missing = [v for v in SLURM_TASK_VARS if v not in os.environ]
+    if missing:
+        raise ConfigError(f"--strategy=multi_worker: the srun step's environment lacks "
+                          f"{', '.join(missing)}")
+    port = slurm_port()
+    try:
+        per_node = max(expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"]))
+        gpus = int(os.environ.get("SLURM_GPUS_ON_NODE") or 0)
+        if 0 < gpus < per_node:
+            raise ValueError(f"{gpus} GPU(s) for {per_node} tasks on a node")
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=port, gpus_per_node=gpus or per_node, gpus_per_task=None if gpus else 1,
+            auto_set_gpu=gpus > 0)
+        spec = resolver.cluster_spec()
+        own = f"{os.environ['SLURMD_NODENAME']}:{port + int(os.environ['SLURM_LOCALID'])}"
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"--strategy=multi_worker: SLURM's environment does not describe a "
+                          f"cluster ({str(e).splitlines()[0]})") from None
+    workers = spec.as_dict()["worker"]
+    if own not in workers:
+        raise ConfigError(f"--strategy=multi_worker: this task ({own}) is not in the cluster "
+                          f"SLURM describes: {', '.join(workers)}")
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        spec, task_type="worker", task_id=workers.index(own), rpc_layer="grpc",
+        num_accelerators={"GPU": resolver.num_accelerators()["GPU"] if gpus else 0})
 
 
 def task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:

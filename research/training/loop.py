@@ -74,7 +74,7 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     """Trains (or resumes) the run in cfg.run_dir, evaluating on val; returns a summary.
     `actions` run after each evaluation (e.g. the train app's Grad-CAM images)."""
     cfg = prepare_config(cfg)
-    cluster.check_tf_config(cfg.strategy)
+    cluster.resolve(cfg.strategy)  # a bad cluster stops here, with one line
     resume.check_resume(cfg)  # a resume that changes the network or the data stops here
     strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
     if cfg.batch_size % strategy.num_replicas_in_sync:

@@ -14,11 +14,10 @@ import signal
 
 from absl import logging
 
+from research.errors import PREEMPTED_EXIT
 from research.training import cluster
 from research.training.actions import Action
 from research.training.config import TrainConfig
-
-PREEMPTED_EXIT = 75  # sysexits EX_TEMPFAIL: a scheduler may simply start the command again
 
 
 class Preemption(Action):

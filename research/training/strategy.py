@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from research.training import cluster
 from research.training.config import ConfigError
 
 
@@ -26,7 +27,7 @@ def configure_cpu_replicas(n: int) -> None:
 
 def make_strategy(name: str = "auto", cpu_replicas: int = 0) -> tf.distribute.Strategy:
     if name == "multi_worker":  # before anything, listing devices included, starts TF
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster.resolve(name))
     configure_cpu_replicas(cpu_replicas)
     gpus = tf.config.list_logical_devices("GPU")
     cpus = tf.config.list_logical_devices("CPU")

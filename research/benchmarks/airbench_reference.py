@@ -1,0 +1,578 @@
+r"""A reference to hold the fast recipe against, on our data: airbench94's OWN training code
+(the PyPI package airbench==0.1.8, PyTorch) and our fast recipe, trained on the same images
+of our TFRecords and tested on the same 10,000, side by side in one table.
+
+  pip install -e '.[reference]'    # torch, torchvision, airbench: in a separate venv
+  python -m research.benchmarks.airbench_reference [--epochs=10] [--data_dir=data/cifar10]
+      [--sides=reference,ours] [--train_splits=train|train,val] [--timing_steps=30]
+
+Sides. `reference` calls `airbench.train94` (airbench.utils.train does the work), adapted to a
+CPU by `airbench_on_cpu` below: the one place that patches it, reversibly (a context manager;
+nothing of airbench is copied here). `ours` trains `--ours_flagfile` (the fast recipe) with
+our training library, all of it called from `train_ours`. Both train on the TFRecords'
+`--train_splits` in their stored order and are tested on the whole test split: after each
+epoch without TTA (airbench's `val_acc`), at the end with TTA (airbench's tta_level 2 = our
+--tta_shifts). Each side's results go to <results_dir>/<side>.json (written atomically); a
+side not run this time is read back from there for the table, which says so. A reference run
+takes ~1.5 h on 2 cores and cannot be resumed.
+
+`--timing_steps=N` times N train steps of each side back to back in this one process (after
+a few warm-up steps) and prints their ratio, for when the full runs shared the machine.
+
+Later, a "parity" mode (both networks from the same weights on the same batches, the
+per-step loss difference) fits here: `airbench_on_cpu` already records airbench's per-step
+losses and takes any arrays as the data; it would pass airbench.utils.train a loader without
+augmentation and `make_net` returning a net with our weights.
+
+Exit status: 0 done; 1 an error, named in one line (e.g. torch not installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
+flags.DEFINE_float("epochs", 10.0, "Epochs, both sides (airbench94's own default is 9.9).")
+flags.DEFINE_list("sides", ["reference", "ours"], "Sides to run now: reference, ours; the "
+                  "others are read from --results_dir for the table.")
+flags.DEFINE_list("train_splits", ["train"], "Splits to train on, in this order (train,val: "
+                  "all 50,000). Testing is on the whole test split.")
+flags.DEFINE_string("results_dir", "logs/airbench_reference", "Where each side's JSON (and "
+                    "our side's checkpoints and logs) go.")
+flags.DEFINE_string("ours_flagfile", "research/recipes/fast_cifar10.flags", "Our recipe: "
+                    "train-app flags, parsed into a TrainConfig as the train app does.")
+flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_bfloat16"], "Our side's "
+                  "--precision (float32 matches the float32 reference).")
+flags.DEFINE_integer("timing_steps", 0, "If > 0: only time this many train steps of each "
+                     "side, back to back, and print the ratio (no full runs).")
+flags.DEFINE_integer("timing_warmup", 3, "Untimed train steps before --timing_steps.")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: the core count).")
+flags.DEFINE_integer("seed", 0, "Seed of both sides (torch.manual_seed; our --seed).")
+
+SIDES = ("reference", "ours")
+REFERENCE_PACKAGES = ("torch", "torchvision", "airbench")
+INSTALL_HINT = ("error: the airbench reference needs torch, torchvision and airbench==0.1.8 "
+                "(missing: {}): install the extra into a separate venv, "
+                "pip install -e '.[reference]'")
+
+
+def missing_reference_packages() -> list[str]:
+    """The reference side's packages that are not installed (checked without importing)."""
+    return [name for name in REFERENCE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: time, files, the CPU.
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def lscpu() -> dict:
+    """lscpu's model name and the vector flags that decide speed here (recorded with every
+    time, since the full runs may run on different machines of one kind)."""
+    model, flag_set = "", set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Model name":
+            model = value.strip()
+        elif key.strip() == "Flags":
+            flag_set = set(value.split())
+    names = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512_bf16": "AVX512-BF16",
+             "amx_bf16": "AMX-BF16", "amx_tile": "AMX-TILE"}
+    return {"model_name": model, **{label: name in flag_set for name, label in names.items()}}
+
+
+def lscpu_line(info: dict) -> str:
+    yn = {True: "yes", False: "no"}
+    return (f"lscpu: {info.get('model_name') or '?'}; " +
+            ", ".join(f"{k} {yn[v]}" for k, v in info.items() if k != "model_name"))
+
+
+def machine_record() -> dict:
+    from research.machine import banner
+
+    return {"cpu": banner(), "lscpu": lscpu(), "cores": os.cpu_count()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The data: our TFRecords, read with our own library, in stored order.
+
+
+def read_splits(data_dir: str, splits) -> tuple:
+    """(uint8 NHWC images, int64 class ids, class names) of `splits`, concatenated in order,
+    each in its stored order (the whitening reads the first 5,000 training images)."""
+    import numpy as np
+
+    from research.data import pipeline
+
+    images, labels = [], []
+    for split in splits:
+        batches = list(pipeline.make_dataset(data_dir, split, 5000, training=False,
+                                             scale="uint8"))
+        index = np.concatenate([b["index"].numpy() for b in batches])
+        if not np.array_equal(index, np.arange(len(index))):
+            raise RuntimeError(f"{data_dir}/{split} was not read in its stored order")
+        images.append(np.concatenate([b["image"].numpy() for b in batches]))
+        labels.append(np.concatenate([b["class_id"].numpy() for b in batches]).astype(np.int64))
+    names = pipeline.load_manifest(data_dir)["class_names"]
+    return np.concatenate(images), np.concatenate(labels), names
+
+
+def training_data_dir(data_dir: str, splits, out_dir: str) -> str:
+    """A data folder whose train split is `splits` (for our side, which trains on 'train'):
+    `data_dir` itself for [train], else a manifest under `out_dir` that lists those splits'
+    shards (absolute paths: the shards stay where they are) as its train split."""
+    if list(splits) == ["train"]:
+        return data_dir
+    from research.data import pipeline
+
+    manifest = pipeline.load_manifest(data_dir)
+    parts = [manifest["splits"][s] for s in splits]
+    names = manifest["class_names"]
+    train = {"num_examples": sum(p["num_examples"] for p in parts),
+             "num_positive": sum(p["num_positive"] for p in parts),
+             "class_counts": {c: sum(p["class_counts"][c] for p in parts) for c in names},
+             "shards": [{**sh, "file": os.path.abspath(os.path.join(data_dir, sh["file"]))}
+                        for p in parts for sh in p["shards"]]}
+    for s in manifest["splits"].values():
+        for sh in s["shards"]:
+            sh["file"] = os.path.abspath(os.path.join(data_dir, sh["file"]))
+    manifest["splits"]["train"] = train
+    manifest["source"] = f"{data_dir} splits {'+'.join(splits)} as train"
+    out = os.path.join(out_dir, f"data_{'_'.join(splits)}")
+    write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference side: airbench's own code, patched to run on the CPU from our data.
+
+
+@dataclasses.dataclass
+class ReferenceRecord:
+    """What the patches capture while airbench trains."""
+    step_losses: list = dataclasses.field(default_factory=list)  # mean per-example loss
+    step_times: list = dataclasses.field(default_factory=list)   # perf_counter at each loss
+    epochs: list = dataclasses.field(default_factory=list)       # airbench's logged rows
+
+
+class CpuEvent:
+    """torch.cuda.Event(enable_timing=True) on the CPU: the code it times runs synchronously."""
+
+    def __init__(self, enable_timing: bool = False, **_):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "CpuEvent") -> float:
+        return 1e3 * (end.t - self.t)  # milliseconds, as CUDA events
+
+
+@contextlib.contextmanager
+def airbench_on_cpu(train_data: tuple, test_data: tuple, classes, record: ReferenceRecord):
+    """airbench94 on the CPU, in float32, fed from our arrays; every patch is undone on exit.
+
+    `train_data`, `test_data`: (uint8 NHWC images, int64 labels). The patches:
+      1. data: `CifarLoader` (as airbench.utils.train builds the test loader and
+         lib_airbench94.train94 the train loader) becomes a subclass that reads our arrays,
+         written in airbench's own cifar10/{train,test}.pt format to a temporary folder, onto
+         the CPU (its `gpu` argument); its iteration and augmentation are airbench's.
+      2. dtype: Module.half and Tensor.half give float32 (airbench runs fp16 on the GPU, BN in
+         fp32; fp16 convolutions are slow or missing on a CPU).
+      3. device: Module.cuda is a no-op (`make_net94` ends `.half().cuda()`).
+      4. timing: torch.cuda.Event is a CPU timer and torch.cuda.synchronize a no-op.
+      5. per-step losses: the nn.CrossEntropyLoss that airbench.utils.train builds records
+         each call's mean per-example loss and the time (airbench exposes none).
+      6. per-epoch rows: airbench.utils.print_training_details (which gets train's locals:
+         epoch, val_acc, tta_val_acc, total_time_seconds, ...) records them, then prints.
+    """
+    from unittest import mock
+
+    import airbench
+    import airbench.lib_airbench94
+    import airbench.utils
+    import torch
+
+    tmp = tempfile.mkdtemp(prefix="airbench-data-")
+    for name, (images, labels) in (("train", train_data), ("test", test_data)):
+        torch.save({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
+                    "classes": list(classes)}, os.path.join(tmp, f"{name}.pt"))
+
+    class OurCifarLoader(airbench.utils.CifarLoader):
+        """airbench's CifarLoader on our data folder and the CPU; `path` and `gpu` ignored."""
+
+        def __init__(self, path, train=True, batch_size=500, aug=None, drop_last=None,
+                     shuffle=None, altflip=False, gpu=0):
+            super().__init__(tmp, train, batch_size, aug, drop_last, shuffle, altflip,
+                             gpu="cpu")
+
+    loss_class = torch.nn.CrossEntropyLoss
+
+    class RecordingLoss(loss_class):
+        def forward(self, input, target):
+            out = super().forward(input, target)
+            record.step_times.append(time.perf_counter())
+            record.step_losses.append(float(out.detach().float().mean()))
+            return out
+
+    print_details = airbench.utils.print_training_details
+
+    def recording_print(variables, is_final_entry):
+        record.epochs.append({k: variables.get(k) for k in (
+            "epoch", "train_loss", "train_acc", "val_acc", "tta_val_acc",
+            "total_time_seconds")})
+        print_details(variables, is_final_entry)
+        sys.stdout.flush()
+
+    patches = [
+        mock.patch.object(airbench.utils, "CifarLoader", OurCifarLoader),
+        mock.patch.object(airbench.lib_airbench94, "CifarLoader", OurCifarLoader),
+        mock.patch.object(torch.nn.Module, "half", lambda self: self.float()),
+        mock.patch.object(torch.Tensor, "half", lambda self, *a, **k: self.float()),
+        mock.patch.object(torch.nn.Module, "cuda", lambda self, device=None: self),
+        mock.patch.object(torch.cuda, "Event", CpuEvent),
+        mock.patch.object(torch.cuda, "synchronize", lambda device=None: None),
+        mock.patch.object(airbench.utils.nn, "CrossEntropyLoss", RecordingLoss),
+        mock.patch.object(airbench.utils, "print_training_details", recording_print),
+    ]
+    try:
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            yield airbench
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def setup_torch(threads: int, seed: int) -> dict:
+    import airbench  # noqa: F401  (its version below)
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    from importlib.metadata import version
+
+    return {"torch": torch.__version__, "airbench": version("airbench"),
+            "torch_threads": torch.get_num_threads()}
+
+
+def run_reference(train, test, classes, epochs: float) -> dict:
+    """airbench.train94 for `epochs`, verbose (its per-epoch test accuracy and final TTA)."""
+    record = ReferenceRecord()
+    start = time.perf_counter()
+    with airbench_on_cpu(train, test, classes, record) as airbench:
+        hyp = airbench.lib_airbench94.hyp
+        airbench.train94(epochs=epochs, verbose=True)
+    wall = time.perf_counter() - start
+    rows = [r for r in record.epochs if isinstance(r["epoch"], int)]
+    final = next(r for r in record.epochs if r["epoch"] == "eval")
+    steps = len(record.step_losses)
+    batch = hyp["opt"]["batch_size"]
+    # airbench's timer: the whitening init and the train epochs (its per-epoch eval excluded)
+    train_seconds = rows[-1]["total_time_seconds"]
+    return {"per_epoch": [{"epoch": r["epoch"] + 1, "test_acc": r["val_acc"],
+                           "train_loss_last_batch": r["train_loss"],
+                           "seconds_cumulative": r["total_time_seconds"]} for r in rows],
+            "final_tta_acc": final["tta_val_acc"], "tta_level": hyp["net"]["tta_level"],
+            "steps": steps, "batch_size": batch, "train_seconds": train_seconds,
+            "img_per_s": steps * batch / train_seconds, "wall_seconds": wall,
+            "step_losses": record.step_losses, "hyp": hyp}
+
+
+def time_reference(train, test, classes, steps: int, warmup: int) -> dict:
+    """Seconds of `steps` airbench train steps (loss call to loss call) after `warmup`."""
+    record = ReferenceRecord()
+    with airbench_on_cpu(train, test, classes, record) as airbench:
+        per_epoch = len(train[0]) // airbench.lib_airbench94.hyp["opt"]["batch_size"]
+        total = warmup + steps + 1
+        airbench.train94(epochs=total / per_epoch * (1 - 1e-9), verbose=False)
+    t = record.step_times
+    seconds = t[warmup + steps] - t[warmup]
+    batch = airbench.lib_airbench94.hyp["opt"]["batch_size"]
+    return {"steps": steps, "warmup": warmup, "seconds": seconds, "batch_size": batch,
+            "img_per_s": steps * batch / seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# Our side: the one function that calls our training library (research.training is being
+# restructured; keep the import surface here, small and obvious).
+
+
+def ours_config(flagfile: str, data_dir: str, run_dir: str, **overrides):
+    """The recipe's TrainConfig, parsed from `flagfile` with the train app's flag definitions
+    (config_flags, from the dataclasses) on a FlagValues of its own, so our flags do not clash
+    with the recipe's; `overrides` are train flags given after the flagfile."""
+    from research.apps import config_flags
+    from research.models import MODEL_OPTIONS, options_class
+    from research.training.config import TrainConfig
+
+    fv = flags.FlagValues()
+    config_flags.define_flags(TrainConfig, flag_values=fv)
+    for options in dict.fromkeys(MODEL_OPTIONS.values()):
+        config_flags.define_flags(options, flag_values=fv)
+    base = dict(data_dir=data_dir, run_name="ours", checkpoint_dir=run_dir, log_dir=run_dir,
+                restart=True, progress=False, gradcam_images=0)
+    fv(["ours", f"--flagfile={flagfile}"] +
+       [f"--{k}={v}" for k, v in {**base, **overrides}.items()])
+    # as research.apps.train.config_from_flags (which reads the global FLAGS)
+    cfg = TrainConfig(**config_flags.values_from_flags(TrainConfig, fv))
+    options_cls = options_class(cfg.model, cfg.uses_backbone)
+    cfg.model_options = config_flags.values_from_flags(options_cls, fv) if options_cls else {}
+    return cfg
+
+
+def train_ours(cfg, test_each_epoch: bool = True, final_tta: bool = True,
+               boundaries=()) -> dict:
+    """train_and_evaluate(cfg) plus one extra action: the 10-class test accuracy without TTA
+    at each of the loop's evaluations (every epoch), with --tta_shifts at the end, and the
+    seconds of each train-loop call (`boundaries`: steps at which a call must end)."""
+    import dataclasses as dc
+
+    from research.training.actions import Action
+    from research.training.evaluation import Evaluator
+    from research.training.loop import train_and_evaluate
+
+    out = {"per_epoch": [], "calls": []}
+
+    class TestAccuracy(Action):
+        def __init__(self):
+            self.evaluators = {}  # by tta: built once, on the loop's strategy and model
+
+        def evaluate(self, ctx, tta: bool) -> float:
+            if tta not in self.evaluators:
+                cfg_ = dc.replace(ctx.cfg, tta=tta, tta_shifts=tta)
+                self.evaluators[tta] = Evaluator(cfg_, ctx.evaluator.strategy, ctx.state.model,
+                                                 ctx.manifest["positive_class_id"])
+            return self.evaluators[tta].evaluate("test").class_accuracy
+
+        def next_boundary(self, ctx):
+            return next((b for b in boundaries if b > ctx.step), None)
+
+        def __call__(self, ctx):
+            out["calls"].append({"step": ctx.step, "steps": ctx.steps_run,
+                                 "seconds": ctx.seconds})
+            if test_each_epoch and ctx.result is not None:
+                acc = self.evaluate(ctx, tta=False)
+                out["per_epoch"].append({"epoch": ctx.step / ctx.plan.steps_per_epoch,
+                                         "step": ctx.step, "test_acc": acc,
+                                         "train_seconds_cumulative": ctx.train_seconds})
+                print(f"ours | step {ctx.step} | test 10-class acc {acc:.4f}", flush=True)
+
+        def end(self, ctx):
+            out["steps"] = ctx.step
+            out["steps_per_epoch"] = ctx.plan.steps_per_epoch
+            if final_tta:
+                out["final_tta_acc"] = self.evaluate(ctx, tta=True)
+
+    out["summary"] = train_and_evaluate(cfg, actions=[TestAccuracy()])
+    return out
+
+
+def run_ours(cfg) -> dict:
+    start = time.perf_counter()
+    out = train_ours(cfg)
+    wall = time.perf_counter() - start
+    seconds = out["summary"]["train_seconds"]
+    steady = out["calls"][1:]  # the first call also traces the step
+    steady_s = sum(c["seconds"] for c in steady)
+    return {"per_epoch": out["per_epoch"], "final_tta_acc": out.get("final_tta_acc"),
+            "steps": out["steps"], "batch_size": cfg.batch_size, "train_seconds": seconds,
+            "img_per_s": out["steps"] * cfg.batch_size / seconds,
+            "img_per_s_after_first_call": (sum(c["steps"] for c in steady) * cfg.batch_size
+                                           / steady_s) if steady_s else None,
+            "wall_seconds": wall, "config": dataclasses.asdict(cfg)}
+
+
+def time_ours(cfg, steps: int, warmup: int) -> dict:
+    cfg = dataclasses.replace(cfg, train_steps=warmup + steps, steps_per_loop=warmup + steps,
+                              tta=False, tta_shifts=False)
+    out = train_ours(cfg, test_each_epoch=False, final_tta=False,
+                     boundaries=(warmup, warmup + steps))
+    call = next(c for c in out["calls"] if c["step"] == warmup + steps)
+    assert call["steps"] == steps, out["calls"]
+    return {"steps": steps, "warmup": warmup, "seconds": call["seconds"],
+            "batch_size": cfg.batch_size, "img_per_s": steps * cfg.batch_size / call["seconds"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+
+
+def _acc(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _num(x, fmt="{:,.0f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def format_table(results: dict, ran_now: set, timing: dict | None) -> str:
+    """One table of both sides: per-epoch test accuracy, final TTA accuracy, train seconds
+    and img/s of the full runs, and the back-to-back timing if any."""
+    from research.machine import banner
+
+    ref, ours = results.get("reference"), results.get("ours")
+    lines = [banner()]
+
+    def source(side, r):
+        if r is None:
+            return f"{side}: no results (run --sides={side})"
+        when = "run now" if side in ran_now else "SAVED, reused (not re-run)"
+        return (f"{side}: {when}, {r['finished']}, {r['train_images']:,} train images "
+                f"({'+'.join(r['train_splits'])}), {r['test_images']:,} test, "
+                f"{r['epochs']:g} epochs, {r['steps']} steps of {r['batch_size']}; "
+                f"{r['what']}; {lscpu_line(r['machine']['lscpu'])}")
+
+    lines += [source("reference", ref), source("ours", ours), ""]
+    w = 44
+    lines.append(f"{'':<{w}}{'reference':>10}  {'ours':>10}")
+    n = max(len(r["per_epoch"]) for r in (ref, ours) if r) if (ref or ours) else 0
+    for i in range(n):
+        row = [r["per_epoch"][i]["test_acc"] if r and i < len(r["per_epoch"]) else None
+               for r in (ref, ours)]
+        lines.append(f"{f'test acc after epoch {i + 1} (no TTA)':<{w}}{_acc(row[0]):>10}  "
+                     f"{_acc(row[1]):>10}")
+    get = lambda r, k: r.get(k) if r else None  # noqa: E731
+    lines += [f"{'test acc, final, TTA (mirror + 1px shifts)':<{w}}"
+              f"{_acc(get(ref, 'final_tta_acc')):>10}  {_acc(get(ours, 'final_tta_acc')):>10}",
+              f"{'train seconds (full run)':<{w}}{_num(get(ref, 'train_seconds')):>10}  "
+              f"{_num(get(ours, 'train_seconds')):>10}",
+              f"{'img/s (full run, its own timer)':<{w}}"
+              f"{_num(get(ref, 'img_per_s'), '{:,.1f}'):>10}  "
+              f"{_num(get(ours, 'img_per_s'), '{:,.1f}'):>10}"]
+    if timing:
+        r, o = timing["reference"], timing["ours"]
+        lines.append(f"{'img/s (timing: ' + str(r['steps']) + ' steps, back to back)':<{w}}"
+                     f"{r['img_per_s']:>10,.1f}  {o['img_per_s']:>10,.1f}")
+        lines.append(f"timing ({timing['finished']}, one process, warm-up {r['warmup']} steps): "
+                     f"ours / reference = {o['img_per_s'] / r['img_per_s']:.2f}; "
+                     f"{lscpu_line(timing['machine']['lscpu'])}")
+    lines.append("full-run img/s: the reference's timer covers the whitening init and the "
+                 "train epochs, ours the train-loop calls (the first one traces the step); "
+                 "either run may have shared the machine.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    del argv
+    sides = list(dict.fromkeys(FLAGS.sides))
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:
+        sys.exit(f"error: --sides: unknown side(s) {', '.join(unknown)}; choose from "
+                 f"{', '.join(SIDES)}")
+    timing = FLAGS.timing_steps > 0
+    if timing or "reference" in sides:  # first, before anything heavy is imported
+        missing = missing_reference_packages()
+        if missing:
+            sys.exit(INSTALL_HINT.format(", ".join(missing)))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "reference" in sides or timing:
+        info = setup_torch(FLAGS.torch_threads, FLAGS.seed)
+    results_dir = FLAGS.results_dir
+    print(machine_record()["cpu"], flush=True)
+    print(lscpu_line(lscpu()), flush=True)
+
+    splits = FLAGS.train_splits
+    ours_dir = os.path.join(results_dir, "ours")
+    cfg = None
+    if "ours" in sides or timing:
+        cfg = ours_config(FLAGS.ours_flagfile, training_data_dir(FLAGS.data_dir, splits,
+                                                                 results_dir),
+                          ours_dir, epochs=FLAGS.epochs, precision=FLAGS.precision,
+                          seed=FLAGS.seed)
+    train = test = classes = None
+    if "reference" in sides or timing:
+        images, labels, classes = read_splits(FLAGS.data_dir, splits)
+        train = (images, labels)
+        test = read_splits(FLAGS.data_dir, ["test"])[:2]
+        print(f"reference data: {len(train[0]):,} train images ({'+'.join(splits)}), "
+              f"{len(test[0]):,} test, from {FLAGS.data_dir}", flush=True)
+
+    if timing:
+        n, w = FLAGS.timing_steps, FLAGS.timing_warmup
+        out = {"reference": {**time_reference(train, test, classes, n, w), **info},
+               "ours": {**time_ours(cfg, n, w), "precision": cfg.precision},
+               "finished": utc_now(), "machine": machine_record()}
+        write_json_atomic(os.path.join(results_dir, "timing.json"), out)
+        print(format_table(load_results(results_dir), set(), out))
+        return
+
+    what = {"reference": lambda: ("airbench.train94 ({airbench}, torch {torch}, float32, "
+                                  "{torch_threads} threads)").format(**info),
+            "ours": lambda: f"{FLAGS.ours_flagfile}, {cfg.precision}"}
+    for side in sides:
+        started = utc_now()
+        print(f"{side}: training from {started}", flush=True)
+        if side == "reference":
+            r = {**run_reference(train, test, classes, FLAGS.epochs), **info}
+            n_train, n_test = len(train[0]), len(test[0])
+        else:
+            r = run_ours(cfg)
+            from research.data.pipeline import load_manifest
+
+            manifest = load_manifest(cfg.data_dir)
+            n_train = manifest["splits"]["train"]["num_examples"]
+            n_test = manifest["splits"]["test"]["num_examples"]
+        r.update(side=side, what=what[side](), started=started, finished=utc_now(),
+                 epochs=FLAGS.epochs, train_splits=splits, train_images=n_train,
+                 test_images=n_test, data_dir=FLAGS.data_dir, machine=machine_record())
+        write_json_atomic(os.path.join(results_dir, f"{side}.json"), r)
+        print(f"{side}: saved {os.path.join(results_dir, side + '.json')}", flush=True)
+    print(format_table(load_results(results_dir), set(sides),
+                       read_json(os.path.join(results_dir, "timing.json"))))
+
+
+def load_results(results_dir: str) -> dict:
+    return {side: r for side in SIDES
+            if (r := read_json(os.path.join(results_dir, f"{side}.json"))) is not None}
+
+
+if __name__ == "__main__":
+    app.run(main)
