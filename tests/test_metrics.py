@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from research.benchmarks import _metrics_reference as ref
-from research.evaluation import metrics
+from research import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALARS = ("roc_auc", "pr_auc", "best_f1_threshold")
@@ -110,7 +110,7 @@ def _mann_whitney_auc(labels, scores):
 
 
 def _python_lines(fn, *args) -> int:
-    """How many lines of research/evaluation/metrics.py run during fn(*args)."""
+    """How many lines of research/metrics.py run during fn(*args)."""
     lines = 0
 
     def tracer(frame, event, arg):
@@ -153,7 +153,7 @@ def test_figures_are_backend_free_and_labelled():
 import io, sys
 import numpy as np
 from matplotlib.figure import Figure
-from research.evaluation import metrics
+from research import metrics
 rng = np.random.default_rng(0)
 labels = rng.random(400) < 0.2
 scores = rng.random(400) + 0.3 * labels

@@ -14,7 +14,7 @@ import helpers
 from research.data import pipeline
 from research.model_options import MODEL_OPTIONS
 from research.models import MODELS
-from research.evaluation import metrics
+from research import metrics
 from research.training import loop, state as train_state
 from research.training.actions import NonFiniteLossError
 from research.training.evaluator import Evaluator

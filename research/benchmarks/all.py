@@ -22,6 +22,7 @@ import time
 from absl import app, flags
 
 from research.benchmarks import ratios
+from research.data.manifest import manifest_path
 from research.machine import banner
 
 FLAGS = flags.FLAGS
@@ -84,7 +85,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         for name in FLAGS.only:
             if name == "input_pipeline" and not os.path.exists(
-                    os.path.join(FLAGS.data_dir, "manifest.json")):
+                    manifest_path(FLAGS.data_dir)):
                 results[name] = ([ratios.Ratio(
                     "TFRecord / in-memory input", None, ">= 0.5",
                     f"skipped: no TFRecords in --data_dir={FLAGS.data_dir} (make data)")], 0.0)

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from research import machine
 from research.benchmarks import _metrics_reference as old
-from research.evaluation import metrics as new
+from research import metrics as new
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["10000", "100000", "10000000"], "Numbers of scores to time.")

@@ -18,6 +18,14 @@ class DataError(ValueError):
     """A manifest or shard is missing, from another schema version, or corrupt."""
 
 
+def manifest_path(data_dir: str) -> str:
+    return os.path.join(data_dir, MANIFEST)
+
+
+def has_manifest(data_dir: str | None) -> bool:
+    return bool(data_dir) and os.path.isfile(manifest_path(data_dir))
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 import research.models  # noqa: F401  (registers our layers for load_model)
 from research import files, plots, runs
 from research.data import pipeline
-from research.evaluation import metrics as detmetrics
+from research import metrics as detmetrics
 from research.evaluation import run as scoring
 from research.training import checkpoints
 from research.training.config import ConfigError, TrainConfig, load_run_config

@@ -9,7 +9,7 @@ import numpy as np
 
 from research import plots
 from research.data import pipeline
-from research.evaluation import metrics as detmetrics
+from research import metrics as detmetrics
 from research.training.config import TrainConfig
 
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from research import runs
 from research.data import pipeline
-from research.evaluation import metrics as detmetrics
+from research import metrics as detmetrics
 from research.evaluation import report as reporting
 from research.training import checkpoints
 from research.training.config import ConfigError, TrainConfig

@@ -11,6 +11,7 @@ import numpy as np
 
 from research import plots
 from research.data import pipeline, sources, tfrecords
+from research.data.manifest import has_manifest
 from research.lab.lab import Lab, StageRecord, command
 from research.lab.settings import LabError
 
@@ -30,8 +31,7 @@ def data_wanted(lab: Lab) -> dict:
 def data_mismatch(lab: Lab) -> str | None:
     """Why the existing TFRecords are not the ones this lab asks for (None: they are, or
     there are none)."""
-    path = os.path.join(lab.s.data_dir, "manifest.json")
-    if not os.path.isfile(path):
+    if not has_manifest(lab.s.data_dir):
         return None
     m = pipeline.load_manifest(lab.s.data_dir)
     want = data_wanted(lab)
@@ -67,7 +67,7 @@ def stage_data(lab: Lab) -> StageRecord:
     s, want = lab.s, data_wanted(lab)
     flags = {"source": lab.source, "out_dir": s.data_dir, "download_dir": s.download_dir,
              **{f"{k}_shards": v for k, v in want["shards"].items()}}
-    reused = os.path.isfile(os.path.join(s.data_dir, "manifest.json"))
+    reused = has_manifest(s.data_dir)
     problem = data_mismatch(lab)
     if problem:
         raise LabError(f"data: {problem}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 from research.data.imaging import ImageDecodeError
+from research.data.manifest import has_manifest
 from research.lab import report
 from research.lab.data_stage import data_mismatch
 from research.lab.detectors import detector_runs, require_runs
@@ -38,8 +38,7 @@ def preflight(lab: Lab, order: list[str]) -> None:
     problem = data_mismatch(lab)
     if problem:
         raise LabError(f"data: {problem}")
-    if "data" not in order and not os.path.isfile(os.path.join(lab.s.data_dir,
-                                                               "manifest.json")):
+    if "data" not in order and not has_manifest(lab.s.data_dir):
         raise LabError(f"--stages: {lab.s.data_dir} has no TFRecords yet; include the data "
                        "stage")
     needing = [n for n in order if n in NEEDS_DETECTORS]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+from research.data.manifest import has_manifest, manifest_path
 from research.errors import UserError
 from research.fields import field_errors
 from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
@@ -65,8 +66,8 @@ def pick_source(source: str | None, data_dir: str | None = None) -> tuple[str, s
     in `data_dir` are kept with the source they were built from."""
     if source:
         return source, f"source: {source} (--source)"
-    manifest = os.path.join(data_dir or "", "manifest.json")
-    if data_dir and os.path.isfile(manifest):
+    if has_manifest(data_dir):
+        manifest = manifest_path(data_dir)
         try:
             with open(manifest) as f:
                 built_from = json.load(f)["source"]

@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from research import runs
-from research.evaluation import metrics as detmetrics
+from research import metrics as detmetrics
 from research.training import record
 from research.training.config import TrainConfig
 from research.training.evaluator import EvalResult, Evaluator

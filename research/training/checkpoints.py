@@ -18,6 +18,9 @@ from absl import logging
 from research.training.config import ConfigError
 
 
+BEST = "best"  # <run>/best/: the best checkpoint by the run's selection metric
+
+
 class CheckpointError(ConfigError):
     """No checkpoint of the run can be read."""
 
@@ -102,7 +105,7 @@ def resolve_checkpoint(run_dir: str, which: str, verify: bool = True) -> str:
     """'best', 'latest' or a path, to a checkpoint prefix; with `verify`, every tensor is
     read first, so a truncated file is named here, not in a traceback."""
     if which in ("best", "latest"):
-        folder = os.path.join(run_dir, "best") if which == "best" else run_dir
+        folder = os.path.join(run_dir, BEST) if which == "best" else run_dir
         path = tf.train.latest_checkpoint(folder)
         if path is None and which == "best":
             path = tf.train.latest_checkpoint(run_dir)

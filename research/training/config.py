@@ -15,6 +15,7 @@ import os
 
 from research import runs
 from research.data.augmentation import FILL_MODES, Affine
+from research.data.manifest import has_manifest
 from research.errors import UserError
 from research.fields import field_errors, setting
 from research.model_options import BACKBONES, MODEL_OPTIONS, model_options_error
@@ -186,8 +187,7 @@ class TrainConfig:
 
         if not self.run_name or "/" in self.run_name:
             bad("run_name", f"must be a plain name, got {self.run_name!r}")
-        if not self.data_dir or not os.path.isfile(os.path.join(self.data_dir,
-                                                                "manifest.json")):
+        if not has_manifest(self.data_dir):
             bad("data_dir", f"{self.data_dir!r} has no manifest.json; build it with "
                 "`python -m research.apps.make_tfrecords`")
         if self.model not in MODEL_OPTIONS:

@@ -16,7 +16,7 @@ from absl import logging
 
 from research import machine, runs
 from research.data import pipeline
-from research.evaluation import metrics as detmetrics
+from research import metrics as detmetrics
 from research.training import checkpoints, cluster, feature_cache, inputs, record, resume
 from research.training.actions import LoopContext, best_metric, standard_actions
 from research.training.config import ConfigError, TrainConfig

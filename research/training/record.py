@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from research import files, plots, runs
 from research.data import pipeline
-from research.evaluation import metrics as detmetrics
+from research import metrics as detmetrics
 from research.training import inputs
 from research.training.config import TrainConfig
 

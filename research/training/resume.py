@@ -17,6 +17,7 @@ import socket
 from absl import logging
 
 from research import machine, runs
+from research.data.manifest import has_manifest, manifest_path
 from research.fields import resumable
 from research.training import checkpoints
 from research.training.config import ConfigError, TrainConfig
@@ -42,10 +43,9 @@ def _flat(cfg: TrainConfig) -> dict:
 
 
 def manifest_digest(data_dir: str) -> str | None:
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
+    if not has_manifest(data_dir):
         return None
-    with open(path, "rb") as f:
+    with open(manifest_path(data_dir), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 

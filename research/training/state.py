@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from research.data import pipeline
+from research.training import checkpoints
 from research.training.config import TrainConfig
 from research.training.lookahead import Lookahead
 from research.training.model import apply_phase, init_model_from_data, make_model
@@ -142,8 +143,8 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         manager = tf.train.CheckpointManager(checkpoint, cfg.run_dir,
                                              max_to_keep=cfg.keep_checkpoints,
                                              step_counter=optimizer.iterations)
-        best_manager = tf.train.CheckpointManager(checkpoint, os.path.join(cfg.run_dir, "best"),
-                                                  max_to_keep=1, checkpoint_name="best",
-                                                  step_counter=optimizer.iterations)
+        best_manager = tf.train.CheckpointManager(
+            checkpoint, os.path.join(cfg.run_dir, checkpoints.BEST), max_to_keep=1,
+            checkpoint_name="best", step_counter=optimizer.iterations)
     return TrainState(strategy, model, optimizer, checkpoint, manager, best_manager, epoch, best,
                       bad, train_metrics, lookahead=lookahead, **extra)
