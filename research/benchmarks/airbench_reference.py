@@ -347,7 +347,7 @@ def ours_config(flagfile: str, data_dir: str, run_dir: str, **overrides):
     (config_flags, from the dataclasses) on a FlagValues of its own, so our flags do not clash
     with the recipe's; `overrides` are train flags given after the flagfile."""
     from research.apps import config_flags
-    from research.models import MODEL_OPTIONS, options_class
+    from research.model_options import MODEL_OPTIONS, options_class
     from research.training.config import TrainConfig
 
     fv = flags.FlagValues()
@@ -373,7 +373,7 @@ def train_ours(cfg, test_each_epoch: bool = True, final_tta: bool = True,
     import dataclasses as dc
 
     from research.training.actions import Action
-    from research.training.evaluation import Evaluator
+    from research.training.evaluator import Evaluator
     from research.training.loop import train_and_evaluate
 
     out = {"per_epoch": [], "calls": []}
