@@ -84,6 +84,8 @@ class FastOptions:
     bn_momentum: float = setting(0.4, "Fast CNN: BN moving-average momentum (Keras "
                                  "convention; 0.4 keeps 60% of each batch: short runs).",
                                  ge=0, lt=1)
+    bn_epsilon: float = setting(1e-5, "Fast CNN: BN epsilon added to the batch variance "
+                                "(airbench uses 1e-12).", gt=0, lt=1)
     feature_scale: float = setting(1 / 9, "Fast CNN: multiply the pooled features by this "
                                    "before the logits layer.", gt=0)
     dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)

@@ -38,8 +38,8 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
                              kernel_initializer=init, dtype=dtype)(x)
 
     def bn_act(x, name):
-        x = bn_layer(momentum=opts.bn_momentum, epsilon=1e-5, scale=False, name=f"{name}_bn",
-                     dtype=dtype)(x)
+        x = bn_layer(momentum=opts.bn_momentum, epsilon=opts.bn_epsilon, scale=False,
+                     name=f"{name}_bn", dtype=dtype)(x)
         return layers.Activation(opts.activation, name=f"{name}_act", dtype=dtype)(x)
 
     for i, w in enumerate(opts.widths):
