@@ -15,6 +15,7 @@ import dataclasses
 from research.fields import first_error, setting
 
 ACTIVATIONS = ("gelu", "relu")
+LOGITS_INITS = ("zeros", "uniform")
 HEADS = ("gap", "flatten")
 WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
 
@@ -92,6 +93,11 @@ class FastOptions:
     dirac_init: bool = setting(True, "Fast CNN: start each conv as the identity on its input "
                                "channels (the rest uniform, +-1/sqrt(fan_in)) instead of "
                                "He-normal.")
+    logits_bias: bool = setting(True, "Fast CNN: the logits layer has a bias (airbench's has "
+                                "none).")
+    logits_init: str = setting("zeros", "Fast CNN: the logits kernel starts at zero, or "
+                               "uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear, airbench).",
+                               choices=LOGITS_INITS)
 
     def validate(self) -> tuple[str, str] | None:
         """(flag, message) for the first bad option, else None."""

@@ -75,10 +75,12 @@ def parse_batch(serialized: tf.Tensor, image_shape) -> dict[str, tf.Tensor]:
             "class_id": tf.cast(f["class_id"], tf.int32)}
 
 
-def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4,
+                  flip: tf.Tensor | None = None) -> tf.Tensor:
     """Random horizontal flip and pad-and-crop (reflect padding), one draw per example.
 
-    `rand` is [B, 3] uniform in [0, 1): flip, row offset, column offset.
+    `rand` is [B, 3] uniform in [0, 1): flip, row offset, column offset; `flip` ([B] bool),
+    when given, says which images to flip instead of rand's first column.
     """
     h, w = images.shape[1], images.shape[2]
     if pad > 0:
@@ -90,11 +92,13 @@ def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4) -> tf.Tensor
         cols = dx[:, None] + tf.range(w)[None]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
-    flip = rand[:, 0] < 0.5
+    flip = rand[:, 0] < 0.5 if flip is None else flip
     return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
 AFFINE_KEY = 7919  # seed offset of the affine draws: the flip/crop draws stay as they were
+FLIP_KEY = 104729  # seed offset of the alternating flips' draw per image
+FLIPS = ("random", "alternate")
 
 
 def affine_batch(images: tf.Tensor, rand: tf.Tensor, affine: Affine) -> tf.Tensor:
@@ -171,7 +175,8 @@ class Stream:
     and keeps this pipeline's slice of every global batch (exactly the batches of one
     process); 'files' gives each pipeline its own shards (pipeline i reads shards i, i+N, ...;
     its own shuffle and augmentation keys), so nothing is read twice; batches then differ
-    from a single process."""
+    from a single process. `flip`: 'random' (each image, each epoch, with probability 1/2)
+    or 'alternate' (`alternate_flips`)."""
     seed: int = 0
     scale: str = "unit"
     augment: bool = True
@@ -183,6 +188,7 @@ class Stream:
     global_batch_size: int | None = None
     keep: np.ndarray | None = None
     shard_by: str = "slice"
+    flip: str = "random"
 
 
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
@@ -201,6 +207,9 @@ def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
         raise ValueError(f"scale must be one of {SCALES}, got {stream.scale!r}")
     if stream.shard_by not in ("slice", "files"):
         raise ValueError(f"shard_by must be slice or files, got {stream.shard_by!r}")
+    if stream.flip not in FLIPS or (stream.flip == "alternate" and stream.rebalance):
+        raise ValueError(f"flip must be one of {FLIPS} (alternate: not with rebalance), got "
+                         f"{stream.flip!r}")
     manifest = load_manifest(data_dir)
     files = shard_paths(data_dir, manifest, split, verify=verify)
     if not training:
@@ -257,7 +266,8 @@ def _train_dataset(files, manifest, split, batch_size, stream: Stream, input_con
     ds = ds.rebatch(global_batch_size, drop_remainder=True)
     ds = _pipeline_slice(ds, global_batch_size, num_pipelines, pipeline_id)
     ds = ds.rebatch(batch_size, drop_remainder=True)
-    return ds.map(lambda index, out: augment_and_scale(out, index, draw),
+    n = _num_kept(sizes, stream)
+    return ds.map(lambda index, out: augment_and_scale(out, index, draw, n),
                   num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
@@ -270,13 +280,25 @@ def _pipeline_slice(ds, global_batch_size: int, num_pipelines: int, pipeline_id:
     return ds.map(lambda i, r: (i[lo:hi], tf.nest.map_structure(lambda v: v[lo:hi], r)))
 
 
-def augment_and_scale(out: dict, index: tf.Tensor, stream: Stream) -> dict:
-    """The training stream's last step, keyed on each example's stream index: flip and crop,
+def alternate_flips(position: tf.Tensor, epoch: tf.Tensor, seed: int) -> tf.Tensor:
+    """airbench's alternating flips: a random half of the images (a draw per image, the same
+    in every epoch) is flipped in even epochs and the other half in odd ones, so every image
+    is flipped in exactly one of any two consecutive epochs."""
+    base = uniform_from_index(position, seed + FLIP_KEY, 1)[:, 0] < 0.5
+    return tf.math.logical_xor(base, tf.equal(epoch % 2, 1))
+
+
+def augment_and_scale(out: dict, index: tf.Tensor, stream: Stream, n: int) -> dict:
+    """The training stream's last step, keyed on each example's stream index (and, for
+    alternating flips, its position in the split and its epoch, index // n): flip and crop,
     the affine augmentation, then the input scaling."""
     out = dict(out)
+    position = out.pop("position")
     if stream.augment:
+        flip = (alternate_flips(position, index // n, stream.seed)
+                if stream.flip == "alternate" else None)
         out["image"] = augment_batch(out["image"], uniform_from_index(index, stream.seed, 3),
-                                     stream.pad)
+                                     stream.pad, flip)
     if stream.affine is not None and stream.affine.active:
         out["image"] = affine_batch(out["image"],
                                     uniform_from_index(index, stream.seed + AFFINE_KEY, 6),
@@ -298,8 +320,8 @@ def _chunk_permutation(k, seed: int, epoch, chunk_index):
 
 
 def _epoch_records(files, sizes, stream: Stream):
-    """epoch -> that epoch's serialized records, in its shard order (only `keep`'s)."""
-    keep = stream.keep
+    """epoch -> that epoch's (split position, serialized record) pairs, in its shard order
+    (only `keep`'s)."""
     names = tf.constant(files)
     starts = tf.constant(np.cumsum([0] + list(sizes[:-1])), tf.int64)
 
@@ -307,16 +329,12 @@ def _epoch_records(files, sizes, stream: Stream):
         perm = _epoch_shard_order(len(files), stream.seed, e)
         # Sequential reads in a per-epoch file order: shards are class-mixed at write time and
         # the chunk permutation mixes ~chunk/shard_size shards; parallel interleave measured
-        # slower on 2 cores.
-        if keep is None:
-            return tf.data.TFRecordDataset(tf.data.Dataset.from_tensor_slices(
-                tf.gather(names, perm)), buffer_size=1 << 20)
-        # A subset: number each shard's records by their position in the split, then filter.
+        # slower on 2 cores. Each shard's records are numbered by their position in the split.
         pairs = tf.data.Dataset.from_tensor_slices((tf.gather(names, perm),
                                                     tf.gather(starts, perm)))
         records = pairs.flat_map(lambda path, start: tf.data.TFRecordDataset(
             path, buffer_size=1 << 20).enumerate(start))
-        return _kept(records, keep).map(lambda _, r: r)
+        return _kept(records, stream.keep)
 
     return epoch_records
 
@@ -342,14 +360,15 @@ def _shuffled_records(files, sizes, image_shape, stream: Stream):
         chunks = epoch_records(e).batch(chunk).enumerate()
         chunks = chunks.skip(tf.where(first, tf.constant(skip_chunks, tf.int64), 0))
 
-        def permute(j, records):
+        def permute(j, pairs):
+            positions, records = pairs
             k = tf.shape(records, out_type=tf.int64)[0]
             perm = _chunk_permutation(k, stream.seed, e, j)
             index = e * n + j * chunk + tf.range(k)
             drop = tf.where(first & tf.equal(j, skip_chunks),
                             tf.constant(skip_in_chunk, tf.int64), 0)
             # Parse the whole chunk in one op, then permute dense tensors (cheap copies).
-            parsed = parse_batch(records, image_shape)
+            parsed = {**parse_batch(records, image_shape), "position": positions}
             parsed = {key: tf.gather(v, perm)[drop:] for key, v in parsed.items()}
             return index[drop:], parsed
 
@@ -368,13 +387,15 @@ def _rebalanced_records(files, sizes, image_shape, stream: Stream):
 
     chunk = max(1, min(stream.shuffle_buffer, _num_kept(sizes, stream)))
     records = tf.data.Dataset.range(tf.int64.max).flat_map(
-        _epoch_records(files, sizes, stream)).shuffle(chunk, seed=stream.seed)
+        _epoch_records(files, sizes, stream)).map(lambda _, r: r)
+    records = records.shuffle(chunk, seed=stream.seed)
     ds = tf.data.Dataset.sample_from_datasets(
         [records.filter(is_pos), records.filter(lambda x: tf.logical_not(is_pos(x)))],
         [0.5, 0.5], seed=stream.seed)
     start = stream.start_step * stream.global_batch_size
     ds = ds.skip(start).enumerate(start=start).batch(chunk)
-    return ds.map(lambda i, r: (i, parse_batch(r, image_shape)))
+    return ds.map(lambda i, r: (i, {**parse_batch(r, image_shape),
+                                    "position": tf.fill(tf.shape(i), tf.constant(-1, tf.int64))}))
 
 
 def train_positions(shard_sizes: list[int], stream: Stream) -> tf.data.Dataset:
@@ -443,8 +464,10 @@ def make_memory_dataset(arrays: dict, manifest: dict, batch_size: int, *,
 
     def finish(index, pos):
         out = {"image": tf.gather(images, pos), "label": tf.gather(labels, pos),
-               "class_id": tf.gather(class_ids, pos)}
-        return augment_and_scale(out, index, stream)
+               "class_id": tf.gather(class_ids, pos), "position": pos}
+        return augment_and_scale(out, index, stream, n)
+
+    n = _num_kept(sizes, stream)
 
     return position_batches(sizes, batch_size, stream, input_context).map(
         finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

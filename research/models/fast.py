@@ -3,8 +3,9 @@
 
 normalise -> 2x2 patch-whitening conv (frozen filters set from training data, 24 channels for
 RGB) -> activation -> for each width: conv3x3, 2x2 max-pool, BN, activation, conv3x3, BN,
-activation -> global max pool, scaled by `feature_scale` -> logits (zero-initialised). BN has no
-trained scale (gamma stays 1): the convolutions before it make it redundant.
+activation -> global max pool, scaled by `feature_scale` -> logits (zero-initialised, or
+PyTorch's uniform init without a bias, as airbench). BN has no trained scale (gamma stays 1):
+the convolutions before it make it redundant.
 
     python -m research.apps.train --model=fast ...   (the recipe: README, "The fast recipe")
 """
@@ -47,6 +48,9 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
         x = layers.MaxPooling2D(2, name=f"group{i}_pool", dtype=dtype)(x)
         x = bn_act(x, f"group{i}_1")
         x = bn_act(conv(x, w, f"group{i}_conv2"), f"group{i}_2")
+    # 32 -> 31 (the 2x2 'valid' whitening) -> 15 -> 7 -> 3: airbench's nn.MaxPool2d(3) on this
+    # 3x3 map is this global max.
     x = layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x)
-    logits = logits_head(x, num_outputs, opts.feature_scale, opts.dropout, dtype)
+    logits = logits_head(x, num_outputs, opts.feature_scale, opts.dropout, dtype,
+                         bias=opts.logits_bias, init=opts.logits_init)
     return keras.Model(inputs, logits, name=name)

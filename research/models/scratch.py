@@ -30,14 +30,19 @@ def normalized_input(image_shape, dtype) -> tuple:
                                         dtype=dtype)(inputs)
 
 
-def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype):
-    """Pooled features -> x feature_scale -> dropout -> float32 logits. Zero-initialised: the
-    first loss is ln(K) rather than a large random value."""
+def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype,
+                bias: bool = True, init: str = "zeros"):
+    """Pooled features -> x feature_scale -> dropout -> float32 logits. Zero-initialised by
+    default: the first loss is ln(K) rather than a large random value; `init='uniform'` is
+    PyTorch's nn.Linear (+-1/sqrt(fan_in)). Scaling the features before the layer equals
+    scaling its logits after it (airbench's order), gradients included."""
     if feature_scale != 1.0:
         x = layers.Rescaling(feature_scale, name="feature_scale", dtype=dtype)(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout", dtype=dtype)(x)
-    return layers.Dense(num_outputs, kernel_initializer="zeros", name="logits",
+    kernel = ("zeros" if init == "zeros" else
+              keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
+    return layers.Dense(num_outputs, kernel_initializer=kernel, use_bias=bias, name="logits",
                         dtype="float32")(x)
 
 

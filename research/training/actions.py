@@ -24,7 +24,7 @@ from research import metrics as detmetrics
 from research.training import record
 from research.training.config import TrainConfig
 from research.training.evaluator import EvalResult, Evaluator
-from research.training.model import apply_phase
+from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
 from research.training.state import Plan, TrainState
 
 
@@ -243,6 +243,23 @@ class PhaseSwitch(Action):
                      f"{trainable:,}", ctx.cfg.fine_tune_lr)
 
 
+class FreezeWhiteningBias(Action):
+    """--whiten_bias_epochs: at that step the fast CNN's whitening bias stops training (the
+    loop rebuilds its compiled step without it; a resumed run past it freezes it before the
+    first step, in the loop)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def next_boundary(self, ctx):
+        return self.at_step if ctx.step < self.at_step else None
+
+    def __call__(self, ctx):
+        if ctx.step >= self.at_step and freeze_whitening_bias(ctx.state.model):
+            logging.info("Step %d: the whitening bias is frozen from now on", ctx.step)
+            ctx.rebuild = True
+
+
 class Profiler(Action):
     """Records a TensorFlow profiler trace of steps [a, b) into the train log folder."""
 
@@ -278,7 +295,7 @@ def best_metric(cfg: TrainConfig, positive_class: str) -> str:
 
 
 def standard_actions(cfg: TrainConfig, positive_class: str, start_step: int = 0,
-                     extra=()) -> list[Action]:
+                     extra=(), steps_per_epoch: int = 1) -> list[Action]:
     """The loop's actions, in the order they run after each call; `extra` run right after
     the evaluation."""
     metric = best_metric(cfg, positive_class)
@@ -286,6 +303,8 @@ def standard_actions(cfg: TrainConfig, positive_class: str, start_step: int = 0,
                BestAndEarlyStop(cfg.patience, metric)]
     if cfg.transfer == "fine_tune":
         actions.append(PhaseSwitch())  # before Checkpoint: a phase-2 checkpoint says so
+    if cfg.whiten_bias_epochs is not None:
+        actions.append(FreezeWhiteningBias(whiten_bias_steps(cfg, steps_per_epoch)))
     actions.append(Checkpoint())
     if cfg.profile_steps:
         actions.append(Profiler(cfg.profile_steps, os.path.join(cfg.tb_dir, "train")))

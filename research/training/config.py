@@ -21,7 +21,9 @@ from research.fields import field_errors, setting
 from research.model_options import BACKBONES, MODEL_OPTIONS, model_options_error
 
 OBJECTIVES = ("binary", "multiclass")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "sgd_l2", "adamw")
+LR_SCHEDULES = ("cosine", "linear")
+FLIPS = ("random", "alternate")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 CLASS_WEIGHTINGS = ("none", "balanced")
@@ -83,14 +85,30 @@ class TrainConfig:
                                       ge=1, resume=True)
     batch_size: int = setting(256, "Global batch size (divisible by the replicas).", ge=1)
     eval_batch_size: int = setting(1000, "Global eval batch size.", ge=1, resume=True)
-    optimizer: str = setting("sgd", "SGD with Nesterov momentum, or AdamW.", choices=OPTIMIZERS)
+    optimizer: str = setting("sgd", "sgd: Keras' SGD with Nesterov momentum and decoupled weight "
+                             "decay of the kernels; sgd_l2: SGD with Nesterov momentum as "
+                             "PyTorch defines it (buf = m buf + g; step lr (g + m buf)) with "
+                             "the weight decay as an L2 term of every trained variable added "
+                             "to the gradient, through the momentum (airbench's optimizer, "
+                             "per mean loss); adamw: AdamW.", choices=OPTIMIZERS)
     learning_rate: float = setting(0.2, "Peak learning rate after warmup.", ge=0, resume=True)
+    lr_schedule: str = setting("cosine", "cosine: linear warmup from 0 over --warmup_epochs, "
+                               "then cosine decay to --final_lr_fraction; linear: linear from "
+                               "--initial_lr_fraction up to the peak at --warmup_epochs, then "
+                               "linear down to --final_lr_fraction at the end (airbench's "
+                               "triangle).", choices=LR_SCHEDULES, resume=True)
     warmup_epochs: float = setting(1.0, "Linear warmup length in epochs.", ge=0, resume=True)
-    final_lr_fraction: float = setting(0.0, "Cosine decays to this fraction of the peak.",
+    initial_lr_fraction: float = setting(0.0, "--lr_schedule=linear: the learning rate of the "
+                                         "first step, as a fraction of the peak.", ge=0, le=1,
+                                         resume=True)
+    final_lr_fraction: float = setting(0.0, "The schedule decays to this fraction of the peak.",
                                        ge=0, le=1, resume=True)
     momentum: float = setting(0.9, "SGD momentum.", ge=0, lt=1, resume=True)
-    weight_decay: float = setting(5e-3, "Decoupled weight decay (kernels only): var -= lr * wd * "
-                                        "var.", ge=0, resume=True)
+    weight_decay: float = setting(5e-3, "sgd, adamw: decoupled weight decay of the kernels "
+                                  "(var -= lr * wd * var); sgd_l2: the L2 coefficient of every "
+                                  "trained variable (gradient += wd * var; a BatchNorm shift's "
+                                  "is divided by --bias_lr_scale, as airbench's).", ge=0,
+                                  resume=True)
     label_smoothing: float = setting(0.1, "Label smoothing.", ge=0, lt=1)
     bias_lr_scale: float = setting(1.0, "SGD: the learning rate of BatchNorm shifts (beta) is this"
                                         " times --learning_rate (the fast CIFAR-10 recipes use "
@@ -101,12 +119,19 @@ class TrainConfig:
                                       "the weights and BN statistics toward the trained ones and "
                                       "reset those to them; the last step ends on the slow copies."
                                       " 0: off.", ge=0)
+    whiten_bias_epochs: float | None = setting(None, "Fast CNN: the whitening conv's bias "
+                                               "trains for this many epochs, then is frozen "
+                                               "(airbench: 3); unset: throughout.", gt=0)
     lookahead_decay: float = setting(0.95, "Lookahead: the slow copies keep decay**N * (step / "
                                            "total steps)**3 of themselves at each pull.",
                                            ge=0, lt=1)
     class_weighting: str = setting("none", "Per-example loss weights.", choices=CLASS_WEIGHTINGS)
     rebalance: bool = setting(False, "Sample positives and negatives 50/50 in training.")
     augment: bool = setting(True, "Random flip and pad-and-crop in training.")
+    flip: str = setting("random", "How --augment flips: random (each image, each epoch, with "
+                        "probability 1/2) or alternate (airbench's: a random half of the images "
+                        "flipped in even epochs, the other half in odd ones, so every image is "
+                        "flipped in exactly one of two consecutive epochs).", choices=FLIPS)
     crop_pad: int = setting(4, "Pad-and-crop augmentation: reflect-pad by this many pixels, then "
                                "crop back at a random offset (0: flip only).", ge=0, le=16)
     input: str = setting("tfrecords", "Where training batches come from: the TFRecords, or the "
@@ -215,7 +240,7 @@ class TrainConfig:
         if self.lookahead_every and self.transfer == "fine_tune":
             bad("lookahead_every", "not with --transfer=fine_tune (its two phases would "
                 "share one set of slow weights)")
-        if self.bias_lr_scale != 1.0 and self.optimizer != "sgd":
+        if self.bias_lr_scale != 1.0 and self.optimizer == "adamw":
             bad("bias_lr_scale", "scales SGD's gradients of the BatchNorm shifts; with "
                 f"--optimizer={self.optimizer} it would not scale their learning rate")
         if self.input == "memory" and (self.rebalance or self.exclude_classes or
@@ -226,6 +251,12 @@ class TrainConfig:
                 "--transfer=features")
         if self.train_fraction is not None and self.train_per_class is not None:
             bad("train_per_class", "give --train_fraction or --train_per_class, not both")
+        if self.flip == "alternate" and self.rebalance:
+            bad("flip", "alternate flips each image every other epoch of the stream; a "
+                "rebalanced stream has no epochs")
+        if self.whiten_bias_epochs is not None and self.model != "fast":
+            bad("whiten_bias_epochs", f"only the fast CNN has a whitening conv, not "
+                f"--model={self.model}")
         if self.profile_steps and (len(self.profile_steps) != 2 or
                                    not 0 <= self.profile_steps[0] < self.profile_steps[1]):
             bad("profile_steps", f"want a,b with 0 <= a < b, got {self.profile_steps}")

@@ -34,7 +34,8 @@ def train_stream(cfg: TrainConfig, start_step: int = 0) -> pipeline.Stream:
     return pipeline.Stream(seed=cfg.seed, scale=cfg.scale, augment=cfg.augment,
                            pad=cfg.crop_pad, affine=cfg.affine, rebalance=cfg.rebalance,
                            start_step=start_step, global_batch_size=cfg.batch_size,
-                           keep=example_mask(cfg, "train"), shard_by=cfg.input_sharding)
+                           keep=example_mask(cfg, "train"), shard_by=cfg.input_sharding,
+                           flip=cfg.flip)
 
 
 def train_input_fn(cfg: TrainConfig, start_step: int):

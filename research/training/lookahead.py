@@ -14,8 +14,9 @@ class Lookahead:
     """Slow copies of the model's float variables (weights and BN statistics), as in
     airbench's LookaheadState: every `every` steps the slow copies move toward the trained
     variables, keeping `decay**every * (step / total_steps)**3` of themselves (so the pull
-    strengthens as training ends), and the trained variables are reset to them; at the last
-    step the slow copies stay as they are and the model ends on them."""
+    strengthens as training ends), and the trained variables are reset to them; the last step
+    ends on the slow copies: pulled as usual when it is also a multiple of `every` (airbench
+    pulls, then resets with decay 1.0, a no-op after the pull), else left as they are."""
     slow: list
     fast: list
     every: int
@@ -32,9 +33,10 @@ class Lookahead:
         return cls(slow, fast, int(every), float(decay), int(total_steps))
 
     def keep(self, step):
-        """The slow copies' share at `step` (1.0 at the last step)."""
+        """The slow copies' share at `step` (1.0 at a last step that is not a pull step)."""
         frac = tf.cast(step, tf.float32) / float(self.total_steps)
-        return tf.where(step >= self.total_steps, 1.0, self.decay ** self.every * frac ** 3)
+        pull = tf.logical_or(step % self.every == 0, step < self.total_steps)
+        return tf.where(pull, self.decay ** self.every * frac ** 3, 1.0)
 
     def due(self, step):
         return tf.logical_or(step % self.every == 0, step >= self.total_steps)

@@ -21,7 +21,7 @@ from research.training import checkpoints, cluster, feature_cache, inputs, recor
 from research.training.actions import LoopContext, best_metric, standard_actions
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
-from research.training.model import apply_phase
+from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
 from research.training.runlock import RunLock
 from research.training.state import Plan, create_train_state, plan_steps
 from research.training.steps import make_train_loop
@@ -113,6 +113,9 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
     weights = None
     if cfg.class_weighting == "balanced":
         weights = {k: tf.constant(v) for k, v in pipeline.class_weights(manifest).items()}
+    frozen_from = whiten_bias_steps(cfg, plan.steps_per_epoch)
+    if frozen_from is not None and state.step >= frozen_from:  # resumed past it
+        freeze_whitening_bias(state.model)
     train_loop = make_train_loop(cfg, state, positive_id, weights)
     iterator = iter(strategy.distribute_datasets_from_function(
         inputs.train_input_fn(cfg, state.step)))
@@ -122,7 +125,8 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
                       step=state.step)
     if ctx.start_step == 0 and cfg.transfer != "features":
         record.log_sample_inputs(cfg, manifest, ctx.writers.train)
-    actions = standard_actions(cfg, manifest["positive_class"], ctx.start_step, extra=actions)
+    actions = standard_actions(cfg, manifest["positive_class"], ctx.start_step, extra=actions,
+                               steps_per_epoch=plan.steps_per_epoch)
     record.log_devices(strategy)
     record.log_model_summary(cfg, state.model)
     logging.info("Training %s: %d steps (%d per epoch), global batch %d on %d replica(s), %s",

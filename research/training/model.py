@@ -59,6 +59,26 @@ def init_model_from_data(cfg: TrainConfig, model: keras.Model, manifest: dict) -
     logging.info("Initialised %s from %d training images", ", ".join(names), len(images))
 
 
+def whiten_bias_steps(cfg: TrainConfig, steps_per_epoch: int) -> int | None:
+    """The step from which the fast CNN's whitening bias is frozen (--whiten_bias_epochs;
+    airbench unfreezes it for the first 3 epochs), or None."""
+    if cfg.whiten_bias_epochs is None:
+        return None
+    return max(1, int(round(cfg.whiten_bias_epochs * steps_per_epoch)))
+
+
+def freeze_whitening_bias(model: keras.Model) -> list[str]:
+    """Stops training the whitening layers' bias (their filters never train): the layers
+    drop out of the trainable variables, so neither gradient, momentum nor weight decay
+    moves them any more. Returns their names."""
+    frozen = []
+    for layer in data_initialised(model):
+        if layer.trainable:
+            layer.trainable = False
+            frozen.append(layer.name)
+    return frozen
+
+
 def apply_phase(cfg: TrainConfig, model: keras.Model, phase: int) -> None:
     """Which backbone layers train: none (frozen, features, fine_tune phase 1), those from
     --fine_tune_from / the last --fine_tune_layers (phase 2), or all (transfer none).

@@ -18,7 +18,8 @@ from research.training import checkpoints
 from research.training.config import TrainConfig
 from research.training.lookahead import Lookahead
 from research.training.model import apply_phase, init_model_from_data, make_model
-from research.training.schedule import WarmupCosine
+from research.training.optimizers import make_optimizer
+from research.training.schedule import learning_rate_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +43,6 @@ def plan_steps(cfg: TrainConfig, manifest: dict, num_train: int | None = None) -
         total = cfg.train_steps or max(1, int(round(cfg.epochs * per_epoch)))
     eval_every = cfg.eval_every_steps or per_epoch
     return Plan(per_epoch, total, eval_every, cfg.checkpoint_every_steps or eval_every, head)
-
-
-def make_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
-    if cfg.optimizer == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=True,
-                                   weight_decay=cfg.weight_decay or None)
-    else:
-        opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
-    # Decay conv/dense kernels only, not BN scales and shifts or biases.
-    opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    if cfg.precision == "mixed_float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
-    return opt
 
 
 @dataclasses.dataclass
@@ -111,17 +99,16 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
             model = make_model(cfg, manifest)
             init_model_from_data(cfg, model, manifest)
         head_steps = plan.head_steps or plan.total_steps
-        schedule = WarmupCosine(cfg.head_lr or cfg.learning_rate,
-                                int(cfg.warmup_epochs * plan.steps_per_epoch),
-                                head_steps, cfg.final_lr_fraction)
-        optimizer = make_optimizer(cfg, schedule)
+        optimizer = make_optimizer(cfg, learning_rate_schedule(
+            cfg, cfg.head_lr or cfg.learning_rate, int(cfg.warmup_epochs * plan.steps_per_epoch),
+            head_steps))
         extra = {}
         if cfg.transfer == "fine_tune":
             # Phase 2's optimizer is built now, on phase 2's variables, so a checkpoint of
             # either phase restores into the same objects.
             apply_phase(cfg, model, 2)
-            fine_tune = make_optimizer(cfg, WarmupCosine(
-                cfg.fine_tune_lr, 0, plan.total_steps - head_steps, cfg.final_lr_fraction))
+            fine_tune = make_optimizer(cfg, learning_rate_schedule(
+                cfg, cfg.fine_tune_lr, 0, plan.total_steps - head_steps))
             fine_tune.build(model.trainable_variables)
             extra = {"fine_tune_optimizer": fine_tune,
                      "phase": tf.Variable(1, dtype=tf.int64, trainable=False, name="phase")}

@@ -27,6 +27,23 @@ def per_example_loss(cfg: TrainConfig, batch: dict, logits: tf.Tensor,
     return loss if w is None else loss * w
 
 
+def is_bn_shift(variable) -> bool:
+    """A BatchNorm shift (beta): the variables --bias_lr_scale speeds up."""
+    return variable.name == "beta"
+
+
+def l2_penalty(cfg: TrainConfig, variables) -> tf.Tensor:
+    """--optimizer=sgd_l2's weight decay as a loss term, sum of wd_v / 2 ||v||^2 over every
+    trained variable: its gradient adds wd_v v to each variable's gradient (PyTorch's SGD
+    weight_decay). A BatchNorm shift's wd_v is wd / --bias_lr_scale: once its gradient is
+    scaled up, its decay per step equals everyone's (airbench's weight_decay=wd/lr_biases)."""
+    terms = []
+    for v in variables:
+        wd = cfg.weight_decay / (cfg.bias_lr_scale if is_bn_shift(v) else 1.0)
+        terms.append(0.5 * wd * tf.reduce_sum(tf.square(tf.cast(v, tf.float32))))
+    return tf.add_n(terms)
+
+
 def update_metrics(metrics: dict, batch: dict, per_example: tf.Tensor, scores: tf.Tensor,
                    logits: tf.Tensor) -> None:
     metrics["loss"].update_state(per_example)
@@ -47,14 +64,17 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
     # optimizer update stay outside (XLA has no kernel for IteratorGetNext). Without XLA it
     # is not a nested tf.function: synchronised BatchNorm all-reduces inside it.
     def forward_backward(batch):
+        variables = model.trainable_variables
         with tf.GradientTape() as tape:
             logits = model(batch["image"], training=True)
             per_ex = per_example_loss(cfg, batch, logits, weights)
             loss = tf.nn.compute_average_loss(per_ex, global_batch_size=cfg.batch_size)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            if cfg.optimizer == "sgd_l2" and cfg.weight_decay:
+                loss += tf.nn.scale_regularization_loss(l2_penalty(cfg, variables))
             scaled = optimizer.scale_loss(loss)
-        return tape.gradient(scaled, model.trainable_variables), per_ex, logits
+        return tape.gradient(scaled, variables), per_ex, logits
 
     if cfg.jit_compile:
         if replicas > 1:
@@ -78,8 +98,8 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
             grads = [g / replicas for g in grads]
         if cfg.bias_lr_scale != 1.0:
             # SGD is linear in the gradient: scaling the BN shifts' gradients scales their
-            # learning rate, momentum included (they are not weight-decayed).
-            grads = [g * cfg.bias_lr_scale if v.name == "beta" else g
+            # learning rate, momentum included (their L2 term, if any, was divided by it).
+            grads = [g * cfg.bias_lr_scale if is_bn_shift(v) else g
                      for g, v in zip(grads, model.trainable_variables)]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         update_metrics(state.train_metrics, batch, per_ex,
