@@ -213,7 +213,7 @@ def test_manifest_shards_and_overwrite(tmp_path):
         for sh in s["shards"]:
             assert sh["sha256"] == tfrecords.sha256_file(str(tmp_path / "out" / sh["file"]))
     assert manifest["schema_version"] == tfrecords.SCHEMA_VERSION
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(tfrecords.OutputExistsError, match="--overwrite"):
         write(tmp_path / "c10.tar.gz", tmp_path / "out")
     write(tmp_path / "c10.tar.gz", tmp_path / "out", overwrite=True, seed=5)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["seed"] == 5

@@ -10,7 +10,6 @@ unchanged to the split. All runs must read the same split (--data_dir makes them
 
 from __future__ import annotations
 
-import sys
 
 from absl import flags
 
@@ -43,7 +42,7 @@ def main(argv):
                                            data_dir=FLAGS.data_dir, checkpoint=FLAGS.checkpoint,
                                            eval_batch_size=FLAGS.eval_batch_size)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     paths = compare.write_table(result, FLAGS.output)
     paths.append(compare.write_figure(result, raw, FLAGS.output))
     print()

@@ -183,6 +183,13 @@ def parse(argv: list[str]) -> list[str]:
     return rest
 
 
+def fail(e: BaseException) -> None:
+    """Ends an app on a UserError: its message as one line, and its exit status (1, or the
+    error's own: 74 for a full disk)."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_status", 1))
+
+
 def run(main) -> None:
     """Starts an app: our flag parser, then `main`."""
     app.run(main, flags_parser=parse)

@@ -7,7 +7,6 @@ The threshold is the F1-maximising one on val, applied unchanged to the split.
 
 from __future__ import annotations
 
-import sys
 
 from absl import flags
 
@@ -39,7 +38,7 @@ def main(argv):
                               eval_batch_size=FLAGS.eval_batch_size)
         cfg.validate()  # an --eval_batch_size of 0 or less is an error here, not 'unset'
     except UserError as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     from research.evaluation import report as reporting  # the heavy imports, flags known good
     from research.evaluation.run import evaluate_and_save
 
@@ -48,7 +47,7 @@ def main(argv):
     try:
         report, _ = evaluate_and_save(cfg, FLAGS.split, FLAGS.checkpoint, output, figures)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     print()
     print(reporting.format_report(report))
     print(f"report: {output}")

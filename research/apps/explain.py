@@ -148,7 +148,7 @@ def main(argv):
             items += outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
                                            FLAGS.example_filter)
     except (UserError, core.LayerNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     if not items:
         sys.exit("error: no images to explain (give --images or --num_examples)")
     os.makedirs(FLAGS.out_dir, exist_ok=True)

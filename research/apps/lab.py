@@ -61,7 +61,7 @@ def main(argv):
         settings = settings_from_flags()
         check(settings)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     source, line = pick_source(settings.source, settings.data_dir)
     print(line, flush=True)  # the first line: which data the lab reads
 
@@ -73,7 +73,7 @@ def main(argv):
     try:
         run_lab(settings, source, line)
     except (UserError, NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)

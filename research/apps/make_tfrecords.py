@@ -82,7 +82,7 @@ def write_sample_grid(data_dir: str, n: int) -> str:
                            title=f"{manifest['source']}: first {len(titles)} train examples "
                                  f"read back from TFRecords (red: label 1 = "
                                  f"{manifest['positive_class']})")
-    return plots.save_figure(fig, os.path.join(data_dir, "samples.png"))
+    return plots.save_figure(fig, os.path.join(data_dir, tfrecords.SAMPLES))
 
 
 def main(argv):
@@ -91,8 +91,9 @@ def main(argv):
         sys.exit("error: --val_fraction + --test_fraction must be < 1, got "
                  f"{FLAGS.val_fraction + FLAGS.test_fraction}")
     start = time.time()
-    logging.info("Reading %s", FLAGS.source)
     try:
+        tfrecords.check_out_dir(FLAGS.out_dir, FLAGS.overwrite)  # before decoding anything
+        logging.info("Reading %s", FLAGS.source)
         data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
                                    resize_policy=FLAGS.resize_policy,
                                    download_dir=FLAGS.download_dir, label_set=FLAGS.label,
@@ -111,8 +112,8 @@ def main(argv):
                        if f.name not in UNRECORDED_FLAGS}
         manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, flag_values,
                                              progress=lambda k: bar.add(k))
-    except (UserError, ValueError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    except (UserError, ValueError) as e:
+        config_flags.fail(e)
     seconds = time.time() - start
     print()
     print(tfrecords.summary_table(manifest))

@@ -51,7 +51,7 @@ def main(argv):
         expansion = inference.expand_images(FLAGS.images)
         detector = detectors.load_detector(model_path, meta, flag)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
 
     if expansion.skipped:
         first_path, first_reason = expansion.skipped[0]

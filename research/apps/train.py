@@ -22,6 +22,7 @@ from research.apps import config_flags
 from research.errors import UserError
 from research.model_options import MODEL_OPTIONS, options_class
 from research.training.config import TrainConfig
+from research.training.runlock import RunLock
 
 FLAGS = flags.FLAGS
 # --log_dir is absl.logging's own flag (where absl would put log files, which it does not do
@@ -45,9 +46,22 @@ def main(argv):
     try:
         cfg = config_from_flags()
         cfg.validate()  # bad settings cost one line, before TensorFlow is even imported
+        # A second process on the run is refused now, not after the imports (several workers
+        # lock their own folders once the strategy says which worker is the chief).
+        lock = RunLock(cfg.run_dir)
+        if cfg.strategy != "multi_worker":
+            lock.acquire()
     except UserError as e:
-        sys.exit(f"error: {e}")
-    # The heavy imports, deferred until the flags are known to be good.
+        config_flags.fail(e)
+    try:
+        train(cfg)
+    finally:
+        lock.release()
+
+
+def train(cfg: TrainConfig) -> None:
+    """The training itself, once the flags are good and the run is ours."""
+    # The heavy imports, deferred until the flags are known to be good and the lock is held.
     from research.explain.hooks import gradcam_actions
     from research.training.actions import NonFiniteLossError
     from research.training.loop import train_and_evaluate
@@ -59,10 +73,10 @@ def main(argv):
             summary = train_and_evaluate(cfg, flagfile=FLAGS.flags_into_string(),
                                          actions=actions + [preemption])
     except UserError as e:
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     except NonFiniteLossError as e:
         logging.error("%s", e)
-        sys.exit(f"error: {e}")
+        config_flags.fail(e)
     print(json.dumps(summary, indent=1))
     if preemption.stopped_at is not None:
         print(preemption.message(cfg), file=sys.stderr)

@@ -23,15 +23,68 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from research.data.manifest import MANIFEST, SCHEMA_VERSION, sha256_file  # noqa: F401
+from research import files
+from research.data.manifest import MANIFEST, SCHEMA_VERSION, digest, sha256_file  # noqa: F401
 from research.data.sources import SourceData, Split
+from research.errors import UserError
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARDS = {"train": 12, "val": 2, "test": 4}
 
 
-class OutputExistsError(FileExistsError):
-    pass
+SAMPLES = "samples.png"  # the sample grid make_tfrecords draws beside the shards
+CACHES = "features"     # the feature caches training keeps beside them
+
+
+class OutputExistsError(UserError):
+    """--out_dir holds something --overwrite must not delete; the message names it."""
+
+
+def _ours(out_dir: str) -> set[str] | None:
+    """The entries make_tfrecords (and training's feature caches) put in a TFRecords folder:
+    its manifest, the shards it lists, the sample grid, the caches. None: not our folder."""
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        shards = {sh["file"] for s in manifest["splits"].values() for sh in s["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return shards | {MANIFEST, SAMPLES, CACHES}
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Decided before any source is read: an empty or new --out_dir is written; a non-empty
+    one only with --overwrite, and only if everything in it is ours (a folder without our
+    manifest, or with files we did not write, is refused with a line naming them: nothing of
+    anyone else's is ever deleted)."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise OutputExistsError(f"--out_dir: {out_dir} is a file, not a folder")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"--out_dir: {out_dir} already exists and is not empty; pass "
+                                "--overwrite to replace it")
+
+    def shown(names):
+        listed = ", ".join(n + ("/" if os.path.isdir(os.path.join(out_dir, n)) else "")
+                           for n in names[:6])
+        return listed + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+    ours = _ours(out_dir)
+    if ours is None:
+        raise OutputExistsError(f"--overwrite: {out_dir} is not a TFRecords folder written by "
+                                f"make_tfrecords (no readable {MANIFEST}) and holds "
+                                f"{shown(entries)}; nothing was deleted: move them away or "
+                                "choose another --out_dir")
+    foreign = [e for e in entries if e not in ours]
+    if foreign:
+        raise OutputExistsError(f"--overwrite: {out_dir} also holds files make_tfrecords did "
+                                f"not write: {shown(foreign)}; nothing was deleted: move them "
+                                "away first, or choose another --out_dir")
 
 
 @dataclasses.dataclass
@@ -144,9 +197,7 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
     if cfg.positive_class not in data.class_names:
         raise ValueError(positive_class_error(data, cfg.positive_class, source))
     out_dir = os.path.abspath(cfg.out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not cfg.overwrite:
-        raise OutputExistsError(f"{out_dir} already exists and is not empty; pass --overwrite "
-                                "to replace it")
+    check_out_dir(out_dir, cfg.overwrite)
     for split, k in cfg.shards.items():
         if split not in SPLITS or k < 1:
             raise ValueError(f"bad shard count {split}={k}; splits are {SPLITS}, counts >= 1")
@@ -184,14 +235,20 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
             manifest["splits"][name] = _write_split(
                 splits[name], name, cfg.shards.get(name, DEFAULT_SHARDS[name]), tmp,
                 data.class_names, positive_id, cfg.seed + 100 + i, progress)
+        manifest["digest"] = digest(manifest)  # any later edit of the manifest shows
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
             f.write("\n")
+        files.fsync_tree(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    except BaseException:
+        files.fsync_dir(parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if files.is_out_of_space(e):
+            raise files.out_of_space("the TFRecords", out_dir,
+                                     "run make_tfrecords again") from None
         raise
     return manifest
 

@@ -21,7 +21,7 @@ from absl import logging
 
 from research import runs
 from research import metrics as detmetrics
-from research.training import record
+from research.training import checkpoints, record
 from research.training.config import TrainConfig
 from research.training.evaluator import EvalResult, Evaluator
 from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
@@ -146,19 +146,22 @@ class Evaluate(Action):
 class Curves(Action):
     """history.jsonl and curves.png beside the checkpoints, redrawn at each evaluation:
     train loss and accuracy (averaged since the last eval), val loss, accuracy, ROC-AUC and
-    PR-AUC. A resumed run continues the history of its earlier sessions."""
+    PR-AUC. A resumed run continues the history of its earlier sessions, and its train
+    averages since the last evaluation (kept in the checkpoint, state.since_eval)."""
 
     def __init__(self, cfg: TrainConfig, start_step: int):
         self.rows = runs.read_history(cfg.run_dir, start_step)
-        self.sums, self.steps = {}, 0
 
     def __call__(self, ctx):
-        for k, v in ctx.train_values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * ctx.steps_run
-        self.steps += ctx.steps_run
+        keys = sorted(ctx.state.train_metrics)
+        sums = ctx.state.since_eval.numpy()
+        for i, k in enumerate(keys):
+            sums[i] += ctx.train_values.get(k, 0.0) * ctx.steps_run
+        sums[-1] += ctx.steps_run
+        ctx.state.since_eval.assign(sums if ctx.result is None else np.zeros_like(sums))
         if ctx.result is None:
             return
-        train = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        train = {k: sums[i] / max(sums[-1], 1) for i, k in enumerate(keys)}
         multiclass = "class_accuracy" in train
         row = {"step": ctx.step, "train_loss": train.get("loss"),
                "train_accuracy": train.get("class_accuracy" if multiclass else "accuracy"),
@@ -170,7 +173,6 @@ class Curves(Action):
                "accuracy_kind": (f"{len(ctx.manifest['class_names'])}-class accuracy"
                                  if multiclass else "accuracy")}
         self.rows.append(row)
-        self.sums, self.steps = {}, 0
         record.write_history(ctx.cfg, self.rows, ctx.plan.steps_per_epoch)
 
 
@@ -205,7 +207,7 @@ class BestAndEarlyStop(Action):
         if value > float(state.best_metric.numpy()):
             state.best_metric.assign(value)
             state.bad_evals.assign(0)
-            state.best_manager.save(checkpoint_number=ctx.step)
+            checkpoints.save(state.best_manager, ctx.step)
             return
         state.bad_evals.assign_add(1)
         if self.patience and int(state.bad_evals.numpy()) >= self.patience:
@@ -222,7 +224,7 @@ class Checkpoint(Action):
 
     def __call__(self, ctx):
         if ctx.step % ctx.plan.checkpoint_every == 0 or ctx.step == ctx.stop_at or ctx.stop:
-            ctx.state.manager.save(checkpoint_number=ctx.step)
+            checkpoints.save(ctx.state.manager, ctx.step)
 
 
 class PhaseSwitch(Action):

@@ -15,6 +15,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
+from research import files
 from research.training.config import ConfigError
 
 
@@ -49,17 +50,60 @@ def _move_aside(prefix: str, run_dir: str) -> str:
     return dest
 
 
-def latest_good_checkpoint(run_dir: str, move_aside: bool = True) -> str | None:
-    """The newest readable checkpoint listed in `run_dir`'s state file (None: no
-    checkpoint). Unreadable newer ones are logged and, with `move_aside`, moved into
-    `<run_dir>/corrupt/` and dropped from the state file. Raises CheckpointError naming them
-    all if none can be read."""
-    state = tf.train.get_checkpoint_state(run_dir)
+INDEX = "checkpoint"  # TensorFlow's index of a run's rolling checkpoints
+
+
+def _step(prefix: str) -> int:
+    tail = prefix.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _listed(run_dir: str) -> list[str] | None:
+    """The checkpoints the index lists, oldest first; None when the index is missing or
+    cannot be read."""
+    try:
+        state = tf.train.get_checkpoint_state(run_dir)
+    except Exception as e:  # a truncated or hand-edited text proto: say so, then rebuild it
+        logging.warning("The checkpoint index %s cannot be read (%s)",
+                        os.path.join(run_dir, INDEX), str(e).splitlines()[0] if str(e) else e)
+        return None
     if state is None:
         return None
     paths = list(state.all_model_checkpoint_paths)
     if state.model_checkpoint_path and state.model_checkpoint_path not in paths:
         paths.append(state.model_checkpoint_path)
+    return paths
+
+
+def write_index(run_dir: str, paths: list[str]) -> None:
+    """The index of `paths` (oldest first; the last is the latest), with each file's time as
+    its timestamp: a CheckpointManager rotates only the checkpoints whose timestamps it
+    knows, so an index written without them would keep those forever."""
+    paths = sorted(paths, key=_step)
+    times = [os.path.getmtime(p + ".index") if os.path.exists(p + ".index") else time.time()
+             for p in paths]
+    quiet, level = tf.get_logger(), tf.get_logger().level
+    quiet.setLevel("ERROR")  # its deprecation notice is for hand-edited protos
+    try:
+        tf.compat.v1.train.update_checkpoint_state(run_dir, paths[-1], paths,
+                                                   all_model_checkpoint_timestamps=times)
+    finally:
+        quiet.setLevel(level)
+
+
+def latest_good_checkpoint(run_dir: str, move_aside: bool = True) -> str | None:
+    """The newest readable checkpoint of the run (None: no checkpoint), from its index and
+    from the files on disk: checkpoints the index does not list (a lost or unreadable index)
+    are found and the index is rebuilt, with a warning naming them. Unreadable newer ones
+    are logged and, with `move_aside`, moved into `<run_dir>/corrupt/`; the good ones stay
+    in the index (with their timestamps, so they rotate as usual). Raises CheckpointError
+    naming them all if none can be read."""
+    listed = _listed(run_dir)
+    found = on_disk(run_dir)
+    paths = sorted(set(listed or []) | set(found), key=_step)
+    if not paths:
+        return None
+    unlisted = [p for p in found if p not in (listed or [])]
     bad, good = [], None
     for path in reversed(paths):
         problem = checkpoint_problem(path)
@@ -69,25 +113,41 @@ def latest_good_checkpoint(run_dir: str, move_aside: bool = True) -> str | None:
         bad.append((path, problem))
         logging.warning("Checkpoint %s cannot be read (%s); trying the previous one", path,
                         problem)
-    if not bad:
-        return good
     if good is None:
-        listed = "; ".join(f"{p} ({why})" for p, why in bad)
-        raise CheckpointError(f"--run_name: no readable checkpoint in {run_dir}: {listed}. "
+        shown = "; ".join(f"{p} ({why})" for p, why in bad)
+        raise CheckpointError(f"--run_name: no readable checkpoint in {run_dir}: {shown}. "
                               "Move them away to start anew, or pass --restart")
-    if move_aside:
-        for path, _ in bad:
-            dest = _move_aside(path, run_dir)
-        keep = paths[:paths.index(good) + 1]
-        quiet, level = tf.get_logger(), tf.get_logger().level
-        quiet.setLevel("ERROR")  # its deprecation notice is for hand-edited protos
-        try:
-            tf.compat.v1.train.update_checkpoint_state(run_dir, good, keep)
-        finally:
-            quiet.setLevel(level)
-        logging.warning("Moved %d unreadable checkpoint(s) to %s; resuming from %s", len(bad),
-                        dest, good)
+    if not move_aside:
+        return good
+    for path, _ in bad:
+        dest = _move_aside(path, run_dir)
+        logging.warning("Moved the unreadable checkpoint %s to %s", path, dest)
+    if bad or unlisted:
+        keep = [p for p in paths if _step(p) <= _step(good)]
+        write_index(run_dir, keep)
+        if unlisted:
+            logging.warning("The index %s %s; rebuilt it from the checkpoints on disk (%s): "
+                            "resuming from %s", os.path.join(run_dir, INDEX),
+                            "did not list " + ", ".join(os.path.basename(p) for p in unlisted)
+                            if listed else "is missing or unreadable",
+                            ", ".join(os.path.basename(p) for p in keep), good)
     return good
+
+
+def save(manager: tf.train.CheckpointManager, step: int) -> str:
+    """manager.save at `step`; a full disk is one line (OutOfSpaceError: the checkpoints
+    already there survive, and a half-written one's temporary files are removed)."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+        if not files.is_out_of_space(e):
+            raise
+        for leftover in tf.io.gfile.glob(os.path.join(manager.directory, f"*-{step}_temp*")):
+            if tf.io.gfile.isdir(leftover):
+                tf.io.gfile.rmtree(leftover)
+            else:
+                tf.io.gfile.remove(leftover)
+        raise files.out_of_space(f"checkpoint {step}", manager.directory) from None
 
 
 def on_disk(run_dir: str) -> list[str]:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from research import files
 from research.data import pipeline
 from research.data.manifest import MANIFEST, sha256_file
 from research.models import backbones
@@ -139,11 +140,15 @@ def compute(model: keras.Model, cfg: TrainConfig, manifest: dict, path: str, key
             meta["feature_shape"] = list(feats[0].shape[1:])
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
+        files.fsync_tree(tmp)
         if os.path.exists(path):  # a corrupt cache: replaced whole
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+        files.fsync_dir(parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if files.is_out_of_space(e):
+            raise files.out_of_space("the feature cache", path) from None
         raise
     logging.info("Feature cache %s written (key %s, features %s)", path, key,
                  meta["feature_shape"])

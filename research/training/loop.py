@@ -76,19 +76,22 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     cfg = prepare_config(cfg)
     cluster.resolve(cfg.strategy)  # a bad cluster stops here, with one line
     resume.check_resume(cfg)  # a resume that changes the network or the data stops here
+    resume.check_nothing_lost(cfg)  # ... and so does a start that would overwrite a run
     strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
     if cfg.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the "
                           f"{strategy.num_replicas_in_sync} replicas")
     worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
-    with RunLock(worker_cfg.run_dir):
+    with RunLock(worker_cfg.run_dir, reentrant=True):
         return _train(worker_cfg, cfg, flagfile, strategy, actions)
 
 
 def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) -> dict:
     """train_and_evaluate under the run lock; `run_cfg` names the run folder to resume from
     (the chief's), `cfg` the one to write."""
-    manifest = pipeline.load_manifest(cfg.data_dir)
+    manifest = pipeline.load_manifest(cfg.data_dir)  # an edited manifest stops here ...
+    for split in manifest["splits"]:  # ... and shards that do not hold what it lists
+        pipeline.shard_paths(cfg.data_dir, manifest, split)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -92,6 +92,34 @@ def check_resume(cfg: TrainConfig) -> dict:
     return changed
 
 
+class RunWouldBeLostError(ConfigError):
+    """Starting the run anew would overwrite a run that cannot be resumed."""
+
+
+def check_nothing_lost(cfg: TrainConfig) -> None:
+    """Before a run starts from step 0 (no --restart): its folder must not hold a run it
+    would overwrite. Checkpoints without the config.json that says how they were trained, or
+    a record of training (train_summary.json, history.jsonl) without any checkpoint, stop
+    here with one line naming them and the two ways on."""
+    if cfg.restart:
+        return
+    found = [os.path.basename(p) for p in checkpoints.on_disk(cfg.run_dir)]
+    ways = ("pass --restart to discard it and train anew, or give a new --run_name")
+    if found and not runs.has_config(cfg.run_dir):
+        raise RunWouldBeLostError(
+            f"--run_name={cfg.run_name}: {cfg.run_dir} holds checkpoints ({', '.join(found)}) "
+            f"but no {runs.CONFIG} saying how they were trained; {ways}")
+    if found:
+        return
+    summary, history = runs.read_summary(cfg.run_dir), runs.read_history(cfg.run_dir)
+    trained = max([summary.get("final_step") or 0] + [r["step"] for r in history])
+    if trained > 0:
+        raise RunWouldBeLostError(
+            f"--run_name={cfg.run_name}: {cfg.run_dir} holds a run trained to step {trained:,} "
+            f"({runs.SUMMARY}, {runs.HISTORY}) but no checkpoint to resume it from; starting "
+            f"again would overwrite its record: {ways}")
+
+
 def record_session(cfg: TrainConfig, flagfile: str | None, start_step: int) -> None:
     """A fresh run writes its record (config.json, flags, versions) once; every session
     appends a line to sessions.jsonl with what it changed."""

@@ -17,6 +17,9 @@ from absl import logging
 from research.training.config import ConfigError
 
 
+_HELD: dict[str, int] = {}  # lock path -> how many times this process holds it
+
+
 class RunLockedError(ConfigError):
     """Another live process trains this run."""
 
@@ -49,9 +52,10 @@ class RunLock:
     run. A live holder makes the next process refuse at once, naming it; the lock of a dead
     process on this host is taken over with a warning. Remote paths (gs://) are not locked."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, reentrant: bool = False):
         self.path = os.path.normpath(run_dir) + ".lock"
         self.held = False
+        self.reentrant = reentrant  # this process may already hold it (the train app does)
 
     def _info(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": now(),
@@ -67,8 +71,15 @@ class RunLock:
         return {}
 
     def acquire(self) -> "RunLock":
+        """Takes the lock. A reentrant lock may be one this process holds already (the train
+        app takes the run's before its heavy imports, the loop again inside); the file goes
+        with the last release."""
         if "://" in self.path:
             logging.warning("No run lock on %s (not a local path)", self.path)
+            return self
+        if self.reentrant and _HELD.get(self.path):
+            _HELD[self.path] += 1
+            self.held = True
             return self
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # Same-host contenders take turns (a stale lock is taken over by one of them only):
@@ -102,12 +113,18 @@ class RunLock:
         finally:
             os.close(guard)  # also releases the flock
         self.held = True
+        _HELD[self.path] = 1
         return self
 
     def release(self) -> None:
-        if self.held and self._read().get("pid") == os.getpid():
-            os.remove(self.path)
+        if not self.held:
+            return
         self.held = False
+        _HELD[self.path] = _HELD.get(self.path, 1) - 1
+        if _HELD[self.path] <= 0:
+            _HELD.pop(self.path, None)
+            if self._read().get("pid") == os.getpid():
+                os.remove(self.path)
 
     def __enter__(self):
         return self.acquire()

@@ -60,6 +60,9 @@ class TrainState:
     fine_tune_optimizer: keras.optimizers.Optimizer | None = None  # fine_tune phase 2
     phase: tf.Variable | None = None                                # fine_tune: 1 or 2
     lookahead: Lookahead | None = None                               # --lookahead_every
+    # Sums of the train metrics (x steps) since the last evaluation, and the step count: in
+    # the checkpoint, so history.jsonl's train averages mean the same in a resumed run.
+    since_eval: tf.Variable | None = None
 
     @property
     def in_phase_2(self) -> bool:
@@ -124,9 +127,11 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
         slow = {"lookahead_slow": lookahead.slow} if lookahead else {}
+        since_eval = tf.Variable(tf.zeros([len(train_metrics) + 1], tf.float64),
+                                 trainable=False, name="since_eval")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
                                          best_metric=best, bad_evals=bad, rng_states=rng_states,
-                                         **extra, **slow)
+                                         since_eval=since_eval, **extra, **slow)
         manager = tf.train.CheckpointManager(checkpoint, cfg.run_dir,
                                              max_to_keep=cfg.keep_checkpoints,
                                              step_counter=optimizer.iterations)
@@ -134,4 +139,4 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
             checkpoint, os.path.join(cfg.run_dir, checkpoints.BEST), max_to_keep=1,
             checkpoint_name="best", step_counter=optimizer.iterations)
     return TrainState(strategy, model, optimizer, checkpoint, manager, best_manager, epoch, best,
-                      bad, train_metrics, lookahead=lookahead, **extra)
+                      bad, train_metrics, lookahead=lookahead, since_eval=since_eval, **extra)
