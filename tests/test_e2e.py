@@ -9,6 +9,22 @@ import sys
 import helpers
 
 
+def event_tags(folder) -> dict:
+    """The scalar tags and the plugin names of the event files directly in `folder`."""
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    tags, plugins = set(), set()
+    for path in folder.glob("events.out.tfevents*"):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            for v in event_pb2.Event.FromString(raw.numpy()).summary.value:
+                tags.add(v.tag)
+                if v.metadata.plugin_data.plugin_name:
+                    plugins.add(v.metadata.plugin_data.plugin_name)
+    plugins.discard("scalars")
+    return {"tags": tags, "plugins": plugins}
+
+
 def run(*args, timeout=300):
     res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                          timeout=timeout)
@@ -36,7 +52,9 @@ def test_end_to_end(tmp_path):
         assert (run_dir / name).exists(), name
     assert "--run_name=e2e" in (run_dir / "flags.txt").read_text()
     events = {p.parent.name for p in logs.rglob("events.out.tfevents*")}
-    assert events == {"train", "eval"}
+    assert events == {"train", "eval", "e2e"}  # e2e: the HParams session
+    session = event_tags(logs / "e2e")
+    assert session["plugins"] == {"hparams"}, session
 
     out = tmp_path / "eval_test.json"
     res = run("research.apps.evaluate", "--run_name=e2e", f"--checkpoint_dir={ck}",
@@ -48,6 +66,10 @@ def test_end_to_end(tmp_path):
     assert report["num_examples"] == 60 and report["num_positive"] == 6
     assert report["roc_auc"] > 0.9, report  # the synthetic cat block is easy
     assert "ROC-AUC" in res.stdout
+    # TensorBoard's HParams view: the val numbers from training, the test numbers from evaluate
+    assert {"hparams/val_roc_auc", "hparams/val_f1"} <= event_tags(logs / "e2e" / "eval")["tags"]
+    assert {"hparams/test_roc_auc", "hparams/test_pr_auc"} <= event_tags(
+        logs / "e2e" / "test")["tags"]
     figures = {os.path.basename(p) for p in report["figures"]}
     assert {"test_roc_pr.png", "test_confusion.png"} <= figures
 

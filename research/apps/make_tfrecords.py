@@ -22,12 +22,11 @@ import time
 
 from absl import flags, logging
 
-from keras.utils import Progbar
-
 from research import machine, plots
 from research.apps import config_flags
 from research.data import pipeline, sources, tfrecords
 from research.errors import UserError
+from research.progress import Bar
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 | mnist (downloaded "
@@ -107,7 +106,7 @@ def main(argv):
             shards={"train": FLAGS.train_shards, "val": FLAGS.val_shards,
                     "test": FLAGS.test_shards},
             overwrite=FLAGS.overwrite)
-        bar = Progbar(total, unit_name="image")
+        bar = Bar(total, "image", label="writing")
         flag_values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])
                        if f.name not in UNRECORDED_FLAGS}
         manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, flag_values,

@@ -8,6 +8,8 @@ eval_<split>.json and its figures, return the report.
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -16,7 +18,7 @@ from research import runs
 from research.data import pipeline
 from research import metrics as detmetrics
 from research.evaluation import report as reporting
-from research.training import checkpoints
+from research.training import checkpoints, record
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
 from research.training.model import make_model
@@ -86,6 +88,10 @@ def evaluate_and_save(cfg: TrainConfig, split: str, checkpoint: str = "best",
         report["figures"] = reporting.write_figures(
             cfg, report, raw, figures_dir or runs.eval_figures_dir(output, split))
     runs.write_eval_report(output, report)
+    if split == "test" and tf.io.gfile.isdir(cfg.tb_dir):  # the run's HParams row
+        writer = tf.summary.create_file_writer(os.path.join(cfg.tb_dir, "test"))
+        record.log_hparam_metrics(writer, "test", report, report.get("step") or 0)
+        writer.flush()
     return report, raw
 
 

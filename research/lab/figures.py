@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
+from tensorflow.core.util import event_pb2
 
 from research.explain.render import overlay_heatmap
 
@@ -69,7 +70,8 @@ def read_scalars(run_log_dir: str, tags) -> dict[str, tuple[np.ndarray, np.ndarr
     found: dict[str, dict[int, float]] = {t: {} for t in tags}
     for path in sorted(glob.glob(os.path.join(run_log_dir, "events.out.tfevents*"))):
         try:
-            for event in tf.compat.v1.train.summary_iterator(path):
+            for record in tf.data.TFRecordDataset(path):  # summary_iterator is deprecated
+                event = event_pb2.Event.FromString(record.numpy())
                 for v in event.summary.value:
                     if v.tag in found:
                         value = (float(tf.make_ndarray(v.tensor)) if v.HasField("tensor")

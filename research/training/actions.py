@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from typing import Callable
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from research import runs
+from research.progress import Bar
 from research import metrics as detmetrics
 from research.training import checkpoints, record
 from research.training.config import TrainConfig
@@ -109,15 +110,14 @@ class TrainLog(Action):
         for metric in state.train_metrics.values():
             metric.reset_state()
         rate = ctx.steps_run * cfg.batch_size / ctx.seconds
-        if self.progress:
+        if self.progress and sys.stdout.isatty():  # a log file has the lines below
             per_epoch = ctx.plan.steps_per_epoch
             epoch = (ctx.step - 1) // per_epoch
             if epoch != self.bar_epoch:
-                self.bar_epoch, self.bar = epoch, keras.utils.Progbar(per_epoch,
-                                                                      unit_name="step")
-                print(f"epoch {epoch + 1}/{math.ceil(ctx.plan.total_steps / per_epoch)}")
-            self.bar.update(ctx.step - epoch * per_epoch, list(values.items()) +
-                            [("img/s", rate)])
+                self.bar_epoch, self.bar = epoch, Bar(per_epoch, "step", label=(
+                    f"epoch {epoch + 1}/{math.ceil(ctx.plan.total_steps / per_epoch)}"))
+            self.bar.update(ctx.step - epoch * per_epoch, loss=values["loss"],
+                            img_per_s=round(rate))
         logging.info("train | step %6d | loss %.4f | %.1f steps/s | %.0f img/s", ctx.step,
                      ctx.loss, ctx.steps_run / ctx.seconds, rate)
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from research.progress import Bar
 from research.training import inputs
 from research.training.config import TrainConfig
 from research.training.state import make_metrics
@@ -47,7 +48,7 @@ class Evaluator:
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA)
         dist = self.strategy.experimental_distribute_dataset(ds.with_options(options))
-        bar = keras.utils.Progbar(len(expected), unit_name="image") if progress else None
+        bar = Bar(len(expected), "image", label=f"scoring {split}") if progress else None
         parts = []
         for batch in dist:
             out = {k: v.numpy() for k, v in self.eval_step(batch).items()}

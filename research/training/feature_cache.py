@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from research import files
+from research.progress import Bar
 from research.data import pipeline
 from research.data.manifest import MANIFEST, sha256_file
 from research.models import backbones
@@ -124,7 +125,7 @@ def compute(model: keras.Model, cfg: TrainConfig, manifest: dict, path: str, key
         for split in SPLITS:
             feats, labels, class_ids = [], [], []
             n = manifest["splits"][split]["num_examples"]
-            bar = keras.utils.Progbar(n, unit_name="image") if cfg.progress else None
+            bar = Bar(n, "image", label=f"features of {split}") if cfg.progress else None
             for b in pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size,
                                            training=False, scale="raw"):
                 feats.append(np.asarray(tf.cast(run(b["image"]), tf.float16)))

@@ -128,6 +128,7 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
                       step=state.step)
     if ctx.start_step == 0 and cfg.transfer != "features":
         record.log_sample_inputs(cfg, manifest, ctx.writers.train)
+    record.log_hparams_config(cfg, ctx.writers, plan.total_steps / plan.steps_per_epoch)
     actions = standard_actions(cfg, manifest["positive_class"], ctx.start_step, extra=actions,
                                steps_per_epoch=plan.steps_per_epoch)
     record.log_devices(strategy)
@@ -183,7 +184,10 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
         if cfg.transfer == "features":  # export image -> logits, not the head alone
             model = feature_cache.full_model(cfg, ctx.manifest, state.model)
         summary["export"] = record.export_model(model, cfg, ctx.manifest, report["threshold"])
-        record.log_hparams(cfg, ctx.writers.eval, summary)
+        final = dict(report)
+        if ctx.result is not None and ctx.result.class_accuracy is not None:
+            final["class_accuracy"] = ctx.result.class_accuracy
+        record.log_hparam_metrics(ctx.writers.eval, "val", final, state.step)
     ctx.writers.flush()
     runs.write_summary(cfg.run_dir, summary)
     return summary

@@ -4,10 +4,10 @@ TensorBoard summaries, the training curves, the model summary, and the exported 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from matplotlib.figure import Figure
@@ -21,16 +21,18 @@ from research.training.config import TrainConfig
 
 
 class Writers:
-    """The run's TensorBoard writers: logs/<run>/train and logs/<run>/eval."""
+    """The run's TensorBoard writers: logs/<run>/train and logs/<run>/eval, and logs/<run>
+    itself for the HParams session (its metrics live in the eval and test folders)."""
 
     def __init__(self, tb_dir: str):
         os.makedirs(tb_dir, exist_ok=True)
         self.train = tf.summary.create_file_writer(os.path.join(tb_dir, "train"))
         self.eval = tf.summary.create_file_writer(os.path.join(tb_dir, "eval"))
+        self.session = tf.summary.create_file_writer(tb_dir)
 
     def flush(self) -> None:
-        self.train.flush()
-        self.eval.flush()
+        for w in (self.train, self.eval, self.session):
+            w.flush()
 
 
 def image_summary(name: str, fig, step: int) -> None:
@@ -41,8 +43,8 @@ def image_summary(name: str, fig, step: int) -> None:
 def log_train(writer, values: dict, learning_rate: float, steps: int, seconds: float,
               batch_size: int, step: int) -> None:
     with writer.as_default(step=step):
-        for k, v in values.items():
-            tf.summary.scalar(k, v)
+        for k, v in values.items():  # the detector's accuracy is at 0.5: its tag says so
+            tf.summary.scalar("accuracy_at_0.5" if k == "accuracy" else k, v)
         tf.summary.scalar("learning_rate", learning_rate)
         tf.summary.scalar("steps_per_sec", steps / seconds)
         tf.summary.scalar("images_per_sec", steps * batch_size / seconds)
@@ -51,7 +53,7 @@ def log_train(writer, values: dict, learning_rate: float, steps: int, seconds: f
 def log_eval(writer, result, report: dict, step: int, names) -> None:
     with writer.as_default(step=step):
         tf.summary.scalar("loss", result.loss)
-        tf.summary.scalar("accuracy", result.accuracy)
+        tf.summary.scalar("accuracy_at_0.5", result.accuracy)  # the detector's, at 0.5
         if result.class_accuracy is not None:
             tf.summary.scalar("class_accuracy", result.class_accuracy)
         for k in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold"):
@@ -77,13 +79,45 @@ def log_sample_inputs(cfg: TrainConfig, manifest: dict, writer) -> None:
         image_summary("sample_inputs", fig, 0)
 
 
-def log_hparams(cfg: TrainConfig, writer, summary: dict) -> None:
-    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-               for k, v in dataclasses.asdict(cfg).items() if v is not None}
-    with writer.as_default(step=summary["final_step"]):
-        hp.hparams(hparams, trial_id=cfg.run_name)
-        for k, v in summary.get("final_val", {}).items():
-            tf.summary.scalar(f"hparams/val_{k}", v)
+# TensorBoard's HParams view: the settings that tell runs apart, and the numbers to compare
+# them by (val from training, test from `evaluate`; under hparams/ so no other chart has
+# them twice).
+HPARAMS = ("model", "optimizer", "learning_rate", "batch_size", "epochs", "precision",
+           "transfer", "weights")
+HPARAM_METRICS = tuple((f"hparams/{split}_{m}", group, f"{split} {name}")
+                       for split, group in (("val", "eval"), ("test", "test"))
+                       for m, name in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"),
+                                       ("f1", "F1"), ("class_accuracy", "N-class accuracy")))
+
+
+def hparam_values(cfg: TrainConfig, plan_epochs: float) -> dict:
+    """The run's values of HPARAMS, as readable scalars and strings."""
+    weights = cfg.model_options.get("weights") if cfg.uses_backbone else None
+    return {"model": cfg.model, "optimizer": cfg.optimizer,
+            "learning_rate": float(cfg.head_lr or cfg.learning_rate),
+            "batch_size": int(cfg.batch_size), "epochs": round(float(plan_epochs), 2),
+            "precision": cfg.precision, "transfer": cfg.transfer,
+            "weights": "" if weights is None else str(weights)}
+
+
+def log_hparams_config(cfg: TrainConfig, writers: "Writers", plan_epochs: float) -> None:
+    """The HParams experiment (what the view lists) and this run's session, at its start."""
+    with writers.session.as_default():
+        hp.hparams_config(hparams=[hp.HParam(k) for k in HPARAMS],
+                          metrics=[hp.Metric(tag, group=group, display_name=name)
+                                   for tag, group, name in HPARAM_METRICS])
+        hp.hparams({hp.HParam(k): v for k, v in hparam_values(cfg, plan_epochs).items()},
+                   trial_id=cfg.run_name)
+
+
+def log_hparam_metrics(writer, split: str, report: dict, step: int) -> None:
+    """The HParams view's numbers of one split (val: at the end of training; test: by
+    `evaluate`)."""
+    with writer.as_default(step=step):
+        for key in ("roc_auc", "pr_auc", "f1", "class_accuracy"):
+            v = report.get(key)
+            if v is not None and np.isfinite(v):
+                tf.summary.scalar(f"hparams/{split}_{key}", v)
 
 
 def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold: float) -> str:
@@ -101,14 +135,18 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold
 
 
 def log_model_summary(cfg: TrainConfig, model: keras.Model) -> str:
-    """Logs the model summary (layers, output shapes, parameters, trainable parameters) and
-    keeps it in the run record as model_summary.txt."""
+    """Keeps the model summary (layers, output shapes, parameters, trainable parameters) in
+    the run record as model_summary.txt; the log says where (the table itself with -v 1)."""
     lines = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=100,
                   expand_nested=True)
     text = "\n".join(lines)
     runs.write_model_summary(cfg.run_dir, text)
-    logging.info("Model %s:\n%s", model.name, text)
+    logging.info("Model %s: %s parameters (%s trainable); layers in %s", model.name,
+                 f"{model.count_params():,}",
+                 f"{sum(int(np.prod(v.shape)) for v in model.trainable_weights):,}",
+                 os.path.join(cfg.run_dir, runs.MODEL_SUMMARY))
+    logging.vlog(1, "Model %s:\n%s", model.name, text)
     return text
 
 

@@ -1,0 +1,82 @@
+"""Quiet TensorFlow on machines without a GPU, in one place for every app and library user.
+
+`import tensorflow` and its first look at the devices print, from C++ and before absl's
+logging is set up (so TF_CPP_MIN_LOG_LEVEL cannot stop them), a handful of lines that say
+nothing on a CPU machine: CUDA stubs not found, `failed call to cuInit`, `All log messages
+before absl::InitializeLog() ...`, oneDNN's note, the CPU-feature guard. `install()` (run by
+`research/__init__.py`) adds an import hook: the first import of tensorflow runs with the
+process's stderr captured, then lists the physical devices (where cuInit happens), and
+replays every captured line except those known ones, so a real error still shows. It also
+keeps TensorFlow's own Python logger at WARNING (its per-checkpoint 'Sharding callback
+duration' INFO lines). Nothing is imported here until tensorflow is.
+
+`TF_CPP_MIN_LOG_LEVEL=0` (asking for everything) turns the filter off.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import re
+import sys
+import tempfile
+
+NOISE = re.compile(
+    r"cudart_stub\.cc|cuda_platform\.cc|cuInit|cuda_executor|cuda drivers|"
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+    r"cpu_feature_guard\.cc|^To enable the following instructions|rebuild TensorFlow with|"
+    r"TF-TRT Warning|Unable to register cu(DNN|FFT|BLAS) factory|computation placer already "
+    r"registered|absl::InitializeLog\(\) is called are written to STDERR")
+
+
+def wanted() -> bool:
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") not in ("0",)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        saved, captured = os.dup(2), tempfile.TemporaryFile()
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            self.loader.exec_module(module)
+            module.config.list_physical_devices("GPU")  # where cuInit speaks, if at all
+            logging.getLogger("tensorflow").setLevel(logging.WARNING)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            captured.close()
+            kept = [line for line in text.splitlines() if line.strip() and not NOISE.search(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+
+
+class _QuietFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: the rest of tensorflow imports as usual
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Adds the hook unless tensorflow is imported already or all its output is wanted."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or not wanted():
+        return
+    if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietFinder())
