@@ -151,14 +151,15 @@ def check_output(path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
-def _load(path: str, size: tuple[int, int]):
+def _load(path: str, size: tuple[int, int], policy: str):
     try:
-        return imaging.load_image_file(path, size), None
+        return imaging.load_image_file(path, size, policy), None
     except imaging.ImageDecodeError as e:
         return None, str(e)
 
 
-def _decoded_batches(paths: list[str], size, options: PredictOptions) -> Iterator[list]:
+def _decoded_batches(paths: list[str], size, policy: str, options: PredictOptions
+                     ) -> Iterator[list]:
     """Batches of (path, image or None, error or None), decoded `prefetch_batches` ahead.
     OpenCV releases the GIL, so the threads decode while TensorFlow scores."""
     bs = options.batch_size
@@ -166,7 +167,7 @@ def _decoded_batches(paths: list[str], size, options: PredictOptions) -> Iterato
         pending = collections.deque()
         for start in range(0, len(paths), bs):
             batch = paths[start:start + bs]
-            pending.append((batch, [pool.submit(_load, p, size) for p in batch]))
+            pending.append((batch, [pool.submit(_load, p, size, policy) for p in batch]))
             if len(pending) > options.prefetch_batches:
                 batch, futures = pending.popleft()
                 yield [(p, *f.result()) for p, f in zip(batch, futures)]
@@ -175,13 +176,22 @@ def _decoded_batches(paths: list[str], size, options: PredictOptions) -> Iterato
             yield [(p, *f.result()) for p, f in zip(batch, futures)]
 
 
+def threshold_of(detector: Detector, options: PredictOptions) -> tuple[float, str]:
+    """(the decision threshold, where it comes from)."""
+    if options.threshold is not None:
+        return options.threshold, "--threshold"
+    return (detector.meta["threshold"],
+            "the run's, chosen on val for the best F1 (metadata.json)")
+
+
 def predict_files(detector: Detector, paths: list[str],
                   options: PredictOptions = PredictOptions()) -> Iterator[Prediction]:
     """One Prediction per path, in order; unreadable files carry their error."""
     options.validate()
-    threshold = detector.meta["threshold"] if options.threshold is None else options.threshold
+    threshold, _ = threshold_of(detector, options)
     names = detector.meta["class_names"]
-    for batch in _decoded_batches(paths, detector.image_size, options):
+    for batch in _decoded_batches(paths, detector.image_size,
+                                  imaging.recorded_policy(detector.meta), options):
         ok = [i for i, (_, img, _) in enumerate(batch) if img is not None]
         scores, probs = (detector.score_batch(np.stack([batch[i][1] for i in ok])) if ok
                          else (np.zeros(0), np.zeros((0, 0))))

@@ -3,7 +3,9 @@ recipes (features cache, frozen, fine_tune phases and their resume), source task
 training subsets."""
 
 import json
+import logging
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -14,7 +16,7 @@ from research.data import pipeline
 from research.models import backbones
 from research.evaluation import run as evaluation
 from research.training import feature_cache as features
-from research.training import inputs, state as train_state
+from research.training import examples, inputs, state as train_state
 from research.training.actions import PhaseSwitch
 from research.training.config import ConfigError, TrainConfig
 from research.training.loop import prepare_config, train_and_evaluate
@@ -66,15 +68,15 @@ def test_source_task_leaves_the_class_out_and_selects_by_accuracy(source, syn):
 def test_train_fraction_is_stratified_and_val_stays_whole(syn, tmp_path):
     cfg = config(syn, tmp_path, train_fraction=0.2)
     manifest = pipeline.load_manifest(syn)
-    mask = inputs.example_mask(cfg, "train")
+    mask = examples.example_mask(cfg, "train")
     ids = pipeline.split_class_ids(syn, "train")
     for c, n in enumerate(np.bincount(ids)):
         assert mask[ids == c].sum() == round(0.2 * n)
-    assert inputs.example_mask(cfg, "val") is None
-    np.testing.assert_array_equal(mask, inputs.example_mask(cfg, "train"))  # deterministic
-    plan = train_state.plan_steps(cfg, manifest, inputs.num_examples(cfg, manifest, "train"))
+    assert examples.example_mask(cfg, "val") is None
+    np.testing.assert_array_equal(mask, examples.example_mask(cfg, "train"))  # deterministic
+    plan = train_state.plan_steps(cfg, manifest, examples.num_examples(cfg, manifest, "train"))
     assert plan.steps_per_epoch == int(mask.sum()) // 16
-    per = inputs.example_mask(config(syn, tmp_path, train_per_class=3), "train")
+    per = examples.example_mask(config(syn, tmp_path, train_per_class=3), "train")
     assert per.sum() == 3 * len(np.unique(ids))
     batches = pipeline.make_dataset(syn, "train", 16, training=True, keep=mask)
     seen = {int(i) for b in batches.take(20) for i in b["class_id"].numpy()}
@@ -262,3 +264,44 @@ def test_gradcam_hook_feeds_a_backbone_raw_pixels(syn, tmp_path):
     assert gradcam_actions(config(syn, tmp_path, gradcam_images=4))[0].fn.scale == "unit"
     assert gradcam_actions(config(syn, tmp_path, model="vgg16", transfer="features",
                                   gradcam_images=4)) == []
+
+
+def test_feature_cache_extracts_only_what_the_run_reads_and_adds_the_rest(source, syn,
+                                                                          caplog):
+    """Per example: 25% of train and half of val/test first; a run on 50% of train extracts
+    only the missing quarter and keeps the first features as they were; a corrupt file is
+    recomputed whole."""
+    ck, _, _ = source
+    opts = {"cut_at": "stage0_relu"}
+    small = transfer_cfg(syn, ck, transfer="features", train_fraction=0.25, eval_fraction=0.5,
+                         model_options=opts)
+    features._OPEN.clear()
+    shutil.rmtree(features.open_cache(small).path)  # this key's cache from an earlier test
+    first = features.open_cache(small)
+    assert not first.reused
+    manifest = pipeline.load_manifest(syn)
+    for split in ("train", "val", "test"):
+        want = np.flatnonzero(examples.example_mask(small, split))
+        np.testing.assert_array_equal(first.arrays(split)["positions"], want)
+        assert len(want) < manifest["splits"][split]["num_examples"]
+    before = first.arrays("train")
+    larger = transfer_cfg(syn, ck, transfer="features", train_fraction=0.5, eval_fraction=0.5,
+                          model_options=opts)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        second = features.open_cache(larger)
+    added = len(np.setdiff1d(np.flatnonzero(examples.example_mask(larger, "train")),
+                             before["positions"]))
+    assert not second.reused and added > 0
+    assert f"extracted {added:,} train" in caplog.text and " val" not in caplog.text.split(
+        "extracted")[-1]
+    after = second.arrays("train")
+    rows = np.searchsorted(after["positions"], before["positions"])
+    np.testing.assert_array_equal(after["features"][rows], before["features"])
+    assert features.open_cache(larger).reused and features.open_cache(small).reused
+    batch = next(iter(features.make_dataset(second, "val", 1000, training=False,
+                                            keep=examples.example_mask(larger, "val"))))
+    np.testing.assert_array_equal(batch["index"].numpy(),
+                                  np.flatnonzero(examples.example_mask(larger, "val")))
+    with pytest.raises(ValueError, match="not cached"):
+        features.make_dataset(second, "val", 10, training=False)  # the whole split: not there

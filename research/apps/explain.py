@@ -24,6 +24,7 @@ from absl import flags
 
 from research import runs
 from research.apps import config_flags
+from research.data import imaging
 from research.errors import UserError
 from research.explain import core, loading, outputs
 from research.explain.options import ExplainOptions
@@ -83,13 +84,28 @@ def check_flags() -> None:
 
 
 def load():
-    """(explainer, its description, precision) of --model or --run_name."""
+    """(explainer, its description, precision, the run's export metadata or None) of --model
+    or --run_name."""
     precision = loading.resolve_precision(FLAGS.precision)
     if FLAGS.model:
         return (loading.load_application(FLAGS.model, FLAGS.weights, precision),
-                f"{FLAGS.model} (weights={FLAGS.weights})", precision)
-    ex, _ = loading.load_run(FLAGS.checkpoint_dir, FLAGS.run_name, precision)
-    return ex, f"run {FLAGS.run_name}", precision
+                f"{FLAGS.model} (weights={FLAGS.weights})", precision, None)
+    ex, meta = loading.load_run(FLAGS.checkpoint_dir, FLAGS.run_name, precision)
+    return ex, f"run {FLAGS.run_name}", precision, meta
+
+
+def detector_lines(ex, meta: dict, items) -> list[str]:
+    """The run's score of each image exactly as predict gives it (mirror averaging as its
+    metadata says, float32), and the decision at the run's threshold."""
+    from research.detector import Detector  # TensorFlow is loaded by now
+
+    model = ex.model if ex.model.dtype_policy.name == "float32" else loading.with_policy(
+        ex.model, "float32")
+    det = Detector(model, meta)
+    scores, _ = det.score_batch(np.stack([it.model_input for it in items]).astype(np.uint8))
+    return [f"  {it.name}: p({det.positive_class})={s:.4f} (as predict)\t"
+            f"{det.decision(s, meta['threshold'])} at threshold {meta['threshold']:.4f}"
+            for it, s in zip(items, scores)]
 
 
 def explain_methods(ex, items, batch, class_index, about, options) -> None:
@@ -131,7 +147,7 @@ def main(argv):
     try:
         check_flags()
         options = ExplainOptions(**config_flags.values_from_flags(ExplainOptions))
-        ex, model_desc, precision = load()
+        ex, model_desc, precision, meta = load()
         compare = [outputs.class_index_of(ex, c, "compare_classes")
                    for c in FLAGS.compare_classes]
         class_index = FLAGS.class_index
@@ -141,7 +157,9 @@ def main(argv):
             core.find_layer(ex.model, FLAGS.layer)  # fail early, listing the candidates
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
                   ] if FLAGS.visualize or FLAGS.layers else []
-        items, errors = outputs.image_items(ex, FLAGS.images)
+        items, errors = outputs.image_items(
+            ex, FLAGS.images, imaging.DEFAULT_RESIZE_POLICY if meta is None
+            else imaging.recorded_policy(meta))
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         if FLAGS.num_examples:
@@ -157,6 +175,9 @@ def main(argv):
     logits = outputs.logits_of(ex, batch, options.batch_size)
     for item, preds in zip(items, outputs.top_classes(ex, logits)):
         print(f"  {item.name}: " + ", ".join(f"{c} {p:.3f}" for c, p in preds))
+    if meta is not None:  # our detector: its score as predict prints it
+        for line in detector_lines(ex, meta, items):
+            print(line)
     about = {"model": model_desc, "precision": precision}
     explain_methods(ex, items, batch, class_index, about, options)
     if compare:

@@ -24,7 +24,7 @@ from absl import flags, logging
 
 from research import machine, plots
 from research.apps import config_flags
-from research.data import pipeline, sources, tfrecords
+from research.data import imaging, pipeline, sources, tfrecords
 from research.errors import UserError
 from research.progress import Bar
 
@@ -56,7 +56,7 @@ config_flags.define_integer("test_shards", 4, "Number of test shards.", ge=1)
 config_flags.define_integer("image_size", 32, "Height and width images from folders are "
                             "resized to at conversion time (CIFAR and MNIST keep their own "
                             "32x32 / 28x28).", ge=1)
-flags.DEFINE_enum("resize_policy", "center_crop", ["center_crop", "stretch"],
+flags.DEFINE_enum("resize_policy", imaging.DEFAULT_RESIZE_POLICY, imaging.RESIZE_POLICIES,
                   "center_crop keeps the aspect ratio; stretch distorts it.")
 flags.DEFINE_string("download_dir", "data/downloads", "Where official archives are kept.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")

@@ -6,8 +6,10 @@ r"""Scores image files with an exported detector.
 `--images` takes files, folders (searched recursively, image extensions only, sorted) and globs
 (`**` included). Each image prints `<path as given>\tp(<class>)=<score>\t<decision>`; an
 unreadable one prints `<path>\terror: <reason>`, is counted and listed in the CSV, and makes the
-exit status 1 once the rest are scored. Images are decoded and resized exactly as
-make_tfrecords does for folders (center crop).
+exit status 1 once the rest are scored. Images are decoded and resized exactly as the run's
+data was (make_tfrecords' --resize_policy, recorded in the export's metadata.json; center crop
+by default), as explain and the lab do. The first line on stderr gives the threshold and where
+it comes from.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 from absl import flags
 
-from research import runs
+from research import files, runs
 from research.apps import config_flags
 from research.errors import UserError
 from research.inference import PredictOptions
@@ -36,6 +38,7 @@ def main(argv):
     del argv
     from research import detector as detectors  # the heavy imports, once the flags parsed
     from research import inference
+    from research.data import imaging
 
     try:
         if (FLAGS.model is None) == (FLAGS.run_name is None):
@@ -57,11 +60,16 @@ def main(argv):
         first_path, first_reason = expansion.skipped[0]
         print(f"skipped {len(expansion.skipped)} files (not images, hidden or duplicates; "
               f"first: {first_path}: {first_reason})", file=sys.stderr)
+    threshold, source = inference.threshold_of(detector, options)
+    print(f"threshold {threshold:.4f} ({source}); images {imaging.recorded_policy(meta)}"
+          f" to {detector.image_size[0]}x{detector.image_size[1]}"
+          + (", mirror-averaged" if meta.get("tta") else ""), file=sys.stderr)
     predictions = inference.predict_files(detector, expansion.paths, options)
     if FLAGS.output:
-        with open(FLAGS.output, "w", newline="") as f:
-            counts = inference.write_predictions(predictions, detector.positive_class,
-                                                 sys.stdout, f)
+        with files.atomic_path(FLAGS.output, "the predictions CSV") as tmp:
+            with open(tmp, "w", newline="") as f:
+                counts = inference.write_predictions(predictions, detector.positive_class,
+                                                     sys.stdout, f)
     else:
         counts = inference.write_predictions(predictions, detector.positive_class, sys.stdout)
     where = f"listed in {FLAGS.output}" if FLAGS.output else "listed above"

@@ -19,10 +19,14 @@ takes ~1.5 h on 2 cores and cannot be resumed.
 `--timing_steps=N` times N train steps of each side back to back in this one process (after
 a few warm-up steps) and prints their ratio, for when the full runs shared the machine.
 
-Later, a "parity" mode (both networks from the same weights on the same batches, the
-per-step loss difference) fits here: `airbench_on_cpu` already records airbench's per-step
-losses and takes any arrays as the data; it would pass airbench.utils.train a loader without
-augmentation and `make_net` returning a net with our weights.
+`--parity_steps=N` (e.g. 20) starts both networks from the same weights (ours, copied into
+airbench's make_net94 by layer order) and trains them N steps on the same batches (the first N
+of our training stream, fed to airbench.train94 through a loader without its augmentation),
+then prints the per-step loss difference (target: <= 1e-3 relative), the first forward pass,
+gradient and the weights after each step side by side, and saves <results_dir>/parity.json.
+`--parity_batch` makes the steps smaller (our learning rate is rescaled to it as airbench's
+is). Both schedules see N steps: airbench's triangle peaks at int(0.23 N), ours is given a
+warm-up of that many steps. Like --timing_steps it only runs this (no full runs).
 
 Exit status: 0 done; 1 an error, named in one line (e.g. torch not installed).
 """
@@ -60,6 +64,10 @@ flags.DEFINE_integer("timing_steps", 0, "If > 0: only time this many train steps
 flags.DEFINE_integer("timing_warmup", 3, "Untimed train steps before --timing_steps.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: the core count).")
 flags.DEFINE_integer("seed", 0, "Seed of both sides (torch.manual_seed; our --seed).")
+flags.DEFINE_integer("parity_steps", 0, "If > 0: only train both networks this many steps "
+                     "from the same weights on the same batches and print the per-step loss "
+                     "difference (no full runs).")
+flags.DEFINE_integer("parity_batch", 0, "--parity_steps' batch size (0: the recipe's).")
 
 SIDES = ("reference", "ours")
 REFERENCE_PACKAGES = ("torch", "torchvision", "airbench")
@@ -440,6 +448,395 @@ def time_ours(cfg, steps: int, warmup: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Parity: both networks from the same weights, on the same batches, step by step.
+
+AIRBENCH_PEAK = 0.23  # utils.train: triangle(total_train_steps, start=0.2, end=0.07, peak=0.23)
+PARITY_TARGET = 1e-3  # the largest relative loss difference over the steps
+
+
+def airbench_names(model) -> list[tuple[str, object]]:
+    """(airbench's state_dict key, our variable) for every weight of our fast CNN, by layer
+    order. make_net94 is nn.Sequential: the whitening conv (0), GELU (1), one ConvGroup per
+    width (conv1, norm1, conv2, norm2), MaxPool2d, Flatten, Linear (bias-free), Mul. Our input
+    Normalization has no counterpart: airbench's loader normalises."""
+    from keras import layers
+
+    from research.models.layers import FusedBatchNorm, PatchWhitening
+
+    weighted = [x for x in model.layers
+                if x.weights and not isinstance(x, layers.Normalization)]
+    groups = (len(weighted) - 2) // 4
+    kinds = [PatchWhitening] + [layers.Conv2D, FusedBatchNorm] * 2 * groups + [layers.Dense]
+    if len(weighted) != len(kinds) or not all(map(isinstance, weighted, kinds)):
+        raise ValueError(f"{model.name}: not airbench94's layer order (whitening, then conv, "
+                         f"BN, conv, BN per group, then the linear layer): "
+                         f"{[type(x).__name__ for x in weighted]}")
+    if any(x.bias is not None for x in weighted[1:] if not isinstance(x, FusedBatchNorm)):
+        raise ValueError(f"{model.name}: airbench's convs and linear layer have no bias")
+    names = [("0.weight", weighted[0].kernel), ("0.bias", weighted[0].bias)]
+    bn = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
+          ("running_var", "moving_variance"))
+    for g in range(groups):
+        for i, (conv, norm) in enumerate(zip(weighted[1 + 4 * g::2][:2],
+                                             weighted[2 + 4 * g::2][:2]), start=1):
+            names.append((f"{2 + g}.conv{i}.weight", conv.kernel))
+            names += [(f"{2 + g}.norm{i}.{t}", getattr(norm, k)) for t, k in bn]
+    names.append((f"{4 + groups}.weight", weighted[-1].kernel))
+    return names
+
+
+def to_torch_layout(value):
+    """A Keras HWIO conv kernel as torch's OIHW, a Dense (in, out) kernel as nn.Linear's
+    (out, in); vectors as they are."""
+    import numpy as np
+
+    value = np.asarray(value)
+    if value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 2:
+        value = value.T
+    return np.ascontiguousarray(value)
+
+
+def airbench_state(model, values: dict | None = None) -> dict:
+    """Our model's weights as airbench's state_dict entries (numpy, torch layouts); or, given
+    `values` (our variable path -> array, e.g. gradients), those values."""
+    return {name: to_torch_layout(v.numpy() if values is None else values[v.path])
+            for name, v in airbench_names(model) if values is None or v.path in values}
+
+
+def is_trained(name: str) -> bool:
+    """What training can move: not the BN statistics, nor BN's scale (1, as airbench's);
+    the whitening filters are frozen but the lookahead pulls them too."""
+    return ".running_" not in name and not (".norm" in name and name.endswith(".weight"))
+
+
+def max_rel_diff(ours: dict, ref: dict, norm: bool = False) -> tuple[float, str]:
+    """max over the shared names of max|ours - ref| / max|ref| (norm: ||ours - ref|| / ||ref||),
+    and the name where it is."""
+    import numpy as np
+
+    size = (lambda x: float(np.linalg.norm(x))) if norm else (lambda x: float(np.abs(x).max()))
+    worst = (0.0, "")
+    for name in ref:
+        if name in ours:
+            worst = max(worst, (size(ours[name] - ref[name]) / (size(ref[name]) or 1.0), name))
+    return worst
+
+
+def rel(a: float, ref: float) -> float:
+    return abs(a - ref) / abs(ref)
+
+
+def parity_config(flagfile: str, data_dir: str, run_dir: str, steps: int, batch: int,
+                  seed: int):
+    """The recipe over `steps` steps of `batch` (0: the recipe's), float32, one step per
+    call. airbench's learning rate is per summed example, so ours (per mean loss) is scaled
+    by batch / the recipe's batch; its L2 coefficient is per example either way. The warm-up
+    is airbench's int(0.23 steps) steps (ours: int(warmup_epochs * steps_per_epoch))."""
+    from research.data import pipeline
+    from research.training import examples
+    from research.training.loop import prepare_config
+
+    cfg = ours_config(flagfile, data_dir, run_dir, precision="float32", seed=seed,
+                      train_steps=steps, steps_per_loop=1)
+    batch = batch or cfg.batch_size
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    per_epoch = pipeline.steps_per_epoch(manifest, batch,
+                                         num_examples=examples.num_examples(cfg, manifest, "train"))
+    warm = int(AIRBENCH_PEAK * steps)
+    cfg = dataclasses.replace(cfg, batch_size=batch, warmup_epochs=(warm + 0.5) / per_epoch,
+                              learning_rate=cfg.learning_rate * batch / cfg.batch_size)
+    assert int(cfg.warmup_epochs * per_epoch) == warm
+    return prepare_config(cfg), {"warmup_steps": warm, "steps_per_epoch": per_epoch}
+
+
+def parity_batches(cfg, steps: int) -> list[dict]:
+    """The first `steps` batches of our training stream (shuffled, flipped and cropped as the
+    recipe's, [0, 1]), as numpy."""
+    from research.data import pipeline
+    from research.training import inputs
+
+    ds = pipeline.make_dataset(cfg.data_dir, "train", cfg.batch_size, training=True,
+                               stream=inputs.train_stream(cfg))
+    keys = ("image", "label", "class_id")
+    return [{k: b[k].numpy() for k in keys} for b in ds.take(steps)]
+
+
+def probe_ours(cfg, model, batch: dict) -> dict:
+    """Our first forward pass (training mode) and the gradient of the mean loss (the L2 term
+    left out, as torch's SGD adds it in the step), leaving the model as it was; and how many
+    (image, channel) maxima of the global max pool are exact ties (tf.reduce_max's gradient
+    splits evenly among them, nn.MaxPool2d's goes to the first)."""
+    import keras
+    import tensorflow as tf
+
+    from research.training.steps import per_example_loss
+
+    saved = [v.numpy() for v in model.weights]  # training mode moves the BN statistics
+    tensors = {k: tf.constant(v) for k, v in batch.items()}
+    both = keras.Model(model.input, [model.get_layer("gmp").input, model.output])
+    with tf.GradientTape() as tape:
+        fmap, logits = both(tensors["image"], training=True)
+        loss = tf.reduce_mean(per_example_loss(cfg, tensors, logits, None))
+    grads = tape.gradient(loss, model.trainable_variables)
+    for v, s in zip(model.weights, saved):
+        v.assign(s)
+    inputs = model.get_layer("normalize")(tensors["image"]).numpy().transpose(0, 3, 1, 2)
+    fmap = fmap.numpy().reshape(len(fmap), -1, fmap.shape[-1])
+    ties = int(((fmap == fmap.max(1, keepdims=True)).sum(1) > 1).sum())
+    return {"inputs": inputs, "logits": logits.numpy(), "loss": float(loss),
+            "grads": airbench_state(model, {v.path: g.numpy() for v, g in
+                                            zip(model.trainable_variables, grads)}),
+            "pool_ties": ties, "pool_maxima": fmap.shape[0] * fmap.shape[2]}
+
+
+def parity_ours(cfg, batches: list[dict]) -> dict:
+    """Our side: the train state as the train loop builds it (weights, whitening from the
+    first 5,000 training images, optimizer, lookahead), stepped one batch per call."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from research.data import pipeline
+    from research.training import examples
+    from research.training.state import create_train_state, plan_steps
+    from research.training.steps import make_train_loop
+
+    keras.utils.set_random_seed(cfg.seed)
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    plan = plan_steps(cfg, manifest, examples.num_examples(cfg, manifest, "train"))
+    assert plan.total_steps == len(batches)
+    state = create_train_state(cfg, tf.distribute.get_strategy(), manifest, plan)
+    start = airbench_state(state.model)
+    probe = probe_ours(cfg, state.model, batches[0])
+    loop_fn = make_train_loop(cfg, state, manifest["positive_class_id"], None)
+    it = iter(tf.data.Dataset.from_tensor_slices(
+        {k: np.stack([b[k] for b in batches]) for k in batches[0]}))
+    losses, states = [], []
+    for _ in batches:
+        loop_fn(it, tf.constant(1))
+        losses.append(float(state.train_metrics["loss"].result()))
+        for m in state.train_metrics.values():
+            m.reset_state()
+        states.append({k: v for k, v in airbench_state(state.model).items() if is_trained(k)})
+    return {"start": start, "probe": probe, "losses": losses, "states": states,
+            "lookahead_every": cfg.lookahead_every}
+
+
+class ParityLoader:
+    """What airbench.utils.train reads of its train loader: batch_size, len(), epoch, images
+    (its whitening init takes the first 5,000) and normalize, then one epoch of `batches`
+    (normalised NCHW images, labels), exactly those, no augmentation. Before each batch after
+    the first it calls `after_step(k)`: airbench's net has then taken k steps (lookahead
+    included)."""
+
+    def __init__(self, images, normalize, batches: list, after_step):
+        self.epoch = 0
+        self.images, self.normalize = images, normalize
+        self.batches, self.after_step = batches, after_step
+        self.batch_size = len(batches[0][1])
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for k, batch in enumerate(self.batches):
+            if k:
+                self.after_step(k)
+            yield batch
+        self.epoch += 1
+
+
+def whitening_difference(own, ours) -> dict:
+    """airbench's own whitening filters (OIHW, 2n: n eigenvectors then their negatives)
+    against ours: per eigenvector, its sign is LAPACK's choice, so compared up to sign."""
+    import numpy as np
+
+    n = len(ours) // 2
+    diffs, flips = [], 0
+    for k in range(n):
+        same, opposite = (float(np.abs(own[k] - s * ours[k]).max()) for s in (1, -1))
+        flips += opposite < same
+        diffs.append(min(same, opposite) / float(np.abs(ours[k]).max()))
+    return {"max_rel_diff": max(diffs), "worst_filter": int(np.argmax(diffs)),
+            "sign_flips": flips, "filters": n}
+
+
+def parity_reference(ours: dict, batches: list[dict], whiten_images, classes) -> dict:
+    """airbench's side: airbench.train94 (epochs=1 over a loader of our `batches`: its
+    total_train_steps is len(batches)), its make_net94 returning a net with our initial
+    weights, its whitening init run on the same 5,000 images `whiten_images` (uint8 NHWC)
+    and then replaced by ours (its own filters are kept for the check)."""
+    from unittest import mock
+
+    import numpy as np
+    import torch
+    import torchvision
+
+    record = ReferenceRecord()
+    start = ours["start"]
+    labels = np.zeros(len(whiten_images), np.int64)
+    # train() builds a test loader; with verbose=False it never evaluates it
+    with airbench_on_cpu((whiten_images, labels), (whiten_images, labels), classes,
+                         record) as airbench:
+        utils = airbench.utils
+        smoothing = airbench.lib_airbench94.hyp["opt"]["label_smoothing"]
+        nets = []
+
+        def make_net():
+            net = airbench.lib_airbench94.make_net94()  # float32 on the CPU (the patches)
+            state = net.state_dict()
+            extra = set(start) ^ {k for k in state if not k.endswith("num_batches_tracked")}
+            if extra:
+                raise ValueError(f"our weights and make_net94's differ in {sorted(extra)}")
+            with torch.no_grad():
+                for name, value in start.items():
+                    if tuple(state[name].shape) != value.shape:
+                        raise ValueError(f"{name}: ours {value.shape}, airbench's "
+                                         f"{tuple(state[name].shape)}")
+                    state[name].copy_(torch.from_numpy(value))
+            nets.append(net)
+            return net
+
+        normalize = torchvision.transforms.Normalize(utils.CIFAR_MEAN, utils.CIFAR_STD)
+        data = [(normalize(torch.from_numpy(b["image"]).permute(0, 3, 1, 2)).contiguous(
+                    memory_format=torch.channels_last),
+                 torch.from_numpy(b["class_id"].astype(np.int64))) for b in batches]
+
+        # Before any step: one forward pass and gradient of a net with our weights.
+        net = make_net()
+        net.train()
+        x, y = data[0]
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=smoothing,
+                                                 reduction="none").sum()
+        loss.backward()
+        probe = {"inputs": x.numpy(), "logits": logits.detach().numpy(),
+                 "loss": loss.item() / len(y),
+                 "grads": {k: p.grad.numpy() / len(y) for k, p in net.named_parameters()
+                           if p.grad is not None}}
+        nets.clear()
+
+        states, whiten = [], {}
+
+        def trained_state(net):
+            return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()
+                    if k in start and is_trained(k)}
+
+        own_init = utils.init_whitening_conv
+
+        def init_whitening_as_ours(layer, train_set, eps=5e-4):
+            own_init(layer, train_set, eps)  # airbench's own, on the same 5,000 images
+            whiten.update(whitening_difference(layer.weight.detach().numpy(),
+                                               start["0.weight"]))
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(start["0.weight"]))
+
+        images = torch.from_numpy(whiten_images).permute(0, 3, 1, 2).float() / 255
+        loader = ParityLoader(images, normalize, data,
+                              lambda k: states.append(trained_state(nets[-1])))
+        with mock.patch.object(utils, "init_whitening_conv", init_whitening_as_ours):
+            model = airbench.train94(train_loader=loader, epochs=1, make_net=make_net,
+                                     verbose=False)
+        states.append(trained_state(model))
+    return {"probe": probe, "losses": record.step_losses, "states": states,
+            "whitening": whiten}
+
+
+def compare_parity(ours: dict, ref: dict) -> dict:
+    """The per-step table and the first forward pass, gradient and update, side by side."""
+    import numpy as np
+
+    po, pr = ours["probe"], ref["probe"]
+    rows = []
+    for k, (lo, lr) in enumerate(zip(ours["losses"], ref["losses"]), start=1):
+        w, name = max_rel_diff(ours["states"][k - 1], ref["states"][k - 1])
+        rows.append({"step": k, "ours": lo, "airbench": lr, "rel_diff": rel(lo, lr),
+                     "weights_rel_diff": w, "weights_worst": name})
+    worst = max(rows, key=lambda r: r["rel_diff"])
+    grad, grad_name = max_rel_diff(po["grads"], pr["grads"])
+    grad_norm, grad_norm_name = max_rel_diff(po["grads"], pr["grads"], norm=True)
+    return {
+        "rows": rows, "max_rel_diff": worst["rel_diff"], "at_step": worst["step"],
+        "target": PARITY_TARGET, "meets_target": worst["rel_diff"] <= PARITY_TARGET,
+        "steps_compared": len(rows),
+        "before_any_step": {
+            "inputs_max_abs_diff": float(np.abs(po["inputs"] - pr["inputs"]).max()),
+            "logits_rel_diff": float(np.abs(po["logits"] - pr["logits"]).max()
+                                     / np.abs(pr["logits"]).max()),
+            "loss_ours": po["loss"], "loss_airbench": pr["loss"],
+            "loss_rel_diff": rel(po["loss"], pr["loss"]),
+            "grad_rel_diff": grad, "grad_worst": grad_name,
+            "grad_norm_rel_diff": grad_norm, "grad_norm_worst": grad_norm_name,
+            "pool_ties": po["pool_ties"], "pool_maxima": po["pool_maxima"],
+            "grads_compared": sorted(set(po["grads"]) & set(pr["grads"])),
+            "grads_missing": sorted(set(po["grads"]) ^ set(pr["grads"]))},
+        "whitening": ref["whitening"]}
+
+
+def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int) -> dict:
+    """Both sides over `steps` batches of our stream, compared (compare_parity)."""
+    from research.data import pipeline
+    from research.training.model import DATA_INIT_IMAGES
+
+    with tempfile.TemporaryDirectory(prefix="parity-") as run_dir:
+        cfg, schedule = parity_config(flagfile, data_dir, run_dir, steps, batch, seed)
+        batches = parity_batches(cfg, steps)
+        start = time.perf_counter()
+        ours = parity_ours(cfg, batches)
+        ours_s = time.perf_counter() - start
+    # the images our init_model_from_data whitened from (the run excludes no class)
+    assert not cfg.exclude_classes
+    whiten_images = pipeline.take_examples(cfg.data_dir, "train", DATA_INIT_IMAGES)["image"]
+    start = time.perf_counter()
+    ref = parity_reference(ours, batches, whiten_images,
+                           pipeline.load_manifest(cfg.data_dir)["class_names"])
+    ref_s = time.perf_counter() - start
+    if len(ref["losses"]) != steps:
+        raise RuntimeError(f"airbench took {len(ref['losses'])} steps, not {steps}")
+    out = compare_parity(ours, ref)
+    out.update(steps=steps, batch_size=cfg.batch_size,
+               seconds={"ours": ours_s, "airbench": ref_s},
+               schedule={**schedule, "airbench_peak": AIRBENCH_PEAK,
+                         "ours_warmup_epochs": cfg.warmup_epochs,
+                         "ours_learning_rate": cfg.learning_rate},
+               lookahead_every=ours["lookahead_every"], config=dataclasses.asdict(cfg))
+    return out
+
+
+def format_parity(p: dict) -> str:
+    lines = [f"parity: {p['steps']} steps of {p['batch_size']}, the same initial weights and "
+             f"batches; {p['what']}",
+             f"{'step':>4}  {'ours loss':>12}  {'airbench loss':>13}  {'rel diff':>9}  "
+             f"{'weights rel diff after the step (worst)':<40}"]
+    for r in p["rows"]:
+        lines.append(f"{r['step']:>4}  {r['ours']:>12.7f}  {r['airbench']:>13.7f}  "
+                     f"{r['rel_diff']:>9.2e}  {r['weights_rel_diff']:.2e} "
+                     f"({r['weights_worst']})")
+    verdict = "meets" if p["meets_target"] else "DOES NOT meet"
+    b, w, s = p["before_any_step"], p["whitening"], p["schedule"]
+    lines += [f"max relative loss difference {p['max_rel_diff']:.2e} at step {p['at_step']}: "
+              f"{verdict} the target <= {p['target']:g}",
+              f"before any step (batch 1): normalised inputs max abs diff "
+              f"{b['inputs_max_abs_diff']:.1e}; logits rel diff {b['logits_rel_diff']:.1e}; "
+              f"loss rel diff {b['loss_rel_diff']:.1e}; gradient rel diff: max element "
+              f"{b['grad_rel_diff']:.1e} (worst {b['grad_worst']}), norm "
+              f"{b['grad_norm_rel_diff']:.1e} (worst {b['grad_norm_worst']}); exact ties in "
+              f"our global max pool: {b['pool_ties']} of {b['pool_maxima']:,} maxima",
+              f"whitening: airbench's own init on the same 5,000 images vs ours: max rel diff "
+              f"{w['max_rel_diff']:.1e} (filter {w['worst_filter']}; {w['sign_flips']} of "
+              f"{w['filters']} eigenvectors of opposite sign); airbench's net then set to ours",
+              f"schedule: both warm up int({s['airbench_peak']} x {p['steps']}) = "
+              f"{s['warmup_steps']} steps (ours: --warmup_epochs={s['ours_warmup_epochs']:.6g} "
+              f"x {s['steps_per_epoch']} steps/epoch), --learning_rate="
+              f"{s['ours_learning_rate']:g}; lookahead every {p['lookahead_every']} steps",
+              f"seconds: ours {p['seconds']['ours']:.0f}, airbench {p['seconds']['airbench']:.0f};"
+              f" {lscpu_line(p['machine']['lscpu'])}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The table.
 
 
@@ -509,16 +906,30 @@ def main(argv):
         sys.exit(f"error: --sides: unknown side(s) {', '.join(unknown)}; choose from "
                  f"{', '.join(SIDES)}")
     timing = FLAGS.timing_steps > 0
-    if timing or "reference" in sides:  # first, before anything heavy is imported
+    parity = FLAGS.parity_steps > 0
+    if timing or parity or "reference" in sides:  # first, before anything heavy is imported
         missing = missing_reference_packages()
         if missing:
             sys.exit(INSTALL_HINT.format(", ".join(missing)))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "reference" in sides or timing:
+    if "reference" in sides or timing or parity:  # torch before TensorFlow
         info = setup_torch(FLAGS.torch_threads, FLAGS.seed)
     results_dir = FLAGS.results_dir
     print(machine_record()["cpu"], flush=True)
     print(lscpu_line(lscpu()), flush=True)
+
+    if parity:
+        out = run_parity(FLAGS.ours_flagfile, training_data_dir(
+            FLAGS.data_dir, FLAGS.train_splits, results_dir), FLAGS.parity_steps,
+            FLAGS.parity_batch, FLAGS.seed)
+        out.update(what=(f"ours {FLAGS.ours_flagfile} float32 vs airbench.train94 "
+                         "({airbench}, torch {torch}, float32, {torch_threads} threads)"
+                         ).format(**info), finished=utc_now(), machine=machine_record(),
+                   data_dir=FLAGS.data_dir, train_splits=FLAGS.train_splits, **info)
+        write_json_atomic(os.path.join(results_dir, "parity.json"), out)
+        print(format_parity(out))
+        print(f"saved {os.path.join(results_dir, 'parity.json')}")
+        return
 
     splits = FLAGS.train_splits
     ours_dir = os.path.join(results_dir, "ours")

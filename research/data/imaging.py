@@ -21,6 +21,7 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESIZE_POLICIES = ("center_crop", "stretch")
+DEFAULT_RESIZE_POLICY = "center_crop"  # make_tfrecords, predict, explain and the lab alike
 
 
 class ImageDecodeError(ValueError):
@@ -63,7 +64,30 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
-def resize_image(img: np.ndarray, size: tuple[int, int], policy: str = "center_crop") -> np.ndarray:
+def recorded_policy(record: dict) -> str:
+    """The resize policy an export's metadata.json or a manifest (make_tfrecords' flags)
+    records; the default for data that never had one (CIFAR, MNIST, older exports)."""
+    return (record.get("resize_policy") or (record.get("flags") or {}).get("resize_policy")
+            or DEFAULT_RESIZE_POLICY)
+
+
+def crop_window(shape: tuple[int, ...], size: tuple[int, int],
+                policy: str = DEFAULT_RESIZE_POLICY) -> tuple[int, int, int, int]:
+    """(top, left, height, width): the part of an image of `shape` that `resize_image` turns
+    into `size` under `policy` (the whole image for stretch), in the image's own pixels."""
+    h, w = shape[:2]
+    if policy == "stretch" or (h, w) == tuple(size):
+        return 0, 0, h, w
+    th, tw = size
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    t, lft = int(round(top / scale)), int(round(left / scale))
+    return t, lft, min(h - t, int(round(th / scale))), min(w - lft, int(round(tw / scale)))
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int],
+                 policy: str = DEFAULT_RESIZE_POLICY) -> np.ndarray:
     """Resizes an HxWxC uint8 image to `size` = (height, width) under `policy`."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"Unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}")
@@ -83,7 +107,7 @@ def resize_image(img: np.ndarray, size: tuple[int, int], policy: str = "center_c
 
 
 def load_image_file(path: str, size: tuple[int, int] | None = None,
-                    policy: str = "center_crop") -> np.ndarray:
+                    policy: str = DEFAULT_RESIZE_POLICY) -> np.ndarray:
     """Reads and decodes one image file; resizes it when `size` is given."""
     try:
         with open(path, "rb") as f:

@@ -603,7 +603,8 @@ def download_archive(key: str, download_dir: str) -> str:
 
 
 def load_source(source: str, *, image_size: tuple[int, int] = (32, 32),
-                resize_policy: str = "center_crop", download_dir: str = "data/downloads",
+                resize_policy: str = imaging.DEFAULT_RESIZE_POLICY,
+                download_dir: str = "data/downloads",
                 num_threads: int | None = None, label_set: str = "fine",
                 class_names: list[str] | None = None) -> SourceData:
     """Loads `source`: 'cifar10', 'cifar10_binary', 'cifar100', 'mnist', or a path to a

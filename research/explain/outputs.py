@@ -13,7 +13,8 @@ from keras.applications.imagenet_utils import decode_predictions
 
 from research import files, plots
 from research.data import pipeline
-from research.data.imaging import ImageDecodeError, decode_image, encode_image, resize_image
+from research.data.imaging import (DEFAULT_RESIZE_POLICY, ImageDecodeError, crop_window,
+                                   decode_image, encode_image, resize_image)
 from research.errors import UserError
 from research.explain import activations, core, dream, faithfulness, loading, render
 from research.explain.options import ExplainOptions
@@ -24,19 +25,23 @@ EXAMPLE_FILTERS = {"all": (0, 1), "positive": (1,), "negative": (0,)}
 @dataclasses.dataclass
 class Item:
     name: str                  # file name for the outputs
-    original: np.ndarray       # uint8, the image at its own size
+    original: np.ndarray       # uint8, the part of the image the model sees, at its own size
     model_input: np.ndarray    # float32 0..255 at the model's input size
     label: str | None = None   # the true class of a TFRecord example
 
 
-def model_input(ex: core.Explainer, image: np.ndarray) -> np.ndarray:
-    """The image at the model's input size; stretched, not cropped, so that the map covers
-    the whole original for the overlay."""
-    return resize_image(image, ex.input_size, "stretch").astype(np.float32)
+def model_input(ex: core.Explainer, image: np.ndarray, policy: str = DEFAULT_RESIZE_POLICY
+                ) -> np.ndarray:
+    """The image at the model's input size under `policy` (imaging.resize_image: what
+    make_tfrecords and predict do), float32 0..255."""
+    return resize_image(image, ex.input_size, policy).astype(np.float32)
 
 
-def image_items(ex: core.Explainer, paths) -> tuple[list[Item], list[str]]:
-    """(items, errors): the photos that decode, and one message for each that does not."""
+def image_items(ex: core.Explainer, paths, policy: str = DEFAULT_RESIZE_POLICY
+                ) -> tuple[list[Item], list[str]]:
+    """(items, errors): the photos that decode, resized under `policy` (the run's), and one
+    message for each that does not. An item's `original` is the window the model sees (the
+    centre crop), so that its maps overlay what was scored."""
     items, errors = [], []
     for path in paths or []:
         try:
@@ -46,7 +51,9 @@ def image_items(ex: core.Explainer, paths) -> tuple[list[Item], list[str]]:
             errors.append(str(e) if isinstance(e, ImageDecodeError)
                           else f"{path}: cannot read ({e})")
             continue
-        items.append(Item(os.path.basename(path), original, model_input(ex, original)))
+        top, left, h, w = crop_window(original.shape, ex.input_size, policy)
+        items.append(Item(os.path.basename(path), original[top:top + h, left:left + w],
+                          model_input(ex, original, policy)))
     return items, errors
 
 

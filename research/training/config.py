@@ -72,10 +72,14 @@ class TrainConfig:
                                                    "best checkpoint is chosen by val N-class "
                                                    "accuracy).")
     train_fraction: float | None = setting(None, "Train on a deterministic stratified fraction of "
-                                                 "each class (val and test stay whole).",
+                                                 "each class (val and test stay whole unless "
+                                                 "--eval_fraction).",
                                                  gt=0, le=1)
     train_per_class: int | None = setting(None, "Train on at most N examples per class "
                                                 "(deterministic, stratified).", ge=1)
+    eval_fraction: float | None = setting(None, "Score val and test on a deterministic "
+                                                "stratified fraction of each class (a smoke "
+                                                "test: every report says so).", gt=0, le=1)
     checkpoint_dir: str = setting(runs.CHECKPOINT_DIR, "Parent folder of run checkpoints.",
                                   resume=True)
     log_dir: str = setting(runs.LOG_DIR, "Parent folder of TensorBoard logs.", resume=True)

@@ -3,8 +3,10 @@ feature maps are cached beside the TFRecords, in <data_dir>/features/<key>/.
 
 The key hashes the data's manifest, the backbone, the values of its weights, the cut layer,
 the image size and the precision, so any later run with the same key (another head, another
-learning rate) reuses the cache and a changed key recomputes. Each file's sha256 is checked
-on open: a corrupt or half-written cache is recomputed, never trusted.
+learning rate) reuses the cache and a changed key recomputes. The cache is per example: a run
+extracts only the examples it reads (--train_fraction, --eval_fraction, ...) and a later run
+that reads more adds the missing ones. Each file's sha256 is checked on open: a corrupt or
+half-written cache is recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -26,6 +27,7 @@ from research.progress import Bar
 from research.data import pipeline
 from research.data.manifest import MANIFEST, sha256_file
 from research.models import backbones
+from research.training import examples
 from research.training.config import TrainConfig
 
 META = "features.json"
@@ -36,13 +38,13 @@ SPLITS = ("train", "val", "test")
 class FeatureCache:
     path: str
     feature_shape: tuple[int, ...]
-    reused: bool
+    reused: bool        # nothing had to be computed for this run
     model: keras.Model  # the extractor the features came from
     shard_sizes: dict   # split -> examples per TFRecord shard (the image stream's order)
 
     def arrays(self, split: str) -> dict[str, np.ndarray]:
-        with np.load(os.path.join(self.path, f"{split}.npz")) as f:
-            return {k: f[k] for k in f.files}
+        """The cached examples of `split`: positions (ascending), features, label, class_id."""
+        return _read(os.path.join(self.path, f"{split}.npz"))
 
 
 def extractor(cfg: TrainConfig, manifest: dict) -> keras.Model:
@@ -69,6 +71,14 @@ def cache_key(cfg: TrainConfig, model: keras.Model) -> tuple[str, dict]:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
 
 
+def _read(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        out = {k: f[k] for k in f.files}
+    if "positions" not in out:  # a cache written whole, before caches were per example
+        out["positions"] = np.arange(len(out["label"]), dtype=np.int64)
+    return out
+
+
 def _valid(path: str) -> dict | None:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
@@ -87,72 +97,104 @@ def _valid(path: str) -> dict | None:
         return None
 
 
-_OPEN: dict[tuple, FeatureCache] = {}
+_OPEN: dict[tuple, tuple] = {}
 
 
 def open_cache(cfg: TrainConfig) -> FeatureCache:
-    """The run's feature cache, computed if absent or corrupt (once per process)."""
+    """The run's feature cache. Only the examples the run reads (examples.example_mask) are
+    extracted; a later run that reads more adds what is missing and reuses the rest. A corrupt
+    cache is recomputed. The extractor is built once per process."""
     memo = (cfg.data_dir, cfg.model, json.dumps(cfg.model_options, sort_keys=True),
             cfg.precision, cfg.checkpoint_dir)
-    if memo in _OPEN:
-        return _OPEN[memo]
     manifest = pipeline.load_manifest(cfg.data_dir)
-    model = extractor(cfg, manifest)
-    key, parts = cache_key(cfg, model)
+    if memo not in _OPEN:
+        model = extractor(cfg, manifest)
+        _OPEN[memo] = (model, *cache_key(cfg, model))
+    model, key, parts = _OPEN[memo]
     path = os.path.join(cfg.data_dir, "features", key)
     meta = _valid(path)
-    reused = meta is not None
     if meta is None:
-        meta = compute(model, cfg, manifest, path, key, parts)
-    else:
+        meta = _new(path, key, parts)
+    added = {}
+    for split in SPLITS:
+        n = manifest["splits"][split]["num_examples"]
+        keep = examples.example_mask(cfg, split)
+        wanted = np.arange(n) if keep is None else np.flatnonzero(keep)
+        info = meta["files"].get(split)
+        have = _read(os.path.join(path, info["file"]))["positions"] if info else np.zeros(0)
+        missing = np.setdiff1d(wanted, have)
+        if len(missing):
+            meta = add_examples(model, cfg, path, meta, split, n, missing)
+            added[split] = len(missing)
+    reused = not added
+    if reused:
         logging.info("Feature cache %s reused (key %s)", path, key)
+    else:
+        logging.info("Feature cache %s (key %s, features %s): extracted %s", path, key,
+                     meta["feature_shape"], ", ".join(f"{v:,} {k}" for k, v in added.items()))
     sizes = {k: [sh["num_examples"] for sh in v["shards"]]
              for k, v in manifest["splits"].items()}
-    _OPEN[memo] = FeatureCache(path, tuple(meta["feature_shape"]), reused, model, sizes)
-    return _OPEN[memo]
+    return FeatureCache(path, tuple(meta["feature_shape"]), reused, model, sizes)
 
 
-def compute(model: keras.Model, cfg: TrainConfig, manifest: dict, path: str, key: str,
-            parts: dict) -> dict:
-    """Runs the frozen extractor once over every split; writes into a temporary folder that
-    is renamed into place, so a crash never leaves a half cache under the key."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=parent)
-    run = tf.function(lambda x: model(x, training=False))
-    meta = {"key": key, **parts, "files": {}}
+def _new(path: str, key: str, parts: dict) -> dict:
+    """An empty cache folder under `key` (a corrupt one is replaced whole)."""
+    if os.path.exists(path):
+        shutil.rmtree(path)
     try:
-        for split in SPLITS:
-            feats, labels, class_ids = [], [], []
-            n = manifest["splits"][split]["num_examples"]
-            bar = Bar(n, "image", label=f"features of {split}") if cfg.progress else None
-            for b in pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size,
-                                           training=False, scale="raw"):
-                feats.append(np.asarray(tf.cast(run(b["image"]), tf.float16)))
-                labels.append(b["label"].numpy())
-                class_ids.append(b["class_id"].numpy())
-                if bar:
-                    bar.add(len(labels[-1]))
-            file = f"{split}.npz"
-            np.savez(os.path.join(tmp, file), features=np.concatenate(feats),
-                     label=np.concatenate(labels), class_id=np.concatenate(class_ids))
-            meta["files"][split] = {"file": file, "num_examples": n,
-                                    "sha256": sha256_file(os.path.join(tmp, file))}
-            meta["feature_shape"] = list(feats[0].shape[1:])
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta, f, indent=1)
-        files.fsync_tree(tmp)
-        if os.path.exists(path):  # a corrupt cache: replaced whole
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        files.fsync_dir(parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(path)
+    except OSError as e:
         if files.is_out_of_space(e):
             raise files.out_of_space("the feature cache", path) from None
         raise
-    logging.info("Feature cache %s written (key %s, features %s)", path, key,
-                 meta["feature_shape"])
+    meta = {"key": key, **parts, "files": {}}
+    _write_meta(path, meta)
+    return meta
+
+
+def _write_meta(path: str, meta: dict) -> None:
+    files.write_json(os.path.join(path, META), meta, what="the feature cache index")
+
+
+def _extract(model: keras.Model, cfg: TrainConfig, split: str, n: int, positions: np.ndarray
+             ) -> dict[str, np.ndarray]:
+    """The frozen extractor over `positions` of `split` (ascending)."""
+    run = tf.function(lambda x: model(x, training=False))
+    keep = np.zeros(n, bool)
+    keep[positions] = True
+    feats, labels, class_ids = [], [], []
+    bar = Bar(len(positions), "image", label=f"features of {split}") if cfg.progress else None
+    for b in pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size, training=False,
+                                   scale="raw", keep=keep):
+        feats.append(np.asarray(tf.cast(run(b["image"]), tf.float16)))
+        labels.append(b["label"].numpy())
+        class_ids.append(b["class_id"].numpy())
+        if bar:
+            bar.add(len(labels[-1]))
+    return {"positions": positions.astype(np.int64), "features": np.concatenate(feats),
+            "label": np.concatenate(labels), "class_id": np.concatenate(class_ids)}
+
+
+def add_examples(model: keras.Model, cfg: TrainConfig, path: str, meta: dict, split: str,
+                 n: int, missing: np.ndarray) -> dict:
+    """Extracts the `missing` positions of `split` and merges them into its file (a new file
+    renamed into place, then the index: a crash between the two leaves a file whose sha256
+    does not match, which is recomputed, never trusted)."""
+    new = _extract(model, cfg, split, n, missing)
+    info = meta["files"].get(split)
+    if info:
+        old = _read(os.path.join(path, info["file"]))
+        order = np.argsort(np.concatenate([old["positions"], new["positions"]]), kind="stable")
+        new = {k: np.concatenate([old[k], new[k]])[order] for k in new}
+    file = f"{split}.npz"
+    target = os.path.join(path, file)
+    with files.atomic_path(target, "the feature cache") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **new)
+    meta = {**meta, "feature_shape": list(new["features"].shape[1:]),
+            "files": {**meta["files"], split: {"file": file, "num_examples": len(new["label"]),
+                                               "sha256": sha256_file(target)}}}
+    _write_meta(path, meta)
     return meta
 
 
@@ -168,14 +210,27 @@ def make_dataset(cache: FeatureCache, split: str, batch_size: int, training: boo
     tensors = {"image": tf.constant(arrays["features"]),
                "label": tf.constant(arrays["label"].astype(np.int32)),
                "class_id": tf.constant(arrays["class_id"].astype(np.int32))}
+    n = sum(cache.shard_sizes[split])
+    row = np.full(n, -1, np.int64)  # position in the split -> row of the cached arrays
+    row[arrays["positions"]] = np.arange(len(arrays["positions"]))
+    wanted = np.arange(n) if keep is None else np.flatnonzero(keep)
+    if training:
+        wanted = np.flatnonzero(stream.keep) if stream is not None and stream.keep is not None \
+            else np.arange(n)
+    if (row[wanted] < 0).any():
+        raise ValueError(f"feature cache {cache.path}: {int((row[wanted] < 0).sum()):,} "
+                         f"examples of {split} this run reads are not cached (open_cache adds "
+                         "them)")
+    row_t = tf.constant(row)
 
     def gather(index, positions):
-        out = {k: tf.cast(tf.gather(v, positions), tf.float32) if k == "image"
-               else tf.gather(v, positions) for k, v in tensors.items()}
+        rows = tf.gather(row_t, positions)
+        out = {k: tf.cast(tf.gather(v, rows), tf.float32) if k == "image"
+               else tf.gather(v, rows) for k, v in tensors.items()}
         return {**out, "index": positions if index is None else index}
 
     if not training:
-        positions = np.arange(len(arrays["label"])) if keep is None else np.flatnonzero(keep)
+        positions = wanted
         ds = tf.data.Dataset.from_tensor_slices(positions.astype(np.int64)).batch(batch_size)
         return ds.map(lambda p: gather(None, p)).prefetch(tf.data.AUTOTUNE)
     return pipeline.position_batches(cache.shard_sizes[split], batch_size,

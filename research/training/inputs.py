@@ -1,7 +1,7 @@
 """What a run reads: the TFRecords (or, for the features recipe, the cached backbone
-features), restricted to the examples the run trains and evaluates on (--exclude_classes,
---train_fraction, --train_per_class). One place, so training, evaluation and the step plan
-agree on the counts."""
+features), restricted to the examples the run trains and evaluates on (which ones:
+training/examples.py, so training, evaluation, the feature cache and the step plan agree on
+the counts)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,7 @@ import tensorflow as tf
 from research.data import pipeline
 from research.training import feature_cache
 from research.training.config import TrainConfig
-
-
-def example_mask(cfg: TrainConfig, split: str) -> np.ndarray | None:
-    """The run's examples of `split` (None: all). Subsets apply to train only; excluded
-    classes leave every split."""
-    train = split == "train"
-    return pipeline.example_mask(cfg.data_dir, split, cfg.exclude_classes,
-                                 cfg.train_fraction if train else None,
-                                 cfg.train_per_class if train else None, seed=cfg.seed)
-
-
-def num_examples(cfg: TrainConfig, manifest: dict, split: str) -> int:
-    mask = example_mask(cfg, split)
-    return manifest["splits"][split]["num_examples"] if mask is None else int(mask.sum())
+from research.training.examples import example_mask
 
 
 def train_stream(cfg: TrainConfig, start_step: int = 0) -> pipeline.Stream:

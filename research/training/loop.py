@@ -17,7 +17,7 @@ from absl import logging
 from research import machine, runs
 from research.data import pipeline
 from research import metrics as detmetrics
-from research.training import checkpoints, cluster, feature_cache, inputs, record, resume
+from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
 from research.training.actions import LoopContext, best_metric, standard_actions
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
@@ -42,7 +42,7 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
 def run_plan(cfg: TrainConfig, manifest: dict | None = None) -> Plan:
     """The run's length in steps, from its config and the examples it trains on."""
     manifest = manifest or pipeline.load_manifest(cfg.data_dir)
-    return plan_steps(cfg, manifest, inputs.num_examples(cfg, manifest, "train"))
+    return plan_steps(cfg, manifest, examples.num_examples(cfg, manifest, "train"))
 
 
 def finished_summary(cfg: TrainConfig) -> dict | None:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from tensorboard.plugins.hparams import api as hp
 
 from research import files, plots, runs
-from research.data import pipeline
+from research.data import imaging, pipeline
 from research import metrics as detmetrics
 from research.training import inputs
 from research.training.config import TrainConfig
@@ -130,7 +130,7 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold
         "positive_class_id": manifest["positive_class_id"],
         "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
         "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
-        "tta_shifts": cfg.tta_shifts})
+        "tta_shifts": cfg.tta_shifts, "resize_policy": imaging.recorded_policy(manifest)})
     return path
 
 
