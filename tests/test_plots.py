@@ -6,11 +6,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from research import plots
+import helpers
+from research import metrics, plots
+from research.data import pipeline
+from research.evaluation import report as reporting
 from research.explain import render
 from research.lab import figures
+from research.training import record
+from research.training.config import TrainConfig
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
@@ -106,3 +112,44 @@ def test_side_by_side_rows_leave_room_for_titles():
     assert len(_image_axes(fig)) == 2 * 5
     assert_titles_clear(fig)
     assert_relevance_colorbar(fig)
+
+
+def _titles(fig):
+    return [fig.get_suptitle()] + [ax.get_title() for ax in fig.axes]
+
+
+def test_every_evaluation_figure_names_its_run(syn):
+    test = pipeline.take_examples(syn, "test")
+    labels = test["label"].astype(np.float32)
+    scores = np.random.default_rng(1).random(len(labels)).astype(np.float32)
+    raw = {"labels": labels, "scores": scores, "class_ids": test["class_id"]}
+    report = {"split": "test", **metrics.detection_report(labels, scores, 0.5)}
+    cfg = TrainConfig(data_dir=syn, run_name="lab_transfer_scratch_fine_tune_src")
+    figs = reporting.eval_figures(cfg, report, raw, worst=12)
+    assert set(figs) == {"test_roc_pr.png", "test_confusion.png",
+                         "test_worst_false_positives.png", "test_worst_false_negatives.png"}
+    for name, fig in figs.items():
+        assert any(cfg.run_name in t for t in _titles(fig)), (name, _titles(fig))
+    assert_titles_clear(figs["test_worst_false_positives.png"])  # 12 cells: two rows
+    renderer = _drawn(figs["test_confusion.png"])
+    (ax,) = figs["test_confusion.png"].axes  # the long run name fits the figure
+    assert ax.title.get_window_extent(renderer).x1 <= figs["test_confusion.png"].bbox.x1
+
+
+def test_tensorboard_figures_name_their_run(syn, tmp_path, monkeypatch):
+    shown = {}
+    monkeypatch.setattr(record, "image_summary", lambda name, fig, step: shown.update(
+        {name: fig}))
+    cfg = helpers.tiny_config(syn, tmp_path, run_name="my_run")
+    writer = tf.summary.create_file_writer(str(tmp_path / "tb"))
+    record.log_sample_inputs(cfg, pipeline.load_manifest(syn), writer)
+    labels = np.array([0, 1, 1, 0, 1], np.float32)
+    scores = np.array([0.1, 0.8, 0.3, 0.6, 0.9], np.float32)
+    result = SimpleNamespace(loss=0.5, accuracy=0.6, class_accuracy=None, split="val",
+                             labels=labels, scores=scores)
+    report = metrics.detection_report(labels, scores)
+    record.log_eval(writer, result, report, 8, ["other", "cat"], cfg.run_name)
+    assert set(shown) == {"sample_inputs", "confusion_matrix", "roc_pr_curves"}
+    for name, fig in shown.items():
+        assert any("my_run" in t for t in _titles(fig)), (name, _titles(fig))
+    assert_titles_clear(shown["sample_inputs"])  # 16 inputs: two rows
