@@ -192,6 +192,7 @@ def confusion_figure(matrix, class_names=("other", "cat"), title: str = ""):
                 color="white" if v > m.max() / 2 else "black", fontsize=8)
     ax.set_xticks(range(len(m)), class_names, rotation=45 if len(m) > 2 else 0)
     ax.set_yticks(range(len(m)), class_names)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(title, fontsize=10)  # a long run name fits the narrow figure
     fig.tight_layout()
     return fig

@@ -10,21 +10,62 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from research import files
 
+# Inches of figure height per line of a cell's title (7-8 pt text and its pad), and per
+# line of a suptitle (9-11 pt).
+TITLE_LINE = 0.15
+SUPTITLE_LINE = 0.22
+COLORBAR_WIDTH = 0.7  # inches: the bar, its ticks and its label
 
-def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
-               cell: float = 1.6, title_colors=None) -> Figure:
-    """A figure with one image per cell; images are HxWx3 uint8 or float in [0, 1]."""
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, -(-n // ncols))
-    fig = Figure(figsize=(cell * ncols, cell * nrows * 1.15 + 0.5))
+
+def text_lines(texts) -> int:
+    """The most lines any of `texts` (None: no text) spans."""
+    return max([1 + str(t).count("\n") for t in texts if t] or [0])
+
+
+def grid_figure(nrows: int, ncols: int, cell: float = 1.6, title_lines: int = 1,
+                suptitle_lines: int = 0, colorbar: bool = False):
+    """(figure, axes[nrows, ncols]): a grid of image cells, axes off, `cell` inches wide.
+
+    Each row is `cell` plus `title_lines` of title tall, and constrained layout places every
+    cell's title in its own band, so a row's titles never run into the images above them
+    (tight_layout with equal-aspect images did, whatever the height). `colorbar`: room on
+    the right for one colour bar (add_colorbar)."""
+    height = nrows * (cell + TITLE_LINE * title_lines + 0.08) + SUPTITLE_LINE * suptitle_lines
+    fig = Figure(figsize=(cell * ncols + (COLORBAR_WIDTH if colorbar else 0.0), height + 0.1),
+                 layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    return fig, axes
+
+
+def add_colorbar(fig: Figure, axes, cmap, label: str = "relevance", vmin: float = 0.0,
+                 vmax: float = 1.0):
+    """One colour bar for `axes` (a heatmap's values vmin..vmax as `cmap` colours them)."""
+    bar = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), ax=axes, shrink=0.85,
+                       fraction=0.05, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
+def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
+               cell: float = 1.6, title_colors=None, colorbar_cmap=None,
+               colorbar_label: str = "relevance") -> Figure:
+    """A figure with one image per cell; images are HxWx3 uint8 or float in [0, 1].
+    `colorbar_cmap`: the images are heatmaps (or overlays) coloured by it from 0 to 1; one
+    colour bar labelled `colorbar_label` explains them all."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = grid_figure(nrows, ncols, cell, text_lines(titles or []), text_lines([title]),
+                            colorbar=colorbar_cmap is not None)
     for i, img in enumerate(images):
         ax = axes.flat[i]
         img = np.asarray(img)
@@ -35,8 +76,8 @@ def image_grid(images, titles=None, ncols: int = 8, title: str | None = None,
             ax.set_title(titles[i], fontsize=7, color=color)
     if title:
         fig.suptitle(title, fontsize=10)
-    # Leave room for the suptitle, which tight_layout does not see.
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if title else None)
+    if colorbar_cmap is not None:
+        add_colorbar(fig, axes, colorbar_cmap, colorbar_label)
     return fig
 
 

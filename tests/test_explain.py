@@ -325,7 +325,9 @@ def test_class_comparison_figure(tmp_path):
     titles = [[f"class {c} p={p:.2f}" for p in r.probabilities]
               for c, r in zip((0, 1), per_class)]
     fig = render.class_comparison_figure(x[..., [0, 1, 1]], [r.maps for r in per_class], titles)
-    assert len(fig.axes) == 3 * 3
+    assert sum(bool(ax.images) for ax in fig.axes) == 3 * 3
+    (bar,) = [ax for ax in fig.axes if not ax.images]  # one colour bar for the overlays
+    assert bar.get_ylabel().startswith("relevance") and bar.get_ylim() == (0.0, 1.0)
     path = tmp_path / "compare_classes.png"
     render.plots.save_figure(fig, str(path))
     assert Image.open(path).size[0] > 300

@@ -19,6 +19,7 @@ from PIL import Image
 import helpers
 from research.data import pipeline
 from research.lab import memory_check
+from research.lab import report as lab_report
 
 
 @pytest.mark.parametrize("shuffle_buffer,start_step,replicas", [
@@ -38,12 +39,15 @@ def test_memory_stream_is_the_tfrecord_stream(syn, shuffle_buffer, start_step, r
 
 
 class _Page(html.parser.HTMLParser):
-    """Images, links and table rows of the report."""
+    """Images, links, table rows (of numbers), header cells, and the <summary> of each table
+    folded in a <details> block, of the report."""
 
     def __init__(self):
         super().__init__()
-        self.images, self.links, self.rows = [], [], []
-        self._table_info, self._row, self._cell = [], None, None
+        self.images, self.links, self.rows, self.headers = [], [], [], []
+        self.folded: dict[str, int] = {}  # <summary> text: tables in its <details>
+        self._table_info, self._row, self._cell, self._th = [], None, None, None
+        self._summary = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -52,14 +56,27 @@ class _Page(html.parser.HTMLParser):
         elif tag in ("a", "link", "script"):
             self.links.append(a.get("href") or a.get("src") or "")
         elif tag == "table":
-            self._table_info.append(a.get("class") == "info")
+            self._table_info.append(a.get("class") in ("info", "facts"))
+            if self._summary is not None:
+                self.folded[self._summary] += 1
         elif tag == "tr":
             self._row = []
         elif tag == "td" and self._row is not None:
             self._cell = ""
+        elif tag == "th":
+            self._th = ""
+        elif tag == "summary":
+            self._summary = ""
 
     def handle_endtag(self, tag):
-        if tag == "td" and self._cell is not None:
+        if tag == "th" and self._th is not None:
+            self.headers.append(self._th)
+            self._th = None
+        elif tag == "summary":
+            self.folded[self._summary] = 0
+        elif tag == "details":
+            self._summary = None
+        elif tag == "td" and self._cell is not None:
             self._row.append(self._cell)
             self._cell = None
         elif tag == "tr" and self._row is not None:
@@ -72,6 +89,10 @@ class _Page(html.parser.HTMLParser):
     def handle_data(self, data):
         if self._cell is not None:
             self._cell += data
+        if self._th is not None:
+            self._th += data
+        if self._summary is not None and self._summary not in self.folded:
+            self._summary += data
 
 
 def lab(workdir, *flags, timeout=900):
@@ -149,11 +170,22 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     assert page.rows
     for row in page.rows:  # every table row has its numbers
         assert all(any(ch.isdigit() for ch in cell) for cell in row[1:]), row
+    assert all(h.strip() for h in page.headers), page.headers  # no empty header cell
+    head = text.split("<h2>", 1)[0]  # the facts under the title: key/value rows only
+    assert '<table class="facts"><tbody><tr><th scope="row">written</th>' in head
+    assert "<thead>" not in head and '<th scope="row">transfer weights</th>' in head
+    for s in stages:  # each stage's flags folded in a <details> block, as a table
+        assert page.folded.get(f"{s}: flags") == 1, (s, page.folded)
+    assert "flags {" not in text  # no raw JSON paragraphs
+    for run in ("lab_scratch", "lab_transfer_scratch_fine_tune_src"):
+        assert f'alt="{run}: test_confusion.png"' in text, run
     for needle in ("Comparison on the full test set", "test ROC-AUC", "deletion AUC",
                    "Reading from disk vs from memory", "tensorboard --logdir",
                    "source-task backbone", "(PR-AUC)", "(class accuracy)"):
         assert needle in text, needle
     md = (lab_dir / "report.md").read_text()
+    assert "- **workdir**: " in md and "| | |" not in md
+    assert "scratch: flags:\n```\n" in md
     for target in [line.split("](", 1)[1].rstrip(")") for line in md.splitlines()
                    if line.startswith("![")]:
         assert (lab_dir / target).is_file(), target
@@ -167,6 +199,23 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     rec = json.loads((lab_dir / "stages" / "lab_scratch.json").read_text())
     assert rec["reused"] is True and rec["ran_seconds"] is not None
     assert "reused" in (lab_dir / "report.html").read_text()
+
+
+def test_report_facts_and_flags(tmp_path):
+    doc = lab_report.Doc(str(tmp_path))
+    doc.facts([("written", "today"), ("command", "a | b")])
+    doc.facts([(k, lab_report.flag_value(v)) for k, v in {
+        "runs": ["a", "b"], "steps": 8, "layers": {"a": ["c1"]}, "note": "x"}.items()],
+        summary="visualize: flags")
+    page = _Page()
+    page.feed("\n".join(doc.html))
+    assert page.headers == ["written", "command", "runs", "steps", "layers", "note"]
+    assert page.folded == {"visualize: flags": 1}
+    assert "<thead>" not in "".join(doc.html) and "<td>a,b</td>" in doc.html[1]
+    assert '<td>{&quot;a&quot;: [&quot;c1&quot;]}</td>' in doc.html[1]
+    assert doc.md[:2] == ["- **written**: today", "- **command**: a | b"]
+    assert doc.md[-1] == ("visualize: flags:\n```\nruns = a,b\nsteps = 8\n"
+                          'layers = {"a": ["c1"]}\nnote = x\n```\n')
 
 
 def test_weights_fall_back_to_the_source_task_only_when_allowed(tmp_path, monkeypatch):

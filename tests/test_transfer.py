@@ -261,6 +261,7 @@ def test_gradcam_hook_feeds_a_backbone_raw_pixels(syn, tmp_path):
     backbone = config(syn, tmp_path, model="vgg16", transfer="frozen", gradcam_images=4,
                       model_options={"weights": "none"})
     assert gradcam_actions(backbone)[0].fn.scale == "raw"  # the model preprocesses itself
+    assert gradcam_actions(backbone)[0].fn.run_name == backbone.run_name  # in its title
     assert gradcam_actions(config(syn, tmp_path, gradcam_images=4))[0].fn.scale == "unit"
     assert gradcam_actions(config(syn, tmp_path, model="vgg16", transfer="features",
                                   gradcam_images=4)) == []

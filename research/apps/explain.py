@@ -129,12 +129,14 @@ def explain_methods(ex, items, batch, class_index, about, options) -> None:
             print(f"{m:<18}{s['deletion_auc']:>10.4f}{s['insertion_auc']:>11.4f}")
 
 
-def visualize(ex, items, layers, options) -> None:
+def visualize(ex, items, layers, options, model_desc: str) -> None:
     if "activations" in FLAGS.visualize:
-        for dest in outputs.save_activations(ex, items[:SHOWN], layers, FLAGS.out_dir, options):
+        for dest in outputs.save_activations(ex, items[:SHOWN], layers, FLAGS.out_dir, options,
+                                             model_desc):
             print(f"  activations: {dest}")
     if "filters" in FLAGS.visualize:
-        for dest in outputs.save_filters(ex, layers, FLAGS.out_dir, "filters", options):
+        for dest in outputs.save_filters(ex, layers, FLAGS.out_dir, f"{model_desc}: filters",
+                                         options):
             print(f"  filters: {dest}")
     if "dream" in FLAGS.visualize:
         for dest, d in outputs.save_dreams(ex, items[:SHOWN], layers, FLAGS.out_dir, options):
@@ -182,9 +184,9 @@ def main(argv):
     explain_methods(ex, items, batch, class_index, about, options)
     if compare:
         dest = outputs.save_class_comparison(ex, items, FLAGS.method[0], compare, options,
-                                             FLAGS.out_dir, FLAGS.layer)
+                                             FLAGS.out_dir, FLAGS.layer, model_desc)
         print(f"  compare classes ({FLAGS.method[0]}): {dest}")
-    visualize(ex, items, layers, options)
+    visualize(ex, items, layers, options, model_desc)
     if errors:
         sys.exit(f"error: {len(errors)} image(s) could not be read; the others were explained")
 

@@ -28,20 +28,17 @@ def format_report(r: dict) -> str:
     return "\n".join(rows)
 
 
-def write_figures(cfg: TrainConfig, report: dict, raw: dict, out_dir: str,
-                  worst: int = 16) -> list[str]:
-    """ROC/PR curves, the confusion matrix, and grids of the worst false positives/negatives."""
-    os.makedirs(out_dir, exist_ok=True)
-    split = report["split"]
+def eval_figures(cfg: TrainConfig, report: dict, raw: dict, worst: int = 16) -> dict:
+    """{file name: figure}: ROC/PR curves, the confusion matrix, and grids of the worst false
+    positives/negatives, every one titled with the run's name and the split."""
+    split, run = report["split"], cfg.run_name
     manifest = pipeline.load_manifest(cfg.data_dir)
     names = manifest["class_names"]
-    paths = [plots.save_figure(detmetrics.roc_pr_figure(raw["labels"], raw["scores"],
-                                                        f"{cfg.run_name} / {split}"),
-                               os.path.join(out_dir, f"{split}_roc_pr.png")),
-             plots.save_figure(detmetrics.confusion_figure(
-                 report["confusion_matrix"], ["other", manifest["positive_class"]],
-                 f"{split} at threshold {report['threshold']:.3f}"),
-                 os.path.join(out_dir, f"{split}_confusion.png"))]
+    figs = {f"{split}_roc_pr.png": detmetrics.roc_pr_figure(raw["labels"], raw["scores"],
+                                                            f"{run} / {split}"),
+            f"{split}_confusion.png": detmetrics.confusion_figure(
+                report["confusion_matrix"], ["other", manifest["positive_class"]],
+                f"{run} / {split}\nat threshold {report['threshold']:.3f}")}
     labels, scores = raw["labels"].astype(bool), raw["scores"]
     fp_idx = np.flatnonzero(~labels & (scores >= report["threshold"]))
     fn_idx = np.flatnonzero(labels & (scores < report["threshold"]))
@@ -53,8 +50,16 @@ def write_figures(cfg: TrainConfig, report: dict, raw: dict, out_dir: str,
         if len(idx) == 0:
             continue
         titles = [f"{names[raw['class_ids'][i]]} p={scores[i]:.2f}" for i in idx]
-        fig = plots.image_grid([images[i] for i in idx], titles, ncols=8,
-                               title=f"worst {kind.replace('_', ' ')} on {split} "
-                                     f"(threshold {report['threshold']:.3f})")
-        paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{split}_worst_{kind}.png")))
-    return paths
+        figs[f"{split}_worst_{kind}.png"] = plots.image_grid(
+            [images[i] for i in idx], titles, ncols=8,
+            title=f"{run}: worst {kind.replace('_', ' ')} on {split} "
+                  f"(threshold {report['threshold']:.3f})")
+    return figs
+
+
+def write_figures(cfg: TrainConfig, report: dict, raw: dict, out_dir: str,
+                  worst: int = 16) -> list[str]:
+    """Writes eval_figures into `out_dir`; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    return [plots.save_figure(fig, os.path.join(out_dir, name))
+            for name, fig in eval_figures(cfg, report, raw, worst).items()]

@@ -26,8 +26,9 @@ class GradCamHook:
     """
 
     def __init__(self, data_dir: str, num_images: int, scale: str, objective: str,
-                 split: str = "val"):
+                 split: str = "val", run_name: str = ""):
         self.data_dir, self.num_images, self.split = data_dir, num_images, split
+        self.run_name = run_name
         self.scale, self.objective = scale, objective
         self.examples = None
         self._explainer = None
@@ -48,9 +49,9 @@ class GradCamHook:
         ex = grad_cam(self._explainer, images.astype(np.float32), self.class_index)
         titles = [f"{self.names[c]} p={p:.2f}" for c, p in zip(self.examples["class_id"],
                                                                ex.probabilities)]
-        fig = overlay_grid(images, ex.maps, titles,
-                           title=f"Grad-CAM of the positive-class score at step {step} "
-                                 f"(layer {ex.layer})")
+        title = (f"{self.run_name}: " if self.run_name else "") + (
+            f"Grad-CAM of the positive-class score at step {step} (layer {ex.layer})")
+        fig = overlay_grid(images, ex.maps, titles, title=title)
         png = plots.figure_to_png(fig)
         with writer.as_default(step=step):
             tf.summary.image("gradcam", tf.image.decode_png(png)[None], step=step)
@@ -63,4 +64,4 @@ def gradcam_actions(cfg) -> list:
     if not cfg.gradcam_images or cfg.transfer == "features":
         return []
     return [OnEval(GradCamHook(cfg.data_dir, cfg.gradcam_images, scale=cfg.input_scale,
-                               objective=cfg.objective))]
+                               objective=cfg.objective, run_name=cfg.run_name))]

@@ -133,24 +133,31 @@ def faithfulness_of(ex: core.Explainer, batch: np.ndarray, res: core.Explanation
 
 def save_class_comparison(ex: core.Explainer, items: list[Item], method: str, classes,
                           options: ExplainOptions, out_dir: str,
-                          layer: str | None = None) -> str:
-    """compare_classes.png: per image, the image and `method`'s map for each class."""
+                          layer: str | None = None, model_desc: str | None = None) -> str:
+    """compare_classes.png: per image, the image and `method`'s map for each class, titled
+    with `model_desc` (the explained model) and the method."""
     batch = np.stack([it.model_input for it in items])
     per_class = [explain_batched(ex, method, batch, c, options, layer) for c in classes]
     titles = [[f"{ex.class_name(c)} p={p:.2f}" for p in r.probabilities]
               for c, r in zip(classes, per_class)]
     fig = render.class_comparison_figure([it.original for it in items],
-                                         [r.maps for r in per_class], titles, options.alpha)
+                                         [r.maps for r in per_class], titles, options.alpha,
+                                         title=(f"{model_desc}: " if model_desc else "")
+                                         + f"{method} of each class")
     return plots.save_figure(fig, os.path.join(out_dir, "compare_classes.png"))
 
 
 def save_activations(ex: core.Explainer, items: list[Item], layers: list[str], out_dir: str,
-                     options: ExplainOptions) -> list[str]:
+                     options: ExplainOptions, model_desc: str | None = None) -> list[str]:
+    """One grid of feature maps per image and layer, titled with `model_desc` (the explained
+    model) and the image."""
     paths = []
     for item in items:
         stem = os.path.splitext(item.name)[0]
         paths += activations.save_activation_grids(ex, item.model_input, layers, out_dir,
-                                                   f"activations_{stem}", item.name,
+                                                   f"activations_{stem}",
+                                                   f"{model_desc}: {item.name}" if model_desc
+                                                   else item.name,
                                                    options.max_channels)
     return paths
 

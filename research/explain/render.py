@@ -6,10 +6,16 @@ import os
 
 import cv2
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from research import files, machine, plots
 from research.data.imaging import encode_image
+
+# OpenCV's jet, the colours overlay_heatmap gives a map's 0..1, for the figures' colour bars.
+HEATMAP_CMAP = ListedColormap(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None],
+                                                cv2.COLORMAP_JET)[:, 0, ::-1] / 255.0,
+                              name="opencv_jet")
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
@@ -30,16 +36,16 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
 
 
 def three_panel_figure(image, heatmap, overlay, title: str):
-    """Original, heatmap and overlay side by side, readable at a glance."""
-    fig = Figure(figsize=(11, 4.0))
-    axes = fig.subplots(1, 3)
+    """Original, heatmap and overlay side by side, readable at a glance; `heatmap` and
+    `overlay` are overlay_heatmap's, and one colour bar gives their 0..1 scale."""
+    fig, axes = plots.grid_figure(1, 3, cell=3.4, suptitle_lines=plots.text_lines([title]),
+                                  colorbar=True)
     names = ("original", "heatmap", "overlay")
-    for ax, img, name in zip(axes, (image, heatmap, overlay), names):
+    for ax, img, name in zip(axes[0], (image, heatmap, overlay), names):
         ax.imshow(img, interpolation="bilinear")
         ax.set_title(name, fontsize=11)
-        ax.axis("off")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    plots.add_colorbar(fig, axes, HEATMAP_CMAP, "relevance (heatmap and overlay)")
     return fig
 
 
@@ -54,7 +60,8 @@ def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.nda
     colored, overlay = overlay_heatmap(image, heatmap, alpha)
     overlay_path = os.path.join(out_dir, f"heatmap_{base}")
     files.write_bytes(overlay_path, encode_image(overlay, overlay_path), "an explanation")
-    title = (f"{base}: {record['method']} for '{record['class_name']}' "
+    title = (f"{record['model']}: " if record.get("model") else "") + (
+             f"{base}: {record['method']} for '{record['class_name']}' "
              f"(p={record['probability']:.3f}, logit={record['logit']:.2f})"
              + (f"\nlayer {record['layer']}" if record.get("layer") else ""))
     figure_path = os.path.join(out_dir, f"{stem}_{record['method']}.png")
@@ -76,17 +83,18 @@ def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96,
             img = cv2.resize(np.clip(img, 0, 255).astype(np.uint8), (upscale, upscale),
                              interpolation=cv2.INTER_NEAREST)
         cells.append(overlay_heatmap(img, m, alpha)[1])
-    return plots.image_grid(cells, titles, ncols=8, title=title)
+    return plots.image_grid(cells, titles, ncols=8, title=title, colorbar_cmap=HEATMAP_CMAP,
+                            colorbar_label="relevance (overlay colour)")
 
 
-def class_comparison_figure(images, maps, titles, alpha: float = 0.4, upscale: int = 96
-                            ) -> Figure:
-    """Rows are images; columns the image, then one overlay per class.
+def class_comparison_figure(images, maps, titles, alpha: float = 0.4, upscale: int = 96,
+                            title: str | None = None) -> Figure:
+    """Rows are images; columns the image, then one overlay per class (one colour bar).
 
     `maps[c][i]` is class c's map of image i; `titles[c][i]` its cell title."""
-    cols = 1 + len(maps)
-    fig = Figure(figsize=(2.2 * cols, 2.4 * len(images)))
-    axes = fig.subplots(len(images), cols, squeeze=False)
+    fig, axes = plots.grid_figure(len(images), 1 + len(maps), cell=2.2,
+                                  title_lines=plots.text_lines(sum(map(list, titles), [])),
+                                  suptitle_lines=plots.text_lines([title]), colorbar=True)
     for i, img in enumerate(images):
         img = np.clip(np.asarray(img), 0, 255).astype(np.uint8)
         f = -(-upscale // min(img.shape[:2]))  # whole-pixel zoom: 32x32 inputs stay visible
@@ -98,6 +106,7 @@ def class_comparison_figure(images, maps, titles, alpha: float = 0.4, upscale: i
         for ax, cell, name in zip(axes[i], cells, names):
             ax.imshow(cell, interpolation="nearest")
             ax.set_title(name, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    plots.add_colorbar(fig, axes, HEATMAP_CMAP, "relevance (overlay colour)")
     return fig

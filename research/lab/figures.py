@@ -13,7 +13,8 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from tensorflow.core.util import event_pb2
 
-from research.explain.render import overlay_heatmap
+from research import plots
+from research.explain.render import HEATMAP_CMAP, overlay_heatmap
 
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "scorecam": "Score-CAM",
                 "saliency": "saliency", "saliency_positive": "positive saliency",
@@ -33,11 +34,20 @@ def _zoom(img: np.ndarray, size: int = 96) -> np.ndarray:
 def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
                  class_name: str = "cat") -> Figure:
     """Rows: images. Columns: the image, then per detector its heatmap and overlay (the
-    three-panel figure of each detector, side by side). Cell titles give P(class)."""
+    three-panel figure of each detector, side by side), and one colour bar for all maps.
+    Cell titles give P(class)."""
     runs = list(explanations)
     cols = 1 + 2 * len(runs)
-    fig = Figure(figsize=(1.9 * cols, 2.2 * len(images) + 0.9))
-    axes = fig.subplots(len(images), cols, squeeze=False)
+    layers = ", ".join(f"{r}: {explanations[r].layer}" for r in runs if explanations[r].layer)
+    # Wrapped to the figure's width (about 14 characters of 9 pt per inch): long run names
+    # would otherwise run off both edges.
+    width = int(1.9 * cols * 14)
+    lines = textwrap.wrap(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, "
+                          f"{what}", width) + textwrap.wrap(f"layers {layers}" if layers else "",
+                                                            width)
+    fig, axes = plots.grid_figure(len(images), cols, cell=1.9,
+                                  title_lines=max(2, plots.text_lines(row_labels)),
+                                  suptitle_lines=len(lines), colorbar=True)
     for i, img in enumerate(images):
         big = _zoom(img)
         axes[i, 0].imshow(big, interpolation="nearest")
@@ -50,17 +60,8 @@ def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
             axes[i, 1 + 2 * j].set_title(f"{run}\nheatmap", fontsize=7)
             axes[i, 2 + 2 * j].imshow(overlay, interpolation="nearest")
             axes[i, 2 + 2 * j].set_title(f"{run}\noverlay, {name}", fontsize=7)
-        for ax in axes[i]:
-            ax.axis("off")
-    layers = ", ".join(f"{r}: {explanations[r].layer}" for r in runs if explanations[r].layer)
-    # Wrapped to the figure's width (about 14 characters of 9 pt per inch): long run names
-    # would otherwise run off both edges.
-    width = int(fig.get_figwidth() * 14)
-    lines = textwrap.wrap(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, "
-                          f"{what}", width) + textwrap.wrap(f"layers {layers}" if layers else "",
-                                                            width)
     fig.suptitle("\n".join(lines), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.16 * len(lines)) / fig.get_figheight()))
+    plots.add_colorbar(fig, axes, HEATMAP_CMAP, "relevance (heatmaps and overlays)")
     return fig
 
 

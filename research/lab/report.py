@@ -22,6 +22,9 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right;vertical-align:top}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
+table.facts th,table.facts td{text-align:left}table.facts th{font-weight:600;white-space:nowrap}
+table.facts td{word-break:break-word}
+details{margin:.3em 0}summary{cursor:pointer}
 td.cmd{text-align:left;font-family:monospace;font-size:.85em;word-break:break-all;
 white-space:pre-wrap}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
@@ -72,6 +75,22 @@ class Doc:
                                              for c in row) + " |")
         self.md.append("")
 
+    def facts(self, rows: list[tuple[str, object]], summary: str | None = None) -> None:
+        """A key/value table, left-aligned with no header row (markdown: a list), or, given
+        a `summary`, the table folded in a <details> block under it (markdown: the summary,
+        then `key = value` lines in a fenced block)."""
+        body = "".join(f'<tr><th scope="row">{html.escape(str(k))}</th>'
+                       f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        table = f'<table class="facts"><tbody>{body}</tbody></table>'
+        if summary:
+            self.html.append(f"<details><summary>{html.escape(summary)}</summary>{table}"
+                             "</details>")
+            self.md.append(f"{summary}:\n```\n" + "\n".join(f"{k} = {v}" for k, v in rows)
+                           + "\n```\n")
+        else:
+            self.html.append(table)
+            self.md += [f"- **{k}**: " + str(v).replace("\n", " ") for k, v in rows] + [""]
+
     def image(self, path: str, alt: str) -> None:
         if not path or not os.path.isfile(path):
             self.para(f"({alt}: not available)")
@@ -109,6 +128,15 @@ def seconds(v) -> str:
     if v is None:
         return DASH
     return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
+
+
+def flag_value(v) -> str:
+    """A stage flag as one reads it: lists comma-joined, mappings and the rest as JSON."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v):
+        return ",".join(str(x) for x in v)
+    return json.dumps(v, default=str)
 
 
 def _load(path: str) -> dict | None:
@@ -257,10 +285,11 @@ def _stages_section(doc: Doc, records: dict) -> None:
               cmd_cols=(4,), info=True)
     for r in records.values():
         v = r.versions
-        doc.para(f"{r.name}: flags {json.dumps(r.flags, default=str)}; TensorFlow "
-                 f"{v.get('tensorflow')}, Keras {v.get('keras')}, Python {v.get('python')}, "
-                 f"git {str(v.get('git_commit'))[:10]}{' (dirty)' if v.get('git_dirty') else ''}"
-                 f"; {v.get('cpu')}")
+        doc.para(f"{r.name}: TensorFlow {v.get('tensorflow')}, Keras {v.get('keras')}, Python "
+                 f"{v.get('python')}, git {str(v.get('git_commit'))[:10]}"
+                 f"{' (dirty)' if v.get('git_dirty') else ''}; {v.get('cpu')}")
+        doc.facts([(k, flag_value(x)) for k, x in r.flags.items()] or [("flags", "none")],
+                  summary=f"{r.name}: flags")
         for n in r.notes:
             if r.name != "memory_check":
                 doc.para(n, "note")
@@ -278,10 +307,10 @@ def write_report(lab, records: dict) -> tuple[str, str]:
         doc.para("QUICK RUN (--quick): every stage was shrunk (tiny step counts and subsets) "
                  "for a smoke test. These numbers say nothing about the detectors.", "quick")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc.table(["", ""], [["written", now], ["profile", p.name + (" + quick" if p.quick else "")],
-                         ["machine", machine.banner()], ["command", s.command],
-                         ["workdir", os.path.abspath(s.workdir)], ["data", lab.source_line],
-                         ["transfer weights", lab.weights_note or DASH]], info=True)
+    doc.facts([("written", now), ("profile", p.name + (" + quick" if p.quick else "")),
+               ("machine", machine.banner()), ("command", s.command),
+               ("workdir", os.path.abspath(s.workdir)), ("data", lab.source_line),
+               ("transfer weights", lab.weights_note or DASH)])
     doc.para("TensorBoard shows every run of the lab side by side: "
              f"tensorboard --logdir {s.log_dir}  (then open http://localhost:6006).")
 

@@ -136,7 +136,7 @@ class Evaluate(Action):
         ctx.report = ctx.last_report = detmetrics.detection_report(ctx.result.labels,
                                                                    ctx.result.scores)
         record.log_eval(ctx.writers.eval, ctx.result, ctx.report, ctx.step,
-                        ["other", ctx.manifest["positive_class"]])
+                        ["other", ctx.manifest["positive_class"]], ctx.cfg.run_name)
         r, acc = ctx.report, ctx.result.class_accuracy
         logging.info("eval  | step %6d | val loss %.4f | roc_auc %.4f | pr_auc %.4f | f1 %.4f"
                      " @ %.3f%s", ctx.step, ctx.result.loss, r["roc_auc"], r["pr_auc"], r["f1"],

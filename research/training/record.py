@@ -50,7 +50,9 @@ def log_train(writer, values: dict, learning_rate: float, steps: int, seconds: f
         tf.summary.scalar("images_per_sec", steps * batch_size / seconds)
 
 
-def log_eval(writer, result, report: dict, step: int, names) -> None:
+def log_eval(writer, result, report: dict, step: int, names, run_name: str = "") -> None:
+    """The val numbers, and the confusion matrix and ROC/PR curves titled with `run_name`."""
+    run = f"{run_name} / " if run_name else ""
     with writer.as_default(step=step):
         tf.summary.scalar("loss", result.loss)
         tf.summary.scalar("accuracy_at_0.5", result.accuracy)  # the detector's, at 0.5
@@ -60,10 +62,10 @@ def log_eval(writer, result, report: dict, step: int, names) -> None:
             tf.summary.scalar(k, report[k])
         tf.summary.scalar("f1_at_0.5", report["at_0.5"]["f1"])
         image_summary("confusion_matrix", detmetrics.confusion_figure(
-            report["confusion_matrix"], names, f"{result.split} at t={report['threshold']:.3f}"),
-            step)
+            report["confusion_matrix"], names,
+            f"{run}{result.split}\nat t={report['threshold']:.3f}"), step)
         image_summary("roc_pr_curves", detmetrics.roc_pr_figure(
-            result.labels, result.scores, f"{result.split}, step {step}"), step)
+            result.labels, result.scores, f"{run}{result.split}, step {step}"), step)
 
 
 def log_sample_inputs(cfg: TrainConfig, manifest: dict, writer) -> None:
@@ -74,7 +76,7 @@ def log_sample_inputs(cfg: TrainConfig, manifest: dict, writer) -> None:
     names = manifest["class_names"]
     fig = plots.image_grid(batch["image"].numpy(),
                            [names[c] for c in batch["class_id"].numpy()], ncols=8,
-                           title="augmented training inputs")
+                           title=f"{cfg.run_name}: augmented training inputs")
     with writer.as_default(step=0):
         image_summary("sample_inputs", fig, 0)
 
