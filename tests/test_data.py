@@ -315,3 +315,18 @@ def test_make_tfrecords_cli(tmp_path):
     assert manifest["flags"]["train_shards"] == 2
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode != 0 and "--overwrite" in res.stderr
+
+
+@pytest.mark.parametrize("shape,policy,window", [
+    ((30, 60, 3), "center_crop", (0, 15, 30, 30)), ((60, 30, 3), "center_crop", (15, 0, 30, 30)),
+    ((30, 60, 3), "stretch", (0, 0, 30, 60)), ((32, 32, 3), "center_crop", (0, 0, 32, 32))])
+def test_crop_window_is_the_part_resize_keeps(shape, policy, window):
+    """The window explain overlays: resizing it alone gives what resize_image gives."""
+    from research.data import imaging
+
+    assert imaging.crop_window(shape, (32, 32), policy) == window
+    img = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
+    top, left, h, w = window
+    whole = imaging.resize_image(img, (32, 32), policy).astype(float)
+    part = imaging.resize_image(img[top:top + h, left:left + w], (32, 32), "stretch")
+    assert np.abs(whole - part).mean() < 2.0

@@ -7,6 +7,7 @@ import base64
 import html.parser
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,6 +126,11 @@ def test_lab_end_to_end_and_reuse(tmp_path):
 
     first, t1 = lab(work, *flags)
     assert first.returncode == 0, first.stderr[-4000:]
+    noise = re.compile(r"cuinit|cuda|cudart|absl::InitializeLog|sharding callback|retracing",
+                       re.I)
+    said = (first.stdout + first.stderr).splitlines()
+    assert not [line for line in said if noise.search(line)], "TensorFlow's noise got through"
+    assert not [line for line in said if "\x1b[" in line], "ANSI escapes in a redirected log"
     out = first.stdout.splitlines()
     assert out[0] == f"source: {archive} (--source)"
     stages = ("data", "scratch", "source_task", "transfer", "compare", "explain", "visualize",

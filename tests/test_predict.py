@@ -228,3 +228,28 @@ def test_export_loads_after_one_import(models):
                          timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().endswith("(None, 10)")
+
+
+def test_predict_and_explain_give_the_same_score_for_a_photo(models, photos, tmp_path):
+    """One preprocessing: the run's resize policy (centre crop) and mirror averaging in both;
+    predict names its threshold and where it comes from."""
+    ck = tmp_path / "checkpoints"
+    os.makedirs(ck / "run" / "export")
+    for name in ("model.keras", "metadata.json"):
+        os.link(os.path.join(os.path.dirname(models["tta"]), name), ck / "run" / "export" / name)
+    photo = str(photos / "dogs" / "p0.png")  # 30 x 60: the crop and a stretch differ
+    common = ["--run_name=run", f"--checkpoint_dir={ck}", f"--images={photo}"]
+    pred = subprocess.run([sys.executable, "-m", "research.apps.predict", *common],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert "threshold 0.1000 (the run's, chosen on val for the best F1 (metadata.json))" \
+        in pred.stderr
+    expl = subprocess.run([sys.executable, "-m", "research.apps.explain", *common,
+                           "--method=gradcam", f"--out_dir={tmp_path / 'explain'}"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert expl.returncode == 0, expl.stderr[-3000:]
+    score = LINE.match(pred.stdout.splitlines()[0])["score"]
+    assert f"p0.png: p(cat)={score} (as predict)" in expl.stdout, (pred.stdout, expl.stdout)
+    model = keras.models.load_model(models["tta"])
+    assert abs(float(score) - oracle(model, json.load(open(os.path.join(
+        os.path.dirname(models["tta"]), "metadata.json"))), photo)) < 1e-4

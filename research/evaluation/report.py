@@ -14,7 +14,9 @@ from research.training.config import TrainConfig
 
 
 def format_report(r: dict) -> str:
-    rows = [f"{r['run_name']} on {r['split']}: {r['num_examples']:,} images, "
+    subset = (f" (a subset of the {r['split_size']:,}: --eval_fraction={r['eval_fraction']})"
+              if r.get("eval_fraction") else "")
+    rows = [f"{r['run_name']} on {r['split']}: {r['num_examples']:,} images{subset}, "
             f"{r['num_positive']:,} positive  (checkpoint {os.path.basename(r['checkpoint'])})",
             f"  ROC-AUC   {r['roc_auc']:.4f}     PR-AUC  {r['pr_auc']:.4f}",
             f"  threshold {r['threshold']:.4f} (chosen on val)   precision {r['precision']:.4f}"

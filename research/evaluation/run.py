@@ -62,7 +62,8 @@ def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
               "num_classes": len(manifest["class_names"]), "checkpoint": path,
               "step": int(step) if step.isdigit() else None,
               "threshold_source": "val (max F1)", "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
-              "objective": cfg.objective}
+              "objective": cfg.objective, "split_size": manifest["splits"][split]["num_examples"],
+              "eval_fraction": cfg.eval_fraction}
     report.update(detmetrics.detection_report(res.labels, res.scores, threshold))
     report["loss"] = res.loss
     if res.class_accuracy is not None:

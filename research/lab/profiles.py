@@ -91,11 +91,17 @@ GPU = LabProfile(
 PROFILES = {p.name: p for p in (CPU, GPU)}
 
 
+QUICK_EVAL_FRACTION = 0.1  # --quick scores 500 val and 1,000 test images of CIFAR-10
+
+
 def quick(profile: LabProfile) -> LabProfile:
-    """A few minutes on a 2-core CPU, for smoke tests: tiny step counts and subsets. Runs get
-    their own names, so a quick lab never resumes into a full one."""
+    """A few minutes on a 2-core CPU, for smoke tests: tiny step counts, and val and test
+    subsets (QUICK_EVAL_FRACTION of each class; the report says so). Runs get their own names,
+    so a quick lab never resumes into a full one."""
     net = {"widths": (16, 32, 64), "res_blocks": (1, 0, 0), "stem_width": 16}
-    short = dict(train_steps=30, batch_size=64, eval_every_steps=15, model_options=net)
+    subset = {"eval_fraction": QUICK_EVAL_FRACTION}
+    short = dict(train_steps=30, batch_size=64, eval_every_steps=15, model_options=net,
+                 **subset)
 
     def shrink(d):
         return {**{k: v for k, v in d.items() if k != "epochs"}, **short}
@@ -104,11 +110,11 @@ def quick(profile: LabProfile) -> LabProfile:
         profile, quick=True, run_prefix=profile.run_prefix + "quick_",
         scratch=shrink(profile.scratch), source_task=shrink(profile.source_task),
         transfer_imagenet=few_epochs({**profile.transfer_imagenet, "train_fraction": 0.05,
-                                      "batch_size": 64, "model_options": {
+                                      "batch_size": 64, **subset, "model_options": {
                                           **profile.transfer_imagenet["model_options"],
                                           "image_size": 32}}, 0.5),
         transfer_fallback=few_epochs({**profile.transfer_fallback, "train_fraction": 0.05,
-                                      "batch_size": 64}, 1.0),
+                                      "batch_size": 64, **subset}, 1.0),
         memory_check=shrink(profile.memory_check),
         explain_per_class=2, faithfulness_steps=8, num_filters=8, filter_steps=10)
 

@@ -12,6 +12,7 @@ import os
 
 from research import files, machine, plots
 from research.lab import figures
+from research.lab.profiles import QUICK_EVAL_FRACTION
 
 DASH = "\u2014"
 METRIC_NAMES = {"pr_auc": "PR-AUC", "class_accuracy": "class accuracy"}
@@ -304,8 +305,10 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     title = "Cat-detector lab" + (" (quick)" if p.quick else "")
     doc.heading(title, 1)
     if p.quick:
-        doc.para("QUICK RUN (--quick): every stage was shrunk (tiny step counts and subsets) "
-                 "for a smoke test. These numbers say nothing about the detectors.", "quick")
+        doc.para("QUICK RUN (--quick): every stage was shrunk for a smoke test: tiny step "
+                 "counts, 5% of the training images for transfer, and val and test scored on "
+                 f"{QUICK_EVAL_FRACTION:.0%} of each class (--eval_fraction). These numbers say "
+                 "nothing about the detectors.", "quick")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc.facts([("written", now), ("profile", p.name + (" + quick" if p.quick else "")),
                ("machine", machine.banner()), ("command", s.command),
