@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import detector, files
+from research import detector, files, runs
 from research.model_options import BACKBONES
 from research.models.backbones import BackbonePreprocess
 from research.models.layers import FusedBatchNorm, PatchWhitening
@@ -194,6 +194,33 @@ def write_saved_model(model: keras.Model, meta: dict, path: str,
     with files.atomic_dir(path, "the SavedModel") as tmp:
         tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
     return path
+
+
+# ------------------------------------------------------------------------ the export
+
+def export_detector(model: keras.Model, meta: dict, model_path: str) -> keras.Model:
+    """The export folder of a trained detector: model.keras (Keras-only), metadata.json
+    (`meta` plus the serving contract) and saved_model/, each written atomically. Returns
+    the Keras-only model."""
+    meta = {**meta, "serving": serving_contract(meta)}
+    stock = save_keras_only(model, model_path)
+    runs.write_metadata(model_path, meta)
+    write_saved_model(stock, meta, runs.saved_model_path(model_path),
+                      runs.metadata_path(model_path))
+    return stock
+
+
+def refresh_export(model_path: str, tflite: bool = False, flag: str = "--model") -> list[str]:
+    """Rewrites an existing export (one with our custom layers too) as `export_detector`
+    writes it, and with `tflite` adds model.tflite. Returns the paths written."""
+    meta = runs.read_metadata(model_path, flag)
+    model = detector.load_detector(model_path, meta, flag).model
+    export_detector(model, meta, model_path)
+    written = [model_path, runs.metadata_path(model_path), runs.saved_model_path(model_path)]
+    if tflite:
+        written.append(convert_to_tflite(runs.saved_model_path(model_path),
+                                         runs.tflite_path(model_path)))
+    return written
 
 
 # ----------------------------------------------------------------------------- TFLite

@@ -20,6 +20,7 @@ from research.model_options import BACKBONES, TransferOptions
 from research.models import build_model
 from research.models.backbones import BackbonePreprocess, build_base, build_transfer_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SCRATCH = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
 TINY_HEAD = {"weights": "none", "image_size": 32, "head_units": (8,)}
 # kind -> (model, image shape, outputs, options); the backbones cut early to stay small
@@ -260,6 +261,38 @@ def test_exports_with_our_layers_still_load_with_our_package(exported, tmp_path)
     assert type(base.get_layer("stem_bn")).__name__ == "FusedBatchNorm"
     for a, b in zip(base.get_layer("stem_bn").get_weights(), donor.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def app(*args):
+    return subprocess.run([sys.executable, "-m", "research.apps.export", *args], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_the_export_app_rewrites_an_old_export_and_adds_tflite(exported, tmp_path):
+    root, ours, _ = exported
+    meta = runs.read_metadata(str(root / "fast" / runs.MODEL_FILE))
+    del meta["serving"]
+    path = runs.exported_model_path(str(tmp_path / "ck"), "old")
+    os.makedirs(os.path.dirname(path))
+    ours["model/fast"].save(path)  # an export from before: our custom layers
+    runs.write_metadata(path, meta)
+    res = app("--run_name=old", f"--checkpoint_dir={tmp_path / 'ck'}", "--tflite")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == [path, runs.metadata_path(path), runs.saved_model_path(path),
+                                  runs.tflite_path(path)]
+    model = keras.models.load_model(path)
+    assert {type(x).__module__.split(".")[0] for x in all_layers(model)} == {"keras"}
+    assert runs.read_metadata(path)["serving"]["inputs"]["images"]["dtype"] == "uint8"
+    images = np.load(root / "inputs.npz")["u8/fast"]
+    got = export.run_tflite(runs.tflite_path(path), images)["probability"]
+    assert np.abs(got - ours["original/fast"]).max() < 1e-4
+
+
+def test_the_export_app_names_a_missing_export_in_one_line(tmp_path):
+    res = app(f"--model={tmp_path / 'model.keras'}")
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("error: --model: no such file ") and str(tmp_path) in res.stderr
 
 
 def test_a_full_disk_leaves_the_previous_saved_model(exported, tmp_path, monkeypatch):

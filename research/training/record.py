@@ -125,16 +125,12 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold
     package), the metadata `predict` needs, and the SavedModel (research.export). Returns
     model.keras' path."""
     path = runs.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
-    meta = {
+    export.export_detector(model, {
         "objective": cfg.objective, "positive_class": manifest["positive_class"],
         "positive_class_id": manifest["positive_class_id"],
         "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
         "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
-        "tta_shifts": cfg.tta_shifts}
-    meta["serving"] = export.serving_contract(meta)
-    stock = export.save_keras_only(model, path)
-    runs.write_metadata(path, meta)
-    export.write_saved_model(stock, meta, runs.saved_model_path(path), runs.metadata_path(path))
+        "tta_shifts": cfg.tta_shifts}, path)
     return path
 
 
