@@ -3,9 +3,9 @@ mirror average used at test time, and `Detector`, an exported model with its met
 
 Every stage that runs a trained detector (the training loop's eval step, predict, explain,
 the TensorBoard Grad-CAM hook, the benchmarks) goes through these functions, so they all see
-the same numbers. The export is `model.keras` plus `metadata.json` beside it (research.runs);
-it loads with `keras.models.load_model` once `research.models` is imported, which registers
-the custom layers.
+the same numbers. The export is `model.keras` plus `metadata.json` beside it (research.runs):
+Keras' own layers (research.export), so it loads with plain `keras.models.load_model`; an
+older export with our custom layers loads too once `research.models` is imported (here).
 """
 
 from __future__ import annotations

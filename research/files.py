@@ -4,7 +4,8 @@ Every file the project writes goes through `atomic_path` (or `write_text` / `wri
 `write_bytes` on top of it): the data goes to a temporary file in the same folder, is flushed
 and fsync'ed, and is renamed over the target, so a crash, a kill or a full disk leaves the
 previous version or nothing, never a truncated file. Folders built whole (TFRecords, feature
-caches) are written under a temporary name, fsync'ed with `fsync_tree` and renamed.
+caches, a SavedModel) are written under a temporary name, fsync'ed with `fsync_tree` and
+renamed (`atomic_dir`).
 
 A write that runs out of space raises `OutOfSpaceError` (a UserError): what was being
 written, where, how much is free, and that the command resumes once there is room. Apps exit
@@ -121,6 +122,42 @@ def atomic_path(path: str, what: str = "a file", then: str = "run the same comma
         if is_out_of_space(e):
             raise out_of_space(what, path, then) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, what: str = "a folder", then: str = "run the same command again"):
+    """Yields a temporary folder beside `path` for a writer that builds a folder whole (a
+    SavedModel); on success it is fsync'ed and put in place of `path` (an older one is moved
+    aside first and removed after), on any failure it is removed and `path` is left as it
+    was. A full disk raises OutOfSpaceError."""
+    parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    except OSError as e:
+        if is_out_of_space(e):
+            raise out_of_space(what, path, then) from None
+        raise
+    old = None
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(path, os.path.join(old, name))
+        os.replace(tmp, path)
+        fsync_dir(parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old and not os.path.exists(path):  # put the previous folder back
+            os.replace(os.path.join(old, name), path)
+        if is_out_of_space(e):
+            raise out_of_space(what, path, then) from None
+        raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str, data: bytes, what: str = "a file") -> str:

@@ -9,7 +9,10 @@ explain, the lab and transfer from a run read it, all through here.
     history.jsonl        one row per evaluation; curves.png drawn from it
     model_summary.txt    layers, output shapes, parameters
     ckpt-<step>.*        rolling checkpoints (+ `checkpoint`, the index); best/ the best one
-    export/model.keras   the finished detector; export/metadata.json how to feed and read it
+    export/model.keras   the finished detector (Keras' own layers); export/metadata.json how
+                         to feed and read it; export/saved_model/ the same detector for TF
+                         Serving (uint8 images in, P(positive) out); export/model.tflite
+                         when converted (research.export)
     eval_<split>.json    what evaluate reported (figures_<split>/ beside it)
 
 Nothing here imports TensorFlow.
@@ -37,6 +40,8 @@ MODEL_SUMMARY = "model_summary.txt"
 EXPORT = "export"
 MODEL_FILE = "model.keras"
 METADATA = "metadata.json"
+SAVED_MODEL = "saved_model"
+TFLITE_FILE = "model.tflite"
 # What predict, explain and compare need of an export's metadata.json.
 METADATA_KEYS = ("objective", "positive_class", "positive_class_id", "class_names",
                  "image_shape", "scale", "threshold", "tta")
@@ -160,6 +165,16 @@ def is_exported(checkpoint_dir: str, run_name: str) -> bool:
 
 def metadata_path(model_path: str) -> str:
     return os.path.join(os.path.dirname(model_path), METADATA)
+
+
+def saved_model_path(model_path: str) -> str:
+    """The SavedModel folder beside an export's model.keras."""
+    return os.path.join(os.path.dirname(model_path), SAVED_MODEL)
+
+
+def tflite_path(model_path: str) -> str:
+    """Where the TFLite conversion of an export goes: model.tflite beside its model.keras."""
+    return os.path.join(os.path.dirname(model_path), TFLITE_FILE)
 
 
 def write_metadata(model_path: str, meta: dict) -> None:

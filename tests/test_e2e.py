@@ -48,7 +48,8 @@ def test_end_to_end(tmp_path):
         "--precision=mixed_bfloat16")
     run_dir = ck / "e2e"
     for name in ("config.json", "versions.json", "flags.txt", "train_summary.json",
-                 "export/model.keras", "export/metadata.json"):
+                 "export/model.keras", "export/metadata.json",
+                 "export/saved_model/saved_model.pb"):
         assert (run_dir / name).exists(), name
     assert "--run_name=e2e" in (run_dir / "flags.txt").read_text()
     events = {p.parent.name for p in logs.rglob("events.out.tfevents*")}

@@ -123,7 +123,8 @@ def test_a_full_disk_is_one_line_and_loses_nothing(syn, tmp_path, monkeypatch):
     with pytest.raises(files.OutOfSpaceError, match="writing the exported model"):
         loop.train_and_evaluate(dataclasses.replace(cfg, train_steps=10))
     assert open(export, "rb").read() == good
-    assert sorted(os.listdir(os.path.dirname(export))) == ["metadata.json", "model.keras"]
+    assert sorted(os.listdir(os.path.dirname(export))) == ["metadata.json", "model.keras",
+                                                           "saved_model"]
 
 
 def test_the_app_exits_74_on_a_full_disk():

@@ -24,7 +24,7 @@ def pick_layers(model, n: int) -> list[str]:
             keras.layers.Resizing, keras.layers.Rescaling)
     last_at = {}
     for path, layer in core.spatial_layers(model):
-        if isinstance(layer, skip) or type(layer).__name__ == "BackbonePreprocess":
+        if isinstance(layer, skip) or layer.name == "preprocess":  # (a 1x1 conv in an export)
             continue
         last_at[tuple(layer.output.shape[1:3])] = path
     paths = list(last_at.values())

@@ -2,8 +2,9 @@
 options dataclass (the one home of its defaults; the train app's flags) and the check of its
 options are in research.model_options, which needs no Keras.
 
-`import research.models` also registers our custom layers with Keras, so an exported
-`model.keras` loads with `keras.models.load_model` after that one import.
+`import research.models` also registers our custom layers with Keras, so a model.keras
+holding them (an export written before research.export made exports Keras-only) loads with
+`keras.models.load_model` after that one import.
 """
 
 from __future__ import annotations

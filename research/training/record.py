@@ -13,7 +13,7 @@ from absl import logging
 from matplotlib.figure import Figure
 from tensorboard.plugins.hparams import api as hp
 
-from research import files, plots, runs
+from research import export, plots, runs
 from research.data import imaging, pipeline
 from research import metrics as detmetrics
 from research.training import inputs
@@ -123,16 +123,17 @@ def log_hparam_metrics(writer, split: str, report: dict, step: int) -> None:
 
 
 def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold: float) -> str:
-    """Saves the model as .keras plus the metadata `predict` needs."""
+    """Saves the detector as model.keras (Keras' own layers, float32: loads without this
+    package), the metadata `predict` needs, and the SavedModel (research.export). Returns
+    model.keras' path."""
     path = runs.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
-    with files.atomic_path(path, "the exported model") as tmp:
-        model.save(tmp)
-    runs.write_metadata(path, {
+    export.export_detector(model, {
         "objective": cfg.objective, "positive_class": manifest["positive_class"],
         "positive_class_id": manifest["positive_class_id"],
         "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
         "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
-        "tta_shifts": cfg.tta_shifts, "resize_policy": imaging.recorded_policy(manifest)})
+        "tta_shifts": cfg.tta_shifts, "resize_policy": imaging.recorded_policy(manifest)},
+        path)
     return path
 
 
