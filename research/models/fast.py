@@ -7,7 +7,7 @@ activation -> global max pool, scaled by `feature_scale` -> logits (zero-initial
 PyTorch's uniform init without a bias, as airbench). BN has no trained scale (gamma stays 1):
 the convolutions before it make it redundant.
 
-    python -m research.apps.train --model=fast ...   (the recipe: README, "The fast recipe")
+    python -m research.apps.train --flagfile=research/recipes/fast_cifar10.flags  (the recipe)
 """
 
 from __future__ import annotations
