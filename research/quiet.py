@@ -7,8 +7,9 @@ before absl::InitializeLog() ...`, oneDNN's note, the CPU-feature guard. `instal
 `research/__init__.py`) adds an import hook: the first import of tensorflow runs with the
 process's stderr captured, then lists the physical devices (where cuInit happens), and
 replays every captured line except those known ones, so a real error still shows. It also
-keeps TensorFlow's own Python logger at WARNING (its per-checkpoint 'Sharding callback
-duration' INFO lines). Nothing is imported here until tensorflow is.
+keeps TensorFlow's own Python logger at WARNING, and drops the per-checkpoint 'Sharding
+callback duration' INFO line TensorFlow writes through absl's logger. Nothing is imported here
+until tensorflow is.
 
 `TF_CPP_MIN_LOG_LEVEL=0` (asking for everything) turns the filter off.
 """
@@ -73,10 +74,40 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+# INFO lines TensorFlow writes through absl's logger (so at our apps' verbosity): one per
+# checkpoint save.
+ABSL_NOISE = re.compile(r"^Sharding callback duration")
+# TensorFlow's retracing heuristic counts the traces of every tf.function made from the same
+# code: a process that trains or scores several models (the lab, compare) builds one train
+# loop and one eval step per model, and each traces once. That is expected, not a retracing
+# bug, so for these two alone the warning is dropped; any other function's still shows.
+RETRACING_EXPECTED = re.compile(
+    r"calls to <function (make_eval_step\.<locals>\.eval_step|make_train_loop\.<locals>\."
+    r"train_loop)")
+
+
+class _AbslNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not ABSL_NOISE.search(str(record.msg))
+
+
+class _ExpectedRetracing(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not RETRACING_EXPECTED.search(record.getMessage())
+
+
 def install() -> None:
     """Adds the hook unless tensorflow is imported already or all its output is wanted."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules or not wanted():
+    if not wanted():
+        return
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _AbslNoise) for f in absl_logger.filters):
+        absl_logger.addFilter(_AbslNoise())
+    tf_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _ExpectedRetracing) for f in tf_logger.filters):
+        tf_logger.addFilter(_ExpectedRetracing())
+    if "tensorflow" in sys.modules:
         return
     if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietFinder())

@@ -134,4 +134,6 @@ def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: ke
         out = strategy.run(replica_step, args=(dist_batch,))
         return {k: strategy.gather(v, axis=0) for k, v in out.items()}
 
-    return eval_step if cfg.run_eagerly else tf.function(eval_step)
+    # reduce_retracing: the last, partial batch of every split is traced once as [None, ...]
+    # rather than once per size.
+    return eval_step if cfg.run_eagerly else tf.function(eval_step, reduce_retracing=True)
