@@ -171,3 +171,19 @@ def test_parity_table_holds_the_target_and_names_the_step():
     assert "DOES NOT meet the target <= 0.001" in text and "at step 3" in text
     ok = ref.compare_parity(ours, _parity_side([2.3, 2.2, 2.0000001], 1.0))
     assert ok["meets_target"] and ok["before_any_step"]["grad_rel_diff"] == 0
+
+
+def test_noise_floor_weights_are_one_ulp_apart_and_its_table():
+    import numpy as np
+
+    start = {"0.weight": np.ones((4, 3, 2, 2), np.float32),
+             "2.conv1.weight": np.random.default_rng(0).normal(size=(8, 4, 3, 3)).astype(
+                 np.float32), "2.norm1.bias": np.zeros(8, np.float32)}
+    moved = ref.one_ulp_apart(start)
+    np.testing.assert_array_equal(moved["0.weight"], start["0.weight"])  # the data's filters
+    np.testing.assert_array_equal(moved["2.norm1.bias"], start["2.norm1.bias"])
+    w, m = start["2.conv1.weight"], moved["2.conv1.weight"]
+    assert (w != m).all() and (np.abs(m - w) == np.spacing(np.abs(w))).mean() > 0.4
+    assert (np.abs(m - w) <= np.spacing(np.abs(w)) * 1.0000001).all()
+    floor = ref.noise_floor({"losses": [2.0, 1.5, 1.0]}, {"losses": [2.0, 1.5015, 1.0001]})
+    assert floor["at_step"] == 2 and floor["max_rel_diff"] == pytest.approx(0.001)

@@ -22,7 +22,9 @@ a few warm-up steps) and prints their ratio, for when the full runs shared the m
 `--parity_steps=N` (e.g. 20) starts both networks from the same weights (ours, copied into
 airbench's make_net94 by layer order) and trains them N steps on the same batches (the first N
 of our training stream, fed to airbench.train94 through a loader without its augmentation),
-then prints the per-step loss difference (target: <= 1e-3 relative), the first forward pass,
+then prints the per-step loss difference (target: <= 1e-3 relative) beside its noise floor
+(airbench against itself from weights one float32 ulp apart: how far rounding alone moves the
+losses; --noparity_noise_floor skips it), the first forward pass,
 gradient and the weights after each step side by side, and saves <results_dir>/parity.json.
 `--parity_batch` makes the steps smaller (our learning rate is rescaled to it as airbench's
 is). Both schedules see N steps: airbench's triangle peaks at int(0.23 N), ours is given a
@@ -68,6 +70,9 @@ flags.DEFINE_integer("parity_steps", 0, "If > 0: only train both networks this m
                      "from the same weights on the same batches and print the per-step loss "
                      "difference (no full runs).")
 flags.DEFINE_integer("parity_batch", 0, "--parity_steps' batch size (0: the recipe's).")
+flags.DEFINE_bool("parity_noise_floor", True, "--parity_steps: also train airbench against "
+                  "itself from weights one float32 ulp apart (the noise floor of the "
+                  "comparison; one more airbench run).")
 
 SIDES = ("reference", "ours")
 REFERENCE_PACKAGES = ("torch", "torchvision", "airbench")
@@ -775,8 +780,33 @@ def compare_parity(ours: dict, ref: dict) -> dict:
         "whitening": ref["whitening"]}
 
 
-def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int) -> dict:
-    """Both sides over `steps` batches of our stream, compared (compare_parity)."""
+def one_ulp_apart(start: dict, seed: int = 1) -> dict:
+    """The same initial weights with every conv and linear weight moved by one float32 ulp,
+    up or down at random: float32 rounding's own size, for the noise floor."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, v in start.items():
+        if v.ndim > 1 and name != "0.weight":  # the whitening filters are data, not drawn
+            up = rng.random(v.shape) < 0.5
+            v = np.where(up, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)).astype(v.dtype)
+        out[name] = v
+    return out
+
+
+def noise_floor(ref: dict, again: dict) -> dict:
+    """airbench against itself from weights one ulp apart: how far float32 rounding alone
+    moves the per-step losses (what a port can be expected to match at best)."""
+    diffs = [rel(a, r) for a, r in zip(again["losses"], ref["losses"])]
+    k = max(range(len(diffs)), key=diffs.__getitem__)
+    return {"max_rel_diff": diffs[k], "at_step": k + 1, "rel_diffs": diffs}
+
+
+def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
+               floor: bool = True) -> dict:
+    """Both sides over `steps` batches of our stream, compared (compare_parity); `floor`:
+    also airbench against itself from weights one ulp apart (noise_floor)."""
     from research.data import pipeline
     from research.training.model import DATA_INIT_IMAGES
 
@@ -796,6 +826,13 @@ def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int) 
     if len(ref["losses"]) != steps:
         raise RuntimeError(f"airbench took {len(ref['losses'])} steps, not {steps}")
     out = compare_parity(ours, ref)
+    if floor:
+        again = parity_reference({**ours, "start": one_ulp_apart(ours["start"])}, batches,
+                                 whiten_images,
+                                 pipeline.load_manifest(cfg.data_dir)["class_names"])
+        out["noise_floor"] = noise_floor(ref, again)
+        out["meets_noise_floor"] = out["max_rel_diff"] <= max(
+            PARITY_TARGET, 2 * out["noise_floor"]["max_rel_diff"])
     out.update(steps=steps, batch_size=cfg.batch_size,
                seconds={"ours": ours_s, "airbench": ref_s},
                schedule={**schedule, "airbench_peak": AIRBENCH_PEAK,
@@ -817,7 +854,15 @@ def format_parity(p: dict) -> str:
     verdict = "meets" if p["meets_target"] else "DOES NOT meet"
     b, w, s = p["before_any_step"], p["whitening"], p["schedule"]
     lines += [f"max relative loss difference {p['max_rel_diff']:.2e} at step {p['at_step']}: "
-              f"{verdict} the target <= {p['target']:g}",
+              f"{verdict} the target <= {p['target']:g}"]
+    if "noise_floor" in p:
+        f = p["noise_floor"]
+        lines += [f"noise floor: airbench against itself from weights one float32 ulp apart: "
+                  f"max relative loss difference {f['max_rel_diff']:.2e} at step "
+                  f"{f['at_step']}; ours against airbench is "
+                  + ("within" if p["meets_noise_floor"] else "OUTSIDE")
+                  + " the target or twice that floor"]
+    lines += [
               f"before any step (batch 1): normalised inputs max abs diff "
               f"{b['inputs_max_abs_diff']:.1e}; logits rel diff {b['logits_rel_diff']:.1e}; "
               f"loss rel diff {b['loss_rel_diff']:.1e}; gradient rel diff: max element "
@@ -921,7 +966,7 @@ def main(argv):
     if parity:
         out = run_parity(FLAGS.ours_flagfile, training_data_dir(
             FLAGS.data_dir, FLAGS.train_splits, results_dir), FLAGS.parity_steps,
-            FLAGS.parity_batch, FLAGS.seed)
+            FLAGS.parity_batch, FLAGS.seed, floor=FLAGS.parity_noise_floor)
         out.update(what=(f"ours {FLAGS.ours_flagfile} float32 vs airbench.train94 "
                          "({airbench}, torch {torch}, float32, {torch_threads} threads)"
                          ).format(**info), finished=utc_now(), machine=machine_record(),
