@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import helpers
+from research.training import record
 
 
 def event_tags(folder) -> dict:
@@ -23,6 +24,30 @@ def event_tags(folder) -> dict:
                     plugins.add(v.metadata.plugin_data.plugin_name)
     plugins.discard("scalars")
     return {"tags": tags, "plugins": plugins}
+
+
+def hparams_experiment(logdir) -> tuple[list, list, dict]:
+    """(hyperparameter names, metric tags, the run's session values) as TensorBoard's own
+    reader sees them (event multiplexer + the hparams plugin's metadata)."""
+    from tensorboard.backend.event_processing import event_multiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    mux = event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    experiment = session = None
+    for tags in content.values():
+        if metadata.EXPERIMENT_TAG in tags:
+            experiment = metadata.parse_experiment_plugin_data(tags[metadata.EXPERIMENT_TAG])
+        if metadata.SESSION_START_INFO_TAG in tags:
+            session = metadata.parse_session_start_info_plugin_data(
+                tags[metadata.SESSION_START_INFO_TAG])
+    assert experiment is not None and session is not None, content
+    values = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+              for k, v in session.hparams.items()}
+    return ([h.name for h in experiment.hparam_infos],
+            [m.name.tag for m in experiment.metric_infos], values)
 
 
 def run(*args, timeout=300):
@@ -56,6 +81,10 @@ def test_end_to_end(tmp_path):
     assert events == {"train", "eval", "e2e"}  # e2e: the HParams session
     session = event_tags(logs / "e2e")
     assert session["plugins"] == {"hparams"}, session
+    names, metrics, values = hparams_experiment(logs)
+    assert names == list(record.HPARAMS) and metrics == [m[0] for m in record.HPARAM_METRICS]
+    assert values["model"] == "scratch" and values["precision"] == "mixed_bfloat16"
+    assert all(isinstance(v, (str, float, bool)) for v in values.values()), values  # no JSON
 
     out = tmp_path / "eval_test.json"
     res = run("research.apps.evaluate", "--run_name=e2e", f"--checkpoint_dir={ck}",
