@@ -943,6 +943,20 @@ def format_table(results: dict, ran_now: set, timing: dict | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def parity_mode(info: dict, results_dir: str) -> None:
+    """--parity_steps: the step-by-step comparison, printed and saved as parity.json."""
+    out = run_parity(FLAGS.ours_flagfile, training_data_dir(
+        FLAGS.data_dir, FLAGS.train_splits, results_dir), FLAGS.parity_steps,
+        FLAGS.parity_batch, FLAGS.seed, floor=FLAGS.parity_noise_floor)
+    out.update(what=(f"ours {FLAGS.ours_flagfile} float32 vs airbench.train94 "
+                     "({airbench}, torch {torch}, float32, {torch_threads} threads)"
+                     ).format(**info), finished=utc_now(), machine=machine_record(),
+               data_dir=FLAGS.data_dir, train_splits=FLAGS.train_splits, **info)
+    write_json_atomic(os.path.join(results_dir, "parity.json"), out)
+    print(format_parity(out))
+    print(f"saved {os.path.join(results_dir, 'parity.json')}")
+
+
 def main(argv):
     del argv
     sides = list(dict.fromkeys(FLAGS.sides))
@@ -964,17 +978,7 @@ def main(argv):
     print(lscpu_line(lscpu()), flush=True)
 
     if parity:
-        out = run_parity(FLAGS.ours_flagfile, training_data_dir(
-            FLAGS.data_dir, FLAGS.train_splits, results_dir), FLAGS.parity_steps,
-            FLAGS.parity_batch, FLAGS.seed, floor=FLAGS.parity_noise_floor)
-        out.update(what=(f"ours {FLAGS.ours_flagfile} float32 vs airbench.train94 "
-                         "({airbench}, torch {torch}, float32, {torch_threads} threads)"
-                         ).format(**info), finished=utc_now(), machine=machine_record(),
-                   data_dir=FLAGS.data_dir, train_splits=FLAGS.train_splits, **info)
-        write_json_atomic(os.path.join(results_dir, "parity.json"), out)
-        print(format_parity(out))
-        print(f"saved {os.path.join(results_dir, 'parity.json')}")
-        return
+        return parity_mode(info, results_dir)
 
     splits = FLAGS.train_splits
     ours_dir = os.path.join(results_dir, "ours")
