@@ -15,7 +15,7 @@ from research import plots, runs
 from research.data import pipeline
 from research.data.imaging import decode_image, resize_image
 from research.data.manifest import sha256_file
-from research.explain import core, faithfulness, loading, outputs
+from research.explain import faithfulness, loading, methods, outputs
 from research.lab import figures
 from research.lab.detectors import detector_runs, require_runs
 from research.lab.lab import SPLIT, Lab, StageRecord, command, read_marker, reusable, write_marker
@@ -83,12 +83,12 @@ def _explain_run(lab: Lab, run: str, batch: np.ndarray, photos) -> tuple[dict, d
                    if photos else None)
     scores, maps = {}, {}
     for method in p.methods:
-        res = core.explain(ex, method, batch, cat)
+        res = methods.explain(ex, method, batch, cat)
         scores[method] = faithfulness.deletion_insertion(ex, batch, res,
                                                          steps=p.faithfulness_steps)
         maps[method] = {"test": res}
         if photo_batch is not None:
-            maps[method]["photos"] = core.explain(ex, method, photo_batch, cat)
+            maps[method]["photos"] = methods.explain(ex, method, photo_batch, cat)
     print(f"[lab] explained {run}: " + ", ".join(
         f"{m} del {s['deletion_auc']:.3f} ins {s['insertion_auc']:.3f}"
         for m, s in scores.items()), flush=True)
