@@ -21,6 +21,7 @@ from research.explain.core import (Explainer, Explanation, capture, class_scores
                                    grad_cam, iter_layers, normalize_maps, prepare, upsample)
 
 BASELINES = ("black", "mean", "uniform")
+FILLS = ("mean", "black")  # what occlusion hides a patch with
 SEGMENTATIONS = ("slic", "grid")
 
 
@@ -87,14 +88,17 @@ def mean_colour(raw: tf.Tensor) -> tf.Tensor:
 
 
 def occlusion_drops(ex: Explainer, raw: tf.Tensor, classes: tf.Tensor, masks: np.ndarray,
-                    batch_size: int = 64):
+                    batch_size: int = 64, fill: str = "mean"):
     """(drops (N, P): score of the image minus score with patch p filled with the image's mean
-    colour, logits of the images, resolved classes)."""
+    colour (or black), logits of the images, resolved classes)."""
+    if fill not in FILLS:
+        raise UserError(f"--occlusion_fill: {fill!r} is not one of {', '.join(FILLS)}")
     logits = ex.logits(raw)
     classes, clean = class_scores(logits, classes)
     n, p = raw.shape[0], len(masks)
     owner, which = np.repeat(np.arange(n), p), np.tile(np.arange(p), n)
-    fill, masks = mean_colour(raw), tf.constant(masks)[..., None]
+    fill = mean_colour(raw) if fill == "mean" else tf.zeros_like(mean_colour(raw))
+    masks = tf.constant(masks)[..., None]
     scores = []
     for s in range(0, n * p, batch_size):
         o, m = owner[s:s + batch_size], tf.gather(masks, which[s:s + batch_size])
@@ -105,21 +109,23 @@ def occlusion_drops(ex: Explainer, raw: tf.Tensor, classes: tf.Tensor, masks: np
 
 
 def occlusion(ex: Explainer, images, class_index=None, patch: float = 0.25,
-              stride: float = 0.125, batch_size: int = 64) -> Explanation:
+              stride: float = 0.125, fill: str = "mean", batch_size: int = 64
+              ) -> Explanation:
     """Occlusion (Zeiler & Fergus 2014): a square of side `patch` (fraction of the input's
-    shorter side) slides by `stride` (same unit), filled with the image's mean colour; a
-    pixel's value is the score drop averaged over the patches covering it (positive part)."""
+    shorter side) slides by `stride` (same unit), filled with the image's mean colour (`fill`
+    'mean') or black; a pixel's value is the score drop averaged over the patches covering
+    it (positive part)."""
     raw, classes = prepare(ex, images, class_index)
     h, w = raw.shape[1:3]
     side = min(h, w)
     patch_px, stride_px = max(1, round(patch * side)), max(1, round(stride * side))
     masks = occlusion_masks(h, w, patch_px, stride_px)
-    drops, logits, classes = occlusion_drops(ex, raw, classes, masks, batch_size)
+    drops, logits, classes = occlusion_drops(ex, raw, classes, masks, batch_size, fill)
     covered = np.einsum("np,phw->nhw", drops, masks) / masks.sum(0)
     maps = normalize_maps(tf.nn.relu(tf.constant(covered, tf.float32)))
     return finish(ex, maps, classes, logits, "occlusion", None,
                   {"patch": patch, "stride": stride, "patch_px": patch_px,
-                   "stride_px": stride_px, "fill": "image mean colour",
+                   "stride_px": stride_px, "fill": fill,
                    "forward_passes": len(masks) + 1})
 
 

@@ -31,6 +31,9 @@ class ExplainOptions:
                                      "side.", gt=0, le=1)
     occlusion_stride: float = setting(_arg(attribution.occlusion, "stride"), "Occlusion: step "
                                       "between squares, same unit.", gt=0, le=1)
+    occlusion_fill: str = setting(_arg(attribution.occlusion, "fill"), "Occlusion: what hides "
+                                  "a patch (mean: the image's mean colour; black: zeros).",
+                                  choices=attribution.FILLS)
     ig_baseline: str = setting(_arg(attribution.integrated_gradients, "baseline"), "Integrated "
                                "gradients: the baseline image (black: zeros; mean: the "
                                "image's mean colour; uniform: seeded noise).",
@@ -81,7 +84,7 @@ class ExplainOptions:
                 "scorecam": {"max_channels": self.scorecam_channels,
                              "batch_size": self.scorecam_batch},
                 "occlusion": {"patch": self.occlusion_patch, "stride": self.occlusion_stride,
-                              "batch_size": self.forward_batch},
+                              "fill": self.occlusion_fill, "batch_size": self.forward_batch},
                 "integrated_gradients": {"baseline": self.ig_baseline, "steps": self.ig_steps,
                                          "seed": self.seed, "batch_size": self.forward_batch},
                 "lime": {"samples": self.lime_samples, "segments": self.lime_segments,
