@@ -196,14 +196,14 @@ def cam(ex: Explainer, images, class_index=None) -> Explanation:
 
     def fn(raw, classes):
         with capture([gap], inputs=True) as store:
-            logits = ex._forward(raw)
+            logits = ex.forward(raw)
         classes, _ = class_scores(logits, classes)
         kernel = tf.cast(tf.convert_to_tensor(dense.kernel), tf.float32)   # (K, classes)
         weights = tf.gather(tf.transpose(kernel), classes)                 # (N, K)
         acts = tf.cast(store[id(gap)][-1], tf.float32)
         return tf.einsum("nhwk,nk->nhw", acts, weights), logits, classes
 
-    raw_cam, logits, classes = ex._compile(("cam", id(gap)), fn)(raw, classes)
+    raw_cam, logits, classes = ex.compiled(("cam", id(gap)), fn)(raw, classes)
     low = normalize_maps(tf.nn.relu(raw_cam))
     maps = normalize_maps(upsample(low, raw.shape[1:3]))
     return finish(ex, maps, classes.numpy(), logits, "cam", f"{path} (its input)",

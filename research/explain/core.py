@@ -214,18 +214,21 @@ class Explainer:
             return self.class_names[index]
         return str(index)
 
-    def _forward(self, raw):
+    def forward(self, raw):
         with linear_head(self.model):
             return tf.cast(self.model(self.preprocess(raw), training=False), tf.float32)
 
-    def _compile(self, key, fn):
+    def compiled(self, key, fn):
+        """`fn` of tensors, compiled once per `key` and per shape past the first axis: the
+        batch axis is left open, so any batch size reuses one trace (one per model, which is
+        what TensorFlow's retracing warning expects)."""
         if key not in self._compiled:
-            self._compiled[key] = tf.function(fn, reduce_retracing=True, autograph=False)
+            self._compiled[key] = _open_batch(fn)
         return self._compiled[key]
 
     def logits(self, raw) -> tf.Tensor:
         """Pre-activation float32 scores of raw 0..255 images; compiled."""
-        return self._compile(("logits",), self._forward)(tf.convert_to_tensor(raw, tf.float32))
+        return self.compiled(("logits",), self.forward)(tf.convert_to_tensor(raw, tf.float32))
 
     def probabilities(self, logits) -> np.ndarray:
         logits = np.asarray(logits, np.float64)
@@ -254,7 +257,7 @@ class Explainer:
         def fn(raw, classes):
             with tf.GradientTape() as tape:
                 with capture([layer]) as store:
-                    logits = self._forward(raw)
+                    logits = self.forward(raw)
                 if not store[id(layer)]:
                     raise DisconnectedLayerError(
                         f"layer {path or layer.name} was not called in the forward pass "
@@ -268,7 +271,7 @@ class Explainer:
                     f"is None: the layer is not connected to {self.model.name}'s output")
             return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits, classes
 
-        return self._compile(("grad", id(layer)), fn)(raw, classes)
+        return self.compiled(("grad", id(layer)), fn)(raw, classes)
 
     def input_gradients(self, raw: tf.Tensor, classes: tf.Tensor, guided: bool = False):
         """(dS/d raw, logits, classes), compiled; `guided`: through guided_activations."""
@@ -277,13 +280,13 @@ class Explainer:
                 tape.watch(raw)
                 if guided:
                     with guided_activations(self.model):
-                        logits = self._forward(raw)
+                        logits = self.forward(raw)
                 else:
-                    logits = self._forward(raw)
+                    logits = self.forward(raw)
                 classes, score = class_scores(logits, classes)
             return tf.cast(tape.gradient(score, raw), tf.float32), logits, classes
 
-        return self._compile(("input", guided), fn)(raw, classes)
+        return self.compiled(("input", guided), fn)(raw, classes)
 
     def scores(self, raw: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
         """The pre-activation score of each image's (resolved) class; compiled."""
@@ -295,10 +298,23 @@ class Explainer:
         image), for j over the batch of masks; compiled."""
         def fn(raw, masks, owner, classes):
             up = upsample(masks, tf.shape(raw)[1:3])
-            logits = self._forward(tf.gather(raw, owner) * up[..., None])
+            logits = self.forward(tf.gather(raw, owner) * up[..., None])
             return tf.gather(logits, tf.gather(classes, owner), axis=1, batch_dims=1)
 
-        return self._compile(("masked",), fn)(raw, masks, owner, classes)
+        return self.compiled(("masked",), fn)(raw, masks, owner, classes)
+
+
+def _open_batch(fn):
+    traced: dict = {}
+
+    def call(*args):
+        shapes = tuple((tuple(a.shape[1:]), a.dtype) for a in args)
+        if shapes not in traced:
+            traced[shapes] = tf.function(fn, autograph=False, input_signature=[
+                tf.TensorSpec([None, *a.shape[1:]], a.dtype) for a in args])
+        return traced[shapes](*args)
+
+    return call
 
 
 def class_scores(logits, classes):
