@@ -1,5 +1,6 @@
-r"""See what a CNN sees: Grad-CAM, Grad-CAM++, Score-CAM, saliency, SmoothGrad, feature maps
-and filter patterns, for ImageNet models or our own detectors.
+r"""See what a CNN sees: Grad-CAM, Grad-CAM++, Score-CAM, CAM, saliency, SmoothGrad, guided
+backprop, guided Grad-CAM, integrated gradients, occlusion, LIME, feature maps and filter
+patterns, for ImageNet models or our own detectors (docs/explain_methods_readme.md).
 
   python -m research.apps.explain --model=vgg16 --weights=imagenet --images=cat.jpg \
       --method=gradcam --out_dir=explain/
@@ -9,6 +10,9 @@ and filter patterns, for ImageNet models or our own detectors.
       --visualize=activations,filters,dream --layers=stage0_relu,stage2_res0_add
   python -m research.apps.explain --run_name=scratch --data_dir=data/cifar10 \
       --num_examples=6 --compare_classes=cat,dog
+  python -m research.apps.explain --run_name=scratch --data_dir=data/cifar10 \
+      --num_examples=2 --method=all --faithfulness      # all_methods.png
+  python -m research.apps.explain --run_name=scratch --visualize=filters  # no images needed
 
 The knobs of the methods and pictures are fields of research.explain.options.ExplainOptions;
 the work is research.explain.outputs.
