@@ -14,7 +14,7 @@ from PIL import Image
 
 from research import detector
 from research.explain import activations as features
-from research.explain import core, dream, faithfulness, loading, render
+from research.explain import core, dream, faithfulness, loading, methods, render
 from research.models import build_model
 
 
@@ -62,7 +62,7 @@ def test_batch_equals_single_and_logit_scale_invariance():
     np.testing.assert_allclose(core.grad_cam(core.Explainer(scaled), x).maps, batch.maps,
                                rtol=1e-5, atol=1e-6)
     for method in ("gradcam_pp", "scorecam"):
-        a = core.explain(ex, method, x, layer="conv")
+        a = methods.explain(ex, method, x, layer="conv")
         assert a.maps.shape == (4, 6, 6) and np.all(np.isfinite(a.maps))
         assert a.maps.max() <= 1.0 + 1e-6 and a.maps.min() >= 0.0
 
@@ -113,7 +113,7 @@ def test_mixed_precision_models_work():
         ex = core.Explainer(model, detector.preprocess_fn("unit"))
         x = images(2, 32, 32, 3)
         for method in ("gradcam", "saliency"):
-            res = core.explain(ex, method, x, class_index=3)
+            res = methods.explain(ex, method, x, class_index=3)
             assert res.maps.dtype == np.float32 and np.all(np.isfinite(res.maps))
             assert res.maps.shape == (2, 32, 32)
 
@@ -220,7 +220,8 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
            f"--images={good},{bad},{gray}", "--method=gradcam", f"--out_dir={out}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "broken.jpg" in res.stderr
-    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 120, 3)
+    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 90, 3)  # the centre crop
+    assert cv2.imread(str(out / "map_cat.png")).shape == (90, 90, 3)
     assert cv2.imread(str(out / "heatmap_gray.jpg")).shape == (40, 40, 3)
     assert (out / "cat_gradcam.png").exists()
     assert json.loads((out / "heatmap_cat.png.json").read_text())["layer"] == "block5_conv3"
@@ -280,15 +281,15 @@ def test_bf16_maps_correlate_with_float32():
     head = small.layers[-1]
     head.kernel.assign(np.random.default_rng(6).normal(0, 1, head.kernel.shape))  # zero-init
     # Input saliency through VGG16 in bf16 is slow on CPUs without bf16 units: CAM only there.
-    for model, pre, size, methods in (
+    for model, pre, size, names in (
             (small, detector.preprocess_fn("unit"), 32, ("gradcam", "saliency")),
             (transfer_model(), lambda t: t, 64, ("gradcam",))):
         x = images(3, size, size, 3, seed=7)
         fast = loading.with_policy(model, "mixed_bfloat16")
         assert fast.layers[1].compute_dtype == "bfloat16"
-        for method in methods:
-            ref = core.explain(core.Explainer(model, pre), method, x, class_index=1)
-            got = core.explain(core.Explainer(fast, pre), method, x, class_index=1)
+        for method in names:
+            ref = methods.explain(core.Explainer(model, pre), method, x, class_index=1)
+            got = methods.explain(core.Explainer(fast, pre), method, x, class_index=1)
             assert got.maps.dtype == np.float32
             r = pearson_per_image(got.maps, ref.maps)
             assert np.all(r >= 0.99), (model.name, method, r)
@@ -308,8 +309,8 @@ def test_positive_saliency_of_linear_model_is_positive_weights():
     x = keras.Input((4, 5, 3))
     out = keras.layers.Dense(2)(keras.layers.Flatten()(x))
     model = keras.Model(x, out)
-    res = core.explain(core.Explainer(model), "saliency_positive", images(2, 4, 5, 3),
-                       class_index=1)
+    res = methods.explain(core.Explainer(model), "saliency_positive", images(2, 4, 5, 3),
+                          class_index=1)
     w = np.maximum(model.layers[-1].kernel.numpy()[:, 1].reshape(4, 5, 3), 0).max(-1)
     assert np.any(w == 0)  # some pixels have only negative weights
     for m in res.maps:

@@ -19,7 +19,7 @@ from PIL import Image
 
 import helpers
 from research.data import pipeline
-from research.lab import memory_check
+from research.lab import memory_check, profiles
 from research.lab import report as lab_report
 
 
@@ -152,11 +152,11 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     assert list(comp["runs"]) == ["lab_scratch", "lab_transfer_scratch_fine_tune_src"]
     assert (lab_dir / "lab_compare.png").is_file()
     explained = {p.name for p in (lab_dir / "lab_explain").glob("*.png")}
-    assert explained == {f"{m}_{w}.png" for m in ("gradcam", "gradcam_pp", "saliency")
-                         for w in ("test", "photos")}
+    assert explained == {f"{m}_{w}.png" for m in profiles.METHODS for w in ("test", "photos")}
+    assert {"integrated_gradients", "guided_gradcam", "occlusion"} <= set(profiles.METHODS)
     faith = json.loads((lab_dir / "lab_explain" / "faithfulness.json").read_text())
     assert set(faith) == set(comp["runs"])
-    assert all(set(v) == {"gradcam", "gradcam_pp", "saliency"} for v in faith.values())
+    assert all(set(v) == set(profiles.METHODS) for v in faith.values())
     vis = {p.name for p in (lab_dir / "lab_visualize").glob("*.png")}
     assert sum("activations" in n for n in vis) == 4 and sum("filters" in n for n in vis) == 4
     mem = json.loads((lab_dir / "lab_memory_check.json").read_text())

@@ -1,5 +1,6 @@
-r"""See what a CNN sees: Grad-CAM, Grad-CAM++, Score-CAM, saliency, SmoothGrad, feature maps
-and filter patterns, for ImageNet models or our own detectors.
+r"""See what a CNN sees: Grad-CAM, Grad-CAM++, Score-CAM, CAM, saliency, SmoothGrad, guided
+backprop, guided Grad-CAM, integrated gradients, occlusion, LIME, feature maps and filter
+patterns, for ImageNet models or our own detectors (docs/explain_methods_readme.md).
 
   python -m research.apps.explain --model=vgg16 --weights=imagenet --images=cat.jpg \
       --method=gradcam --out_dir=explain/
@@ -9,6 +10,9 @@ and filter patterns, for ImageNet models or our own detectors.
       --visualize=activations,filters,dream --layers=stage0_relu,stage2_res0_add
   python -m research.apps.explain --run_name=scratch --data_dir=data/cifar10 \
       --num_examples=6 --compare_classes=cat,dog
+  python -m research.apps.explain --run_name=scratch --data_dir=data/cifar10 \
+      --num_examples=2 --method=all --faithfulness      # all_methods.png
+  python -m research.apps.explain --run_name=scratch --visualize=filters  # no images needed
 
 The knobs of the methods and pictures are fields of research.explain.options.ExplainOptions;
 the work is research.explain.outputs.
@@ -26,15 +30,15 @@ from research import runs
 from research.apps import config_flags
 from research.data import imaging
 from research.errors import UserError
-from research.explain import core, loading, outputs
+from research.explain import attribution, core, loading, methods, outputs
 from research.explain.options import ExplainOptions
 
 VISUALIZATIONS = ("activations", "filters", "dream")
 SHOWN = 4  # images whose activations and dreams are drawn
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A keras.applications model: vgg16, vgg19, resnet50, "
-                    "mobilenet_v2. Exclusive with --run_name.")
+flags.DEFINE_string("model", None, "A keras.applications model: "
+                    + ", ".join(loading.APPLICATIONS) + ". Exclusive with --run_name.")
 flags.DEFINE_string("weights", "imagenet", "imagenet | none | path to a weights file.")
 flags.DEFINE_enum("precision", "auto", list(loading.PRECISIONS),
                   "auto: mixed_bfloat16 on CPUs with AMX or AVX512-BF16, else float32. "
@@ -48,8 +52,9 @@ config_flags.define_integer("num_examples", 0, "Explain the first N examples of 
 flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split for --num_examples.")
 flags.DEFINE_enum("example_filter", "all", list(outputs.EXAMPLE_FILTERS),
                   "Which examples --num_examples takes.")
-flags.DEFINE_list("method", ["gradcam"], ", ".join(core.METHODS) + " (several: one "
-                  "sub-folder each).")
+flags.DEFINE_list("method", ["gradcam"], ", ".join(methods.METHODS) + " (several: one "
+                  "sub-folder each, and all_methods.png); all: every method that fits the "
+                  "model (cam needs a GlobalAveragePooling2D + Dense head).")
 flags.DEFINE_string("layer", None, "Target layer for CAMs (default: the last spatial feature "
                     "map, searched inside nested sub-models). 'backbone/block5_conv3' works.")
 flags.DEFINE_string("class_name", None, "Explain this class for every image (default: each "
@@ -71,9 +76,9 @@ def check_flags() -> None:
     if bool(FLAGS.model) == bool(FLAGS.run_name):
         raise UserError("give exactly one of --model and --run_name")
     for m in FLAGS.method:
-        if m not in core.METHODS:
+        if m not in methods.METHODS and m != "all":
             raise UserError(f"--method: unknown method {m!r}; choose from "
-                            f"{', '.join(core.METHODS)}")
+                            f"{', '.join(methods.METHODS)}")
     for v in FLAGS.visualize:
         if v not in VISUALIZATIONS:
             raise UserError(f"--visualize: {v!r} is not one of {', '.join(VISUALIZATIONS)}")
@@ -108,12 +113,32 @@ def detector_lines(ex, meta: dict, items) -> list[str]:
             for it, s in zip(items, scores)]
 
 
-def explain_methods(ex, items, batch, class_index, about, options) -> None:
-    scores = {}
-    for method in FLAGS.method:
-        out = FLAGS.out_dir if len(FLAGS.method) == 1 else os.path.join(FLAGS.out_dir, method)
+def chosen_methods(ex) -> list[str]:
+    """--method with 'all' expanded (cam only where the model's head allows it); a cam the
+    model cannot have is a one-line error."""
+    names = []
+    for m in FLAGS.method:
+        for name in (methods.METHODS if m == "all" else [m]):
+            if name == "cam":
+                try:
+                    attribution.cam_head(ex.model)
+                except attribution.CamHeadError as e:
+                    if m != "all":
+                        raise UserError(f"--method=cam: {e}") from None
+                    print(f"  --method=all: cam skipped ({e})")
+                    continue
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def explain_methods(ex, items, batch, class_index, about, options, names, tops) -> None:
+    scores, results = {}, {}
+    for method in names:
+        out = FLAGS.out_dir if len(names) == 1 else os.path.join(FLAGS.out_dir, method)
         res = outputs.explain_batched(ex, method, batch, class_index, options, FLAGS.layer)
-        saved = outputs.save_method(ex, res, items, out, about, options)
+        results[method] = res
+        saved = outputs.save_method(ex, res, items, out, about, options, tops)
         for j, paths in enumerate(saved):
             if j < 3 or j == len(saved) - 1:
                 print(f"  [{method}] {paths['overlay']}")
@@ -122,6 +147,10 @@ def explain_methods(ex, items, batch, class_index, about, options) -> None:
             print(f"  [{method}] deletion AUC {scores[method]['deletion_auc']:.4f} (lower is "
                   f"better), insertion AUC {scores[method]['insertion_auc']:.4f} (higher is "
                   "better)")
+    if len(results) > 1:
+        dest = outputs.save_methods_figure(results, items, FLAGS.out_dir, options,
+                                           about["model"])
+        print(f"  all methods: {dest}")
     if scores:
         outputs.save_faithfulness(scores, FLAGS.out_dir)
         print(f"{'method':<18}{'deletion':>10}{'insertion':>11}   ({len(items)} images)")
@@ -167,8 +196,14 @@ def main(argv):
         if FLAGS.num_examples:
             items += outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
                                            FLAGS.example_filter)
+        names = chosen_methods(ex)
     except (UserError, core.LayerNotFoundError) as e:
         config_flags.fail(e)
+    if not items and not errors and FLAGS.visualize == ["filters"] and not compare:
+        os.makedirs(FLAGS.out_dir, exist_ok=True)  # filter patterns need no image
+        print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
+        visualize(ex, items, layers, options, model_desc)
+        return
     if not items:
         sys.exit("error: no images to explain (give --images or --num_examples)")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
@@ -181,11 +216,12 @@ def main(argv):
         for line in detector_lines(ex, meta, items):
             print(line)
     about = {"model": model_desc, "precision": precision}
-    explain_methods(ex, items, batch, class_index, about, options)
+    explain_methods(ex, items, batch, class_index, about, options, names,
+                    outputs.title_classes(ex, logits))
     if compare:
-        dest = outputs.save_class_comparison(ex, items, FLAGS.method[0], compare, options,
+        dest = outputs.save_class_comparison(ex, items, names[0], compare, options,
                                              FLAGS.out_dir, FLAGS.layer, model_desc)
-        print(f"  compare classes ({FLAGS.method[0]}): {dest}")
+        print(f"  compare classes ({names[0]}): {dest}")
     visualize(ex, items, layers, options, model_desc)
     if errors:
         sys.exit(f"error: {len(errors)} image(s) could not be read; the others were explained")

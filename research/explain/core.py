@@ -80,8 +80,9 @@ def find_layer(model: keras.Model, name: str | None = None) -> tuple[str, keras.
 
 
 @contextlib.contextmanager
-def capture(layers: list[keras.layers.Layer]):
-    """Records each layer's outputs while the block runs: {layer: [outputs...]}."""
+def capture(layers: list[keras.layers.Layer], inputs: bool = False):
+    """Records each layer's outputs (or with `inputs`, its first input) while the block runs:
+    {id(layer): [tensors...]}."""
     store: dict = {id(layer): [] for layer in layers}
     patched = []
     for layer in layers:
@@ -91,7 +92,7 @@ def capture(layers: list[keras.layers.Layer]):
 
         def wrapper(*args, _orig=original, _key=id(layer), **kwargs):
             out = _orig(*args, **kwargs)
-            store[_key].append(out)
+            store[_key].append(args[0] if inputs else out)
             return out
 
         object.__setattr__(layer, "call", wrapper)
@@ -128,6 +129,57 @@ def linear_head(model: keras.Model):
         layer.activation = original
 
 
+# Rectifier-like activations whose backward pass guided backpropagation replaces.
+RECTIFIERS = ("relu", "relu6", "leaky_relu", "elu", "gelu", "silu")
+_RECTIFIER_LAYERS = (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
+
+
+def guided_backward(fn: Callable) -> Callable:
+    """`fn` unchanged forward, with guided backpropagation's rule backward: the incoming
+    gradient g passes, unscaled, where g > 0, the activation's input x > 0 and the activation
+    is not saturated there (f'(x) > 0: ReLU6 above 6); elsewhere 0. For ReLU that is Springenberg
+    et al.'s rule exactly; GELU and SiLU get the same gate (x > 0 and g > 0), not their own
+    slope, so a positive unit passes its gradient as a ReLU would."""
+    @tf.custom_gradient
+    def guided(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        slope = tape.gradient(y, x)
+
+        def backward(g):
+            gate = (x > 0) & (g > 0) & (slope > 0)
+            return g * tf.cast(gate, g.dtype)
+
+        return y, backward
+
+    return guided
+
+
+@contextlib.contextmanager
+def guided_activations(model: keras.Model):
+    """Gives every rectifier of the model (activation functions of layers, and ReLU-type
+    layers), nested sub-models included, the guided backward pass while the block runs."""
+    swapped, patched = [], []
+    for _, layer in iter_layers(model):
+        act = getattr(layer, "activation", None)
+        if act is not None and getattr(act, "__name__", "") in RECTIFIERS:
+            layer.activation = guided_backward(act)
+            swapped.append((layer, act))
+        elif isinstance(layer, _RECTIFIER_LAYERS):
+            if "call" in layer.__dict__:
+                raise RuntimeError(f"layer {layer.name} is already patched")
+            object.__setattr__(layer, "call", guided_backward(layer.call))
+            patched.append(layer)
+    try:
+        yield len(swapped) + len(patched)
+    finally:
+        for layer, act in swapped:
+            layer.activation = act
+        for layer in patched:
+            object.__delattr__(layer, "call")
+
+
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -162,18 +214,21 @@ class Explainer:
             return self.class_names[index]
         return str(index)
 
-    def _forward(self, raw):
+    def forward(self, raw):
         with linear_head(self.model):
             return tf.cast(self.model(self.preprocess(raw), training=False), tf.float32)
 
-    def _compile(self, key, fn):
+    def compiled(self, key, fn):
+        """`fn` of tensors, compiled once per `key` and per shape past the first axis: the
+        batch axis is left open, so any batch size reuses one trace (one per model, which is
+        what TensorFlow's retracing warning expects)."""
         if key not in self._compiled:
-            self._compiled[key] = tf.function(fn, reduce_retracing=True, autograph=False)
+            self._compiled[key] = _open_batch(fn)
         return self._compiled[key]
 
     def logits(self, raw) -> tf.Tensor:
         """Pre-activation float32 scores of raw 0..255 images; compiled."""
-        return self._compile(("logits",), self._forward)(tf.convert_to_tensor(raw, tf.float32))
+        return self.compiled(("logits",), self.forward)(tf.convert_to_tensor(raw, tf.float32))
 
     def probabilities(self, logits) -> np.ndarray:
         logits = np.asarray(logits, np.float64)
@@ -202,13 +257,13 @@ class Explainer:
         def fn(raw, classes):
             with tf.GradientTape() as tape:
                 with capture([layer]) as store:
-                    logits = self._forward(raw)
+                    logits = self.forward(raw)
                 if not store[id(layer)]:
                     raise DisconnectedLayerError(
                         f"layer {path or layer.name} was not called in the forward pass "
                         f"of {self.model.name}")
                 acts = store[id(layer)][-1]
-                classes, score = _class_scores(logits, classes)
+                classes, score = class_scores(logits, classes)
             grads = tape.gradient(score, acts)
             if grads is None:
                 raise DisconnectedLayerError(
@@ -216,32 +271,53 @@ class Explainer:
                     f"is None: the layer is not connected to {self.model.name}'s output")
             return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits, classes
 
-        return self._compile(("grad", id(layer)), fn)(raw, classes)
+        return self.compiled(("grad", id(layer)), fn)(raw, classes)
 
-    def input_gradients(self, raw: tf.Tensor, classes: tf.Tensor):
-        """(dS/d raw, logits, classes), compiled."""
+    def input_gradients(self, raw: tf.Tensor, classes: tf.Tensor, guided: bool = False):
+        """(dS/d raw, logits, classes), compiled; `guided`: through guided_activations."""
         def fn(raw, classes):
             with tf.GradientTape() as tape:
                 tape.watch(raw)
-                logits = self._forward(raw)
-                classes, score = _class_scores(logits, classes)
-            return tape.gradient(score, raw), logits, classes
+                if guided:
+                    with guided_activations(self.model):
+                        logits = self.forward(raw)
+                else:
+                    logits = self.forward(raw)
+                classes, score = class_scores(logits, classes)
+            return tf.cast(tape.gradient(score, raw), tf.float32), logits, classes
 
-        return self._compile(("input",), fn)(raw, classes)
+        return self.compiled(("input", guided), fn)(raw, classes)
+
+    def scores(self, raw: tf.Tensor, classes: tf.Tensor) -> tf.Tensor:
+        """The pre-activation score of each image's (resolved) class; compiled."""
+        return tf.gather(self.logits(raw), classes, axis=1, batch_dims=1)
 
     def masked_scores(self, raw: tf.Tensor, masks: tf.Tensor, owner: tf.Tensor,
                       classes: tf.Tensor) -> tf.Tensor:
         """Score of each image's class on raw[owner[j]] times masks[j] (upsampled to the
         image), for j over the batch of masks; compiled."""
         def fn(raw, masks, owner, classes):
-            up = _upsample(masks, tf.shape(raw)[1:3])
-            logits = self._forward(tf.gather(raw, owner) * up[..., None])
+            up = upsample(masks, tf.shape(raw)[1:3])
+            logits = self.forward(tf.gather(raw, owner) * up[..., None])
             return tf.gather(logits, tf.gather(classes, owner), axis=1, batch_dims=1)
 
-        return self._compile(("masked",), fn)(raw, masks, owner, classes)
+        return self.compiled(("masked",), fn)(raw, masks, owner, classes)
 
 
-def _class_scores(logits, classes):
+def _open_batch(fn):
+    traced: dict = {}
+
+    def call(*args):
+        shapes = tuple((tuple(a.shape[1:]), a.dtype) for a in args)
+        if shapes not in traced:
+            traced[shapes] = tf.function(fn, autograph=False, input_signature=[
+                tf.TensorSpec([None, *a.shape[1:]], a.dtype) for a in args])
+        return traced[shapes](*args)
+
+    return call
+
+
+def class_scores(logits, classes):
     """(classes with -1 replaced by the top class, the score of each image's class)."""
     classes = tf.where(classes < 0, tf.argmax(logits, -1, output_type=tf.int32), classes)
     return classes, tf.gather(logits, classes, axis=1, batch_dims=1)
@@ -257,6 +333,8 @@ class Explanation:
     layer: str | None
     params: dict
     low_res: np.ndarray | None = None  # CAM methods: the normalised map at the layer's size
+    # Per-image arrays (first axis N) a method adds: 1-D ones go into the JSON sidecars.
+    extras: dict = dataclasses.field(default_factory=dict)
 
 
 def normalize_maps(maps: tf.Tensor) -> tf.Tensor:
@@ -265,20 +343,23 @@ def normalize_maps(maps: tf.Tensor) -> tf.Tensor:
     return tf.math.divide_no_nan(maps, peak)
 
 
-def _upsample(maps: tf.Tensor, size) -> tf.Tensor:
+def upsample(maps: tf.Tensor, size) -> tf.Tensor:
     return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
 
 
-def _finish(ex: Explainer, maps, classes, logits, method, layer, params, low_res=None
-            ) -> Explanation:
+def finish(ex: Explainer, maps, classes, logits, method, layer, params, low_res=None,
+           extras: dict | None = None) -> Explanation:
+    """The Explanation of `maps` (N, H, W) for `classes`, from the images' full logits."""
+    classes = np.asarray(classes)
     logits = np.asarray(logits)
     chosen = logits[np.arange(len(classes)), classes]
     probs = ex.probabilities(logits)[np.arange(len(classes)), classes]
-    return Explanation(np.asarray(maps), np.asarray(classes), chosen, probs, method, layer,
-                       params, None if low_res is None else np.asarray(low_res))
+    return Explanation(np.asarray(maps), classes, chosen, probs, method, layer, params,
+                       None if low_res is None else np.asarray(low_res),
+                       {k: np.asarray(v) for k, v in (extras or {}).items()})
 
 
-def _prepare(ex: Explainer, images, class_index):
+def prepare(ex: Explainer, images, class_index):
     raw = tf.convert_to_tensor(np.asarray(images, np.float32))
     if raw.shape.rank != 4:
         raise ValueError(f"images must be (N, H, W, 3), got {raw.shape}")
@@ -288,19 +369,19 @@ def _prepare(ex: Explainer, images, class_index):
 def grad_cam(ex: Explainer, images, class_index=None, layer: str | None = None) -> Explanation:
     """Grad-CAM: alpha_k = spatial mean of dS/dA_k per image; cam = ReLU(sum_k alpha_k A_k)."""
     path, target = find_layer(ex.model, layer)
-    raw, classes = _prepare(ex, images, class_index)
+    raw, classes = prepare(ex, images, class_index)
     acts, grads, logits, classes = ex.gradients(target, raw, classes, path)
     alpha = tf.reduce_mean(grads, axis=[1, 2])                      # (N, K)
     cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, alpha)))
-    maps = normalize_maps(_upsample(cam, raw.shape[1:3]))
-    return _finish(ex, maps, classes.numpy(), logits, "gradcam", path, {}, cam)
+    maps = normalize_maps(upsample(cam, raw.shape[1:3]))
+    return finish(ex, maps, classes.numpy(), logits, "gradcam", path, {}, cam)
 
 
 def grad_cam_pp(ex: Explainer, images, class_index=None, layer: str | None = None
                 ) -> Explanation:
     """Grad-CAM++ (Chattopadhyay et al. 2018), with the closed-form alpha for exp(score)."""
     path, target = find_layer(ex.model, layer)
-    raw, classes = _prepare(ex, images, class_index)
+    raw, classes = prepare(ex, images, class_index)
     acts, grads, logits, classes = ex.gradients(target, raw, classes, path)
     g2, g3 = tf.square(grads), tf.pow(grads, 3)
     sum_a = tf.reduce_sum(acts, axis=[1, 2], keepdims=True)
@@ -308,8 +389,8 @@ def grad_cam_pp(ex: Explainer, images, class_index=None, layer: str | None = Non
     alpha = tf.math.divide_no_nan(g2, tf.where(tf.abs(denom) > 0, denom, tf.ones_like(denom)))
     weights = tf.reduce_sum(alpha * tf.nn.relu(grads), axis=[1, 2])  # (N, K)
     cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, weights)))
-    maps = normalize_maps(_upsample(cam, raw.shape[1:3]))
-    return _finish(ex, maps, classes.numpy(), logits, "gradcam_pp", path, {}, cam)
+    maps = normalize_maps(upsample(cam, raw.shape[1:3]))
+    return finish(ex, maps, classes.numpy(), logits, "gradcam_pp", path, {}, cam)
 
 
 def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
@@ -320,7 +401,7 @@ def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
     512; each costs one forward pass). The masked images of all images and channels run as
     batches of `batch_size`, which bounds the memory."""
     path, target = find_layer(ex.model, layer)
-    raw, classes = _prepare(ex, images, class_index)
+    raw, classes = prepare(ex, images, class_index)
     acts, _, logits, classes = ex.gradients(target, raw, classes, path)
     n, h, w, channels = acts.shape
     k = min(max_channels, channels)
@@ -335,27 +416,27 @@ def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
                                          classes) for s in range(0, n * k, batch_size)], 0)
     weights = tf.nn.softmax(tf.reshape(scores, [n, k]), axis=-1)
     # Bilinear upsampling is linear, so the weighted sum is taken at the layer's size.
-    cam = _upsample(tf.einsum("nkhw,nk->nhw", masks, weights), raw.shape[1:3])
+    cam = upsample(tf.einsum("nkhw,nk->nhw", masks, weights), raw.shape[1:3])
     maps = normalize_maps(tf.nn.relu(cam))
-    return _finish(ex, maps, classes.numpy(), logits, "scorecam", path,
-                   {"max_channels": max_channels})
+    return finish(ex, maps, classes.numpy(), logits, "scorecam", path,
+                  {"max_channels": max_channels})
 
 
 def saliency(ex: Explainer, images, class_index=None) -> Explanation:
     """Vanilla saliency: |dS/dx|, max over colour channels."""
-    raw, classes = _prepare(ex, images, class_index)
+    raw, classes = prepare(ex, images, class_index)
     grads, logits, classes = ex.input_gradients(raw, classes)
     maps = normalize_maps(tf.reduce_max(tf.abs(grads), axis=-1))
-    return _finish(ex, maps, classes.numpy(), logits, "saliency", None, {})
+    return finish(ex, maps, classes.numpy(), logits, "saliency", None, {})
 
 
 def saliency_positive(ex: Explainer, images, class_index=None) -> Explanation:
     """Saliency from positive evidence only: max over colour channels of max(dS/dx, 0), the
     pixels whose brightening raises the score."""
-    raw, classes = _prepare(ex, images, class_index)
+    raw, classes = prepare(ex, images, class_index)
     grads, logits, classes = ex.input_gradients(raw, classes)
     maps = normalize_maps(tf.reduce_max(tf.nn.relu(grads), axis=-1))
-    return _finish(ex, maps, classes.numpy(), logits, "saliency_positive", None, {})
+    return finish(ex, maps, classes.numpy(), logits, "saliency_positive", None, {})
 
 
 def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: float = 0.15,
@@ -364,9 +445,9 @@ def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: floa
     the image with Gaussian noise of std `noise` x (max - min) of that image; the paper finds
     10-20% best. We average |dS/dx| (max over channels) rather than signed gradients, so
     opposite-signed evidence does not cancel."""
-    raw, classes = _prepare(ex, images, class_index)
+    raw, classes = prepare(ex, images, class_index)
     logits = ex.logits(raw)  # the class and score reported are those of the clean image
-    classes, _ = _class_scores(logits, classes)
+    classes, _ = class_scores(logits, classes)
     rng = tf.random.Generator.from_seed(seed)
     span = tf.reduce_max(raw, axis=[1, 2, 3], keepdims=True) - tf.reduce_min(
         raw, axis=[1, 2, 3], keepdims=True)
@@ -376,25 +457,5 @@ def smoothgrad(ex: Explainer, images, class_index=None, n: int = 25, noise: floa
         grads, _, _ = ex.input_gradients(noisy, classes)
         total += tf.reduce_max(tf.abs(grads), axis=-1)
     maps = normalize_maps(total / n)
-    return _finish(ex, maps, classes.numpy(), logits, "smoothgrad", None,
-                   {"n": n, "noise": noise, "seed": seed})
-
-
-METHODS = {
-    "gradcam": grad_cam,
-    "gradcam_pp": grad_cam_pp,
-    "scorecam": score_cam,
-    "saliency": saliency,
-    "saliency_positive": saliency_positive,
-    "smoothgrad": smoothgrad,
-}
-
-
-def explain(ex: Explainer, method: str, images, class_index=None, layer=None, **params
-            ) -> Explanation:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    fn = METHODS[method]
-    if method in ("gradcam", "gradcam_pp", "scorecam"):
-        return fn(ex, images, class_index, layer=layer, **params)
-    return fn(ex, images, class_index, **params)
+    return finish(ex, maps, classes.numpy(), logits, "smoothgrad", None,
+                  {"n": n, "noise": noise, "seed": seed})

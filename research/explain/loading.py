@@ -25,12 +25,16 @@ APPLICATIONS = {
     "vgg19": (keras.applications.VGG19, keras.applications.vgg19, 224),
     "resnet50": (keras.applications.ResNet50, keras.applications.resnet50, 224),
     "mobilenet_v2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2, 224),
+    # Its preprocess_input passes 0..255 through: the rescaling is inside the model.
+    "efficientnetb0": (keras.applications.EfficientNetB0, keras.applications.efficientnet,
+                       224),
 }
 KERAS_WEIGHTS = {
     "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
     "vgg19": "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
     "mobilenet_v2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
+    "efficientnetb0": "efficientnetb0.h5",
 }
 CLASS_INDEX = "imagenet_class_index.json"
 

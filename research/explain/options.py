@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from research.explain import activations, core, dream, render
+from research.explain import activations, attribution, core, dream, render
 from research.fields import first_error, setting
 
 
@@ -26,6 +26,34 @@ class ExplainOptions:
                                      "channels used (highest mean first).", ge=1)
     scorecam_batch: int = setting(_arg(core.score_cam, "batch_size"), "Score-CAM: masked "
                                   "images per forward pass (bounds the memory).", ge=1)
+    occlusion_patch: float = setting(_arg(attribution.occlusion, "patch"), "Occlusion: side "
+                                     "of the square, as a fraction of the input's shorter "
+                                     "side.", gt=0, le=1)
+    occlusion_stride: float = setting(_arg(attribution.occlusion, "stride"), "Occlusion: step "
+                                      "between squares, same unit.", gt=0, le=1)
+    occlusion_fill: str = setting(_arg(attribution.occlusion, "fill"), "Occlusion: what hides "
+                                  "a patch (mean: the image's mean colour; black: zeros).",
+                                  choices=attribution.FILLS)
+    ig_baseline: str = setting(_arg(attribution.integrated_gradients, "baseline"), "Integrated "
+                               "gradients: the baseline image (black: zeros; mean: the "
+                               "image's mean colour; uniform: seeded noise).",
+                               choices=attribution.BASELINES)
+    ig_steps: int = setting(_arg(attribution.integrated_gradients, "steps"), "Integrated "
+                            "gradients: trapezoid steps along the path (steps + 1 gradients).",
+                            ge=1)
+    lime_samples: int = setting(_arg(attribution.lime, "samples"), "LIME: masked copies per "
+                                "image.", ge=2)
+    lime_segments: int = setting(_arg(attribution.lime, "segments"), "LIME: superpixels "
+                                 "(about).", ge=2)
+    lime_segmentation: str = setting(_arg(attribution.lime, "segmentation"), "LIME: slic "
+                                     "(k-means on colour and position) or grid.",
+                                     choices=attribution.SEGMENTATIONS)
+    lime_kernel_width: float = setting(_arg(attribution.lime, "kernel_width"), "LIME: width "
+                                       "of the kernel on the cosine distance.", gt=0)
+    lime_top: int = setting(3, "LIME: superpixels kept in lime_top_<file>.png.", ge=1)
+    forward_batch: int = setting(_arg(attribution.occlusion, "batch_size"), "Occlusion, LIME, "
+                                 "integrated gradients: images per forward pass (bounds the "
+                                 "memory).", ge=1)
     alpha: float = setting(_arg(render.save_explanation, "alpha"), "Overlay opacity of the "
                            "heatmap.", ge=0, le=1)
     num_filters: int = setting(16, "Filters per layer for --visualize=filters.", ge=1)
@@ -43,18 +71,26 @@ class ExplainOptions:
     dream_step_size: float = setting(_arg(dream.dream, "step_size"), "DeepDream: mean "
                                      "absolute pixel change (0..255) per step.", gt=0)
     batch_size: int = setting(16, "Images explained per batch.", ge=1)
-    seed: int = setting(0, "Seed for SmoothGrad noise, filter start images and DeepDream "
-                        "jitter.", ge=0, le=2**32 - 1)
+    seed: int = setting(0, "Seed for SmoothGrad noise, LIME masks, the uniform baseline, "
+                        "filter start images and DeepDream jitter.", ge=0, le=2**32 - 1)
 
     def validate(self) -> tuple[str, str] | None:
         return first_error(self)
 
     def method_params(self, method: str) -> dict:
-        """The keyword arguments of `core.explain` for `method`."""
+        """The keyword arguments of `methods.explain` for `method`."""
         return {"smoothgrad": {"n": self.smoothgrad_samples, "noise": self.smoothgrad_noise,
                                "seed": self.seed},
                 "scorecam": {"max_channels": self.scorecam_channels,
-                             "batch_size": self.scorecam_batch}}.get(method, {})
+                             "batch_size": self.scorecam_batch},
+                "occlusion": {"patch": self.occlusion_patch, "stride": self.occlusion_stride,
+                              "fill": self.occlusion_fill, "batch_size": self.forward_batch},
+                "integrated_gradients": {"baseline": self.ig_baseline, "steps": self.ig_steps,
+                                         "seed": self.seed, "batch_size": self.forward_batch},
+                "lime": {"samples": self.lime_samples, "segments": self.lime_segments,
+                         "segmentation": self.lime_segmentation,
+                         "kernel_width": self.lime_kernel_width, "seed": self.seed,
+                         "batch_size": self.forward_batch}}.get(method, {})
 
     def dream_params(self) -> dict:
         return {"octaves": self.dream_octaves, "octave_scale": self.dream_octave_scale,

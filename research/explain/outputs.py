@@ -16,7 +16,7 @@ from research.data import pipeline
 from research.data.imaging import (DEFAULT_RESIZE_POLICY, ImageDecodeError, crop_window,
                                    decode_image, encode_image, resize_image)
 from research.errors import UserError
-from research.explain import activations, core, dream, faithfulness, loading, render
+from research.explain import activations, core, dream, faithfulness, loading, methods, render
 from research.explain.options import ExplainOptions
 
 EXAMPLE_FILTERS = {"all": (0, 1), "positive": (1,), "negative": (0,)}
@@ -93,30 +93,56 @@ def top_classes(ex: core.Explainer, logits: np.ndarray, k: int = 3
 
 def explain_batched(ex: core.Explainer, method: str, batch: np.ndarray, class_index,
                     options: ExplainOptions, layer: str | None = None) -> core.Explanation:
-    """core.explain over `options.batch_size` chunks, merged into one Explanation."""
+    """methods.explain over `options.batch_size` chunks, merged into one Explanation."""
     bs = options.batch_size
-    results = [core.explain(ex, method, batch[i:i + bs], class_index, layer=layer,
-                            **options.method_params(method))
+    results = [methods.explain(ex, method, batch[i:i + bs], class_index, layer=layer,
+                               **options.method_params(method))
                for i in range(0, len(batch), bs)]
     first = results[0]
     return core.Explanation(*(np.concatenate([getattr(r, f) for r in results]) for f in
                               ("maps", "classes", "logits", "probabilities")),
-                            first.method, first.layer, first.params)
+                            first.method, first.layer, first.params,
+                            extras={k: np.concatenate([r.extras[k] for r in results])
+                                    for k in first.extras})
+
+
+def title_classes(ex: core.Explainer, logits: np.ndarray
+                  ) -> list[list[tuple[str, float]]] | None:
+    """The top-3 classes of each image for the figures' titles and sidecars, for models of
+    three or more classes (ImageNet's 1,000 by name); None for detectors."""
+    if logits.ndim != 2 or logits.shape[1] < 3:
+        return None
+    return top_classes(ex, logits)
+
+
+def save_lime_top(res: core.Explanation, j: int, item: Item, out_dir: str, k: int) -> str:
+    """lime_top<k>_<stem>.png: the image with only its k best superpixels."""
+    img = render.top_superpixels(item.original, res.extras["segments"][j],
+                                 res.extras["superpixel_weights"][j], k)
+    dest = os.path.join(out_dir, f"lime_top{k}_{os.path.splitext(item.name)[0]}.png")
+    return files.write_bytes(dest, encode_image(img, dest), "LIME's top superpixels")
 
 
 def save_method(ex: core.Explainer, res: core.Explanation, items: list[Item], out_dir: str,
-                about: dict, options: ExplainOptions) -> list[dict]:
-    """Per image: the overlay, the three-panel figure and the JSON sidecar (render.
-    save_explanation); `about` goes into every sidecar (model, precision, ...)."""
+                about: dict, options: ExplainOptions, tops: list | None = None) -> list[dict]:
+    """Per image: the overlay, the bare map, the three-panel figure and the JSON sidecar
+    (render.save_explanation); `about` goes into every sidecar (model, precision, ...);
+    `tops` (title_classes) into the titles and sidecars; a method's per-image numbers
+    (integrated gradients' completeness) into the sidecars; LIME's top superpixels too."""
     out = []
     for j, item in enumerate(items):
+        extra = {k: float(v[j]) for k, v in res.extras.items() if v.ndim == 1}
+        if tops is not None:
+            extra["top_classes"] = [[n, p] for n, p in tops[j]]
+        if "superpixel_weights" in res.extras:
+            extra["lime_top"] = save_lime_top(res, j, item, out_dir, options.lime_top)
         record = {**about, "method": res.method, "layer": res.layer,
                   "class_index": int(res.classes[j]),
                   "class_name": ex.class_name(int(res.classes[j])),
                   "logit": float(res.logits[j]), "probability": float(res.probabilities[j]),
                   "params": res.params, "seed": options.seed, "true_class": item.label,
                   "image_size": list(item.original.shape[:2]),
-                  "input_size": list(ex.input_size)}
+                  "input_size": list(ex.input_size), **extra}
         out.append(render.save_explanation(out_dir, item.name, item.original, res.maps[j],
                                            record, options.alpha))
     return out
@@ -145,6 +171,21 @@ def save_class_comparison(ex: core.Explainer, items: list[Item], method: str, cl
                                          title=(f"{model_desc}: " if model_desc else "")
                                          + f"{method} of each class")
     return plots.save_figure(fig, os.path.join(out_dir, "compare_classes.png"))
+
+
+def save_methods_figure(results: dict, items: list[Item], out_dir: str, options: ExplainOptions,
+                        model_desc: str | None = None, num_images: int = 2) -> str:
+    """all_methods.png: the first `num_images` images, each with every method's map of
+    `results` ({method: Explanation over `items`}) side by side."""
+    shown = items[:num_images]
+    titles = [[f"{m} ({ex_.layer.split(' ')[0]})" if ex_.layer else m for _ in shown]
+              for m, ex_ in results.items()]
+    fig = render.class_comparison_figure([it.original for it in shown],
+                                         [r.maps[:len(shown)] for r in results.values()],
+                                         titles, options.alpha,
+                                         title=(f"{model_desc}: " if model_desc else "")
+                                         + "every method, each image's explained class")
+    return plots.save_figure(fig, os.path.join(out_dir, "all_methods.png"))
 
 
 def save_activations(ex: core.Explainer, items: list[Item], layers: list[str], out_dir: str,

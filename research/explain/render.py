@@ -51,8 +51,9 @@ def three_panel_figure(image, heatmap, overlay, title: str):
 
 def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.ndarray,
                      record: dict, alpha: float = 0.4) -> dict:
-    """Writes heatmap_<name> (the overlay), <stem>_<method>.png (3 panels) and
-    heatmap_<name>.json (the record); returns the paths."""
+    """Writes heatmap_<name> (the overlay), map_<name> (the heatmap alone, no photo under
+    it), <stem>_<method>.png (3 panels) and heatmap_<name>.json (the record); returns the
+    paths. A record's `top_classes` ([name, probability] pairs) go into the title too."""
     base = os.path.basename(name)
     stem, ext = os.path.splitext(base)
     if ext.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
@@ -60,17 +61,37 @@ def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.nda
     colored, overlay = overlay_heatmap(image, heatmap, alpha)
     overlay_path = os.path.join(out_dir, f"heatmap_{base}")
     files.write_bytes(overlay_path, encode_image(overlay, overlay_path), "an explanation")
+    map_path = os.path.join(out_dir, f"map_{base}")
+    files.write_bytes(map_path, encode_image(colored, map_path), "an explanation's heatmap")
+    top = record.get("top_classes")
     title = (f"{record['model']}: " if record.get("model") else "") + (
              f"{base}: {record['method']} for '{record['class_name']}' "
              f"(p={record['probability']:.3f}, logit={record['logit']:.2f})"
-             + (f"\nlayer {record['layer']}" if record.get("layer") else ""))
+             + (f"\nlayer {record['layer']}" if record.get("layer") else "")
+             + (f"\ntop-{len(top)}: " + ", ".join(f"{n} {p:.3f}" for n, p in top)
+                if top else ""))
     figure_path = os.path.join(out_dir, f"{stem}_{record['method']}.png")
     plots.save_figure(three_panel_figure(image, colored, overlay, title), figure_path)
-    record = {**record, "image": name, "overlay": overlay_path, "figure": figure_path,
-              "alpha": alpha, "versions": machine.versions()}
+    record = {**record, "image": name, "overlay": overlay_path, "map": map_path,
+              "figure": figure_path, "alpha": alpha, "versions": machine.versions()}
     sidecar = os.path.join(out_dir, f"heatmap_{base}.json")
     files.write_json(sidecar, record, "an explanation's record")
-    return {"overlay": overlay_path, "figure": figure_path, "sidecar": sidecar}
+    return {"overlay": overlay_path, "map": map_path, "figure": figure_path,
+            "sidecar": sidecar}
+
+
+def top_superpixels(image: np.ndarray, segments: np.ndarray, weights: np.ndarray, k: int
+                    ) -> np.ndarray:
+    """`image` (uint8, any size) with only the k superpixels of highest positive weight
+    shown, the rest grey (LIME's picture); `segments` at any size are resized (nearest)."""
+    image = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+    h, w = image.shape[:2]
+    seg = cv2.resize(np.asarray(segments, np.int32).astype(np.float32), (w, h),
+                     interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    weights = np.asarray(weights)[:int(seg.max()) + 1]
+    best = [s for s in np.argsort(-weights, kind="stable")[:k] if weights[s] > 0]
+    keep = np.isin(seg, best)
+    return np.where(keep[..., None], image, np.uint8(128))
 
 
 def overlay_grid(images, maps, titles, alpha: float = 0.4, upscale: int = 96,

@@ -1,4 +1,5 @@
-"""The lab's explanations: Grad-CAM, Grad-CAM++ and saliency of the cat score of both
+"""The lab's explanations: the cheap methods of profiles.METHODS (Grad-CAM, Grad-CAM++,
+saliency, integrated gradients, guided Grad-CAM, occlusion) of the cat score of both
 detectors, side by side on the same test cats and non-cats (and on the user's photos), with
 deletion and insertion AUCs per method; reused when the runs' exports and the settings are
 those of the marker on disk."""
@@ -15,10 +16,12 @@ from research import plots, runs
 from research.data import pipeline
 from research.data.imaging import decode_image, resize_image
 from research.data.manifest import sha256_file
-from research.explain import core, faithfulness, loading, outputs
+from research.explain import faithfulness, loading, methods, outputs
+from research.explain.options import ExplainOptions
 from research.lab import figures
 from research.lab.detectors import detector_runs, require_runs
 from research.lab.lab import SPLIT, Lab, StageRecord, command, read_marker, reusable, write_marker
+from research.lab.profiles import EXPLAIN_OPTIONS
 from research.models.backbones import keras_models_dir
 
 
@@ -71,7 +74,7 @@ def _commands(lab: Lab, names, out_dir: str) -> list[str]:
         "run_name": r, "checkpoint_dir": lab.s.checkpoint_dir, "data_dir": lab.s.data_dir,
         "num_examples": p.explain_per_class, "example_filter": f,
         "method": ",".join(p.methods), "class_name": "cat", "faithfulness": True,
-        "out_dir": os.path.join(out_dir, r, f)}) for r in names
+        **EXPLAIN_OPTIONS, "out_dir": os.path.join(out_dir, r, f)}) for r in names
         for f in ("positive", "negative")]
 
 
@@ -82,13 +85,15 @@ def _explain_run(lab: Lab, run: str, batch: np.ndarray, photos) -> tuple[dict, d
     photo_batch = (np.stack([outputs.model_input(ex, ph) for _, ph in photos])
                    if photos else None)
     scores, maps = {}, {}
+    options = ExplainOptions(**EXPLAIN_OPTIONS)
     for method in p.methods:
-        res = core.explain(ex, method, batch, cat)
+        params = options.method_params(method)
+        res = methods.explain(ex, method, batch, cat, **params)
         scores[method] = faithfulness.deletion_insertion(ex, batch, res,
                                                          steps=p.faithfulness_steps)
         maps[method] = {"test": res}
         if photo_batch is not None:
-            maps[method]["photos"] = core.explain(ex, method, photo_batch, cat)
+            maps[method]["photos"] = methods.explain(ex, method, photo_batch, cat, **params)
     print(f"[lab] explained {run}: " + ", ".join(
         f"{m} del {s['deletion_auc']:.3f} ins {s['insertion_auc']:.3f}"
         for m, s in scores.items()), flush=True)
@@ -127,12 +132,13 @@ def stage_explain(lab: Lab) -> StageRecord:
     out_dir = lab.out_dir("explain")
     p = lab.profile
     key = {"exports": export_key(lab, names), "methods": list(p.methods),
+           "options": EXPLAIN_OPTIONS,
            "per_class": p.explain_per_class, "steps": p.faithfulness_steps,
            "images": [os.path.abspath(i) for i in lab.s.images]}
     marker = os.path.join(out_dir, "done.json")
     flags = {"runs": names, "method": list(p.methods), "num_examples": 2 * p.explain_per_class,
              "class_name": "cat", "faithfulness": True, "faithfulness_steps": p.faithfulness_steps,
-             "images": list(lab.s.images)}
+             **EXPLAIN_OPTIONS, "images": list(lab.s.images)}
     commands = _commands(lab, names, out_dir)
     old = read_marker(marker)
     if reusable(old, key):

@@ -10,8 +10,13 @@ import dataclasses
 from research.fields import setting
 from research.machine import PRECISIONS
 
-# Explanation methods compared on the same images, with deletion/insertion scores.
-METHODS = ("gradcam", "gradcam_pp", "saliency")
+# Explanation methods compared on the same images, with deletion/insertion scores: the cheap
+# ones (not scorecam, smoothgrad or lime: tens to hundreds of forward passes per image).
+METHODS = ("gradcam", "gradcam_pp", "saliency", "integrated_gradients", "guided_gradcam",
+           "occlusion")
+# ExplainOptions fields (explain flags) the lab sets: 17 gradients for integrated gradients,
+# a 4x4 grid of non-overlapping patches (16 forward passes) for occlusion.
+EXPLAIN_OPTIONS = {"ig_steps": 16, "occlusion_patch": 0.25, "occlusion_stride": 0.25}
 
 
 @dataclasses.dataclass(frozen=True)
