@@ -81,8 +81,7 @@ def run_summary(cfg: TrainConfig, summary: dict, *more: str) -> dict:
                                        "best_val", *more)}
     if "best_val_pr_auc" in summary and out["best_val"] is None:
         out["best_val"] = summary["best_val_pr_auc"]
-        out["best_val_metric"] = best_metric(
-            cfg, pipeline.load_manifest(cfg.data_dir)["positive_class"])
+        out["best_val_metric"] = best_metric(cfg, pipeline.load_manifest(cfg.data_dir))
     return out
 
 
