@@ -70,6 +70,7 @@ def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
     if classifier:  # no threshold to choose: val is not scored for it
         report.update(detmetrics.classification_report(res.class_ids, res.logits,
                                                        manifest["class_names"]))
+        report["num_positive"] = 0  # there is no positive class
         report["loss"] = res.loss
         return report, {**raw, "logits": res.logits}
     threshold = detmetrics.best_f1_threshold(val.labels, val.scores)
