@@ -126,13 +126,14 @@ def stage_scratch(lab: Lab) -> StageRecord:
 
 
 def stage_source_task(lab: Lab) -> StageRecord:
-    """The fallback backbone: the scratch network trained on every class but cat."""
+    """The fallback backbone: the scratch network trained on every class but cat, a plain
+    classifier (its final val numbers: N-class and top-5 accuracy)."""
     start = time.perf_counter()
     cfg = train_config(lab, "src_nocat", lab.profile.source_task)
     summary, reused = train(lab, cfg)
     flags = changed_flags(cfg)
     outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
-               "summary": run_summary(cfg, summary)}
+               "summary": run_summary(cfg, summary, "final_val")}
     return lab.finish("source_task", "Source task (no cats): the fallback backbone", start,
                       reused, [command("research.apps.train", flags)], flags, outputs,
                       resume_notes(summary), ran_seconds=summary.get("train_seconds"))
