@@ -69,8 +69,9 @@ class TrainConfig:
                                         "warmup).", ge=0)
     fine_tune_epochs: float = setting(2.0, "fine_tune: phase-2 length, in epochs.", gt=0)
     exclude_classes: tuple[str, ...] = setting((), "Classes left out of every split (a source "
-                                                   "task, e.g. cat: with no positive class, the "
-                                                   "best checkpoint is chosen by val N-class "
+                                                   "task, e.g. cat: with no positive class the "
+                                                   "run is a plain classifier, its best "
+                                                   "checkpoint chosen by val N-class "
                                                    "accuracy).")
     train_fraction: float | None = setting(None, "Train on a deterministic stratified fraction of "
                                                  "each class (val and test stay whole unless "
@@ -186,8 +187,8 @@ class TrainConfig:
                                    "--strategy=auto mirrored over them).", ge=0, resume=True)
     seed: int = setting(0, "Seed for weights, data order and augmentation.", ge=0, le=2**32 - 1)
     deterministic: bool = setting(False, "Enable TF op determinism.", resume=True)
-    patience: int = setting(0, "Stop after N evals without val PR-AUC gain (0: off).",
-                            ge=0, resume=True)
+    patience: int = setting(0, "Stop after N evals without val PR-AUC gain (a classifier: val "
+                               "class accuracy; 0: off).", ge=0, resume=True)
     restart: bool = setting(False, "Delete the run's checkpoints and logs and start anew.",
                             resume=True)
     init_checkpoint: str | None = setting(None, "Warm start the model (weights only) from here.",
