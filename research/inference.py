@@ -152,23 +152,25 @@ def check_output(path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
-def _load(path: str, size: tuple[int, int], policy: str):
+def _load(path: str, size: tuple[int, int], policy: str, channels: int = 3):
     try:
-        return imaging.load_image_file(path, size, policy), None
+        return imaging.to_channels(imaging.load_image_file(path, size, policy), channels), None
     except imaging.ImageDecodeError as e:
         return None, str(e)
 
 
-def _decoded_batches(paths: list[str], size, policy: str, options: PredictOptions
-                     ) -> Iterator[list]:
-    """Batches of (path, image or None, error or None), decoded `prefetch_batches` ahead.
-    OpenCV releases the GIL, so the threads decode while TensorFlow scores."""
+def _decoded_batches(paths: list[str], size, policy: str, options: PredictOptions,
+                     channels: int = 3) -> Iterator[list]:
+    """Batches of (path, image or None, error or None), decoded `prefetch_batches` ahead
+    (as `channels`-channel images: 1 for a grayscale model such as MNIST's). OpenCV
+    releases the GIL, so the threads decode while TensorFlow scores."""
     bs = options.batch_size
     with concurrent.futures.ThreadPoolExecutor(options.decode_threads or os.cpu_count()) as pool:
         pending = collections.deque()
         for start in range(0, len(paths), bs):
             batch = paths[start:start + bs]
-            pending.append((batch, [pool.submit(_load, p, size, policy) for p in batch]))
+            pending.append((batch, [pool.submit(_load, p, size, policy, channels)
+                                    for p in batch]))
             if len(pending) > options.prefetch_batches:
                 batch, futures = pending.popleft()
                 yield [(p, *f.result()) for p, f in zip(batch, futures)]
@@ -198,7 +200,8 @@ def predict_files(detector: Detector, paths: list[str],
     threshold, _ = threshold_of(detector, options)
     names = detector.meta["class_names"]
     for batch in _decoded_batches(paths, detector.image_size,
-                                  imaging.recorded_policy(detector.meta), options):
+                                  imaging.recorded_policy(detector.meta), options,
+                                  detector.meta["image_shape"][-1]):
         ok = [i for i, (_, img, _) in enumerate(batch) if img is not None]
         scores, probs = (detector.score_batch(np.stack([batch[i][1] for i in ok])) if ok
                          else (np.zeros(0), np.zeros((0, 0))))

@@ -122,3 +122,6 @@ def test_predict_gives_top_classes(classifiers, tmp_path):
     assert "p(" not in line and "\ttop: " in line
     with pytest.raises(inference.InferenceError, match="--threshold: this model is a classifier"):
         inference.threshold_of(det, inference.PredictOptions(threshold=0.5))
+    gray = load_detector(runs.exported_model_path(str(root / "ck"), "mnist"))  # 28x28x1
+    (pred,) = inference.predict_files(gray, [str(photo)])  # an RGB photo, taken as gray
+    assert pred.error is None and pred.score is None and len(pred.top_classes) == 3

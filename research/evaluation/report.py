@@ -23,8 +23,9 @@ def format_classifier_report(r: dict, subset: str = "") -> str:
             f"{os.path.basename(r['checkpoint'])})",
             f"  {r['num_classes']}-class accuracy {r['class_accuracy']:.4f}   top-5 accuracy "
             f"{r['top5_class_accuracy']:.4f}"]
-    per = sorted(r["per_class_accuracy"].items(), key=lambda kv: (kv[1], kv[0]))
+    per = list(r["per_class_accuracy"].items())  # class order
     if len(per) > PER_CLASS_LINES:
+        per = sorted(per, key=lambda kv: (kv[1], kv[0]))
         half = PER_CLASS_LINES // 2
         rows.append(f"  per class ({len(per)} present; lowest and highest {half}):")
         per = per[:half] + [("...", None)] + per[-half:]
