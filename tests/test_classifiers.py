@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import helpers
@@ -54,6 +55,15 @@ def classifiers(tmp_path_factory):
         assert summary["best_val_metric"] == "class_accuracy"
         assert set(summary["final_val"]) == {"class_accuracy", "top5_class_accuracy"}
     return root, data
+
+
+def test_checkpoint_layout_is_a_source_task_s(classifiers):
+    """The train sums since the last eval keep a multiclass detector's layout (loss,
+    accuracy, ROC-AUC, class accuracy, steps), so source tasks checkpointed before classifiers
+    resume."""
+    root, _ = classifiers
+    ckpt = tf.train.latest_checkpoint(str(root / "ck" / "c100_a"))
+    assert tf.train.load_variable(ckpt, "since_eval/.ATTRIBUTES/VARIABLE_VALUE").shape == (5,)
 
 
 def test_binary_objective_without_positive_class_is_one_line(classifiers):

@@ -26,7 +26,7 @@ from research.training import checkpoints, record
 from research.training.config import TrainConfig
 from research.training.evaluator import EvalResult, Evaluator
 from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
-from research.training.state import Plan, TrainState
+from research.training.state import Plan, TrainState, since_eval_keys
 
 
 class NonFiniteLossError(RuntimeError):
@@ -171,7 +171,7 @@ class Curves(Action):
         self.rows = runs.read_history(cfg.run_dir, start_step)
 
     def __call__(self, ctx):
-        keys = sorted(ctx.state.train_metrics)
+        keys = since_eval_keys(ctx.cfg)
         sums = ctx.state.since_eval.numpy()
         for i, k in enumerate(keys):
             sums[i] += ctx.train_values.get(k, 0.0) * ctx.steps_run

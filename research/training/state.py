@@ -100,6 +100,16 @@ def make_metrics(cfg: TrainConfig, training: bool, classifier: bool = False) -> 
     return metrics
 
 
+def since_eval_keys(cfg: TrainConfig) -> tuple[str, ...]:
+    """The train metrics whose sums since the last evaluation the checkpoint keeps
+    (TrainState.since_eval, then the step count), in that order: a detector's names for
+    either kind of run, so a classifier's checkpoint has the layout a source task's had
+    before classifiers dropped the detector metrics, and such a run resumes (a classifier's
+    sums of the detector metrics stay 0)."""
+    return tuple(sorted(["accuracy", "loss", "roc_auc"] +
+                        (["class_accuracy"] if cfg.objective == "multiclass" else [])))
+
+
 def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manifest: dict,
                        plan: Plan, model: keras.Model | None = None) -> TrainState:
     """Model (unless given, already built in this scope), optimizer, metrics and checkpoint,
@@ -135,7 +145,7 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
         slow = {"lookahead_slow": lookahead.slow} if lookahead else {}
-        since_eval = tf.Variable(tf.zeros([len(train_metrics) + 1], tf.float64),
+        since_eval = tf.Variable(tf.zeros([len(since_eval_keys(cfg)) + 1], tf.float64),
                                  trainable=False, name="since_eval")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
                                          best_metric=best, bad_evals=bad, rng_states=rng_states,
