@@ -68,27 +68,31 @@ def tta_views(tta: bool, shifts: bool = False) -> list[tuple[int, int, bool, flo
     return [(dy, dx, f, w / len(flips)) for dy, dx, w in offsets for f in flips]
 
 
-def detector_scores(model, images, objective: str, positive_id: int, tta: bool,
+def detector_scores(model, images, objective: str, positive_id: int | None, tta: bool,
                     shifts: bool = False):
     """(positive-class scores, logits), each the weighted mean over `tta_views`: with `tta`
     the image and its mirror, with `shifts` also one-pixel shifts of both. The logits are
-    what the N-class accuracy reads. `images` are already scaled model inputs."""
+    what the N-class accuracy reads. `images` are already scaled model inputs. A classifier
+    (`positive_id` None) has no scores: (None, logits)."""
     scores = logits = 0.0
     for dy, dx, flip, weight in tta_views(tta, shifts):
         view = shifted(images, dy, dx) if dy or dx else images
         out = tf.cast(model(mirror(view) if flip else view, training=False), tf.float32)
-        scores += weight * positive_scores(out, objective, positive_id)
+        if positive_id is not None:
+            scores += weight * positive_scores(out, objective, positive_id)
         logits += weight * out
-    return scores, logits
+    return (None if positive_id is None else scores), logits
 
 
 class Detector:
-    """An exported model with its metadata and a compiled batch scorer."""
+    """An exported model with its metadata and a compiled batch scorer. A classifier's export
+    (metadata `classifier`: trained without a positive class) has class probabilities only."""
 
     def __init__(self, model, meta: dict):
         self.model, self.meta = model, meta
         h, w, c = meta["image_shape"]
-        objective, positive_id = meta["objective"], meta["positive_class_id"]
+        objective = meta["objective"]
+        positive_id = None if self.classifier else meta["positive_class_id"]
         multiclass = objective == "multiclass"
 
         @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8)])
@@ -97,24 +101,32 @@ class Detector:
                                              objective, positive_id, meta["tta"],
                                              meta.get("tta_shifts", False))
             probs = tf.nn.softmax(tf.cast(logits, tf.float32)) if multiclass else logits[:, :0]
+            if scores is None:  # a classifier: no p(positive)
+                scores = tf.fill(tf.shape(images)[:1], float("nan"))
             return scores, probs
 
         self._score = score
+
+    @property
+    def classifier(self) -> bool:
+        return bool(self.meta.get("classifier"))
 
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.meta["image_shape"][:2])
 
     @property
-    def positive_class(self) -> str:
-        return self.meta["positive_class"]
+    def positive_class(self) -> str | None:
+        """The class it detects; None for a classifier."""
+        return None if self.classifier else self.meta["positive_class"]
 
     def decision(self, score: float, threshold: float) -> str:
         return self.positive_class if score >= threshold else f"not {self.positive_class}"
 
     def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(p(positive) per image, class probabilities of the image as given: the top classes
-        are not mirror-averaged; shape (n, 0) for binary models)."""
+        """(p(positive) per image (NaN for a classifier), the class probabilities: softmax of
+        the logits averaged over the test-time views, as evaluation reads them; shape (n, 0)
+        for binary models)."""
         scores, probs = self._score(images)
         return scores.numpy(), probs.numpy()
 

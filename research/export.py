@@ -27,6 +27,7 @@ from research.models.layers import FusedBatchNorm, PatchWhitening
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUTS = ("probability", "logits", "threshold")
+CLASSIFIER_OUTPUTS = ("probabilities", "logits")  # an export without a positive class
 
 # keras.applications' preprocess_input per module (imagenet_utils' modes): 'caffe' is RGB ->
 # BGR minus the ImageNet mean, 'tf' is x / 127.5 - 1, 'none' leaves the pixels as they are
@@ -138,11 +139,20 @@ def serving_contract(meta: dict) -> dict:
     """What metadata.json says about the SavedModel's signature."""
     h, w, c = meta["image_shape"]
     k = len(meta["class_names"]) if meta["objective"] == "multiclass" else 1
+    views = (f"averaged over the test-time views (tta {bool(meta['tta'])}, tta_shifts "
+             f"{bool(meta.get('tta_shifts', False))})")
+    inputs = {INPUT_NAME: {"dtype": "uint8", "shape": [None, h, w, c],
+                           "what": "RGB (or gray) pixels 0..255 at this size (resize or crop "
+                                   "first), any batch size"}}
+    if meta.get("classifier"):
+        return {"signature": SIGNATURE, "inputs": inputs, "outputs": {
+            "probabilities": {"dtype": "float32", "shape": [None, k], "what": (
+                f"softmax over the {k} classes (class_names order) of the logits {views}")},
+            "logits": {"dtype": "float32", "shape": [None, k],
+                       "what": "the logits, averaged over the same views"}}}
     return {
         "signature": SIGNATURE,
-        "inputs": {INPUT_NAME: {"dtype": "uint8", "shape": [None, h, w, c],
-                                "what": "RGB (or gray) pixels 0..255 at this size (resize or crop "
-                                        "first), any batch size"}},
+        "inputs": inputs,
         "outputs": {
             "probability": {"dtype": "float32", "shape": [None], "what": (
                 f"P({meta['positive_class']}), averaged over the test-time views (tta "
@@ -164,21 +174,29 @@ class DetectorModule(tf.Module):
         # The model's tf.Variables, not the Keras model itself: TFLite's converter freezes
         # these, while a tracked Keras model leaves them as (uninitialised) resources.
         self.model_variables = [v.value for v in model.variables]
-        self.threshold = tf.Variable(float(meta["threshold"]), trainable=False,
-                                     dtype=tf.float32, name="threshold")
+        classifier = bool(meta.get("classifier"))
+        if not classifier:
+            self.threshold = tf.Variable(float(meta["threshold"]), trainable=False,
+                                         dtype=tf.float32, name="threshold")
         if metadata_file:
             self.metadata = tf.saved_model.Asset(metadata_file)
-        threshold = float(meta["threshold"])  # a constant in the graph (TFLite has no
-        h, w, c = meta["image_shape"]          # initialised variables)
+        # A constant in the graph (TFLite has no initialised variables).
+        threshold = None if classifier else float(meta["threshold"])
+        h, w, c = meta["image_shape"]
         spec = tf.TensorSpec([None, h, w, c], tf.uint8, name=INPUT_NAME)
 
         @tf.function(input_signature=[spec])
         def serve(images):
             """uint8 images [batch, h, w, c] -> probability [batch] (of the positive class,
-            TTA-averaged as predict does), logits [batch, k], threshold [batch]."""
+            TTA-averaged as predict does), logits [batch, k], threshold [batch]; a
+            classifier's: probabilities [batch, k] (softmax of the logits), logits."""
             probability, logits = detector.detector_scores(
                 model, detector.scale_images(images, meta["scale"]), meta["objective"],
-                meta["positive_class_id"], meta["tta"], meta.get("tta_shifts", False))
+                None if classifier else meta["positive_class_id"], meta["tta"],
+                meta.get("tta_shifts", False))
+            if classifier:
+                logits = tf.cast(logits, tf.float32)
+                return {"probabilities": tf.nn.softmax(logits, axis=-1), "logits": logits}
             return {"probability": tf.cast(probability, tf.float32),
                     "logits": tf.cast(logits, tf.float32),
                     "threshold": tf.fill(tf.shape(images)[:1], threshold)}

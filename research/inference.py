@@ -36,8 +36,8 @@ class PredictOptions:
     """How predict scores; the predict app's flags are derived from these fields."""
     batch_size: int = setting(64, "Images scored per batch.", ge=1)
     top_k: int = setting(3, "Classes listed per image in the CSV (multiclass models, at most "
-                         "their class count; probabilities of the image as given, not "
-                         "mirror-averaged).", ge=0)
+                         "their class count; softmax of the logits averaged over the "
+                         "run's test-time views); a classifier prints them too.", ge=0)
     threshold: float | None = setting(None, "Decision threshold (default: the run's "
                                       "val-chosen one).", ge=0, le=1)
     decode_threads: int | None = setting(None, "Image decoding threads (default: one per "
@@ -54,8 +54,9 @@ class PredictOptions:
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     path: str                         # as given (folder entries: the folder as given + name)
-    score: float | None               # p(positive class); None when unreadable
-    decision: str                     # '<class>' or 'not <class>'; '' when unreadable
+    score: float | None               # p(positive class); None when unreadable or a classifier
+    decision: str                     # '<class>', 'not <class>', a classifier's top class;
+    #                                   '' when unreadable
     top_classes: tuple[tuple[str, float], ...] = ()
     error: str | None = None
 
@@ -151,23 +152,25 @@ def check_output(path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
-def _load(path: str, size: tuple[int, int], policy: str):
+def _load(path: str, size: tuple[int, int], policy: str, channels: int = 3):
     try:
-        return imaging.load_image_file(path, size, policy), None
+        return imaging.to_channels(imaging.load_image_file(path, size, policy), channels), None
     except imaging.ImageDecodeError as e:
         return None, str(e)
 
 
-def _decoded_batches(paths: list[str], size, policy: str, options: PredictOptions
-                     ) -> Iterator[list]:
-    """Batches of (path, image or None, error or None), decoded `prefetch_batches` ahead.
-    OpenCV releases the GIL, so the threads decode while TensorFlow scores."""
+def _decoded_batches(paths: list[str], size, policy: str, options: PredictOptions,
+                     channels: int = 3) -> Iterator[list]:
+    """Batches of (path, image or None, error or None), decoded `prefetch_batches` ahead
+    (as `channels`-channel images: 1 for a grayscale model such as MNIST's). OpenCV
+    releases the GIL, so the threads decode while TensorFlow scores."""
     bs = options.batch_size
     with concurrent.futures.ThreadPoolExecutor(options.decode_threads or os.cpu_count()) as pool:
         pending = collections.deque()
         for start in range(0, len(paths), bs):
             batch = paths[start:start + bs]
-            pending.append((batch, [pool.submit(_load, p, size, policy) for p in batch]))
+            pending.append((batch, [pool.submit(_load, p, size, policy, channels)
+                                    for p in batch]))
             if len(pending) > options.prefetch_batches:
                 batch, futures = pending.popleft()
                 yield [(p, *f.result()) for p, f in zip(batch, futures)]
@@ -176,8 +179,14 @@ def _decoded_batches(paths: list[str], size, policy: str, options: PredictOption
             yield [(p, *f.result()) for p, f in zip(batch, futures)]
 
 
-def threshold_of(detector: Detector, options: PredictOptions) -> tuple[float, str]:
-    """(the decision threshold, where it comes from)."""
+def threshold_of(detector: Detector, options: PredictOptions) -> tuple[float | None, str]:
+    """(the decision threshold, where it comes from); a classifier has none."""
+    if detector.classifier:
+        if options.threshold is not None:
+            raise InferenceError("--threshold: this model is a classifier (trained without a "
+                                 "positive class): it gives top classes, not a score to "
+                                 "threshold")
+        return None, "a classifier: no threshold"
     if options.threshold is not None:
         return options.threshold, "--threshold"
     return (detector.meta["threshold"],
@@ -191,7 +200,8 @@ def predict_files(detector: Detector, paths: list[str],
     threshold, _ = threshold_of(detector, options)
     names = detector.meta["class_names"]
     for batch in _decoded_batches(paths, detector.image_size,
-                                  imaging.recorded_policy(detector.meta), options):
+                                  imaging.recorded_policy(detector.meta), options,
+                                  detector.meta["image_shape"][-1]):
         ok = [i for i, (_, img, _) in enumerate(batch) if img is not None]
         scores, probs = (detector.score_batch(np.stack([batch[i][1] for i in ok])) if ok
                          else (np.zeros(0), np.zeros((0, 0))))
@@ -200,17 +210,24 @@ def predict_files(detector: Detector, paths: list[str],
             if error is not None:
                 yield Prediction(path, None, "", (), error)
                 continue
-            p = float(scores[j])
-            top = np.argsort(-probs[j], kind="stable")[:options.top_k]
-            yield Prediction(path, p, detector.decision(p, threshold),
-                             tuple((names[k], float(probs[j, k])) for k in top))
+            order = np.argsort(-probs[j], kind="stable")
+            top = tuple((names[k], float(probs[j, k])) for k in order[:options.top_k])
+            if detector.classifier:
+                yield Prediction(path, None, names[order[0]], top)
+            else:
+                p = float(scores[j])
+                yield Prediction(path, p, detector.decision(p, threshold), top)
             j += 1
 
 
-def format_line(pred: Prediction, positive_class: str) -> str:
-    """The standard-output line scripts read: '<path>\\tp(<class>)=<score>\\t<decision>'."""
+def format_line(pred: Prediction, positive_class: str | None) -> str:
+    """The standard-output line scripts read: '<path>\\tp(<class>)=<score>\\t<decision>'; a
+    classifier's (`positive_class` None): '<path>\\t<top class>\\ttop: <class> <p>, ...'."""
     if pred.error is not None:
         return f"{pred.path}\terror: {pred.error}"
+    if positive_class is None:
+        top = ", ".join(f"{name} {p:.4f}" for name, p in pred.top_classes)
+        return f"{pred.path}\t{pred.decision}\ttop: {top}"
     return f"{pred.path}\tp({positive_class})={pred.score:.4f}\t{pred.decision}"
 
 
@@ -226,7 +243,7 @@ class Counts:
     unreadable: int = 0
 
 
-def write_predictions(predictions: Iterable[Prediction], positive_class: str,
+def write_predictions(predictions: Iterable[Prediction], positive_class: str | None,
                       stdout: TextIO, csv_file: TextIO | None = None) -> Counts:
     """Prints each line as it is scored and, with `csv_file`, writes the CSV row."""
     writer = csv.writer(csv_file) if csv_file else None

@@ -150,6 +150,40 @@ def detection_report(labels, scores, threshold: float | None = None) -> dict:
     return report
 
 
+def top_k_correct(class_ids, logits, k: int) -> np.ndarray:
+    """Per example: is the true class among the k highest logits (ties count in, as
+    tf.math.in_top_k counts them)?"""
+    logits = np.asarray(logits, np.float64)
+    ids = np.asarray(class_ids, np.int64)
+    true = logits[np.arange(len(ids)), ids]
+    return np.sum(logits > true[:, None], axis=1) < k
+
+
+TOP_K = 5  # multiclass runs report the top-5 accuracy too (1.0 by definition with <= 5 classes)
+
+
+def classification_report(class_ids, logits, class_names) -> dict:
+    """A classifier's metrics from its logits: N-class (top-1) and top-5 accuracy, the
+    accuracy of each class present (class name -> accuracy) and the N x N confusion matrix
+    (rows true, columns predicted)."""
+    ids = np.asarray(class_ids, np.int64)
+    n = len(class_names)
+    pred = np.asarray(logits).argmax(-1)
+    correct = pred == ids
+    counts = np.bincount(ids, minlength=n)
+    hits = np.bincount(ids, weights=correct, minlength=n)
+    return {
+        "num_examples": int(len(ids)),
+        "class_accuracy": float(np.mean(correct)) if len(ids) else float("nan"),
+        "top5_class_accuracy": (float(np.mean(top_k_correct(ids, logits, TOP_K))) if len(ids)
+                                else float("nan")),
+        "per_class_accuracy": {class_names[c]: float(hits[c] / counts[c])
+                               for c in range(n) if counts[c]},
+        "class_confusion_matrix": np.bincount(ids * n + pred, minlength=n * n).reshape(
+            n, n).tolist(),
+    }
+
+
 def roc_curve(labels, scores):
     _, tp, fp, pos = _sorted_counts(labels, scores)
     neg = len(labels) - pos
@@ -181,18 +215,28 @@ def roc_pr_figure(labels, scores, title: str = ""):
     return fig
 
 
+LABELLED_CLASSES = 20  # a larger confusion matrix is drawn without counts and class names
+
+
 def confusion_figure(matrix, class_names=("other", "cat"), title: str = ""):
-    """A confusion matrix as a backend-free `matplotlib.figure.Figure`."""
+    """A confusion matrix as a backend-free `matplotlib.figure.Figure` (beyond
+    LABELLED_CLASSES classes: colours only, ticks every tenth class id)."""
     m = np.asarray(matrix)
-    fig = Figure(figsize=(3.6 + 0.25 * len(m), 3.2 + 0.25 * len(m)))
+    side = min(len(m), LABELLED_CLASSES)
+    fig = Figure(figsize=(3.6 + 0.25 * side, 3.2 + 0.25 * side))
     ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
-    for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, f"{v:,}", ha="center", va="center",
-                color="white" if v > m.max() / 2 else "black", fontsize=8)
-    ax.set_xticks(range(len(m)), class_names, rotation=45 if len(m) > 2 else 0)
-    ax.set_yticks(range(len(m)), class_names)
-    ax.set(xlabel="predicted", ylabel="true")
+    if len(m) <= LABELLED_CLASSES:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:,}", ha="center", va="center",
+                    color="white" if v > m.max() / 2 else "black", fontsize=8)
+        ax.set_xticks(range(len(m)), class_names, rotation=45 if len(m) > 2 else 0)
+        ax.set_yticks(range(len(m)), class_names)
+    else:
+        ax.set_xticks(range(0, len(m), 10))
+        ax.set_yticks(range(0, len(m), 10))
+    ax.set(xlabel="predicted" + (" class id" if len(m) > LABELLED_CLASSES else ""),
+           ylabel="true" + (" class id" if len(m) > LABELLED_CLASSES else ""))
     ax.set_title(title, fontsize=10)  # a long run name fits the narrow figure
     fig.tight_layout()
     return fig

@@ -95,6 +95,9 @@ def test_end_to_end(tmp_path):
         assert key in report, key
     assert report["num_examples"] == 60 and report["num_positive"] == 6
     assert report["roc_auc"] > 0.9, report  # the synthetic cat block is easy
+    assert 0 <= report["class_accuracy"] <= report["top5_class_accuracy"] <= 1
+    assert {"class_accuracy", "top5_class_accuracy", "roc_auc"} <= event_tags(
+        logs / "e2e" / "eval")["tags"]  # a multiclass detector: its top-5 accuracy too
     assert "ROC-AUC" in res.stdout
     # TensorBoard's HParams view: the val numbers from training, the test numbers from evaluate
     assert {"hparams/val_roc_auc", "hparams/val_f1"} <= event_tags(logs / "e2e" / "eval")["tags"]

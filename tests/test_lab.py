@@ -19,6 +19,7 @@ from PIL import Image
 
 import helpers
 from research.data import pipeline
+from test_e2e import event_tags
 from research.lab import memory_check, profiles
 from research.lab import report as lab_report
 
@@ -159,6 +160,13 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     assert all(set(v) == set(profiles.METHODS) for v in faith.values())
     vis = {p.name for p in (lab_dir / "lab_visualize").glob("*.png")}
     assert sum("activations" in n for n in vis) == 4 and sum("filters" in n for n in vis) == 4
+    # The source task (no cats) is a plain classifier: class accuracy, no detection metric.
+    src = json.loads((ck / "lab_src_nocat" / "train_summary.json").read_text())
+    assert set(src["final_val"]) == {"class_accuracy", "top5_class_accuracy"}
+    assert src["best_val_metric"] == "class_accuracy"
+    src_tags = event_tags(work / "logs" / "lab_src_nocat" / "eval")["tags"]
+    assert {"class_accuracy", "top5_class_accuracy"} <= src_tags
+    assert not {"roc_auc", "pr_auc", "f1", "threshold", "hparams/val_roc_auc"} & src_tags
     mem = json.loads((lab_dir / "lab_memory_check.json").read_text())
     assert mem["same_batches"] is True
     assert {"roc_auc", "pr_auc", "f1"} <= set(mem["test"])
@@ -191,6 +199,9 @@ def test_lab_end_to_end_and_reuse(tmp_path):
         assert needle in text, needle
     md = (lab_dir / "report.md").read_text()
     assert "- **workdir**: " in md and "| | |" not in md
+    assert "is a plain classifier of every class but cat" in md
+    assert re.search(r"class accuracy [01]\.\d{4}, top-5 accuracy [01]\.\d{4}\.", md)
+    assert not re.search(r"\bnan\b", md, re.I), "a NaN in the report"
     assert "scratch: flags:\n```\n" in md
     for target in [line.split("](", 1)[1].rstrip(")") for line in md.splitlines()
                    if line.startswith("![")]:

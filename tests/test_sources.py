@@ -301,3 +301,26 @@ def test_tar_member_types(tmp_path):
     data = sources.load_source(str(path), image_size=(8, 8))
     assert data.class_names == ["cat", "dog"]
     assert data.skipped[0]["reason"] == "not a regular file (link or device)"
+
+
+def test_no_positive_class_is_data_for_classifiers(tmp_path):
+    """--positive_class=none: null in the manifest, no binary label in the records (the
+    pipeline reads 0), CIFAR-100's 100 fine classes and MNIST alike; a summary without one."""
+    c100, mnist = tmp_path / "c100.tar.gz", tmp_path / "mnist.npz"
+    helpers.make_cifar100_python(str(c100))
+    helpers.make_mnist_npz(str(mnist))
+    for src, classes in ((c100, 100), (mnist, 10)):
+        out = tmp_path / src.name.split(".")[0]
+        _, manifest = write(src, out, positive_class=None, val_fraction=0.2)
+        assert manifest["positive_class"] is None and manifest["positive_class_id"] is None
+        assert len(manifest["class_names"]) == classes
+        assert all(s["num_positive"] == 0 for s in manifest["splits"].values())
+        path = pipeline.shard_paths(str(out), pipeline.load_manifest(str(out)), "train")[0]
+        rec = next(iter(tf.data.TFRecordDataset(path)))
+        assert "label" not in tf.train.Example.FromString(rec.numpy()).features.feature
+        batch = next(iter(pipeline.make_dataset(str(out), "test", 500, training=False)))
+        assert not batch["label"].numpy().any()
+        assert len(np.unique(batch["class_id"].numpy())) == classes
+        table = tfrecords.summary_table(manifest)
+        assert "positive class: none" in table and "num_positive" not in table
+        assert "binary" not in pipeline.class_weights(manifest)

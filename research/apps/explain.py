@@ -212,7 +212,7 @@ def main(argv):
     logits = outputs.logits_of(ex, batch, options.batch_size)
     for item, preds in zip(items, outputs.top_classes(ex, logits)):
         print(f"  {item.name}: " + ", ".join(f"{c} {p:.3f}" for c, p in preds))
-    if meta is not None:  # our detector: its score as predict prints it
+    if meta is not None and not meta.get("classifier"):  # a detector: its score as predict
         for line in detector_lines(ex, meta, items):
             print(line)
     about = {"model": model_desc, "precision": precision}

@@ -7,6 +7,8 @@ r"""Turns CIFAR-10/100, MNIST or a folder of images into sharded TFRecords with 
   python -m research.apps.make_tfrecords --source=cifar100 --label=coarse \
       --positive_class=large_carnivores --out_dir=data/cifar100_coarse
   python -m research.apps.make_tfrecords --source=mnist --positive_class=7 --out_dir=data/mnist
+  python -m research.apps.make_tfrecords --source=cifar100 --positive_class=none \
+      --out_dir=data/cifar100_classes
   python -m research.apps.make_tfrecords --source=horse2zebra.zip --class_names=horse,zebra \
       --positive_class=zebra --out_dir=data/horse2zebra
 
@@ -39,7 +41,9 @@ flags.DEFINE_string("positive_class", "cat", "Class whose examples get label 1. 
                     "of the source's classes: cat (CIFAR-10), cats (dogs-vs-cats); CIFAR-100 "
                     "has no cat: e.g. leopard (--label=fine) or large_carnivores "
                     "(--label=coarse); MNIST: a digit, e.g. 7; trainA/trainB: one of "
-                    "--class_names. A wrong name is an error that lists the classes.")
+                    "--class_names. A wrong name is an error that lists the classes. none: no "
+                    "positive class, data for plain N-class classifiers (recorded as null; the "
+                    "labels are the class ids).")
 flags.DEFINE_enum("label", "fine", ["fine", "coarse"], "CIFAR-100 only: the 100 fine classes "
                   "or the 20 coarse superclasses.")
 flags.DEFINE_list("class_names", None, "trainA/trainB layout only: the names of the A and B "
@@ -74,13 +78,16 @@ def write_sample_grid(data_dir: str, n: int) -> str:
     manifest = pipeline.load_manifest(data_dir)
     batch = next(iter(pipeline.make_dataset(data_dir, "train", n, training=False, scale="uint8")))
     names = manifest["class_names"]
-    titles = [f"{names[c]} / label {lab}" for c, lab in
-              zip(batch["class_id"].numpy(), batch["label"].numpy())]
-    colors = ["red" if lab else "black" for lab in batch["label"].numpy()]
+    positive = manifest["positive_class"]
+    labels = batch["label"].numpy()
+    titles = [f"{names[c]} / label {lab}" if positive else names[c]
+              for c, lab in zip(batch["class_id"].numpy(), labels)]
+    colors = ["red" if lab else "black" for lab in labels]
+    what = (f"red: label 1 = {positive}" if positive else "no positive class: labels are the "
+            "class ids")
     fig = plots.image_grid(batch["image"].numpy(), titles, ncols=8, title_colors=colors,
                            title=f"{manifest['source']}: first {len(titles)} train examples "
-                                 f"read back from TFRecords (red: label 1 = "
-                                 f"{manifest['positive_class']})")
+                                 f"read back from TFRecords ({what})")
     return plots.save_figure(fig, os.path.join(data_dir, tfrecords.SAMPLES))
 
 
@@ -101,7 +108,9 @@ def main(argv):
         logging.info("Decoded %d images in %.1fs (%d skipped)", total, time.time() - start,
                      len(data.skipped))
         cfg = tfrecords.WriteConfig(
-            out_dir=FLAGS.out_dir, positive_class=FLAGS.positive_class,
+            out_dir=FLAGS.out_dir,
+            positive_class=(None if FLAGS.positive_class == tfrecords.NO_POSITIVE_CLASS
+                            else FLAGS.positive_class),
             val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
             shards={"train": FLAGS.train_shards, "val": FLAGS.val_shards,
                     "test": FLAGS.test_shards},

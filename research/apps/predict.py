@@ -9,7 +9,8 @@ unreadable one prints `<path>\terror: <reason>`, is counted and listed in the CS
 exit status 1 once the rest are scored. Images are decoded and resized exactly as the run's
 data was (make_tfrecords' --resize_policy, recorded in the export's metadata.json; center crop
 by default), as explain and the lab do. The first line on stderr gives the threshold and where
-it comes from.
+it comes from. A classifier's export (trained without a positive class) prints
+`<path>\t<top class>\ttop: <class> <p>, ...` (--top_k classes) and has no threshold.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ def main(argv):
         first_path, first_reason = expansion.skipped[0]
         print(f"skipped {len(expansion.skipped)} files (not images, hidden or duplicates; "
               f"first: {first_path}: {first_reason})", file=sys.stderr)
-    threshold, source = inference.threshold_of(detector, options)
-    print(f"threshold {threshold:.4f} ({source}); images {imaging.recorded_policy(meta)}"
+    try:
+        threshold, source = inference.threshold_of(detector, options)
+    except UserError as e:
+        config_flags.fail(e)
+    what = (f"threshold {threshold:.4f} ({source})" if threshold is not None else
+            f"a {len(meta['class_names'])}-class classifier: its top classes, no threshold")
+    print(f"{what}; images {imaging.recorded_policy(meta)}"
           f" to {detector.image_size[0]}x{detector.image_size[1]}"
           + (", mirror-averaged" if meta.get("tta") else ""), file=sys.stderr)
     predictions = inference.predict_files(detector, expansion.paths, options)

@@ -41,7 +41,7 @@ flags.DEFINE_bool("bf16_row", None, "Time bf16 against fp32 (default: only where
                   "native bf16; elsewhere bf16 is emulated and very slow).")
 
 MANIFEST = {"image_shape": [32, 32, 3], "class_names": [str(i) for i in range(10)],
-            "positive_class_id": 3}
+            "positive_class": "3", "positive_class_id": 3}
 
 
 def _config(precision: str, batch_size: int, jit: bool = False, model: str = "scratch"):

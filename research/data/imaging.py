@@ -64,6 +64,16 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
+def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
+    """An RGB image as a model with `channels` input channels takes it: 3 unchanged, 1 its
+    luminance (OpenCV's RGB2GRAY weights), as (H, W, 1)."""
+    if channels == 3:
+        return rgb
+    if channels == 1:
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[:, :, None]
+    raise ValueError(f"models take 1 or 3 channels, not {channels}")
+
+
 def recorded_policy(record: dict) -> str:
     """The resize policy an export's metadata.json or a manifest (make_tfrecords' flags)
     records; the default for data that never had one (CIFAR, MNIST, older exports)."""

@@ -23,10 +23,13 @@ from research.detector import SCALES, scale_images
 AUTOTUNE = tf.data.AUTOTUNE
 EXAMPLE_FILTERS = ("all", "positive", "negative", "balanced")
 
+# Data without a positive class (make_tfrecords --positive_class=none) writes no `label`:
+# it reads as 0, "not of the positive class", true of every example there.
+_LABEL = {"label": tf.io.FixedLenFeature([], tf.int64, default_value=0)}
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
     "class_id": tf.io.FixedLenFeature([], tf.int64),
+    **_LABEL,
 }
 
 
@@ -77,14 +80,15 @@ def shard_paths(data_dir: str, manifest: dict, split: str, verify: bool = True) 
 
 
 def class_weights(manifest: dict, split: str = "train") -> dict[str, np.ndarray]:
-    """Balanced weights n / (k * n_c): 'binary' over {neg, pos}, 'multiclass' over class ids."""
+    """Balanced weights n / (k * n_c): 'binary' over {neg, pos}, 'multiclass' over class ids
+    (data without a positive class: 'multiclass' only)."""
     s = manifest["splits"][split]
     n, pos = s["num_examples"], s["num_positive"]
     counts = np.array([s["class_counts"][c] for c in manifest["class_names"]], np.float64)
-    return {
-        "binary": np.array([n / (2.0 * (n - pos)), n / (2.0 * pos)], np.float32),
-        "multiclass": (n / (len(counts) * np.maximum(counts, 1))).astype(np.float32),
-    }
+    weights = {"multiclass": (n / (len(counts) * np.maximum(counts, 1))).astype(np.float32)}
+    if 0 < pos < n:
+        weights["binary"] = np.array([n / (2.0 * (n - pos)), n / (2.0 * pos)], np.float32)
+    return weights
 
 
 def parse_batch(serialized: tf.Tensor, image_shape) -> dict[str, tf.Tensor]:
@@ -401,10 +405,8 @@ def _shuffled_records(files, sizes, image_shape, stream: Stream):
 def _rebalanced_records(files, sizes, image_shape, stream: Stream):
     """(stream index, parsed examples): positives and negatives drawn 50/50 from a shuffled
     stream of the kept records."""
-    label_spec = {"label": tf.io.FixedLenFeature([], tf.int64)}
-
     def is_pos(x):
-        return tf.equal(tf.io.parse_single_example(x, label_spec)["label"], 1)
+        return tf.equal(tf.io.parse_single_example(x, _LABEL)["label"], 1)
 
     chunk = max(1, min(stream.shuffle_buffer, _num_kept(sizes, stream)))
     records = tf.data.Dataset.range(tf.int64.max).flat_map(

@@ -2,8 +2,11 @@
 
 One `tf.train.Example` per image: the raw uint8 pixels (never scaled), their shape, the
 preprocessed binary `label` (1 for the positive class), the source's `class_id`/`class_name`,
-`coarse_id` (CIFAR-100, else -1) and a `source_id`. The whole output folder is built under a
-temporary name and renamed into place at the end, so a crash never leaves a half dataset.
+`coarse_id` (CIFAR-100, else -1) and a `source_id`. Data for plain classifiers
+(`positive_class=None`, make_tfrecords --positive_class=none) has no `label`: its labels
+are the class ids alone (readers see label 0, research.data.pipeline). The whole output
+folder is built under a temporary name and renamed into place at the end, so a crash never
+leaves a half dataset.
 
 The output is a pure function of the source and the settings: Examples are serialized with
 deterministic (sorted) map order, whatever PYTHONHASHSEED is, and manifest.json holds no
@@ -32,6 +35,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SHARDS = {"train": 12, "val": 2, "test": 4}
 
 
+NO_POSITIVE_CLASS = "none"  # make_tfrecords --positive_class=none: data for plain classifiers
 SAMPLES = "samples.png"  # the sample grid make_tfrecords draws beside the shards
 CACHES = "features"     # the feature caches training keeps beside them
 
@@ -90,7 +94,7 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
 @dataclasses.dataclass
 class WriteConfig:
     out_dir: str
-    positive_class: str = "cat"
+    positive_class: str | None = "cat"  # None: no positive class (data for classifiers)
     val_fraction: float = 0.1
     test_fraction: float = 0.2   # only for sources without a test split of their own
     seed: int = 0
@@ -129,8 +133,9 @@ def make_splits(data: SourceData, cfg: WriteConfig) -> dict[str, Split]:
     return {"train": train.take(keep), "val": train.take(held), "test": test}
 
 
-def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: str,
+def serialize_example(image: np.ndarray, label: int | None, class_id: int, class_name: str,
                       coarse_id: int, source_id: str) -> bytes:
+    """`label` None: no binary label is written (data without a positive class)."""
     def ints(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
 
@@ -138,19 +143,23 @@ def serialize_example(image: np.ndarray, label: int, class_id: int, class_name: 
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
     h, w, c = image.shape
-    return tf.train.Example(features=tf.train.Features(feature={
+    feature = {
         "image": bytes_(image.tobytes()),
         "height": ints([h]), "width": ints([w]), "channels": ints([c]),
-        "label": ints([label]),
         "class_id": ints([class_id]),
         "class_name": bytes_(class_name.encode()),
         "coarse_id": ints([coarse_id]),
         "source_id": bytes_(source_id.encode()),
-    })).SerializeToString(deterministic=True)  # else map order follows Python's string hash
+    }
+    if label is not None:
+        feature["label"] = ints([label])
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+        deterministic=True)  # else map order follows Python's string hash
 
 
-def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_names: list[str],
-                 positive_id: int, seed: int, progress: Callable[[int], None] | None) -> dict:
+def _write_split(split: Split, name: str, num_shards: int, out_dir: str,
+                 class_names: list[str], positive_id: int | None, seed: int,
+                 progress: Callable[[int], None] | None) -> dict:
     n = len(split)
     if n == 0:
         raise ValueError(f"split {name!r} would be empty; with so few images per class, raise "
@@ -165,8 +174,9 @@ def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_n
             for i in idx:
                 cid = int(split.class_ids[i])
                 coarse = -1 if split.coarse_ids is None else int(split.coarse_ids[i])
-                w.write(serialize_example(split.images[i], int(cid == positive_id), cid,
-                                          class_names[cid], coarse, split.source_ids[i]))
+                label = None if positive_id is None else int(cid == positive_id)
+                w.write(serialize_example(split.images[i], label, cid, class_names[cid],
+                                          coarse, split.source_ids[i]))
         if progress:
             progress(len(idx))
         shards.append({"file": fname, "num_examples": len(idx), "sha256": sha256_file(path),
@@ -174,7 +184,7 @@ def _write_split(split: Split, name: str, num_shards: int, out_dir: str, class_n
     counts = np.bincount(split.class_ids, minlength=len(class_names))
     return {
         "num_examples": n,
-        "num_positive": int(counts[positive_id]),
+        "num_positive": 0 if positive_id is None else int(counts[positive_id]),
         "class_counts": {c: int(k) for c, k in zip(class_names, counts)},
         "shards": shards,
     }
@@ -193,18 +203,20 @@ def positive_class_error(data: SourceData, positive_class: str, source: str) -> 
 
 def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict | None = None,
                     progress: Callable[[int], None] | None = None) -> dict:
-    """Writes train/val/test shards and manifest.json into cfg.out_dir; returns the manifest."""
-    if cfg.positive_class not in data.class_names:
+    """Writes train/val/test shards and manifest.json into cfg.out_dir; returns the manifest.
+    `cfg.positive_class` None: no positive class (recorded as null; labels are class ids)."""
+    if cfg.positive_class is not None and cfg.positive_class not in data.class_names:
         raise ValueError(positive_class_error(data, cfg.positive_class, source))
     out_dir = os.path.abspath(cfg.out_dir)
     check_out_dir(out_dir, cfg.overwrite)
     for split, k in cfg.shards.items():
         if split not in SPLITS or k < 1:
             raise ValueError(f"bad shard count {split}={k}; splits are {SPLITS}, counts >= 1")
-    positive_id = data.class_names.index(cfg.positive_class)
+    positive_id = (None if cfg.positive_class is None
+                   else data.class_names.index(cfg.positive_class))
     held_out_test = "test" not in data.splits
     splits = make_splits(data, cfg)
-    if not np.any(splits["train"].class_ids == positive_id):
+    if positive_id is not None and not np.any(splits["train"].class_ids == positive_id):
         raise ValueError(f"--positive_class={cfg.positive_class!r} has no train images; see "
                          "the empty class folders or pick another class")
     parent = os.path.dirname(out_dir)
@@ -266,13 +278,15 @@ def summary_table(manifest: dict) -> str:
             rows.append(f"{(n + mark):<{width}}" +
                         "".join(f"{splits[s]['class_counts'][n]:>10,}" for s in splits))
     rows.append("-" * len(rows[0]))
-    for key, fmt in (("num_examples", "{:>10,}"), ("num_positive", "{:>10,}")):
-        rows.append(f"{key:<{width}}" + "".join(fmt.format(splits[s][key]) for s in splits))
+    positive = manifest["positive_class"]
+    for key in ("num_examples", "num_positive") if positive else ("num_examples",):
+        rows.append(f"{key:<{width}}" + "".join(f"{splits[s][key]:>10,}" for s in splits))
     rows.append(f"{'shards':<{width}}" + "".join(f"{len(splits[s]['shards']):>10}" for s in splits))
     rows.append(f"{'MB':<{width}}" + "".join(
         f"{sum(sh['bytes'] for sh in splits[s]['shards']) / 1e6:>10.1f}" for s in splits))
-    rows.append(f"positive class: {manifest['positive_class']} (*)   skipped files: "
-                f"{len(manifest['skipped'])}   empty class folders: "
+    what = (f"positive class: {positive} (*)" if positive else
+            "positive class: none (data for classifiers: the labels are the class ids)")
+    rows.append(f"{what}   skipped files: {len(manifest['skipped'])}   empty class folders: "
                 f"{len(manifest.get('empty_classes', []))}")
     if manifest.get("test_fraction") is not None:
         rows.append(f"test: {manifest['test_fraction']:g} of every class held out of train "

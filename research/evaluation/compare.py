@@ -3,9 +3,10 @@ curves overlaid in one figure.
 
 Each run is scored exactly as `evaluate` scores it (research.evaluation.run.evaluate_run: its
 own config, the F1-max threshold of its own val scores applied to the split), and every run
-must read the same split (same example count, same shard sha256s), so the rows differ by model
-only. Every run's config, checkpoint (read whole once) and shards are checked before any
-scoring.
+must read the same split (same example count, same shard sha256s), so the rows differ by
+model only. Classifiers (no positive class) have no detection columns: their N-class and top-5
+accuracy, and a figure of their accuracy per class. Every run's config, checkpoint (read
+whole once) and shards are checked before any scoring.
 
 Parameter counts come from the run's export (run.count_params: nothing is run); a run without
 an export (unfinished) is counted on the network its config builds, with the trainable flags
@@ -136,8 +137,9 @@ def compare_runs(checkpoint_dir: str, names, split: str, data_dir: str | None = 
     result = {"split": split, "data_dir": first["cfg"].data_dir,
               "num_examples": s["num_examples"], "num_positive": s["num_positive"],
               "num_classes": len(first["manifest"]["class_names"]),
-              "checkpoint": checkpoint, "threshold_source": "each run's val (max F1)",
-              "runs": {}}
+              "checkpoint": checkpoint, "runs": {}}
+    if not all(run["cfg"].positive_class(run["manifest"]) is None for run in loaded):
+        result["threshold_source"] = "each run's val (max F1)"
     raw_by_run = {}
     for i, run in enumerate(loaded):
         logging.info("Scoring %s (%d of %d) on %s", run["name"], i + 1, len(loaded), split)
@@ -171,22 +173,29 @@ def _num(v, digits: int = 4) -> str:
 
 
 def format_table(result: dict) -> str:
-    """The markdown table: one row per run, then notes on thresholds, costs and counts."""
+    """The markdown table: one row per run, then notes on thresholds, costs and counts.
+    Detection columns only when a run is a detector; classifiers (no positive class) have
+    the N-class and top-5 accuracy."""
     runs = result["runs"]
+    detectors = any(not r.get("classifier") for r in runs.values())
     n_cls = any("class_accuracy" in r for r in runs.values())
-    head = ["run", "ROC-AUC", "PR-AUC", "F1", "precision", "recall", "threshold"]
-    head += [f"{result['num_classes']}-class acc"] if n_cls else []
+    detection = ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold")
+    head = ["run"] + (["ROC-AUC", "PR-AUC", "F1", "precision", "recall", "threshold"]
+                      if detectors else [])
+    head += [f"{result['num_classes']}-class acc", "top-5 acc"] if n_cls else []
     head += ["params", "trainable", "images seen", "wall time (s)", "images/s"]
+    what = (f"{result['num_positive']:,} positive; checkpoint {result['checkpoint']}; "
+            f"thresholds chosen on {result['threshold_source']}." if detectors else
+            f"{result['num_classes']} classes (classifiers: no positive class); checkpoint "
+            f"{result['checkpoint']}.")
     lines = [f"Runs on **{result['split']}** of `{result['data_dir']}`: "
-             f"{result['num_examples']:,} images, {result['num_positive']:,} positive; "
-             f"checkpoint {result['checkpoint']}; thresholds chosen on "
-             f"{result['threshold_source']}.", "",
+             f"{result['num_examples']:,} images, {what}", "",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, r in runs.items():
         row = [name.replace("|", "\\|")]
-        row += [_num(r[k]) for k in ("roc_auc", "pr_auc", "f1", "precision", "recall",
-                                     "threshold")]
-        row += [_num(r.get("class_accuracy"))] if n_cls else []
+        row += [_num(r.get(k)) for k in detection] if detectors else []
+        row += [_num(r.get("class_accuracy")), _num(r.get("top5_class_accuracy"))] if n_cls \
+            else []
         row += [_num(r["params"], 0), _num(r["trainable_params"], 0),
                 _num(r["images_seen"], 0), _num(r["train_seconds"], 1),
                 _num(r["images_per_sec"], 1)]
@@ -213,10 +222,12 @@ def write_table(result: dict, prefix: str) -> list[str]:
 
 
 def roc_pr_overlay_figure(result: dict, raw_by_run: dict):
-    """ROC and PR curves of every run, overlaid, as a backend-free Figure."""
+    """ROC and PR curves of every detector run, overlaid, as a backend-free Figure."""
     fig = Figure(figsize=(11, 4.8))
     roc, pr = fig.subplots(1, 2)
-    for name, r in result["runs"].items():
+    detectors = [n for n, r in result["runs"].items() if not r.get("classifier")]
+    for name in detectors:
+        r = result["runs"][name]
         labels, scores = raw_by_run[name]["labels"], raw_by_run[name]["scores"]
         line, = roc.plot(*detmetrics.roc_curve(labels, scores),
                          label=f"{name} (AUC {r['roc_auc']:.4f})")
@@ -225,15 +236,40 @@ def roc_pr_overlay_figure(result: dict, raw_by_run: dict):
     roc.plot([0, 1], [0, 1], "k:", lw=0.8)
     roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     roc.legend(loc="lower right", fontsize=8)
-    pr.axhline(np.mean(next(iter(raw_by_run.values()))["labels"]), color="k", ls=":", lw=0.8)
+    pr.axhline(np.mean(raw_by_run[detectors[0]]["labels"]), color="k", ls=":", lw=0.8)
     pr.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02), title="precision-recall")
     pr.legend(loc="lower left", fontsize=8)
     fig.suptitle(f"{result['split']}: {result['num_examples']:,} images "
-                 f"({result['num_positive']:,} positive), {len(result['runs'])} run(s)")
+                 f"({result['num_positive']:,} positive), {len(detectors)} detector(s)")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
+def per_class_figure(result: dict):
+    """Classifiers only: each run's accuracy per class, one line per run, as a Figure."""
+    fig = Figure(figsize=(11, 4.8))
+    ax = fig.subplots()
+    names = list(next(iter(result["runs"].values()))["per_class_accuracy"])
+    for name, r in result["runs"].items():
+        per = r["per_class_accuracy"]
+        ax.plot(range(len(names)), [per.get(c, np.nan) for c in names], "o-", markersize=3,
+                label=f"{name} ({result['num_classes']}-class acc {r['class_accuracy']:.4f}, "
+                      f"top-5 {r['top5_class_accuracy']:.4f})")
+    if len(names) <= 20:
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set(xlabel="class" if len(names) <= 20 else "class (in class-id order)",
+           ylabel="accuracy", ylim=(-0.02, 1.02), title="accuracy per class")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{result['split']}: {result['num_examples']:,} images, "
+                 f"{len(result['runs'])} classifier(s)")
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
 def write_figure(result: dict, raw_by_run: dict, prefix: str) -> str:
-    """<prefix>.png: the overlaid ROC and PR curves; returns its path."""
+    """<prefix>.png: the overlaid ROC and PR curves (of classifiers only: their accuracy per
+    class); returns its path."""
+    if all(r.get("classifier") for r in result["runs"].values()):
+        return plots.save_figure(per_class_figure(result), prefix + ".png")
     return plots.save_figure(roc_pr_overlay_figure(result, raw_by_run), prefix + ".png")

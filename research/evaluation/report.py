@@ -13,9 +13,33 @@ from research import metrics as detmetrics
 from research.training.config import TrainConfig
 
 
+PER_CLASS_LINES = 10  # beyond this many classes, the lowest and highest five are listed
+
+
+def format_classifier_report(r: dict, subset: str = "") -> str:
+    """A classifier's lines: top-1 and top-5 accuracy, then per-class accuracy."""
+    rows = [f"{r['run_name']} on {r['split']}: {r['num_examples']:,} images{subset}, "
+            f"{r['num_classes']}-class classifier  (checkpoint "
+            f"{os.path.basename(r['checkpoint'])})",
+            f"  {r['num_classes']}-class accuracy {r['class_accuracy']:.4f}   top-5 accuracy "
+            f"{r['top5_class_accuracy']:.4f}"]
+    per = list(r["per_class_accuracy"].items())  # class order
+    if len(per) > PER_CLASS_LINES:
+        per = sorted(per, key=lambda kv: (kv[1], kv[0]))
+        half = PER_CLASS_LINES // 2
+        rows.append(f"  per class ({len(per)} present; lowest and highest {half}):")
+        per = per[:half] + [("...", None)] + per[-half:]
+    else:
+        rows.append(f"  per class ({len(per)} present):")
+    rows += ["    ..." if acc is None else f"    {name:<20} {acc:.4f}" for name, acc in per]
+    return "\n".join(rows)
+
+
 def format_report(r: dict) -> str:
     subset = (f" (a subset of the {r['split_size']:,}: --eval_fraction={r['eval_fraction']})"
               if r.get("eval_fraction") else "")
+    if r.get("classifier"):
+        return format_classifier_report(r, subset)
     rows = [f"{r['run_name']} on {r['split']}: {r['num_examples']:,} images{subset}, "
             f"{r['num_positive']:,} positive  (checkpoint {os.path.basename(r['checkpoint'])})",
             f"  ROC-AUC   {r['roc_auc']:.4f}     PR-AUC  {r['pr_auc']:.4f}",
@@ -26,16 +50,23 @@ def format_report(r: dict) -> str:
     (tn, fp), (fn, tp) = r["confusion_matrix"]
     rows.append(f"  confusion: TN {tn:,}  FP {fp:,}  FN {fn:,}  TP {tp:,}")
     if "class_accuracy" in r:
-        rows.append(f"  {r.get('num_classes', '?')}-class accuracy {r['class_accuracy']:.4f}")
+        top5 = r.get("top5_class_accuracy")
+        rows.append(f"  {r.get('num_classes', '?')}-class accuracy {r['class_accuracy']:.4f}"
+                    + ("" if top5 is None else f"   top-5 accuracy {top5:.4f}"))
     return "\n".join(rows)
 
 
 def eval_figures(cfg: TrainConfig, report: dict, raw: dict, worst: int = 16) -> dict:
     """{file name: figure}: ROC/PR curves, the confusion matrix, and grids of the worst false
-    positives/negatives, every one titled with the run's name and the split."""
+    positives/negatives, every one titled with the run's name and the split (a classifier:
+    its N x N confusion matrix alone)."""
     split, run = report["split"], cfg.run_name
     manifest = pipeline.load_manifest(cfg.data_dir)
     names = manifest["class_names"]
+    if report.get("classifier"):
+        return {f"{split}_confusion.png": detmetrics.confusion_figure(
+            report["class_confusion_matrix"], names, f"{run} / {split}\n"
+            f"{len(names)}-class accuracy {report['class_accuracy']:.4f}")}
     figs = {f"{split}_roc_pr.png": detmetrics.roc_pr_figure(raw["labels"], raw["scores"],
                                                             f"{run} / {split}"),
             f"{split}_confusion.png": detmetrics.confusion_figure(

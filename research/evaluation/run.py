@@ -47,33 +47,44 @@ def check_data(cfg: TrainConfig, split: str) -> dict:
 
 def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
                  progress: bool = True, verified: bool = False) -> tuple[dict, dict]:
-    """Scores val (to choose the threshold) and `split`; returns (report, raw arrays).
+    """Scores val (to choose the threshold) and `split`; returns (report, raw arrays). A
+    classifier (no positive class) is scored on `split` alone: its report has the N-class
+    and top-5 accuracy, per-class accuracy and confusion matrix, and no detection metric.
     `verified`: `checkpoint` is a prefix already resolved and read whole (compare checks
     every run's before scoring any), so it is not read twice."""
     path = checkpoint if verified else checkpoints.resolve_checkpoint(cfg.run_dir, checkpoint)
     manifest = check_data(cfg, split)
     model, manifest, strategy = restore_for_eval(cfg, path, manifest=manifest)
-    evaluator = Evaluator(cfg, strategy, model, manifest["positive_class_id"])
-    val = evaluator.evaluate("val", progress=progress)
-    threshold = detmetrics.best_f1_threshold(val.labels, val.scores)
+    classifier = cfg.positive_class(manifest) is None
+    evaluator = Evaluator(cfg, strategy, model, cfg.positive_id(manifest))
+    val = None if classifier and split != "val" else evaluator.evaluate("val", progress=progress)
     res = val if split == "val" else evaluator.evaluate(split, progress=progress)
     step = path.rsplit("-", 1)[-1]
     report = {"split": split, "run_name": cfg.run_name,
               "num_classes": len(manifest["class_names"]), "checkpoint": path,
-              "step": int(step) if step.isdigit() else None,
-              "threshold_source": "val (max F1)", "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
+              "step": int(step) if step.isdigit() else None, "classifier": classifier,
+              "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
               "objective": cfg.objective, "split_size": manifest["splits"][split]["num_examples"],
               "eval_fraction": cfg.eval_fraction}
+    raw = {"labels": res.labels, "class_ids": res.class_ids, "index": res.index}
+    if classifier:  # no threshold to choose: val is not scored for it
+        report.update(detmetrics.classification_report(res.class_ids, res.logits,
+                                                       manifest["class_names"]))
+        report["num_positive"] = 0  # there is no positive class
+        report["loss"] = res.loss
+        return report, {**raw, "logits": res.logits}
+    threshold = detmetrics.best_f1_threshold(val.labels, val.scores)
+    report["threshold_source"] = "val (max F1)"
     report.update(detmetrics.detection_report(res.labels, res.scores, threshold))
     report["loss"] = res.loss
     if res.class_accuracy is not None:
         report["class_accuracy"] = res.class_accuracy
+        report["top5_class_accuracy"] = res.top5_class_accuracy
         pred = res.logits.argmax(-1)
         k = len(manifest["class_names"])
         report["class_confusion_matrix"] = np.bincount(
             res.class_ids * k + pred, minlength=k * k).reshape(k, k).tolist()
-    return report, {"scores": res.scores, "labels": res.labels, "class_ids": res.class_ids,
-                    "index": res.index}
+    return report, {**raw, "scores": res.scores}
 
 
 def evaluate_and_save(cfg: TrainConfig, split: str, checkpoint: str = "best",

@@ -81,8 +81,7 @@ def run_summary(cfg: TrainConfig, summary: dict, *more: str) -> dict:
                                        "best_val", *more)}
     if "best_val_pr_auc" in summary and out["best_val"] is None:
         out["best_val"] = summary["best_val_pr_auc"]
-        out["best_val_metric"] = best_metric(
-            cfg, pipeline.load_manifest(cfg.data_dir)["positive_class"])
+        out["best_val_metric"] = best_metric(cfg, pipeline.load_manifest(cfg.data_dir))
     return out
 
 
@@ -127,13 +126,14 @@ def stage_scratch(lab: Lab) -> StageRecord:
 
 
 def stage_source_task(lab: Lab) -> StageRecord:
-    """The fallback backbone: the scratch network trained on every class but cat."""
+    """The fallback backbone: the scratch network trained on every class but cat, a plain
+    classifier (its final val numbers: N-class and top-5 accuracy)."""
     start = time.perf_counter()
     cfg = train_config(lab, "src_nocat", lab.profile.source_task)
     summary, reused = train(lab, cfg)
     flags = changed_flags(cfg)
     outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
-               "summary": run_summary(cfg, summary)}
+               "summary": run_summary(cfg, summary, "final_val")}
     return lab.finish("source_task", "Source task (no cats): the fallback backbone", start,
                       reused, [command("research.apps.train", flags)], flags, outputs,
                       resume_notes(summary), ran_seconds=summary.get("train_seconds"))

@@ -174,6 +174,12 @@ def _training_section(doc: Doc, lab, records: dict) -> None:
         doc.table(["run", "steps", "time in train steps", "best val"], rows)
         doc.para("The best checkpoint is chosen by val PR-AUC; the source task has no cats, "
                  "so by its val class accuracy.")
+        if src:
+            final = src.outputs["summary"].get("final_val") or {}
+            doc.para(f"The source task {src.outputs['run_name']} is a plain classifier of every "
+                     "class but cat (no positive class: no ROC-AUC, PR-AUC or F1): final val "
+                     f"class accuracy {num(final.get('class_accuracy'))}, top-5 accuracy "
+                     f"{num(final.get('top5_class_accuracy'))}.")
     else:
         doc.para("No detector has been trained yet.")
 

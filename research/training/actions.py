@@ -26,7 +26,7 @@ from research.training import checkpoints, record
 from research.training.config import TrainConfig
 from research.training.evaluator import EvalResult, Evaluator
 from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
-from research.training.state import Plan, TrainState
+from research.training.state import Plan, TrainState, since_eval_keys
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,6 +58,19 @@ class LoopContext:
     @property
     def at_end(self) -> bool:
         return self.step == self.plan.total_steps
+
+    @property
+    def classifier(self) -> bool:
+        return self.cfg.positive_class(self.manifest) is None
+
+
+def val_report(cfg: TrainConfig, manifest: dict, result: EvalResult) -> dict:
+    """A detector's exact detection metrics of an evaluation, or a classifier's top-1, top-5
+    and per-class accuracy and confusion matrix (no positive class: no detection metric)."""
+    if cfg.positive_class(manifest) is None:
+        return detmetrics.classification_report(result.class_ids, result.logits,
+                                                manifest["class_names"])
+    return detmetrics.detection_report(result.labels, result.scores)
 
 
 class Action:
@@ -133,14 +146,19 @@ class Evaluate(Action):
         if ctx.step % ctx.plan.eval_every and not ctx.at_end:
             return
         ctx.result = ctx.evaluator.evaluate("val")
-        ctx.report = ctx.last_report = detmetrics.detection_report(ctx.result.labels,
-                                                                   ctx.result.scores)
-        record.log_eval(ctx.writers.eval, ctx.result, ctx.report, ctx.step,
-                        ["other", ctx.manifest["positive_class"]], ctx.cfg.run_name)
-        r, acc = ctx.report, ctx.result.class_accuracy
+        ctx.report = ctx.last_report = val_report(ctx.cfg, ctx.manifest, ctx.result)
+        names = (ctx.manifest["class_names"] if ctx.classifier
+                 else ["other", ctx.manifest["positive_class"]])
+        record.log_eval(ctx.writers.eval, ctx.result, ctx.report, ctx.step, names,
+                        ctx.cfg.run_name)
+        r, acc, top5 = ctx.report, ctx.result.class_accuracy, ctx.result.top5_class_accuracy
+        classes = "" if acc is None else f" | class acc {acc:.4f} | top-5 {top5:.4f}"
+        if ctx.classifier:
+            logging.info("eval  | step %6d | val loss %.4f%s", ctx.step, ctx.result.loss, classes)
+            return
         logging.info("eval  | step %6d | val loss %.4f | roc_auc %.4f | pr_auc %.4f | f1 %.4f"
                      " @ %.3f%s", ctx.step, ctx.result.loss, r["roc_auc"], r["pr_auc"], r["f1"],
-                     r["threshold"], "" if acc is None else f" | class acc {acc:.4f}")
+                     r["threshold"], classes)
 
 
 class Curves(Action):
@@ -153,7 +171,7 @@ class Curves(Action):
         self.rows = runs.read_history(cfg.run_dir, start_step)
 
     def __call__(self, ctx):
-        keys = sorted(ctx.state.train_metrics)
+        keys = since_eval_keys(ctx.cfg)
         sums = ctx.state.since_eval.numpy()
         for i, k in enumerate(keys):
             sums[i] += ctx.train_values.get(k, 0.0) * ctx.steps_run
@@ -168,8 +186,9 @@ class Curves(Action):
                "val_loss": ctx.result.loss,
                "val_accuracy": (ctx.result.class_accuracy if multiclass
                                 else ctx.result.accuracy),
-               "val_roc_auc": _finite(ctx.report["roc_auc"]),
-               "val_pr_auc": _finite(ctx.report["pr_auc"]),
+               "val_roc_auc": _finite(ctx.report.get("roc_auc")),
+               "val_pr_auc": _finite(ctx.report.get("pr_auc")),
+               "val_top5_accuracy": ctx.result.top5_class_accuracy,
                "accuracy_kind": (f"{len(ctx.manifest['class_names'])}-class accuracy"
                                  if multiclass else "accuracy")}
         self.rows.append(row)
@@ -192,8 +211,9 @@ class OnEval(Action):
 
 
 class BestAndEarlyStop(Action):
-    """Keeps the checkpoint with the best val PR-AUC (val N-class accuracy for a source task
-    without the positive class); stops after `patience` evals without a gain (0: never)."""
+    """Keeps the checkpoint with the best val PR-AUC (val N-class accuracy for a classifier:
+    data without a positive class, or a source task that leaves it out); stops after
+    `patience` evals without a gain (0: never)."""
 
     def __init__(self, patience: int, metric: str = "pr_auc"):
         self.patience, self.metric = patience, metric
@@ -289,18 +309,17 @@ class Profiler(Action):
             self.running = False
 
 
-def best_metric(cfg: TrainConfig, positive_class: str) -> str:
-    """What the best checkpoint is chosen by: val PR-AUC, or val N-class accuracy for a source
-    task that leaves the positive class out (its PR-AUC is undefined)."""
-    return ("class_accuracy" if cfg.exclude_classes and positive_class in cfg.exclude_classes
-            else "pr_auc")
+def best_metric(cfg: TrainConfig, manifest: dict) -> str:
+    """What the best checkpoint is chosen by: val PR-AUC, or val N-class accuracy for a
+    classifier (no positive class in its data or its classes: PR-AUC is undefined)."""
+    return "class_accuracy" if cfg.positive_class(manifest) is None else "pr_auc"
 
 
-def standard_actions(cfg: TrainConfig, positive_class: str, start_step: int = 0,
+def standard_actions(cfg: TrainConfig, manifest: dict, start_step: int = 0,
                      extra=(), steps_per_epoch: int = 1) -> list[Action]:
     """The loop's actions, in the order they run after each call; `extra` run right after
     the evaluation."""
-    metric = best_metric(cfg, positive_class)
+    metric = best_metric(cfg, manifest)
     actions = [NanGuard(), TrainLog(cfg.progress), Evaluate(), Curves(cfg, start_step), *extra,
                BestAndEarlyStop(cfg.patience, metric)]
     if cfg.transfer == "fine_tune":

@@ -15,7 +15,7 @@ import os
 
 from research import runs
 from research.data.augmentation import FILL_MODES, Affine
-from research.data.manifest import has_manifest
+from research.data.manifest import has_manifest, load_manifest
 from research.errors import UserError
 from research.fields import field_errors, setting
 from research.model_options import BACKBONES, MODEL_OPTIONS, model_options_error
@@ -43,7 +43,8 @@ class TrainConfig:
                                   flag=False)
     objective: str = setting("multiclass", "binary: one sigmoid logit for the positive class; "
                                            "multiclass: softmax over the source classes, the "
-                                           "detector score is P(positive class).",
+                                           "detector score is P(positive class). A run without "
+                                           "a positive class (a classifier) is multiclass.",
                                            choices=OBJECTIVES)
     transfer: str = setting("none", "Transfer recipe for a backbone --model (vgg16, ..., or "
                                     "scratch with --weights=<run>). features: the frozen base runs"
@@ -68,8 +69,9 @@ class TrainConfig:
                                         "warmup).", ge=0)
     fine_tune_epochs: float = setting(2.0, "fine_tune: phase-2 length, in epochs.", gt=0)
     exclude_classes: tuple[str, ...] = setting((), "Classes left out of every split (a source "
-                                                   "task, e.g. cat: with no positive class, the "
-                                                   "best checkpoint is chosen by val N-class "
+                                                   "task, e.g. cat: with no positive class the "
+                                                   "run is a plain classifier, its best "
+                                                   "checkpoint chosen by val N-class "
                                                    "accuracy).")
     train_fraction: float | None = setting(None, "Train on a deterministic stratified fraction of "
                                                  "each class (val and test stay whole unless "
@@ -185,8 +187,8 @@ class TrainConfig:
                                    "--strategy=auto mirrored over them).", ge=0, resume=True)
     seed: int = setting(0, "Seed for weights, data order and augmentation.", ge=0, le=2**32 - 1)
     deterministic: bool = setting(False, "Enable TF op determinism.", resume=True)
-    patience: int = setting(0, "Stop after N evals without val PR-AUC gain (0: off).",
-                            ge=0, resume=True)
+    patience: int = setting(0, "Stop after N evals without val PR-AUC gain (a classifier: val "
+                               "class accuracy; 0: off).", ge=0, resume=True)
     restart: bool = setting(False, "Delete the run's checkpoints and logs and start anew.",
                             resume=True)
     init_checkpoint: str | None = setting(None, "Warm start the model (weights only) from here.",
@@ -228,6 +230,25 @@ class TrainConfig:
         if problem:
             bad(problem[0], problem[1])
         self._check_combinations(bad)
+        if (self.objective == "binary" or self.rebalance) and \
+                self.positive_class(load_manifest(self.data_dir)) is None:
+            bad("objective" if self.objective == "binary" else "rebalance",
+                f"{'binary' if self.objective == 'binary' else 'rebalancing'} needs a positive "
+                "class, and this run has none (data made with --positive_class=none, or "
+                "--exclude_classes leaves it out): it is a classifier; train it with "
+                "--objective=multiclass")
+
+    def positive_class(self, manifest: dict) -> str | None:
+        """The class the run detects: the data's positive class, unless the data has none
+        (make_tfrecords --positive_class=none) or --exclude_classes leaves it out (a source
+        task). None: the run is a plain N-class classifier (top-1, top-5 and per-class
+        accuracy; no ROC-AUC, PR-AUC, F1 or threshold)."""
+        positive = manifest.get("positive_class")
+        return None if positive is None or positive in self.exclude_classes else positive
+
+    def positive_id(self, manifest: dict) -> int | None:
+        """The class id of `positive_class` (None: a classifier)."""
+        return None if self.positive_class(manifest) is None else manifest["positive_class_id"]
 
     def _check_combinations(self, bad) -> None:
         if self.transfer == "fine_tune":

@@ -18,25 +18,28 @@ from research.training.steps import make_eval_step
 
 @dataclasses.dataclass
 class EvalResult:
+    """A classifier's (no positive class) has no `scores` and no binary `accuracy`."""
     split: str
-    scores: np.ndarray
+    scores: np.ndarray | None
     labels: np.ndarray
     class_ids: np.ndarray
     index: np.ndarray
     logits: np.ndarray
     loss: float
-    accuracy: float
+    accuracy: float | None
     class_accuracy: float | None
+    top5_class_accuracy: float | None = None
 
 
 class Evaluator:
     """Scores whole splits with `model` under `strategy` (orbit's evaluator, as one class)."""
 
     def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
-                 positive_id: int):
+                 positive_id: int | None):
+        """`positive_id` None: a classifier."""
         self.cfg, self.strategy = cfg, strategy
         with strategy.scope():
-            self.metrics = make_metrics(cfg, training=False)
+            self.metrics = make_metrics(cfg, training=False, classifier=positive_id is None)
         self.eval_step = make_eval_step(cfg, strategy, model, self.metrics, positive_id)
 
     def evaluate(self, split: str, progress: bool = False) -> EvalResult:
@@ -54,7 +57,7 @@ class Evaluator:
             out = {k: v.numpy() for k, v in self.eval_step(batch).items()}
             parts.append(out)
             if bar:
-                bar.add(len(out["score"]))
+                bar.add(len(out["index"]))
         outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(outputs["index"])
         outputs = {k: v[order] for k, v in outputs.items()}
@@ -62,8 +65,10 @@ class Evaluator:
             raise RuntimeError(f"evaluation of {split} saw {len(outputs['index'])} examples, "
                                f"the run's examples of it are {len(expected)}")
         m = self.metrics
-        return EvalResult(split, outputs["score"], outputs["label"], outputs["class_id"],
-                          outputs["index"], outputs["logits"], float(m["loss"].result()),
-                          float(m["accuracy"].result()),
-                          float(m["class_accuracy"].result()) if "class_accuracy" in m
-                          else None)
+
+        def value(name):
+            return float(m[name].result()) if name in m else None
+
+        return EvalResult(split, outputs.get("score"), outputs["label"], outputs["class_id"],
+                          outputs["index"], outputs["logits"], value("loss"), value("accuracy"),
+                          value("class_accuracy"), value("top5_class_accuracy"))

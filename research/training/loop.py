@@ -16,9 +16,8 @@ from absl import logging
 
 from research import machine, runs
 from research.data import pipeline
-from research import metrics as detmetrics
 from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
-from research.training.actions import LoopContext, best_metric, standard_actions
+from research.training.actions import LoopContext, best_metric, standard_actions, val_report
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
 from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
@@ -112,7 +111,7 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
         return previous
     resume.record_session(cfg, flagfile, state.step)  # config.json is written once
 
-    positive_id = manifest["positive_class_id"]
+    positive_id = cfg.positive_id(manifest)  # None: a classifier
     weights = None
     if cfg.class_weighting == "balanced":
         weights = {k: tf.constant(v) for k, v in pipeline.class_weights(manifest).items()}
@@ -128,8 +127,9 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
                       step=state.step)
     if ctx.start_step == 0 and cfg.transfer != "features":
         record.log_sample_inputs(cfg, manifest, ctx.writers.train)
-    record.log_hparams_config(cfg, ctx.writers, plan.total_steps / plan.steps_per_epoch)
-    actions = standard_actions(cfg, manifest["positive_class"], ctx.start_step, extra=actions,
+    record.log_hparams_config(cfg, ctx.writers, plan.total_steps / plan.steps_per_epoch,
+                              classifier=positive_id is None)
+    actions = standard_actions(cfg, manifest, ctx.start_step, extra=actions,
                                steps_per_epoch=plan.steps_per_epoch)
     record.log_devices(strategy)
     record.log_model_summary(cfg, state.model)
@@ -169,24 +169,26 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
     summary = {"run_name": cfg.run_name, "start_step": ctx.start_step,
                "total_steps": ctx.plan.total_steps, "final_step": state.step,
                "epoch": int(state.epoch.numpy()),
-               "best_val_metric": best_metric(cfg, ctx.manifest["positive_class"]),
+               "best_val_metric": best_metric(cfg, ctx.manifest),
                "best_val": best if best >= 0 else None,
                "train_seconds": round(sum(s["train_seconds"] for s in sessions), 1),
                "stopped_early": ctx.stop, "sessions": sessions}
     if state.step >= ctx.plan.total_steps or ctx.stop:
-        report = ctx.last_report
+        report, result = ctx.last_report, ctx.result
         if report is None:
             result = ctx.evaluator.evaluate("val")
-            report = detmetrics.detection_report(result.labels, result.scores)
-        summary["final_val"] = {k: report[k] for k in
-                                ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold")}
+            report = val_report(cfg, ctx.manifest, result)
+        keys = (("class_accuracy", "top5_class_accuracy") if ctx.classifier else
+                ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold"))
+        summary["final_val"] = {k: report[k] for k in keys}
         model = state.model
         if cfg.transfer == "features":  # export image -> logits, not the head alone
             model = feature_cache.full_model(cfg, ctx.manifest, state.model)
-        summary["export"] = record.export_model(model, cfg, ctx.manifest, report["threshold"])
+        summary["export"] = record.export_model(model, cfg, ctx.manifest,
+                                                report.get("threshold"))
         final = dict(report)
-        if ctx.result is not None and ctx.result.class_accuracy is not None:
-            final["class_accuracy"] = ctx.result.class_accuracy
+        if result is not None and result.class_accuracy is not None:
+            final["class_accuracy"] = result.class_accuracy
         record.log_hparam_metrics(ctx.writers.eval, "val", final, state.step)
     ctx.writers.flush()
     runs.write_summary(cfg.run_dir, summary)

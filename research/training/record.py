@@ -51,13 +51,22 @@ def log_train(writer, values: dict, learning_rate: float, steps: int, seconds: f
 
 
 def log_eval(writer, result, report: dict, step: int, names, run_name: str = "") -> None:
-    """The val numbers, and the confusion matrix and ROC/PR curves titled with `run_name`."""
+    """The val numbers and the confusion matrix titled with `run_name`: a detector's
+    (`report` from metrics.detection_report: its 2 x 2 matrix at the val threshold and the
+    ROC/PR curves too) or a classifier's (metrics.classification_report: N-class and top-5
+    accuracy, the N x N matrix over `names`; no detection metric)."""
     run = f"{run_name} / " if run_name else ""
     with writer.as_default(step=step):
         tf.summary.scalar("loss", result.loss)
-        tf.summary.scalar("accuracy_at_0.5", result.accuracy)  # the detector's, at 0.5
-        if result.class_accuracy is not None:
-            tf.summary.scalar("class_accuracy", result.class_accuracy)
+        if result.accuracy is not None:
+            tf.summary.scalar("accuracy_at_0.5", result.accuracy)  # the detector's, at 0.5
+        for k in ("class_accuracy", "top5_class_accuracy"):
+            if getattr(result, k, None) is not None:
+                tf.summary.scalar(k, getattr(result, k))
+        if "roc_auc" not in report:  # a classifier
+            image_summary("confusion_matrix", detmetrics.confusion_figure(
+                report["class_confusion_matrix"], names, f"{run}{result.split}"), step)
+            return
         for k in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold"):
             tf.summary.scalar(k, report[k])
         tf.summary.scalar("f1_at_0.5", report["at_0.5"]["f1"])
@@ -90,6 +99,9 @@ HPARAM_METRICS = tuple((f"hparams/{split}_{m}", group, f"{split} {name}")
                        for split, group in (("val", "eval"), ("test", "test"))
                        for m, name in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"),
                                        ("f1", "F1"), ("class_accuracy", "N-class accuracy")))
+# A classifier (no positive class) has no detection metric: its HParams rows compare the
+# N-class accuracy only.
+CLASSIFIER_HPARAM_METRICS = tuple(m for m in HPARAM_METRICS if m[0].endswith("class_accuracy"))
 
 
 def hparam_values(cfg: TrainConfig, plan_epochs: float) -> dict:
@@ -102,12 +114,14 @@ def hparam_values(cfg: TrainConfig, plan_epochs: float) -> dict:
             "weights": "" if weights is None else str(weights)}
 
 
-def log_hparams_config(cfg: TrainConfig, writers: "Writers", plan_epochs: float) -> None:
+def log_hparams_config(cfg: TrainConfig, writers: "Writers", plan_epochs: float,
+                       classifier: bool = False) -> None:
     """The HParams experiment (what the view lists) and this run's session, at its start."""
+    metrics = CLASSIFIER_HPARAM_METRICS if classifier else HPARAM_METRICS
     with writers.session.as_default():
         hp.hparams_config(hparams=[hp.HParam(k) for k in HPARAMS],
                           metrics=[hp.Metric(tag, group=group, display_name=name)
-                                   for tag, group, name in HPARAM_METRICS])
+                                   for tag, group, name in metrics])
         hp.hparams({hp.HParam(k): v for k, v in hparam_values(cfg, plan_epochs).items()},
                    trial_id=cfg.run_name)
 
@@ -122,12 +136,15 @@ def log_hparam_metrics(writer, split: str, report: dict, step: int) -> None:
                 tf.summary.scalar(f"hparams/{split}_{key}", v)
 
 
-def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict, threshold: float) -> str:
+def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict,
+                 threshold: float | None) -> str:
     """Saves the detector as model.keras (Keras' own layers, float32: loads without this
     package), the metadata `predict` needs, and the SavedModel (research.export). Returns
-    model.keras' path."""
+    model.keras' path. A classifier (threshold None) is recorded as one: `classifier` true,
+    no threshold; `positive_class` stays the data's (what the export is checked against)."""
     path = runs.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
     export.export_detector(model, {
+        "classifier": cfg.positive_class(manifest) is None,
         "objective": cfg.objective, "positive_class": manifest["positive_class"],
         "positive_class_id": manifest["positive_class_id"],
         "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
@@ -174,14 +191,16 @@ def write_history(cfg: TrainConfig, rows: list[dict], steps_per_epoch: int) -> s
 
 
 def training_curves_figure(rows: list[dict], steps_per_epoch: int, title: str):
-    """Train and val loss, accuracy, and val ROC-AUC / PR-AUC per epoch, one panel each."""
+    """Train and val loss, accuracy, and val ROC-AUC / PR-AUC per epoch, one panel each (a
+    classifier's third panel: its val top-5 accuracy)."""
     epochs = [r["step"] / steps_per_epoch for r in rows]
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
+    detector = any(r.get("val_roc_auc") is not None for r in rows)
     panels = (("loss", [("train_loss", "train"), ("val_loss", "val")]),
               ("accuracy", [("train_accuracy", "train"), ("val_accuracy", "val")]),
-              ("val ROC-AUC and PR-AUC", [("val_roc_auc", "ROC-AUC"),
-                                          ("val_pr_auc", "PR-AUC")]))
+              ("val ROC-AUC and PR-AUC", [("val_roc_auc", "ROC-AUC"), ("val_pr_auc", "PR-AUC")])
+              if detector else ("val top-5 accuracy", [("val_top5_accuracy", "top-5")]))
     for ax, (name, series) in zip(axes, panels):
         for key, label in series:
             values = [r.get(key) for r in rows]
@@ -189,7 +208,8 @@ def training_curves_figure(rows: list[dict], steps_per_epoch: int, title: str):
                 ax.plot(epochs, [float("nan") if v is None else v for v in values], "o-",
                         label=label, markersize=3)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(name.split(" ")[0] if name != "val ROC-AUC and PR-AUC" else "AUC")
+        ax.set_ylabel({"val ROC-AUC and PR-AUC": "AUC",
+                       "val top-5 accuracy": "accuracy"}.get(name, name))
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if ax.lines:

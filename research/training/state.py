@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from research.data import pipeline
+from research.metrics import TOP_K
 from research.training import checkpoints
 from research.training.config import TrainConfig
 from research.training.lookahead import Lookahead
@@ -81,16 +82,32 @@ class TrainState:
         return step
 
 
-def make_metrics(cfg: TrainConfig, training: bool) -> dict:
+def make_metrics(cfg: TrainConfig, training: bool, classifier: bool = False) -> dict:
     """The streaming metrics of the train steps (with a bucketed ROC-AUC) or of an
-    evaluation pass (whose exact metrics are computed from all scores afterwards)."""
-    metrics = {"loss": keras.metrics.Mean(name="loss"),
-               "accuracy": keras.metrics.BinaryAccuracy(name="accuracy")}
-    if training:
-        metrics["roc_auc"] = keras.metrics.AUC(curve="ROC", num_thresholds=500, name="roc_auc")
+    evaluation pass (whose exact metrics are computed from all scores afterwards; it adds
+    the top-5 accuracy). A classifier (no positive class) has no detector metric."""
+    metrics = {"loss": keras.metrics.Mean(name="loss")}
+    if not classifier:
+        metrics["accuracy"] = keras.metrics.BinaryAccuracy(name="accuracy")
+        if training:
+            metrics["roc_auc"] = keras.metrics.AUC(curve="ROC", num_thresholds=500,
+                                                   name="roc_auc")
     if cfg.objective == "multiclass":
         metrics["class_accuracy"] = keras.metrics.SparseCategoricalAccuracy("class_accuracy")
+        if not training:
+            metrics["top5_class_accuracy"] = keras.metrics.SparseTopKCategoricalAccuracy(
+                k=TOP_K, name="top5_class_accuracy")
     return metrics
+
+
+def since_eval_keys(cfg: TrainConfig) -> tuple[str, ...]:
+    """The train metrics whose sums since the last evaluation the checkpoint keeps
+    (TrainState.since_eval, then the step count), in that order: a detector's names for
+    either kind of run, so a classifier's checkpoint has the layout a source task's had
+    before classifiers dropped the detector metrics, and such a run resumes (a classifier's
+    sums of the detector metrics stay 0)."""
+    return tuple(sorted(["accuracy", "loss", "roc_auc"] +
+                        (["class_accuracy"] if cfg.objective == "multiclass" else [])))
 
 
 def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manifest: dict,
@@ -122,12 +139,13 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_val")
         bad = tf.Variable(0, dtype=tf.int64, trainable=False, name="evals_without_gain")
-        train_metrics = make_metrics(cfg, training=True)
+        train_metrics = make_metrics(cfg, training=True,
+                                     classifier=cfg.positive_class(manifest) is None)
         # Keras seed-generator states (dropout masks) are not tracked through the model by
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
         slow = {"lookahead_slow": lookahead.slow} if lookahead else {}
-        since_eval = tf.Variable(tf.zeros([len(train_metrics) + 1], tf.float64),
+        since_eval = tf.Variable(tf.zeros([len(since_eval_keys(cfg)) + 1], tf.float64),
                                  trainable=False, name="since_eval")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
                                          best_metric=best, bad_evals=bad, rng_states=rng_states,

@@ -46,17 +46,20 @@ def l2_penalty(cfg: TrainConfig, variables) -> tf.Tensor:
 
 def update_metrics(metrics: dict, batch: dict, per_example: tf.Tensor, scores: tf.Tensor,
                    logits: tf.Tensor) -> None:
+    """`scores` (p(positive)) is None for a classifier, whose metrics read the logits only."""
     metrics["loss"].update_state(per_example)
-    metrics["accuracy"].update_state(batch["label"], scores)
-    if "roc_auc" in metrics:
-        metrics["roc_auc"].update_state(batch["label"], scores)
-    if "class_accuracy" in metrics:
-        metrics["class_accuracy"].update_state(batch["class_id"], logits)
+    for name in ("accuracy", "roc_auc"):
+        if name in metrics:
+            metrics[name].update_state(batch["label"], scores)
+    for name in ("class_accuracy", "top5_class_accuracy"):
+        if name in metrics:
+            metrics[name].update_state(batch["class_id"], logits)
 
 
-def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
+def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None,
                     weights: dict | None):
-    """A tf.function that runs `num_steps` distributed steps from `iterator`."""
+    """A tf.function that runs `num_steps` distributed steps from `iterator` (`positive_id`
+    None: a classifier)."""
     strategy, model, optimizer = state.strategy, state.model, state.active_optimizer
     replicas = strategy.num_replicas_in_sync
 
@@ -102,8 +105,9 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
             grads = [g * cfg.bias_lr_scale if is_bn_shift(v) else g
                      for g, v in zip(grads, model.trainable_variables)]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        update_metrics(state.train_metrics, batch, per_ex,
-                       positive_scores(logits, cfg.objective, positive_id), logits)
+        scores = (None if positive_id is None
+                  else positive_scores(logits, cfg.objective, positive_id))
+        update_metrics(state.train_metrics, batch, per_ex, scores, logits)
 
     lookahead = state.lookahead
 
@@ -119,16 +123,18 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int,
 
 
 def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
-                   metrics: dict, positive_id: int):
-    """A tf.function scoring one distributed batch; returns the gathered outputs."""
+                   metrics: dict, positive_id: int | None):
+    """A tf.function scoring one distributed batch; returns the gathered outputs (a
+    classifier's, `positive_id` None, without scores)."""
 
     def replica_step(batch):
         scores, logits = detector_scores(model, batch["image"], cfg.objective, positive_id,
                                          cfg.tta, cfg.tta_shifts)
         update_metrics(metrics, batch, per_example_loss(cfg, batch, logits, None), scores,
                        logits)
-        return {"score": scores, "label": batch["label"], "class_id": batch["class_id"],
-                "index": batch["index"], "logits": tf.cast(logits, tf.float32)}
+        out = {"label": batch["label"], "class_id": batch["class_id"], "index": batch["index"],
+               "logits": tf.cast(logits, tf.float32)}
+        return out if scores is None else {**out, "score": scores}
 
     def eval_step(dist_batch):
         out = strategy.run(replica_step, args=(dist_batch,))
