@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -248,3 +249,28 @@ def test_flag_errors_and_the_lock_come_before_the_heavy_imports(syn, tmp_path):
     assert res.returncode == 1 and "is being trained by pid" in res.stderr
     assert not any("tensorflow" in x for x in res.stderr.splitlines()
                    if x.startswith("import time:"))
+
+
+def test_a_checkpoint_missing_a_weight_of_the_model_is_refused_not_scored(tmp_path):
+    """A layer added to the network since the checkpoint was written shifts Keras' layer
+    order: the restore must fail naming the weight, not leave it at its initial value."""
+    import keras
+    import tensorflow as tf
+
+    from research.training import checkpoints
+
+    def net(extra: bool):
+        x = inp = keras.Input((4,))
+        x = keras.layers.Dense(3, name="hidden")(x)
+        if extra:
+            x = keras.layers.Flatten(name="flat")(x)
+        return keras.Model(inp, keras.layers.Dense(2, name="logits")(x), name="net")
+
+    old = net(False)
+    path = tf.train.Checkpoint(model=old).write(str(tmp_path / "ckpt"))
+    same = net(False)
+    checkpoints.restore_model(same, path)
+    np.testing.assert_array_equal(same.get_layer("logits").kernel.numpy(),
+                                  old.get_layer("logits").kernel.numpy())
+    with pytest.raises(checkpoints.CheckpointError, match="logits/kernel"):
+        checkpoints.restore_model(net(True), path)

@@ -30,7 +30,7 @@ def restore_for_eval(cfg: TrainConfig, checkpoint: str, strategy=None, manifest=
     manifest = manifest or pipeline.load_manifest(cfg.data_dir)
     with strategy.scope():
         model = make_model(cfg, manifest)
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    checkpoints.restore_model(model, checkpoint)
     return model, manifest, strategy
 
 

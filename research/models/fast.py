@@ -49,11 +49,11 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
         x = bn_act(x, f"group{i}_1")
         x = bn_act(conv(x, w, f"group{i}_conv2"), f"group{i}_2")
     # 32 -> 31 (the 2x2 'valid' whitening) -> 15 -> 7 -> 3: airbench's nn.MaxPool2d(3) on this
-    # 3x3 map is a global max. A max pool over the whole map rather than GlobalMaxPooling2D:
-    # the same forward pass, and its gradient goes to one maximum where several tie (as
-    # PyTorch's), where reduce_max's splits evenly between them.
-    x = layers.MaxPooling2D(tuple(x.shape[1:3]), name="gmp", dtype=dtype)(x)
-    x = layers.Flatten(name="gmp_flat", dtype=dtype)(x)
+    # 3x3 map is this global max. (Where maxima tie exactly, reduce_max's gradient splits
+    # between them and PyTorch's goes to the first: measured by the reference benchmark's
+    # parity mode. A pooling layer of another shape would break every saved checkpoint's
+    # layer order, so it stays.)
+    x = layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x)
     logits = logits_head(x, num_outputs, opts.feature_scale, opts.dropout, dtype,
                          bias=opts.logits_bias, init=opts.logits_init)
     return keras.Model(inputs, logits, name=name)

@@ -180,3 +180,22 @@ def resolve_checkpoint(run_dir: str, which: str, verify: bool = True) -> str:
     if problem:
         raise ConfigError(f"--checkpoint={which}: {path} cannot be read ({problem})")
     return path
+
+
+def restore_model(model, path: str) -> None:
+    """The model's weights from checkpoint `path` (the optimizer's and the rest of the train
+    state are left out), every one of them: a checkpoint that does not hold a variable of
+    `model` (another network, or a layer added since) is an error naming it, never a model
+    scored or trained with that variable left at its initial value."""
+    status = tf.train.Checkpoint(model=model).restore(path)
+    status.expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        text = str(e)
+        if text.startswith("Found 1 Python objects") and "save_counter" in text:
+            return  # a checkpoint written with .write(): no save counter, every weight there
+        first = text.splitlines()[0][:300]
+        raise CheckpointError(f"{path}: does not hold every weight of {model.name} (a network "
+                              f"built differently from the one that was trained?): {first}"
+                              ) from None

@@ -63,7 +63,7 @@ def restore_or_warm_start(cfg: TrainConfig, state, latest: str | None = None) ->
         logging.info("Resumed %s at step %d (epoch %d%s)", latest, state.step,
                      int(state.epoch.numpy()), ", phase 2" if state.in_phase_2 else "")
     elif cfg.init_checkpoint:
-        tf.train.Checkpoint(model=state.model).restore(cfg.init_checkpoint).expect_partial()
+        checkpoints.restore_model(state.model, cfg.init_checkpoint)
         logging.info("Warm-started the model from %s", cfg.init_checkpoint)
 
 
