@@ -289,7 +289,7 @@ def test_feature_cache_extracts_only_what_the_run_reads_and_adds_the_rest(source
     larger = transfer_cfg(syn, ck, transfer="features", train_fraction=0.5, eval_fraction=0.5,
                           model_options=opts)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):  # absl's own level, whatever ran before
         second = features.open_cache(larger)
     added = len(np.setdiff1d(np.flatnonzero(examples.example_mask(larger, "train")),
                              before["positions"]))
