@@ -133,9 +133,15 @@ def compare_runs(checkpoint_dir: str, names, split: str, data_dir: str | None = 
                             **scoring.count_params(run["cfg"], run["manifest"]),
                             **training_cost(run["cfg"], run["summary"])} for run in loaded}
     first = loaded[0]
+    fractions = {run["name"]: run["cfg"].eval_fraction for run in loaded}
+    if len(set(fractions.values())) > 1:  # they would not score the same images
+        listed = ", ".join(f"{k} {v}" for k, v in fractions.items())
+        raise ConfigError(f"--runs: the runs score different subsets of the split "
+                          f"(--eval_fraction: {listed})")
     s = first["manifest"]["splits"][split]
     result = {"split": split, "data_dir": first["cfg"].data_dir,
               "num_examples": s["num_examples"], "num_positive": s["num_positive"],
+              "split_size": s["num_examples"], "eval_fraction": first["cfg"].eval_fraction,
               "num_classes": len(first["manifest"]["class_names"]),
               "checkpoint": checkpoint, "runs": {}}
     if not all(run["cfg"].positive_class(run["manifest"]) is None for run in loaded):
@@ -147,6 +153,9 @@ def compare_runs(checkpoint_dir: str, names, split: str, data_dir: str | None = 
                                            progress=progress, verified=True)
         result["runs"][run["name"]] = {**report, **extras[run["name"]]}
         raw_by_run[run["name"]] = raw
+    scored = next(iter(result["runs"].values()))  # the same images for every run
+    result["num_examples"], result["num_positive"] = scored["num_examples"], scored.get(
+        "num_positive", 0)
     return result, raw_by_run
 
 
@@ -188,8 +197,10 @@ def format_table(result: dict) -> str:
             f"thresholds chosen on {result['threshold_source']}." if detectors else
             f"{result['num_classes']} classes (classifiers: no positive class); checkpoint "
             f"{result['checkpoint']}.")
+    subset = (f" (a subset of its {result['split_size']:,}: --eval_fraction="
+              f"{result['eval_fraction']})" if result.get("eval_fraction") else "")
     lines = [f"Runs on **{result['split']}** of `{result['data_dir']}`: "
-             f"{result['num_examples']:,} images, {what}", "",
+             f"{result['num_examples']:,} images{subset}, {what}", "",
              "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, r in runs.items():
         row = [name.replace("|", "\\|")]
