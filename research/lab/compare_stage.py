@@ -37,5 +37,5 @@ def stage_compare(lab: Lab) -> StageRecord:
         compare.write_figure(result, raw, prefix)
         print(compare.format_table(result), flush=True)
     outputs = {"json": prefix + ".json", "markdown": prefix + ".md", "figure": prefix + ".png"}
-    return lab.finish("compare", "Comparison on the full test set", start, reused,
+    return lab.finish("compare", "Comparison on the test set", start, reused,
                       [command("research.apps.compare", flags)], flags, outputs)

@@ -9,6 +9,7 @@ import datetime
 import html
 import json
 import os
+import re
 
 from research import files, machine, plots
 from research.lab import figures
@@ -44,7 +45,8 @@ class Doc:
         self.md_dir = md_dir
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        anchor = re.sub(r"[^a-z0-9]+", "-", text.lower().split(":")[0]).strip("-")
+        self.html.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')
         self.md.append(f"\n{'#' * level} {text}\n")
 
     def para(self, text: str, cls: str | None = None) -> None:
@@ -185,7 +187,7 @@ def _training_section(doc: Doc, lab, records: dict) -> None:
 
 
 def _comparison_section(doc: Doc, records: dict) -> None:
-    doc.heading("Comparison on the full test set")
+    doc.heading("Comparison on the test set")
     comp = records.get("compare")
     result = _load(comp.outputs["json"]) if comp else None
     if result:
