@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from research.fields import first_error, setting
+from research.fields import default_of, first_error, setting
 
 ACTIVATIONS = ("gelu", "relu")
 LOGITS_INITS = ("zeros", "uniform")
 HEADS = ("gap", "flatten")
+DOWNSAMPLES = ("maxpool", "avgpool", "stride", "none")  # the scratch CNN's, per stage
 WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
 
 
@@ -60,9 +61,22 @@ class ScratchOptions:
     feature_scale: float = setting(0.125, "Scratch CNN: multiply the pooled features by this "
                                    "before the logits layer (tames the loss spike of early "
                                    "training).", gt=0)
-    pool_before_bn: bool = setting(True, "Scratch CNN: max-pool each stage's conv output "
-                                   "before BN and ReLU (20% faster on CPU; else "
-                                   "conv-BN-ReLU-pool).")
+    downsample: str = setting("maxpool", "Scratch CNN: how each stage halves the resolution "
+                              "after its first conv. maxpool: a 2x2 max-pool (the network "
+                              "before this option); avgpool: a 2x2 average pool; stride: that "
+                              "conv has stride 2, no pooling layer; none: no downsampling, "
+                              "every stage at full resolution (about 18x the multiply-adds of "
+                              "maxpool at the default widths, 11x at 16,32,64). "
+                              "--pool_before_bn applies to maxpool and avgpool only.",
+                              choices=DOWNSAMPLES)
+    pool_before_bn: bool = setting(True, "Scratch CNN: pool each stage's conv output before "
+                                   "BN and ReLU (20% faster on CPU; else conv-BN-ReLU-pool). "
+                                   "maxpool: the same function up to BN's statistics (a "
+                                   "max commutes with ReLU and with BN's increasing map while "
+                                   "gamma > 0); avgpool: it averages pre-activations, so conv "
+                                   "and pool act as one linear 4x4 stride-2 filter, where "
+                                   "conv-BN-ReLU-pool averages rectified features; stride and "
+                                   "none: no pooling layer, always conv-BN-ReLU.")
 
     def validate(self) -> tuple[str, str] | None:
         """(flag, message) for the first bad option, else None."""
@@ -169,6 +183,15 @@ def check_transfer_options(backbone: str, opts: TransferOptions
     if backbone == "scratch" and opts.weights == "imagenet":
         return "weights", "the scratch network has no ImageNet weights; use none or a run name"
     return None
+
+
+def options_with_defaults(name: str, options: dict, transfer: bool = False) -> dict:
+    """`options` with every option it lacks at its default: a run recorded before an option
+    existed ran with what is now its default (a new option's default keeps the old network)."""
+    cls = options_class(name, transfer)
+    if cls is None:
+        return dict(options)
+    return {**{f.name: default_of(cls, f.name) for f in dataclasses.fields(cls)}, **options}
 
 
 def model_options_error(name: str, options: dict, transfer: bool = False

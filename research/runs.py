@@ -7,7 +7,7 @@ explain, the lab and transfer from a run read it, all through here.
     sessions.jsonl       one line per session (start step, settings it changed, data digest)
     train_summary.json   steps, train seconds per session, best val, final val, the export
     history.jsonl        one row per evaluation; curves.png drawn from it
-    model_summary.txt    layers, output shapes, parameters
+    model_summary.txt    layers, output shapes, parameters, receptive fields, multiply-adds
     ckpt-<step>.*        rolling checkpoints (+ `checkpoint`, the index); best/ the best one
     export/model.keras   the finished detector (Keras' own layers); export/metadata.json how
                          to feed and read it; export/saved_model/ the same detector for TF

@@ -83,6 +83,7 @@ def test_curves_summary_and_resume(syn, tmp_path):
     run = tmp_path / "ck" / "c"
     assert (run / "curves.png").exists() and (run / "model_summary.txt").exists()
     assert "Total params" in (run / "model_summary.txt").read_text()
+    assert "Receptive field at the last conv" in (run / "model_summary.txt").read_text()
     first = (run / "curves.png").stat().st_mtime_ns
     rows = (run / "history.jsonl").read_text().splitlines()
     assert len(rows) == 2

@@ -5,6 +5,10 @@ pool_before_bn=False), then `res_blocks[i]` residual blocks of two conv-BN-ReLU 
 max+avg pooling, scaled by `feature_scale` -> dropout -> one logit (binary objective) or
 one logit per class (multiclass). The network outputs logits; sigmoid/softmax is applied only
 where probabilities are wanted.
+
+`downsample` swaps each stage's max-pool for an average pool, a stride-2 stage conv, or
+nothing (full resolution throughout); the default builds the same layers, names and
+initial weights as before the option existed.
 """
 
 from __future__ import annotations
@@ -46,11 +50,36 @@ def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype
                         dtype="float32")(x)
 
 
-def _conv_bn_relu(x, filters: int, name: str, dtype, bn_layer):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv",
-                      kernel_initializer="he_normal", dtype=dtype)(x)
+POOLS = {"maxpool": layers.MaxPooling2D, "avgpool": layers.AveragePooling2D}
+
+
+def _conv(x, filters: int, name: str, dtype, strides: int = 1):
+    return layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                         name=f"{name}_conv", kernel_initializer="he_normal", dtype=dtype)(x)
+
+
+def _bn_relu(x, name: str, dtype, bn_layer):
     x = bn_layer(momentum=0.9, name=f"{name}_bn", dtype=dtype)(x)
     return layers.ReLU(name=f"{name}_relu", dtype=dtype)(x)
+
+
+def _conv_bn_relu(x, filters: int, name: str, dtype, bn_layer, strides: int = 1):
+    return _bn_relu(_conv(x, filters, name, dtype, strides), name, dtype, bn_layer)
+
+
+def _stage_entry(x, filters: int, i: int, opts: ScratchOptions, dtype, bn_layer):
+    """A stage's first conv and its downsampling (`opts.downsample`); layers stage{i}_conv,
+    _pool (pooling choices only), _bn, _relu."""
+    pool = POOLS.get(opts.downsample)
+    name = f"stage{i}"
+    if pool is None:  # stride: the conv itself halves the map; none: nothing does
+        return _conv_bn_relu(x, filters, name, dtype, bn_layer,
+                             strides=2 if opts.downsample == "stride" else 1)
+    if opts.pool_before_bn:  # BN and ReLU at a quarter of the pixels: memory-bound ops
+        x = pool(2, name=f"{name}_pool", dtype=dtype)(_conv(x, filters, name, dtype))
+        return _bn_relu(x, name, dtype, bn_layer)
+    x = _conv_bn_relu(x, filters, name, dtype, bn_layer)
+    return pool(2, name=f"{name}_pool", dtype=dtype)(x)
 
 
 def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
@@ -71,15 +100,7 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
     inputs, x = normalized_input(image_shape, dtype)
     x = _conv_bn_relu(x, opts.stem_width, "stem", dtype, bn_layer)
     for i, (w, r) in enumerate(zip(widths, res_blocks)):
-        if opts.pool_before_bn:  # BN and ReLU at a quarter of the pixels: memory-bound ops
-            x = layers.Conv2D(w, 3, padding="same", use_bias=False, name=f"stage{i}_conv",
-                              kernel_initializer="he_normal", dtype=dtype)(x)
-            x = layers.MaxPooling2D(2, name=f"stage{i}_pool", dtype=dtype)(x)
-            x = bn_layer(momentum=0.9, name=f"stage{i}_bn", dtype=dtype)(x)
-            x = layers.ReLU(name=f"stage{i}_relu", dtype=dtype)(x)
-        else:
-            x = _conv_bn_relu(x, w, f"stage{i}", dtype, bn_layer)
-            x = layers.MaxPooling2D(2, name=f"stage{i}_pool", dtype=dtype)(x)
+        x = _stage_entry(x, w, i, opts, dtype, bn_layer)
         for j in range(r):
             y = _conv_bn_relu(x, w, f"stage{i}_res{j}a", dtype, bn_layer)
             y = _conv_bn_relu(y, w, f"stage{i}_res{j}b", dtype, bn_layer)

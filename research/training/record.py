@@ -15,6 +15,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from research import export, plots, runs
 from research.data import imaging, pipeline
+from research.models import receptive_field
 from research import metrics as detmetrics
 from research.training import inputs
 from research.training.config import TrainConfig
@@ -156,10 +157,13 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict,
 
 def log_model_summary(cfg: TrainConfig, model: keras.Model) -> str:
     """Keeps the model summary (layers, output shapes, parameters, trainable parameters) in
-    the run record as model_summary.txt; the log says where (the table itself with -v 1)."""
+    the run record as model_summary.txt, with each layer's output size, receptive field,
+    jump and multiply-adds under it (research.models.receptive_field); the log says where
+    (the tables themselves with -v 1)."""
     lines = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=100,
                   expand_nested=True)
+    lines += ["", receptive_field.format_geometry(receptive_field.layer_geometry(model))]
     text = "\n".join(lines)
     runs.write_model_summary(cfg.run_dir, text)
     logging.info("Model %s: %s parameters (%s trainable); layers in %s", model.name,

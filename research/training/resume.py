@@ -19,6 +19,7 @@ from absl import logging
 from research import machine, runs
 from research.data.manifest import has_manifest, manifest_path
 from research.fields import resumable
+from research.model_options import options_with_defaults
 from research.training import checkpoints
 from research.training.config import ConfigError, TrainConfig
 from research.training.runlock import now
@@ -35,9 +36,11 @@ def _plain(value):
 
 
 def _flat(cfg: TrainConfig) -> dict:
-    """Settings by flag name (model options as their own flags)."""
+    """Settings by flag name (model options as their own flags, an option the record lacks
+    at its default)."""
     d = _plain(dataclasses.asdict(cfg))
-    for k, v in d.pop("model_options").items():
+    options = options_with_defaults(cfg.model, d.pop("model_options"), cfg.uses_backbone)
+    for k, v in _plain(options).items():
         d[k] = v
     return d
 
