@@ -4,6 +4,8 @@ colour bar."""
 
 from types import SimpleNamespace
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -122,7 +124,8 @@ def test_every_evaluation_figure_names_its_run(syn):
     test = pipeline.take_examples(syn, "test")
     labels = test["label"].astype(np.float32)
     scores = np.random.default_rng(1).random(len(labels)).astype(np.float32)
-    raw = {"labels": labels, "scores": scores, "class_ids": test["class_id"]}
+    raw = {"labels": labels, "scores": scores, "class_ids": test["class_id"],
+           "index": test["index"]}
     report = {"split": "test", **metrics.detection_report(labels, scores, 0.5)}
     cfg = TrainConfig(data_dir=syn, run_name="lab_transfer_scratch_fine_tune_src")
     figs = reporting.eval_figures(cfg, report, raw, worst=12)
@@ -134,6 +137,35 @@ def test_every_evaluation_figure_names_its_run(syn):
     renderer = _drawn(figs["test_confusion.png"])
     (ax,) = figs["test_confusion.png"].axes  # the long run name fits the figure
     assert ax.title.get_window_extent(renderer).x1 <= figs["test_confusion.png"].bbox.x1
+
+
+def test_worst_mistakes_show_the_images_scored_when_a_run_reads_a_subset(syn):
+    """Rows of the scored arrays are not split positions under --eval_fraction: each cell
+    must show the image whose score and class its title gives."""
+    test = pipeline.take_examples(syn, "test")
+    keep = np.arange(len(test["label"])) % 3 == 1  # a subset, as --eval_fraction reads
+    rows = np.flatnonzero(keep)
+    labels = test["label"][rows].astype(np.float32)
+    scores = np.random.default_rng(2).random(len(rows)).astype(np.float32)
+    raw = {"labels": labels, "scores": scores, "class_ids": test["class_id"][rows],
+           "index": test["index"][rows]}
+    report = {"split": "test", **metrics.detection_report(labels, scores, 0.5)}
+    shown = []
+    real_grid = plots.image_grid
+
+    def grid(images, titles, **kw):
+        shown.extend(zip(images, titles))
+        return real_grid(images, titles, **kw)
+
+    cfg = TrainConfig(data_dir=syn, run_name="subset")
+    with mock.patch.object(plots, "image_grid", grid):
+        reporting.eval_figures(cfg, report, raw, worst=6)
+    assert shown
+    by_image = {test["image"][p].tobytes(): p for p in test["index"][rows]}
+    names = pipeline.load_manifest(syn)["class_names"]
+    for image, title in shown:
+        position = by_image[np.asarray(image).tobytes()]  # a scored image, not another one
+        assert title.startswith(names[test["class_id"][position]] + " ")
 
 
 def test_tensorboard_figures_name_their_run(syn, tmp_path, monkeypatch):

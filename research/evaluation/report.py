@@ -77,14 +77,18 @@ def eval_figures(cfg: TrainConfig, report: dict, raw: dict, worst: int = 16) -> 
     fn_idx = np.flatnonzero(labels & (scores < report["threshold"]))
     fp_idx = fp_idx[np.argsort(-scores[fp_idx])][:worst]
     fn_idx = fn_idx[np.argsort(scores[fn_idx])][:worst]
-    found = pipeline.take_examples(cfg.data_dir, split, indices=np.r_[fp_idx, fn_idx])
+    # rows of the scored arrays -> positions in the split (they differ when the run reads a
+    # subset: --eval_fraction, --exclude_classes)
+    position = np.asarray(raw["index"])
+    found = pipeline.take_examples(cfg.data_dir, split,
+                                   indices=position[np.r_[fp_idx, fn_idx].astype(int)])
     images = dict(zip(found["index"].tolist(), found["image"]))
     for kind, idx in (("false_positives", fp_idx), ("false_negatives", fn_idx)):
         if len(idx) == 0:
             continue
         titles = [f"{names[raw['class_ids'][i]]} p={scores[i]:.2f}" for i in idx]
         figs[f"{split}_worst_{kind}.png"] = plots.image_grid(
-            [images[i] for i in idx], titles, ncols=8,
+            [images[position[i]] for i in idx], titles, ncols=8,
             title=f"{run}: worst {kind.replace('_', ' ')} on {split} "
                   f"(threshold {report['threshold']:.3f})")
     return figs
