@@ -75,8 +75,10 @@ class _QuietFinder(importlib.abc.MetaPathFinder):
 
 
 # INFO lines TensorFlow writes through absl's logger (so at our apps' verbosity): one per
-# checkpoint save.
-ABSL_NOISE = re.compile(r"^Sharding callback duration")
+# checkpoint save, and two per SavedModel export (its signature's captured variables, the
+# fingerprint file).
+ABSL_NOISE = re.compile(r"^Sharding callback duration|^Function `\w+` contains input name\(s\)"
+                        r"|^Writing fingerprint to")
 # TensorFlow's retracing heuristic counts the traces of every tf.function made from the same
 # code: a process that trains or scores several models (the lab, compare) builds one train
 # loop and one eval step per model, and each traces once. That is expected, not a retracing
@@ -88,7 +90,7 @@ RETRACING_EXPECTED = re.compile(
 
 class _AbslNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO or not ABSL_NOISE.search(str(record.msg))
+        return record.levelno > logging.INFO or not ABSL_NOISE.search(record.getMessage())
 
 
 class _ExpectedRetracing(logging.Filter):
