@@ -35,7 +35,7 @@ def stage_compare(lab: Lab) -> StageRecord:
                                            data_dir=lab.s.data_dir, progress=lab.s.progress)
         compare.write_table(result, prefix)
         compare.write_figure(result, raw, prefix)
-        print(compare.format_table(result), flush=True)
+        print(f"[lab] compared {', '.join(names)}: {prefix}.md", flush=True)
     outputs = {"json": prefix + ".json", "markdown": prefix + ".md", "figure": prefix + ".png"}
     return lab.finish("compare", "Comparison on the test set", start, reused,
                       [command("research.apps.compare", flags)], flags, outputs)

@@ -9,7 +9,6 @@ import time
 
 from research import runs
 from research.data import pipeline
-from research.evaluation import report as reporting
 from research.evaluation import run as scoring
 from research.explain.hooks import gradcam_actions
 from research.lab.lab import SPLIT, Lab, Preempted, StageRecord, changed_flags, command
@@ -63,8 +62,21 @@ def evaluate(lab: Lab, run_name: str, figures: bool = True) -> tuple[dict, bool]
         return report, True
     report, _ = scoring.evaluate_and_save(cfg, SPLIT, best, figures=figures,
                                           progress=lab.s.progress, verified=True)
-    print(reporting.format_report(report), flush=True)
+    print(summary_line(report), flush=True)  # the whole report: in the file and the page
     return report, False
+
+
+def summary_line(report: dict) -> str:
+    """One line of a test report for the lab's output."""
+    n = f"{report['num_examples']:,} images"
+    if report.get("classifier"):
+        return (f"[lab] {report['run_name']} on {report['split']} ({n}): "
+                f"{report.get('num_classes', '?')}-class accuracy {report['class_accuracy']:.4f}")
+    line = (f"[lab] {report['run_name']} on {report['split']} ({n}): ROC-AUC "
+            f"{report['roc_auc']:.4f}, PR-AUC {report['pr_auc']:.4f}, F1 {report['f1']:.4f}")
+    if report.get("class_accuracy") is not None:
+        line += f", {report.get('num_classes', '?')}-class {report['class_accuracy']:.4f}"
+    return line
 
 
 def eval_command(lab: Lab, run_name: str) -> str:
