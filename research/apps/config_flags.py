@@ -15,6 +15,7 @@ import typing
 
 from absl import app, flags
 
+from research import runs
 from research.errors import UserError
 from research.fields import bounds, range_error
 
@@ -193,3 +194,25 @@ def fail(e: BaseException) -> None:
 def run(main) -> None:
     """Starts an app: our flag parser, then `main`."""
     app.run(main, flags_parser=parse)
+
+
+def define_export_flags() -> None:
+    """--model / --run_name and --checkpoint_dir: the export an app reads (predict, export)."""
+    module = _caller()
+    flags.DEFINE_string("model", None, "An exported model.keras (metadata.json beside it).",
+                        module_name=module)
+    flags.DEFINE_string("run_name", None, "Instead of --model: the training run whose export "
+                        "to use.", module_name=module)
+    flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR,
+                        "Parent folder of training runs (with --run_name).", module_name=module)
+
+
+def export_path(flag_values=flags.FLAGS) -> tuple[str, str]:
+    """(the model.keras that --model or --run_name names, that flag); exactly one of them
+    must be given (UserError otherwise)."""
+    if (flag_values.model is None) == (flag_values.run_name is None):
+        raise UserError("--model, --run_name: give exactly one")
+    if flag_values.model:
+        return flag_values.model, "--model"
+    return runs.exported_model_path(flag_values.checkpoint_dir, flag_values.run_name), \
+        "--run_name"

@@ -17,20 +17,14 @@ from research.apps import config_flags
 from research.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "An exported model.keras (metadata.json beside it).")
-flags.DEFINE_string("run_name", None, "Instead of --model: the training run whose export to use.")
-flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR,
-                    "Parent folder of training runs (with --run_name).")
+config_flags.define_export_flags()
 flags.DEFINE_bool("tflite", False, "Also write model.tflite, converted from the SavedModel.")
 
 
 def main(argv):
     del argv
-    if (FLAGS.model is None) == (FLAGS.run_name is None):
-        config_flags.fail(UserError("--model, --run_name: give exactly one"))
-    model_path = FLAGS.model or runs.exported_model_path(FLAGS.checkpoint_dir, FLAGS.run_name)
-    flag = "--model" if FLAGS.model else "--run_name"
     try:
+        model_path, flag = config_flags.export_path()
         runs.read_metadata(model_path, flag)  # a bad path is one line before TensorFlow
         from research import export  # the heavy imports, once the flags are known good
 

@@ -25,10 +25,7 @@ from research.errors import UserError
 from research.inference import PredictOptions
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "An exported model.keras (metadata.json beside it).")
-flags.DEFINE_string("run_name", None, "Instead of --model: the training run whose export to use.")
-flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR,
-                    "Parent folder of training runs (with --run_name).")
+config_flags.define_export_flags()
 flags.DEFINE_list("images", None, "Image files, folders and globs (JPEG, PNG, ... any size).")
 flags.DEFINE_string("output", None, "CSV of path,score,decision,top_classes,error.")
 config_flags.define_flags(PredictOptions)
@@ -42,15 +39,11 @@ def main(argv):
     from research.data import imaging
 
     try:
-        if (FLAGS.model is None) == (FLAGS.run_name is None):
-            raise inference.InferenceError("--model, --run_name: give exactly one")
+        model_path, flag = config_flags.export_path()
         if FLAGS.output:
             inference.check_output(FLAGS.output)
         options = PredictOptions(**config_flags.values_from_flags(PredictOptions))
         options.validate()
-        model_path = FLAGS.model or runs.exported_model_path(FLAGS.checkpoint_dir,
-                                                             FLAGS.run_name)
-        flag = "--model" if FLAGS.model else "--run_name"
         meta = runs.read_metadata(model_path, flag)
         expansion = inference.expand_images(FLAGS.images)
         detector = detectors.load_detector(model_path, meta, flag)

@@ -71,11 +71,13 @@ def cache_key(cfg: TrainConfig, model: keras.Model) -> tuple[str, dict]:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
 
 
-def _read(path: str) -> dict[str, np.ndarray]:
+def _read(path: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a cache file (`keys` only: an .npz member is read when asked for, so the
+    positions alone cost nothing next to the features)."""
     with np.load(path) as f:
-        out = {k: f[k] for k in f.files}
-    if "positions" not in out:  # a cache written whole, before caches were per example
-        out["positions"] = np.arange(len(out["label"]), dtype=np.int64)
+        out = {k: f[k] for k in (keys or f.files) if k in f.files}
+        if "positions" not in f.files:  # a cache written whole, before it was per example
+            out["positions"] = np.arange(len(f["label"]), dtype=np.int64)
     return out
 
 
@@ -121,7 +123,8 @@ def open_cache(cfg: TrainConfig) -> FeatureCache:
         keep = examples.example_mask(cfg, split)
         wanted = np.arange(n) if keep is None else np.flatnonzero(keep)
         info = meta["files"].get(split)
-        have = _read(os.path.join(path, info["file"]))["positions"] if info else np.zeros(0)
+        have = (_read(os.path.join(path, info["file"]), ("positions",))["positions"] if info
+                else np.zeros(0))
         missing = np.setdiff1d(wanted, have)
         if len(missing):
             meta = add_examples(model, cfg, path, meta, split, n, missing)
