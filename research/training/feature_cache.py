@@ -216,10 +216,9 @@ def make_dataset(cache: FeatureCache, split: str, batch_size: int, training: boo
     n = sum(cache.shard_sizes[split])
     row = np.full(n, -1, np.int64)  # position in the split -> row of the cached arrays
     row[arrays["positions"]] = np.arange(len(arrays["positions"]))
+    if training:  # the stream's subset; eval: `keep`'s
+        keep = stream.keep if stream is not None else None
     wanted = np.arange(n) if keep is None else np.flatnonzero(keep)
-    if training:
-        wanted = np.flatnonzero(stream.keep) if stream is not None and stream.keep is not None \
-            else np.arange(n)
     if (row[wanted] < 0).any():
         raise ValueError(f"feature cache {cache.path}: {int((row[wanted] < 0).sum()):,} "
                          f"examples of {split} this run reads are not cached (open_cache adds "
