@@ -10,6 +10,7 @@ whole first, so that a truncated or half-written file is found before it is rest
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import tensorflow as tf
@@ -195,7 +196,7 @@ def restore_model(model, path: str) -> None:
         text = str(e)
         if text.startswith("Found 1 Python objects") and "save_counter" in text:
             return  # a checkpoint written with .write(): no save counter, every weight there
-        first = text.splitlines()[0][:300]
+        missing = sorted(set(re.findall(r"path=([^,\s]+)", text))) or [text.splitlines()[0]]
         raise CheckpointError(f"{path}: does not hold every weight of {model.name} (a network "
-                              f"built differently from the one that was trained?): {first}"
-                              ) from None
+                              f"built differently from the one that was trained?): missing "
+                              f"{', '.join(missing)}") from None
