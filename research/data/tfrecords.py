@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -97,6 +97,8 @@ class WriteConfig:
     positive_class: str | None = "cat"  # None: no positive class (data for classifiers)
     val_fraction: float = 0.1
     test_fraction: float = 0.2   # only for sources without a test split of their own
+    # Exact images per class (train, val, test) instead of the two fractions; see make_splits.
+    split_counts: tuple[int, int, int] | None = None
     seed: int = 0
     shards: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SHARDS))
     overwrite: bool = False
@@ -118,9 +120,92 @@ def stratified_split(class_ids: np.ndarray, fraction: float, seed: int
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def make_splits(data: SourceData, cfg: WriteConfig) -> dict[str, Split]:
-    """train/val/test: val is a stratified slice of train; test is the source's own when it
-    has one, otherwise a stratified slice too."""
+def stratified_counts(class_ids: np.ndarray, counts: Sequence[int], num_classes: int,
+                      seed: int) -> list[np.ndarray]:
+    """Cuts exactly counts[0], counts[1], ... images of every class, in that order, from one
+    seeded permutation per class; returns their sorted indices, then those left over (the
+    last array). Raising a later count never changes what the earlier parts hold."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(counts) + 1)]
+    ends = np.cumsum([0, *counts])
+    for c in range(num_classes):
+        idx = np.flatnonzero(class_ids == c)
+        if len(idx) < ends[-1]:
+            raise ValueError(f"class {c} has {len(idx)} images, fewer than {ends[-1]}")
+        idx = idx[rng.permutation(len(idx))]
+        for k in range(len(counts)):
+            parts[k].append(idx[ends[k]:ends[k + 1]])
+        parts[-1].append(idx[ends[-1]:])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+def _shown(counts: Sequence) -> str:
+    return f"--split_counts={','.join(str(k) for k in counts)}"
+
+
+def check_split_counts(counts: Sequence) -> tuple[int, int, int]:
+    """Three whole numbers >= 1 (train, val, test images per class), else ValueError: known
+    before any source is read."""
+    try:
+        ok = len(counts) == 3 and all(int(k) == float(k) >= 1 for k in counts)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{_shown(counts)}: give three whole numbers >= 1, TRAIN,VAL,TEST "
+                         "images per class (an empty split cannot be written)")
+    return tuple(int(k) for k in counts)
+
+
+def split_counts_problem(data: SourceData, counts: Sequence[int]) -> str | None:
+    """Why `counts` (train, val, test per class) cannot be cut from `data`, naming every class
+    short of images and how many it has; None if they can."""
+    train, val, test = check_split_counts(counts)
+    shown = _shown(counts)
+    own_test = "test" in data.splits
+    asks = ([("train", train + val, f"train + val ask for {train + val:,}"),
+             ("test", test, f"test asks for {test:,}")] if own_test else
+            [("train", train + val + test, f"train + val + test ask for {train + val + test:,}")])
+    short = []
+    for part, wanted, what in asks:
+        have = np.bincount(data.splits[part].class_ids, minlength=len(data.class_names))
+        where = f" in the source's {part} split" if own_test else ""
+        short += [f"class {name} has {int(n):,} images{where}, {what}"
+                  for name, n in zip(data.class_names, have) if n < wanted]
+    return f"{shown}: {'; '.join(short)}" if short else None
+
+
+def make_splits(data: SourceData, cfg: WriteConfig
+                ) -> tuple[dict[str, Split], dict[str, dict[str, int]]]:
+    """(train/val/test, images left out of them per source split and class).
+
+    Fractions: val is a stratified slice of train; test is the source's own when it has one,
+    otherwise a stratified slice too; nothing is left out.
+    Counts (cfg.split_counts = train, val, test per class): a source without a test split has
+    all three cut from its images, in that order; a source with one has train and val cut
+    from its train split and test from its own test split (seed + 1), so test images never
+    come from train. What the counts do not use is left out, and returned."""
+    names = data.class_names
+    if cfg.split_counts is not None:
+        problem = split_counts_problem(data, cfg.split_counts)
+        if problem:
+            raise ValueError(problem)
+        train_n, val_n, test_n = check_split_counts(cfg.split_counts)
+        src = data.splits["train"]
+        if "test" in data.splits:
+            tr, va, rest = stratified_counts(src.class_ids, (train_n, val_n), len(names), cfg.seed)
+            src_test = data.splits["test"]
+            te, rest_test = stratified_counts(src_test.class_ids, (test_n,), len(names),
+                                              cfg.seed + 1)
+            splits = {"train": src.take(tr), "val": src.take(va), "test": src_test.take(te)}
+            left = {"train": src.take(rest), "test": src_test.take(rest_test)}
+        else:
+            tr, va, te, rest = stratified_counts(src.class_ids, (train_n, val_n, test_n),
+                                                 len(names), cfg.seed)
+            splits = {"train": src.take(tr), "val": src.take(va), "test": src.take(te)}
+            left = {"train": src.take(rest)}
+        left_out = {part: {n: int(k) for n, k in zip(
+            names, np.bincount(s.class_ids, minlength=len(names)))} for part, s in left.items()}
+        return splits, left_out
     train = data.splits["train"]
     test = data.splits.get("test")
     if test is None:
@@ -130,7 +215,7 @@ def make_splits(data: SourceData, cfg: WriteConfig) -> dict[str, Split]:
         keep, held = stratified_split(train.class_ids, cfg.test_fraction, cfg.seed + 1)
         train, test = train.take(keep), train.take(held)
     keep, held = stratified_split(train.class_ids, cfg.val_fraction, cfg.seed)
-    return {"train": train.take(keep), "val": train.take(held), "test": test}
+    return {"train": train.take(keep), "val": train.take(held), "test": test}, {}
 
 
 def serialize_example(image: np.ndarray, label: int | None, class_id: int, class_name: str,
@@ -215,7 +300,8 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
     positive_id = (None if cfg.positive_class is None
                    else data.class_names.index(cfg.positive_class))
     held_out_test = "test" not in data.splits
-    splits = make_splits(data, cfg)
+    splits, left_out = make_splits(data, cfg)
+    counts = cfg.split_counts
     if positive_id is not None and not np.any(splits["train"].class_ids == positive_id):
         raise ValueError(f"--positive_class={cfg.positive_class!r} has no train images; see "
                          "the empty class folders or pick another class")
@@ -235,9 +321,16 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
             "coarse_class_names": data.coarse_class_names,
             "image_shape": list(splits["train"].images.shape[1:]),
             "seed": cfg.seed,
-            "val_fraction": cfg.val_fraction,
+            # Both None under split_counts, which replaces them.
+            "val_fraction": cfg.val_fraction if counts is None else None,
             # None: the source's own test split; else the stratified fraction held out.
-            "test_fraction": cfg.test_fraction if held_out_test else None,
+            "test_fraction": cfg.test_fraction if held_out_test and counts is None else None,
+            # The images per class asked for, and the source split the test count cut.
+            "split_counts": None if counts is None else {
+                "train": int(counts[0]), "val": int(counts[1]), "test": int(counts[2]),
+                "test_from": "train" if held_out_test else "test"},
+            # Source split -> class -> images in no split (only split_counts leaves any out).
+            "left_out": left_out,
             "splits": {},
             "skipped": list(data.skipped),
             "empty_classes": list(data.empty_classes),
@@ -291,4 +384,35 @@ def summary_table(manifest: dict) -> str:
     if manifest.get("test_fraction") is not None:
         rows.append(f"test: {manifest['test_fraction']:g} of every class held out of train "
                     f"(stratified, seed {manifest['seed'] + 1}); the source has no test split")
+    if manifest.get("split_counts"):
+        rows += split_counts_lines(manifest)
     return "\n".join(rows)
+
+
+def split_counts_lines(manifest: dict) -> list[str]:
+    """What --split_counts cut from which source split, and what it left out, per class."""
+    c, seed = manifest["split_counts"], manifest["seed"]
+    asked = f"--split_counts={c['train']},{c['val']},{c['test']}"
+    if c["test_from"] == "test":
+        cut = (f"train {c['train']:,} + val {c['val']:,} of every class cut from the source's "
+               f"train split (seed {seed}), test {c['test']:,} from its own test split "
+               f"(seed {seed + 1})")
+    else:
+        cut = (f"train {c['train']:,} + val {c['val']:,} + test {c['test']:,} of every class "
+               f"cut from the source's images (seed {seed}; it has no test split)")
+    lines = [f"{asked}: {cut}"]
+    left = manifest["left_out"]
+    total = sum(sum(per_class.values()) for per_class in left.values())
+    if not total:
+        return lines + ["left out (in no split): none, every image of the source is used"]
+    parts = []
+    for part, per_class in left.items():
+        where = f"of the source's {part} split" if c["test_from"] == "test" else "of the source"
+        values = set(per_class.values())
+        if len(values) == 1:
+            parts.append(f"{values.pop():,} of every class {where}")
+        elif len(per_class) <= 20:
+            parts.append(", ".join(f"{n} {k:,}" for n, k in per_class.items()) + f" {where}")
+        else:
+            parts.append(f"{sum(per_class.values()):,} {where} (per class in manifest.json)")
+    return lines + [f"left out (in no split): {'; '.join(parts)}; {total:,} images in all"]
