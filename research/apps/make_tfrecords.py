@@ -4,6 +4,9 @@ r"""Turns CIFAR-10/100, MNIST or a folder of images into sharded TFRecords with 
       --out_dir=data/cifar10
   python -m research.apps.make_tfrecords --source=../shared/data/dogs-vs-cats-2000.tar \
       --out_dir=data/dvc150 --image_size=150 --positive_class=cats
+  python -m research.apps.make_tfrecords --source=../shared/data/dogs-vs-cats-2000.tar \
+      --out_dir=data/dvc150_counts --image_size=150 --positive_class=cats \
+      --split_counts=500,250,250
   python -m research.apps.make_tfrecords --source=cifar100 --label=coarse \
       --positive_class=large_carnivores --out_dir=data/cifar100_coarse
   python -m research.apps.make_tfrecords --source=mnist --positive_class=7 --out_dir=data/mnist
@@ -52,6 +55,16 @@ config_flags.define_float("val_fraction", 0.1, "Stratified fraction of train hel
                           ge=0, lt=1)
 config_flags.define_float("test_fraction", 0.2, "Stratified fraction held out as test, only "
                           "for sources without a test split.", ge=0, lt=1)
+flags.DEFINE_list("split_counts", None, "TRAIN,VAL,TEST: exact images per class in each "
+                  "split, e.g. 500,250,250, instead of --val_fraction/--test_fraction (giving "
+                  "it with either is an error). Chosen per class from one seeded permutation "
+                  "(--seed), train first, then val, then test. A source without a test split "
+                  "(the dogs-vs-cats tar, a flat or class folder without test/) has all three "
+                  "cut from its images; a source with one (CIFAR, MNIST, train/ + test/ or "
+                  "testA/ testB/ folders) has train and val cut from its train split and test "
+                  "from its own test split (seed + 1), never from train. A class with too few "
+                  "images is an error naming it and its count; images no split uses are left "
+                  "out, printed and counted per class in manifest.json (left_out).")
 config_flags.define_integer("seed", 0, "Seed for the val split and shard order.", ge=0,
                             le=2**32 - 1)
 config_flags.define_integer("train_shards", 12, "Number of train shards.", ge=1)
@@ -91,13 +104,27 @@ def write_sample_grid(data_dir: str, n: int) -> str:
     return plots.save_figure(fig, os.path.join(data_dir, tfrecords.SAMPLES))
 
 
+def split_counts_from_flags() -> tuple[int, int, int] | None:
+    """--split_counts as three ints, or None (the fractions apply); a UserError/ValueError
+    before any work when it is malformed or given with a fraction flag."""
+    fractions = [f"--{n}" for n in ("val_fraction", "test_fraction") if FLAGS[n].present]
+    if FLAGS.split_counts is None:
+        if FLAGS.val_fraction + FLAGS.test_fraction >= 1:
+            raise UserError("--val_fraction + --test_fraction must be < 1, got "
+                            f"{FLAGS.val_fraction + FLAGS.test_fraction}")
+        return None
+    if fractions:
+        raise UserError(f"--split_counts and {', '.join(fractions)} both given: "
+                        "--split_counts replaces --val_fraction and --test_fraction, give one "
+                        "or the other")
+    return tfrecords.check_split_counts(FLAGS.split_counts)
+
+
 def main(argv):
     del argv
-    if FLAGS.val_fraction + FLAGS.test_fraction >= 1:
-        sys.exit("error: --val_fraction + --test_fraction must be < 1, got "
-                 f"{FLAGS.val_fraction + FLAGS.test_fraction}")
     start = time.time()
     try:
+        split_counts = split_counts_from_flags()
         tfrecords.check_out_dir(FLAGS.out_dir, FLAGS.overwrite)  # before decoding anything
         logging.info("Reading %s", FLAGS.source)
         data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
@@ -111,7 +138,8 @@ def main(argv):
             out_dir=FLAGS.out_dir,
             positive_class=(None if FLAGS.positive_class == tfrecords.NO_POSITIVE_CLASS
                             else FLAGS.positive_class),
-            val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction, seed=FLAGS.seed,
+            val_fraction=FLAGS.val_fraction, test_fraction=FLAGS.test_fraction,
+            split_counts=split_counts, seed=FLAGS.seed,
             shards={"train": FLAGS.train_shards, "val": FLAGS.val_shards,
                     "test": FLAGS.test_shards},
             overwrite=FLAGS.overwrite)
