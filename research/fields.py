@@ -16,9 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from typing import Any, Iterable
 
 Range = tuple  # (low, high, low included?, high included?); a bound of None is open
+
+
+def base_type(hint):
+    """(base type, element type for tuples) of a field's type hint, `| None` removed."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return base_type(args[0])
+    if origin is tuple:
+        return tuple, typing.get_args(hint)[0]
+    return hint, None
 
 
 def setting(default: Any, help: str, *, choices: Iterable[str] | None = None,

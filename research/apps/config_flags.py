@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 import typing
 
 from absl import app, flags
 
 from research import runs
 from research.errors import UserError
-from research.fields import bounds, range_error
+from research.fields import base_type, bounds, range_error
 
 HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "-?", "-h")
 
@@ -26,24 +25,13 @@ class FlagValueError(UserError):
     """A list flag whose items do not convert; the message names the flag."""
 
 
-def _base_type(hint):
-    """(base type, element type for tuples) with `| None` removed."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _base_type(args[0])
-    if origin is tuple:
-        return tuple, typing.get_args(hint)[0]
-    return hint, None
-
-
 def flag_fields(cls, skip=()) -> list[tuple[dataclasses.Field, type, type | None]]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("flag", True) is False:
             continue
-        base, elem = _base_type(hints[f.name])
+        base, elem = base_type(hints[f.name])
         out.append((f, base, elem))
     return out
 
