@@ -16,7 +16,7 @@ from research.fields import default_of, first_error, setting
 
 ACTIVATIONS = ("gelu", "relu")
 LOGITS_INITS = ("zeros", "uniform")
-HEADS = ("gap", "flatten")
+HEADS = ("gap", "max", "flatten")
 DOWNSAMPLES = ("maxpool", "avgpool", "stride", "none")  # the scratch CNN's, per stage
 WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
 
@@ -47,7 +47,11 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
               "top"), "efficientnetb0_notop.h5"),
     # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
     Backbone("scratch", "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
+    Backbone("fast", "", 8, 32, 32, ("whiten", "group0", "group1", "group2"), None),
 )}
+# Our own networks: backbones only through one of our runs (--weights=<run name> or a file);
+# they normalise their own [0, 1] input, so a transfer model only rescales raw pixels for them.
+OWN_NETWORKS = ("scratch", "fast")
 
 
 @dataclasses.dataclass
@@ -140,12 +144,21 @@ class TransferOptions:
                                      "VGG16); bigger sizes are for GPUs.", ge=1)
     cut_at: str | None = setting(None, "Model surgery: the backbone ends at this layer (a bad "
                                  "name lists them).")
-    head: str = setting("gap", "How the head pools the backbone's feature map.", choices=HEADS)
+    head: str = setting("gap", "How the head pools the backbone's feature map (max: as the "
+                        "fast CNN does).", choices=HEADS)
     head_units: tuple[int, ...] = setting((256,), "Hidden Dense layers of the head (ReLU), "
                                           "e.g. 256 or 512,128; empty: none.", ge=1)
     dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+    head_from: tuple[str, ...] = setting((), "CLASS,OTHER of the --weights run (e.g. cat,dog): "
+                                         "the new one-logit head starts at that run's "
+                                         "zero-shot score log p(CLASS)/p(OTHER) (needs no "
+                                         "--head_units and the run's own pooling as --head).")
 
     def validate(self) -> tuple[str, str] | None:
+        if self.head_from and len(self.head_from) != 2:
+            return "head_from", f"give two classes (CLASS,OTHER), got {','.join(self.head_from)}"
+        if self.head_from and self.head_units:
+            return "head_from", "the head starts from the run's logits: give no --head_units"
         return first_error(self)
 
 
@@ -153,7 +166,7 @@ MODEL_OPTIONS: dict[str, type] = {
     "scratch": ScratchOptions,
     "fast": FastOptions,
     "small_convnet": SmallConvnetOptions,
-    **{name: TransferOptions for name in BACKBONES if name != "scratch"},
+    **{name: TransferOptions for name in BACKBONES if name not in OWN_NETWORKS},
 }
 MODEL_NAMES = tuple(sorted(MODEL_OPTIONS))  # a model without options maps to None
 
@@ -180,8 +193,14 @@ def check_transfer_options(backbone: str, opts: TransferOptions
     size = image_size_of(backbone, opts)
     if size < b.min_size:
         return "image_size", f"{size} is below {backbone}'s minimum input size {b.min_size}"
-    if backbone == "scratch" and opts.weights == "imagenet":
-        return "weights", "the scratch network has no ImageNet weights; use none or a run name"
+    if backbone in OWN_NETWORKS and opts.weights == "imagenet":
+        return "weights", (f"the {backbone} network has no ImageNet weights; use a run name" +
+                           (" or none" if backbone == "scratch" else ""))
+    if backbone == "fast" and opts.weights in ("none", ""):
+        return "weights", ("the fast network's whitening is set from its source run's data: "
+                           "give the run name (or its .weights.h5 file)")
+    if opts.head_from and opts.weights in ("imagenet", "none", ""):
+        return "head_from", "needs a run of ours as --weights (its logits start the head)"
     return None
 
 

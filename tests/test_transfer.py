@@ -306,3 +306,57 @@ def test_feature_cache_extracts_only_what_the_run_reads_and_adds_the_rest(source
                                   np.flatnonzero(examples.example_mask(larger, "val")))
     with pytest.raises(ValueError, match="not cached"):
         features.make_dataset(second, "val", 10, training=False)  # the whole split: not there
+
+
+@pytest.fixture(scope="module")
+def fast_source(syn, tmp_path_factory):
+    """A tiny fast-CNN run on all 10 classes: a CIFAR detector serving as a backbone."""
+    ck = tmp_path_factory.mktemp("ckfast")
+    cfg = config(syn, ck, run_name="fastsrc", model="fast", train_steps=6,
+                 model_options={"widths": (8, 8, 16), "logits_bias": False,
+                                "logits_init": "uniform"})
+    train_and_evaluate(cfg)
+    return ck
+
+
+def test_a_fast_run_serves_as_a_backbone_whitening_included(fast_source, syn):
+    ck = fast_source
+    train_and_evaluate(config(syn, ck, run_name="fromfast", model="fast", transfer="fine_tune",
+                              head_epochs=0.2, fine_tune_epochs=0.2, fine_tune_from="group1",
+                              model_options={"weights": "fastsrc", "head_units": (),
+                                             "head": "max"}))
+    donor = keras.models.load_model(str(ck / "fastsrc" / "export" / "model.keras"))
+    model = backbones.build_transfer_model("fast", (32, 32, 3), 1, weights="fastsrc",
+                                           checkpoint_dir=str(ck), head_units=())
+    base = backbones.backbone_of(model)
+    by_name = {layer.name: layer for layer in donor.layers}
+    for layer in base.layers:
+        given = {w.name: w for w in by_name[layer.name].weights} if layer.weights else {}
+        for w in layer.weights:  # by name: the export's stock layers order them their way
+            np.testing.assert_array_equal(w.numpy(), given[w.name].numpy(), err_msg=layer.name)
+    assert "whiten" in {layer.name for layer in base.layers if layer.weights}
+    with pytest.raises(backbones.BackboneError, match="--weights"):
+        backbones.build_transfer_model("fast", (32, 32, 3), 1, weights="none")
+
+
+def test_the_zero_shot_head_is_p_cat_over_p_cat_plus_p_dog(fast_source, syn):
+    ck = fast_source
+    donor = keras.models.load_model(str(ck / "fastsrc" / "export" / "model.keras"))
+    # a bigger photo: the transfer model resizes it to the backbone's 32 px as its first layer
+    model = backbones.build_transfer_model("fast", (48, 48, 3), 1, weights="fastsrc",
+                                           checkpoint_dir=str(ck), head_units=(), head="max",
+                                           head_from=("cat", "dog"), image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 3)).astype(np.float32)
+    score = tf.sigmoid(model(images)[:, 0]).numpy()
+    small = keras.layers.Resizing(32, 32)(images) / 255.0
+    p = tf.nn.softmax(donor(small), -1).numpy()
+    cat, dog = 3, 5
+    np.testing.assert_allclose(score, p[:, cat] / (p[:, cat] + p[:, dog]), rtol=1e-4, atol=1e-6)
+    with pytest.raises(backbones.BackboneError, match="--head=max"):
+        backbones.build_transfer_model("fast", (32, 32, 3), 1, weights="fastsrc",
+                                       checkpoint_dir=str(ck), head_units=(),
+                                       head_from=("cat", "dog"))
+    with pytest.raises(backbones.BackboneError, match="cats is not a class"):
+        backbones.build_transfer_model("fast", (32, 32, 3), 1, weights="fastsrc",
+                                       checkpoint_dir=str(ck), head_units=(), head="max",
+                                       head_from=("cats", "dog"))

@@ -17,7 +17,7 @@ import keras
 from research.models import layers  # noqa: F401  (registers the custom layers)
 from research.models.backbones import build_transfer_model
 from research.models.fast import build_fast_cnn
-from research.model_options import BACKBONES, MODEL_NAMES
+from research.model_options import BACKBONES, MODEL_NAMES, OWN_NETWORKS
 from research.models.scratch import build_scratch_cnn
 from research.models.small_convnet import build_small_convnet
 
@@ -26,7 +26,7 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "fast": build_fast_cnn,
     "small_convnet": build_small_convnet,
     **{name: functools.partial(build_transfer_model, name) for name in BACKBONES
-       if name != "scratch"},
+       if name not in OWN_NETWORKS},
 }
 assert tuple(sorted(MODELS)) == MODEL_NAMES, "every model needs its options (options.py)"
 

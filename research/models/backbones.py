@@ -24,8 +24,9 @@ import tensorflow as tf
 
 from research import runs
 from research.errors import UserError
-from research.model_options import (BACKBONES, Backbone, TransferOptions,
+from research.model_options import (BACKBONES, OWN_NETWORKS, Backbone, TransferOptions,
                                     check_transfer_options, image_size_of)
+from research.models.fast import build_fast_cnn
 from research.models.scratch import build_scratch_cnn
 
 
@@ -87,9 +88,13 @@ def _imagenet_base(b: Backbone, input_shape) -> keras.Model:
             "pass --weights=<file>, --weights=<run name> or --weights=none)") from e
 
 
-def _scratch_base(input_shape, model_options: dict) -> keras.Model:
-    full = build_scratch_cnn(input_shape, 1, **model_options)
-    return keras.Model(full.input, last_spatial_layer(full).output, name="scratch")
+OWN_BUILDERS = {"scratch": build_scratch_cnn, "fast": build_fast_cnn}
+
+
+def _own_base(backbone: str, input_shape, model_options: dict) -> keras.Model:
+    """One of our networks up to its last feature map (the model named as the backbone)."""
+    full = OWN_BUILDERS[backbone](input_shape, 1, **model_options)
+    return keras.Model(full.input, last_spatial_layer(full).output, name=backbone)
 
 
 def last_spatial_layer(model: keras.Model) -> keras.layers.Layer:
@@ -108,20 +113,21 @@ def load_run_model(checkpoint_dir: str, run: str) -> tuple[keras.Model, dict]:
     return keras.models.load_model(path, compile=False), config
 
 
-def _scratch_options_of_run(checkpoint_dir: str, run: str, depth: int = 0) -> dict:
-    """The scratch network's options of a run, following a transfer run to its source."""
+def _own_options_of_run(checkpoint_dir: str, run: str, backbone: str, depth: int = 0) -> dict:
+    """The network options (scratch or fast) of a run, following a transfer run to its
+    source."""
     folder = runs.run_dir(checkpoint_dir, run)
     if not runs.has_config(folder) or depth > 8:
         raise BackboneError(f"--weights={run}: no run config at "
                             f"{os.path.join(folder, runs.CONFIG)}")
     config = runs.read_config(folder, f"--weights={run}")
-    if config.get("model") != "scratch":
+    if config.get("model") != backbone:
         raise BackboneError(f"--weights={run}: that run trained --model={config.get('model')}"
-                            ", not scratch")
+                            f", not {backbone}")
     if config.get("transfer", "none") == "none":
         return config.get("model_options", {})
-    return _scratch_options_of_run(checkpoint_dir, config["model_options"]["weights"],
-                                   depth + 1)
+    return _own_options_of_run(checkpoint_dir, config["model_options"]["weights"], backbone,
+                               depth + 1)
 
 
 def _weights_from_run(base: keras.Model, backbone: str, run: str, checkpoint_dir: str) -> None:
@@ -136,10 +142,27 @@ def _weights_from_run(base: keras.Model, backbone: str, run: str, checkpoint_dir
     copied = 0
     for layer in base.layers:
         if layer.weights and layer.name in by_name:
-            layer.set_weights(by_name[layer.name].get_weights())
+            _copy_weights(by_name[layer.name], layer, run)
             copied += 1
     if not copied:
         raise BackboneError(f"--weights={run}: no layer of its model matches {backbone}")
+
+
+def _copy_weights(donor: keras.layers.Layer, layer: keras.layers.Layer, run: str) -> None:
+    """Each variable of `layer` from the donor's variable of the same name (an export holds
+    stock Keras layers, whose variables may come in another order than ours: a Conv2D's
+    kernel, bias against PatchWhitening's bias, kernel)."""
+    given = {w.name: w for w in donor.weights}
+    if sorted(given) != sorted(w.name for w in layer.weights):
+        raise BackboneError(f"--weights={run}: layer {layer.name} holds "
+                            f"{', '.join(sorted(given))}; the backbone's holds "
+                            f"{', '.join(sorted(w.name for w in layer.weights))}")
+    for w in layer.weights:
+        value = keras.ops.convert_to_numpy(given[w.name])
+        if tuple(value.shape) != tuple(w.shape):
+            raise BackboneError(f"--weights={run}: {layer.name}/{w.name} has shape "
+                                f"{tuple(value.shape)}, the backbone's {tuple(w.shape)}")
+        w.assign(value)
 
 
 def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir: str = "",
@@ -147,10 +170,10 @@ def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir
     """The backbone without its classifier, with its weights, cut at `opts.cut_at`."""
     b = BACKBONES[backbone]
     weights = opts.weights
-    if backbone == "scratch":
+    if backbone in OWN_NETWORKS:
         if weights not in ("none", "") and not os.path.isfile(weights):
-            scratch_options = _scratch_options_of_run(checkpoint_dir, weights)
-        base = _scratch_base(input_shape, dict(scratch_options or {}))
+            scratch_options = _own_options_of_run(checkpoint_dir, weights, backbone)
+        base = _own_base(backbone, input_shape, dict(scratch_options or {}))
     elif weights == "imagenet":
         base = _imagenet_base(b, input_shape)
     else:
@@ -184,7 +207,7 @@ def build_transfer_model(backbone: str, image_shape, num_outputs: int,
         raise BackboneError(f"--{problem[0]}: {problem[1]}")
     size = image_size_of(backbone, opts)
     base_shape = (size, size, 3)
-    if backbone == "scratch":
+    if backbone in OWN_NETWORKS:
         base_shape = (size, size, image_shape[-1])
     policy = keras.config.dtype_policy()
     if dtype:
@@ -195,7 +218,7 @@ def build_transfer_model(backbone: str, image_shape, num_outputs: int,
         x = inputs
         if tuple(image_shape[:2]) != (size, size):
             x = keras.layers.Resizing(size, size, name="resize", dtype=dtype)(x)
-        if backbone != "scratch":
+        if backbone not in OWN_NETWORKS:
             x = BackbonePreprocess(backbone, name="preprocess", dtype=dtype)(x)
         else:
             x = keras.layers.Rescaling(1 / 255.0, name="preprocess", dtype=dtype)(x)
@@ -204,14 +227,63 @@ def build_transfer_model(backbone: str, image_shape, num_outputs: int,
             return keras.Model(inputs, features, name=f"{backbone}_features")
         head_inputs = features
         logits = build_head(head_inputs, num_outputs, opts, dtype)
-        return keras.Model(inputs, logits, name=f"{backbone}_transfer")
+        model = keras.Model(inputs, logits, name=f"{backbone}_transfer")
     finally:
         keras.config.set_dtype_policy(policy)
+    if opts.head_from:
+        head_from_run(model, opts, checkpoint_dir)
+    return model
+
+
+POOLING = {keras.layers.GlobalMaxPooling2D: "max", keras.layers.GlobalAveragePooling2D: "gap"}
+
+
+def zero_shot_head(source: keras.Model, class_names, classes) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (F, 1), bias (1,)) of the one-logit layer on the source's pooled features whose
+    logit is z[CLASS] - z[OTHER] of the source's logits z, i.e. log p(CLASS)/p(OTHER): its
+    sigmoid is the zero-shot score p(CLASS) / (p(CLASS) + p(OTHER)). The source's feature
+    scale (a Rescaling before its logits) is folded into the kernel."""
+    missing = [c for c in classes if c not in class_names]
+    if missing:
+        raise BackboneError(f"--head_from: {', '.join(missing)} is not a class of the source "
+                            f"run (its classes: {', '.join(class_names)})")
+    layer = source.get_layer("logits")
+    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float64)
+    bias = (np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float64)
+            if layer.use_bias else np.zeros(kernel.shape[1]))
+    scale = 1.0
+    for other in source.layers:
+        if isinstance(other, keras.layers.Rescaling) and other.name == "feature_scale":
+            scale = float(other.scale)
+    i, j = (list(class_names).index(c) for c in classes)
+    w = (kernel[:, i] - kernel[:, j]) * scale
+    return w[:, None].astype(np.float32), np.asarray([bias[i] - bias[j]], np.float32)
+
+
+def head_from_run(model: keras.Model, opts: TransferOptions, checkpoint_dir: str) -> None:
+    """Sets the new head's logits layer to the --weights run's zero-shot score of
+    opts.head_from (CLASS, OTHER); the head must pool as the source network does."""
+    if os.path.isfile(opts.weights):
+        raise BackboneError(f"--head_from: needs --weights=<run name> (its logits and class "
+                            f"names), not the file {opts.weights}")
+    source, _ = load_run_model(checkpoint_dir, opts.weights)
+    pools = [POOLING[type(layer)] for layer in source.layers if type(layer) in POOLING]
+    if pools != [opts.head]:
+        raise BackboneError(f"--head_from: the run {opts.weights} pools with "
+                            f"{pools[0] if pools else 'flatten'}; give --head="
+                            f"{pools[0] if pools else 'flatten'} (got --head={opts.head})")
+    names = runs.read_metadata(runs.exported_model_path(checkpoint_dir, opts.weights),
+                               f"--weights={opts.weights}")["class_names"]
+    model.get_layer("logits").set_weights(list(zero_shot_head(source, names, opts.head_from)))
 
 
 def build_head(x, num_outputs: int, opts: TransferOptions, dtype=None):
-    x = (keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype) if opts.head == "gap"
-         else keras.layers.Flatten(name="head_flatten", dtype=dtype))(x)
+    if opts.head == "gap":
+        x = keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype)(x)
+    elif opts.head == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="head_pool", dtype=dtype)(x)
+    else:
+        x = keras.layers.Flatten(name="head_flatten", dtype=dtype)(x)
     for i, units in enumerate(opts.head_units):
         x = keras.layers.Dense(units, activation="relu", name=f"head_dense{i}", dtype=dtype)(x)
     if opts.dropout:

@@ -18,7 +18,7 @@ from research.data.augmentation import FILL_MODES, Affine
 from research.data.manifest import has_manifest, load_manifest
 from research.errors import UserError
 from research.fields import field_errors, setting
-from research.model_options import BACKBONES, MODEL_OPTIONS, model_options_error
+from research.model_options import BACKBONES, MODEL_OPTIONS, OWN_NETWORKS, model_options_error
 
 OBJECTIVES = ("binary", "multiclass")
 OPTIMIZERS = ("sgd", "sgd_l2", "adamw")
@@ -318,7 +318,8 @@ class TrainConfig:
     @property
     def uses_backbone(self) -> bool:
         """A transfer model (backbone + head) rather than a plain registered network."""
-        return self.transfer != "none" or (self.model in BACKBONES and self.model != "scratch")
+        own = self.model in OWN_NETWORKS
+        return self.transfer != "none" or (self.model in BACKBONES and not own)
 
 
 def load_run_config(checkpoint_dir: str, run_name: str, data_dir: str | None = None,

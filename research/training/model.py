@@ -49,8 +49,8 @@ def init_model_from_data(cfg: TrainConfig, model: keras.Model, manifest: dict) -
     whitening) from the first DATA_INIT_IMAGES training images the run may see (its
     --exclude_classes left out; labels unused). Deterministic, so a resumed run computes the
     same values before the checkpoint restores them."""
-    if not data_initialised(model):
-        return
+    if not data_initialised(model) or cfg.uses_backbone:
+        return  # a backbone's whitening comes with its weights, from its source run
     d = pipeline.take_examples(cfg.data_dir, "train", DATA_INIT_IMAGES + 1000 * len(
         cfg.exclude_classes))
     excluded = [manifest["class_names"].index(c) for c in cfg.exclude_classes]
