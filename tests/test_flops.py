@@ -1,11 +1,14 @@
 """FLOPs counted by research.models.flops against hand-computed tiny models and TensorFlow's own
-count (its profiler on the graph, pruned to what the outputs need, as TensorFlow runs it)."""
+count (its profiler on the graph, pruned to what the outputs need, as TensorFlow runs it); the
+fraction-of-peak rows research.benchmarks.peak builds for the train-step and Grad-CAM
+benchmarks, fed fake timings."""
 
 import keras
 import pytest
 import tensorflow as tf
 from keras import layers
 
+from research.benchmarks import peak, ratios
 from research.explain import core
 from research.models import build_model
 from research.models.flops import count_flops, gradcam_flops, layer_flops
@@ -117,3 +120,31 @@ def test_gradcam_counts_the_forward_pass_and_the_gradient_back_to_the_layer():
     assert gradcam_flops(model, path).backward == 2 * (4 * 3)  # the last map: c
     with pytest.raises(ValueError, match="no layer 'nope'"):
         gradcam_flops(model, "nope")
+
+
+def test_fraction_rows_from_fake_timings(tmp_path):
+    out = ratios.Ratios("train_step")
+    fp32 = peak.Peak(4096, 100.0, bf16=200.0)
+    lines = peak.train_step_rows(out, fp32, {
+        "scratch": peak.Achieved(600_000_000, 100.0, "mixed_bfloat16"),
+        "fast": peak.Achieved(710_000_000, 50.0, "float32")})
+    grad = ratios.Ratios("gradcam")
+    lines.append(peak.gradcam_row(grad, fp32, "vgg16", peak.Achieved(31_000_000_000, 2.0,
+                                                                     "float32")))
+    path = tmp_path / "r.json"
+    out.write(str(path))
+    _, rows = ratios.read(str(path))
+    assert [r.name for r in rows] == ["scratch: fraction of FP32 peak",
+                                      "fast: fraction of FP32 peak"]
+    assert [r.name for r in grad.rows] == ["gradcam vgg16: fraction of FP32 peak"]
+    assert [r.value for r in rows + grad.rows] == pytest.approx([0.6, 0.355, 0.62])
+    assert "mixed_bfloat16" in rows[0].note and "4096x4096 fp32 matmul 100.0" in rows[0].note
+    assert "0.30 of the bf16 matmul's 200.0" in rows[0].note
+    assert "bf16" not in rows[1].note  # a float32 loop: no bf16 comparison
+    assert lines[0].split()[:5] == ["scratch:", "fraction", "of", "FP32", "peak:"]
+    assert "4096x4096 bfloat16 matmul, 200.0 GFLOP/s" in fp32.describe()
+
+
+def test_matmul_peak_is_measured():
+    p = peak.measure_peak(64)
+    assert p.size == 64 and p.fp32 > 0 and p.bf16 is None
