@@ -22,9 +22,11 @@ def test_all_benchmarks_print_one_ratio_table(syn, tmp_path):
         rows.setdefault(line.split()[0], []).append(line)
     assert set(rows) == {"input_pipeline", "train_step", "gradcam"}
     measured = ["TFRecord / in-memory input, augment=False", "custom loop / model.fit",
-                "fast CNN / scratch CNN", "Grad-CAM scratch: ours(float32) / keras.io loop"]
-    for name in measured:
-        line = next((x for x in lines if name in x), None)
+                "fast CNN / scratch CNN", "Grad-CAM scratch: ours(float32) / keras.io loop",
+                "scratch: fraction of FP32 peak", "fast: fraction of FP32 peak",
+                "gradcam scratch: fraction of FP32 peak"]
+    for name in measured:  # the ratio column starts with the name
+        line = next((x for x in lines[3:-1] if re.split(r"\s{2,}", x)[1].startswith(name)), None)
         assert line, f"no row {name!r} in\n{table}"
         assert float(re.split(r"\s{2,}", line)[2]) > 0, table  # the value column
     assert lines[-1].startswith("seconds per benchmark:") and "--quick" in lines[-1]

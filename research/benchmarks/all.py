@@ -33,8 +33,10 @@ flags.DEFINE_list("only", ["input_pipeline", "train_step", "gradcam"],
 flags.DEFINE_bool("quick", False, "Tiny settings: checks the command works, measures nothing.")
 
 QUICK = {"input_pipeline": ["--batches=4", "--batch_size=32"],
-         "train_step": ["--steps=4", "--batch_size=32", "--steps_per_loop=2", "--extras=false"],
-         "gradcam": ["--models=scratch", "--images=4", "--batch_size=4", "--repeats=1"]}
+         "train_step": ["--steps=4", "--batch_size=32", "--steps_per_loop=2", "--extras=false",
+                        "--peak_matmul=512"],
+         "gradcam": ["--models=scratch", "--images=4", "--batch_size=4", "--repeats=1",
+                     "--peak_matmul=512"]}
 BENCHMARKS = tuple(QUICK)
 
 

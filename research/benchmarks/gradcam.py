@@ -1,9 +1,12 @@
 r"""Grad-CAM images/s, in one run on the same model, images, classes and layer: ours (batched,
 compiled) at float32 and at --precision=auto, the keras.io per-image eager loop, and
 tf-keras-vis' `Gradcam` (with `ReplaceToLinear`). The maps must agree (Pearson correlation
-with ours at float32, per image, at the layer's resolution); then the ratios are printed.
+with ours at float32, per image, at the layer's resolution); then the ratios are printed, and
+ours at --precision as a fraction of the attainable FP32 peak measured here (FLOPs per image
+counted by research.models.flops: the forward pass, the score's gradient back to the layer and
+the CAM's weighted sum; research.benchmarks.peak).
 
-  python -m research.benchmarks.gradcam [--models=vgg16,scratch] [--images=16]
+  python -m research.benchmarks.gradcam [--models=vgg16,scratch] [--images=16] [--peak_matmul=4096]
 
 tf-keras-vis is optional (pip install '.[bench]'); its row is skipped without it. VGG16 is
 224x224 with weights=None (no download); "scratch" is our detector's CNN at 32x32, with its
@@ -20,10 +23,12 @@ import tensorflow as tf
 from absl import app, flags
 
 from research import detector
+from research.benchmarks import peak
 from research.benchmarks.ratios import Ratios
 from research.explain import core, loading
-from research.machine import banner
+from research.machine import banner, has_fast_bf16
 from research.models import build_model
+from research.models.flops import gradcam_flops
 
 try:  # the [bench] extra; without it the benchmark skips that row
     from tf_keras_vis.gradcam import Gradcam
@@ -104,7 +109,7 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench(name: str, out: Ratios) -> None:
+def bench(name: str, out: Ratios, fp32_peak: peak.Peak) -> None:
 
     model, pre, size = build(name)
     policy = loading.resolve_precision(FLAGS.precision)
@@ -173,15 +178,24 @@ def bench(name: str, out: Ratios) -> None:
         print(f"  ratio {label + ':':<42}{ratio:6.2f}x{note}")
         out.add(f"Grad-CAM {name}: {label}", ratio, note.strip(" ()").replace("target ", ""),
                 rows[second][1] if label.startswith(f"ours({FLAGS.precision})") else "")
+    flops = gradcam_flops(model, path)
+    print(f"  FLOPs per image (counted): {flops.total / 1e9:.3f} G = forward "
+          f"{flops.forward / 1e6:,.2f} M + score gradient {flops.backward / 1e6:,.2f} M + CAM "
+          f"{flops.cam / 1e6:,.2f} M; ours, float32 {flops.total * n / t32 / 1e9:,.1f} GFLOP/s")
+    print(peak.gradcam_row(out, fp32_peak, name, peak.Achieved(flops.total, n / t_second,
+                                                               policy)))
 
 
 def main(argv):
     del argv
 
     print(banner())
+    policy = loading.resolve_precision(FLAGS.precision)
+    fp32_peak = peak.measure_peak(bf16=policy == "mixed_bfloat16" and has_fast_bf16())
+    print(fp32_peak.describe())
     out = Ratios("gradcam")
     for name in FLAGS.models:
-        bench(name, out)
+        bench(name, out, fp32_peak)
     out.write()
 
 

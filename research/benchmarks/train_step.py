@@ -4,9 +4,11 @@ r"""Training throughput, measured in one run on the same model, data and batch:
    strategy.run, `steps_per_loop` steps per call) against `model.fit` (the reference; used
    nowhere else in this codebase);
 2. mixed_bfloat16 against float32 in the real loop (where the CPU runs bf16 natively);
-3. Keras' BatchNormalization against our FusedBatchNorm, and XLA on/off (informational).
+3. Keras' BatchNormalization against our FusedBatchNorm, and XLA on/off (informational);
+4. the real loop's GFLOP/s (FLOPs per image counted by research.models.flops) as a fraction of
+   the attainable FP32 peak measured here (research.benchmarks.peak), per model.
 
-  python -m research.benchmarks.train_step [--steps=60] [--batch_size=256]
+  python -m research.benchmarks.train_step [--steps=60] [--batch_size=256] [--peak_matmul=4096]
 
 Inputs are one fixed in-memory batch repeated, so the numbers measure the step, not tf.data.
 """
@@ -21,8 +23,10 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
+from research.benchmarks import peak
 from research.benchmarks.ratios import Ratios
 from research.machine import banner, has_fast_bf16, resolve_precision
+from research.models.flops import count_flops
 from research.training.config import TrainConfig
 from research.training.model import make_model
 from research.training.state import create_train_state, plan_steps
@@ -85,6 +89,11 @@ def custom_loop_rate(precision: str, steps: int, batch_size: int, steps_per_loop
     return done * batch_size / (time.perf_counter() - start)
 
 
+def model_flops(model: str):
+    """research.models.flops.Flops per image of the benchmark's network `model`."""
+    return count_flops(make_model(_config("float32", 1, model=model), MANIFEST))
+
+
 def fit_rate(precision: str, steps: int, batch_size: int) -> float:
     cfg = _config(precision, batch_size)
     model = make_model(cfg, MANIFEST)
@@ -119,6 +128,12 @@ def main(argv):
         print(f"  {name:<46}{rate:>9,.0f} img/s", flush=True)
         return rate
     p = resolve_precision(FLAGS.precision, gpu=bool(tf.config.list_physical_devices("GPU")))
+    flops = {m: model_flops(m) for m in ("scratch", "fast")[:2 if FLAGS.fast_row else 1]}
+    for m, f in flops.items():
+        print(f"{m}: {f.forward / 1e9:.3f} GFLOP/img forward, {f.train_step / 1e9:.3f} "
+              "training step (counted: research.models.flops)")
+    fp32_peak = peak.measure_peak(bf16=p == "mixed_bfloat16" and has_fast_bf16())
+    print(fp32_peak.describe(), flush=True)
     loop = row(f"custom loop, {p}", custom_loop_rate(p, s, b, k))
     fit = row(f"model.fit, {p} (reference)", fit_rate(p, s, b))
     print(f"custom loop / model.fit ({p}): {loop / fit:.2f}   (target >= 1.0)")
@@ -138,12 +153,15 @@ def main(argv):
               "--bf16_row to time it anyway)")
         ratios.add("bf16 / fp32 (custom loop)", None, "",
                    "skipped: no AMX / AVX512-BF16 on this CPU (bf16 emulated)")
+    loops = {"scratch": peak.Achieved(flops["scratch"].train_step, loop, p)}
     if FLAGS.fast_row:
         fast = row(f"custom loop, {p}, fast CNN (--model=fast)",
                    custom_loop_rate(p, s // 2, b, k // 2 or 1, model="fast"))
         print(f"fast CNN / scratch CNN (img/s): {fast / loop:.2f}")
         ratios.add("fast CNN / scratch CNN, img/s per step", fast / loop, "",
                    f"{fast:,.0f} vs {loop:,.0f} img/s")
+        loops["fast"] = peak.Achieved(flops["fast"].train_step, fast, p)
+    print("\n".join(peak.train_step_rows(ratios, fp32_peak, loops)))
     if FLAGS.extras:
         keras_bn = row(f"custom loop, {p}, Keras BatchNormalization",
                        custom_loop_rate(p, s // 2, b, k // 2 or 1, keras_bn=True))
