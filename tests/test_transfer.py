@@ -347,9 +347,11 @@ def test_the_zero_shot_head_is_p_cat_over_p_cat_plus_p_dog(fast_source, syn):
                                            checkpoint_dir=str(ck), head_units=(), head="max",
                                            head_from=("cat", "dog"), image_size=32)
     images = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 3)).astype(np.float32)
-    score = tf.sigmoid(model(images)[:, 0]).numpy()
+    # training=False: called with training=None, Keras 3 runs the BN layers after a Resizing
+    # layer in training mode (measured here), as it never does without one
+    score = tf.sigmoid(model(images, training=False)[:, 0]).numpy()
     small = keras.layers.Resizing(32, 32)(images) / 255.0
-    p = tf.nn.softmax(donor(small), -1).numpy()
+    p = tf.nn.softmax(donor(small, training=False), -1).numpy()
     cat, dog = 3, 5
     np.testing.assert_allclose(score, p[:, cat] / (p[:, cat] + p[:, dog]), rtol=1e-4, atol=1e-6)
     with pytest.raises(backbones.BackboneError, match="--head=max"):
@@ -360,3 +362,43 @@ def test_the_zero_shot_head_is_p_cat_over_p_cat_plus_p_dog(fast_source, syn):
         backbones.build_transfer_model("fast", (32, 32, 3), 1, weights="fastsrc",
                                        checkpoint_dir=str(ck), head_units=(), head="max",
                                        head_from=("cats", "dog"))
+
+
+def two_class_photos(out_dir: str, size: int = 48, n: int = 24, seed: int = 0) -> dict:
+    """A cats/dogs TFRecord folder of `size` px random photos (the photo data's names)."""
+    from research.data import sources, tfrecords
+
+    def split(s):
+        rng = np.random.default_rng(s)
+        return sources.Split(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                             (np.arange(n) % 2).astype(np.int64),
+                             [f"p{s}_{i}" for i in range(n)])
+
+    data = sources.SourceData("photos", ["cats", "dogs"], {"train": split(seed),
+                                                           "test": split(seed + 1)})
+    return tfrecords.write_tfrecords(data, tfrecords.WriteConfig(
+        out_dir=out_dir, positive_class="cats", shards={"train": 1, "val": 1, "test": 1},
+        val_fraction=0.25), "synthetic")
+
+
+def test_zero_shot_scores_the_formula_on_every_photo(fast_source, tmp_path):
+    from research.evaluation import zero_shot
+
+    ck = fast_source
+    photos = str(tmp_path / "photos")
+    two_class_photos(photos)
+    with pytest.raises(zero_shot.ClassMapError, match="unmapped: dogs"):
+        zero_shot.zero_shot_config(str(ck), "fastsrc", photos, {"cats": "cat"})
+    cfg = zero_shot.zero_shot_config(str(ck), "fastsrc", photos,
+                                     zero_shot.parse_class_map("cats:cat,dogs:dog"),
+                                     tta=False, tta_shifts=False)
+    report, raw = zero_shot.score_zero_shot(cfg, "test", progress=False)
+    assert report["num_examples"] == 24 and report["zero_shot"]["image_size"] == 32
+    donor = keras.models.load_model(str(ck / "fastsrc" / "export" / "model.keras"))
+    test = pipeline.take_examples(photos, "test")
+    order = np.argsort(test["index"]) if "index" in test else np.arange(len(test["image"]))
+    images = test["image"][order].astype(np.float32)
+    p = tf.nn.softmax(donor(keras.layers.Resizing(32, 32)(images) / 255.0, training=False),
+                      -1).numpy()
+    np.testing.assert_allclose(raw["scores"], p[:, 3] / (p[:, 3] + p[:, 5]), rtol=1e-4,
+                               atol=1e-6)

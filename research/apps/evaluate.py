@@ -3,6 +3,12 @@ r"""Evaluates a training run on every example of a split.
   python -m research.apps.evaluate --run_name=scratch --split=test --output=eval_test.json
 
 The threshold is the F1-maximising one on val, applied unchanged to the split.
+
+Zero-shot, on a two-class dataset whose classes the run knows by other names (no training;
+score p(cat) / (p(cat) + p(dog)), the run's network resized to its own input size):
+
+  python -m research.apps.evaluate --run_name=lab_scratch --data_dir=data/photos \
+      --class_map=cats:cat,dogs:dog --split=test
 """
 
 from __future__ import annotations
@@ -27,11 +33,45 @@ flags.DEFINE_string("figures_dir", None, "Figures folder (default: beside --outp
 flags.DEFINE_bool("tta", None, "Override the run's test-time mirror averaging.")
 flags.DEFINE_bool("tta_shifts", None, "Override the run's one-pixel-shift test-time views.")
 flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch size.")
+flags.DEFINE_list("class_map", [], "Zero-shot: DATA_CLASS:RUN_CLASS for both classes of "
+                  "--data_dir (e.g. cats:cat,dogs:dog); the report goes to <run>/zero_shot_"
+                  "<data folder>_<split>.json unless --output.")
 flags.mark_flags_as_required(["run_name"])
+
+
+def zero_shot_main() -> None:
+    from research.evaluation import zero_shot
+    try:
+        if not FLAGS.data_dir:
+            raise zero_shot.ClassMapError("--class_map: give the --data_dir to score zero-shot")
+        cfg = zero_shot.zero_shot_config(
+            FLAGS.checkpoint_dir, FLAGS.run_name, FLAGS.data_dir,
+            zero_shot.parse_class_map(FLAGS.class_map), tta=FLAGS.tta,
+            tta_shifts=FLAGS.tta_shifts, eval_batch_size=FLAGS.eval_batch_size)
+        cfg.validate()
+        if FLAGS.checkpoint != "best":
+            raise zero_shot.ClassMapError("--checkpoint: zero-shot scoring uses the run's "
+                                          "export; leave --checkpoint unset")
+        output = FLAGS.output or zero_shot.report_path(FLAGS.checkpoint_dir, FLAGS.run_name,
+                                                       FLAGS.data_dir, FLAGS.split)
+        from research.evaluation import report as reporting
+        report, raw = zero_shot.score_zero_shot(cfg, FLAGS.split)
+        figures = FLAGS.figures_dir or runs.eval_figures_dir(output, FLAGS.split)
+        report["figures"] = reporting.write_figures(cfg, report, raw, figures)
+        runs.write_eval_report(output, report)
+    except UserError as e:
+        config_flags.fail(e)
+    print()
+    print(f"zero-shot: {report['zero_shot']['score']} of {FLAGS.run_name} at "
+          f"{report['zero_shot']['image_size']} px")
+    print(reporting.format_report(report))
+    print(f"report: {output}")
 
 
 def main(argv):
     del argv
+    if FLAGS.class_map:
+        return zero_shot_main()
     try:
         cfg = load_run_config(FLAGS.checkpoint_dir, FLAGS.run_name, FLAGS.data_dir,
                               tta=FLAGS.tta, tta_shifts=FLAGS.tta_shifts,

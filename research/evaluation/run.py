@@ -55,15 +55,22 @@ def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
     path = checkpoint if verified else checkpoints.resolve_checkpoint(cfg.run_dir, checkpoint)
     manifest = check_data(cfg, split)
     model, manifest, strategy = restore_for_eval(cfg, path, manifest=manifest)
+    step = path.rsplit("-", 1)[-1]
+    return score_model(cfg, model, manifest, strategy, split, progress, {
+        "checkpoint": path, "step": int(step) if step.isdigit() else None})
+
+
+def score_model(cfg: TrainConfig, model: keras.Model, manifest: dict, strategy, split: str,
+                progress: bool = True, about: dict | None = None) -> tuple[dict, dict]:
+    """(report, raw arrays) of `model` on val and `split` as evaluate_run describes;
+    `about` (where the weights came from) goes into the report."""
     classifier = cfg.positive_class(manifest) is None
     evaluator = Evaluator(cfg, strategy, model, cfg.positive_id(manifest))
     val = None if classifier and split != "val" else evaluator.evaluate("val", progress=progress)
     res = val if split == "val" else evaluator.evaluate(split, progress=progress)
-    step = path.rsplit("-", 1)[-1]
     report = {"split": split, "run_name": cfg.run_name,
-              "num_classes": len(manifest["class_names"]), "checkpoint": path,
-              "step": int(step) if step.isdigit() else None, "classifier": classifier,
-              "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
+              "num_classes": len(manifest["class_names"]), **(about or {}),
+              "classifier": classifier, "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
               "objective": cfg.objective, "split_size": manifest["splits"][split]["num_examples"],
               "eval_fraction": cfg.eval_fraction}
     raw = {"labels": res.labels, "class_ids": res.class_ids, "index": res.index}

@@ -260,6 +260,13 @@ def zero_shot_head(source: keras.Model, class_names, classes) -> tuple[np.ndarra
     return w[:, None].astype(np.float32), np.asarray([bias[i] - bias[j]], np.float32)
 
 
+def source_pooling(checkpoint_dir: str, run: str) -> str:
+    """How the run's network pools its last feature map (gap or max; flatten if neither)."""
+    source, _ = load_run_model(checkpoint_dir, run)
+    pools = [POOLING[type(layer)] for layer in source.layers if type(layer) in POOLING]
+    return pools[0] if pools else "flatten"
+
+
 def head_from_run(model: keras.Model, opts: TransferOptions, checkpoint_dir: str) -> None:
     """Sets the new head's logits layer to the --weights run's zero-shot score of
     opts.head_from (CLASS, OTHER); the head must pool as the source network does."""
@@ -269,9 +276,9 @@ def head_from_run(model: keras.Model, opts: TransferOptions, checkpoint_dir: str
     source, _ = load_run_model(checkpoint_dir, opts.weights)
     pools = [POOLING[type(layer)] for layer in source.layers if type(layer) in POOLING]
     if pools != [opts.head]:
-        raise BackboneError(f"--head_from: the run {opts.weights} pools with "
-                            f"{pools[0] if pools else 'flatten'}; give --head="
-                            f"{pools[0] if pools else 'flatten'} (got --head={opts.head})")
+        pool = pools[0] if pools else "flatten"
+        raise BackboneError(f"--head_from: the run {opts.weights} pools with {pool}; give "
+                            f"--head={pool} (got --head={opts.head})")
     names = runs.read_metadata(runs.exported_model_path(checkpoint_dir, opts.weights),
                                f"--weights={opts.weights}")["class_names"]
     model.get_layer("logits").set_weights(list(zero_shot_head(source, names, opts.head_from)))
