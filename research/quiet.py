@@ -81,11 +81,13 @@ ABSL_NOISE = re.compile(r"^Sharding callback duration|^Function `\w+` contains i
                         r"|^Writing fingerprint to")
 # TensorFlow's retracing heuristic counts the traces of every tf.function made from the same
 # code: a process that trains or scores several models (the lab, compare) builds one train
-# loop and one eval step per model, and each traces once. That is expected, not a retracing
-# bug, so for these two alone the warning is dropped; any other function's still shows.
+# loop and one eval step per model, and each traces once; an Explainer compiles each of its
+# functions once per model (and input size), and the lab explains several models. That is
+# expected, not a retracing bug, so for these alone the warning is dropped; any other
+# function's still shows.
 RETRACING_EXPECTED = re.compile(
     r"calls to <function (make_eval_step\.<locals>\.eval_step|make_train_loop\.<locals>\."
-    r"train_loop)")
+    r"train_loop|Explainer\.)")
 
 
 class _AbslNoise(logging.Filter):

@@ -117,9 +117,16 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     helpers.make_cifar10_python(str(archive), per_batch=40)
     photo = tmp_path / "my_cat.png"
     Image.fromarray(helpers.rgb(45, 60, seed=3)).save(photo)
+    photos = tmp_path / "dvc"  # a tiny dogs-vs-cats folder: photos of their own sizes
+    for c in ("cats", "dogs"):
+        (photos / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(helpers.rgb(70, 90, seed=i + 10 * (c == "dogs"))).save(
+                photos / c / f"{c[:-1]}.{i}.png")
     work = tmp_path / "work"
     work.mkdir()
-    flags = [f"--source={archive}", f"--images={photo}", *TINY]
+    flags = [f"--source={archive}", f"--images={photo}", f"--photo_source={photos}",
+             "--photo_counts=4,2,2", *TINY]
 
     bad, _ = lab(work, "--stages=data,bogus")
     assert bad.returncode != 0
@@ -135,7 +142,7 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     out = first.stdout.splitlines()
     assert out[0] == f"source: {archive} (--source)"
     stages = ("data", "scratch", "source_task", "transfer", "compare", "explain", "visualize",
-              "memory_check")
+              "photos", "memory_check")
     for s in stages:
         assert f"[lab] {s}: done" in first.stdout, s
 
@@ -167,6 +174,19 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     src_tags = event_tags(work / "logs" / "lab_src_nocat" / "eval")["tags"]
     assert {"class_accuracy", "top5_class_accuracy"} <= src_tags
     assert not {"roc_auc", "pr_auc", "f1", "threshold", "hparams/val_roc_auc"} & src_tags
+    # The photos: exact counts, zero-shot and fine-tuned rows on the same held-out photos,
+    # the figures drawn on the original photos (70x90 here, not the stored 64x64).
+    pm = json.loads((work / "data" / "photos64" / "manifest.json").read_text())
+    assert pm["splits"]["test"]["class_counts"] == {"cats": 2, "dogs": 2}
+    assert pm["positive_class"] == "cats"
+    prec = json.loads((lab_dir / "stages" / "lab_photos.json").read_text())["outputs"]
+    assert [r["num_examples"] for r in prec["rows"]] == [4, 4, 4, 4]
+    assert prec["rows"][0]["run"].startswith("zero-shot")
+    assert prec["rows"][0]["train_seconds"] == 0
+    assert prec["class_map"] == {"cats": "cat", "dogs": "dog"}
+    figures = {os.path.basename(f) for f in prec["figures"]}
+    assert figures == {"photos_explain.png", "photos_mistakes.png"}
+    assert (ck / "lab_photos" / "export" / "model.keras").is_file()
     mem = json.loads((lab_dir / "lab_memory_check.json").read_text())
     assert mem["same_batches"] is True
     assert {"roc_auc", "pr_auc", "f1"} <= set(mem["test"])
@@ -195,7 +215,8 @@ def test_lab_end_to_end_and_reuse(tmp_path):
         assert f'alt="{run}: test_confusion.png"' in text, run
     for needle in ("Comparison on the test set", "test ROC-AUC", "deletion AUC",
                    "Reading from disk vs from memory", "tensorboard --logdir",
-                   "source-task backbone", "(PR-AUC)", "(class accuracy)"):
+                   "source-task backbone", "(PR-AUC)", "(class accuracy)",
+                   "Real photos: dogs vs cats", "Chollet"):
         assert needle in text, needle
     md = (lab_dir / "report.md").read_text()
     assert "- **workdir**: " in md and "| | |" not in md

@@ -33,6 +33,10 @@ flags.DEFINE_string("weights", "auto", "Transfer backbone weights: auto (ImageNe
                     "file is cached or downloadable, else the source-task fallback), imagenet "
                     "(stop if unavailable), source_task (the fallback), or a .h5 file.")
 flags.DEFINE_list("images", [], "Your own photos, explained by both detectors.")
+flags.DEFINE_string("photo_source", None, "The photos stage's photos: a tar or folder with one "
+                    "folder per class (cats/, dogs/). Default: ../shared/data/dogs-vs-cats-"
+                    "2000.tar when it is there; without either, the stage is skipped (the "
+                    "report says why).")
 flags.DEFINE_list("stages", list(STAGES), "Stages to run, in the lab's order.")
 flags.DEFINE_enum("profile", "cpu", list(PROFILES), "cpu: finishes on a 2-core machine; gpu: "
                   "full-size settings (bigger backbone inputs, more epochs, MirroredStrategy "
@@ -47,7 +51,8 @@ def settings_from_flags() -> LabSettings:
     o = Overrides(**config_flags.values_from_flags(Overrides))
     progress = sys.stdout.isatty() if FLAGS.progress is None else FLAGS.progress
     return LabSettings(workdir=FLAGS.workdir, source=FLAGS.source, weights=FLAGS.weights,
-                       images=tuple(FLAGS.images), stages=tuple(FLAGS.stages),
+                       images=tuple(FLAGS.images), photo_source=FLAGS.photo_source,
+                       stages=tuple(FLAGS.stages),
                        profile=FLAGS.profile, quick=FLAGS.quick, overrides=o,
                        progress=progress,
                        command=" ".join(["python -m research.apps.lab"]

@@ -103,4 +103,5 @@ def score_zero_shot(cfg: TrainConfig, split: str, progress: bool = True) -> tupl
         "zero_shot": {"run": opts["weights"], "score": f"p({opts['head_from'][0]}) / "
                       f"(p({opts['head_from'][0]}) + p({opts['head_from'][1]}))",
                       "image_size": opts["image_size"]},
-        "checkpoint": None, "step": None})
+        "checkpoint": runs.exported_model_path(cfg.checkpoint_dir, opts["weights"]),
+        "step": None})

@@ -6,9 +6,12 @@ every training default); only what the lab changes is written here.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from research.fields import setting
 from research.machine import PRECISIONS
+from research.model_options import options_class
+from research.training.recipes import FAST_CIFAR10, load_recipe
 
 # Explanation methods compared on the same images, with deletion/insertion scores: the cheap
 # ones (not scorecam, smoothgrad or lime: tens to hundreds of forward passes per image).
@@ -17,6 +20,13 @@ METHODS = ("gradcam", "gradcam_pp", "saliency", "integrated_gradients", "guided_
 # ExplainOptions fields (explain flags) the lab sets: 17 gradients for integrated gradients,
 # a 4x4 grid of non-overlapping patches (16 forward passes) for occlusion.
 EXPLAIN_OPTIONS = {"ig_steps": 16, "occlusion_patch": 0.25, "occlusion_stride": 0.25}
+# The shared dogs-vs-cats photos, relative to the repository root (where `make` runs).
+LOCAL_PHOTOS = os.path.join("..", "shared", "data", "dogs-vs-cats-2000.tar")
+# The photo stage: TFRecords at `size` px cut into exact per-class counts (train, val, test;
+# Chollet's 1,000 / 500 / 500 halved for the shared 1,000 photos per class), the photo recipe
+# (research/recipes/photos_from_cifar.flags) with `train`'s overrides.
+PHOTOS = {"source": LOCAL_PHOTOS, "size": 64, "split_counts": (500, 250, 250),
+          "train": {"gradcam_images": 0}, "explain_per_class": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +38,7 @@ class LabProfile:
     transfer_imagenet: dict       # the transfer detector with ImageNet weights
     transfer_fallback: dict       # the transfer detector on the source-task backbone
     memory_check: dict            # both runs of the input check
+    photos: dict = dataclasses.field(default_factory=lambda: dict(PHOTOS))  # real photos
     explain_per_class: int = 4    # test cats and as many non-cats
     methods: tuple = METHODS
     faithfulness_steps: int = 32
@@ -52,7 +63,9 @@ class LabProfile:
 CPU = LabProfile(
     name="cpu",
     shards={"train": 12, "val": 2, "test": 4},
-    scratch=dict(model="scratch", eval_every_steps=525),
+    # The fast recipe (airbench94's port, research/recipes/fast_cifar10.flags) exactly: the
+    # same run as `train --flagfile=research/recipes/fast_cifar10.flags`.
+    scratch=load_recipe(FAST_CIFAR10),
     # 9 classes, no cats: the features a cat detector can start from when ImageNet is out
     # of reach; 8 epochs are most of what 20 give on the 10-class task.
     source_task=dict(model="scratch", exclude_classes=("cat",), epochs=8.0,
@@ -68,7 +81,8 @@ CPU = LabProfile(
                            fine_tune_epochs=3.0, head_lr=0.1, fine_tune_lr=0.02,
                            fine_tune_from="stage1", model_options={"head_units": ()}),
     # No TensorBoard Grad-CAM for the pair: only their test numbers matter.
-    memory_check=dict(model="scratch", epochs=2.0, eval_every_steps=175, gradcam_images=0),
+    # One epoch each (2 x 175 steps): the difference it shows is exact, not a quality.
+    memory_check=dict(model="scratch", epochs=1.0, eval_every_steps=175, gradcam_images=0),
 )
 
 GPU = LabProfile(
@@ -103,13 +117,15 @@ def quick(profile: LabProfile) -> LabProfile:
     """A few minutes on a 2-core CPU, for smoke tests: tiny step counts, and val and test
     subsets (QUICK_EVAL_FRACTION of each class; the report says so). Runs get their own names,
     so a quick lab never resumes into a full one."""
-    net = {"widths": (16, 32, 64), "res_blocks": (1, 0, 0), "stem_width": 16}
+    nets = {"scratch": {"widths": (16, 32, 64), "res_blocks": (1, 0, 0), "stem_width": 16},
+            "fast": {"widths": (16, 32, 32)}}
     subset = {"eval_fraction": QUICK_EVAL_FRACTION}
-    short = dict(train_steps=30, batch_size=64, eval_every_steps=15, model_options=net,
-                 **subset)
+    short = dict(train_steps=30, batch_size=64, eval_every_steps=15, **subset)
 
     def shrink(d):
-        return {**{k: v for k, v in d.items() if k != "epochs"}, **short}
+        out = {**{k: v for k, v in d.items() if k != "epochs"}, **short}
+        out["model_options"] = {**d.get("model_options", {}), **nets[d["model"]]}
+        return out
 
     return dataclasses.replace(
         profile, quick=True, run_prefix=profile.run_prefix + "quick_",
@@ -121,6 +137,9 @@ def quick(profile: LabProfile) -> LabProfile:
         transfer_fallback=few_epochs({**profile.transfer_fallback, "train_fraction": 0.05,
                                       "batch_size": 64, **subset}, 1.0),
         memory_check=shrink(profile.memory_check),
+        photos={**profile.photos, "split_counts": (60, 30, 30), "train": {
+            **profile.photos["train"], "head_epochs": 1.0, "fine_tune_epochs": 1.0,
+            "model_options": {"image_size": 32}}, "explain_per_class": 2},
         explain_per_class=2, faithfulness_steps=8, num_filters=8, filter_steps=10)
 
 
@@ -142,10 +161,13 @@ class Overrides:
     batch_size: int | None = setting(None, "Global batch size of every run.", ge=1)
     eval_batch_size: int | None = setting(None, "Eval batch size of every run.", ge=1)
     eval_every_steps: int | None = setting(None, "Validation interval of every run.", ge=1)
-    widths: tuple[int, ...] | None = setting(None, "Scratch network stage widths.", ge=1)
-    res_blocks: tuple[int, ...] | None = setting(None, "Scratch network residual blocks per "
-                                                 "stage.", ge=0)
-    stem_width: int | None = setting(None, "Scratch network stem width.", ge=1)
+    widths: tuple[int, ...] | None = setting(None, "Stage widths of the networks trained from "
+                                             "scratch (the fast and the scratch CNN).", ge=1)
+    res_blocks: tuple[int, ...] | None = setting(None, "Scratch CNN residual blocks per "
+                                                 "stage (runs of the fast CNN have none).",
+                                                 ge=0)
+    stem_width: int | None = setting(None, "Scratch CNN stem width (runs of the fast CNN "
+                                     "have none).", ge=1)
     precision: str | None = setting(None, "Precision of every run (train --precision).",
                                     choices=PRECISIONS)
     explain_per_class: int | None = setting(None, "Test cats (and as many non-cats) "
@@ -156,6 +178,9 @@ class Overrides:
                                        ge=1)
     gradcam_images: int | None = setting(None, "Val images whose Grad-CAM goes to "
                                          "TensorBoard at every eval (0: off).", ge=0)
+    photo_counts: tuple[int, ...] | None = setting(None, "Photos stage: TRAIN,VAL,TEST photos "
+                                                   "per class (make_tfrecords "
+                                                   "--split_counts).", ge=1)
 
 
 def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
@@ -172,14 +197,22 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
         if o.train_steps is not None:
             d.pop("epochs", None)
             d["train_steps"] = o.train_steps
-        if net:
-            d["model_options"] = {**d.get("model_options", {}), **net}
+        fields = {f.name for f in dataclasses.fields(options_class(d["model"]))}
+        mine = {k: v for k, v in net.items() if k in fields}  # the model's own options
+        if mine:
+            d["model_options"] = {**d.get("model_options", {}), **mine}
         return d
 
     def transfer(d):
         d = {**d, **common}
         return d if o.transfer_epochs is None else few_epochs(d, o.transfer_epochs)
 
+    photos = {**profile.photos, "train": transfer({**profile.photos["train"],
+                                                   "transfer": "fine_tune"})}
+    if o.photo_counts is not None:
+        photos["split_counts"] = tuple(o.photo_counts)
+    if o.explain_per_class is not None:
+        photos["explain_per_class"] = o.explain_per_class
     pick = {k: getattr(o, k) for k in ("explain_per_class", "faithfulness_steps",
                                        "num_filters", "filter_steps")
             if getattr(o, k) is not None}
@@ -188,4 +221,4 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
         source_task=scratch_like(profile.source_task),
         memory_check=scratch_like(profile.memory_check),
         transfer_imagenet=transfer(profile.transfer_imagenet),
-        transfer_fallback=transfer(profile.transfer_fallback), **pick)
+        transfer_fallback=transfer(profile.transfer_fallback), photos=photos, **pick)

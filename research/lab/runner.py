@@ -49,6 +49,11 @@ def preflight(lab: Lab, order: list[str]) -> None:
             require_runs(lab, needing[0], missing)
         except LabError as e:
             raise LabError(f"{e} (or add them to --stages)") from None
+    if "photos" in order and "scratch" not in order:
+        try:
+            require_runs(lab, "photos", [lab.run_name("scratch")])
+        except LabError as e:
+            raise LabError(f"{e} (or add scratch to --stages)") from None
     try:  # an unreadable photo would otherwise surface after the training
         user_images(lab.s.images)
     except (OSError, ImageDecodeError) as e:

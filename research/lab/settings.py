@@ -12,7 +12,8 @@ from research.errors import UserError
 from research.fields import field_errors
 from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
 
-STAGES = ("data", "scratch", "transfer", "compare", "explain", "visualize", "memory_check")
+STAGES = ("data", "scratch", "transfer", "compare", "explain", "visualize", "photos",
+          "memory_check")
 # The repository's CIFAR-10 copy, relative to the repository root (where `make` runs).
 LOCAL_SOURCE = os.path.join("..", "shared", "data", "cifar10-jpg.tar.gz")
 OFFICIAL_SOURCE = "cifar10"
@@ -29,6 +30,7 @@ class LabSettings:
     source: str | None = None        # None: the local copy if present, else the official one
     weights: str = "auto"            # auto | imagenet | source_task | <.h5 file>
     images: tuple = ()               # the user's own photos to explain
+    photo_source: str | None = None  # the photos stage's tar or folder (None: the shared one)
     stages: tuple = STAGES
     profile: str = "cpu"
     quick: bool = False
@@ -98,8 +100,14 @@ def check(s: LabSettings) -> None:
                            "or a .h5 weights file of the backbone")
         if not os.path.isfile(s.weights):
             raise LabError(f"--weights: {s.weights} not found")
+    if s.photo_source and not os.path.exists(s.photo_source):
+        raise LabError(f"--photo_source: {s.photo_source} not found")
     for path in s.images:
         if not os.path.isfile(path):
             raise LabError(f"--images: {path} not found")
     for name, problem in field_errors(s.overrides):  # the one table: Overrides' fields
         raise LabError(f"--{name}: {problem}")
+    counts = s.overrides.photo_counts
+    if counts is not None and len(counts) != 3:
+        raise LabError(f"--photo_counts: give TRAIN,VAL,TEST photos per class, got "
+                       f"{','.join(map(str, counts))}")

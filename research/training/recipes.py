@@ -21,6 +21,7 @@ from research.training.config import TrainConfig
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "recipes")
 FAST_CIFAR10 = os.path.join(RECIPES_DIR, "fast_cifar10.flags")
+PHOTOS_FROM_CIFAR = os.path.join(RECIPES_DIR, "photos_from_cifar.flags")
 
 TRUE, FALSE = ("true", "t", "1", "yes"), ("false", "f", "0", "no")
 
