@@ -301,7 +301,8 @@ def stage_photos(lab: Lab) -> StageRecord:
         return lab.finish("photos", "Real photos", start, True, commands, flags,
                           old["outputs"], resume_notes(summary),
                           ran_seconds=summary.get("train_seconds"))
-    rows = [_row(f"zero-shot: {detector_name} (CIFAR-10, never saw a photo)",
+    rows = [_row(f"zero-shot: {detector_name} (CIFAR-10, never saw a photo), "
+                 + ("TTA mirror + shifts" if tta else "no TTA"),
                  _zero_shot(lab, detector_name, data_dir, mapping, tta), 0.0)
             for tta in (False, True)]
     print(f"[lab] photos: zero-shot {detector_name}: ROC-AUC {rows[1]['roc_auc']:.4f}, "
