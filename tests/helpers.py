@@ -10,6 +10,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from research.data import sources, tfrecords
+
 TINY_NET = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8, "dropout": 0.0}
 
 
@@ -27,6 +29,14 @@ def tiny_config(syn: str, tmp_path, **overrides):
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
+
+
+def write_tfrecords(source, out_dir, load=None, **kw):
+    """(the loaded source, the manifest): `source` written to TFRecords in `out_dir` with
+    WriteConfig settings `kw` (`load`: load_source's keyword arguments)."""
+    data = sources.load_source(str(source), **(load or {}))
+    cfg = tfrecords.WriteConfig(out_dir=str(out_dir), **kw)
+    return data, tfrecords.write_tfrecords(data, cfg, str(source))
 
 
 def random_cifar(n: int, num_classes: int = 10, seed: int = 0):

@@ -13,13 +13,8 @@ import pytest
 import tensorflow as tf
 
 import helpers
+from helpers import write_tfrecords as write
 from research.data import imaging, pipeline, sources, tfrecords
-
-
-def write(source_path, out_dir, **kw):
-    data = sources.load_source(str(source_path))
-    cfg = tfrecords.WriteConfig(out_dir=str(out_dir), **kw)
-    return data, tfrecords.write_tfrecords(data, cfg, str(source_path))
 
 
 def read_raw(data_dir, split):

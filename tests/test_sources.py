@@ -16,13 +16,8 @@ import tensorflow as tf
 from PIL import Image
 
 import helpers
+from helpers import write_tfrecords as write
 from research.data import pipeline, sources, tfrecords
-
-
-def write(source, out_dir, load=None, **kw):
-    data = sources.load_source(str(source), **(load or {}))
-    cfg = tfrecords.WriteConfig(out_dir=str(out_dir), **kw)
-    return data, tfrecords.write_tfrecords(data, cfg, str(source))
 
 
 def read_records(data_dir, split):

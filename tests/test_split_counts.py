@@ -9,24 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import helpers
-from research.data import pipeline, sources, tfrecords
-
-
-def write(source, out_dir, **kw):
-    data = sources.load_source(str(source))
-    cfg = tfrecords.WriteConfig(out_dir=str(out_dir), **kw)
-    return data, tfrecords.write_tfrecords(data, cfg, str(source))
-
-
-def source_ids(data_dir, split):
-    manifest = pipeline.load_manifest(str(data_dir))
-    return [tf.train.Example.FromString(rec.numpy()).features.feature["source_id"]
-            .bytes_list.value[0].decode()
-            for path in pipeline.shard_paths(str(data_dir), manifest, split)
-            for rec in tf.data.TFRecordDataset(path)]
+from helpers import write_tfrecords as write
+from research.data import pipeline, tfrecords
 
 
 def flat_folder(root, cats=10, dogs=7):
@@ -46,7 +32,7 @@ def test_exact_counts_land_in_each_split_and_the_rest_is_left_out(tmp_path):
     assert m["split_counts"] == {"train": 3, "val": 2, "test": 2, "test_from": "train"}
     assert m["val_fraction"] is None and m["test_fraction"] is None  # replaced, not applied
     assert m["left_out"] == {"train": {"cat": 3, "dog": 0}}
-    ids = {s: source_ids(tmp_path / "out", s) for s in ("train", "val", "test")}
+    ids = {s: pipeline.read_source_ids(tmp_path / "out", s) for s in ("train", "val", "test")}
     used = [i for s in ids.values() for i in s]
     assert len(used) == len(set(used)) == 14  # no image in two splits
     table = tfrecords.summary_table(m)
@@ -90,9 +76,9 @@ def test_a_source_test_split_gives_the_test_count_train_gives_train_and_val(tmp_
     assert m["split_counts"]["test_from"] == "test"
     assert m["left_out"] == {"train": {"cat": 3, "dog": 0, "frog": 0},
                              "test": {"cat": 1, "dog": 1, "frog": 1}}
-    assert all(i.startswith("test/") for i in source_ids(tmp_path / "out", "test"))
+    assert all(i.startswith("test/") for i in pipeline.read_source_ids(tmp_path / "out", "test"))
     assert all(i.startswith("train/") for s in ("train", "val")
-               for i in source_ids(tmp_path / "out", s))
+               for i in pipeline.read_source_ids(tmp_path / "out", s))
     table = tfrecords.summary_table(m)
     assert ("train 4 + val 2 of every class cut from the source's train split (seed 0), test "
             "2 from its own test split (seed 1)") in table

@@ -79,6 +79,18 @@ def shard_paths(data_dir: str, manifest: dict, split: str, verify: bool = True) 
     return paths
 
 
+def read_source_ids(data_dir: str, split: str) -> list[str]:
+    """Each example's source_id (its file or index inside the source), in split position
+    order (the `index` that take_examples and the eval stream give)."""
+    manifest = load_manifest(data_dir)
+    ids = []
+    for path in shard_paths(data_dir, manifest, split):
+        for record in tf.data.TFRecordDataset(path):
+            ex = tf.train.Example.FromString(record.numpy())
+            ids.append(ex.features.feature["source_id"].bytes_list.value[0].decode())
+    return ids
+
+
 def class_weights(manifest: dict, split: str = "train") -> dict[str, np.ndarray]:
     """Balanced weights n / (k * n_c): 'binary' over {neg, pos}, 'multiclass' over class ids
     (data without a positive class: 'multiclass' only)."""

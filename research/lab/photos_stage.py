@@ -16,7 +16,6 @@ import time
 
 import cv2
 import numpy as np
-import tensorflow as tf
 
 from research import plots, runs
 from research.data import imaging, pipeline, sources, tfrecords
@@ -153,17 +152,6 @@ def _row(name: str, report: dict, seconds=None) -> dict:
 
 # ----------------------------------------------------------------------------- figures
 
-def source_ids(data_dir: str, split: str) -> list[str]:
-    """Each example's source_id (its file inside the source), in split position order."""
-    manifest = pipeline.load_manifest(data_dir)
-    ids = []
-    for path in pipeline.shard_paths(data_dir, manifest, split):
-        for record in tf.data.TFRecordDataset(path):
-            ex = tf.train.Example.FromString(record.numpy())
-            ids.append(ex.features.feature["source_id"].bytes_list.value[0].decode())
-    return ids
-
-
 def read_originals(source: str, wanted: list[str]) -> dict[str, np.ndarray]:
     """The original photos of `wanted` source ids (a tar member or a file whose path ends
     with the id), decoded at their own resolution."""
@@ -196,12 +184,12 @@ def overlay_on_original(photo: np.ndarray, heat: np.ndarray, window) -> np.ndarr
     return out
 
 
-def explain_figure(lab: Lab, run: str, data_dir: str, source: str, out_dir: str) -> str:
+def explain_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str],
+                   out_dir: str) -> str:
     """Grad-CAM, Grad-CAM++ and saliency of the photo detector's cat score on held-out cat
     and dog photos, each drawn on the original photo."""
     n = lab.profile.photos["explain_per_class"]
     examples = pipeline.take_examples(data_dir, SPLIT, 2 * n, filter="balanced")
-    ids = source_ids(data_dir, SPLIT)
     wanted = [ids[i] for i in examples["index"]]
     originals = read_originals(source, wanted)
     manifest = pipeline.load_manifest(data_dir)
@@ -228,14 +216,13 @@ def explain_figure(lab: Lab, run: str, data_dir: str, source: str, out_dir: str)
     return plots.save_figure(fig, os.path.join(out_dir, "photos_explain.png"))
 
 
-def mistakes_figure(lab: Lab, run: str, data_dir: str, source: str, raw: dict,
-                    threshold: float, out_dir: str, k: int = 6) -> str:
+def mistakes_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str],
+                    raw: dict, threshold: float, out_dir: str, k: int = 6) -> str:
     """The most confident false positives (dogs called cats) and false negatives, as the
     original photos."""
     scores, labels, index = raw["scores"], raw["labels"], raw["index"]
     fp = [i for i in np.argsort(-scores) if labels[i] == 0 and scores[i] >= threshold][:k]
     fn = [i for i in np.argsort(scores) if labels[i] == 1 and scores[i] < threshold][:k]
-    ids = source_ids(data_dir, SPLIT)
     picked = [(int(index[i]), float(scores[i]), kind) for kind, group in
               (("false positive", fp), ("false negative", fn)) for i in group]
     originals = read_originals(source, [ids[i] for i, _, _ in picked])
@@ -321,9 +308,10 @@ def stage_photos(lab: Lab) -> StageRecord:
     print(f"[lab] photos: {cfg.run_name} on {SPLIT} ({report['num_examples']:,} photos): "
           f"ROC-AUC {report['roc_auc']:.4f}, accuracy {report['accuracy']:.4f}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    figures = [explain_figure(lab, cfg.run_name, data_dir, source, out_dir),
-               mistakes_figure(lab, cfg.run_name, data_dir, source, raw, report["threshold"],
-                               out_dir)]
+    ids = pipeline.read_source_ids(data_dir, SPLIT)  # the originals' names, read once
+    figures = [explain_figure(lab, cfg.run_name, data_dir, source, ids, out_dir),
+               mistakes_figure(lab, cfg.run_name, data_dir, source, ids, raw,
+                               report["threshold"], out_dir)]
     outputs = {"source_line": line, "data_dir": data_dir, "run_name": cfg.run_name,
                "detector": detector_name, "class_map": mapping,
                "summary": run_summary(cfg, summary), "rows": rows, "figures": figures,
