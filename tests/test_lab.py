@@ -109,7 +109,7 @@ TINY = ["--weights=source_task", "--train_steps=8", "--batch_size=16", "--eval_e
         "--eval_batch_size=100", "--widths=8,16", "--res_blocks=1,0", "--stem_width=8",
         "--transfer_epochs=0.4", "--gradcam_images=0", "--precision=float32",
         "--explain_per_class=2", "--faithfulness_steps=4", "--num_filters=2",
-        "--filter_steps=2"]
+        "--filter_steps=2", "--few_labels=0.5", "--few_labels_epochs=1"]
 
 
 def test_lab_end_to_end_and_reuse(tmp_path):
@@ -141,14 +141,14 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     assert not [line for line in said if "\x1b[" in line], "ANSI escapes in a redirected log"
     out = first.stdout.splitlines()
     assert out[0] == f"source: {archive} (--source)"
-    stages = ("data", "scratch", "source_task", "transfer", "compare", "explain", "visualize",
-              "photos", "memory_check")
+    stages = ("data", "scratch", "source_task", "transfer", "compare", "few_labels", "explain",
+              "visualize", "photos", "memory_check")
     for s in stages:
         assert f"[lab] {s}: done" in first.stdout, s
 
     ck, lab_dir = work / "checkpoints", work / "logs" / "lab"
     assert (work / "data" / "cifar10" / "manifest.json").is_file()
-    runs = ["lab_scratch", "lab_src_nocat", "lab_transfer_scratch_fine_tune_src",
+    runs = ["lab_scratch", "lab_src_nocat", "lab_transfer_fast_fine_tune_src",
             "lab_mem_tfrecords", "lab_mem_memory"]
     for run in runs:
         assert (ck / run / "export" / "model.keras").is_file(), run
@@ -157,7 +157,7 @@ def test_lab_end_to_end_and_reuse(tmp_path):
         report = json.loads((ck / run / "eval_test.json").read_text())
         assert report["num_examples"] == 40 and report["split"] == "test"
     comp = json.loads((lab_dir / "lab_compare.json").read_text())
-    assert list(comp["runs"]) == ["lab_scratch", "lab_transfer_scratch_fine_tune_src"]
+    assert list(comp["runs"]) == ["lab_scratch", "lab_transfer_fast_fine_tune_src"]
     assert (lab_dir / "lab_compare.png").is_file()
     explained = {p.name for p in (lab_dir / "lab_explain").glob("*.png")}
     assert explained == {f"{m}_{w}.png" for m in profiles.METHODS for w in ("test", "photos")}
@@ -187,6 +187,18 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     figures = {os.path.basename(f) for f in prec["figures"]}
     assert figures == {"photos_explain.png", "photos_mistakes.png"}
     assert (ck / "lab_photos" / "export" / "model.keras").is_file()
+    # The few-labels pair: the same fraction of the train split, equal steps, scored on all
+    # of test, beside the full-data pair.
+    few = json.loads((lab_dir / "stages" / "lab_few_labels.json").read_text())["outputs"]
+    assert [r["run"] for r in few["rows"]] == ["lab_few_scratch",
+                                               "lab_few_transfer_fast_fine_tune_src"]
+    assert few["rows"][0]["steps"] == few["rows"][1]["steps"] > 0
+    assert few["rows"][0]["labels"] == few["rows"][1]["labels"]
+    assert [r["run"] for r in few["full"]] == ["lab_scratch", "lab_transfer_fast_fine_tune_src"]
+    for run in ("lab_few_scratch", "lab_few_transfer_fast_fine_tune_src"):
+        assert json.loads((ck / run / "eval_test.json").read_text())["num_examples"] == 40
+        cfg = json.loads((ck / run / "config.json").read_text())
+        assert cfg["train_fraction"] == 0.5, run
     mem = json.loads((lab_dir / "lab_memory_check.json").read_text())
     assert mem["same_batches"] is True
     assert {"roc_auc", "pr_auc", "f1"} <= set(mem["test"])
@@ -211,12 +223,12 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     for s in stages:  # each stage's flags folded in a <details> block, as a table
         assert page.folded.get(f"{s}: flags") == 1, (s, page.folded)
     assert "flags {" not in text  # no raw JSON paragraphs
-    for run in ("lab_scratch", "lab_transfer_scratch_fine_tune_src"):
+    for run in ("lab_scratch", "lab_transfer_fast_fine_tune_src"):
         assert f'alt="{run}: test_confusion.png"' in text, run
     for needle in ("Comparison on the test set", "test ROC-AUC", "deletion AUC",
                    "Reading from disk vs from memory", "tensorboard --logdir",
                    "source-task backbone", "(PR-AUC)", "(class accuracy)",
-                   "Real photos: dogs vs cats", "Chollet"):
+                   "Real photos: dogs vs cats", "Chollet", "Few labels: where transfer pays"):
         assert needle in text, needle
     md = (lab_dir / "report.md").read_text()
     assert "- **workdir**: " in md and "| | |" not in md

@@ -11,7 +11,8 @@ import os
 from research.fields import setting
 from research.machine import PRECISIONS
 from research.model_options import options_class
-from research.training.recipes import FAST_CIFAR10, load_recipe
+from research.training.config import TrainConfig
+from research.training.recipes import FAST_CIFAR10, airbench93, load_recipe, rebatched, stretched
 
 # Explanation methods compared on the same images, with deletion/insertion scores: the cheap
 # ones (not scorecam, smoothgrad or lime: tens to hundreds of forward passes per image).
@@ -29,16 +30,25 @@ PHOTOS = {"source": LOCAL_PHOTOS, "size": 64, "split_counts": (500, 250, 250),
           "train": {"gradcam_images": 0}, "explain_per_class": 3}
 
 
+# The few-labels pair: scratch and transfer each trained on this stratified fraction of the
+# train split (2,250 CIFAR-10 images, 225 cats) for this many epochs of it, at the transfer
+# detector's batch size: equal steps (about 350 at batch 256, 2 epochs of the full data).
+FEW_LABELS = 0.05
+FEW_LABELS_EPOCHS = 40.0
+
+
 @dataclasses.dataclass(frozen=True)
 class LabProfile:
     name: str
     shards: dict                  # TFRecord shards per split
     scratch: dict                 # the from-scratch detector
-    source_task: dict             # the fallback backbone: scratch network trained without cats
+    source_task: dict             # the fallback backbone: a network trained without cats
     transfer_imagenet: dict       # the transfer detector with ImageNet weights
     transfer_fallback: dict       # the transfer detector on the source-task backbone
     memory_check: dict            # both runs of the input check
     photos: dict = dataclasses.field(default_factory=lambda: dict(PHOTOS))  # real photos
+    few_labels: float = FEW_LABELS  # the train fraction of the few-labels pair
+    few_labels_epochs: float = FEW_LABELS_EPOCHS  # its length, in epochs of that fraction
     explain_per_class: int = 4    # test cats and as many non-cats
     methods: tuple = METHODS
     faithfulness_steps: int = 32
@@ -67,9 +77,9 @@ CPU = LabProfile(
     # same run as `train --flagfile=research/recipes/fast_cifar10.flags`.
     scratch=load_recipe(FAST_CIFAR10),
     # 9 classes, no cats: the features a cat detector can start from when ImageNet is out
-    # of reach; 8 epochs are most of what 20 give on the 10-class task.
-    source_task=dict(model="scratch", exclude_classes=("cat",), epochs=8.0,
-                     eval_every_steps=525),
+    # of reach. airbench93's recipe (research.training.recipes.airbench93): 0.46 of the fast
+    # recipe's FLOPs per image; a backbone needs features, not the last point of accuracy.
+    source_task={**airbench93(), "exclude_classes": ("cat",)},
     # Features are computed once (the backbone is the slow part on a CPU); the head trains
     # in seconds.
     transfer_imagenet=dict(model="vgg16", transfer="features", epochs=10.0,
@@ -77,9 +87,14 @@ CPU = LabProfile(
                            warmup_epochs=0.5, label_smoothing=0.0,
                            model_options={"image_size": 64, "head_units": (256,),
                                           "dropout": 0.5}),
-    transfer_fallback=dict(model="scratch", transfer="fine_tune", head_epochs=1.0,
-                           fine_tune_epochs=3.0, head_lr=0.1, fine_tune_lr=0.02,
-                           fine_tune_from="stage1", model_options={"head_units": ()}),
+    # The source-task network fine-tuned whole (it is small) into a one-logit cat detector:
+    # the head for an epoch, then everything; AdamW as the photo recipe.
+    transfer_fallback=dict(model="fast", transfer="fine_tune", head_epochs=1.0,
+                           fine_tune_epochs=3.0, batch_size=256, optimizer="adamw",
+                           weight_decay=1e-4, label_smoothing=0.0, head_lr=1e-3,
+                           fine_tune_lr=3e-4, fine_tune_from="group0", warmup_epochs=0.25,
+                           tta_shifts=True,
+                           model_options={"head": "max", "head_units": ()}),
     # No TensorBoard Grad-CAM for the pair: only their test numbers matter.
     # One epoch each (2 x 175 steps): the difference it shows is exact, not a quality.
     memory_check=dict(model="scratch", epochs=1.0, eval_every_steps=175, gradcam_images=0),
@@ -140,7 +155,8 @@ def quick(profile: LabProfile) -> LabProfile:
         photos={**profile.photos, "split_counts": (60, 30, 30), "train": {
             **profile.photos["train"], "head_epochs": 1.0, "fine_tune_epochs": 1.0,
             "model_options": {"image_size": 32}}, "explain_per_class": 2},
-        explain_per_class=2, faithfulness_steps=8, num_filters=8, filter_steps=10)
+        few_labels_epochs=2.0, explain_per_class=2, faithfulness_steps=8, num_filters=8,
+        filter_steps=10)
 
 
 def few_epochs(d: dict, epochs: float) -> dict:
@@ -178,6 +194,10 @@ class Overrides:
                                        ge=1)
     gradcam_images: int | None = setting(None, "Val images whose Grad-CAM goes to "
                                          "TensorBoard at every eval (0: off).", ge=0)
+    few_labels: float | None = setting(None, "Few-labels pair: the fraction of the train "
+                                       "split both runs train on.", gt=0, le=1)
+    few_labels_epochs: float | None = setting(None, "Few-labels pair: epochs of that "
+                                              "fraction (equal steps for both).", gt=0)
     photo_counts: tuple[int, ...] | None = setting(None, "Photos stage: TRAIN,VAL,TEST photos "
                                                    "per class (make_tfrecords "
                                                    "--split_counts).", ge=1)
@@ -214,7 +234,8 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
     if o.explain_per_class is not None:
         photos["explain_per_class"] = o.explain_per_class
     pick = {k: getattr(o, k) for k in ("explain_per_class", "faithfulness_steps",
-                                       "num_filters", "filter_steps")
+                                       "num_filters", "filter_steps", "few_labels",
+                                       "few_labels_epochs")
             if getattr(o, k) is not None}
     return dataclasses.replace(
         profile, scratch=scratch_like(profile.scratch),
@@ -222,3 +243,25 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
         memory_check=scratch_like(profile.memory_check),
         transfer_imagenet=transfer(profile.transfer_imagenet),
         transfer_fallback=transfer(profile.transfer_fallback), photos=photos, **pick)
+
+
+def few_labels_pair(profile: LabProfile, scratch: dict, transfer: dict) -> tuple[dict, dict]:
+    """(scratch, transfer) settings of the few-labels pair: both on profile.few_labels of
+    the train split for profile.few_labels_epochs of it, at the transfer's batch size, so
+    at equal steps. The scratch recipe is rebatched (its learning rate per example kept)
+    and stretched (its schedule's shape kept); the transfer's phases keep their
+    proportions."""
+    epochs, frac = profile.few_labels_epochs, profile.few_labels
+    batch = transfer.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
+    t = {**transfer, "train_fraction": frac}
+    if t.get("transfer") == "fine_tune":
+        head = t.get("head_epochs", TrainConfig.__dataclass_fields__["head_epochs"].default)
+        tune = t.get("fine_tune_epochs",
+                     TrainConfig.__dataclass_fields__["fine_tune_epochs"].default)
+        t["head_epochs"] = epochs * head / (head + tune)
+        t["fine_tune_epochs"] = epochs - t["head_epochs"]
+    else:
+        t["epochs"] = epochs
+    s = {k: v for k, v in scratch.items() if k != "train_steps"}
+    s = {**stretched(rebatched(s, batch), epochs), "train_fraction": frac}
+    return s, t

@@ -209,6 +209,26 @@ def _comparison_section(doc: Doc, records: dict) -> None:
         doc.para("The compare stage has not run.")
 
 
+def _few_labels_section(doc: Doc, records: dict) -> None:
+    doc.heading("Few labels: where transfer pays")
+    rec = records.get("few_labels")
+    if not rec:
+        doc.para("The few-labels stage has not run.")
+        return
+    o = rec.outputs
+    doc.para(f"The lab's scratch recipe and its transfer detector, each trained on "
+             f"{o['fraction']:.0%} of the train split (stratified, the same images) for "
+             f"{num(o['epochs'], 1)} epochs of it at the same batch size, so at equal steps; "
+             "beside them the full-data pair. Every row is scored on the whole test set, "
+             "its threshold from its own val split.")
+    rows = [[r["run"], r["labels"], num(r["steps"]), num(r["roc_auc"]), num(r["pr_auc"]),
+             num(r["f1"]), seconds(r["train_seconds"])] for r in o["rows"] + o["full"]]
+    doc.table(["run", "train labels", "steps", "test ROC-AUC", "test PR-AUC",
+               "F1 at val threshold", "time in train steps"], rows)
+    if o.get("weights_note"):
+        doc.para(f"Transfer weights: {o['weights_note']}")
+
+
 def _errors_section(doc: Doc, records: dict) -> None:
     dets = [records.get(k) for k in ("scratch", "transfer")]
     doc.heading("Errors: confusion matrices, worst false positives and negatives")
@@ -369,6 +389,7 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     _data_section(doc, records)
     _training_section(doc, lab, records)
     _comparison_section(doc, records)
+    _few_labels_section(doc, records)
     _errors_section(doc, records)
     _explain_section(doc, records)
     _visualize_section(doc, records)

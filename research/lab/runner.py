@@ -17,15 +17,18 @@ from research.lab.weights import resolve_weights
 
 # What each stage reads from the ones before it.
 NEEDS_DETECTORS = ("compare", "explain", "visualize")
+# The stages that train from the transfer detector's weights.
+NEEDS_WEIGHTS = ("transfer", "few_labels")
 
 
 def plan(lab: Lab) -> list[str]:
-    """The stages to run, in order; the source task joins the transfer stage when the
-    transfer detector starts from it."""
+    """The stages to run, in order; the source task joins the transfer and few-labels
+    stages when the transfer detector starts from it."""
     out = []
     for name in STAGE_FUNCTIONS:
         if name == "source_task":
-            if "transfer" in lab.s.stages and lab.weights == lab.run_name("src_nocat"):
+            if (any(s in lab.s.stages for s in NEEDS_WEIGHTS)
+                    and lab.weights == lab.run_name("src_nocat")):
                 out.append(name)
         elif name in lab.s.stages:
             out.append(name)
@@ -67,7 +70,7 @@ def run_lab(settings: LabSettings, source: str | None = None, source_line: str =
     if source is None:
         source, source_line = pick_source(settings.source, settings.data_dir)
     lab = Lab(settings, source, source_line)
-    if "transfer" in settings.stages or any(s in settings.stages for s in NEEDS_DETECTORS):
+    if any(s in settings.stages for s in NEEDS_WEIGHTS + NEEDS_DETECTORS):
         resolve_weights(lab)
         print(f"[lab] transfer weights: {lab.weights_note}", flush=True)
     order = plan(lab)

@@ -12,8 +12,8 @@ from research.errors import UserError
 from research.fields import field_errors
 from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
 
-STAGES = ("data", "scratch", "transfer", "compare", "explain", "visualize", "photos",
-          "memory_check")
+STAGES = ("data", "scratch", "transfer", "compare", "few_labels", "explain", "visualize",
+          "photos", "memory_check")
 # The repository's CIFAR-10 copy, relative to the repository root (where `make` runs).
 LOCAL_SOURCE = os.path.join("..", "shared", "data", "cifar10-jpg.tar.gz")
 OFFICIAL_SOURCE = "cifar10"

@@ -10,12 +10,14 @@ from research.lab.compare_stage import stage_compare
 from research.lab.data_stage import stage_data
 from research.lab.detectors import stage_scratch, stage_source_task, stage_transfer
 from research.lab.explain_stage import stage_explain
+from research.lab.few_labels import stage_few_labels
 from research.lab.memory_check import stage_memory_check
 from research.lab.photos_stage import stage_photos
 from research.lab.visualize_stage import stage_visualize
 
 STAGE_FUNCTIONS = {
     "data": stage_data, "scratch": stage_scratch, "source_task": stage_source_task,
-    "transfer": stage_transfer, "compare": stage_compare, "explain": stage_explain,
+    "transfer": stage_transfer, "compare": stage_compare, "few_labels": stage_few_labels,
+    "explain": stage_explain,
     "visualize": stage_visualize, "photos": stage_photos, "memory_check": stage_memory_check,
 }
