@@ -138,7 +138,7 @@ def stage_scratch(lab: Lab) -> StageRecord:
 
 
 def stage_source_task(lab: Lab) -> StageRecord:
-    """The fallback backbone: the scratch network trained on every class but cat, a plain
+    """The fallback backbone: a network trained on every class but cat, a plain
     classifier (its final val numbers: N-class and top-5 accuracy)."""
     start = time.perf_counter()
     cfg = train_config(lab, "src_nocat", lab.profile.source_task)

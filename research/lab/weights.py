@@ -33,8 +33,9 @@ def resolve_weights(lab: Lab) -> None:
     if mode == "source_task":
         lab.weights = lab.run_name("src_nocat")
         lab.weights_note = (f"--weights=source_task: the transfer detector starts from the "
-                            f"source-task backbone {lab.weights} (the scratch network trained "
-                            "without cats, a stage of its own)")
+                            f"source-task backbone {lab.weights} (the "
+                            f"{lab.profile.source_task['model']} CNN trained without cats, a "
+                            "stage of its own)")
         return
     have = os.path.isfile(path)
     try:
@@ -51,8 +52,9 @@ def resolve_weights(lab: Lab) -> None:
     lab.weights_note = (f"Fallback: the ImageNet weights of {backbone} could not be had "
                         f"({os.path.basename(path)} is not in {os.path.dirname(path)}/ and "
                         f"could not be downloaded), so the transfer detector starts from the "
-                        f"source-task backbone {lab.weights}: the scratch network trained on "
-                        "the 9 other classes, a stage of its own.")
+                        f"source-task backbone {lab.weights}: the "
+                        f"{lab.profile.source_task['model']} CNN trained on the 9 other "
+                        "classes, a stage of its own.")
 
 
 def transfer_settings(lab: Lab) -> tuple[str, dict]:
