@@ -36,10 +36,24 @@ def cpu_info() -> dict:
             "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16:
+# under them oneDNN has no bf16 kernels at all (a bf16 convolution fails to build), whatever
+# the CPU has. Higher caps, DEFAULT and ALL leave the CPU's own bf16 in use.
+_ISA_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                          "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> str | None:
+    """The ISA cap set for oneDNN in the environment, upper-cased, or None."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip() else None
+
+
 def has_fast_bf16() -> bool:
-    """True on CPUs whose oneDNN kernels run bfloat16 faster than float32."""
+    """True on CPUs whose oneDNN kernels run bfloat16 faster than float32, unless oneDNN is
+    capped below its bf16 kernels (ONEDNN_MAX_CPU_ISA=AVX2, say)."""
     info = cpu_info()
-    return info["amx"] or info["avx512_bf16"]
+    return (info["amx"] or info["avx512_bf16"]) and onednn_isa_cap() not in _ISA_CAPS_WITHOUT_BF16
 
 
 def resolve_precision(precision: str, gpu: bool, float16: bool = True) -> str:
@@ -58,8 +72,10 @@ def banner() -> str:
     """One line naming the CPU, e.g. 'CPU: AMD EPYC, 2 cores, AMX no, AVX512-BF16 yes'."""
     info = cpu_info()
     yn = {True: "yes", False: "no"}
+    cap = onednn_isa_cap()
     return (f"CPU: {info['model']}, {info['cores']} cores, AMX {yn[info['amx']]}, "
-            f"AVX512-BF16 {yn[info['avx512_bf16']]}")
+            f"AVX512-BF16 {yn[info['avx512_bf16']]}"
+            + (f", oneDNN capped at {cap}" if cap else ""))
 
 
 def _git(*args: str) -> str:

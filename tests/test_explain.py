@@ -304,6 +304,25 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
         loading.resolve_precision("float16")
 
 
+@pytest.mark.parametrize("cap, fast", [(None, True), ("avx2", False), ("AVX512_CORE", False),
+                                       ("AVX512_CORE_BF16", True), ("ALL", True)])
+def test_a_onednn_isa_cap_below_bf16_makes_auto_float32(monkeypatch, cap, fast):
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 oneDNN has no bf16 convolution at all (it fails to build
+    one), so 'auto' must not pick bf16 on a CPU that has it; the banner names the cap."""
+    monkeypatch.setattr(loading.machine, "cpu_info", lambda: {
+        "model": "AMD EPYC", "cores": 2, "amx": False, "avx512_bf16": True})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert loading.machine.has_fast_bf16() is fast
+    assert loading.machine.resolve_precision("auto", gpu=False) == (
+        "mixed_bfloat16" if fast else "float32")
+    assert ("oneDNN capped at " + cap.upper() in loading.machine.banner()) if cap else (
+        "capped" not in loading.machine.banner())
+
+
 def test_positive_saliency_of_linear_model_is_positive_weights():
     keras.utils.set_random_seed(3)
     x = keras.Input((4, 5, 3))

@@ -149,10 +149,10 @@ def main(argv):
         ratios.add("bf16 / fp32 (custom loop)", bf16 / fp32, "",
                    f"{bf16:,.0f} vs {fp32:,.0f} img/s")
     else:
-        print("bf16 / fp32: skipped (no AMX / AVX512-BF16 on this CPU: bf16 is emulated; "
-              "--bf16_row to time it anyway)")
-        ratios.add("bf16 / fp32 (custom loop)", None, "",
-                   "skipped: no AMX / AVX512-BF16 on this CPU (bf16 emulated)")
+        why = ("--bf16_row=false" if FLAGS.bf16_row is not None else
+               "no fast bf16 here (no AMX / AVX512-BF16, or oneDNN capped below it)")
+        print(f"bf16 / fp32: skipped ({why}; --bf16_row to time it anyway)")
+        ratios.add("bf16 / fp32 (custom loop)", None, "", f"skipped: {why}")
     loops = {"scratch": peak.Achieved(flops["scratch"].train_step, loop, p)}
     if FLAGS.fast_row:
         fast = row(f"custom loop, {p}, fast CNN (--model=fast)",
