@@ -224,6 +224,41 @@ def test_early_stopping_and_profiler(syn, tmp_path):
     assert traces, "profiler trace written"
 
 
+@pytest.mark.parametrize("train_eval_tta", [True, False])
+def test_single_view_evals_while_training_and_tta_at_the_end(syn, tmp_path, monkeypatch,
+                                                           train_eval_tta):
+    """--train_eval_tta=false (airbench's per-epoch evaluations): the val evals while training
+    score one view, the end scores val once more with every TTA view, and that one gives the
+    final numbers and the export's threshold; true: every eval is the TTA one."""
+    calls = []
+    original = Evaluator.evaluate
+
+    def spy(self, split, progress=False):
+        result = original(self, split, progress)
+        calls.append(((self.cfg.tta, self.cfg.tta_shifts), split, result))
+        return result
+
+    monkeypatch.setattr(Evaluator, "evaluate", spy)
+    cfg = config(syn, tmp_path, train_steps=8, eval_every_steps=4, tta_shifts=True,
+                 train_eval_tta=train_eval_tta)
+    summary = loop.train_and_evaluate(cfg)
+    views = [v for v, _, _ in calls]
+    assert all(split == "val" for _, split, _ in calls)
+    if train_eval_tta:
+        assert views == [(True, True)] * 2
+    else:
+        assert views == [(False, False)] * 2 + [(True, True)]
+    final = calls[-1][2]
+    assert summary["final_val"]["roc_auc"] == pytest.approx(
+        metrics.roc_auc(final.labels, final.scores))
+    with open(os.path.join(cfg.run_dir, "export", "metadata.json")) as f:
+        assert json.load(f)["threshold"] == pytest.approx(summary["final_val"]["threshold"])
+    history = [json.loads(line) for line in open(os.path.join(cfg.run_dir, "history.jsonl"))]
+    last_in_loop = calls[1][2]  # the eval at step 8, in the loop
+    assert history[-1]["val_roc_auc"] == pytest.approx(
+        metrics.roc_auc(last_in_loop.labels, last_in_loop.scores))
+
+
 def test_bias_lr_scale_multiplies_only_the_bn_shift_updates(syn, tmp_path):
     def two_step_deltas(scale):
         cfg = config(syn, tmp_path / str(scale), bias_lr_scale=scale, learning_rate=0.1)

@@ -93,7 +93,7 @@ CPU = LabProfile(
                            fine_tune_epochs=3.0, batch_size=256, optimizer="adamw",
                            weight_decay=1e-4, label_smoothing=0.0, head_lr=1e-3,
                            fine_tune_lr=3e-4, fine_tune_from="group0", warmup_epochs=0.25,
-                           tta_shifts=True,
+                           tta_shifts=True, train_eval_tta=False,
                            model_options={"head": "max", "head_units": ()}),
     # No TensorBoard Grad-CAM for the pair: only their test numbers matter.
     # One epoch each (2 x 175 steps): the difference it shows is exact, not a quality.

@@ -168,6 +168,12 @@ class TrainConfig:
                                       "down-right and up-left, and their mirrors: 6 forward passes"
                                       " instead of 2 (the fast recipes' test-time augmentation).",
                                       resume=True)
+    train_eval_tta: bool = setting(True, "Use --tta (and --tta_shifts) in the val evaluations "
+                                         "while training too; false: those are single-view (as "
+                                         "airbench's per-epoch ones; the best checkpoint is "
+                                         "chosen on them) and TTA scores val once at the end, "
+                                         "for the final numbers and the export's threshold.",
+                                   resume=True)
     scale: str = setting("unit", "Input scaling (research.detector.SCALES).", flag=False)
     precision: str = setting("auto", "auto: mixed_float16 on GPU, mixed_bfloat16 on CPUs with "
                                      "AMX/AVX512-BF16, else float32. A run keeps the resolved "

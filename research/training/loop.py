@@ -122,7 +122,9 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
     iterator = iter(strategy.distribute_datasets_from_function(
         inputs.train_input_fn(cfg, state.step)))
     ctx = LoopContext(cfg, state, plan, manifest, record.Writers(cfg.tb_dir),
-                      Evaluator(cfg, strategy, state.model, positive_id), start_step=state.step,
+                      Evaluator(cfg, strategy, state.model, positive_id,
+                                tta=None if cfg.train_eval_tta else False),
+                      start_step=state.step,
                       stop_at=min(plan.total_steps, cfg.stop_at_step or plan.total_steps),
                       step=state.step)
     if ctx.start_step == 0 and cfg.transfer != "features":
@@ -175,7 +177,13 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
                "stopped_early": ctx.stop, "sessions": sessions}
     if state.step >= ctx.plan.total_steps or ctx.stop:
         report, result = ctx.last_report, ctx.result
-        if report is None:
+        if ctx.evaluator.tta != cfg.tta:  # single-view evals while training: TTA once now
+            logging.info("Scoring val with TTA (%s) for the final numbers and the export",
+                         "mirror + shifts" if cfg.tta_shifts else "mirror")
+            result = Evaluator(cfg, ctx.evaluator.strategy, ctx.evaluator.model,
+                               ctx.evaluator.positive_id).evaluate("val")
+            report = val_report(cfg, ctx.manifest, result)
+        elif report is None:
             result = ctx.evaluator.evaluate("val")
             report = val_report(cfg, ctx.manifest, result)
         keys = (("class_accuracy", "top5_class_accuracy") if ctx.classifier else
