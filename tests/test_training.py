@@ -226,7 +226,7 @@ def test_early_stopping_and_profiler(syn, tmp_path):
 
 @pytest.mark.parametrize("train_eval_tta", [True, False])
 def test_single_view_evals_while_training_and_tta_at_the_end(syn, tmp_path, monkeypatch,
-                                                           train_eval_tta):
+                                                             train_eval_tta):
     """--train_eval_tta=false (airbench's per-epoch evaluations): the val evals while training
     score one view, the end scores val once more with every TTA view, and that one gives the
     final numbers and the export's threshold; true: every eval is the TTA one."""
