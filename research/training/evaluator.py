@@ -35,19 +35,12 @@ class Evaluator:
     """Scores whole splits with `model` under `strategy` (orbit's evaluator, as one class)."""
 
     def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
-                 positive_id: int | None, tta: bool | None = None):
-        """`positive_id` None: a classifier. `tta` False scores one view whatever cfg.tta and
-        cfg.tta_shifts say (None: as they say)."""
-        if tta is False:
-            cfg = dataclasses.replace(cfg, tta=False, tta_shifts=False)
-        self.cfg, self.strategy, self.model, self.positive_id = cfg, strategy, model, positive_id
+                 positive_id: int | None):
+        """`positive_id` None: a classifier."""
+        self.cfg, self.strategy = cfg, strategy
         with strategy.scope():
             self.metrics = make_metrics(cfg, training=False, classifier=positive_id is None)
         self.eval_step = make_eval_step(cfg, strategy, model, self.metrics, positive_id)
-
-    @property
-    def tta(self) -> bool:
-        return self.cfg.tta
 
     def evaluate(self, split: str, progress: bool = False) -> EvalResult:
         cfg = self.cfg

@@ -121,9 +121,11 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
     train_loop = make_train_loop(cfg, state, positive_id, weights)
     iterator = iter(strategy.distribute_datasets_from_function(
         inputs.train_input_fn(cfg, state.step)))
+    # --notrain_eval_tta: one view in the evals while training (finish() scores TTA once).
+    eval_cfg = (cfg if cfg.train_eval_tta
+                else dataclasses.replace(cfg, tta=False, tta_shifts=False))
     ctx = LoopContext(cfg, state, plan, manifest, record.Writers(cfg.tb_dir),
-                      Evaluator(cfg, strategy, state.model, positive_id,
-                                tta=None if cfg.train_eval_tta else False),
+                      Evaluator(eval_cfg, strategy, state.model, positive_id),
                       start_step=state.step,
                       stop_at=min(plan.total_steps, cfg.stop_at_step or plan.total_steps),
                       step=state.step)
@@ -176,15 +178,15 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
                "train_seconds": round(sum(s["train_seconds"] for s in sessions), 1),
                "stopped_early": ctx.stop, "sessions": sessions}
     if state.step >= ctx.plan.total_steps or ctx.stop:
-        report, result = ctx.last_report, ctx.result
-        if ctx.evaluator.tta != cfg.tta:  # single-view evals while training: TTA once now
+        report, result, evaluator = ctx.last_report, ctx.result, ctx.evaluator
+        if evaluator.cfg.tta != cfg.tta:  # single-view evals while training: TTA once now
             logging.info("Scoring val with TTA (%s) for the final numbers and the export",
                          "mirror + shifts" if cfg.tta_shifts else "mirror")
-            result = Evaluator(cfg, ctx.evaluator.strategy, ctx.evaluator.model,
-                               ctx.evaluator.positive_id).evaluate("val")
-            report = val_report(cfg, ctx.manifest, result)
-        elif report is None:
-            result = ctx.evaluator.evaluate("val")
+            evaluator = Evaluator(cfg, evaluator.strategy, state.model,
+                                  cfg.positive_id(ctx.manifest))
+            report = None
+        if report is None:
+            result = evaluator.evaluate("val")
             report = val_report(cfg, ctx.manifest, result)
         keys = (("class_accuracy", "top5_class_accuracy") if ctx.classifier else
                 ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold"))
