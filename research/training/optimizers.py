@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from research.training.config import TrainConfig
+from research.training.loss_scale import DynamicLossScaleOptimizer
 
 
 @keras.saving.register_keras_serializable(package="research")
@@ -62,5 +63,5 @@ def make_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
         # Decay conv/dense kernels only, not BN scales and shifts or biases.
         opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     if cfg.precision == "mixed_float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
+        opt = DynamicLossScaleOptimizer(opt)  # agreed by every replica (loss_scale.py)
     return opt

@@ -1,8 +1,9 @@
 """The train state: how long the run is (its Plan), the optimizer, the metrics, and the state
 itself (model, optimizer, metrics, checkpoint), all created inside `strategy.scope()`.
 
-The global step is `optimizer.iterations`; the learning rate is a function of it, so a run
-killed at any checkpoint resumes onto the same trajectory.
+The global step is the batches the optimizers have consumed (`optimizer.iterations`, plus
+the steps a float16 loss scale skipped); the learning rate is a function of `iterations`, so
+a run killed at any checkpoint resumes onto the same trajectory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from research.metrics import TOP_K
 from research.training import checkpoints
 from research.training.config import TrainConfig
 from research.training.lookahead import Lookahead
+from research.training.loss_scale import batches_consumed
 from research.training.model import apply_phase, init_model_from_data, make_model
 from research.training.optimizers import make_optimizer
 from research.training.schedule import learning_rate_schedule
@@ -75,10 +77,12 @@ class TrainState:
 
     @property
     def step(self) -> int:
-        """The global step: phase 2's optimizer counts from 0 where phase 1's stopped."""
-        step = int(self.optimizer.iterations.numpy())
+        """The global step, in batches consumed: phase 2's optimizer counts from 0 where
+        phase 1's stopped, and a step a float16 loss scale skipped counts (it consumed its
+        batch), so the input stream resumes where it stopped."""
+        step = batches_consumed(self.optimizer)
         if self.fine_tune_optimizer is not None:
-            step += int(self.fine_tune_optimizer.iterations.numpy())
+            step += batches_consumed(self.fine_tune_optimizer)
         return step
 
 

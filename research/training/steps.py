@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from research.detector import detector_scores, positive_scores
 from research.training.config import ConfigError, TrainConfig
+from research.training.loss_scale import DynamicLossScaleOptimizer, batch_clock
 from research.training.state import TrainState
 
 
@@ -92,7 +93,7 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
             # all-reduce then sums the 1/replicas shares back to the clipped total.
             ctx = tf.distribute.get_replica_context()
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            if isinstance(optimizer, DynamicLossScaleOptimizer):
                 grads = [g / optimizer.dynamic_scale for g in grads]
                 grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
                 grads = [g * optimizer.dynamic_scale for g in grads]
@@ -115,8 +116,9 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
         for _ in tf.range(num_steps):
             strategy.run(replica_step, args=(next(iterator),))
             if lookahead is not None:
-                if lookahead.due(optimizer.iterations):  # a tf.cond under tf.function
-                    lookahead.update(optimizer.iterations)
+                clock = batch_clock(optimizer)  # once per batch, skipped steps included
+                if lookahead.due(clock):  # a tf.cond under tf.function
+                    lookahead.update(clock)
 
     # --run_eagerly: the same Python, run op by op (tf.range iterates eagerly too).
     return train_loop if cfg.run_eagerly else tf.function(train_loop)
