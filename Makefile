@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 LAB_FLAGS ?=
 
-.PHONY: run lab-quick test data train evaluate explain benchmarks clean-venv
+.PHONY: run lab-quick test test-fast data train evaluate explain benchmarks clean-venv
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ explain: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the end-to-end and multi-process tests (marked slow).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The ratio benchmarks (input pipeline, train step, Grad-CAM) with one table, then the others.
 benchmarks: $(VENV)/.installed

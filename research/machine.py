@@ -15,6 +15,9 @@ import sys
 
 # The precisions a run or an explanation can ask for; 'auto' is resolved per machine.
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# From compute capability 8.0 (A100, H100, L4, RTX 30/40) a GPU runs bfloat16 as fast as
+# float16, and bfloat16 needs no loss scaling.
+BF16_GPU_CAPABILITY = (8, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,14 +59,19 @@ def has_fast_bf16() -> bool:
     return (info["amx"] or info["avx512_bf16"]) and onednn_isa_cap() not in _ISA_CAPS_WITHOUT_BF16
 
 
-def resolve_precision(precision: str, gpu: bool, float16: bool = True) -> str:
-    """The one rule for 'auto': mixed_float16 on a GPU (float32 where float16 is not wanted,
-    as for explanations, whose unscaled score gradients underflow in it), mixed_bfloat16 on
-    CPUs with AMX or AVX512-BF16 (where oneDNN runs bf16 faster), else float32. Any other
-    value is returned as it is."""
+def resolve_precision(precision: str, gpu_capability: tuple[int, int] | None,
+                      float16: bool = True) -> str:
+    """The one rule for 'auto'. On a GPU (`gpu_capability`, the lowest compute capability of
+    the GPUs in use; None: no GPU): mixed_bfloat16 from capability 8.0 (A100, H100, L4, RTX
+    30/40: bfloat16 as fast as float16, no loss scaling), else mixed_float16 (V100, T4), or
+    float32 where float16 is not wanted (explanations, whose unscaled score gradients
+    underflow in it). On a CPU: mixed_bfloat16 with AMX or AVX512-BF16 (oneDNN runs bf16
+    faster), else float32. Any other value is returned as it is."""
     if precision != "auto":
         return precision
-    if gpu:
+    if gpu_capability is not None:
+        if tuple(gpu_capability) >= BF16_GPU_CAPABILITY:
+            return "mixed_bfloat16"
         return "mixed_float16" if float16 else "float32"
     return "mixed_bfloat16" if has_fast_bf16() else "float32"
 

@@ -2,11 +2,13 @@
 
 `import tensorflow` and its first look at the devices print, from C++ and before absl's
 logging is set up (so TF_CPP_MIN_LOG_LEVEL cannot stop them), a handful of lines that say
-nothing on a CPU machine: CUDA stubs not found, `failed call to cuInit`, `All log messages
-before absl::InitializeLog() ...`, oneDNN's note, the CPU-feature guard. `install()` (run by
+nothing on a CPU machine: CUDA stubs not found, `All log messages before
+absl::InitializeLog() ...`, oneDNN's note, the CPU-feature guard. `install()` (run by
 `research/__init__.py`) adds an import hook: the first import of tensorflow runs with the
-process's stderr captured, then lists the physical devices (where cuInit happens), and
-replays every captured line except those known ones, so a real error still shows. It also
+process's stderr captured (`captured`), and every captured line except those known ones is
+replayed, so a real error still shows. The import lists no device: CUDA starts at the first
+device listing, which research/devices.py makes, under the same capture, once it has placed
+the devices (and quotes CUDA's reason when a GPU was expected and none is found). It also
 keeps TensorFlow's own Python logger at WARNING, and drops the per-checkpoint 'Sharding
 callback duration' INFO line TensorFlow writes through absl's logger. Nothing is imported here
 until tensorflow is.
@@ -16,6 +18,7 @@ until tensorflow is.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -36,6 +39,34 @@ def wanted() -> bool:
     return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") not in ("0",)
 
 
+@contextlib.contextmanager
+def captured():
+    """Runs the block with the process's stderr (fd 2, where TensorFlow's C++ writes) captured;
+    yields a list that holds the captured lines once the block ends. Lines that are known
+    noise are dropped only by the caller (`replay`)."""
+    lines: list[str] = []
+    saved, capture = os.dup(2), tempfile.TemporaryFile()
+    sys.stderr.flush()
+    os.dup2(capture.fileno(), 2)
+    try:
+        yield lines
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode("utf-8", "replace")
+        capture.close()
+        lines.extend(line for line in text.splitlines() if line.strip())
+
+
+def replay(lines: list[str]) -> None:
+    """Writes the captured lines that are not known noise back to stderr."""
+    kept = [line for line in lines if not NOISE.search(line)]
+    if kept:
+        sys.stderr.write("\n".join(kept) + "\n")
+
+
 class _QuietLoader(importlib.abc.Loader):
     def __init__(self, loader):
         self.loader = loader
@@ -44,23 +75,42 @@ class _QuietLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        saved, captured = os.dup(2), tempfile.TemporaryFile()
-        sys.stderr.flush()
-        os.dup2(captured.fileno(), 2)
+        if not wanted():  # everything asked for: no capture
+            with _no_device_listing_at_app_start():
+                self.loader.exec_module(module)
+            return
+        lines: list[str] = []
         try:
-            self.loader.exec_module(module)
-            module.config.list_physical_devices("GPU")  # where cuInit speaks, if at all
-            logging.getLogger("tensorflow").setLevel(logging.WARNING)
+            with captured() as lines, _no_device_listing_at_app_start():
+                self.loader.exec_module(module)
+                logging.getLogger("tensorflow").setLevel(logging.WARNING)
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", "replace")
-            captured.close()
-            kept = [line for line in text.splitlines() if line.strip() and not NOISE.search(line)]
-            if kept:
-                sys.stderr.write("\n".join(kept) + "\n")
+            replay(lines)
+
+
+# `import tensorflow` imports its test helper tensorflow.python.distribute.combinations,
+# which registers absl.app.call_after_init(_set_total_phsyical_gpus): it lists the GPUs when
+# an absl app starts, or at once if the app has started. That starts CUDA before an app has
+# placed its devices (research/devices.py), so CUDA_VISIBLE_DEVICES set then has no effect.
+# The helper only counts GPUs for TensorFlow's own parameterised tests: it is not registered.
+_TF_TEST_HELPER = "tensorflow.python.distribute.combinations"
+
+
+@contextlib.contextmanager
+def _no_device_listing_at_app_start():
+    from absl import app
+
+    register = app.call_after_init
+
+    def call_after_init(callback):
+        if getattr(callback, "__module__", None) != _TF_TEST_HELPER:
+            register(callback)
+
+    app.call_after_init = call_after_init
+    try:
+        yield
+    finally:
+        app.call_after_init = register
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):
@@ -101,17 +151,21 @@ class _ExpectedRetracing(logging.Filter):
 
 
 def install() -> None:
-    """Adds the hook unless tensorflow is imported already or all its output is wanted."""
+    """Adds the hook unless tensorflow is imported already (with all output wanted, it only
+    keeps TensorFlow's import from listing the devices)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not wanted():
+    if wanted():
+        _install_filters()
+    if "tensorflow" in sys.modules:
         return
+    if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietFinder())
+
+
+def _install_filters() -> None:
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _AbslNoise) for f in absl_logger.filters):
         absl_logger.addFilter(_AbslNoise())
     tf_logger = logging.getLogger("tensorflow")
     if not any(isinstance(f, _ExpectedRetracing) for f in tf_logger.filters):
         tf_logger.addFilter(_ExpectedRetracing())
-    if "tensorflow" in sys.modules:
-        return
-    if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietFinder())

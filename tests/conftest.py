@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs on the CPU, also on a GPU box (TF32 and float16 would break its float
+# tolerances); RESEARCH_TESTS_ON_GPU=1 leaves the GPUs visible (BUILD.md, On a GPU box).
+if os.environ.get("RESEARCH_TESTS_ON_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import tensorflow as tf  # noqa: E402
 
@@ -18,8 +22,10 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def two_replicas():
     # One MirroredStrategy per process: two strategies over the same devices can reuse
-    # collective instance keys and abort each other's all-reduces.
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # collective instance keys and abort each other's all-reduces (make_strategy keeps one).
+    from research.training.strategy import make_strategy
+
+    strategy = make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2
     return strategy
 

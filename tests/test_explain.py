@@ -317,7 +317,7 @@ def test_a_onednn_isa_cap_below_bf16_makes_auto_float32(monkeypatch, cap, fast):
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     assert loading.machine.has_fast_bf16() is fast
-    assert loading.machine.resolve_precision("auto", gpu=False) == (
+    assert loading.machine.resolve_precision("auto", None) == (
         "mixed_bfloat16" if fast else "float32")
     assert ("oneDNN capped at " + cap.upper() in loading.machine.banner()) if cap else (
         "capped" not in loading.machine.banner())

@@ -313,3 +313,42 @@ def test_stage_notes_a_resumed_training_and_reads_old_summaries(syn):
     assert (source["best_val"], source["best_val_metric"]) == (0.7, "class_accuracy")
     detector = stages.run_summary(TrainConfig(data_dir=syn), old)
     assert detector["best_val_metric"] == "pr_auc"
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_gpu_profile_quick_on_two_simulated_replicas_in_float16(tmp_path):
+    """`lab --profile=gpu --quick --cpu_replicas=2 --precision=mixed_float16`: every stage,
+    every run under MirroredStrategy over 2 logical CPU devices in float16, per-replica
+    batches made global, and the report."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    helpers.make_cifar10_python(str(archive), per_batch=40)
+    photos = tmp_path / "dvc"
+    for c in ("cats", "dogs"):
+        (photos / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(helpers.rgb(70, 90, seed=i + 10 * (c == "dogs"))).save(
+                photos / c / f"{c[:-1]}.{i}.png")
+    work = tmp_path / "work"
+    work.mkdir()
+    shrink = [f for f in TINY if not f.startswith(("--precision", "--batch_size"))]
+    res, _ = lab(work, "--profile=gpu", "--quick", "--cpu_replicas=2",
+                 "--precision=mixed_float16", f"--source={archive}", f"--photo_source={photos}",
+                 "--photo_counts=4,2,2", *shrink, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
+    for s in ("data", "scratch", "source_task", "transfer", "compare", "few_labels", "explain",
+              "visualize", "photos", "memory_check"):
+        assert f"[lab] {s}: done" in res.stdout, s
+    trained = re.findall(r"\[lab\] training (\S+): python -m research.apps.train (.*)",
+                         res.stdout)
+    assert len(trained) >= 6, res.stdout[-3000:]
+    for run, command in trained:
+        assert "--cpu_replicas=2" in command and "--precision=mixed_float16" in command, run
+        batch = int(re.search(r"--batch_size=(\d+)", command).group(1))
+        assert batch % 2 == 0, (run, batch)
+    assert "--batch_size=128" in dict(trained)["lab_quick_scratch"]  # 64 per replica x 2
+    said = res.stdout + res.stderr
+    assert re.search(r"global batch \d+ on 2 replica\(s\), mixed_float16", said)
+    assert "MirroredStrategy with 2 replica(s)" in said
+    report = (work / "logs" / "lab" / "report.html").read_text()
+    assert "lab_quick_scratch" in report and "gpu + quick" in report

@@ -194,3 +194,31 @@ def test_overflow_kill_and_resume_in_float16_is_bit_exact(syn, tmp_path):
     assert int(va[iterations[0]]) + int(va[skipped[0]]) == 12
     for k in va:
         np.testing.assert_array_equal(va[k], vb[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_overflow_on_one_of_two_workers_skips_on_both(syn, tmp_path):
+    """Two launch_local workers (MultiWorkerMirroredStrategy, one replica each), worker 1's
+    gradient overflowing at step 3: both skip it (neither hangs), the run finishes, the
+    chief's weights are finite and its checkpoint counts the skip."""
+    from test_multiworker import FLAGS, dirs, model_weights
+
+    flags = [f for f in FLAGS if not f.startswith(("--precision", "--train_steps"))]
+    cmd = [sys.executable, "-m", "research.apps.launch_local", "--workers=2",
+           "--grace_seconds=5", "--module=overflow_model", "--", f"--data_dir={syn}", *flags,
+           "--precision=mixed_float16", "--train_steps=8", *dirs(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+           "OVERFLOW_STEPS": "3", "OVERFLOW_REPLICAS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    run_dir = str(tmp_path / "ck" / "r")
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
+    names = reader.get_variable_to_shape_map()
+    skipped = int(reader.get_tensor(next(k for k in names if "skipped_steps" in k)))
+    assert skipped >= 1
+    assert np.all(np.isfinite(model_weights(run_dir)))
+    for worker in (0, 1):  # both logged the same skips at the last step
+        lines = [ln for ln in out.splitlines()
+                 if ln.startswith(f"[worker {worker}]") and "train | step      8" in ln]
+        assert lines and f"{skipped} skipped" in lines[-1], out[-4000:]

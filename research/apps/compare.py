@@ -29,6 +29,7 @@ flags.DEFINE_string("checkpoint", "best", "best | latest | a checkpoint path pre
                     "only).")
 config_flags.define_integer("eval_batch_size", None, "Override the runs' eval batch size.",
                             ge=1)
+config_flags.define_device_flags()
 flags.mark_flags_as_required(["runs", "output"])
 
 
@@ -38,6 +39,7 @@ def main(argv):
 
     try:
         compare.check_output_prefix(FLAGS.output)
+        config_flags.setup_devices()
         result, raw = compare.compare_runs(FLAGS.checkpoint_dir, FLAGS.runs, FLAGS.split,
                                            data_dir=FLAGS.data_dir, checkpoint=FLAGS.checkpoint,
                                            eval_batch_size=FLAGS.eval_batch_size)

@@ -179,6 +179,24 @@ def fail(e: BaseException) -> None:
     sys.exit(getattr(e, "exit_status", 1))
 
 
+def define_device_flags() -> None:
+    """--gpu_memory_growth, for the apps that may run on a GPU (research/devices.py)."""
+    flags.DEFINE_bool("gpu_memory_growth", True, "Take GPU memory as it is needed (so evaluate, "
+                      "explain or TensorBoard can share a GPU with a training); false: all of "
+                      "every visible GPU at once.", module_name=_caller())
+
+
+def setup_devices(strategy: str = "auto", cpu_replicas: int = 0):
+    """Places the devices before TensorFlow touches one (research.devices.setup), with the
+    app's --gpu_memory_growth; a device problem is one line."""
+    from research import devices
+
+    try:
+        return devices.setup(flags.FLAGS.gpu_memory_growth, strategy, cpu_replicas)
+    except UserError as e:
+        fail(e)
+
+
 def run(main) -> None:
     """Starts an app: our flag parser, then `main`."""
     app.run(main, flags_parser=parse)

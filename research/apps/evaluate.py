@@ -36,6 +36,7 @@ flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch siz
 flags.DEFINE_list("class_map", [], "Zero-shot: DATA_CLASS:RUN_CLASS for both classes of "
                   "--data_dir (e.g. cats:cat,dogs:dog); the report goes to <run>/zero_shot_"
                   "<data folder>_<split>.json unless --output.")
+config_flags.define_device_flags()
 flags.mark_flags_as_required(["run_name"])
 
 
@@ -55,6 +56,7 @@ def zero_shot_main() -> None:
         output = FLAGS.output or zero_shot.report_path(FLAGS.checkpoint_dir, FLAGS.run_name,
                                                        FLAGS.data_dir, FLAGS.split)
         from research.evaluation import report as reporting
+        config_flags.setup_devices()
         report, raw = zero_shot.score_zero_shot(cfg, FLAGS.split)
         figures = FLAGS.figures_dir or runs.eval_figures_dir(output, FLAGS.split)
         report["figures"] = reporting.write_figures(cfg, report, raw, figures)
@@ -79,6 +81,7 @@ def main(argv):
         cfg.validate()  # an --eval_batch_size of 0 or less is an error here, not 'unset'
     except UserError as e:
         config_flags.fail(e)
+    config_flags.setup_devices()
     from research.evaluation import report as reporting  # the heavy imports, flags known good
     from research.evaluation.run import evaluate_and_save
 

@@ -69,6 +69,7 @@ flags.DEFINE_list("layers", [], "Layers for --visualize (default: the CAM layer,
 flags.DEFINE_bool("faithfulness", False, "Also compute deletion/insertion AUCs per method.")
 flags.DEFINE_string("out_dir", "explain", "Output folder.")
 config_flags.define_flags(ExplainOptions)
+config_flags.define_device_flags()
 
 
 def check_flags() -> None:
@@ -178,6 +179,7 @@ def main(argv):
     try:
         check_flags()
         options = ExplainOptions(**config_flags.values_from_flags(ExplainOptions))
+        config_flags.setup_devices()
         ex, model_desc, precision, meta = load()
         compare = [outputs.class_index_of(ex, c, "compare_classes")
                    for c in FLAGS.compare_classes]

@@ -19,6 +19,7 @@ from research.errors import UserError
 FLAGS = flags.FLAGS
 config_flags.define_export_flags()
 flags.DEFINE_bool("tflite", False, "Also write model.tflite, converted from the SavedModel.")
+config_flags.define_device_flags()
 
 
 def main(argv):
@@ -27,6 +28,8 @@ def main(argv):
         model_path, flag = config_flags.export_path()
         runs.read_metadata(model_path, flag)  # a bad path is one line before TensorFlow
         from research import export  # the heavy imports, once the flags are known good
+
+        config_flags.setup_devices()
 
         written = export.refresh_export(model_path, FLAGS.tflite, flag)
     except UserError as e:

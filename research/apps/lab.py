@@ -45,6 +45,7 @@ flags.DEFINE_bool("quick", False, "Shrink every stage (tiny step counts and subs
                   "minutes on a 2-core CPU, for smoke tests; the report says so.")
 flags.DEFINE_bool("progress", None, "Progress bars (default: when stdout is a terminal).")
 config_flags.define_flags(Overrides)  # shrinking overrides of the profile (tests use them)
+config_flags.define_device_flags()
 
 
 def settings_from_flags() -> LabSettings:
@@ -69,6 +70,8 @@ def main(argv):
         config_flags.fail(e)
     source, line = pick_source(settings.source, settings.data_dir)
     print(line, flush=True)  # the first line: which data the lab reads
+    # Once, before the lab's first TensorFlow call: every run it starts uses this split.
+    config_flags.setup_devices(cpu_replicas=settings.overrides.cpu_replicas or 0)
 
     from research.lab.lab import Preempted  # the heavy imports, once the flags are good
     from research.lab.runner import run_lab

@@ -28,7 +28,8 @@ import time
 from absl import flags
 
 from research.apps import config_flags
-from research.errors import PREEMPTED_EXIT
+from research import devices
+from research.errors import PREEMPTED_EXIT, UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("workers", 2, "Worker processes.", lower_bound=1)
@@ -37,6 +38,10 @@ flags.DEFINE_float("grace_seconds", 30.0, "After a failure, time the other worke
                    "on SIGTERM before SIGKILL.", lower_bound=0.0)
 flags.DEFINE_enum("scheduler", "tf_config", ["tf_config", "slurm"], "The environment the "
                   "workers get: TF_CONFIG, or the variables of an srun step on this node.")
+flags.DEFINE_integer("gpus_per_worker", 0, "GPUs each worker gets (its CUDA_VISIBLE_DEVICES, set "
+                     "before it starts); 0: an even share of the GPUs present (every worker "
+                     "sees all when there are fewer GPUs than workers).", lower_bound=0)
+config_flags.define_device_flags()
 flags.DEFINE_bool("chief", False, "--scheduler=tf_config: the first worker is a 'chief' task "
                   "(a TFJob with a Chief replica) instead of worker 0.")
 
@@ -130,22 +135,28 @@ def _status(code: int) -> int:
 
 
 def launch(workers: int, args: list[str], module: str = "research.apps.train",
-           grace_seconds: float = 30.0, scheduler: str = "tf_config", chief: bool = False) -> int:
+           grace_seconds: float = 30.0, scheduler: str = "tf_config", chief: bool = False,
+           gpus_per_worker: int = 0, memory_growth: bool = True) -> int:
     """Runs the workers to the end; returns 0, or the status of the first that failed."""
     if any(a.startswith("--strategy=") and a != "--strategy=multi_worker" for a in args):
         raise ValueError("--strategy: launch_local runs --strategy=multi_worker")
-    args = [*args, "--strategy=multi_worker"]
+    args = [*args, "--strategy=multi_worker", f"--gpu_memory_growth={str(memory_growth).lower()}"]
+    gpus = devices.split_gpus(workers, gpus_per_worker)  # before any worker starts
     # Only the chosen scheduler's description: TF_CONFIG would win over SLURM's variables, and
     # a real allocation's SLURM_* would mix with the simulated ones.
     base = {k: v for k, v in os.environ.items()
             if k != "TF_CONFIG" and not (scheduler == "slurm" and k.startswith("SLURM"))}
     lock, procs, threads = threading.Lock(), [], []
     for i, (extra, address) in enumerate(worker_envs(workers, scheduler, chief)):
-        env = {**base, **extra, "PYTHONUNBUFFERED": "1"}
+        env = {**base, **extra, "PYTHONUNBUFFERED": "1",
+               devices.GROWTH_ENV: "true" if memory_growth else "false"}
+        if gpus[i] is not None:
+            env[devices.GPU_ENV] = gpus[i]
         proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
         procs.append(proc)
-        print(f"[launch] worker {i}: pid {proc.pid}, {address}", flush=True)
+        print(f"[launch] worker {i}: pid {proc.pid}, {address}"
+              + (f", GPUs {gpus[i] or 'none'}" if gpus[i] is not None else ""), flush=True)
         threads.append(threading.Thread(target=_stream, args=(proc, f"[worker {i}] ", lock),
                                         daemon=True))
         threads[-1].start()
@@ -203,8 +214,9 @@ def launch(workers: int, args: list[str], module: str = "research.apps.train",
 def main(argv):
     try:
         code = launch(FLAGS.workers, argv[1:], FLAGS.module, FLAGS.grace_seconds,
-                      FLAGS.scheduler, FLAGS.chief)
-    except (ValueError, RuntimeError) as e:
+                      FLAGS.scheduler, FLAGS.chief, FLAGS.gpus_per_worker,
+                      FLAGS.gpu_memory_growth)
+    except (ValueError, RuntimeError, UserError) as e:
         sys.exit(f"error: {e}")
     sys.exit(code)
 

@@ -29,6 +29,7 @@ config_flags.define_export_flags()
 flags.DEFINE_list("images", None, "Image files, folders and globs (JPEG, PNG, ... any size).")
 flags.DEFINE_string("output", None, "CSV of path,score,decision,top_classes,error.")
 config_flags.define_flags(PredictOptions)
+config_flags.define_device_flags()
 flags.mark_flags_as_required(["images"])
 
 
@@ -46,6 +47,7 @@ def main(argv):
         options.validate()
         meta = runs.read_metadata(model_path, flag)
         expansion = inference.expand_images(FLAGS.images)
+        config_flags.setup_devices()
         detector = detectors.load_detector(model_path, meta, flag)
     except UserError as e:
         config_flags.fail(e)

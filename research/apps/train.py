@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 config_flags.define_flags(TrainConfig)
 for _options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
     config_flags.define_flags(_options)
+config_flags.define_device_flags()
 flags.mark_flags_as_required(["data_dir", "run_name"])
 
 
@@ -54,6 +55,7 @@ def main(argv):
     except UserError as e:
         config_flags.fail(e)
     try:
+        config_flags.setup_devices(cfg.strategy, cfg.cpu_replicas)
         train(cfg)
     finally:
         lock.release()

@@ -25,6 +25,7 @@ from absl import app, flags
 
 from research.benchmarks import peak
 from research.benchmarks.ratios import Ratios
+from research import devices
 from research.machine import banner, has_fast_bf16, resolve_precision
 from research.models.flops import count_flops
 from research.training.config import TrainConfig
@@ -127,7 +128,7 @@ def main(argv):
         rows.append((name, rate))
         print(f"  {name:<46}{rate:>9,.0f} img/s", flush=True)
         return rate
-    p = resolve_precision(FLAGS.precision, gpu=bool(tf.config.list_physical_devices("GPU")))
+    p = resolve_precision(FLAGS.precision, devices.current().capability)
     flops = {m: model_flops(m) for m in ("scratch", "fast")[:2 if FLAGS.fast_row else 1]}
     for m, f in flops.items():
         print(f"{m}: {f.forward / 1e9:.3f} GFLOP/img forward, {f.train_step / 1e9:.3f} "

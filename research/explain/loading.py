@@ -9,9 +9,8 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from research import detector, machine, runs
+from research import detector, devices, machine, runs
 from research.errors import UserError
 from research.explain.core import Explainer
 from research.models.backbones import keras_models_dir
@@ -63,8 +62,7 @@ def resolve_precision(precision: str) -> str:
     (mixed_bfloat16 on CPUs with AMX or AVX512-BF16, else float32)."""
     if precision not in PRECISIONS:
         raise ModelLoadError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    return machine.resolve_precision(precision, bool(tf.config.list_physical_devices("GPU")),
-                                     float16=False)
+    return machine.resolve_precision(precision, devices.current().capability, float16=False)
 
 
 @contextlib.contextmanager

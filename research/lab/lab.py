@@ -9,7 +9,7 @@ import os
 import shlex
 import time
 
-from research import files, machine
+from research import devices, files, machine
 from research.lab.profiles import LabProfile
 from research.lab.settings import LabSettings
 from research.training.config import TrainConfig
@@ -43,7 +43,9 @@ class Lab:
 
     def __init__(self, settings: LabSettings, source: str, source_line: str):
         self.s, self.source, self.source_line = settings, source, source_line
-        self.profile: LabProfile = settings.lab_profile()
+        # The replicas every run trains on (the devices were placed by the lab app).
+        self.profile: LabProfile = settings.lab_profile(
+            devices.replicas(settings.overrides.cpu_replicas or 0))
         self.records: dict[str, StageRecord] = {}
         self._versions = None
         self.weights, self.weights_note = None, ""

@@ -12,7 +12,8 @@ from research.fields import setting
 from research.machine import PRECISIONS
 from research.model_options import options_class
 from research.training.config import TrainConfig
-from research.training.recipes import FAST_CIFAR10, airbench93, load_recipe, rebatched, stretched
+from research.training.recipes import (FAST_CIFAR10, PHOTOS_FROM_CIFAR, airbench93, load_recipe,
+                                       rebatched, stretched)
 
 # Explanation methods compared on the same images, with deletion/insertion scores: the cheap
 # ones (not scorecam, smoothgrad or lime: tens to hundreds of forward passes per image).
@@ -57,6 +58,7 @@ class LabProfile:
     filter_steps: int = 40
     run_prefix: str = "lab_"
     quick: bool = False
+    per_replica_batches: bool = False  # batch_size per replica (`per_replica`), else global
 
     def transfer(self, weights: str) -> dict:
         """The transfer detector's settings for `weights` (imagenet, a .h5 file, or the
@@ -100,23 +102,28 @@ CPU = LabProfile(
     memory_check=dict(model="scratch", epochs=1.0, eval_every_steps=175, gradcam_images=0),
 )
 
+# The GPU box: the same recipes as the cpu profile (the fast recipe's detector, airbench93's
+# source task), the ImageNet transfer at VGG16's native 224 px, and longer checks. Every
+# batch_size here is per replica (`per_replica`): global = per replica x replicas, the
+# learning rate of the airbench recipes scaled by their own rule (recipes.rebatched).
 GPU = LabProfile(
     name="gpu",
+    per_replica_batches=True,
     shards={"train": 12, "val": 2, "test": 4},
-    scratch=dict(model="scratch", epochs=40.0, strategy="auto"),
-    source_task=dict(model="scratch", exclude_classes=("cat",), epochs=30.0, strategy="auto"),
+    # Per replica the recipe's own 1,024: on one GPU the run is airbench94 exactly.
+    scratch=load_recipe(FAST_CIFAR10),
+    source_task={**airbench93(), "exclude_classes": ("cat",)},
     # The backbone at its native size, fine-tuned with augmentation: the best numbers.
     transfer_imagenet=dict(model="vgg16", transfer="fine_tune", head_epochs=2.0,
-                           fine_tune_epochs=8.0, batch_size=128, head_lr=1e-3,
+                           fine_tune_epochs=8.0, batch_size=64, head_lr=1e-3,
                            optimizer="adamw", learning_rate=1e-3, fine_tune_lr=1e-4,
-                           weight_decay=1e-4, label_smoothing=0.0, strategy="auto",
+                           weight_decay=1e-4, label_smoothing=0.0,
                            model_options={"image_size": 224, "head_units": (256,),
                                           "dropout": 0.5}),
-    transfer_fallback=dict(model="scratch", transfer="fine_tune", head_epochs=2.0,
-                           fine_tune_epochs=10.0, head_lr=0.1, fine_tune_lr=0.02,
-                           fine_tune_from="stage1", strategy="auto",
-                           model_options={"head_units": ()}),
-    memory_check=dict(model="scratch", epochs=5.0, strategy="auto", gradcam_images=0),
+    transfer_fallback=dict(CPU.transfer_fallback, batch_size=128),
+    memory_check=dict(model="scratch", epochs=5.0, batch_size=128, gradcam_images=0),
+    photos={**PHOTOS, "train": {**PHOTOS["train"], "batch_size": load_recipe(
+        PHOTOS_FROM_CIFAR)["batch_size"]}},
     explain_per_class=8,
     num_filters=32,
     filter_steps=60,
@@ -159,6 +166,28 @@ def quick(profile: LabProfile) -> LabProfile:
         filter_steps=10)
 
 
+def per_replica(profile: LabProfile, replicas: int) -> LabProfile:
+    """A profile whose batch sizes are per replica made global for `replicas` replicas: each
+    run's batch x replicas; the airbench recipes (--optimizer=sgd_l2: hyperparameters per
+    example) keep their step per example (recipes.rebatched), the others their learning
+    rates. A profile of global batches is returned as it is."""
+    if not profile.per_replica_batches:
+        return profile
+
+    def scale(d):
+        per = d.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
+        if d.get("optimizer") == "sgd_l2":
+            return rebatched(d, per * replicas)
+        return {**d, "batch_size": per * replicas}
+
+    return dataclasses.replace(
+        profile, per_replica_batches=False, scratch=scale(profile.scratch),
+        source_task=scale(profile.source_task), memory_check=scale(profile.memory_check),
+        transfer_imagenet=scale(profile.transfer_imagenet),
+        transfer_fallback=scale(profile.transfer_fallback),
+        photos={**profile.photos, "train": scale(profile.photos["train"])})
+
+
 def few_epochs(d: dict, epochs: float) -> dict:
     """A transfer recipe's length set to `epochs` (each phase of fine_tune)."""
     if d.get("transfer") == "fine_tune":
@@ -186,6 +215,10 @@ class Overrides:
                                      "have none).", ge=1)
     precision: str | None = setting(None, "Precision of every run (train --precision).",
                                     choices=PRECISIONS)
+    cpu_replicas: int | None = setting(None, "Split the CPU into N logical devices, once, "
+                                       "before the lab's first TensorFlow call; every run "
+                                       "trains MirroredStrategy over them (train "
+                                       "--cpu_replicas: the GPU box simulated).", ge=2)
     explain_per_class: int | None = setting(None, "Test cats (and as many non-cats) "
                                             "explained.", ge=1)
     faithfulness_steps: int | None = setting(None, "Deletion/insertion steps.", ge=1)
@@ -210,6 +243,7 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
                                 ("eval_batch_size", o.eval_batch_size),
                                 ("eval_every_steps", o.eval_every_steps),
                                 ("precision", o.precision),
+                                ("cpu_replicas", o.cpu_replicas),
                                 ("gradcam_images", o.gradcam_images)) if v is not None}
 
     def scratch_like(d):

@@ -10,7 +10,8 @@ import os
 from research.data.manifest import has_manifest, manifest_path
 from research.errors import UserError
 from research.fields import field_errors
-from research.lab.profiles import PROFILES, LabProfile, Overrides, apply_overrides, quick
+from research.lab.profiles import (PROFILES, LabProfile, Overrides, apply_overrides, per_replica,
+                                   quick)
 
 STAGES = ("data", "scratch", "transfer", "compare", "few_labels", "explain", "visualize",
           "photos", "memory_check")
@@ -58,9 +59,12 @@ class LabSettings:
     def lab_dir(self) -> str:
         return os.path.join(self.log_dir, "lab")
 
-    def lab_profile(self) -> LabProfile:
+    def lab_profile(self, replicas: int = 1) -> LabProfile:
+        """The profile for `replicas` replicas (its per-replica batches made global), the
+        --quick shrink and the overrides (global values) applied."""
         p = PROFILES[self.profile]
-        return apply_overrides(quick(p) if self.quick else p, self.overrides)
+        return apply_overrides(per_replica(quick(p) if self.quick else p, replicas),
+                               self.overrides)
 
 
 def pick_source(source: str | None, data_dir: str | None = None) -> tuple[str, str]:

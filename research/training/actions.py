@@ -131,8 +131,18 @@ class TrainLog(Action):
                     f"epoch {epoch + 1}/{math.ceil(ctx.plan.total_steps / per_epoch)}"))
             self.bar.update(ctx.step - epoch * per_epoch, loss=values["loss"],
                             img_per_s=round(rate))
-        logging.info("train | step %6d | loss %.4f | %.1f steps/s | %.0f img/s", ctx.step,
-                     ctx.loss, ctx.steps_run / ctx.seconds, rate)
+        logging.info("train | step %6d | loss %.4f | %.1f steps/s | %.0f img/s%s", ctx.step,
+                     ctx.loss, ctx.steps_run / ctx.seconds, rate, loss_scale_note(state))
+
+
+def loss_scale_note(state) -> str:
+    """' | loss scale S, K skipped' for a float16 run (K: steps skipped so far on
+    non-finite gradients), else ''."""
+    opt = state.active_optimizer
+    skipped = getattr(opt, "skipped_steps", None)
+    if skipped is None:
+        return ""
+    return f" | loss scale {float(opt.dynamic_scale.numpy()):g}, {int(skipped.numpy())} skipped"
 
 
 class Evaluate(Action):

@@ -94,7 +94,9 @@ def slurm_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
     - GPUs per node: SLURM_GPUS_ON_NODE (SLURM sets it when the job has GPUs), else 0. The
       resolver cannot be told 0 (it hands out GPUs in steps of gpus_per_task and drops the
       tasks beyond them), so a CPU node is described as one unused slot per task and its
-      devices left alone; with GPUs, each task gets its share (CUDA_VISIBLE_DEVICES).
+      devices left alone; with GPUs, each task's share (CUDA_VISIBLE_DEVICES) was set by
+      research.devices before TensorFlow started: set here, as the resolver's auto_set_gpu
+      would, it comes after CUDA has read it and has no effect.
     - Ports: `slurm_port`, not the resolver's fixed 8888.
     - This task's index: its own address (SLURMD_NODENAME, port + SLURM_LOCALID) in the
       cluster the resolver lists, hosts sorted by name. The resolver's own index is
@@ -113,7 +115,7 @@ def slurm_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
             raise ValueError(f"{gpus} GPU(s) for {per_node} tasks on a node")
         resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
             port_base=port, gpus_per_node=gpus or per_node, gpus_per_task=None if gpus else 1,
-            auto_set_gpu=gpus > 0)
+            auto_set_gpu=False)
         spec = resolver.cluster_spec()
         own = f"{os.environ['SLURMD_NODENAME']}:{port + int(os.environ['SLURM_LOCALID'])}"
     except (ValueError, RuntimeError) as e:

@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from research import machine, runs
+from research import devices, machine, runs
 from research.data import pipeline
 from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
 from research.training.actions import LoopContext, best_metric, standard_actions, val_report
@@ -33,9 +33,13 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     precision = cfg.precision
     if precision == "auto" and not cfg.restart and runs.has_config(cfg.run_dir):
         precision = runs.read_config(cfg.run_dir).get("precision", precision)
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    return dataclasses.replace(cfg, precision=machine.resolve_precision(precision, gpu),
-                               scale=cfg.input_scale)
+    found = devices.current()
+    resolved = machine.resolve_precision(precision, found.capability)
+    if resolved == "mixed_float16" and found.capability is None:
+        logging.warning("--precision=mixed_float16 without a GPU: float16 is emulated on the "
+                        "CPU and slow (fine for tests; --precision=auto picks %s here)",
+                        machine.resolve_precision("auto", None))
+    return dataclasses.replace(cfg, precision=resolved, scale=cfg.input_scale)
 
 
 def run_plan(cfg: TrainConfig, manifest: dict | None = None) -> Plan:
@@ -77,9 +81,13 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     resume.check_resume(cfg)  # a resume that changes the network or the data stops here
     resume.check_nothing_lost(cfg)  # ... and so does a start that would overwrite a run
     strategy = strategy or make_strategy(cfg.strategy, cfg.cpu_replicas)
-    if cfg.batch_size % strategy.num_replicas_in_sync:
-        raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the "
-                          f"{strategy.num_replicas_in_sync} replicas")
+    replicas = strategy.num_replicas_in_sync
+    if cfg.batch_size % replicas:
+        below = cfg.batch_size - cfg.batch_size % replicas
+        sizes = " or ".join(str(b) for b in (below, below + replicas) if b > 0)
+        raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the {replicas} "
+                          f"replicas (it is global: {replicas} x the batch per replica); "
+                          f"use {sizes}")
     worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
     with RunLock(worker_cfg.run_dir, reentrant=True):
         return _train(worker_cfg, cfg, flagfile, strategy, actions)
@@ -135,7 +143,7 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
                               classifier=positive_id is None)
     actions = standard_actions(cfg, manifest, ctx.start_step, extra=actions,
                                steps_per_epoch=plan.steps_per_epoch)
-    record.log_devices(strategy)
+    record.log_devices(strategy, cfg.precision)
     record.log_model_summary(cfg, state.model)
     logging.info("Training %s: %d steps (%d per epoch), global batch %d on %d replica(s), %s",
                  cfg.run_name, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,

@@ -13,7 +13,7 @@ from absl import logging
 from matplotlib.figure import Figure
 from tensorboard.plugins.hparams import api as hp
 
-from research import export, plots, runs
+from research import devices, export, plots, runs
 from research.data import imaging, pipeline
 from research.models import receptive_field
 from research import metrics as detmetrics
@@ -174,16 +174,13 @@ def log_model_summary(cfg: TrainConfig, model: keras.Model) -> str:
     return text
 
 
-def log_devices(strategy: tf.distribute.Strategy) -> None:
-    gpus = tf.config.list_physical_devices("GPU")
-    names = []
-    for gpu in gpus:
-        details = tf.config.experimental.get_device_details(gpu)
-        names.append(details.get("device_name", gpu.name))
+def log_devices(strategy: tf.distribute.Strategy, precision: str) -> None:
+    found = devices.current()
     logging.info("Devices: %d CPU logical device(s), %d GPU(s)%s; %s with %d replica(s) in "
-                 "use", len(tf.config.list_logical_devices("CPU")), len(gpus),
-                 f" ({', '.join(names)})" if names else "", type(strategy).__name__,
-                 strategy.num_replicas_in_sync)
+                 "use; precision %s (%s)", len(tf.config.list_logical_devices("CPU")),
+                 len(found.gpus), f" ({', '.join(found.gpus)})" if found.gpus else "",
+                 type(strategy).__name__, strategy.num_replicas_in_sync, precision,
+                 devices.precision_note(found))
 
 
 def write_history(cfg: TrainConfig, rows: list[dict], steps_per_epoch: int) -> str:

@@ -129,9 +129,22 @@ def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: ke
     """A tf.function scoring one distributed batch; returns the gathered outputs (a
     classifier's, `positive_id` None, without scores)."""
 
+    outputs = model.output_shape[-1]
+
+    def score(images):
+        scores, logits = detector_scores(model, images, cfg.objective, positive_id, cfg.tta,
+                                         cfg.tta_shifts)
+        return logits if scores is None else (scores, logits)
+
+    def nothing():
+        logits = tf.zeros([0, outputs], tf.float32)
+        return logits if positive_id is None else (tf.zeros([0], tf.float32), logits)
+
     def replica_step(batch):
-        scores, logits = detector_scores(model, batch["image"], cfg.objective, positive_id,
-                                         cfg.tta, cfg.tta_shifts)
+        # A replica whose share of the last batch is empty scores nothing: oneDNN's fused
+        # convolutions fail on an empty batch ("input depth must be evenly divisible").
+        out = tf.cond(tf.shape(batch["image"])[0] > 0, lambda: score(batch["image"]), nothing)
+        scores, logits = (None, out) if positive_id is None else out
         update_metrics(metrics, batch, per_example_loss(cfg, batch, logits, None), scores,
                        logits)
         out = {"label": batch["label"], "class_id": batch["class_id"], "index": batch["index"],
