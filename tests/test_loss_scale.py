@@ -160,16 +160,17 @@ def run_overflow_train(root, *extra, steps="4,9"):
            "--batch_size=32", "--widths=8,16", "--res_blocks=1,0", "--stem_width=8",
            "--learning_rate=0.03", "--steps_per_loop=2", "--eval_every_steps=6",
            "--gradcam_images=0", "--progress=false", "--precision=mixed_float16",
-           "--deterministic", "--train_steps=12", "--dropout=0.2", *extra]
+           "--deterministic", "--train_steps=12", "--dropout=0.2", "--lookahead_every=2",
+           *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
            "OVERFLOW_STEPS": steps, "OVERFLOW_REPLICAS": "0"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_overflow_kill_and_resume_in_float16_is_bit_exact(syn, tmp_path):
-    """Overflows at steps 4 and 9; one run straight through, one stopped at step 6 and
-    resumed by a new process: bit-equal checkpoints, the loss scale and the skipped steps
-    in them."""
+    """Overflows at steps 4 and 9 (lookahead every 2 steps, on the clock of batches consumed);
+    one run straight through, one stopped at step 6 and resumed by a new process: bit-equal
+    checkpoints, the loss scale and the skipped steps in them."""
     from test_training import checkpoint_values
 
     a, b = {"syn": syn, "dir": tmp_path / "a"}, {"syn": syn, "dir": tmp_path / "b"}

@@ -165,3 +165,22 @@ def test_mixed_float16_without_a_gpu_says_it_is_emulated(syn, tmp_path, caplog):
         assert loop.prepare_config(cfg).precision == "mixed_float16"
     assert any("emulated on the CPU and slow" in r.getMessage() for r in caplog.records)
     keras.mixed_precision.set_global_policy("float32")
+
+
+def test_eval_batch_auto_fits_vgg16_at_224_on_a_16_gb_card_and_stays_explicit():
+    from research.models import build_model
+    from research.training import eval_batch
+
+    vgg = build_model("vgg16", (224, 224, 3), 1, dtype="mixed_float16", weights="none",
+                      image_size=224)
+    per_image = eval_batch.activation_bytes(vgg, 2)
+    assert per_image == 2 * 224 * 224 * 64 * 2  # block1_conv2: its input and output, float16
+    free = 15 * 2 ** 30  # a 16 GB card with 15 GB free
+    batch, line = eval_batch.auto_batch(vgg, 1, on_gpu=True, free=free)
+    assert 1 <= batch < 1000 and batch * per_image * eval_batch.HEADROOM <= free / 2
+    assert f"eval batch {batch} (auto: {batch} per replica x 1;" in line
+    two, _ = eval_batch.auto_batch(vgg, 2, on_gpu=True, free=free)
+    assert two == 2 * batch  # per replica: each GPU has its own memory
+    small = build_model("scratch", (32, 32, 3), 10, **helpers.TINY_NET)
+    assert eval_batch.auto_batch(small, 2, on_gpu=False, free=2 ** 34)[0] == 2000  # the cap
+    assert eval_batch.resolve(96, small, tf.distribute.get_strategy()) == 96  # explicit: as is

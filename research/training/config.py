@@ -90,7 +90,11 @@ class TrainConfig:
     train_steps: int | None = setting(None, "Total optimizer steps (overrides --epochs).",
                                       ge=1, resume=True)
     batch_size: int = setting(256, "Global batch size (divisible by the replicas).", ge=1)
-    eval_batch_size: int = setting(1000, "Global eval batch size.", ge=1, resume=True)
+    eval_batch_size: int | None = setting(
+        None, "Global eval batch size. Unset (auto): per replica, the largest batch whose "
+        "estimated activation memory fits in half the device's free memory, at most 1,000 "
+        "(research/training/eval_batch.py; the train log says what it chose).", ge=1,
+        resume=True)
     optimizer: str = setting("sgd", "sgd: Keras' SGD with Nesterov momentum and decoupled weight "
                              "decay of the kernels; sgd_l2: SGD with Nesterov momentum as "
                              "PyTorch defines it (buf = m buf + g; step lr (g + m buf)) with "

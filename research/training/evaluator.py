@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from research.progress import Bar
-from research.training import inputs
+from research.training import eval_batch, inputs
 from research.training.config import TrainConfig
 from research.training.state import make_metrics
 from research.training.steps import make_eval_step
@@ -37,6 +37,8 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
                  positive_id: int | None):
         """`positive_id` None: a classifier."""
+        cfg = dataclasses.replace(cfg, eval_batch_size=eval_batch.resolve(
+            cfg.eval_batch_size, model, strategy))
         self.cfg, self.strategy = cfg, strategy
         with strategy.scope():
             self.metrics = make_metrics(cfg, training=False, classifier=positive_id is None)

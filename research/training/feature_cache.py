@@ -27,7 +27,7 @@ from research.progress import Bar
 from research.data import pipeline
 from research.data.manifest import MANIFEST, sha256_file
 from research.models import backbones
-from research.training import examples
+from research.training import eval_batch, examples
 from research.training.config import TrainConfig
 
 META = "features.json"
@@ -167,7 +167,8 @@ def _extract(model: keras.Model, cfg: TrainConfig, split: str, n: int, positions
     keep[positions] = True
     feats, labels, class_ids = [], [], []
     bar = Bar(len(positions), "image", label=f"features of {split}") if cfg.progress else None
-    for b in pipeline.make_dataset(cfg.data_dir, split, cfg.eval_batch_size, training=False,
+    batch = eval_batch.resolve(cfg.eval_batch_size, model, tf.distribute.get_strategy())
+    for b in pipeline.make_dataset(cfg.data_dir, split, batch, training=False,
                                    scale="raw", keep=keep):
         feats.append(np.asarray(tf.cast(run(b["image"]), tf.float16)))
         labels.append(b["label"].numpy())
