@@ -202,6 +202,32 @@ def run(main) -> None:
     app.run(main, flags_parser=parse)
 
 
+def define_train_flags() -> None:
+    """Every train flag (TrainConfig's fields and every model's options), for the train app and
+    the apps that run trainings (sweep)."""
+    from research.model_options import MODEL_OPTIONS
+    from research.training.config import TrainConfig
+
+    module = _caller()
+    # --log_dir is absl.logging's own flag (where absl would put log files, which it does not
+    # do unless asked); define_flags only sets its default, and it serves as the TensorBoard
+    # parent.
+    define_flags(TrainConfig, module_name=module)
+    for options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
+        define_flags(options, module_name=module)
+
+
+def train_config_from_flags(flag_values=flags.FLAGS):
+    """The TrainConfig the train flags describe (its model's options from their flags)."""
+    from research.model_options import options_class
+    from research.training.config import TrainConfig
+
+    cfg = TrainConfig(**values_from_flags(TrainConfig, flag_values))
+    options_cls = options_class(cfg.model, cfg.uses_backbone)
+    cfg.model_options = values_from_flags(options_cls, flag_values) if options_cls else {}
+    return cfg
+
+
 def define_export_flags() -> None:
     """--model / --run_name and --checkpoint_dir: the export an app reads (predict, export)."""
     module = _caller()

@@ -20,26 +20,17 @@ from absl import flags, logging
 
 from research.apps import config_flags
 from research.errors import UserError
-from research.model_options import MODEL_OPTIONS, options_class
 from research.training.config import TrainConfig
 from research.training.runlock import RunLock
 
 FLAGS = flags.FLAGS
-# --log_dir is absl.logging's own flag (where absl would put log files, which it does not do
-# unless asked); define_flags only sets its default, and it serves as the TensorBoard parent.
-config_flags.define_flags(TrainConfig)
-for _options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
-    config_flags.define_flags(_options)
+config_flags.define_train_flags()
 config_flags.define_device_flags()
 flags.mark_flags_as_required(["data_dir", "run_name"])
 
 
 def config_from_flags() -> TrainConfig:
-    values = config_flags.values_from_flags(TrainConfig)
-    cfg = TrainConfig(**values)
-    options_cls = options_class(cfg.model, cfg.uses_backbone)
-    cfg.model_options = config_flags.values_from_flags(options_cls) if options_cls else {}
-    return cfg
+    return config_flags.train_config_from_flags()
 
 
 def main(argv):

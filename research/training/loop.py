@@ -73,9 +73,10 @@ def restore_or_warm_start(cfg: TrainConfig, state, latest: str | None = None) ->
 
 def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
                        strategy: tf.distribute.Strategy | None = None,
-                       actions=()) -> dict:
+                       actions=(), hparams: dict | None = None) -> dict:
     """Trains (or resumes) the run in cfg.run_dir, evaluating on val; returns a summary.
-    `actions` run after each evaluation (e.g. the train app's Grad-CAM images)."""
+    `actions` run after each evaluation (e.g. the train app's Grad-CAM images); `hparams`
+    join the run's own in TensorBoard's HParams view (a sweep's parameters)."""
     cfg = prepare_config(cfg)
     cluster.resolve(cfg.strategy)  # a bad cluster stops here, with one line
     resume.check_resume(cfg)  # a resume that changes the network or the data stops here
@@ -90,10 +91,11 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
                           f"use {sizes}")
     worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
     with RunLock(worker_cfg.run_dir, reentrant=True):
-        return _train(worker_cfg, cfg, flagfile, strategy, actions)
+        return _train(worker_cfg, cfg, flagfile, strategy, actions, hparams or {})
 
 
-def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) -> dict:
+def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
+           hparams: dict) -> dict:
     """train_and_evaluate under the run lock; `run_cfg` names the run folder to resume from
     (the chief's), `cfg` the one to write."""
     manifest = pipeline.load_manifest(cfg.data_dir)  # an edited manifest stops here ...
@@ -140,7 +142,7 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions) 
     if ctx.start_step == 0 and cfg.transfer != "features":
         record.log_sample_inputs(cfg, manifest, ctx.writers.train)
     record.log_hparams_config(cfg, ctx.writers, plan.total_steps / plan.steps_per_epoch,
-                              classifier=positive_id is None)
+                              classifier=positive_id is None, extra=hparams)
     actions = standard_actions(cfg, manifest, ctx.start_step, extra=actions,
                                steps_per_epoch=plan.steps_per_epoch)
     record.log_devices(strategy, cfg.precision)

@@ -116,15 +116,18 @@ def hparam_values(cfg: TrainConfig, plan_epochs: float) -> dict:
 
 
 def log_hparams_config(cfg: TrainConfig, writers: "Writers", plan_epochs: float,
-                       classifier: bool = False) -> None:
-    """The HParams experiment (what the view lists) and this run's session, at its start."""
+                       classifier: bool = False, extra: dict | None = None) -> None:
+    """The HParams experiment (what the view lists) and this run's session, at its start;
+    `extra`: more hyperparameters of the run (a sweep trial's drawn values)."""
     metrics = CLASSIFIER_HPARAM_METRICS if classifier else HPARAM_METRICS
+    values = hparam_values(cfg, plan_epochs)
+    for k, v in (extra or {}).items():
+        values[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
     with writers.session.as_default():
-        hp.hparams_config(hparams=[hp.HParam(k) for k in HPARAMS],
+        hp.hparams_config(hparams=[hp.HParam(k) for k in values],
                           metrics=[hp.Metric(tag, group=group, display_name=name)
                                    for tag, group, name in metrics])
-        hp.hparams({hp.HParam(k): v for k, v in hparam_values(cfg, plan_epochs).items()},
-                   trial_id=cfg.run_name)
+        hp.hparams({hp.HParam(k): v for k, v in values.items()}, trial_id=cfg.run_name)
 
 
 def log_hparam_metrics(writer, split: str, report: dict, step: int) -> None:

@@ -1,0 +1,1 @@
+"""Sweeps: Optuna studies whose trials are ordinary training runs."""
