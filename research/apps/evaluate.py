@@ -2,7 +2,9 @@ r"""Evaluates a training run on every example of a split.
 
   python -m research.apps.evaluate --run_name=scratch --split=test --output=eval_test.json
 
-The threshold is the F1-maximising one on val, applied unchanged to the split.
+The threshold is the F1-maximising one on val, applied unchanged to the split. The test
+split's metrics also go to TensorBoard: under absl's --log_dir/<run> when it is given (as
+train reads it), else the run's own log folder as train resolved it; the last line says where.
 
 Zero-shot, on a two-class dataset whose classes the run knows by other names (no training;
 score p(cat) / (p(cat) + p(dog)), the run's network resized to its own input size):
@@ -13,6 +15,7 @@ score p(cat) / (p(cat) + p(dog)), the run's network resized to its own input siz
 
 from __future__ import annotations
 
+import os
 
 from absl import flags
 
@@ -77,6 +80,7 @@ def main(argv):
                               tta=FLAGS.tta, tta_shifts=FLAGS.tta_shifts,
                               eval_batch_size=FLAGS.eval_batch_size)
         cfg.validate()  # an --eval_batch_size of 0 or less is an error here, not 'unset'
+        tb_dir, why = tensorboard_dir(FLAGS.run_name)
     except UserError as e:
         config_flags.fail(e)
     from research.evaluation import report as reporting  # the heavy imports, flags known good
@@ -85,13 +89,46 @@ def main(argv):
     output = FLAGS.output or runs.eval_report_path(cfg.run_dir, FLAGS.split)
     figures = FLAGS.figures_dir or runs.eval_figures_dir(output, FLAGS.split)
     try:
-        report, _ = evaluate_and_save(cfg, FLAGS.split, FLAGS.checkpoint, output, figures)
+        report, _ = evaluate_and_save(cfg, FLAGS.split, FLAGS.checkpoint, output, figures,
+                                      tb_dir=tb_dir)
     except UserError as e:
         config_flags.fail(e)
     print()
     print(reporting.format_report(report))
     print(f"report: {output}")
     print(f"figures: {figures}/")
+    if FLAGS.split == "test":
+        print(f"tensorboard: {report['tensorboard']}" if report["tensorboard"] else
+              f"tensorboard: not written ({why}; --log_dir to name the folder)")
+
+
+def tensorboard_dir(run_name: str) -> tuple[str | None, str]:
+    """(the folder the test metrics go to in TensorBoard, or None; why not). absl's --log_dir
+    when given, as train reads it; else the run's recorded log folder resolved as train
+    resolved it: against the folder train ran in, found from where the recorded (relative)
+    --checkpoint_dir is now. Never a folder resolved against wherever evaluate runs."""
+    if FLAGS["log_dir"].present:
+        return os.path.join(FLAGS.log_dir, run_name), ""
+    recorded = runs.read_config(runs.run_dir(FLAGS.checkpoint_dir, run_name))
+    log_dir, ck = recorded.get("log_dir"), recorded.get("checkpoint_dir")
+    if not log_dir:
+        return None, "the run records no log folder"
+    if os.path.isabs(log_dir):
+        base = ""
+    elif ck and not os.path.isabs(ck):
+        now, rec = os.path.abspath(FLAGS.checkpoint_dir), os.path.normpath(ck)
+        if rec == ".":
+            base = now
+        elif now.endswith(os.sep + rec):
+            base = now[:-len(rec) - 1]
+        else:
+            return None, f"the run's log folder {log_dir!r} is relative to a folder not known"
+    else:
+        return None, f"the run's log folder {log_dir!r} is relative to a folder not known"
+    tb = os.path.join(base, log_dir, run_name)
+    if not os.path.isdir(tb):
+        return None, f"the run's log folder {tb} is not there"
+    return tb, ""
 
 
 if __name__ == "__main__":

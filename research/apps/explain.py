@@ -37,6 +37,7 @@ VISUALIZATIONS = ("activations", "filters", "dream")
 SHOWN = 4  # images whose activations and dreams are drawn
 
 FLAGS = flags.FLAGS
+config_flags.define_max_image_pixels()
 flags.DEFINE_string("model", None, "A keras.applications model: "
                     + ", ".join(loading.APPLICATIONS) + ". Exclusive with --run_name.")
 flags.DEFINE_string("weights", "imagenet", "imagenet | none | path to a weights file.")
@@ -45,7 +46,7 @@ flags.DEFINE_enum("precision", "auto", list(loading.PRECISIONS),
                   "Gradients and maps are float32 either way.")
 flags.DEFINE_string("run_name", None, "One of our training runs (its exported model).")
 flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR, "Parent folder of runs.")
-flags.DEFINE_list("images", None, "Image files (JPEG/PNG/..., any size, gray or RGBA).")
+config_flags.define_image_flags("Image files (JPEG/PNG/..., any size, gray or RGBA).")
 flags.DEFINE_string("data_dir", None, "With --num_examples: TFRecords to take examples from.")
 config_flags.define_integer("num_examples", 0, "Explain the first N examples of --split.",
                             ge=0)
@@ -86,6 +87,9 @@ def check_flags() -> None:
         raise UserError("--compare_classes needs at least two class names")
     if FLAGS.num_examples and not FLAGS.data_dir:
         raise UserError("--num_examples needs --data_dir")
+    for path in config_flags.image_paths():
+        if not os.path.isfile(path):
+            raise UserError(f"--images: no such file {path}")
 
 
 def load():
@@ -189,7 +193,7 @@ def main(argv):
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
                   ] if FLAGS.visualize or FLAGS.layers else []
         items, errors = outputs.image_items(
-            ex, FLAGS.images, imaging.DEFAULT_RESIZE_POLICY if meta is None
+            ex, config_flags.image_paths(), imaging.DEFAULT_RESIZE_POLICY if meta is None
             else imaging.recorded_policy(meta))
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
@@ -204,8 +208,9 @@ def main(argv):
         print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
         visualize(ex, items, layers, options, model_desc)
         return
-    if not items:
-        sys.exit("error: no images to explain (give --images or --num_examples)")
+    if not items:  # each unreadable image has had its line
+        sys.exit(1 if errors else "error: no images to explain (give --images or "
+                 "--num_examples)")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     print(f"{model_desc} at {precision}: {len(items)} image(s) -> {FLAGS.out_dir}")
     batch = np.stack([it.model_input for it in items])
