@@ -70,6 +70,23 @@ def name_error(name) -> str | None:
     return None
 
 
+def recorded_log_dir(recorded: dict, checkpoint_dir: str) -> str | None:
+    """A run's recorded --log_dir (config.json) as train resolved it: a relative one against
+    the folder train ran in, found from where its recorded relative --checkpoint_dir is now
+    (`checkpoint_dir`); None when that cannot be told (a run moved to another name)."""
+    log_dir, ck = recorded.get("log_dir"), recorded.get("checkpoint_dir")
+    if not log_dir or os.path.isabs(log_dir):
+        return log_dir or None
+    if not ck or os.path.isabs(ck):
+        return None
+    now, rec = os.path.abspath(checkpoint_dir), os.path.normpath(ck)
+    if rec == ".":
+        return os.path.join(now, log_dir)
+    if now.endswith(os.sep + rec):
+        return os.path.join(now[:-len(rec) - 1], log_dir)
+    return None
+
+
 def run_dir(checkpoint_dir: str, run_name: str) -> str:
     return os.path.join(checkpoint_dir, run_name)
 

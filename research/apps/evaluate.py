@@ -103,29 +103,17 @@ def main(argv):
 
 
 def tensorboard_dir(run_name: str) -> tuple[str | None, str]:
-    """(the folder the test metrics go to in TensorBoard, or None; why not). absl's --log_dir
-    when given, as train reads it; else the run's recorded log folder resolved as train
-    resolved it: against the folder train ran in, found from where the recorded (relative)
-    --checkpoint_dir is now. Never a folder resolved against wherever evaluate runs."""
+    """(the folder the test metrics go to in TensorBoard, or None; why not): absl's --log_dir
+    when given, as train reads it; else the run's recorded one as train resolved it
+    (runs.recorded_log_dir), never one resolved against wherever evaluate runs."""
     if FLAGS["log_dir"].present:
         return os.path.join(FLAGS.log_dir, run_name), ""
     recorded = runs.read_config(runs.run_dir(FLAGS.checkpoint_dir, run_name))
-    log_dir, ck = recorded.get("log_dir"), recorded.get("checkpoint_dir")
-    if not log_dir:
-        return None, "the run records no log folder"
-    if os.path.isabs(log_dir):
-        base = ""
-    elif ck and not os.path.isabs(ck):
-        now, rec = os.path.abspath(FLAGS.checkpoint_dir), os.path.normpath(ck)
-        if rec == ".":
-            base = now
-        elif now.endswith(os.sep + rec):
-            base = now[:-len(rec) - 1]
-        else:
-            return None, f"the run's log folder {log_dir!r} is relative to a folder not known"
-    else:
-        return None, f"the run's log folder {log_dir!r} is relative to a folder not known"
-    tb = os.path.join(base, log_dir, run_name)
+    log_dir = runs.recorded_log_dir(recorded, FLAGS.checkpoint_dir)
+    if log_dir is None:
+        return None, (f"the run's log folder {recorded.get('log_dir')!r} is relative to a "
+                      "folder evaluate cannot tell")
+    tb = os.path.join(log_dir, run_name)
     if not os.path.isdir(tb):
         return None, f"the run's log folder {tb} is not there"
     return tb, ""

@@ -150,11 +150,13 @@ def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
     size, kind = None, None
     try:
         if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            kind, size = "WebP", _webp_size(data)
+            kind = "WebP"
+            size = _webp_size(data)
         else:
             for magic, fmt, reader in _HEADERS:
                 if data.startswith(magic):
-                    kind, size = fmt, reader(data)
+                    kind = fmt
+                    size = reader(data)
                     break
     except (struct.error, IndexError, KeyError):
         size = None
