@@ -371,3 +371,47 @@ def test_evaluate_resolves_the_runs_log_folder_as_train_did(tmp_path):
     assert runs.recorded_log_dir({**rec, "log_dir": "/abs/logs"}, "anything") == "/abs/logs"
     assert runs.recorded_log_dir({"checkpoint_dir": ".", "log_dir": "tb"}, str(tmp_path)
                                  ) == str(tmp_path / "tb")
+
+
+# ----------------------------------------------------------------------- 3. hints that exist
+
+def _defined_flags() -> set[str]:
+    """Every flag an app defines: DEFINE_* and define_integer/_float calls in research/apps,
+    the fields of the dataclasses apps derive flags from, and absl's own."""
+    import dataclasses
+    import glob
+
+    from research.explain.options import ExplainOptions
+    from research.inference import PredictOptions
+    from research.lab.profiles import Overrides
+    from research.model_options import MODEL_OPTIONS
+    from research.training.config import TrainConfig
+
+    names = {"flagfile", "log_dir", "help", "helpfull", "max_image_pixels", "images_from",
+             "images", "model", "run_name", "checkpoint_dir"}
+    for path in glob.glob(os.path.join(ROOT, "research", "apps", "*.py")):
+        with open(path) as f:
+            names |= set(re.findall(r"(?:DEFINE_\w+|define_integer|define_float)\(\s*\"(\w+)\"",
+                                    f.read()))
+    for cls in (ExplainOptions, PredictOptions, Overrides, TrainConfig,
+                *set(MODEL_OPTIONS.values())):
+        if cls is not None:
+            names |= {f.name for f in dataclasses.fields(cls)}
+    return names
+
+
+def test_every_flag_a_lab_message_names_exists():
+    import ast
+    import glob
+
+    defined = _defined_flags() | {"logdir"}  # `tensorboard --logdir`, TensorBoard's own
+    named = {}
+    for path in [*glob.glob(os.path.join(ROOT, "research", "lab", "*.py")),
+                 os.path.join(ROOT, "research", "apps", "lab.py")]:
+        with open(path) as f:
+            for node in ast.walk(ast.parse(f.read())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    for flag in re.findall(r"(?<![\w-])--(\w+)", node.value):
+                        named.setdefault(flag, os.path.basename(path))
+    assert "workdir" in named and "overwrite" not in named
+    assert {f: where for f, where in named.items() if f not in defined} == {}
