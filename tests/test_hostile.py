@@ -251,6 +251,7 @@ def read_only(folder):
         subprocess.run(undo, check=True)
 
 
+@pytest.mark.slow  # the lab loads TensorFlow before its data stage: about 25 s
 def test_a_traversal_member_is_one_line_through_the_app_and_the_lab(tmp_path):
     path = tmp_path / "evil.tar"
     with tarfile.open(path, "w") as tar:
