@@ -206,6 +206,52 @@ def test_predict_checks_its_input_before_tensorflow_loads(export, tmp_path):
         assert not any(x.endswith("| tensorflow") for x in res.stderr.splitlines())
 
 
+def test_explain_checks_its_input_before_tensorflow_loads(export, tmp_path):
+    ck = tmp_path / "ck"
+    os.makedirs(ck / "run" / "export")
+    for name in ("model.keras", "metadata.json"):
+        os.link(os.path.join(os.path.dirname(export), name), ck / "run" / "export" / name)
+    run = ["--run_name=run", f"--checkpoint_dir={ck}"]
+    for args, line in (
+            ([*run, f"--images={tmp_path}/nosuch.jpg"],
+             f"error: --images: no such file {tmp_path}/nosuch.jpg"),
+            ([*run, "--method=gradcam,nosuch", f"--images={export}"],
+             "error: --method: unknown method 'nosuch'; choose from gradcam, gradcam_pp, "
+             "scorecam, cam, saliency, saliency_positive, smoothgrad, guided_backprop, "
+             "guided_gradcam, integrated_gradients, occlusion, lime"),
+            (["--model=vgg17", f"--images={export}"],
+             "error: --model: unknown model 'vgg17'; choose one of vgg16, vgg19, resnet50, "
+             "mobilenet_v2, efficientnetb0")):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "research.apps.explain",
+                              *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert res.returncode == 1
+        assert [x for x in res.stderr.splitlines() if not x.startswith("import time:")] == [line]
+        assert not any(x.endswith("| tensorflow") for x in res.stderr.splitlines())
+
+
+def test_the_explain_flags_read_from_source_equal_the_imported_values():
+    import importlib
+    import inspect
+
+    from research.explain import options, source_values  # noqa: F401  (its defaults read)
+
+    for module, name in (("loading", "APPLICATIONS"), ("methods", "METHODS"),
+                         ("outputs", "EXAMPLE_FILTERS")):  # what the explain app reads
+        source_values.keys(module, name)
+    kinds = {k for k, *_ in source_values.READ}
+    assert kinds == {"default", "constant", "keys"} and len(source_values.READ) > 25
+    for kind, where, name in source_values.READ:
+        if kind == "default":
+            module, function = where.split(".")
+            fn = getattr(importlib.import_module(f"research.explain.{module}"), function)
+            assert source_values.default(where, name) == \
+                inspect.signature(fn).parameters[name].default, (where, name)
+        else:
+            value = getattr(importlib.import_module(f"research.explain.{where}"), name)
+            got = getattr(source_values, kind)(where, name)
+            assert got == (tuple(value) if kind == "keys" else value), (where, name)
+
+
 # ----------------------------------------------------------------------- 3. one lab per workdir
 
 def test_a_second_lab_on_a_workdir_is_refused_naming_the_holder(tmp_path):
