@@ -82,7 +82,7 @@ def test_every_extension_has_its_size_read_from_the_header():
         assert imaging.image_size(data, what) == (53, 37), what
     exts = {e.lstrip(".") for e in imaging.IMAGE_EXTENSIONS}
     assert exts == {"jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"}
-    for bad, why in ((b"", "unrecognised"), (b"hello world, not an image", "unrecognised"),
+    for bad, why in ((b"", "not a PNG"), (b"hello world, not an image", "not a PNG, JPEG"),
                      (cases["png"][:14], "unreadable PNG header"),
                      (b"\xff\xd8\xff\xe0\x00\x10JFIF", "unreadable JPEG header"),
                      (cases["tiff"][:10], "unreadable TIFF header")):

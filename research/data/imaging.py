@@ -161,10 +161,11 @@ def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
     except (struct.error, IndexError, KeyError):
         size = None
     if kind is None:
-        raise ImageDecodeError(f"{name}: not a PNG, JPEG, GIF, BMP, WebP or TIFF file "
-                               "(unrecognised header)")
+        raise ImageDecodeError(f"{name}: not a decodable image (not a PNG, JPEG, GIF, BMP, WebP "
+                               "or TIFF header)")
     if size is None or min(size) <= 0:
-        raise ImageDecodeError(f"{name}: unreadable {kind} header (corrupt or truncated)")
+        raise ImageDecodeError(f"{name}: not a decodable image (unreadable {kind} header: "
+                               "corrupt or truncated)")
     return int(size[0]), int(size[1])
 
 
