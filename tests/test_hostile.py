@@ -327,6 +327,7 @@ def test_read_only_folders_are_one_line_before_anything_is_written(syn, tmp_path
     assert stderr_lines(res)[0].startswith(f"error: --workdir: cannot write in {tmp_path}/lab")
 
 
+@pytest.mark.slow  # a tiny training: 16-26 s
 def test_a_shard_damaged_while_training_is_named_and_the_checkpoint_kept(syn, tmp_path):
     import shutil
 
