@@ -20,7 +20,10 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
+
+from absl import logging
 
 from research.errors import OUT_OF_SPACE_EXIT, UserError
 
@@ -96,16 +99,79 @@ def fsync_tree(root: str) -> None:
         fsync_dir(folder)
 
 
+def check_writable(folder: str, flag: str) -> None:
+    """Before the first write: `folder` exists (it is made here) and takes a new file, else
+    one line naming `flag`, so that nothing is half written (a read-only or full folder)."""
+    if "://" in folder:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        if is_out_of_space(e):
+            raise out_of_space("a first file", folder) from None
+        raise UserError(f"{flag}: cannot write in {folder} ({e.strerror or e}); give a "
+                        "folder you can write to") from None
+
+
+# Temporary names carry host and pid (`.<name>.<host>~<pid>~...`), so that the next write to
+# the same place can tell the leftovers of a dead writer from a live one's work in progress.
+def temp_tag() -> str:
+    return f"{socket.gethostname()}~{os.getpid()}~"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_leftovers(folder: str, prefix: str, suffix: str = "") -> list[str]:
+    """Removes (and logs) the temporary files and folders that writes to the same place left
+    when they were killed: `<prefix><host>~<pid>~...<suffix>` of this host's dead pids."""
+    mine = f"{prefix}{socket.gethostname()}~"
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(mine) and name.endswith(suffix)):
+            continue
+        pid = name[len(mine):].split("~", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        full = os.path.join(folder, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(full)
+        removed.append(full)
+    if removed:
+        logging.warning("Removed %d leftover(s) of interrupted writes: %s", len(removed),
+                        ", ".join(removed))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, what: str = "a file", then: str = "run the same command again"):
     """Yields a temporary path beside `path` for a writer that wants a file name (Keras'
     save, np.savez, savefig); on success the file is fsync'ed and renamed onto `path`, on any
-    failure it is removed and `path` is left as it was. A full disk raises OutOfSpaceError."""
+    failure it is removed and `path` is left as it was. A full disk raises OutOfSpaceError.
+    Temporary files that killed writes to `path` left behind are removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         base, ext = os.path.splitext(os.path.basename(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+        remove_leftovers(folder, f".{base}.", f".tmp{ext}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{temp_tag()}", suffix=f".tmp{ext}", dir=folder)
         os.close(fd)
     except OSError as e:
         if is_out_of_space(e):
@@ -134,7 +200,9 @@ def atomic_dir(path: str, what: str = "a folder", then: str = "run the same comm
     name = os.path.basename(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        remove_leftovers(parent, f".{name}.tmp-")
+        remove_leftovers(parent, f".{name}.old-")
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{temp_tag()}", dir=parent)
     except OSError as e:
         if is_out_of_space(e):
             raise out_of_space(what, path, then) from None
@@ -144,7 +212,7 @@ def atomic_dir(path: str, what: str = "a folder", then: str = "run the same comm
         yield tmp
         fsync_tree(tmp)
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{name}.old-{temp_tag()}", dir=parent)
             os.replace(path, os.path.join(old, name))
         os.replace(tmp, path)
         fsync_dir(parent)

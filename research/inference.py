@@ -99,7 +99,7 @@ def expand_images(entries: Iterable[str]) -> Expansion:
     or a folder or glob without images, raises InferenceError."""
     entries = [e for e in entries if e]
     if not entries:
-        raise InferenceError("--images: no files, folders or globs given")
+        raise InferenceError("--images: no files, folders or globs given (nor --images_from)")
     paths, skipped, seen = [], [], {}
     for entry in entries:
         found, before = [], len(skipped)

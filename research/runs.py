@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
 
 from research import files
 from research.errors import UserError
@@ -51,6 +53,38 @@ DATA_KEYS = ("class_names", "positive_class", "image_shape")
 
 class RunError(UserError):
     """A run folder that is missing, unfinished or unreadable; the message names the file."""
+
+
+# A run's (or a sweep study's) name becomes folder and file names, and is pasted into shell
+# commands: letters, digits and ._- only (POSIX's portable file name characters).
+PORTABLE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def name_error(name) -> str | None:
+    """Why `name` is not a portable file name (None: it is)."""
+    if not name:
+        return "give a name"
+    if not PORTABLE_NAME.match(name) or set(name) == {"."}:
+        return (f"{name!r} is not a portable file name: use letters, digits and . _ - only "
+                "(no spaces, no slashes, not just dots)")
+    return None
+
+
+def recorded_log_dir(recorded: dict, checkpoint_dir: str) -> str | None:
+    """A run's recorded --log_dir (config.json) as train resolved it: a relative one against
+    the folder train ran in, found from where its recorded relative --checkpoint_dir is now
+    (`checkpoint_dir`); None when that cannot be told (a run moved to another name)."""
+    log_dir, ck = recorded.get("log_dir"), recorded.get("checkpoint_dir")
+    if not log_dir or os.path.isabs(log_dir):
+        return log_dir or None
+    if not ck or os.path.isabs(ck):
+        return None
+    now, rec = os.path.abspath(checkpoint_dir), os.path.normpath(ck)
+    if rec == ".":
+        return os.path.join(now, log_dir)
+    if now.endswith(os.sep + rec):
+        return os.path.join(now[:-len(rec) - 1], log_dir)
+    return None
 
 
 def run_dir(checkpoint_dir: str, run_name: str) -> str:
@@ -189,6 +223,10 @@ def read_metadata(model_path: str, flag: str = "--model") -> dict:
         if not os.path.isfile(path):
             raise RunError(f"{flag}: no such file {path} (an export holds model.keras and "
                            "metadata.json)")
+    if model_path.endswith(".keras") and not zipfile.is_zipfile(model_path):
+        raise RunError(f"{flag}: {model_path} is damaged (not a whole .keras archive: "
+                       "truncated or overwritten); delete it and run the run's `python -m "
+                       "research.apps.train` command again, which exports a finished run")
     try:
         meta = files.read_json(meta_path)
     except (OSError, ValueError) as e:

@@ -15,6 +15,7 @@ import typing
 from absl import app, flags
 
 from research import runs
+from research.data import imaging
 from research.errors import UserError
 from research.fields import base_type, bounds, range_error
 
@@ -169,6 +170,8 @@ def parse(argv: list[str]) -> list[str]:
     errors = range_errors(flags.FLAGS)
     if errors:
         sys.exit("\n".join(f"error: {e}" for e in errors))
+    if "max_image_pixels" in flags.FLAGS:  # one setting for every image this process reads
+        imaging.MAX_IMAGE_PIXELS = flags.FLAGS.max_image_pixels
     return rest
 
 
@@ -226,6 +229,38 @@ def train_config_from_flags(flag_values=flags.FLAGS):
     options_cls = options_class(cfg.model, cfg.uses_backbone)
     cfg.model_options = values_from_flags(options_cls, flag_values) if options_cls else {}
     return cfg
+
+
+def define_max_image_pixels() -> None:
+    """--max_image_pixels: the largest image (width x height, read from its header) an app
+    decodes; above it an image is refused in one line, as PIL's DecompressionBombError."""
+    _ranged(flags.DEFINE_integer, "max_image_pixels", imaging.DEFAULT_MAX_IMAGE_PIXELS,
+            "Largest image decoded, in pixels (width x height from its header, read before "
+            "decoding); a bigger one is refused (skipped in a source) in one line naming it. "
+            "The default is PIL's.", ge=1, module_name=_caller())
+
+
+def define_image_flags(help_text: str) -> None:
+    """--images (a comma-separated list) and --images_from (a file of paths, one a line: the
+    way to give a path that holds a comma)."""
+    module = _caller()
+    flags.DEFINE_list("images", None, help_text, module_name=module)
+    flags.DEFINE_string("images_from", None, "A text file of image paths (files, folders or "
+                        "globs as --images), one a line; for paths with a comma in them, "
+                        "which --images would split.", module_name=module)
+
+
+def image_paths(flag_values=flags.FLAGS) -> list[str]:
+    """--images, then the lines of --images_from (blank lines skipped)."""
+    paths = [p for p in flag_values.images or [] if p]
+    path = flag_values.images_from
+    if path:
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                paths += [line.rstrip("\r\n") for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"--images_from: cannot read {path} ({e.strerror})") from None
+    return paths
 
 
 def define_export_flags() -> None:

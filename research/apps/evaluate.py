@@ -2,7 +2,9 @@ r"""Evaluates a training run on every example of a split.
 
   python -m research.apps.evaluate --run_name=scratch --split=test --output=eval_test.json
 
-The threshold is the F1-maximising one on val, applied unchanged to the split.
+The threshold is the F1-maximising one on val, applied unchanged to the split. The test
+split's metrics also go to TensorBoard: under absl's --log_dir/<run> when it is given (as
+train reads it), else the run's own log folder as train resolved it; the last line says where.
 
 Zero-shot, on a two-class dataset whose classes the run knows by other names (no training;
 score p(cat) / (p(cat) + p(dog)), the run's network resized to its own input size):
@@ -13,6 +15,7 @@ score p(cat) / (p(cat) + p(dog)), the run's network resized to its own input siz
 
 from __future__ import annotations
 
+import os
 
 from absl import flags
 
@@ -79,6 +82,7 @@ def main(argv):
                               tta=FLAGS.tta, tta_shifts=FLAGS.tta_shifts,
                               eval_batch_size=FLAGS.eval_batch_size)
         cfg.validate()  # an --eval_batch_size of 0 or less is an error here, not 'unset'
+        tb_dir, why = tensorboard_dir(FLAGS.run_name)
     except UserError as e:
         config_flags.fail(e)
     config_flags.setup_devices()
@@ -88,13 +92,34 @@ def main(argv):
     output = FLAGS.output or runs.eval_report_path(cfg.run_dir, FLAGS.split)
     figures = FLAGS.figures_dir or runs.eval_figures_dir(output, FLAGS.split)
     try:
-        report, _ = evaluate_and_save(cfg, FLAGS.split, FLAGS.checkpoint, output, figures)
+        report, _ = evaluate_and_save(cfg, FLAGS.split, FLAGS.checkpoint, output, figures,
+                                      tb_dir=tb_dir)
     except UserError as e:
         config_flags.fail(e)
     print()
     print(reporting.format_report(report))
     print(f"report: {output}")
     print(f"figures: {figures}/")
+    if FLAGS.split == "test":
+        print(f"tensorboard: {report['tensorboard']}" if report["tensorboard"] else
+              f"tensorboard: not written ({why}; --log_dir to name the folder)")
+
+
+def tensorboard_dir(run_name: str) -> tuple[str | None, str]:
+    """(the folder the test metrics go to in TensorBoard, or None; why not): absl's --log_dir
+    when given, as train reads it; else the run's recorded one as train resolved it
+    (runs.recorded_log_dir), never one resolved against wherever evaluate runs."""
+    if FLAGS["log_dir"].present:
+        return os.path.join(FLAGS.log_dir, run_name), ""
+    recorded = runs.read_config(runs.run_dir(FLAGS.checkpoint_dir, run_name))
+    log_dir = runs.recorded_log_dir(recorded, FLAGS.checkpoint_dir)
+    if log_dir is None:
+        return None, (f"the run's log folder {recorded.get('log_dir')!r} is relative to a "
+                      "folder evaluate cannot tell")
+    tb = os.path.join(log_dir, run_name)
+    if not os.path.isdir(tb):
+        return None, f"the run's log folder {tb} is not there"
+    return tb, ""
 
 
 if __name__ == "__main__":

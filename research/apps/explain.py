@@ -30,29 +30,36 @@ from research import runs
 from research.apps import config_flags
 from research.data import imaging
 from research.errors import UserError
-from research.explain import attribution, core, loading, methods, outputs
-from research.explain.options import ExplainOptions
+from research.explain import source_values
+from research.explain.options import PRECISIONS, ExplainOptions
+
+# The names the flags offer, read from the modules' source: TensorFlow loads only once the flags
+# and files are known good (the modules are imported in main).
+APPLICATIONS = source_values.keys("loading", "APPLICATIONS")
+METHODS = source_values.keys("methods", "METHODS")
+EXAMPLE_FILTERS = source_values.keys("outputs", "EXAMPLE_FILTERS")
 
 VISUALIZATIONS = ("activations", "filters", "dream")
 SHOWN = 4  # images whose activations and dreams are drawn
 
 FLAGS = flags.FLAGS
+config_flags.define_max_image_pixels()
 flags.DEFINE_string("model", None, "A keras.applications model: "
-                    + ", ".join(loading.APPLICATIONS) + ". Exclusive with --run_name.")
+                    + ", ".join(APPLICATIONS) + ". Exclusive with --run_name.")
 flags.DEFINE_string("weights", "imagenet", "imagenet | none | path to a weights file.")
-flags.DEFINE_enum("precision", "auto", list(loading.PRECISIONS),
+flags.DEFINE_enum("precision", "auto", list(PRECISIONS),
                   "auto: mixed_bfloat16 on CPUs with AMX or AVX512-BF16, else float32. "
                   "Gradients and maps are float32 either way.")
 flags.DEFINE_string("run_name", None, "One of our training runs (its exported model).")
 flags.DEFINE_string("checkpoint_dir", runs.CHECKPOINT_DIR, "Parent folder of runs.")
-flags.DEFINE_list("images", None, "Image files (JPEG/PNG/..., any size, gray or RGBA).")
+config_flags.define_image_flags("Image files (JPEG/PNG/..., any size, gray or RGBA).")
 flags.DEFINE_string("data_dir", None, "With --num_examples: TFRecords to take examples from.")
 config_flags.define_integer("num_examples", 0, "Explain the first N examples of --split.",
                             ge=0)
 flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split for --num_examples.")
-flags.DEFINE_enum("example_filter", "all", list(outputs.EXAMPLE_FILTERS),
+flags.DEFINE_enum("example_filter", "all", list(EXAMPLE_FILTERS),
                   "Which examples --num_examples takes.")
-flags.DEFINE_list("method", ["gradcam"], ", ".join(methods.METHODS) + " (several: one "
+flags.DEFINE_list("method", ["gradcam"], ", ".join(METHODS) + " (several: one "
                   "sub-folder each, and all_methods.png); all: every method that fits the "
                   "model (cam needs a GlobalAveragePooling2D + Dense head).")
 flags.DEFINE_string("layer", None, "Target layer for CAMs (default: the last spatial feature "
@@ -73,13 +80,20 @@ config_flags.define_device_flags()
 
 
 def check_flags() -> None:
-    """Flag errors that need no model, before any work."""
+    """Flag and file errors that need no model, before TensorFlow loads."""
     if bool(FLAGS.model) == bool(FLAGS.run_name):
         raise UserError("give exactly one of --model and --run_name")
+    if FLAGS.model and FLAGS.model not in APPLICATIONS:
+        raise UserError(f"--model: unknown model {FLAGS.model!r}; choose one of "
+                        f"{', '.join(APPLICATIONS)}")
+    if FLAGS.run_name:
+        model_path = runs.exported_model_path(FLAGS.checkpoint_dir, FLAGS.run_name)
+        if os.path.isfile(model_path):  # else load_run says what the run lacks
+            runs.read_metadata(model_path, "--run_name")
     for m in FLAGS.method:
-        if m not in methods.METHODS and m != "all":
+        if m not in METHODS and m != "all":
             raise UserError(f"--method: unknown method {m!r}; choose from "
-                            f"{', '.join(methods.METHODS)}")
+                            f"{', '.join(METHODS)}")
     for v in FLAGS.visualize:
         if v not in VISUALIZATIONS:
             raise UserError(f"--visualize: {v!r} is not one of {', '.join(VISUALIZATIONS)}")
@@ -87,11 +101,16 @@ def check_flags() -> None:
         raise UserError("--compare_classes needs at least two class names")
     if FLAGS.num_examples and not FLAGS.data_dir:
         raise UserError("--num_examples needs --data_dir")
+    for path in config_flags.image_paths():
+        if not os.path.isfile(path):
+            raise UserError(f"--images: no such file {path}")
 
 
 def load():
     """(explainer, its description, precision, the run's export metadata or None) of --model
     or --run_name."""
+    from research.explain import loading
+
     precision = loading.resolve_precision(FLAGS.precision)
     if FLAGS.model:
         return (loading.load_application(FLAGS.model, FLAGS.weights, precision),
@@ -104,6 +123,7 @@ def detector_lines(ex, meta: dict, items) -> list[str]:
     """The run's score of each image exactly as predict gives it (mirror averaging as its
     metadata says, float32), and the decision at the run's threshold."""
     from research.detector import Detector  # TensorFlow is loaded by now
+    from research.explain import loading
 
     model = ex.model if ex.model.dtype_policy.name == "float32" else loading.with_policy(
         ex.model, "float32")
@@ -117,6 +137,8 @@ def detector_lines(ex, meta: dict, items) -> list[str]:
 def chosen_methods(ex) -> list[str]:
     """--method with 'all' expanded (cam only where the model's head allows it); a cam the
     model cannot have is a one-line error."""
+    from research.explain import attribution, methods
+
     names = []
     for m in FLAGS.method:
         for name in (methods.METHODS if m == "all" else [m]):
@@ -134,6 +156,8 @@ def chosen_methods(ex) -> list[str]:
 
 
 def explain_methods(ex, items, batch, class_index, about, options, names, tops) -> None:
+    from research.explain import outputs
+
     scores, results = {}, {}
     for method in names:
         out = FLAGS.out_dir if len(names) == 1 else os.path.join(FLAGS.out_dir, method)
@@ -160,6 +184,8 @@ def explain_methods(ex, items, batch, class_index, about, options, names, tops) 
 
 
 def visualize(ex, items, layers, options, model_desc: str) -> None:
+    from research.explain import outputs
+
     if "activations" in FLAGS.visualize:
         for dest in outputs.save_activations(ex, items[:SHOWN], layers, FLAGS.out_dir, options,
                                              model_desc):
@@ -179,7 +205,12 @@ def main(argv):
     try:
         check_flags()
         options = ExplainOptions(**config_flags.values_from_flags(ExplainOptions))
-        config_flags.setup_devices()
+    except UserError as e:
+        config_flags.fail(e)
+    config_flags.setup_devices()
+    from research.explain import core, outputs  # the heavy imports, once the input is good
+
+    try:
         ex, model_desc, precision, meta = load()
         compare = [outputs.class_index_of(ex, c, "compare_classes")
                    for c in FLAGS.compare_classes]
@@ -191,7 +222,7 @@ def main(argv):
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
                   ] if FLAGS.visualize or FLAGS.layers else []
         items, errors = outputs.image_items(
-            ex, FLAGS.images, imaging.DEFAULT_RESIZE_POLICY if meta is None
+            ex, config_flags.image_paths(), imaging.DEFAULT_RESIZE_POLICY if meta is None
             else imaging.recorded_policy(meta))
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
@@ -206,8 +237,9 @@ def main(argv):
         print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
         visualize(ex, items, layers, options, model_desc)
         return
-    if not items:
-        sys.exit("error: no images to explain (give --images or --num_examples)")
+    if not items:  # each unreadable image has had its line
+        sys.exit(1 if errors else "error: no images to explain (give --images or "
+                 "--num_examples)")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     print(f"{model_desc} at {precision}: {len(items)} image(s) -> {FLAGS.out_dir}")
     batch = np.stack([it.model_input for it in items])

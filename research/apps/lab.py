@@ -13,17 +13,21 @@ training resumes. The report: <workdir>/logs/lab/report.html (self-contained) an
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
 from absl import flags
 
+from research import files
 from research.apps import config_flags
 from research.errors import UserError
 from research.lab.profiles import PROFILES, Overrides
 from research.lab.settings import STAGES, LabSettings, check, pick_source
+from research.training.runlock import RunLock
 
 FLAGS = flags.FLAGS
+config_flags.define_max_image_pixels()
 flags.DEFINE_string("workdir", ".", "Holds data/, checkpoints/ and logs/ (the report goes to "
                     "logs/lab/).")
 flags.DEFINE_string("source", None, "CIFAR-10 source (as make_tfrecords --source). Default: "
@@ -60,14 +64,33 @@ def settings_from_flags() -> LabSettings:
                                         + [shlex.quote(a) for a in sys.argv[1:]]))
 
 
+def workdir_lock(workdir: str) -> RunLock:
+    """<workdir>/lab.lock while a lab works there: a second lab on the same workdir is refused
+    at once, naming the holder; the lock of a dead lab is taken over with a warning."""
+    return RunLock(os.path.join(workdir, "lab"),
+                   subject=f"--workdir: {workdir} is in use by another lab,")
+
+
 def main(argv):
     try:
         if argv[1:]:
             raise UserError(f"unexpected arguments {' '.join(argv[1:])} (flags start with --)")
         settings = settings_from_flags()
         check(settings)
+        for folder, flag in ((settings.workdir, "--workdir"),
+                             (settings.checkpoint_dir, "--workdir (its checkpoints/)"),
+                             (settings.log_dir, "--workdir (its logs/)")):
+            files.check_writable(folder, flag)  # before the first write
+        lock = workdir_lock(settings.workdir).acquire()  # one lab per workdir
     except UserError as e:
         config_flags.fail(e)
+    try:
+        run(settings)
+    finally:
+        lock.release()
+
+
+def run(settings: LabSettings) -> None:
     source, line = pick_source(settings.source, settings.data_dir)
     print(line, flush=True)  # the first line: which data the lab reads
     # Once, before the lab's first TensorFlow call: every run it starts uses this split.

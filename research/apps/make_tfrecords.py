@@ -34,6 +34,7 @@ from research.errors import UserError
 from research.progress import Bar
 
 FLAGS = flags.FLAGS
+config_flags.define_max_image_pixels()
 flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 | mnist (downloaded "
                     "into --download_dir if absent), or a path: an official CIFAR "
                     "archive/folder, an MNIST .npz, or an image folder / .tar(.gz) / .zip "

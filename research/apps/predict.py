@@ -25,29 +25,30 @@ from research.errors import UserError
 from research.inference import PredictOptions
 
 FLAGS = flags.FLAGS
+config_flags.define_max_image_pixels()
 config_flags.define_export_flags()
-flags.DEFINE_list("images", None, "Image files, folders and globs (JPEG, PNG, ... any size).")
+config_flags.define_image_flags("Image files, folders and globs (JPEG, PNG, ... any size).")
 flags.DEFINE_string("output", None, "CSV of path,score,decision,top_classes,error.")
 config_flags.define_flags(PredictOptions)
 config_flags.define_device_flags()
-flags.mark_flags_as_required(["images"])
 
 
 def main(argv):
     del argv
-    from research import detector as detectors  # the heavy imports, once the flags parsed
     from research import inference
     from research.data import imaging
 
-    try:
+    try:  # every check that needs no model, before TensorFlow loads
         model_path, flag = config_flags.export_path()
         if FLAGS.output:
             inference.check_output(FLAGS.output)
         options = PredictOptions(**config_flags.values_from_flags(PredictOptions))
         options.validate()
         meta = runs.read_metadata(model_path, flag)
-        expansion = inference.expand_images(FLAGS.images)
+        expansion = inference.expand_images(config_flags.image_paths())
         config_flags.setup_devices()
+        from research import detector as detectors  # the heavy imports, once all is good
+
         detector = detectors.load_detector(model_path, meta, flag)
     except UserError as e:
         config_flags.fail(e)

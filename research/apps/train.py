@@ -18,6 +18,7 @@ import sys
 
 from absl import flags, logging
 
+from research import files
 from research.apps import config_flags
 from research.errors import UserError
 from research.training.config import TrainConfig
@@ -38,6 +39,9 @@ def main(argv):
     try:
         cfg = config_from_flags()
         cfg.validate()  # bad settings cost one line, before TensorFlow is even imported
+        # A read-only or full folder is one line before anything is written (config.json).
+        files.check_writable(cfg.checkpoint_dir, "--checkpoint_dir")
+        files.check_writable(cfg.log_dir, "--log_dir")
         # A second process on the run is refused now, not after the imports (several workers
         # lock their own folders once the strategy says which worker is the chief).
         lock = RunLock(cfg.run_dir)

@@ -15,28 +15,179 @@ top 8 bits. JPEG EXIF orientation is applied.
 from __future__ import annotations
 
 import os
+import struct
 
 import cv2
 import numpy as np
 
+from research.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESIZE_POLICIES = ("center_crop", "stretch")
 DEFAULT_RESIZE_POLICY = "center_crop"  # make_tfrecords, predict, explain and the lab alike
+# The largest image decoded (width x height), as PIL's Image.MAX_IMAGE_PIXELS: a 107 KB PNG
+# can claim 30000 x 30000 pixels (2.7 GB decoded). Apps set it from --max_image_pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError):
     """An image file could not be decoded; the message names the file."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The header claims more pixels than MAX_IMAGE_PIXELS (a decompression bomb)."""
 
 
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+# ---------------------------------------------------------------------------------------------
+# Image headers: width and height read from the first bytes, before anything is decoded.
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _png_size(d: bytes):
+    if d[12:16] == b"IHDR":
+        return struct.unpack(">II", d[16:24])
+    return None
+
+
+def _gif_size(d: bytes):
+    return struct.unpack("<HH", d[6:10])
+
+
+def _bmp_size(d: bytes):
+    (header,) = struct.unpack("<I", d[14:18])
+    if header == 12:  # BITMAPCOREHEADER: 16-bit sizes
+        return struct.unpack("<HH", d[18:22])
+    w, h = struct.unpack("<ii", d[18:26])
+    return abs(w), abs(h)  # a negative height is a top-down bitmap
+
+
+def _webp_size(d: bytes):
+    chunk = d[12:16]
+    if chunk == b"VP8X":  # extended: the canvas, 24-bit sizes minus one
+        return (int.from_bytes(d[24:27], "little") + 1,
+                int.from_bytes(d[27:30], "little") + 1)
+    if chunk == b"VP8L" and d[20] == 0x2F:  # lossless: 14-bit sizes minus one
+        (bits,) = struct.unpack("<I", d[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and d[23:26] == b"\x9d\x01\x2a":  # lossy key frame: 14-bit sizes
+        w, h = struct.unpack("<HH", d[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+def _jpeg_size(d: bytes):
+    i = 2
+    while i + 9 < len(d):
+        if d[i] != 0xFF:
+            return None
+        marker = d[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", d[i + 2:i + 4])
+        if marker in _JPEG_SOF:
+            h, w = struct.unpack(">HH", d[i + 5:i + 9])
+            return (w, h) if h else None  # height 0: defined later (DNL), not supported
+        if marker == 0xDA or length < 2:  # scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_size(d: bytes):
+    order = "<" if d[:2] == b"II" else ">"
+    (version,) = struct.unpack(order + "H", d[2:4])
+    if version == 42:
+        (ifd,) = struct.unpack(order + "I", d[4:8])
+        count_fmt, entry_size, head = "H", 12, 2
+    elif version == 43:  # BigTIFF
+        (ifd,) = struct.unpack(order + "Q", d[8:16])
+        count_fmt, entry_size, head = "Q", 20, 8
+    else:
+        return None
+    (count,) = struct.unpack(order + count_fmt, d[ifd:ifd + head])
+    found = {}
+    for k in range(count):
+        e = d[ifd + head + k * entry_size:ifd + head + (k + 1) * entry_size]
+        if len(e) < entry_size:
+            return None
+        tag, kind = struct.unpack(order + "HH", e[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT, LONG or LONG8
+            value = e[8:] if version == 42 else e[12:]
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
+            if fmt is None:
+                return None
+            found[tag] = struct.unpack(order + fmt, value[:struct.calcsize(fmt)])[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+# (magic bytes, format, reader): every format of IMAGE_EXTENSIONS.
+_HEADERS = (
+    (b"\x89PNG\r\n\x1a\n", "PNG", _png_size),
+    (b"\xff\xd8", "JPEG", _jpeg_size),
+    (b"GIF87a", "GIF", _gif_size),
+    (b"GIF89a", "GIF", _gif_size),
+    (b"BM", "BMP", _bmp_size),
+    (b"II*\x00", "TIFF", _tiff_size),
+    (b"MM\x00*", "TIFF", _tiff_size),
+    (b"II+\x00", "TIFF", _tiff_size),
+    (b"MM\x00+", "TIFF", _tiff_size),
+)
+
+
+def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) from the header of a PNG, JPEG, GIF, BMP, WebP or TIFF, without
+    decoding; a header that cannot be read is an ImageDecodeError."""
+    size, kind = None, None
+    try:
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            kind = "WebP"
+            size = _webp_size(data)
+        else:
+            for magic, fmt, reader in _HEADERS:
+                if data.startswith(magic):
+                    kind = fmt
+                    size = reader(data)
+                    break
+    except (struct.error, IndexError, KeyError):
+        size = None
+    if kind is None:
+        raise ImageDecodeError(f"{name}: not a decodable image (not a PNG, JPEG, GIF, BMP, WebP "
+                               "or TIFF header)")
+    if size is None or min(size) <= 0:
+        raise ImageDecodeError(f"{name}: not a decodable image (unreadable {kind} header: "
+                               "corrupt or truncated)")
+    return int(size[0]), int(size[1])
+
+
+def check_image_pixels(data: bytes, name: str = "<bytes>", limit: int | None = None
+                       ) -> tuple[int, int]:
+    """(width, height) of an image whose header is readable and within `limit` pixels
+    (default MAX_IMAGE_PIXELS); else an ImageDecodeError / ImageTooLargeError naming it."""
+    limit = MAX_IMAGE_PIXELS if limit is None else limit
+    w, h = image_size(data, name)
+    if w * h > limit:
+        raise ImageTooLargeError(f"{name}: {w} x {h} = {w * h:,} pixels, above the limit of "
+                                 f"{limit:,} (--max_image_pixels)")
+    return w, h
+
+
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decodes encoded image bytes to an HxWx3 RGB uint8 array at its own size."""
+    """Decodes encoded image bytes to an HxWx3 RGB uint8 array at its own size; the header is
+    checked first (`check_image_pixels`), so a decompression bomb is never decoded."""
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
         raise ImageDecodeError(f"{name}: empty file")
+    check_image_pixels(data, name)
     is_jpeg = data[:3] == b"\xff\xd8\xff"
     # JPEG has no alpha; IMREAD_COLOR applies EXIF orientation and converts CMYK/YCCK.
     flags = cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED

@@ -65,6 +65,11 @@ def _verified(path: str, size: int, sha256: str, num_examples: int) -> bool:
     return True
 
 
+def clear_verified() -> None:
+    """Forget which shards were verified: check them again (a shard damaged since)."""
+    _verified.cache_clear()
+
+
 def shard_paths(data_dir: str, manifest: dict, split: str, verify: bool = True) -> list[str]:
     if split not in manifest["splits"]:
         raise DataError(f"split {split!r} not in {data_dir}; it has "

@@ -28,6 +28,7 @@ import numpy as np
 
 from research.data import imaging
 from research.data.manifest import sha256_file
+from research.errors import UserError
 
 DOWNLOADS = {
     "cifar10": dict(
@@ -58,7 +59,7 @@ UNPAIRED_FOLDERS = {"trainA": ("train", 0), "trainB": ("train", 1),
 CIFAR_RECORD_BYTES = 1 + 32 * 32 * 3
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """The source is missing, malformed or unsafe; the message names the file."""
 
 
@@ -124,17 +125,38 @@ class FileTree:
         self._dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
     def _scan_dir(self, root: str) -> None:
+        real_root = os.path.realpath(root)
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            keep = []
+            for d in sorted(dirnames):
+                full = os.path.join(dirpath, d)
+                if not _hidden(d) and self._usable(full, real_root, "folder"):
+                    keep.append(d)
+            dirnames[:] = keep
             rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
             if rel_dir != ".":
                 self._dirs.add(rel_dir)
             for fn in sorted(filenames):
-                if _hidden(fn):
-                    continue
                 full = os.path.join(dirpath, fn)
+                if _hidden(fn) or not self._usable(full, real_root, "file"):
+                    continue
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
                 self._add_file(rel, lambda p=full: _read_file(p))
+
+    def _usable(self, path: str, real_root: str, kind: str) -> bool:
+        """False (and listed in `ignored`) for a name that is not valid UTF-8 and for a
+        symbolic link that leaves the source's tree."""
+        if not _utf8(path):
+            self.ignored.append({"file": _escaped(path),
+                                 "reason": f"{kind} name is not valid UTF-8"})
+            return False
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if os.path.commonpath([target, real_root]) != real_root:
+                self.ignored.append({"file": path, "reason": f"symbolic link to {target}, "
+                                     "outside the source's folder"})
+                return False
+        return True
 
     def _scan_tar(self, path: str) -> None:
         try:
@@ -142,6 +164,10 @@ class FileTree:
                 for member in tar:
                     name = _safe_member_name(path, member.name)
                     if name is None or any(_hidden(p) for p in name.split("/")):
+                        continue
+                    if not _utf8(name):
+                        self.ignored.append({"file": _escaped(f"{path}:{member.name}"),
+                                             "reason": "member name is not valid UTF-8"})
                         continue
                     if member.isdir():
                         self._dirs.add(name)
@@ -206,6 +232,20 @@ class FileTree:
 
 def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
+
+
+def _utf8(name: str) -> bool:
+    """os.walk and tarfile hand over undecodable bytes as lone surrogates."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _escaped(name: str) -> str:
+    """A name that is not UTF-8, printable: its bad bytes as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _read_file(path: str) -> bytes:

@@ -307,7 +307,9 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
                          "the empty class folders or pick another class")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    files.remove_leftovers(parent or ".", f".{os.path.basename(out_dir)}.tmp-")  # killed runs
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{files.temp_tag()}",
+                           dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename into place
     try:
         manifest = {

@@ -97,18 +97,24 @@ def score_model(cfg: TrainConfig, model: keras.Model, manifest: dict, strategy, 
 def evaluate_and_save(cfg: TrainConfig, split: str, checkpoint: str = "best",
                       output: str | None = None, figures_dir: str | None = None,
                       figures: bool = True, progress: bool = True,
-                      verified: bool = False) -> tuple[dict, dict]:
+                      verified: bool = False, tb_dir: str | None = "") -> tuple[dict, dict]:
     """Scores the run (evaluate_run), writes its figures (ROC/PR, confusion matrix, worst
     mistakes) and the report to `output` (default <run>/eval_<split>.json, figures in
-    figures_<split>/ beside it); returns (report, raw arrays)."""
+    figures_<split>/ beside it); returns (report, raw arrays). A test split's metrics go to
+    TensorBoard under `tb_dir` ("": the run's own log folder when it exists; None: nowhere),
+    and report["tensorboard"] says where."""
     output = output or runs.eval_report_path(cfg.run_dir, split)
     report, raw = evaluate_run(cfg, split, checkpoint, progress=progress, verified=verified)
     if figures:
         report["figures"] = reporting.write_figures(
             cfg, report, raw, figures_dir or runs.eval_figures_dir(output, split))
     runs.write_eval_report(output, report)
-    if split == "test" and tf.io.gfile.isdir(cfg.tb_dir):  # the run's HParams row
-        writer = tf.summary.create_file_writer(os.path.join(cfg.tb_dir, "test"))
+    if tb_dir == "":
+        tb_dir = cfg.tb_dir if tf.io.gfile.isdir(cfg.tb_dir) else None
+    report["tensorboard"] = None
+    if split == "test" and tb_dir:  # the run's HParams row
+        report["tensorboard"] = os.path.join(tb_dir, "test")
+        writer = tf.summary.create_file_writer(report["tensorboard"])
         record.log_hparam_metrics(writer, "test", report, report.get("step") or 0)
         writer.flush()
     return report, raw

@@ -13,10 +13,9 @@ import numpy as np
 from research import detector, devices, machine, runs
 from research.errors import UserError
 from research.explain.core import Explainer
+from research.explain.options import PRECISIONS
 from research.models.backbones import keras_models_dir
 
-# float16 is left out: unscaled score gradients underflow in it.
-PRECISIONS = tuple(p for p in machine.PRECISIONS if p != "mixed_float16")
 
 # name -> (constructor, preprocess module, input size)
 APPLICATIONS = {

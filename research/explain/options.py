@@ -1,74 +1,74 @@
 """How the explain app and the lab explain: the knobs of the methods and of the pictures, one
 field each (the explain app's flags are derived from them). Each default is the library
-function's own, read from its signature, so it lives in one place."""
+function's own, read from its signature in the source text (source_values: no TensorFlow), so
+it lives in one place."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
-from research.explain import activations, attribution, core, dream, render
+from research import machine
+from research.explain.source_values import constant
+from research.explain.source_values import default as _arg
 from research.fields import first_error, setting
 
-
-def _arg(fn, name: str):
-    """The default of parameter `name` of `fn`."""
-    return inspect.signature(fn).parameters[name].default
+# float16 is left out: unscaled score gradients underflow in it.
+PRECISIONS = tuple(p for p in machine.PRECISIONS if p != "mixed_float16")
 
 
 @dataclasses.dataclass
 class ExplainOptions:
-    smoothgrad_samples: int = setting(_arg(core.smoothgrad, "n"), "SmoothGrad: noisy samples.",
+    smoothgrad_samples: int = setting(_arg("core.smoothgrad", "n"), "SmoothGrad: noisy samples.",
                                       ge=1)
-    smoothgrad_noise: float = setting(_arg(core.smoothgrad, "noise"), "SmoothGrad: noise std "
+    smoothgrad_noise: float = setting(_arg("core.smoothgrad", "noise"), "SmoothGrad: noise std "
                                       "as a fraction of the image's value range.", ge=0)
-    scorecam_channels: int = setting(_arg(core.score_cam, "max_channels"), "Score-CAM: "
+    scorecam_channels: int = setting(_arg("core.score_cam", "max_channels"), "Score-CAM: "
                                      "channels used (highest mean first).", ge=1)
-    scorecam_batch: int = setting(_arg(core.score_cam, "batch_size"), "Score-CAM: masked "
+    scorecam_batch: int = setting(_arg("core.score_cam", "batch_size"), "Score-CAM: masked "
                                   "images per forward pass (bounds the memory).", ge=1)
-    occlusion_patch: float = setting(_arg(attribution.occlusion, "patch"), "Occlusion: side "
+    occlusion_patch: float = setting(_arg("attribution.occlusion", "patch"), "Occlusion: side "
                                      "of the square, as a fraction of the input's shorter "
                                      "side.", gt=0, le=1)
-    occlusion_stride: float = setting(_arg(attribution.occlusion, "stride"), "Occlusion: step "
+    occlusion_stride: float = setting(_arg("attribution.occlusion", "stride"), "Occlusion: step "
                                       "between squares, same unit.", gt=0, le=1)
-    occlusion_fill: str = setting(_arg(attribution.occlusion, "fill"), "Occlusion: what hides "
+    occlusion_fill: str = setting(_arg("attribution.occlusion", "fill"), "Occlusion: what hides "
                                   "a patch (mean: the image's mean colour; black: zeros).",
-                                  choices=attribution.FILLS)
-    ig_baseline: str = setting(_arg(attribution.integrated_gradients, "baseline"), "Integrated "
+                                  choices=constant("attribution", "FILLS"))
+    ig_baseline: str = setting(_arg("attribution.integrated_gradients", "baseline"), "Integrated "
                                "gradients: the baseline image (black: zeros; mean: the "
                                "image's mean colour; uniform: seeded noise).",
-                               choices=attribution.BASELINES)
-    ig_steps: int = setting(_arg(attribution.integrated_gradients, "steps"), "Integrated "
+                               choices=constant("attribution", "BASELINES"))
+    ig_steps: int = setting(_arg("attribution.integrated_gradients", "steps"), "Integrated "
                             "gradients: trapezoid steps along the path (steps + 1 gradients).",
                             ge=1)
-    lime_samples: int = setting(_arg(attribution.lime, "samples"), "LIME: masked copies per "
+    lime_samples: int = setting(_arg("attribution.lime", "samples"), "LIME: masked copies per "
                                 "image.", ge=2)
-    lime_segments: int = setting(_arg(attribution.lime, "segments"), "LIME: superpixels "
+    lime_segments: int = setting(_arg("attribution.lime", "segments"), "LIME: superpixels "
                                  "(about).", ge=2)
-    lime_segmentation: str = setting(_arg(attribution.lime, "segmentation"), "LIME: slic "
+    lime_segmentation: str = setting(_arg("attribution.lime", "segmentation"), "LIME: slic "
                                      "(k-means on colour and position) or grid.",
-                                     choices=attribution.SEGMENTATIONS)
-    lime_kernel_width: float = setting(_arg(attribution.lime, "kernel_width"), "LIME: width "
+                                     choices=constant("attribution", "SEGMENTATIONS"))
+    lime_kernel_width: float = setting(_arg("attribution.lime", "kernel_width"), "LIME: width "
                                        "of the kernel on the cosine distance.", gt=0)
     lime_top: int = setting(3, "LIME: superpixels kept in lime_top_<file>.png.", ge=1)
-    forward_batch: int = setting(_arg(attribution.occlusion, "batch_size"), "Occlusion, LIME, "
+    forward_batch: int = setting(_arg("attribution.occlusion", "batch_size"), "Occlusion, LIME, "
                                  "integrated gradients: images per forward pass (bounds the "
                                  "memory).", ge=1)
-    alpha: float = setting(_arg(render.save_explanation, "alpha"), "Overlay opacity of the "
+    alpha: float = setting(_arg("render.save_explanation", "alpha"), "Overlay opacity of the "
                            "heatmap.", ge=0, le=1)
     num_filters: int = setting(16, "Filters per layer for --visualize=filters.", ge=1)
-    filter_steps: int = setting(_arg(activations.visualize_filter, "steps"), "Gradient-ascent "
+    filter_steps: int = setting(_arg("activations.visualize_filter", "steps"), "Gradient-ascent "
                                 "steps per filter.", ge=1)
-    filter_step_size: float = setting(_arg(activations.visualize_filter, "step_size"), "RMS "
+    filter_step_size: float = setting(_arg("activations.visualize_filter", "step_size"), "RMS "
                                       "pixel change (0..255) per ascent step.", gt=0)
-    max_channels: int = setting(_arg(activations.activation_grid, "max_channels"), "Channels "
+    max_channels: int = setting(_arg("activations.activation_grid", "max_channels"), "Channels "
                                 "drawn per layer for --visualize=activations.", ge=1)
-    dream_octaves: int = setting(_arg(dream.dream, "octaves"), "DeepDream: octaves.", ge=1)
-    dream_octave_scale: float = setting(_arg(dream.dream, "octave_scale"), "DeepDream: size "
+    dream_octaves: int = setting(_arg("dream.dream", "octaves"), "DeepDream: octaves.", ge=1)
+    dream_octave_scale: float = setting(_arg("dream.dream", "octave_scale"), "DeepDream: size "
                                         "ratio between octaves.", ge=1)
-    dream_steps: int = setting(_arg(dream.dream, "steps"), "DeepDream: gradient-ascent steps "
+    dream_steps: int = setting(_arg("dream.dream", "steps"), "DeepDream: gradient-ascent steps "
                                "per octave.", ge=1)
-    dream_step_size: float = setting(_arg(dream.dream, "step_size"), "DeepDream: mean "
+    dream_step_size: float = setting(_arg("dream.dream", "step_size"), "DeepDream: mean "
                                      "absolute pixel change (0..255) per step.", gt=0)
     batch_size: int = setting(16, "Images explained per batch.", ge=1)
     seed: int = setting(0, "Seed for SmoothGrad noise, LIME masks, the uniform baseline, "

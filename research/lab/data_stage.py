@@ -71,6 +71,11 @@ def stage_data(lab: Lab) -> StageRecord:
     problem = data_mismatch(lab)
     if problem:
         raise LabError(f"data: {problem}")
+    if not reused and os.path.isdir(s.data_dir) and os.listdir(s.data_dir):
+        # TFRecords are written whole (renamed into place), so this is no lab's half.
+        raise LabError(f"--workdir: {s.data_dir} holds files but no TFRecords manifest (not "
+                       "written by the lab); nothing was deleted: move them away, or choose "
+                       "another --workdir")
     if not reused:
         data = sources.load_source(lab.source, download_dir=s.download_dir)
         cfg = tfrecords.WriteConfig(out_dir=s.data_dir, shards=dict(want["shards"]))

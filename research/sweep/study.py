@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging as pylogging
 import os
-import re
 import warnings
 
 import optuna
@@ -101,9 +100,9 @@ class SweepConfig:
 def check_name(study: str | None) -> None:
     if not study:
         raise SweepError("--study: give the study's name")
-    if not re.match(r"^[A-Za-z0-9._-]+$", study) or set(study) == {"."}:
-        raise SweepError(f"--study: {study!r} is not a portable file name: use letters, "
-                         "digits and . _ - only")
+    problem = runs.name_error(study)  # the run-name rule: trials are runs <study>_t<NNN>
+    if problem:
+        raise SweepError(f"--study: {problem}")
 
 
 def make_storage(cfg: SweepConfig, checkpoint_dir: str) -> optuna.storages.RDBStorage:

@@ -226,8 +226,9 @@ class TrainConfig:
         def bad(flag, msg):
             raise ConfigError(f"--{flag}: {msg}")
 
-        if not self.run_name or "/" in self.run_name:
-            bad("run_name", f"must be a plain name, got {self.run_name!r}")
+        problem = runs.name_error(self.run_name)
+        if problem:
+            bad("run_name", problem)
         if not has_manifest(self.data_dir):
             bad("data_dir", f"{self.data_dir!r} has no manifest.json; build it with "
                 "`python -m research.apps.make_tfrecords`")

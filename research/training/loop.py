@@ -18,6 +18,7 @@ from research import devices, machine, runs
 from research.data import pipeline
 from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
 from research.training.actions import LoopContext, best_metric, standard_actions, val_report
+from research.errors import UserError
 from research.training.config import ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
 from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
@@ -91,7 +92,35 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
                           f"use {sizes}")
     worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
     with RunLock(worker_cfg.run_dir, reentrant=True):
-        return _train(worker_cfg, cfg, flagfile, strategy, actions, hparams or {})
+        try:
+            return _train(worker_cfg, cfg, flagfile, strategy, actions, hparams or {})
+        except tf.errors.DataLossError as e:  # a shard damaged while training read it
+            raise damaged_shard_error(cfg, e) from None
+
+
+def damaged_shard_error(cfg: TrainConfig, e: Exception) -> pipeline.DataError:
+    """The one line for a shard that stopped reading during training: the shard (found by
+    checking every shard against the manifest again) and the checkpoint training resumes
+    from once the data is rebuilt."""
+    pipeline.clear_verified()
+    try:
+        latest = checkpoints.latest_good_checkpoint(cfg.run_dir, move_aside=False)
+    except UserError:  # none readable: said when the run is started again
+        latest = None
+    kept = (f"the last good checkpoint {latest} is kept" if latest else "no checkpoint "
+            "had been written yet")
+    then = ("rebuild the data (python -m research.apps.make_tfrecords ... --overwrite), then "
+            "run the same command again")
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    for split in manifest["splits"]:
+        try:
+            pipeline.shard_paths(cfg.data_dir, manifest, split)
+        except pipeline.DataError as bad:
+            return pipeline.DataError(f"--data_dir: {bad} (damaged during training); {kept}; "
+                                      f"{then}")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return pipeline.DataError(f"--data_dir: a shard of {cfg.data_dir} could not be read during "
+                              f"training ({first}); {kept}; {then}")
 
 
 def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,

@@ -52,10 +52,14 @@ class RunLock:
     run. A live holder makes the next process refuse at once, naming it; the lock of a dead
     process on this host is taken over with a warning. Remote paths (gs://) are not locked."""
 
-    def __init__(self, run_dir: str, reentrant: bool = False):
+    def __init__(self, run_dir: str, reentrant: bool = False, subject: str | None = None):
         self.path = os.path.normpath(run_dir) + ".lock"
         self.held = False
         self.reentrant = reentrant  # this process may already hold it (the train app does)
+        # What the refusal names first: the flag and what the holder does (the lab locks its
+        # --workdir with this class too).
+        self.subject = subject or (f"--run_name: {os.path.dirname(self.path) or '.'}/"
+                                   f"{os.path.basename(self.path)[:-5]} is being trained")
 
     def _info(self) -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(), "started": now(),
@@ -96,8 +100,7 @@ class RunLock:
                 if not (here and isinstance(pid, int) and pid != os.getpid()
                         and not _alive(pid, holder.get("process_start"))):
                     raise RunLockedError(
-                        f"--run_name: {os.path.dirname(self.path) or '.'}/"
-                        f"{os.path.basename(self.path)[:-5]} is being trained by pid "
+                        f"{self.subject} by pid "
                         f"{holder.get('pid', '?')} on {holder.get('host', '?')} since "
                         f"{holder.get('started', '?')} (lock {self.path}; delete it only if "
                         "that process is gone)") from None
