@@ -40,7 +40,10 @@ def fake_run(syn, tmp_path_factory):
     (run / "export").mkdir(parents=True)
     cfg = TrainConfig(data_dir=syn, run_name="r", checkpoint_dir=str(root / "ck"))
     (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    (run / "export" / "model.keras").write_bytes(b"")
+    import zipfile
+
+    with zipfile.ZipFile(run / "export" / "model.keras", "w") as z:  # whole, if not a model
+        z.writestr("config.json", "{}")
     (run / "export" / "metadata.json").write_text(json.dumps({
         "objective": "multiclass", "positive_class": "cat", "positive_class_id": 3,
         "class_names": ["a"] * 10, "image_shape": [32, 32, 3], "scale": "unit",
