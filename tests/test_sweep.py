@@ -2,6 +2,7 @@
 an evaluation, SIGTERM and SIGKILL of a trial resumed from its run's checkpoint, and two
 workers on one study (SQLite, and a real PostgreSQL server the test starts itself)."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -310,3 +311,21 @@ def test_two_workers_on_postgresql_one_killed_and_relaunched(syn, tmp_path, post
     assert len(retried) == 1, [(t.number, t.system_attrs) for t in done]
     run = retried[0].user_attrs["run"]
     assert any("Resumed" in o and run in o for o in outs), outs[-1][-3000:]
+
+
+def test_the_baseline_trial_is_the_fixed_flags_own_values(syn, tmp_path):
+    space = write(tmp_path / "s.space", "--learning_rate=uniform(0.01, 0.1)\n"
+                  "--dropout=choice(0.0, 0.25)\n")
+    fixed = helpers.tiny_config(syn, tmp_path, learning_rate=0.03)
+    params = spaces.load_space(space, fixed)
+    cfg = SweepConfig(study="b", space=space, baseline_trial=True)
+    study = sweeps.open_study(cfg, sweeps.make_storage(cfg, str(tmp_path / "ck")), params,
+                              "", fixed)
+    (waiting,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert waiting.system_attrs["fixed_params"] == {"learning_rate": 0.03, "dropout": 0.0}
+    assert waiting.user_attrs == {"baseline": True}
+    outside = dataclasses.replace(fixed, learning_rate=0.5)
+    cfg = SweepConfig(study="c", space=space, baseline_trial=True)
+    with pytest.raises(sweeps.SweepError, match="--learning_rate=0.5 is outside the space"):
+        sweeps.open_study(cfg, sweeps.make_storage(cfg, str(tmp_path / "ck")), params, "",
+                          outside)

@@ -102,7 +102,7 @@ def main(argv):
         fixed, fixed_flags = fixed_part()
         params = spaces.load_space(cfg.space, fixed)
         storage = sweeps.make_storage(cfg, fixed.checkpoint_dir)
-        study = sweeps.open_study(cfg, storage, params, fixed_flags)
+        study = sweeps.open_study(cfg, storage, params, fixed_flags, fixed)
     except UserError as e:
         config_flags.fail(e)
     config_flags.setup_devices(fixed.strategy, fixed.cpu_replicas)

@@ -63,8 +63,9 @@ def write_report(study: optuna.Study, checkpoint_dir: str, test_top: int = 0,
     if best:
         names = sorted({k for t in best for k in t.params})
         doc.table(["trial", "run", "val", *[f"--{n}" for n in names]],
-                  [[t.number, t.user_attrs.get(RUN_ATTR, ""), num(t.value),
-                    *[t.params.get(n, "") for n in names]] for t in best])
+                  [[t.number, t.user_attrs.get(RUN_ATTR, "")
+                    + (" (baseline: the fixed flags)" if t.user_attrs.get("baseline") else ""),
+                    num(t.value), *[t.params.get(n, "") for n in names]] for t in best])
     else:
         doc.para("No trial has completed yet.")
     pruned = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))

@@ -82,6 +82,9 @@ class SweepConfig:
     heartbeat_seconds: int = setting(60, "A running trial's heartbeat; one stale for twice "
                                      "this is failed and retried.", ge=1)
     max_retries: int = setting(3, "Retries of a preempted or killed trial.", ge=0)
+    baseline_trial: bool = setting(False, "A new study's first trial takes the fixed flags' "
+                                   "own values of the swept flags (the recipe as shipped), "
+                                   "so the report compares the sweep with it.")
 
     def resolved_direction(self) -> str:
         own = METRICS[self.metric]
@@ -146,9 +149,9 @@ def make_pruner(cfg: SweepConfig):
 
 
 def open_study(cfg: SweepConfig, storage, params: tuple[spaces.Param, ...],
-               fixed_flags: str) -> optuna.Study:
+               fixed_flags: str, fixed: TrainConfig | None = None) -> optuna.Study:
     """The study, created or loaded; one whose space, direction or fixed part changed since
-    it was created is refused in one line."""
+    it was created is refused in one line. `fixed`: the fixed config (for a baseline trial)."""
     direction = cfg.resolved_direction()
     _quiet_optuna()
     names = {s.study_name: s for s in optuna.study.get_all_study_summaries(storage)}
@@ -171,7 +174,35 @@ def open_study(cfg: SweepConfig, storage, params: tuple[spaces.Param, ...],
         study.set_user_attr("space", fingerprint)
         study.set_user_attr("fixed", fixed_flags)
         study.set_user_attr("metric", cfg.metric)
+        if cfg.baseline_trial and fixed is not None:
+            enqueue_baseline(study, params, fixed)
     return study
+
+
+def fixed_values(params: tuple[spaces.Param, ...], fixed: TrainConfig) -> dict:
+    """The fixed config's own values of the swept flags (its model's defaults included)."""
+    from research.model_options import options_class
+
+    cls = options_class(fixed.model, fixed.uses_backbone)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}
+    return {p.name: (fixed.model_options.get(p.name, defaults.get(p.name)) if p.option
+                     else getattr(fixed, p.name)) for p in params}
+
+
+def enqueue_baseline(study: optuna.Study, params, fixed: TrainConfig) -> None:
+    values = fixed_values(params, fixed)
+    outside = [f"--{p.name}={values[p.name]}" for p in params
+               if not _inside(p, values[p.name])]
+    if outside:
+        raise SweepError(f"--baseline_trial: the fixed value of {', '.join(outside)} is "
+                         "outside the space; widen the space or drop --baseline_trial")
+    study.enqueue_trial(values, user_attrs={"baseline": True})
+
+
+def _inside(p: spaces.Param, value) -> bool:
+    if p.kind == "choice":
+        return value in p.args
+    return value is not None and p.args[0] <= value <= p.args[1]
 
 
 def load_study(cfg: SweepConfig, checkpoint_dir: str) -> optuna.Study:
