@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zlib
 
 import cv2
@@ -463,3 +464,58 @@ def test_every_flag_a_lab_message_names_exists():
                         named.setdefault(flag, os.path.basename(path))
     assert "workdir" in named and "overwrite" not in named
     assert {f: where for f, where in named.items() if f not in defined} == {}
+
+
+def _train_until_then_damage(cmd, shards, after: str, timeout=600):
+    """Runs `cmd`; once it logs `after`, flips bytes in every shard of `shards`. Returns
+    (status, stderr lines that are not log lines, all output)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if after in line:
+            for shard in shards():
+                with open(shard, "r+b") as f:
+                    f.seek(100)
+                    f.write(b"\xff" * 64)
+            break
+    lines += proc.communicate(timeout=timeout)[0].splitlines(keepends=True)
+    said = [x.rstrip("\n") for x in lines if x.strip() and not LOG_LINE.match(x)
+            and not x.startswith(("[lab]", "source: "))]  # the lab's own lines on stdout
+    return proc.returncode, said, "".join(lines)
+
+
+@pytest.mark.slow  # a training through the app, then through the lab
+def test_a_shard_damaged_while_training_is_one_line_through_the_app_and_the_lab(syn, tmp_path):
+    import glob
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(syn, data)
+    cmd = [sys.executable, "-m", "research.apps.train", f"--data_dir={data}", "--run_name=r",
+           f"--checkpoint_dir={tmp_path}/ck", f"--log_dir={tmp_path}/logs", "--epochs=60",
+           "--batch_size=32", "--widths=8,16", "--res_blocks=1,0", "--stem_width=8",
+           "--steps_per_loop=5", "--checkpoint_every_steps=5", "--eval_every_steps=1000",
+           "--gradcam_images=0", "--progress=false", "--precision=float32"]
+    code, said, out = _train_until_then_damage(
+        cmd, lambda: glob.glob(str(data / "train-*")), "train | step     10")
+    assert code == 1, out[-3000:]
+    assert len(said) == 1 and said[0].startswith("error: --data_dir: ") and (
+        "(damaged during training); the last good checkpoint" in said[0]), out[-3000:]
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    helpers.make_cifar10_python(str(archive), per_batch=40)
+    work = tmp_path / "lab"
+    cmd = [sys.executable, "-m", "research.apps.lab", f"--workdir={work}", f"--source={archive}",
+           "--stages=data,scratch", "--train_steps=2000", "--batch_size=16",
+           "--eval_every_steps=1000", "--widths=8,16,16", "--precision=float32",
+           "--gradcam_images=0"]
+    code, said, out = _train_until_then_damage(
+        cmd, lambda: glob.glob(str(work / "data" / "cifar10" / "train-*")), "train | step ")
+    assert code == 1, out[-3000:]
+    assert len(said) == 1 and said[0].startswith("error: --data_dir: ") and (
+        "(damaged during training)" in said[0]), out[-3000:]
