@@ -3,7 +3,7 @@ memory fits in half the free memory of the device it runs on (at most AUTO_CAP),
 replicas. A scoring pass keeps a layer's input and output alive at once, so a batch needs
 about the largest (input + output) over the layers, per image, times the batch; HEADROOM
 doubles that for the convolutions' workspaces and the allocator's rounding. VGG16 at 224 px in
-float16 needs 12.8 MB an image for block1_conv2 (25.7 MB with the headroom): 290 images an
+float16 needs 12.8 MB an image for block1_conv2 (25.7 MB with the headroom): 313 images an
 eval batch on a 16 GB card with 15 GB free, where the old global 1,000 needed 13-15 GB.
 """
 
