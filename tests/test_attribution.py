@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from research import detector
-from research.explain import attribution, core, loading, methods, render
+from research.explain import attribution, cams, core, loading, methods, render
 from research.models import build_model
 from test_explain import fake_run, images
 
@@ -107,7 +107,7 @@ def test_cam_equals_grad_cam_up_to_scale_and_names_a_wrong_head():
     ex = core.Explainer(model)
     x = images(3, 8, 8, 3, seed=2)
     cam = attribution.cam(ex, x, [0, 1, 2])
-    grad = core.grad_cam(ex, x, [0, 1, 2], layer="conv")
+    grad = cams.grad_cam(ex, x, [0, 1, 2], layer="conv")
     np.testing.assert_allclose(cam.low_res, grad.low_res, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cam.maps, grad.maps, rtol=1e-5, atol=1e-6)
     assert cam.layer == "gap (its input)" and cam.maps.max() == pytest.approx(1.0)

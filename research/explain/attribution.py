@@ -17,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from research.errors import UserError
+from research.explain.cams import grad_cam
 from research.explain.core import (Explainer, Explanation, capture, class_scores, finish,
-                                   grad_cam, iter_layers, normalize_maps, prepare, upsample)
+                                   iter_layers, normalize_maps, prepare, upsample)
 
 BASELINES = ("black", "mean", "uniform")
 FILLS = ("mean", "black")  # what occlusion hides a patch with
