@@ -30,7 +30,7 @@ from research import runs
 from research.apps import config_flags
 from research.data import imaging
 from research.errors import UserError
-from research.explain import attribution, core, loading, methods, outputs
+from research.explain import attribution, core, loading, methods, outputs, sanity
 from research.explain.options import ExplainOptions
 
 VISUALIZATIONS = ("activations", "filters", "dream")
@@ -67,6 +67,9 @@ flags.DEFINE_list("visualize", [], "Any of " + ", ".join(VISUALIZATIONS) + ", fo
 flags.DEFINE_list("layers", [], "Layers for --visualize (default: the CAM layer, i.e. the "
                   "last spatial feature map).")
 flags.DEFINE_bool("faithfulness", False, "Also compute deletion/insertion AUCs per method.")
+flags.DEFINE_list("sanity", [], "Sanity checks of each --method (Adebayo et al. 2018): "
+                  + ", ".join(sanity.CHECKS) + " -> sanity.json, sanity_maps.png, "
+                  "sanity_curves.png (docs/explain.md).")
 flags.DEFINE_string("out_dir", "explain", "Output folder.")
 config_flags.define_flags(ExplainOptions)
 
@@ -86,6 +89,7 @@ def check_flags() -> None:
         raise UserError("--compare_classes needs at least two class names")
     if FLAGS.num_examples and not FLAGS.data_dir:
         raise UserError("--num_examples needs --data_dir")
+    sanity.check_request(FLAGS.sanity, [m for m in FLAGS.method if m != "all"], None)
 
 
 def load():
@@ -173,6 +177,19 @@ def visualize(ex, items, layers, options, model_desc: str) -> None:
                   f"{d.start_activation:.3f} -> {d.final_activation:.3f})")
 
 
+def run_sanity(ex, batch, names, class_index, options, model_desc: str) -> None:
+    results = outputs.sanity_checks(ex, batch, names, FLAGS.sanity, options, class_index,
+                                    FLAGS.layer)
+    print(f"  sanity: {outputs.save_sanity(results, FLAGS.out_dir)}")
+    for dest in outputs.sanity_figures(results, batch[0], FLAGS.out_dir,
+                                       f"{model_desc}: sanity checks", alpha=options.alpha):
+        print(f"  sanity: {dest}")
+    print(f"{'method':<18}{'check':<21}{'spearman':>9}{'ssim':>8}  verdict "
+          f"(pass: spearman < {sanity.PASS_BELOW} once random)")
+    for m, c, sp, ss, v in outputs.sanity_rows(results):
+        print(f"{m:<18}{c:<21}{sp:>9}{ss:>8}  {v}")
+
+
 def main(argv):
     del argv
     try:
@@ -197,6 +214,7 @@ def main(argv):
             items += outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
                                            FLAGS.example_filter)
         names = chosen_methods(ex)
+        sanity.check_request(FLAGS.sanity, [], int(ex.model.output.shape[-1]))
     except (UserError, core.LayerNotFoundError) as e:
         config_flags.fail(e)
     if not items and not errors and FLAGS.visualize == ["filters"] and not compare:
@@ -222,6 +240,8 @@ def main(argv):
         dest = outputs.save_class_comparison(ex, items, names[0], compare, options,
                                              FLAGS.out_dir, FLAGS.layer, model_desc)
         print(f"  compare classes ({names[0]}): {dest}")
+    if FLAGS.sanity:
+        run_sanity(ex, batch, names, class_index, options, model_desc)
     visualize(ex, items, layers, options, model_desc)
     if errors:
         sys.exit(f"error: {len(errors)} image(s) could not be read; the others were explained")

@@ -16,7 +16,8 @@ from research.data import pipeline
 from research.data.imaging import (DEFAULT_RESIZE_POLICY, ImageDecodeError, crop_window,
                                    decode_image, encode_image, resize_image)
 from research.errors import UserError
-from research.explain import activations, core, dream, faithfulness, loading, methods, render
+from research.explain import (activations, core, dream, faithfulness, loading, methods, render,
+                              sanity)
 from research.explain.options import ExplainOptions
 
 EXAMPLE_FILTERS = {"all": (0, 1), "positive": (1,), "negative": (0,)}
@@ -219,3 +220,97 @@ def save_dreams(ex: core.Explainer, items: list[Item], layers: list[str], out_di
         files.write_bytes(dest, encode_image(d.image, dest), "a dream")
         out.append((dest, d))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sanity checks (research.explain.sanity).
+
+def sanity_checks(ex: core.Explainer, batch: np.ndarray, names: list[str], checks,
+                  options: ExplainOptions, class_index=None, layer: str | None = None
+                  ) -> dict:
+    """{method: {check: result}} of `checks` (sanity.CHECKS) for each method on `batch`, the
+    class fixed to each image's explained one (its top class unless `class_index`)."""
+    classes = np.asarray(ex.class_indices(len(batch), class_index))
+    if np.any(classes < 0):
+        classes = np.argmax(logits_of(ex, batch, options.batch_size), -1)
+    out = {}
+    for method in names:
+        def explain(ex_, images, cls, _m=method):
+            return explain_batched(ex_, _m, images, np.asarray(cls), options, layer).maps
+
+        res = {}
+        if "model_randomization" in checks:
+            res["model_randomization"] = sanity.model_randomization(ex, explain, batch,
+                                                                    classes, options.seed)
+        if "random_logit" in checks and method not in sanity.CLASS_AGNOSTIC:
+            res["random_logit"] = sanity.random_logit(
+                ex, explain, batch, classes, int(ex.model.output.shape[-1]), options.seed)
+        out[method] = res
+    return out
+
+
+def sanity_json(results: dict) -> dict:
+    return {m: {c: sanity.without_maps(r) for c, r in per.items()} for m, per in
+            results.items()}
+
+
+def sanity_figures(results: dict, image: np.ndarray, out_dir: str, title: str,
+                   max_columns: int = 8, alpha: float = 0.4) -> list[str]:
+    """sanity_maps.png (per method: the original map of the first image, then the map after
+    each cascading step, at most `max_columns` steps evenly spaced) and sanity_curves.png
+    (Spearman and SSIM against the layers randomised, cascading solid, independent dashed)."""
+    from matplotlib.figure import Figure
+
+    from research.explain.render import HEATMAP_CMAP, overlay_heatmap
+
+    runs = {m: r["model_randomization"] for m, r in results.items()
+            if "model_randomization" in r}
+    paths = []
+    if runs:
+        first = next(iter(runs.values()))
+        n = len(first["layers"])
+        steps = sorted(set(np.linspace(0, n - 1, min(n, max_columns)).round().astype(int)))
+        fig, axes = plots.grid_figure(len(runs), 1 + len(steps), cell=1.5, title_lines=2,
+                                      suptitle_lines=2, colorbar=True)
+        big = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        for i, (m, r) in enumerate(runs.items()):
+            cells = [("original", r["maps"]["original"][0])] + [
+                (f"top {s + 1} random\n{r['layers'][s].split('/')[-1][:16]}",
+                 r["maps"]["cascading"][s][0]) for s in steps]
+            for j, (name, heat) in enumerate(cells):
+                axes[i, j].imshow(overlay_heatmap(big, heat, alpha)[1])
+                axes[i, j].set_title(f"{m}: {name}" if j == 0 else name, fontsize=7)
+        fig.suptitle(f"{title}\ncascading model randomisation, from the logits down", fontsize=9)
+        plots.add_colorbar(fig, axes, HEATMAP_CMAP)
+        paths.append(plots.save_figure(fig, os.path.join(out_dir, "sanity_maps.png")))
+        fig = Figure(figsize=(11, 4))
+        axes = fig.subplots(1, 2)
+        for ax, key in zip(axes, ("spearman", "ssim")):
+            for m, r in runs.items():
+                x = np.arange(1, len(r["layers"]) + 1)
+                line, = ax.plot(x, [c[key] for c in r["cascading"]], marker=".", label=m)
+                ax.plot(x, [c[key] for c in r["independent"]], ls="--", color=line.get_color())
+            ax.axhline(sanity.PASS_BELOW if key == "spearman" else 0, color="grey", lw=0.5)
+            ax.set(xlabel="layers from the top (cascading: 1..j random; dashed: j alone)",
+                   ylabel=key, title=f"{key} with the original map", ylim=(-1.05, 1.05))
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        paths.append(plots.save_figure(fig, os.path.join(out_dir, "sanity_curves.png")))
+    return paths
+
+
+def save_sanity(results: dict, out_dir: str) -> str:
+    return files.write_json(os.path.join(out_dir, "sanity.json"), sanity_json(results),
+                            "the sanity checks")
+
+
+def sanity_rows(results: dict) -> list[list[str]]:
+    """[method, check, spearman, ssim, verdict]: the cascade's end for model randomisation."""
+    rows = []
+    for m, per in results.items():
+        for c, r in per.items():
+            last = r["cascading"][-1] if c == "model_randomization" else r
+            rows.append([m, c, f"{last['spearman']:.3f}", f"{last['ssim']:.3f}", r["verdict"]])
+    return rows
