@@ -215,7 +215,8 @@ def test_explain_all_methods_on_a_run(tmp_path):
     res = subprocess.run(base + [f"--images={photos[0]},{photos[1]}", "--method=all",
                                  "--ig_steps=4", "--lime_samples=16", "--lime_segments=4",
                                  "--occlusion_stride=0.25", "--smoothgrad_samples=2",
-                                 "--scorecam_channels=4", f"--out_dir={out}"],
+                                 "--scorecam_channels=4", "--rise_masks=16",
+                                 f"--out_dir={out}"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "cam skipped" in res.stdout and "Concatenate" in res.stdout
@@ -235,3 +236,20 @@ def test_explain_all_methods_on_a_run(tmp_path):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert list((tmp_path / "filters").glob("filters_*.png"))
+
+
+def test_rise_is_the_papers_weighted_mask_sum_and_finds_the_evidence():
+    """Eq. 6: S = sum_i P(class | x * M_i) M_i / (N p), with the same seeded masks; a model
+    that reads only the top-left quadrant gets its map there."""
+    from test_faithfulness import linear_model
+    ex, _ = linear_model()
+    x = np.random.default_rng(2).uniform(50, 255, (2, 8, 8, 3)).astype(np.float32)
+    res = attribution.rise(ex, x, 0, masks=96, grid=4, keep=0.5, seed=3, batch_size=40)
+    m = attribution.rise_masks(96, 8, 8, 4, 0.5, np.random.default_rng(3))
+    for i in range(2):
+        p = ex.probabilities(np.asarray(ex.logits(x[i][None] * m[..., None])))[:, 0]
+        want = np.einsum("m,mhw->hw", p, m) / (96 * 0.5)
+        want = (want - want.min()) / (want - want.min()).max()
+        np.testing.assert_allclose(res.maps[i], want, atol=1e-5)
+        assert res.maps[i, :4, :4].mean() > res.maps[i, 4:, 4:].mean() + 0.2
+    assert res.params["forward_passes"] == 96 and m.min() >= 0 and m.max() <= 1

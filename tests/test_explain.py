@@ -399,13 +399,16 @@ def test_explain_cli_on_a_run_compare_classes_and_dream(tmp_path):
            f"--checkpoint_dir={tmp_path / 'ck'}", f"--images={photo}", "--precision=float32",
            "--method=gradcam,saliency_positive", "--compare_classes=cat,dog",
            "--visualize=dream", "--dream_steps=3", "--sanity=model_randomization,random_logit",
-           f"--out_dir={out}"]
+           "--faithfulness", f"--out_dir={out}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     sane = json.loads((out / "sanity.json").read_text())
     assert set(sane) == {"gradcam", "saliency_positive"} and "verdict" in res.stdout
     assert sane["gradcam"]["random_logit"]["verdict"] in ("pass", "fail")
     assert (out / "sanity_maps.png").exists() and (out / "sanity_curves.png").exists()
+    faith = json.loads((out / "faithfulness.json").read_text())["gradcam"]
+    assert {"deletion_auc", "road_morf", "road_lerf", "mu_fidelity", "average_drop",
+            "increase_in_confidence"} <= set(faith) and "ROAD MoRF" in res.stdout
     assert (out / "compare_classes.png").exists()
     assert cv2.imread(str(out / "dream_photo.png")).shape == (32, 32, 3)
     assert (out / "saliency_positive" / "heatmap_photo.png").exists()

@@ -66,7 +66,9 @@ flags.DEFINE_list("compare_classes", [], "Class names: one figure, compare_class
 flags.DEFINE_list("visualize", [], "Any of " + ", ".join(VISUALIZATIONS) + ", for --layers.")
 flags.DEFINE_list("layers", [], "Layers for --visualize (default: the CAM layer, i.e. the "
                   "last spatial feature map).")
-flags.DEFINE_bool("faithfulness", False, "Also compute deletion/insertion AUCs per method.")
+flags.DEFINE_bool("faithfulness", False, "Also score each method's faithfulness: deletion/"
+                  "insertion AUCs, ROAD (MoRF, LeRF), MuFidelity, Average Drop and Increase "
+                  "in Confidence -> faithfulness.json and a table.")
 flags.DEFINE_list("sanity", [], "Sanity checks of each --method (Adebayo et al. 2018): "
                   + ", ".join(sanity.CHECKS) + " -> sanity.json, sanity_maps.png, "
                   "sanity_curves.png (docs/explain.md).")
@@ -147,19 +149,19 @@ def explain_methods(ex, items, batch, class_index, about, options, names, tops) 
             if j < 3 or j == len(saved) - 1:
                 print(f"  [{method}] {paths['overlay']}")
         if FLAGS.faithfulness:
-            scores[method] = outputs.faithfulness_of(ex, batch, res)
+            scores[method] = outputs.faithfulness_of(ex, batch, res, options.seed)
             print(f"  [{method}] deletion AUC {scores[method]['deletion_auc']:.4f} (lower is "
                   f"better), insertion AUC {scores[method]['insertion_auc']:.4f} (higher is "
-                  "better)")
+                  f"better), ROAD MoRF {scores[method]['road_morf']:.4f} / LeRF "
+                  f"{scores[method]['road_lerf']:.4f}")
     if len(results) > 1:
         dest = outputs.save_methods_figure(results, items, FLAGS.out_dir, options,
                                            about["model"])
         print(f"  all methods: {dest}")
     if scores:
         outputs.save_faithfulness(scores, FLAGS.out_dir)
-        print(f"{'method':<18}{'deletion':>10}{'insertion':>11}   ({len(items)} images)")
-        for m, s in scores.items():
-            print(f"{m:<18}{s['deletion_auc']:>10.4f}{s['insertion_auc']:>11.4f}")
+        for line in outputs.faithfulness_table(scores, len(items)):
+            print(line)
 
 
 def visualize(ex, items, layers, options, model_desc: str) -> None:

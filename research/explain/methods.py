@@ -17,6 +17,7 @@ METHODS = {
     "integrated_gradients": attribution.integrated_gradients,
     "occlusion": attribution.occlusion,
     "lime": attribution.lime,
+    "rise": attribution.rise,
 }
 # Methods that explain one feature map, chosen by --layer (default: the last spatial one).
 LAYER_METHODS = tuple(v.name for v in cams.VARIANTS) + ("guided_gradcam",)

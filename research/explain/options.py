@@ -59,8 +59,14 @@ class ExplainOptions:
     lime_kernel_width: float = setting(_arg(attribution.lime, "kernel_width"), "LIME: width "
                                        "of the kernel on the cosine distance.", gt=0)
     lime_top: int = setting(3, "LIME: superpixels kept in lime_top_<file>.png.", ge=1)
+    rise_masks: int = setting(_arg(attribution.rise, "masks"), "RISE: random masks (forward "
+                              "passes) per image.", ge=1)
+    rise_grid: int = setting(_arg(attribution.rise, "grid"), "RISE: cells per side of the "
+                             "masks' coarse grid.", ge=1)
+    rise_keep: float = setting(_arg(attribution.rise, "keep"), "RISE: probability that a "
+                               "cell is kept.", gt=0, le=1)
     forward_batch: int = setting(_arg(attribution.occlusion, "batch_size"), "Occlusion, LIME, "
-                                 "integrated gradients: images per forward pass (bounds the "
+                                 "RISE, integrated gradients: images per forward pass (bounds the "
                                  "memory).", ge=1)
     alpha: float = setting(_arg(render.save_explanation, "alpha"), "Overlay opacity of the "
                            "heatmap.", ge=0, le=1)
@@ -98,6 +104,9 @@ class ExplainOptions:
                               "fill": self.occlusion_fill, "batch_size": self.forward_batch},
                 "integrated_gradients": {"baseline": self.ig_baseline, "steps": self.ig_steps,
                                          "seed": self.seed, "batch_size": self.forward_batch},
+                "rise": {"masks": self.rise_masks, "grid": self.rise_grid,
+                         "keep": self.rise_keep, "seed": self.seed,
+                         "batch_size": self.forward_batch},
                 "lime": {"samples": self.lime_samples, "segments": self.lime_segments,
                          "segmentation": self.lime_segmentation,
                          "kernel_width": self.lime_kernel_width, "seed": self.seed,

@@ -154,8 +154,21 @@ def save_faithfulness(scores: dict, out_dir: str) -> str:
                             "the faithfulness scores")
 
 
-def faithfulness_of(ex: core.Explainer, batch: np.ndarray, res: core.Explanation) -> dict:
-    return faithfulness.deletion_insertion(ex, batch, res)
+def faithfulness_of(ex: core.Explainer, batch: np.ndarray, res: core.Explanation,
+                    seed: int = 0) -> dict:
+    """Deletion/insertion, ROAD, MuFidelity, Average Drop / Increase in Confidence."""
+    return faithfulness.all_scores(ex, batch, res, seed=seed)
+
+
+def faithfulness_table(scores: dict, num_images: int) -> list[str]:
+    """The faithfulness scores of each method as printed lines (a header first)."""
+    cols = faithfulness.SCORE_COLUMNS
+    lines = [f"{'method':<18}" + "".join(f"{name:>13}" for _, name, _ in cols)
+             + f"   ({num_images} images)",
+             f"{'':<18}" + "".join(f"{better + ' best':>13}" for _, _, better in cols)]
+    for m, s in scores.items():
+        lines.append(f"{m:<18}" + "".join(f"{s[k]:>13.4f}" for k, _, _ in cols))
+    return lines
 
 
 def save_class_comparison(ex: core.Explainer, items: list[Item], method: str, classes,
