@@ -13,6 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from research import detector
+from research.data import imaging
 from research.explain import activations as features
 from research.explain import cams, core, dream, faithfulness, loading, methods, render
 from research.models import build_model
@@ -220,8 +221,8 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
            f"--images={good},{bad},{gray}", "--method=gradcam", f"--out_dir={out}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "broken.jpg" in res.stderr
-    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 90, 3)  # the centre crop
-    assert cv2.imread(str(out / "map_cat.png")).shape == (90, 90, 3)
+    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 120, 3)  # the whole photo
+    assert cv2.imread(str(out / "map_cat.png")).shape == (90, 90, 3)  # the centre crop
     assert cv2.imread(str(out / "heatmap_gray.jpg")).shape == (40, 40, 3)
     assert (out / "cat_gradcam.png").exists()
     assert json.loads((out / "heatmap_cat.png.json").read_text())["layer"] == "block5_conv3"
@@ -414,3 +415,55 @@ def test_explain_cli_on_a_run_compare_classes_and_dream(tmp_path):
     assert (out / "saliency_positive" / "heatmap_photo.png").exists()
     assert json.loads((out / "gradcam" / "heatmap_photo.png.json").read_text()
                       )["precision"] == "float32"
+
+
+def test_outcome_filters_explain_the_most_confident_and_say_how_many(tmp_path, syn):
+    from research.errors import UserError
+    from research.explain import outputs
+
+    run = fake_run(tmp_path / "ck")
+    ex, meta = loading.load_run(str(tmp_path / "ck"), run, "float32")
+    total, seen = 0, set()
+    for kind, (label, decision) in outputs.OUTCOME_FILTERS.items():
+        items, matched = outputs.outcome_items(ex, meta, syn, "test", 3, kind)
+        total += matched
+        assert len(items) == min(3, matched)
+        p = [float(it.name.rsplit("_p", 1)[1][:-4]) for it in items]
+        assert p == sorted(p, reverse=bool(decision)), kind   # most confident first
+        assert all((q >= meta["threshold"]) == bool(decision) for q in p)
+        assert all((it.label == "cat") == bool(label) for it in items)
+        seen |= {it.name for it in items}
+    assert total == 50  # every test example has exactly one outcome
+    for bad_meta, what in ((None, "keras.applications"), ({**meta, "classifier": True},
+                                                          "a classifier")):
+        with pytest.raises(UserError, match=what):
+            outputs.check_example_filter("false_positive", bad_meta)
+    with pytest.raises(UserError, match="--example_filter: 'nope'"):
+        outputs.check_example_filter("nope", meta)
+
+
+def test_explain_app_draws_on_the_whole_photo_and_explains_mistakes(tmp_path, syn):
+    run = fake_run(tmp_path / "ck")
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+                    ).save(photo)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "research.apps.explain", f"--run_name={run}",
+            f"--checkpoint_dir={tmp_path / 'ck'}", "--precision=float32"]
+    res = subprocess.run(base + [f"--images={photo}", f"--data_dir={syn}", "--num_examples=2",
+                                 "--example_filter=false_negative", "--method=hirescam",
+                                 f"--out_dir={out}"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "--example_filter=false_negative:" in res.stdout and "matched" in res.stdout
+    assert cv2.imread(str(out / "heatmap_wide.png")).shape == (60, 80, 3)  # whole photo
+    assert cv2.imread(str(out / "map_wide.png")).shape == (60, 60, 3)      # its window
+    side = json.loads((out / "heatmap_wide.png.json").read_text())
+    assert side["window"] == list(imaging.crop_window((60, 80), (32, 32), "center_crop"))
+    assert side["image_size"] == [60, 80] and side["window"][2:] == [60, 60]
+    assert len(list(out.glob("heatmap_test_*_p*.png"))) == len(
+        [ln for ln in res.stdout.splitlines() if "[hirescam]" in ln]) - 1
+    ex, _ = loading.load_run(str(tmp_path / "ck"), run, "float32")
+    from research.explain import outputs
+    items, _ = outputs.image_items(ex, [str(photo)], "stretch")
+    assert items[0].window == (0, 0, 60, 80) and items[0].model_input.shape == (32, 32, 3)

@@ -50,8 +50,15 @@ flags.DEFINE_string("data_dir", None, "With --num_examples: TFRecords to take ex
 config_flags.define_integer("num_examples", 0, "Explain the first N examples of --split.",
                             ge=0)
 flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split for --num_examples.")
-flags.DEFINE_enum("example_filter", "all", list(outputs.EXAMPLE_FILTERS),
-                  "Which examples --num_examples takes.")
+flags.DEFINE_enum("example_filter", "all",
+                  [*outputs.EXAMPLE_FILTERS, *outputs.OUTCOME_FILTERS],
+                  "Which examples --num_examples takes: the first of a label (all, positive, "
+                  "negative), or a detector's outcome at the run's threshold, most confident "
+                  "first (false_positive, ...: the split is scored as predict scores it).")
+flags.DEFINE_enum("resize_policy", None, list(imaging.RESIZE_POLICIES),
+                  "How --images are fitted to the network (default: the run's recorded "
+                  "policy, as predict; center_crop for --model). The maps are drawn on the "
+                  "whole photo with the network's window framed.")
 flags.DEFINE_list("method", ["gradcam"], ", ".join(methods.METHODS) + " (several: one "
                   "sub-folder each, and all_methods.png); all: every method that fits the "
                   "model (cam needs a GlobalAveragePooling2D + Dense head).")
@@ -91,6 +98,8 @@ def check_flags() -> None:
         raise UserError("--compare_classes needs at least two class names")
     if FLAGS.num_examples and not FLAGS.data_dir:
         raise UserError("--num_examples needs --data_dir")
+    if FLAGS.model and FLAGS.example_filter in outputs.OUTCOME_FILTERS:
+        outputs.check_example_filter(FLAGS.example_filter, None)
     sanity.check_request(FLAGS.sanity, [m for m in FLAGS.method if m != "all"], None)
 
 
@@ -179,6 +188,19 @@ def visualize(ex, items, layers, options, model_desc: str) -> None:
                   f"{d.start_activation:.3f} -> {d.final_activation:.3f})")
 
 
+def example_items(ex, meta) -> list:
+    """--num_examples examples of --split under --example_filter; for an outcome filter, says
+    how many matched (fewer than asked, even none, is not an error)."""
+    if FLAGS.example_filter not in outputs.OUTCOME_FILTERS:
+        return outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
+                                     FLAGS.example_filter)
+    items, matched = outputs.outcome_items(ex, meta, FLAGS.data_dir, FLAGS.split,
+                                           FLAGS.num_examples, FLAGS.example_filter)
+    print(f"--example_filter={FLAGS.example_filter}: {matched} of {FLAGS.split} matched at "
+          f"threshold {meta['threshold']:.4f}; explaining the {len(items)} most confident")
+    return items
+
+
 def run_sanity(ex, batch, names, class_index, options, model_desc: str) -> None:
     results = outputs.sanity_checks(ex, batch, names, FLAGS.sanity, options, class_index,
                                     FLAGS.layer)
@@ -207,16 +229,16 @@ def main(argv):
             core.find_layer(ex.model, FLAGS.layer)  # fail early, listing the candidates
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
                   ] if FLAGS.visualize or FLAGS.layers else []
-        items, errors = outputs.image_items(
-            ex, FLAGS.images, imaging.DEFAULT_RESIZE_POLICY if meta is None
-            else imaging.recorded_policy(meta))
+        if FLAGS.example_filter in outputs.OUTCOME_FILTERS:
+            outputs.check_example_filter(FLAGS.example_filter, meta)
+        names = chosen_methods(ex)
+        sanity.check_request(FLAGS.sanity, [], int(ex.model.output.shape[-1]))
+        items, errors = outputs.image_items(ex, FLAGS.images, FLAGS.resize_policy or (
+            imaging.DEFAULT_RESIZE_POLICY if meta is None else imaging.recorded_policy(meta)))
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         if FLAGS.num_examples:
-            items += outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
-                                           FLAGS.example_filter)
-        names = chosen_methods(ex)
-        sanity.check_request(FLAGS.sanity, [], int(ex.model.output.shape[-1]))
+            items += example_items(ex, meta)
     except (UserError, core.LayerNotFoundError) as e:
         config_flags.fail(e)
     if not items and not errors and FLAGS.visualize == ["filters"] and not compare:
@@ -224,6 +246,8 @@ def main(argv):
         print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
         visualize(ex, items, layers, options, model_desc)
         return
+    if not items and FLAGS.example_filter in outputs.OUTCOME_FILTERS and FLAGS.num_examples:
+        return  # none matched: said above, not an error
     if not items:
         sys.exit("error: no images to explain (give --images or --num_examples)")
     os.makedirs(FLAGS.out_dir, exist_ok=True)

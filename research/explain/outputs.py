@@ -21,6 +21,10 @@ from research.explain import (activations, core, dream, faithfulness, loading, m
 from research.explain.options import ExplainOptions
 
 EXAMPLE_FILTERS = {"all": (0, 1), "positive": (1,), "negative": (0,)}
+# Filters that need the run's scores and threshold: (true label, decision), the most
+# confident first (highest score for a "cat" decision, lowest for "not cat").
+OUTCOME_FILTERS = {"false_positive": (0, 1), "false_negative": (1, 0),
+                   "true_positive": (1, 1), "true_negative": (0, 0)}
 
 
 @dataclasses.dataclass
@@ -29,6 +33,8 @@ class Item:
     original: np.ndarray       # uint8, the part of the image the model sees, at its own size
     model_input: np.ndarray    # float32 0..255 at the model's input size
     label: str | None = None   # the true class of a TFRecord example
+    photo: np.ndarray | None = None  # a file's whole photo, with `window` the part seen
+    window: tuple | None = None      # (top, left, height, width) in the photo
 
 
 def model_input(ex: core.Explainer, image: np.ndarray, policy: str = DEFAULT_RESIZE_POLICY
@@ -54,8 +60,50 @@ def image_items(ex: core.Explainer, paths, policy: str = DEFAULT_RESIZE_POLICY
             continue
         top, left, h, w = crop_window(original.shape, ex.input_size, policy)
         items.append(Item(os.path.basename(path), original[top:top + h, left:left + w],
-                          model_input(ex, original, policy)))
+                          model_input(ex, original, policy), photo=original,
+                          window=(top, left, h, w)))
     return items, errors
+
+
+def check_example_filter(example_filter: str, meta: dict | None) -> None:
+    """UserError (one line) for a filter that is unknown or needs a threshold the model lacks."""
+    if example_filter not in EXAMPLE_FILTERS and example_filter not in OUTCOME_FILTERS:
+        raise UserError(f"--example_filter: {example_filter!r} is not one of "
+                        f"{', '.join([*EXAMPLE_FILTERS, *OUTCOME_FILTERS])}")
+    if example_filter in OUTCOME_FILTERS and (
+            meta is None or meta.get("classifier") or meta.get("threshold") is None):
+        what = ("a keras.applications model" if meta is None else
+                "a classifier" if meta.get("classifier") else "a run without a threshold")
+        raise UserError(f"--example_filter={example_filter} needs a detector run with a "
+                        f"threshold (--run_name); this is {what}")
+
+
+def outcome_items(ex: core.Explainer, meta: dict, data_dir: str, split: str, num: int,
+                  example_filter: str, batch_size: int = 256) -> tuple[list[Item], int]:
+    """(items, how many matched): the `num` most confident examples of `split` whose outcome
+    at the run's threshold is `example_filter` (OUTCOME_FILTERS), each scored as predict
+    scores it (research.detector.Detector: mirror averaging as the run's metadata says)."""
+    from research.detector import Detector
+
+    check_example_filter(example_filter, meta)
+    model = ex.model if ex.model.dtype_policy.name == "float32" else loading.with_policy(
+        ex.model, "float32")
+    det = Detector(model, meta)
+    found = pipeline.take_examples(data_dir, split)
+    scores = np.concatenate([det.score_batch(found["image"][i:i + batch_size])[0]
+                             for i in range(0, len(found["image"]), batch_size)])
+    label, decision = OUTCOME_FILTERS[example_filter]
+    said = scores >= meta["threshold"]
+    match = np.flatnonzero((found["label"] == label) & (said == bool(decision)))
+    match = match[np.argsort(-scores[match] if decision else scores[match], kind="stable")]
+    names = pipeline.load_manifest(data_dir)["class_names"]
+    items = []
+    for i in match[:num]:
+        cid, idx = int(found["class_id"][i]), int(found["index"][i])
+        img = found["image"][i]
+        items.append(Item(f"{split}_{idx:05d}_{names[cid]}_p{scores[i]:.2f}.png", img,
+                          model_input(ex, img), names[cid]))
+    return items, len(match)
 
 
 def example_items(ex: core.Explainer, data_dir: str, split: str, num: int,
@@ -137,15 +185,22 @@ def save_method(ex: core.Explainer, res: core.Explanation, items: list[Item], ou
             extra["top_classes"] = [[n, p] for n, p in tops[j]]
         if "superpixel_weights" in res.extras:
             extra["lime_top"] = save_lime_top(res, j, item, out_dir, options.lime_top)
+        if item.window is not None:
+            extra["window"] = list(item.window)
         record = {**about, "method": res.method, "layer": res.layer,
                   "class_index": int(res.classes[j]),
                   "class_name": ex.class_name(int(res.classes[j])),
                   "logit": float(res.logits[j]), "probability": float(res.probabilities[j]),
                   "params": res.params, "seed": options.seed, "true_class": item.label,
-                  "image_size": list(item.original.shape[:2]),
+                  "image_size": list((item.original if item.photo is None
+                                      else item.photo).shape[:2]),
                   "input_size": list(ex.input_size), **extra}
-        out.append(render.save_explanation(out_dir, item.name, item.original, res.maps[j],
-                                           record, options.alpha))
+        if item.photo is None:
+            out.append(render.save_explanation(out_dir, item.name, item.original, res.maps[j],
+                                               record, options.alpha))
+        else:
+            out.append(render.save_explanation(out_dir, item.name, item.photo, res.maps[j],
+                                               record, options.alpha, item.window))
     return out
 
 

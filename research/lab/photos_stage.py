@@ -14,7 +14,6 @@ import os
 import tarfile
 import time
 
-import cv2
 import numpy as np
 
 from research import plots, runs
@@ -173,17 +172,6 @@ def read_originals(source: str, wanted: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def overlay_on_original(photo: np.ndarray, heat: np.ndarray, window) -> np.ndarray:
-    """The heatmap (the network's view, low to high = 0..1) upsampled onto the part of the
-    photo the network saw, `window` = (top, left, height, width) marked in white."""
-    t, lft, h, w = window
-    out = np.asarray(photo, np.uint8).copy()
-    out[t:t + h, lft:lft + w] = render.overlay_heatmap(out[t:t + h, lft:lft + w], heat)[1]
-    thick = max(2, round(max(photo.shape[:2]) / 150))
-    cv2.rectangle(out, (lft, t), (lft + w - 1, t + h - 1), (255, 255, 255), thick)
-    return out
-
-
 def explain_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str],
                    out_dir: str) -> str:
     """Grad-CAM, Grad-CAM++ and saliency of the photo detector's cat score on held-out cat
@@ -207,7 +195,7 @@ def explain_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str
         images.append(photo)
         titles.append(f"{sid} ({photo.shape[1]}x{photo.shape[0]})\np(cat) {probs[row]:.2f}")
         for m in PHOTO_METHODS:
-            images.append(overlay_on_original(photo, np.asarray(maps[m].maps[row]), window))
+            images.append(render.overlay_on_original(photo, np.asarray(maps[m].maps[row]), window))
             titles.append(m)
     fig = plots.image_grid(images, titles, ncols=1 + len(PHOTO_METHODS), cell=2.4,
                            colorbar_cmap=render.HEATMAP_CMAP,
