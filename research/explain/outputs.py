@@ -78,25 +78,30 @@ def check_example_filter(example_filter: str, meta: dict | None) -> None:
                         f"threshold (--run_name); this is {what}")
 
 
-def outcome_items(ex: core.Explainer, meta: dict, data_dir: str, split: str, num: int,
-                  example_filter: str, batch_size: int = 256) -> tuple[list[Item], int]:
-    """(items, how many matched): the `num` most confident examples of `split` whose outcome
-    at the run's threshold is `example_filter` (OUTCOME_FILTERS), each scored as predict
-    scores it (research.detector.Detector: mirror averaging as the run's metadata says)."""
+def score_split(ex: core.Explainer, meta: dict, data_dir: str, split: str,
+                batch_size: int = 256) -> tuple[dict, np.ndarray]:
+    """(the split's examples as take_examples gives them, p(positive) of each as predict
+    scores it: research.detector.Detector, mirror averaging as the run's metadata says)."""
     from research.detector import Detector
 
-    check_example_filter(example_filter, meta)
     model = ex.model if ex.model.dtype_policy.name == "float32" else loading.with_policy(
         ex.model, "float32")
     det = Detector(model, meta)
     found = pipeline.take_examples(data_dir, split)
     scores = np.concatenate([det.score_batch(found["image"][i:i + batch_size])[0]
                              for i in range(0, len(found["image"]), batch_size)])
+    return found, scores
+
+
+def pick_outcome(ex: core.Explainer, found: dict, scores: np.ndarray, threshold: float,
+                 names: list[str], split: str, num: int, example_filter: str
+                 ) -> tuple[list[Item], int]:
+    """(items, how many matched): the `num` most confident examples whose outcome at
+    `threshold` is `example_filter` (OUTCOME_FILTERS)."""
     label, decision = OUTCOME_FILTERS[example_filter]
-    said = scores >= meta["threshold"]
+    said = scores >= threshold
     match = np.flatnonzero((found["label"] == label) & (said == bool(decision)))
     match = match[np.argsort(-scores[match] if decision else scores[match], kind="stable")]
-    names = pipeline.load_manifest(data_dir)["class_names"]
     items = []
     for i in match[:num]:
         cid, idx = int(found["class_id"][i]), int(found["index"][i])
@@ -104,6 +109,17 @@ def outcome_items(ex: core.Explainer, meta: dict, data_dir: str, split: str, num
         items.append(Item(f"{split}_{idx:05d}_{names[cid]}_p{scores[i]:.2f}.png", img,
                           model_input(ex, img), names[cid]))
     return items, len(match)
+
+
+def outcome_items(ex: core.Explainer, meta: dict, data_dir: str, split: str, num: int,
+                  example_filter: str, batch_size: int = 256) -> tuple[list[Item], int]:
+    """(items, how many matched): the `num` most confident examples of `split` whose outcome
+    at the run's threshold is `example_filter` (OUTCOME_FILTERS), scored as predict does."""
+    check_example_filter(example_filter, meta)
+    found, scores = score_split(ex, meta, data_dir, split, batch_size)
+    names = pipeline.load_manifest(data_dir)["class_names"]
+    return pick_outcome(ex, found, scores, meta["threshold"], names, split, num,
+                        example_filter)
 
 
 def example_items(ex: core.Explainer, data_dir: str, split: str, num: int,

@@ -97,6 +97,32 @@ def sanity_methods(p) -> list[str]:
     return list(p.methods) + [m for m in SANITY_EXTRA if m not in p.methods]
 
 
+MISTAKES_SHOWN = 4  # the worst false positives and as many false negatives, with Grad-CAM
+
+
+def _mistakes_figure(lab: Lab, run: str, out_dir: str) -> str:
+    """mistakes_<run>.png: the run's most confident false positives and false negatives on
+    the test split (scored as predict, at the run's threshold), each with Grad-CAM of the
+    cat score."""
+    ex, meta, cat = load_explainer(lab, run)
+    found, scores = outputs.score_split(ex, meta, lab.s.data_dir, SPLIT)
+    names = pipeline.load_manifest(lab.s.data_dir)["class_names"]
+    items, rows = [], []
+    for kind in ("false_positive", "false_negative"):
+        picked, matched = outputs.pick_outcome(ex, found, scores, meta["threshold"], names,
+                                               SPLIT, MISTAKES_SHOWN, kind)
+        items += picked
+        rows += [f"{kind.replace('_', ' ')} ({matched} in all)\n{it.name}" for it in picked]
+    if not items:
+        return ""
+    batch = np.stack([it.model_input for it in items])
+    res = methods.explain(ex, "gradcam", batch, cat)
+    fig = figures.side_by_side([it.original for it in items], rows, {run: res}, "gradcam",
+                               f"its most confident mistakes on {SPLIT} at threshold "
+                               f"{meta['threshold']:.3f}")
+    return plots.save_figure(fig, os.path.join(out_dir, f"mistakes_{run}.png"))
+
+
 def _sanity_run(lab: Lab, run: str, batch: np.ndarray, out_dir: str) -> tuple[dict, list]:
     """(sanity JSON of every method, its figures) of one run: model randomisation, and random
     logit where the detector has two or more outputs."""
@@ -191,17 +217,21 @@ def stage_explain(lab: Lab) -> StageRecord:
     photos = user_images(lab.s.images)
     top3 = imagenet_top3(lab, list(examples["image"]) + [ph for _, ph in photos])
     batch = examples["image"].astype(np.float32)
-    scores, maps, sane, seconds = {}, {}, {}, {}
+    scores, maps, sane, seconds = {}, {}, {}, {"sanity": {}, "mistakes": {}}
     for run in names:
         scores[run], maps[run] = _explain_run(lab, run, batch, photos)
     paths = _figures(lab, names, examples, labels, photos, top3, maps, out_dir)
     few = pipeline.take_examples(lab.s.data_dir, SPLIT, 2 * SANITY_PER_CLASS,
                                  filter="balanced")["image"].astype(np.float32)
+    mistakes = {}
     for run in names:
         t = time.perf_counter()
         sane[run], figs = _sanity_run(lab, run, few, out_dir)
-        seconds[run] = time.perf_counter() - t
+        seconds["sanity"][run] = time.perf_counter() - t
         paths += figs
+        t = time.perf_counter()
+        mistakes[run] = _mistakes_figure(lab, run, out_dir)
+        seconds["mistakes"][run] = time.perf_counter() - t
     outputs.save_faithfulness(scores, out_dir)
     result = {"figures": paths, "faithfulness": {r: {m: {k: s[k] for k in FAITHFULNESS_KEYS}
                                                      for m, s in per.items()}
@@ -213,6 +243,7 @@ def stage_explain(lab: Lab) -> StageRecord:
                                               "model_randomization" else v)["ssim"],
                                      "verdict": v["verdict"]} for c, v in per.items()}
                              for m, per in sane[r].items()} for r in names},
-              "sanity_images": 2 * SANITY_PER_CLASS, "sanity_seconds": seconds}
+              "sanity_images": 2 * SANITY_PER_CLASS, "seconds": seconds,
+              "mistakes": mistakes}
     write_marker(marker, key, result)
     return lab.finish("explain", "Explanations", start, False, commands, flags, result)

@@ -251,7 +251,7 @@ def _sanity_table(doc: Doc, outputs: dict) -> None:
              "whole network is random, and of another class's map (random logit, detectors "
              "with two or more outputs). A method passes when Spearman falls below 0.5. "
              "Time: " + ", ".join(f"{r} {seconds(t)}" for r, t in
-                                  outputs.get("sanity_seconds", {}).items()) + ".")
+                                  outputs.get("seconds", {}).get("sanity", {}).items()) + ".")
     rows = []
     for run, per in outputs["sanity"].items():
         for method, checks in per.items():
@@ -294,6 +294,11 @@ def _explain_section(doc: Doc, records: dict) -> None:
         doc.table(["run: method", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF",
                    "MuFidelity", "avg drop %", "incr. conf. %", "images", "steps"], rows)
         _sanity_table(doc, exp.outputs)
+        for run, fig in exp.outputs.get("mistakes", {}).items():
+            if fig:
+                doc.para(f"{run}: Grad-CAM of its worst false positives and false negatives "
+                         "(the most confident, scored as predict scores them).")
+                doc.image(fig, os.path.basename(fig))
     else:
         doc.para("The explain stage has not run.")
 
