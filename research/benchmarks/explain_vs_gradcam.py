@@ -279,8 +279,8 @@ def main(argv):
           f"; the same network (logits agree to {info['logits_max_abs_diff']:.2e} of "
           f"{info['logits_scale']:.2f}), {FLAGS.images} random 32x32 images, batch "
           f"{FLAGS.batch_size}, layer {layer} (theirs: groups[-1].act2)")
-    print(f"| method | Pearson r, mean (min) | ours img/s | theirs img/s | ours / theirs | "
-          f"definitions |")
+    print("| method | Pearson r, mean (min) | ours img/s | theirs img/s | ours / theirs | "
+          "definitions |")
     print("|---|---|---|---|---|---|")
     for m, (cls, note) in METHODS.items():
         r = pearson(maps[m], theirs[m])

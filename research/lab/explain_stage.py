@@ -30,6 +30,7 @@ from research.models.backbones import keras_models_dir
 # SANITY_PER_CLASS test cats and non-cats.
 SANITY_EXTRA = ("guided_backprop",)
 SANITY_PER_CLASS = 2
+MUFIDELITY_SAMPLES = 64  # forward passes per image (xplique: 200; the library: 128)
 FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "mu_fidelity",
                      "average_drop", "increase_in_confidence", "num_images", "steps")
 
@@ -153,6 +154,7 @@ def _explain_run(lab: Lab, run: str, batch: np.ndarray, photos) -> tuple[dict, d
         params = options.method_params(method)
         res = methods.explain(ex, method, batch, cat, **params)
         scores[method] = faithfulness.all_scores(ex, batch, res, steps=p.faithfulness_steps,
+                                                 mufidelity_samples=MUFIDELITY_SAMPLES,
                                                  seed=options.seed)
         maps[method] = {"test": res}
         if photo_batch is not None:
@@ -199,7 +201,7 @@ def stage_explain(lab: Lab) -> StageRecord:
            "per_class": p.explain_per_class, "steps": p.faithfulness_steps,
            "sanity": {"methods": sanity_methods(p), "per_class": SANITY_PER_CLASS,
                       "pass_below": sanity.PASS_BELOW},
-           "faithfulness": list(FAITHFULNESS_KEYS),
+           "faithfulness": list(FAITHFULNESS_KEYS), "mufidelity": MUFIDELITY_SAMPLES,
            "images": [os.path.abspath(i) for i in lab.s.images]}
     marker = os.path.join(out_dir, "done.json")
     flags = {"runs": names, "method": list(p.methods), "num_examples": 2 * p.explain_per_class,
