@@ -92,11 +92,11 @@ def test_bad_requests_are_one_line_each():
     sanity.check_request(["model_randomization"], ["eigencam"], 1)
 
 
-def test_sanity_outputs_and_a_bad_request_to_the_app(tmp_path):
+def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
     ex = core.Explainer(conv_net(2))
     x = images(2, 12, 12, 3, seed=3)
     res = outputs.sanity_checks(ex, x, ["gradcam", "saliency"], sanity.CHECKS,
-                                ExplainOptions())
+                                ExplainOptions(batch_size=1))  # per-image classes, sliced
     paths = outputs.sanity_figures(res, x[0], str(tmp_path), "tiny")
     assert [p.rsplit("/", 1)[1] for p in paths] == ["sanity_maps.png", "sanity_curves.png"]
     saved = json.loads(open(outputs.save_sanity(res, str(tmp_path))).read())
@@ -114,3 +114,16 @@ def test_sanity_outputs_and_a_bad_request_to_the_app(tmp_path):
                        capture_output=True, text=True, timeout=600)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(lines) == 1 and "eigencam" in lines[0]
+    # A model without a 4-D layer, asked for a CAM: one line naming the method.
+    flat = tmp_path / "ck" / "flat" / "export"
+    flat.mkdir(parents=True)
+    x = keras.Input((32, 32, 3))
+    y = keras.layers.Dense(10)(keras.layers.Flatten()(x))
+    keras.Model(x, y).save(flat / "model.keras")
+    (flat / "metadata.json").write_text((tmp_path / "ck" / run / "export" / "metadata.json"
+                                         ).read_text())
+    r = subprocess.run(base[:3] + ["--run_name=flat", *base[4:], f"--images={photo}",
+                                   "--method=layercam", f"--out_dir={out}"],
+                       capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(lines) == 1 and "--method=layercam" in lines[0], r.stderr

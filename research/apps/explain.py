@@ -225,13 +225,18 @@ def main(argv):
         class_index = FLAGS.class_index
         if class_index is None and FLAGS.class_name is not None:
             class_index = outputs.class_index_of(ex, FLAGS.class_name, "class_name")
-        if FLAGS.layer:
-            core.find_layer(ex.model, FLAGS.layer)  # fail early, listing the candidates
+        for name in (FLAGS.layer or "").split(","):
+            if name:
+                core.find_layer(ex.model, name)  # fail early, listing the candidates
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
                   ] if FLAGS.visualize or FLAGS.layers else []
         if FLAGS.example_filter in outputs.OUTCOME_FILTERS:
             outputs.check_example_filter(FLAGS.example_filter, meta)
         names = chosen_methods(ex)
+        need_layer = [m for m in names if m in methods.LAYER_METHODS]
+        if need_layer and not FLAGS.layer and not core.spatial_layers(ex.model):
+            raise UserError(f"--method={need_layer[0]} needs a 4-D (N, H, W, C) layer and "
+                            f"{ex.model.name} has none")
         sanity.check_request(FLAGS.sanity, [], int(ex.model.output.shape[-1]))
         items, errors = outputs.image_items(ex, FLAGS.images, FLAGS.resize_policy or (
             imaging.DEFAULT_RESIZE_POLICY if meta is None else imaging.recorded_policy(meta)))

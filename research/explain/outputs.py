@@ -160,8 +160,10 @@ def explain_batched(ex: core.Explainer, method: str, batch: np.ndarray, class_in
                     options: ExplainOptions, layer: str | None = None) -> core.Explanation:
     """methods.explain over `options.batch_size` chunks, merged into one Explanation."""
     bs = options.batch_size
-    results = [methods.explain(ex, method, batch[i:i + bs], class_index, layer=layer,
-                               **options.method_params(method))
+    per_image = np.ndim(class_index) == 1  # one class per image: sliced with the batch
+    results = [methods.explain(ex, method, batch[i:i + bs],
+                               np.asarray(class_index)[i:i + bs] if per_image else class_index,
+                               layer=layer, **options.method_params(method))
                for i in range(0, len(batch), bs)]
     first = results[0]
     return core.Explanation(*(np.concatenate([getattr(r, f) for r in results]) for f in
