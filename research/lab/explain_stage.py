@@ -30,6 +30,7 @@ from research.models.backbones import keras_models_dir
 # SANITY_PER_CLASS test cats and non-cats.
 SANITY_EXTRA = ("guided_backprop",)
 SANITY_PER_CLASS = 2
+MISTAKES_SHOWN = 4  # the worst false positives and as many false negatives, with Grad-CAM
 MUFIDELITY_SAMPLES = 64  # forward passes per image (xplique: 200; the library: 128)
 FAITHFULNESS_KEYS = ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "mu_fidelity",
                      "average_drop", "increase_in_confidence", "num_images", "steps")
@@ -91,14 +92,15 @@ def _commands(lab: Lab, names, out_dir: str) -> list[str]:
             "method": ",".join(sanity_methods(p)), "class_name": "cat",
             "sanity": "model_randomization", **EXPLAIN_OPTIONS,
             "out_dir": os.path.join(out_dir, r, f"sanity_{f}")}) for r in names
-        for f in ("positive", "negative")]
+        for f in ("positive", "negative")] + [command("research.apps.explain", {
+            "run_name": r, "checkpoint_dir": lab.s.checkpoint_dir, "data_dir": lab.s.data_dir,
+            "num_examples": MISTAKES_SHOWN, "example_filter": f, "method": "gradcam",
+            "class_name": "cat", "out_dir": os.path.join(out_dir, r, f)}) for r in names
+        for f in ("false_positive", "false_negative")]
 
 
 def sanity_methods(p) -> list[str]:
     return list(p.methods) + [m for m in SANITY_EXTRA if m not in p.methods]
-
-
-MISTAKES_SHOWN = 4  # the worst false positives and as many false negatives, with Grad-CAM
 
 
 def _mistakes_figure(lab: Lab, run: str, out_dir: str) -> str:
