@@ -104,7 +104,7 @@ def sanity_methods(p) -> list[str]:
 
 
 def _mistakes_figure(lab: Lab, run: str, out_dir: str) -> str:
-    """mistakes_<run>.png: the run's most confident false positives and false negatives on
+    """<run>/mistakes.png: the run's most confident false positives and false negatives on
     the test split (scored as predict, at the run's threshold), each with Grad-CAM of the
     cat score."""
     ex, meta, cat = load_explainer(lab, run)
@@ -123,7 +123,7 @@ def _mistakes_figure(lab: Lab, run: str, out_dir: str) -> str:
     fig = figures.side_by_side([it.original for it in items], rows, {run: res}, "gradcam",
                                f"its most confident mistakes on {SPLIT} at threshold "
                                f"{meta['threshold']:.3f}")
-    return plots.save_figure(fig, os.path.join(out_dir, f"mistakes_{run}.png"))
+    return plots.save_figure(fig, os.path.join(out_dir, run, "mistakes.png"))
 
 
 def _sanity_run(lab: Lab, run: str, batch: np.ndarray, out_dir: str) -> tuple[dict, list]:
