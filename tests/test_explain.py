@@ -442,6 +442,7 @@ def test_outcome_filters_explain_the_most_confident_and_say_how_many(tmp_path, s
         outputs.check_example_filter("nope", meta)
 
 
+@pytest.mark.slow
 def test_explain_app_draws_on_the_whole_photo_and_explains_mistakes(tmp_path, syn):
     run = fake_run(tmp_path / "ck")
     photo = tmp_path / "wide.png"

@@ -92,6 +92,7 @@ def test_bad_requests_are_one_line_each():
     sanity.check_request(["model_randomization"], ["eigencam"], 1)
 
 
+@pytest.mark.slow
 def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
     ex = core.Explainer(conv_net(2))
     x = images(2, 12, 12, 3, seed=3)
