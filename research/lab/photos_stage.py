@@ -234,8 +234,8 @@ def mistakes_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[st
     fig = plots.image_grid(images, titles, ncols=4, cell=2.0,
                            colorbar_cmap=render.HEATMAP_CMAP if picked else None,
                            title=f"{run}: the most confident mistakes on the held-out photos "
-                                 f"(threshold {threshold:.3f} from val), each with Grad-CAM "
-                                 "on the part it saw (white box)")
+                                 f"(threshold {threshold:.3f} from val)\neach with Grad-CAM "
+                                 "of p(cat) on the part it saw (white box)")
     return plots.save_figure(fig, os.path.join(out_dir, "photos_mistakes.png"))
 
 
