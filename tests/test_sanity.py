@@ -77,6 +77,8 @@ def test_a_map_that_ignores_the_model_fails_and_gradcam_passes():
     assert len(good["cascading"]) == len(good["independent"]) == 3
     assert good["layers"] == ["head", "c2", "c1"]
     assert good["cascading"][-1]["spearman"] < 0.5 and good["verdict"] == "pass"
+    assert sanity.model_randomization(ex, gradcam, x, classes, independent=False
+                                      )["independent"] == []
     logit = sanity.random_logit(ex, gradcam, x, classes, 3)
     assert np.all(np.asarray(logit["other_classes"]) != classes)
     assert set(logit) >= {"spearman", "ssim", "verdict"}

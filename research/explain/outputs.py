@@ -312,10 +312,11 @@ def save_dreams(ex: core.Explainer, items: list[Item], layers: list[str], out_di
 # Sanity checks (research.explain.sanity).
 
 def sanity_checks(ex: core.Explainer, batch: np.ndarray, names: list[str], checks,
-                  options: ExplainOptions, class_index=None, layer: str | None = None
-                  ) -> dict:
+                  options: ExplainOptions, class_index=None, layer: str | None = None,
+                  independent: bool = True) -> dict:
     """{method: {check: result}} of `checks` (sanity.CHECKS) for each method on `batch`, the
-    class fixed to each image's explained one (its top class unless `class_index`)."""
+    class fixed to each image's explained one (its top class unless `class_index`);
+    `independent`: also each layer randomised alone."""
     classes = np.asarray(ex.class_indices(len(batch), class_index))
     if np.any(classes < 0):
         classes = np.argmax(logits_of(ex, batch, options.batch_size), -1)
@@ -326,8 +327,8 @@ def sanity_checks(ex: core.Explainer, batch: np.ndarray, names: list[str], check
 
         res = {}
         if "model_randomization" in checks:
-            res["model_randomization"] = sanity.model_randomization(ex, explain, batch,
-                                                                    classes, options.seed)
+            res["model_randomization"] = sanity.model_randomization(
+                ex, explain, batch, classes, options.seed, independent=independent)
         if "random_logit" in checks and method not in sanity.CLASS_AGNOSTIC:
             res["random_logit"] = sanity.random_logit(
                 ex, explain, batch, classes, int(ex.model.output.shape[-1]), options.seed)
@@ -375,7 +376,9 @@ def sanity_figures(results: dict, image: np.ndarray, out_dir: str, title: str,
             for m, r in runs.items():
                 x = np.arange(1, len(r["layers"]) + 1)
                 line, = ax.plot(x, [c[key] for c in r["cascading"]], marker=".", label=m)
-                ax.plot(x, [c[key] for c in r["independent"]], ls="--", color=line.get_color())
+                if r["independent"]:
+                    ax.plot(x, [c[key] for c in r["independent"]], ls="--",
+                            color=line.get_color())
             ax.axhline(sanity.PASS_BELOW if key == "spearman" else 0, color="grey", lw=0.5)
             ax.set(xlabel="layers from the top (cascading: 1..j random; dashed: j alone)",
                    ylabel=key, title=f"{key} with the original map", ylim=(-1.05, 1.05))
