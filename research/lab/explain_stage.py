@@ -203,7 +203,8 @@ def stage_explain(lab: Lab) -> StageRecord:
            "options": EXPLAIN_OPTIONS,
            "per_class": p.explain_per_class, "steps": p.faithfulness_steps,
            "sanity": {"methods": sanity_methods(p), "per_class": SANITY_PER_CLASS,
-                      "pass_below": sanity.PASS_BELOW},
+                      "pass_below": sanity.PASS_BELOW, "independent": False},
+           "mistakes": {"shown": MISTAKES_SHOWN, "file": "<run>/mistakes.png"},
            "faithfulness": list(FAITHFULNESS_KEYS), "mufidelity": MUFIDELITY_SAMPLES,
            "images": [os.path.abspath(i) for i in lab.s.images]}
     marker = os.path.join(out_dir, "done.json")
