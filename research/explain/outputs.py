@@ -79,15 +79,16 @@ def check_example_filter(example_filter: str, meta: dict | None) -> None:
 
 
 def score_split(ex: core.Explainer, meta: dict, data_dir: str, split: str,
-                batch_size: int = 256) -> tuple[dict, np.ndarray]:
-    """(the split's examples as take_examples gives them, p(positive) of each as predict
-    scores it: research.detector.Detector, mirror averaging as the run's metadata says)."""
+                batch_size: int = 256, limit: int | None = None) -> tuple[dict, np.ndarray]:
+    """(the split's examples as take_examples gives them, the first `limit` if given,
+    p(positive) of each as predict scores it: research.detector.Detector, mirror averaging
+    as the run's metadata says)."""
     from research.detector import Detector
 
     model = ex.model if ex.model.dtype_policy.name == "float32" else loading.with_policy(
         ex.model, "float32")
     det = Detector(model, meta)
-    found = pipeline.take_examples(data_dir, split)
+    found = pipeline.take_examples(data_dir, split, limit)
     scores = np.concatenate([det.score_batch(found["image"][i:i + batch_size])[0]
                              for i in range(0, len(found["image"]), batch_size)])
     return found, scores

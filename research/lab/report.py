@@ -297,7 +297,8 @@ def _explain_section(doc: Doc, records: dict) -> None:
         for run, fig in exp.outputs.get("mistakes", {}).items():
             if fig:
                 doc.para(f"{run}: Grad-CAM of its worst false positives and false negatives "
-                         "(the most confident, scored as predict scores them).")
+                         "(the most confident among the first test images, scored as "
+                         "predict scores them).")
                 doc.image(fig, os.path.basename(fig))
     else:
         doc.para("The explain stage has not run.")
