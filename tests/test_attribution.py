@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from research import detector
-from research.explain import attribution, core, loading, methods, render
+from research.explain import attribution, cams, core, loading, methods, render
 from research.models import build_model
 from test_explain import fake_run, images
 
@@ -107,7 +107,7 @@ def test_cam_equals_grad_cam_up_to_scale_and_names_a_wrong_head():
     ex = core.Explainer(model)
     x = images(3, 8, 8, 3, seed=2)
     cam = attribution.cam(ex, x, [0, 1, 2])
-    grad = core.grad_cam(ex, x, [0, 1, 2], layer="conv")
+    grad = cams.grad_cam(ex, x, [0, 1, 2], layer="conv")
     np.testing.assert_allclose(cam.low_res, grad.low_res, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cam.maps, grad.maps, rtol=1e-5, atol=1e-6)
     assert cam.layer == "gap (its input)" and cam.maps.max() == pytest.approx(1.0)
@@ -215,7 +215,8 @@ def test_explain_all_methods_on_a_run(tmp_path):
     res = subprocess.run(base + [f"--images={photos[0]},{photos[1]}", "--method=all",
                                  "--ig_steps=4", "--lime_samples=16", "--lime_segments=4",
                                  "--occlusion_stride=0.25", "--smoothgrad_samples=2",
-                                 "--scorecam_channels=4", f"--out_dir={out}"],
+                                 "--scorecam_channels=4", "--rise_masks=16",
+                                 f"--out_dir={out}"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "cam skipped" in res.stdout and "Concatenate" in res.stdout
@@ -235,3 +236,20 @@ def test_explain_all_methods_on_a_run(tmp_path):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert list((tmp_path / "filters").glob("filters_*.png"))
+
+
+def test_rise_is_the_papers_weighted_mask_sum_and_finds_the_evidence():
+    """Eq. 6: S = sum_i P(class | x * M_i) M_i / (N p), with the same seeded masks; a model
+    that reads only the top-left quadrant gets its map there."""
+    from test_faithfulness import linear_model
+    ex, _ = linear_model()
+    x = np.random.default_rng(2).uniform(50, 255, (2, 8, 8, 3)).astype(np.float32)
+    res = attribution.rise(ex, x, 0, masks=96, grid=4, keep=0.5, seed=3, batch_size=40)
+    m = attribution.rise_masks(96, 8, 8, 4, 0.5, np.random.default_rng(3))
+    for i in range(2):
+        p = ex.probabilities(np.asarray(ex.logits(x[i][None] * m[..., None])))[:, 0]
+        want = np.einsum("m,mhw->hw", p, m) / (96 * 0.5)
+        want = (want - want.min()) / (want - want.min()).max()
+        np.testing.assert_allclose(res.maps[i], want, atol=1e-5)
+        assert res.maps[i, :4, :4].mean() > res.maps[i, 4:, 4:].mean() + 0.2
+    assert res.params["forward_passes"] == 96 and m.min() >= 0 and m.max() <= 1

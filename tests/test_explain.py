@@ -13,8 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from research import detector
+from research.data import imaging
 from research.explain import activations as features
-from research.explain import core, dream, faithfulness, loading, methods, render
+from research.explain import cams, core, dream, faithfulness, loading, methods, render
 from research.models import build_model
 
 
@@ -35,7 +36,7 @@ def test_grad_cam_matches_hand_computation():
     model = tiny_cam_model()
     ex = core.Explainer(model)
     x = images(3)
-    res = core.grad_cam(ex, x, class_index=[0, 1, 1], layer="conv")
+    res = cams.grad_cam(ex, x, class_index=[0, 1, 1], layer="conv")
     acts = keras.Model(model.input, model.get_layer("conv").output)(x).numpy()
     w = model.get_layer("head").kernel.numpy()                 # (3, 2)
     for i, c in enumerate([0, 1, 1]):
@@ -52,14 +53,14 @@ def test_batch_equals_single_and_logit_scale_invariance():
     model = tiny_cam_model(1)
     ex = core.Explainer(model)
     x = images(4, seed=1)
-    batch = core.grad_cam(ex, x)
+    batch = cams.grad_cam(ex, x)
     np.testing.assert_array_equal(batch.classes, np.argmax(model(x), -1))  # top class
     for i in range(4):
-        single = core.grad_cam(ex, x[i:i + 1])
+        single = cams.grad_cam(ex, x[i:i + 1])
         np.testing.assert_allclose(single.maps[0], batch.maps[i], rtol=1e-5, atol=1e-6)
         assert single.classes[0] == batch.classes[i]
     scaled = keras.Model(model.input, keras.layers.Rescaling(7.5)(model.output))
-    np.testing.assert_allclose(core.grad_cam(core.Explainer(scaled), x).maps, batch.maps,
+    np.testing.assert_allclose(cams.grad_cam(core.Explainer(scaled), x).maps, batch.maps,
                                rtol=1e-5, atol=1e-6)
     for method in ("gradcam_pp", "scorecam"):
         a = methods.explain(ex, method, x, layer="conv")
@@ -75,7 +76,7 @@ def test_all_zero_cam_stays_zero():
     a = keras.layers.Conv2D(2, 3, padding="same", name="conv", kernel_initializer="zeros",
                             bias_initializer="zeros")(x)
     out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(a))
-    res = core.grad_cam(core.Explainer(keras.Model(x, out)), images(2))
+    res = cams.grad_cam(core.Explainer(keras.Model(x, out)), images(2))
     assert np.all(res.maps == 0) and not np.any(np.isnan(res.maps))
 
 
@@ -99,7 +100,7 @@ def test_nested_backbone_gives_nontrivial_cam():
     ex = core.Explainer(model)
     x = images(2, 64, 64, 3, seed=3)
     for layer in (None, "vgg16/block4_conv3", "block3_conv3"):
-        res = core.grad_cam(ex, x, layer=layer)
+        res = cams.grad_cam(ex, x, layer=layer)
         assert np.all(np.isfinite(res.maps))
         assert res.maps.max() == pytest.approx(1.0) and res.maps.std() > 0.01
     sal = core.saliency(ex, x)
@@ -200,7 +201,7 @@ def test_deletion_insertion_scores_are_probabilities():
     model = tiny_cam_model(5)
     ex = core.Explainer(model)
     x = images(2)
-    res = core.grad_cam(ex, x)
+    res = cams.grad_cam(ex, x)
     s = faithfulness.deletion_insertion(ex, x, res, steps=6)
     assert 0.0 <= s["deletion_auc"] <= 1.0 and 0.0 <= s["insertion_auc"] <= 1.0
     assert len(s["per_image"]["deletion"]) == 2
@@ -220,8 +221,8 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
            f"--images={good},{bad},{gray}", "--method=gradcam", f"--out_dir={out}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "broken.jpg" in res.stderr
-    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 90, 3)  # the centre crop
-    assert cv2.imread(str(out / "map_cat.png")).shape == (90, 90, 3)
+    assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 120, 3)  # the whole photo
+    assert cv2.imread(str(out / "map_cat.png")).shape == (90, 90, 3)  # the centre crop
     assert cv2.imread(str(out / "heatmap_gray.jpg")).shape == (40, 40, 3)
     assert (out / "cat_gradcam.png").exists()
     assert json.loads((out / "heatmap_cat.png.json").read_text())["layer"] == "block5_conv3"
@@ -231,7 +232,8 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
 
 
 def score_cam_per_channel_reference(ex, images, classes, layer, max_channels):
-    """The former Score-CAM: a Python loop over images, masks upsampled one image at a time."""
+    """Score-CAM as its paper: a Python loop over images and channels; the softmax of the
+    masked scores weighs the raw activations (eq. 7)."""
     path, target = core.find_layer(ex.model, layer)
     raw = tf.constant(images)
     acts, _, _, _ = ex.gradients(target, raw, tf.constant(classes), path)
@@ -240,16 +242,17 @@ def score_cam_per_channel_reference(ex, images, classes, layer, max_channels):
         a = acts[i]
         k = min(max_channels, a.shape[-1])
         top = tf.math.top_k(tf.reduce_mean(a, axis=[0, 1]), k).indices
-        masks = tf.transpose(tf.gather(a, top, axis=-1), [2, 0, 1])
-        lo = tf.reduce_min(masks, axis=[1, 2], keepdims=True)
-        hi = tf.reduce_max(masks, axis=[1, 2], keepdims=True)
-        masks = tf.image.resize(tf.math.divide_no_nan(masks - lo, hi - lo)[..., None],
+        chosen = tf.transpose(tf.gather(a, top, axis=-1), [2, 0, 1])
+        lo = tf.reduce_min(chosen, axis=[1, 2], keepdims=True)
+        hi = tf.reduce_max(chosen, axis=[1, 2], keepdims=True)
+        masks = tf.image.resize(tf.math.divide_no_nan(chosen - lo, hi - lo)[..., None],
                                 raw.shape[1:3])[..., 0]
         scores = [ex.logits(raw[i][None] * masks[j][None, ..., None])[0, classes[i]]
                   for j in range(k)]
         w = tf.nn.softmax(tf.stack(scores))
-        maps.append(tf.nn.relu(tf.einsum("khw,k->hw", masks, w)))
-    return core.normalize_maps(tf.stack(maps)).numpy()
+        low = core.normalize_maps(tf.nn.relu(tf.einsum("khw,k->hw", chosen, w))[None])
+        maps.append(core.normalize_maps(core.upsample(low, raw.shape[1:3]))[0])
+    return tf.stack(maps).numpy()
 
 
 def test_batched_score_cam_matches_per_channel_loop():
@@ -262,7 +265,7 @@ def test_batched_score_cam_matches_per_channel_loop():
     ex = core.Explainer(keras.Model(x, out), detector.preprocess_fn("unit"))
     x = images(3, 12, 12, 3, seed=4)
     for layer, channels, batch in (("conv", 4, 5), ("conv2", 64, 2)):
-        res = core.score_cam(ex, x, [0, 2, 1], layer=layer, max_channels=channels,
+        res = cams.score_cam(ex, x, [0, 2, 1], layer=layer, max_channels=channels,
                              batch_size=batch)
         ref = score_cam_per_channel_reference(ex, x, [0, 2, 1], layer, channels)
         assert res.maps.max() == pytest.approx(1.0)
@@ -340,7 +343,7 @@ def test_class_comparison_figure(tmp_path):
     model = tiny_cam_model(7)
     ex = core.Explainer(model)
     x = images(3, seed=7)
-    per_class = [core.grad_cam(ex, x, class_index=c) for c in (0, 1)]
+    per_class = [cams.grad_cam(ex, x, class_index=c) for c in (0, 1)]
     assert np.abs(per_class[0].maps - per_class[1].maps).max() > 0.1
     titles = [[f"class {c} p={p:.2f}" for p in r.probabilities]
               for c, r in zip((0, 1), per_class)]
@@ -396,11 +399,72 @@ def test_explain_cli_on_a_run_compare_classes_and_dream(tmp_path):
     cmd = [sys.executable, "-m", "research.apps.explain", f"--run_name={run}",
            f"--checkpoint_dir={tmp_path / 'ck'}", f"--images={photo}", "--precision=float32",
            "--method=gradcam,saliency_positive", "--compare_classes=cat,dog",
-           "--visualize=dream", "--dream_steps=3", f"--out_dir={out}"]
+           "--visualize=dream", "--dream_steps=3", "--sanity=model_randomization,random_logit",
+           "--faithfulness", f"--out_dir={out}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
+    sane = json.loads((out / "sanity.json").read_text())
+    assert set(sane) == {"gradcam", "saliency_positive"} and "verdict" in res.stdout
+    assert sane["gradcam"]["random_logit"]["verdict"] in ("pass", "fail")
+    assert (out / "sanity_maps.png").exists() and (out / "sanity_curves.png").exists()
+    faith = json.loads((out / "faithfulness.json").read_text())["gradcam"]
+    assert {"deletion_auc", "road_morf", "road_lerf", "mu_fidelity", "average_drop",
+            "increase_in_confidence"} <= set(faith) and "ROAD MoRF" in res.stdout
     assert (out / "compare_classes.png").exists()
     assert cv2.imread(str(out / "dream_photo.png")).shape == (32, 32, 3)
     assert (out / "saliency_positive" / "heatmap_photo.png").exists()
     assert json.loads((out / "gradcam" / "heatmap_photo.png.json").read_text()
                       )["precision"] == "float32"
+
+
+def test_outcome_filters_explain_the_most_confident_and_say_how_many(tmp_path, syn):
+    from research.errors import UserError
+    from research.explain import outputs
+
+    run = fake_run(tmp_path / "ck")
+    ex, meta = loading.load_run(str(tmp_path / "ck"), run, "float32")
+    total, seen = 0, set()
+    for kind, (label, decision) in outputs.OUTCOME_FILTERS.items():
+        items, matched = outputs.outcome_items(ex, meta, syn, "test", 3, kind)
+        total += matched
+        assert len(items) == min(3, matched)
+        p = [float(it.name.rsplit("_p", 1)[1][:-4]) for it in items]
+        assert p == sorted(p, reverse=bool(decision)), kind   # most confident first
+        assert all((q >= meta["threshold"]) == bool(decision) for q in p)
+        assert all((it.label == "cat") == bool(label) for it in items)
+        seen |= {it.name for it in items}
+    assert total == 50  # every test example has exactly one outcome
+    for bad_meta, what in ((None, "keras.applications"), ({**meta, "classifier": True},
+                                                          "a classifier")):
+        with pytest.raises(UserError, match=what):
+            outputs.check_example_filter("false_positive", bad_meta)
+    with pytest.raises(UserError, match="--example_filter: 'nope'"):
+        outputs.check_example_filter("nope", meta)
+
+
+@pytest.mark.slow
+def test_explain_app_draws_on_the_whole_photo_and_explains_mistakes(tmp_path, syn):
+    run = fake_run(tmp_path / "ck")
+    photo = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+                    ).save(photo)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "research.apps.explain", f"--run_name={run}",
+            f"--checkpoint_dir={tmp_path / 'ck'}", "--precision=float32"]
+    res = subprocess.run(base + [f"--images={photo}", f"--data_dir={syn}", "--num_examples=2",
+                                 "--example_filter=false_negative", "--method=hirescam",
+                                 f"--out_dir={out}"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "--example_filter=false_negative:" in res.stdout and "matched" in res.stdout
+    assert cv2.imread(str(out / "heatmap_wide.png")).shape == (60, 80, 3)  # whole photo
+    assert cv2.imread(str(out / "map_wide.png")).shape == (60, 60, 3)      # its window
+    side = json.loads((out / "heatmap_wide.png.json").read_text())
+    assert side["window"] == list(imaging.crop_window((60, 80), (32, 32), "center_crop"))
+    assert side["image_size"] == [60, 80] and side["window"][2:] == [60, 60]
+    assert len(list(out.glob("heatmap_test_*_p*.png"))) == len(
+        [ln for ln in res.stdout.splitlines() if "[hirescam]" in ln]) - 1
+    ex, _ = loading.load_run(str(tmp_path / "ck"), run, "float32")
+    from research.explain import outputs
+    items, _ = outputs.image_items(ex, [str(photo)], "stretch")
+    assert items[0].window == (0, 0, 60, 80) and items[0].model_input.shape == (32, 32, 3)

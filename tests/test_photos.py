@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from research.data import imaging
+from research.explain import render
 from research.lab import photos_stage
 from research.lab.lab import Lab
 from research.lab.settings import LabSettings
@@ -29,7 +30,7 @@ def test_the_heatmap_goes_on_the_window_the_network_saw():
     assert (t, h) == (0, 120) and abs(lft - 40) <= 1 and w == 120
     heat = np.zeros((64, 64), np.float32)
     heat[:, 32:] = 1.0  # the right half of what the network saw
-    out = photos_stage.overlay_on_original(photo, heat, window)
+    out = render.overlay_on_original(photo, heat, window)
     assert out.shape == photo.shape  # the original's own resolution
     assert (out[5:-5, 5:lft - 5] == 100).all()  # outside the window: the photo untouched
     assert (out[5:-5, lft + w + 5:-5] == 100).all()

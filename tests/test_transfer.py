@@ -230,7 +230,7 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
 
 
 def test_gradcam_on_a_transfer_run(source, syn):
-    from research.explain.core import grad_cam
+    from research.explain.cams import grad_cam
     from research.explain.loading import load_run
 
     ck, _, _ = source

@@ -38,6 +38,8 @@ from research.explain.options import PRECISIONS, ExplainOptions
 APPLICATIONS = source_values.keys("loading", "APPLICATIONS")
 METHODS = source_values.keys("methods", "METHODS")
 EXAMPLE_FILTERS = source_values.keys("outputs", "EXAMPLE_FILTERS")
+OUTCOME_FILTERS = source_values.keys("outputs", "OUTCOME_FILTERS")
+SANITY_CHECKS = source_values.constant("sanity", "CHECKS")
 
 VISUALIZATIONS = ("activations", "filters", "dream")
 SHOWN = 4  # images whose activations and dreams are drawn
@@ -57,8 +59,14 @@ flags.DEFINE_string("data_dir", None, "With --num_examples: TFRecords to take ex
 config_flags.define_integer("num_examples", 0, "Explain the first N examples of --split.",
                             ge=0)
 flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split for --num_examples.")
-flags.DEFINE_enum("example_filter", "all", list(EXAMPLE_FILTERS),
-                  "Which examples --num_examples takes.")
+flags.DEFINE_enum("example_filter", "all", [*EXAMPLE_FILTERS, *OUTCOME_FILTERS],
+                  "Which examples --num_examples takes: the first of a label (all, positive, "
+                  "negative), or a detector's outcome at the run's threshold, most confident "
+                  "first (false_positive, ...: the split is scored as predict scores it).")
+flags.DEFINE_enum("resize_policy", None, list(imaging.RESIZE_POLICIES),
+                  "How --images are fitted to the network (default: the run's recorded "
+                  "policy, as predict; center_crop for --model). The maps are drawn on the "
+                  "whole photo with the network's window framed.")
 flags.DEFINE_list("method", ["gradcam"], ", ".join(METHODS) + " (several: one "
                   "sub-folder each, and all_methods.png); all: every method that fits the "
                   "model (cam needs a GlobalAveragePooling2D + Dense head).")
@@ -73,7 +81,12 @@ flags.DEFINE_list("compare_classes", [], "Class names: one figure, compare_class
 flags.DEFINE_list("visualize", [], "Any of " + ", ".join(VISUALIZATIONS) + ", for --layers.")
 flags.DEFINE_list("layers", [], "Layers for --visualize (default: the CAM layer, i.e. the "
                   "last spatial feature map).")
-flags.DEFINE_bool("faithfulness", False, "Also compute deletion/insertion AUCs per method.")
+flags.DEFINE_bool("faithfulness", False, "Also score each method's faithfulness: deletion/"
+                  "insertion AUCs, ROAD (MoRF, LeRF), MuFidelity, Average Drop and Increase "
+                  "in Confidence -> faithfulness.json and a table.")
+flags.DEFINE_list("sanity", [], "Sanity checks of each --method (Adebayo et al. 2018): "
+                  + ", ".join(SANITY_CHECKS) + " -> sanity.json, sanity_maps.png, "
+                  "sanity_curves.png (docs/explain.md).")
 flags.DEFINE_string("out_dir", "explain", "Output folder.")
 config_flags.define_flags(ExplainOptions)
 config_flags.define_device_flags()
@@ -168,19 +181,19 @@ def explain_methods(ex, items, batch, class_index, about, options, names, tops) 
             if j < 3 or j == len(saved) - 1:
                 print(f"  [{method}] {paths['overlay']}")
         if FLAGS.faithfulness:
-            scores[method] = outputs.faithfulness_of(ex, batch, res)
+            scores[method] = outputs.faithfulness_of(ex, batch, res, options.seed)
             print(f"  [{method}] deletion AUC {scores[method]['deletion_auc']:.4f} (lower is "
                   f"better), insertion AUC {scores[method]['insertion_auc']:.4f} (higher is "
-                  "better)")
+                  f"better), ROAD MoRF {scores[method]['road_morf']:.4f} / LeRF "
+                  f"{scores[method]['road_lerf']:.4f}")
     if len(results) > 1:
         dest = outputs.save_methods_figure(results, items, FLAGS.out_dir, options,
                                            about["model"])
         print(f"  all methods: {dest}")
     if scores:
         outputs.save_faithfulness(scores, FLAGS.out_dir)
-        print(f"{'method':<18}{'deletion':>10}{'insertion':>11}   ({len(items)} images)")
-        for m, s in scores.items():
-            print(f"{m:<18}{s['deletion_auc']:>10.4f}{s['insertion_auc']:>11.4f}")
+        for line in outputs.faithfulness_table(scores, len(items)):
+            print(line)
 
 
 def visualize(ex, items, layers, options, model_desc: str) -> None:
@@ -200,6 +213,36 @@ def visualize(ex, items, layers, options, model_desc: str) -> None:
                   f"{d.start_activation:.3f} -> {d.final_activation:.3f})")
 
 
+def example_items(ex, meta) -> list:
+    """--num_examples examples of --split under --example_filter; for an outcome filter, says
+    how many matched (fewer than asked, even none, is not an error)."""
+    from research.explain import outputs
+
+    if FLAGS.example_filter not in OUTCOME_FILTERS:
+        return outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
+                                     FLAGS.example_filter)
+    items, matched = outputs.outcome_items(ex, meta, FLAGS.data_dir, FLAGS.split,
+                                           FLAGS.num_examples, FLAGS.example_filter)
+    print(f"--example_filter={FLAGS.example_filter}: {matched} of {FLAGS.split} matched at "
+          f"threshold {meta['threshold']:.4f}; explaining the {len(items)} most confident")
+    return items
+
+
+def run_sanity(ex, batch, names, class_index, options, model_desc: str) -> None:
+    from research.explain import outputs, sanity
+
+    results = outputs.sanity_checks(ex, batch, names, FLAGS.sanity, options, class_index,
+                                    FLAGS.layer)
+    print(f"  sanity: {outputs.save_sanity(results, FLAGS.out_dir)}")
+    for dest in outputs.sanity_figures(results, batch[0], FLAGS.out_dir,
+                                       f"{model_desc}: sanity checks", alpha=options.alpha):
+        print(f"  sanity: {dest}")
+    print(f"{'method':<18}{'check':<21}{'spearman':>9}{'ssim':>8}  verdict "
+          f"(pass: spearman < {sanity.PASS_BELOW} once random)")
+    for m, c, sp, ss, v in outputs.sanity_rows(results):
+        print(f"{m:<18}{c:<21}{sp:>9}{ss:>8}  {v}")
+
+
 def main(argv):
     del argv
     try:
@@ -208,28 +251,41 @@ def main(argv):
     except UserError as e:
         config_flags.fail(e)
     config_flags.setup_devices()
-    from research.explain import core, outputs  # the heavy imports, once the input is good
+    # the heavy imports, once the input is good
+    from research.explain import core, methods, outputs, sanity
 
     try:
+        # The checks that need the explanation modules, before any model is loaded.
+        if FLAGS.model and FLAGS.example_filter in OUTCOME_FILTERS:
+            outputs.check_example_filter(FLAGS.example_filter, None)
+        sanity.check_request(FLAGS.sanity, [m for m in FLAGS.method if m != "all"], None)
         ex, model_desc, precision, meta = load()
         compare = [outputs.class_index_of(ex, c, "compare_classes")
                    for c in FLAGS.compare_classes]
         class_index = FLAGS.class_index
         if class_index is None and FLAGS.class_name is not None:
             class_index = outputs.class_index_of(ex, FLAGS.class_name, "class_name")
-        if FLAGS.layer:
-            core.find_layer(ex.model, FLAGS.layer)  # fail early, listing the candidates
+        for name in (FLAGS.layer or "").split(","):
+            if name:
+                core.find_layer(ex.model, name)  # fail early, listing the candidates
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
                   ] if FLAGS.visualize or FLAGS.layers else []
-        items, errors = outputs.image_items(
-            ex, config_flags.image_paths(), imaging.DEFAULT_RESIZE_POLICY if meta is None
-            else imaging.recorded_policy(meta))
+        if FLAGS.example_filter in OUTCOME_FILTERS:
+            outputs.check_example_filter(FLAGS.example_filter, meta)
+        names = chosen_methods(ex)
+        need_layer = [m for m in names if m in methods.LAYER_METHODS]
+        if need_layer and not FLAGS.layer and not core.spatial_layers(ex.model):
+            raise UserError(f"--method={need_layer[0]} needs a 4-D (N, H, W, C) layer and "
+                            f"{ex.model.name} has none")
+        sanity.check_request(FLAGS.sanity, [], int(ex.model.output.shape[-1]))
+        items, errors = outputs.image_items(ex, config_flags.image_paths(),
+                                            FLAGS.resize_policy or (
+                                                imaging.DEFAULT_RESIZE_POLICY if meta is None
+                                                else imaging.recorded_policy(meta)))
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         if FLAGS.num_examples:
-            items += outputs.example_items(ex, FLAGS.data_dir, FLAGS.split, FLAGS.num_examples,
-                                           FLAGS.example_filter)
-        names = chosen_methods(ex)
+            items += example_items(ex, meta)
     except (UserError, core.LayerNotFoundError) as e:
         config_flags.fail(e)
     if not items and not errors and FLAGS.visualize == ["filters"] and not compare:
@@ -237,6 +293,8 @@ def main(argv):
         print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
         visualize(ex, items, layers, options, model_desc)
         return
+    if not items and FLAGS.example_filter in OUTCOME_FILTERS and FLAGS.num_examples:
+        return  # none matched: said above, not an error
     if not items:  # each unreadable image has had its line
         sys.exit(1 if errors else "error: no images to explain (give --images or "
                  "--num_examples)")
@@ -256,6 +314,8 @@ def main(argv):
         dest = outputs.save_class_comparison(ex, items, names[0], compare, options,
                                              FLAGS.out_dir, FLAGS.layer, model_desc)
         print(f"  compare classes ({names[0]}): {dest}")
+    if FLAGS.sanity:
+        run_sanity(ex, batch, names, class_index, options, model_desc)
     visualize(ex, items, layers, options, model_desc)
     if errors:
         sys.exit(f"error: {len(errors)} image(s) could not be read; the others were explained")

@@ -25,7 +25,7 @@ from absl import app, flags
 from research import detector
 from research.benchmarks import peak
 from research.benchmarks.ratios import Ratios
-from research.explain import core, loading
+from research.explain import cams, core, loading
 from research.machine import banner, has_fast_bf16
 from research.models import build_model
 from research.models.flops import gradcam_flops
@@ -124,10 +124,10 @@ def bench(name: str, out: Ratios, fp32_peak: peak.Peak) -> None:
     chunks = [(images[i:i + b], classes[i:i + b]) for i in range(0, n, b)]
 
     def ours(ex):
-        return lambda: [core.grad_cam(ex, x, c).maps for x, c in chunks]
+        return lambda: [cams.grad_cam(ex, x, c).maps for x, c in chunks]
 
     def low_res(ex):
-        return np.concatenate([core.grad_cam(ex, x, c).low_res for x, c in chunks])
+        return np.concatenate([cams.grad_cam(ex, x, c).low_res for x, c in chunks])
 
     rows = {}  # name -> (seconds or None, note)
     ref = low_res(ours32)  # also the warm-up

@@ -17,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from research.errors import UserError
+from research.explain.cams import grad_cam
 from research.explain.core import (Explainer, Explanation, capture, class_scores, finish,
-                                   grad_cam, iter_layers, normalize_maps, prepare, upsample)
+                                   iter_layers, normalize_maps, prepare, upsample)
 
 BASELINES = ("black", "mean", "uniform")
 FILLS = ("mean", "black")  # what occlusion hides a patch with
@@ -363,3 +364,49 @@ def integrated_gradients(ex: Explainer, images, class_index=None, baseline: str 
                   {"baseline": baseline, "steps": steps, "seed": seed, "rule": "trapezoid"},
                   extras={"attribution_sum": tf.reduce_sum(attr, [1, 2, 3]),
                           "score_minus_baseline": gap})
+
+
+# ---------------------------------------------------------------------------------------------
+# RISE (Petsiuk et al. 2018): randomised input sampling.
+
+def rise_masks(n: int, h: int, w: int, grid: int, keep: float, rng: np.random.Generator
+               ) -> np.ndarray:
+    """(n, H, W) float32 smooth masks, as the paper's generate_masks: a grid x grid binary
+    grid (1 with probability `keep`) upsampled bilinearly to (grid + 1) cells and cropped at
+    a random shift of less than one cell."""
+    cell_h, cell_w = math.ceil(h / grid), math.ceil(w / grid)
+    up_h, up_w = (grid + 1) * cell_h, (grid + 1) * cell_w
+    cells = (rng.uniform(size=(n, grid, grid)) < keep).astype(np.float32)
+    out = np.empty((n, h, w), np.float32)
+    for i in range(n):
+        dy, dx = rng.integers(0, cell_h), rng.integers(0, cell_w)
+        up = cv2.resize(cells[i], (up_w, up_h), interpolation=cv2.INTER_LINEAR)
+        out[i] = up[dy:dy + h, dx:dx + w]
+    return out
+
+
+def rise(ex: Explainer, images, class_index=None, masks: int = 1024, grid: int = 7,
+         keep: float = 0.5, seed: int = 0, batch_size: int = 64) -> Explanation:
+    """RISE: `masks` random smooth masks (the same for every image, seeded); a pixel's value
+    is the mean over masks of P(class | image x mask) x mask / `keep` (the paper's eq. 6,
+    a black-box method: forward passes only, `batch_size` at a time). The map is min-max
+    scaled, since every pixel carries the mean probability as an offset."""
+    raw, classes = prepare(ex, images, class_index)
+    logits = ex.logits(raw)
+    classes = class_scores(logits, classes)[0]
+    h, w = raw.shape[1:3]
+    m = rise_masks(masks, h, w, grid, keep, np.random.default_rng(seed))
+    total = np.zeros((raw.shape[0], h, w), np.float64)
+    cls = classes.numpy()
+    for i in range(raw.shape[0]):
+        for s in range(0, masks, batch_size):
+            chunk = m[s:s + batch_size]
+            batch = raw[i][None] * chunk[..., None]
+            probs = ex.probabilities(np.asarray(ex.logits(batch)))[:, cls[i]]
+            total[i] += np.einsum("m,mhw->hw", probs, chunk)
+    sal = total / (masks * keep)
+    sal -= sal.min(axis=(1, 2), keepdims=True)
+    maps = normalize_maps(tf.constant(sal, tf.float32))
+    return finish(ex, maps, cls, logits, "rise", None,
+                  {"masks": masks, "grid": grid, "keep": keep, "seed": seed,
+                   "score": "probability", "forward_passes": masks})

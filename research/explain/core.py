@@ -366,62 +366,6 @@ def prepare(ex: Explainer, images, class_index):
     return raw, tf.constant(ex.class_indices(raw.shape[0], class_index))
 
 
-def grad_cam(ex: Explainer, images, class_index=None, layer: str | None = None) -> Explanation:
-    """Grad-CAM: alpha_k = spatial mean of dS/dA_k per image; cam = ReLU(sum_k alpha_k A_k)."""
-    path, target = find_layer(ex.model, layer)
-    raw, classes = prepare(ex, images, class_index)
-    acts, grads, logits, classes = ex.gradients(target, raw, classes, path)
-    alpha = tf.reduce_mean(grads, axis=[1, 2])                      # (N, K)
-    cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, alpha)))
-    maps = normalize_maps(upsample(cam, raw.shape[1:3]))
-    return finish(ex, maps, classes.numpy(), logits, "gradcam", path, {}, cam)
-
-
-def grad_cam_pp(ex: Explainer, images, class_index=None, layer: str | None = None
-                ) -> Explanation:
-    """Grad-CAM++ (Chattopadhyay et al. 2018), with the closed-form alpha for exp(score)."""
-    path, target = find_layer(ex.model, layer)
-    raw, classes = prepare(ex, images, class_index)
-    acts, grads, logits, classes = ex.gradients(target, raw, classes, path)
-    g2, g3 = tf.square(grads), tf.pow(grads, 3)
-    sum_a = tf.reduce_sum(acts, axis=[1, 2], keepdims=True)
-    denom = 2.0 * g2 + sum_a * g3
-    alpha = tf.math.divide_no_nan(g2, tf.where(tf.abs(denom) > 0, denom, tf.ones_like(denom)))
-    weights = tf.reduce_sum(alpha * tf.nn.relu(grads), axis=[1, 2])  # (N, K)
-    cam = normalize_maps(tf.nn.relu(tf.einsum("nhwk,nk->nhw", acts, weights)))
-    maps = normalize_maps(upsample(cam, raw.shape[1:3]))
-    return finish(ex, maps, classes.numpy(), logits, "gradcam_pp", path, {}, cam)
-
-
-def score_cam(ex: Explainer, images, class_index=None, layer: str | None = None,
-              max_channels: int = 64, batch_size: int = 64) -> Explanation:
-    """Score-CAM (Wang et al. 2020): each channel, upsampled and scaled to [0, 1], masks the
-    input; the channel's weight is the softmax over channels of the class score it yields.
-    Only the `max_channels` channels with the highest mean activation are used (VGG16 has
-    512; each costs one forward pass). The masked images of all images and channels run as
-    batches of `batch_size`, which bounds the memory."""
-    path, target = find_layer(ex.model, layer)
-    raw, classes = prepare(ex, images, class_index)
-    acts, _, logits, classes = ex.gradients(target, raw, classes, path)
-    n, h, w, channels = acts.shape
-    k = min(max_channels, channels)
-    top = tf.math.top_k(tf.reduce_mean(acts, axis=[1, 2]), k).indices          # (N, k)
-    masks = tf.transpose(tf.gather(acts, top, axis=-1, batch_dims=1), [0, 3, 1, 2])
-    lo = tf.reduce_min(masks, axis=[2, 3], keepdims=True)
-    hi = tf.reduce_max(masks, axis=[2, 3], keepdims=True)
-    masks = tf.math.divide_no_nan(masks - lo, hi - lo)                         # (N, k, h, w)
-    flat = tf.reshape(masks, [n * k, h, w])
-    owner = tf.repeat(tf.range(n), k)
-    scores = tf.concat([ex.masked_scores(raw, flat[s:s + batch_size], owner[s:s + batch_size],
-                                         classes) for s in range(0, n * k, batch_size)], 0)
-    weights = tf.nn.softmax(tf.reshape(scores, [n, k]), axis=-1)
-    # Bilinear upsampling is linear, so the weighted sum is taken at the layer's size.
-    cam = upsample(tf.einsum("nkhw,nk->nhw", masks, weights), raw.shape[1:3])
-    maps = normalize_maps(tf.nn.relu(cam))
-    return finish(ex, maps, classes.numpy(), logits, "scorecam", path,
-                  {"max_channels": max_channels})
-
-
 def saliency(ex: Explainer, images, class_index=None) -> Explanation:
     """Vanilla saliency: |dS/dx|, max over colour channels."""
     raw, classes = prepare(ex, images, class_index)

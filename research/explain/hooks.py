@@ -12,7 +12,8 @@ import tensorflow as tf
 from research import plots
 from research.data import pipeline
 from research.detector import preprocess_fn
-from research.explain.core import Explainer, grad_cam
+from research.explain.cams import grad_cam
+from research.explain.core import Explainer
 from research.explain.render import overlay_grid
 from research.training.actions import OnEval
 

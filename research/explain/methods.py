@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from research.explain import attribution, core
+from research.explain import attribution, cams, core
 from research.errors import UserError
 
+# The CAM family (cams.VARIANTS, one skeleton), then the others.
 METHODS = {
-    "gradcam": core.grad_cam,
-    "gradcam_pp": core.grad_cam_pp,
-    "scorecam": core.score_cam,
+    **{v.name: cams.method(v.name) for v in cams.VARIANTS},
     "cam": attribution.cam,
     "saliency": core.saliency,
     "saliency_positive": core.saliency_positive,
@@ -18,9 +17,10 @@ METHODS = {
     "integrated_gradients": attribution.integrated_gradients,
     "occlusion": attribution.occlusion,
     "lime": attribution.lime,
+    "rise": attribution.rise,
 }
 # Methods that explain one feature map, chosen by --layer (default: the last spatial one).
-LAYER_METHODS = ("gradcam", "gradcam_pp", "scorecam", "guided_gradcam")
+LAYER_METHODS = tuple(v.name for v in cams.VARIANTS) + ("guided_gradcam",)
 
 
 def explain(ex: core.Explainer, method: str, images, class_index=None, layer=None, **params

@@ -22,10 +22,18 @@ class ExplainOptions:
                                       ge=1)
     smoothgrad_noise: float = setting(_arg("core.smoothgrad", "noise"), "SmoothGrad: noise std "
                                       "as a fraction of the image's value range.", ge=0)
-    scorecam_channels: int = setting(_arg("core.score_cam", "max_channels"), "Score-CAM: "
+    scorecam_channels: int = setting(_arg("cams.score_weights", "max_channels"), "Score-CAM: "
                                      "channels used (highest mean first).", ge=1)
-    scorecam_batch: int = setting(_arg("core.score_cam", "batch_size"), "Score-CAM: masked "
+    scorecam_batch: int = setting(_arg("cams.score_weights", "batch_size"), "Score-CAM: masked "
                                   "images per forward pass (bounds the memory).", ge=1)
+    ablation_batch: int = setting(_arg("cams.ablation_weights", "batch_size"), "Ablation-CAM: "
+                                  "(image, channel) pairs per forward pass.", ge=1)
+    cam_aug_smooth: bool = setting(_arg("cams.run_cam", "aug_smooth"), "CAM family: average "
+                                   "the maps of the image flipped and at 0.9/1.0/1.1 "
+                                   "brightness (pytorch-grad-cam's aug_smooth; 6x the cost).")
+    cam_eigen_smooth: bool = setting(_arg("cams.run_cam", "eigen_smooth"), "CAM family: the "
+                                     "first principal component of the weighted activations "
+                                     "instead of their sum (pytorch-grad-cam's eigen_smooth).")
     occlusion_patch: float = setting(_arg("attribution.occlusion", "patch"), "Occlusion: side "
                                      "of the square, as a fraction of the input's shorter "
                                      "side.", gt=0, le=1)
@@ -51,8 +59,14 @@ class ExplainOptions:
     lime_kernel_width: float = setting(_arg("attribution.lime", "kernel_width"), "LIME: width "
                                        "of the kernel on the cosine distance.", gt=0)
     lime_top: int = setting(3, "LIME: superpixels kept in lime_top_<file>.png.", ge=1)
+    rise_masks: int = setting(_arg("attribution.rise", "masks"), "RISE: random masks (forward "
+                              "passes) per image.", ge=1)
+    rise_grid: int = setting(_arg("attribution.rise", "grid"), "RISE: cells per side of the "
+                             "masks' coarse grid.", ge=1)
+    rise_keep: float = setting(_arg("attribution.rise", "keep"), "RISE: probability that a "
+                               "cell is kept.", gt=0, le=1)
     forward_batch: int = setting(_arg("attribution.occlusion", "batch_size"), "Occlusion, LIME, "
-                                 "integrated gradients: images per forward pass (bounds the "
+                                 "RISE, integrated gradients: images per forward pass (bounds the "
                                  "memory).", ge=1)
     alpha: float = setting(_arg("render.save_explanation", "alpha"), "Overlay opacity of the "
                            "heatmap.", ge=0, le=1)
@@ -79,14 +93,22 @@ class ExplainOptions:
 
     def method_params(self, method: str) -> dict:
         """The keyword arguments of `methods.explain` for `method`."""
-        return {"smoothgrad": {"n": self.smoothgrad_samples, "noise": self.smoothgrad_noise,
+        from research.explain import cams  # by the time a method runs, TensorFlow is loaded
+
+        smooth = {"aug_smooth": self.cam_aug_smooth, "eigen_smooth": self.cam_eigen_smooth}
+        cam = {v.name: smooth for v in cams.VARIANTS}
+        return {**cam, "ablationcam": {**smooth, "batch_size": self.ablation_batch},
+                "smoothgrad": {"n": self.smoothgrad_samples, "noise": self.smoothgrad_noise,
                                "seed": self.seed},
-                "scorecam": {"max_channels": self.scorecam_channels,
+                "scorecam": {**smooth, "max_channels": self.scorecam_channels,
                              "batch_size": self.scorecam_batch},
                 "occlusion": {"patch": self.occlusion_patch, "stride": self.occlusion_stride,
                               "fill": self.occlusion_fill, "batch_size": self.forward_batch},
                 "integrated_gradients": {"baseline": self.ig_baseline, "steps": self.ig_steps,
                                          "seed": self.seed, "batch_size": self.forward_batch},
+                "rise": {"masks": self.rise_masks, "grid": self.rise_grid,
+                         "keep": self.rise_keep, "seed": self.seed,
+                         "batch_size": self.forward_batch},
                 "lime": {"samples": self.lime_samples, "segments": self.lime_segments,
                          "segmentation": self.lime_segmentation,
                          "kernel_width": self.lime_kernel_width, "seed": self.seed,

@@ -35,6 +35,18 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
     return colored, overlay
 
 
+def overlay_on_original(photo: np.ndarray, heat: np.ndarray, window, alpha: float = 0.4
+                        ) -> np.ndarray:
+    """The heatmap (the network's view, low to high = 0..1) upsampled onto the part of the
+    photo the network saw, `window` = (top, left, height, width) marked in white."""
+    t, lft, h, w = window
+    out = np.clip(np.asarray(photo), 0, 255).astype(np.uint8).copy()
+    out[t:t + h, lft:lft + w] = overlay_heatmap(out[t:t + h, lft:lft + w], heat, alpha)[1]
+    thick = max(2, round(max(photo.shape[:2]) / 150))
+    cv2.rectangle(out, (lft, t), (lft + w - 1, t + h - 1), (255, 255, 255), thick)
+    return out
+
+
 def three_panel_figure(image, heatmap, overlay, title: str):
     """Original, heatmap and overlay side by side, readable at a glance; `heatmap` and
     `overlay` are overlay_heatmap's, and one colour bar gives their 0..1 scale."""
@@ -50,15 +62,23 @@ def three_panel_figure(image, heatmap, overlay, title: str):
 
 
 def save_explanation(out_dir: str, name: str, image: np.ndarray, heatmap: np.ndarray,
-                     record: dict, alpha: float = 0.4) -> dict:
+                     record: dict, alpha: float = 0.4, window=None) -> dict:
     """Writes heatmap_<name> (the overlay), map_<name> (the heatmap alone, no photo under
     it), <stem>_<method>.png (3 panels) and heatmap_<name>.json (the record); returns the
-    paths. A record's `top_classes` ([name, probability] pairs) go into the title too."""
+    paths. A record's `top_classes` ([name, probability] pairs) go into the title too.
+    With `window` (top, left, height, width), `image` is the whole photo: the overlay is
+    drawn on the part the network saw, framed in white, the rest of the photo around it;
+    map_<name> is the window's heatmap."""
     base = os.path.basename(name)
     stem, ext = os.path.splitext(base)
     if ext.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
         base, ext = stem + ".png", ".png"
-    colored, overlay = overlay_heatmap(image, heatmap, alpha)
+    if window is None:
+        colored, overlay = overlay_heatmap(image, heatmap, alpha)
+    else:
+        t, lft, h, w = window
+        colored = overlay_heatmap(np.asarray(image)[t:t + h, lft:lft + w], heatmap, alpha)[0]
+        overlay = overlay_on_original(image, heatmap, window, alpha)
     overlay_path = os.path.join(out_dir, f"heatmap_{base}")
     files.write_bytes(overlay_path, encode_image(overlay, overlay_path), "an explanation")
     map_path = os.path.join(out_dir, f"map_{base}")

@@ -14,7 +14,6 @@ import os
 import tarfile
 import time
 
-import cv2
 import numpy as np
 
 from research import plots, runs
@@ -173,17 +172,6 @@ def read_originals(source: str, wanted: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def overlay_on_original(photo: np.ndarray, heat: np.ndarray, window) -> np.ndarray:
-    """The heatmap (the network's view, low to high = 0..1) upsampled onto the part of the
-    photo the network saw, `window` = (top, left, height, width) marked in white."""
-    t, lft, h, w = window
-    out = np.asarray(photo, np.uint8).copy()
-    out[t:t + h, lft:lft + w] = render.overlay_heatmap(out[t:t + h, lft:lft + w], heat)[1]
-    thick = max(2, round(max(photo.shape[:2]) / 150))
-    cv2.rectangle(out, (lft, t), (lft + w - 1, t + h - 1), (255, 255, 255), thick)
-    return out
-
-
 def explain_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str],
                    out_dir: str) -> str:
     """Grad-CAM, Grad-CAM++ and saliency of the photo detector's cat score on held-out cat
@@ -207,7 +195,7 @@ def explain_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str
         images.append(photo)
         titles.append(f"{sid} ({photo.shape[1]}x{photo.shape[0]})\np(cat) {probs[row]:.2f}")
         for m in PHOTO_METHODS:
-            images.append(overlay_on_original(photo, np.asarray(maps[m].maps[row]), window))
+            images.append(render.overlay_on_original(photo, np.asarray(maps[m].maps[row]), window))
             titles.append(m)
     fig = plots.image_grid(images, titles, ncols=1 + len(PHOTO_METHODS), cell=2.4,
                            colorbar_cmap=render.HEATMAP_CMAP,
@@ -218,8 +206,9 @@ def explain_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str
 
 def mistakes_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[str],
                     raw: dict, threshold: float, out_dir: str, k: int = 6) -> str:
-    """The most confident false positives (dogs called cats) and false negatives, as the
-    original photos."""
+    """The most confident false positives (dogs called cats) and false negatives, each as
+    the original photo and beside it Grad-CAM of the cat score drawn on it (the window the
+    network saw framed)."""
     scores, labels, index = raw["scores"], raw["labels"], raw["index"]
     fp = [i for i in np.argsort(-scores) if labels[i] == 0 and scores[i] >= threshold][:k]
     fn = [i for i in np.argsort(scores) if labels[i] == 1 and scores[i] < threshold][:k]
@@ -229,14 +218,24 @@ def mistakes_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[st
     images, titles = [], []
     stored = pipeline.take_examples(data_dir, SPLIT, indices=[i for i, _, _ in picked])
     by_index = dict(zip(stored["index"].tolist(), stored["image"]))
-    for i, score, kind in picked:
-        images.append(originals.get(ids[i], by_index[i]))
-        titles.append(f"{kind}\n{ids[i]}: p(cat) {score:.2f}")
+    if picked:
+        manifest = pipeline.load_manifest(data_dir)
+        policy = imaging.recorded_policy(manifest)
+        ex, _, cat = load_explainer(lab, run)
+        batch = np.stack([by_index[i] for i, _, _ in picked]).astype(np.float32)
+        cams = methods.explain(ex, "gradcam", batch, cat).maps
+    for row, (i, score, kind) in enumerate(picked):
+        photo = originals.get(ids[i], by_index[i])
+        window = imaging.crop_window(photo.shape, tuple(manifest["image_shape"][:2]), policy)
+        images += [photo, render.overlay_on_original(photo, cams[row], window)]
+        titles += [f"{kind}\n{ids[i]}: p(cat) {score:.2f}", "Grad-CAM of p(cat)"]
     if not images:
         images, titles = [np.zeros((8, 8, 3), np.uint8)], ["no mistakes"]
-    fig = plots.image_grid(images, titles, ncols=k, cell=2.0,
+    fig = plots.image_grid(images, titles, ncols=4, cell=2.0,
+                           colorbar_cmap=render.HEATMAP_CMAP if picked else None,
                            title=f"{run}: the most confident mistakes on the held-out photos "
-                                 f"(threshold {threshold:.3f} from val)")
+                                 f"(threshold {threshold:.3f} from val)\neach with Grad-CAM "
+                                 "of p(cat) on the part it saw (white box)")
     return plots.save_figure(fig, os.path.join(out_dir, "photos_mistakes.png"))
 
 

@@ -241,6 +241,27 @@ def _errors_section(doc: Doc, records: dict) -> None:
             doc.image(fig, f"{r.outputs['run_name']}: {os.path.basename(fig)}")
 
 
+def _sanity_table(doc: Doc, outputs: dict) -> None:
+    """The sanity checks' verdicts (older markers have none)."""
+    if not outputs.get("sanity"):
+        return
+    doc.para(f"Sanity checks (Adebayo et al. 2018) on {outputs['sanity_images']} test images: "
+             "every layer with a kernel re-drawn at random from the logits down (cascading); "
+             "Spearman rank correlation and SSIM of the map with the original's once the "
+             "whole network is random, and of another class's map (random logit, detectors "
+             "with two or more outputs). A method passes when Spearman falls below 0.5. "
+             "Time: " + ", ".join(f"{r} {seconds(t)}" for r, t in
+                                  outputs.get("seconds", {}).get("sanity", {}).items()) + ".")
+    rows = []
+    for run, per in outputs["sanity"].items():
+        for method, checks in per.items():
+            for check, v in checks.items():
+                rows.append([f"{run}: {figures.METHOD_NAMES.get(method, method)}, "
+                             f"{check.replace('_', ' ')}: {v['verdict']}",
+                             num(v["spearman"]), num(v["ssim"])])
+    doc.table(["run: method, check: verdict", "Spearman", "SSIM"], rows)
+
+
 def _explain_section(doc: Doc, records: dict) -> None:
     doc.heading("What the detectors look at")
     exp = records.get("explain")
@@ -254,14 +275,32 @@ def _explain_section(doc: Doc, records: dict) -> None:
             doc.image(fig, os.path.basename(fig))
         doc.para("Deletion: pixels removed most-important first, the cat probability should "
                  "fall fast (lower is better). Insertion: pixels restored in the same order "
-                 "onto a blurred image, it should rise fast (higher is better).")
+                 "onto a blurred image, it should rise fast (higher is better). ROAD (Rong et "
+                 "al. 2022): 10..90% of the pixels removed and filled by noisy linear "
+                 "imputation, most relevant first (MoRF, lower is better) or least relevant "
+                 "first (LeRF, higher is better), mean cat probability. MuFidelity: "
+                 "correlation of the map's mass on random cells with the probability drop "
+                 "when they are zeroed (higher is better). Average drop / increase in "
+                 "confidence: the image times its map against the image (Grad-CAM++'s "
+                 "measures, %).")
         rows = []
         for run, per in exp.outputs["faithfulness"].items():
             for method, sc in per.items():
                 rows.append([f"{run}: {figures.METHOD_NAMES.get(method, method)}",
-                             num(sc["deletion_auc"]), num(sc["insertion_auc"]),
-                             num(sc["num_images"]), num(sc["steps"])])
-        doc.table(["run: method", "deletion AUC", "insertion AUC", "images", "steps"], rows)
+                             num(sc["deletion_auc"]), num(sc["insertion_auc"])]
+                            + [num(sc[k]) if k in sc else "" for k in (
+                                "road_morf", "road_lerf", "mu_fidelity", "average_drop",
+                                "increase_in_confidence")]
+                            + [num(sc["num_images"]), num(sc["steps"])])
+        doc.table(["run: method", "deletion AUC", "insertion AUC", "ROAD MoRF", "ROAD LeRF",
+                   "MuFidelity", "avg drop %", "incr. conf. %", "images", "steps"], rows)
+        _sanity_table(doc, exp.outputs)
+        for run, fig in exp.outputs.get("mistakes", {}).items():
+            if fig:
+                doc.para(f"{run}: Grad-CAM of its worst false positives and false negatives "
+                         "(the most confident among the first test images, scored as "
+                         "predict scores them).")
+                doc.image(fig, os.path.basename(fig))
     else:
         doc.para("The explain stage has not run.")
 

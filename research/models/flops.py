@@ -16,7 +16,7 @@ So a network trained from scratch costs 3x its forward pass, less its first laye
 gradient. `tests/test_flops.py` checks this against TensorFlow's own count of the gradient
 graph after pruning.
 
-Grad-CAM (research.explain.core.grad_cam): the forward pass, the input gradients of the
+Grad-CAM (research.explain.cams.grad_cam): the forward pass, the input gradients of the
 layers after the target layer (the class score's gradient flows from the logits back to the
 target's output; no weight gradients, nothing before the target) and the CAM's weighted sum
 of the target's channels (h w K multiply-adds). "After" is the walk's order: the layers

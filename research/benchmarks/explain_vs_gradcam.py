@@ -1,0 +1,325 @@
+r"""Our CAM family against pytorch-grad-cam's on the same network, images and classes: the
+per-image Pearson correlation of the maps and images/s of each at the same batch size, for
+every method both have. Prints one table (docs/explain.md keeps a copy).
+
+pytorch-grad-cam is PyTorch-only, so its side runs in a venv of its own with torch and no
+TensorFlow (the `reference` extra's packages, never needed by CI or the tests):
+
+  python3 -m venv /work/scratch/explain/venv
+  /work/scratch/explain/venv/bin/pip install torch==2.13.0 grad-cam==1.5.5
+  PYTHONPATH=. python -m research.benchmarks.explain_vs_gradcam \
+      --reference_python=/work/scratch/explain/venv/bin/python [--images=64] [--batch_size=32]
+
+This process (the project's venv) builds our fast CNN (research.models.fast, airbench94's
+shape: 32x32 input, patch whitening, three conv groups of 64/256/256, GELU, global max pool),
+untrained with random BN statistics and a random head so that every map is non-trivial, and
+explains random images with ours; it writes the weights, images, classes and our maps to an
+.npz and runs `--side=reference` under --reference_python, which rebuilds the same network in
+PyTorch layer by layer (Keras HWIO kernels -> OIHW), checks that its logits match ours, and
+explains the same images with pytorch-grad-cam at the same layer (the last conv group's
+output, 3x3). Where the definitions differ the table says how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("reference_python", None, "A python with torch and grad-cam (not TF).")
+flags.DEFINE_integer("images", 64, "Images explained by each implementation.")
+flags.DEFINE_integer("batch_size", 32, "Batch size of both.")
+flags.DEFINE_integer("repeats", 2, "Timed repeats (the best is kept), after a warm-up.")
+flags.DEFINE_enum("side", "ours", ["ours", "reference"], "Internal: which side this is.")
+flags.DEFINE_string("npz", None, "Internal: the shared arrays.")
+
+# ours -> (pytorch-grad-cam class, how the definitions differ; "" where they agree)
+METHODS = {
+    "gradcam": ("GradCAM", ""),
+    "gradcam_pp": ("GradCAMPlusPlus", ""),
+    "hirescam": ("HiResCAM", ""),
+    "xgradcam": ("XGradCAM", ""),
+    "layercam": ("LayerCAM", ""),
+    "eigencam": ("EigenCAM", "the component's sign: theirs is the SVD's (arbitrary), ours "
+                 "makes the map correlate with the channel sum; r against ours with the sign "
+                 "that matches theirs"),
+    "eigengradcam": ("EigenGradCAM", "the sign, as EigenCAM"),
+    "ablationcam": ("AblationCAM", "theirs sets an ablated channel to min - 1e7 when the layer "
+                    "has negative values (GELU here), ours to 0 as the paper"),
+    "ablationcam_zero": ("AblationCAM", "theirs given an ablation layer that zeroes the "
+                         "channel, as the paper and ours"),
+    "scorecam": ("ScoreCAM", ""),
+}
+SIGNLESS = ("eigencam", "eigengradcam")
+
+
+# ---------------------------------------------------------------------------------------------
+# Our side.
+
+def build_network(classes: int = 10, seed: int = 0):
+    import keras
+
+    from research.models import build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model("fast", (32, 32, 3), classes)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if hasattr(layer, "moving_variance"):
+            c = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, c).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype(np.float32))
+            layer.beta.assign(rng.normal(0, 0.2, c).astype(np.float32))
+    head = model.get_layer("logits")
+    head.kernel.assign(rng.normal(0, 1, head.kernel.shape).astype(np.float32))
+    return model
+
+
+def network_arrays(model) -> dict:
+    """Every weight the reference needs, by our layer names, in Keras layouts."""
+    out = {}
+    norm = model.get_layer("normalize")
+    out["norm_mean"] = np.asarray(norm.mean).reshape(-1)
+    out["norm_var"] = np.asarray(norm.variance).reshape(-1)
+    w = model.get_layer("whiten")
+    out["whiten_kernel"], out["whiten_bias"] = np.asarray(w.kernel), np.asarray(w.bias)
+    groups = sorted({x.name.split("_")[0] for x in model.layers if x.name.startswith("group")})
+    out["groups"] = np.array(len(groups))
+    for g in groups:
+        for i in (1, 2):
+            out[f"{g}_conv{i}"] = np.asarray(model.get_layer(f"{g}_conv{i}").kernel)
+            bn = model.get_layer(f"{g}_{i}_bn")
+            gamma = getattr(bn, "gamma", None)
+            out[f"{g}_bn{i}_gamma"] = (np.ones(bn.beta.shape, np.float32) if gamma is None
+                                       else np.asarray(gamma))
+            for k in ("beta", "moving_mean", "moving_variance"):
+                out[f"{g}_bn{i}_{k}"] = np.asarray(getattr(bn, k))
+            out["bn_epsilon"] = np.array(bn.epsilon)
+    out["scale"] = np.array(float(model.get_layer("feature_scale").scale))
+    head = model.get_layer("logits")
+    out["head_kernel"] = np.asarray(head.kernel)
+    out["head_bias"] = (np.zeros(head.kernel.shape[1], np.float32) if head.bias is None
+                        else np.asarray(head.bias))
+    return out
+
+
+def best_time(fn, repeats: int) -> float:
+    best = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def ours(model, images, classes) -> tuple[dict, dict, str]:
+    from research import detector
+    from research.explain import cams, core, methods
+
+    ex = core.Explainer(model, detector.preprocess_fn("unit"))
+    layer = core.find_layer(model)[0]
+    b = FLAGS.batch_size
+    chunks = [(images[i:i + b], classes[i:i + b]) for i in range(0, len(images), b)]
+    params = {"scorecam": {"max_channels": 10 ** 6, "batch_size": 256},
+              "ablationcam": {"batch_size": 256}}
+    maps, seconds = {}, {}
+    for m in METHODS:
+        if m.endswith("_zero"):
+            continue
+
+        def run(m=m):
+            return np.concatenate([methods.explain(ex, m, x, c, **params.get(m, {})).maps
+                                   for x, c in chunks])
+        maps[m] = run()  # also the warm-up
+        seconds[m] = best_time(run, FLAGS.repeats)
+    maps["ablationcam_zero"], seconds["ablationcam_zero"] = maps["ablationcam"], seconds[
+        "ablationcam"]
+    for m in SIGNLESS:  # the other sign of the component, for the comparison only
+        v = cams.BY_NAME[m]
+        cams.BY_NAME[m + "_flipped"] = dataclasses.replace(
+            v, name=m + "_flipped", weights=lambda a, g, f=v.weights: -f(a, g))
+        maps[m + "_flipped"] = np.concatenate([cams.run_cam(ex, m + "_flipped", x, c).maps
+                                               for x, c in chunks])
+        del cams.BY_NAME[m + "_flipped"]
+    return maps, seconds, layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Their side (torch and pytorch-grad-cam only).
+
+def torch_network(a: dict):
+    import torch
+    from torch import nn
+
+    def conv_weight(k):  # HWIO -> OIHW
+        return torch.from_numpy(np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1))))
+
+    class Group(nn.Module):
+        def __init__(self, g):
+            super().__init__()
+            k1, k2 = a[f"{g}_conv1"], a[f"{g}_conv2"]
+            self.conv1 = nn.Conv2d(k1.shape[2], k1.shape[3], 3, padding=1, bias=False)
+            self.pool = nn.MaxPool2d(2)
+            self.norm1 = nn.BatchNorm2d(k1.shape[3], eps=float(a["bn_epsilon"]))
+            self.act1 = nn.GELU()
+            self.conv2 = nn.Conv2d(k2.shape[2], k2.shape[3], 3, padding=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(k2.shape[3], eps=float(a["bn_epsilon"]))
+            self.act2 = nn.GELU()
+            with torch.no_grad():
+                self.conv1.weight.copy_(conv_weight(k1))
+                self.conv2.weight.copy_(conv_weight(k2))
+                for i, norm in ((1, self.norm1), (2, self.norm2)):
+                    norm.weight.copy_(torch.from_numpy(a[f"{g}_bn{i}_gamma"]))
+                    norm.bias.copy_(torch.from_numpy(a[f"{g}_bn{i}_beta"]))
+                    norm.running_mean.copy_(torch.from_numpy(a[f"{g}_bn{i}_moving_mean"]))
+                    norm.running_var.copy_(torch.from_numpy(a[f"{g}_bn{i}_moving_variance"]))
+
+        def forward(self, x):
+            x = self.act1(self.norm1(self.pool(self.conv1(x))))
+            return self.act2(self.norm2(self.conv2(x)))
+
+    class Net(nn.Module):
+        """Input: NCHW images in [0, 1] (as our preprocess_fn('unit') gives ours)."""
+        def __init__(self):
+            super().__init__()
+            k = a["whiten_kernel"]
+            self.register_buffer("mean", torch.from_numpy(a["norm_mean"]).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.from_numpy(np.sqrt(a["norm_var"])).view(
+                1, -1, 1, 1))
+            self.whiten = nn.Conv2d(k.shape[2], k.shape[3], k.shape[0], bias=True)
+            self.act = nn.GELU()
+            self.groups = nn.Sequential(*[Group(f"group{i}") for i in range(int(a["groups"]))])
+            self.head = nn.Linear(*a["head_kernel"].shape)
+            with torch.no_grad():
+                self.whiten.weight.copy_(conv_weight(k))
+                self.whiten.bias.copy_(torch.from_numpy(a["whiten_bias"]))
+                self.head.weight.copy_(torch.from_numpy(a["head_kernel"].T.copy()))
+                self.head.bias.copy_(torch.from_numpy(a["head_bias"]))
+
+        def forward(self, x):
+            x = self.groups(self.act(self.whiten((x - self.mean) / self.std)))
+            return self.head(torch.amax(x, dim=(2, 3)) * float(a["scale"]))
+
+    return Net().eval()
+
+
+def reference(npz: str) -> None:
+    from importlib.metadata import version
+
+    import pytorch_grad_cam
+    import torch
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    class ZeroAblation(AblationLayer):
+        """Their ablation layer with the paper's ablation: the channel set to 0."""
+        def __call__(self, x):
+            output = self.activations
+            for i in range(output.size(0)):
+                output[i, self.indices[i], :] = 0
+            return output
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a = dict(np.load(npz))
+    net = torch_network(a)
+    x = torch.from_numpy(np.ascontiguousarray(a["images"].transpose(0, 3, 1, 2) / 255.0
+                                              ).astype(np.float32))
+    with torch.no_grad():
+        logits = net(x).numpy()
+    out = {"logits_max_abs_diff": float(np.abs(logits - a["logits"]).max()),
+           "logits_scale": float(np.abs(a["logits"]).max()),
+           "versions": {"torch": torch.__version__,
+                        "grad-cam": version("grad-cam")}}
+    layer = [net.groups[-1].act2]
+    b = int(a["batch_size"])
+    classes = a["classes"].tolist()
+    maps, seconds = {}, {}
+    for ours_name, (cls, _) in METHODS.items():
+        kwargs = {"batch_size": 256} if cls == "AblationCAM" else {}
+        if ours_name == "ablationcam_zero":
+            kwargs["ablation_layer"] = ZeroAblation()
+        cam = getattr(pytorch_grad_cam, cls)(model=net, target_layers=layer, **kwargs)
+        if cls == "ScoreCAM":
+            cam.batch_size = 256
+
+        def run(cam=cam):
+            return np.concatenate([cam(input_tensor=x[i:i + b], targets=[
+                ClassifierOutputTarget(c) for c in classes[i:i + b]]) for i in range(
+                0, len(x), b)])
+        maps[ours_name] = run()  # also the warm-up
+        seconds[ours_name] = best_time(run, int(a["repeats"]))
+    np.savez(npz + ".theirs.npz", **maps)
+    out["seconds"] = seconds
+    with open(npz + ".theirs.json", "w") as f:
+        json.dump(out, f)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return np.divide((a * b).sum(1), den, out=np.zeros(len(a)), where=den > 0)
+
+
+def main(argv):
+    del argv
+    if FLAGS.side == "reference":
+        reference(FLAGS.npz)
+        return
+    if not FLAGS.reference_python or not os.path.isfile(FLAGS.reference_python):
+        sys.exit("error: --reference_python: give a python with torch and grad-cam "
+                 "(see this module's docstring)")
+    from research.machine import banner
+
+    print(banner())
+    model = build_network()
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (FLAGS.images, 32, 32, 3)).astype(np.float32)
+    from research import detector
+
+    logits = np.asarray(model(detector.preprocess_fn("unit")(images), training=False))
+    classes = logits.argmax(-1).astype(np.int32)
+    maps, seconds, layer = ours(model, images, classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = os.path.join(tmp, "shared.npz")
+        np.savez(npz, images=images, classes=classes, logits=logits,
+                 batch_size=np.array(FLAGS.batch_size), repeats=np.array(FLAGS.repeats),
+                 **network_arrays(model))
+        env = {**os.environ, "PYTHONPATH": os.getcwd()}
+        res = subprocess.run([FLAGS.reference_python, "-m", __spec__.name, "--side=reference",
+                              f"--npz={npz}"], env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(f"error: the reference side failed:\n{res.stderr[-3000:]}")
+        theirs = dict(np.load(npz + ".theirs.npz"))
+        with open(npz + ".theirs.json") as f:
+            info = json.load(f)
+    print(f"pytorch-grad-cam {info['versions']['grad-cam']}, torch {info['versions']['torch']}"
+          f"; the same network (logits agree to {info['logits_max_abs_diff']:.2e} of "
+          f"{info['logits_scale']:.2f}), {FLAGS.images} random 32x32 images, batch "
+          f"{FLAGS.batch_size}, layer {layer} (theirs: groups[-1].act2)")
+    print("| method | Pearson r, mean (min) | ours img/s | theirs img/s | ours / theirs | "
+          "definitions |")
+    print("|---|---|---|---|---|---|")
+    for m, (cls, note) in METHODS.items():
+        r = pearson(maps[m], theirs[m])
+        if m in SIGNLESS:
+            r = np.maximum(r, pearson(maps[m + "_flipped"], theirs[m]))
+        ours_ips = FLAGS.images / seconds[m]
+        their_ips = FLAGS.images / info["seconds"][m]
+        print(f"| {m} ({cls}) | {r.mean():.4f} ({r.min():.4f}) | {ours_ips:.1f} | "
+              f"{their_ips:.1f} | {ours_ips / their_ips:.2f} | {note or 'the same'} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
