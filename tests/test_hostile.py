@@ -208,6 +208,8 @@ def test_predict_checks_its_input_before_tensorflow_loads(export, tmp_path):
 
 
 def test_explain_checks_its_input_before_tensorflow_loads(export, tmp_path):
+    from research.explain import methods
+
     ck = tmp_path / "ck"
     os.makedirs(ck / "run" / "export")
     for name in ("model.keras", "metadata.json"):
@@ -217,9 +219,8 @@ def test_explain_checks_its_input_before_tensorflow_loads(export, tmp_path):
             ([*run, f"--images={tmp_path}/nosuch.jpg"],
              f"error: --images: no such file {tmp_path}/nosuch.jpg"),
             ([*run, "--method=gradcam,nosuch", f"--images={export}"],
-             "error: --method: unknown method 'nosuch'; choose from gradcam, gradcam_pp, "
-             "scorecam, cam, saliency, saliency_positive, smoothgrad, guided_backprop, "
-             "guided_gradcam, integrated_gradients, occlusion, lime"),
+             "error: --method: unknown method 'nosuch'; choose from "
+             + ", ".join(methods.METHODS)),
             (["--model=vgg17", f"--images={export}"],
              "error: --model: unknown model 'vgg17'; choose one of vgg16, vgg19, resnet50, "
              "mobilenet_v2, efficientnetb0")):
