@@ -13,6 +13,7 @@ patterns, for ImageNet models or our own detectors (docs/explain_methods_readme.
   python -m research.apps.explain --run_name=scratch --data_dir=data/cifar10 \
       --num_examples=2 --method=all --faithfulness      # all_methods.png
   python -m research.apps.explain --run_name=scratch --visualize=filters  # no images needed
+  python -m research.apps.explain --run_name=scratch --visualize=receptive_field  # ERF vs RF
 
 The knobs of the methods and pictures are fields of research.explain.options.ExplainOptions;
 the work is research.explain.outputs.
@@ -30,15 +31,18 @@ from research import runs
 from research.apps import config_flags
 from research.data import imaging
 from research.errors import UserError
-from research.explain import attribution, core, loading, methods, outputs
+from research.explain import attribution, core, loading, methods, outputs, receptive
 from research.explain.options import ExplainOptions
+from research.model_options import SAVEDMODEL, SavedModelOptions
 
-VISUALIZATIONS = ("activations", "filters", "dream")
+VISUALIZATIONS = ("activations", "filters", "dream", "receptive_field")
+NO_IMAGES = {"filters", "receptive_field"}  # pictures that need no image
 SHOWN = 4  # images whose activations and dreams are drawn
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A keras.applications model: "
-                    + ", ".join(loading.APPLICATIONS) + ". Exclusive with --run_name.")
+                    + ", ".join(loading.APPLICATIONS) + ", or savedmodel (--savedmodel_dir). "
+                    "Exclusive with --run_name.")
 flags.DEFINE_string("weights", "imagenet", "imagenet | none | path to a weights file.")
 flags.DEFINE_enum("precision", "auto", list(loading.PRECISIONS),
                   "auto: mixed_bfloat16 on CPUs with AMX or AVX512-BF16, else float32. "
@@ -69,6 +73,12 @@ flags.DEFINE_list("layers", [], "Layers for --visualize (default: the CAM layer,
 flags.DEFINE_bool("faithfulness", False, "Also compute deletion/insertion AUCs per method.")
 flags.DEFINE_string("out_dir", "explain", "Output folder.")
 config_flags.define_flags(ExplainOptions)
+config_flags.define_flags(SavedModelOptions)
+# What a SavedModel (run whole in one TFSMLayer) cannot give: an inner feature map or ReLUs.
+INSIDE_METHODS = (*methods.LAYER_METHODS, "cam", "guided_backprop")
+SAVEDMODEL_WHY = ("a SavedModel runs whole in one keras.layers.TFSMLayer, with no inner "
+                  "feature map or ReLU to reach: use saliency, smoothgrad, "
+                  "integrated_gradients, occlusion or lime")
 
 
 def check_flags() -> None:
@@ -82,6 +92,9 @@ def check_flags() -> None:
     for v in FLAGS.visualize:
         if v not in VISUALIZATIONS:
             raise UserError(f"--visualize: {v!r} is not one of {', '.join(VISUALIZATIONS)}")
+    inside = [m for m in FLAGS.method if m in INSIDE_METHODS]
+    if FLAGS.model == SAVEDMODEL and inside:
+        raise UserError(f"--method={inside[0]}: {SAVEDMODEL_WHY}")
     if FLAGS.compare_classes and len(FLAGS.compare_classes) < 2:
         raise UserError("--compare_classes needs at least two class names")
     if FLAGS.num_examples and not FLAGS.data_dir:
@@ -92,6 +105,14 @@ def load():
     """(explainer, its description, precision, the run's export metadata or None) of --model
     or --run_name."""
     precision = loading.resolve_precision(FLAGS.precision)
+    if FLAGS.model == SAVEDMODEL:  # float32: the SavedModel's own graph and dtypes
+        from research.models.savedmodel import savedmodel_model
+
+        opts = SavedModelOptions(**config_flags.values_from_flags(SavedModelOptions))
+        if opts.savedmodel_dir is None:
+            raise UserError("--model=savedmodel needs --savedmodel_dir")
+        return (core.Explainer(savedmodel_model(opts)), f"SavedModel {opts.savedmodel_dir}",
+                "float32", None)
     if FLAGS.model:
         return (loading.load_application(FLAGS.model, FLAGS.weights, precision),
                 f"{FLAGS.model} (weights={FLAGS.weights})", precision, None)
@@ -119,6 +140,9 @@ def chosen_methods(ex) -> list[str]:
     names = []
     for m in FLAGS.method:
         for name in (methods.METHODS if m == "all" else [m]):
+            if FLAGS.model == SAVEDMODEL and name in INSIDE_METHODS:  # only with all
+                print(f"  --method=all: {name} skipped ({SAVEDMODEL_WHY})")
+                continue
             if name == "cam":
                 try:
                     attribution.cam_head(ex.model)
@@ -171,6 +195,15 @@ def visualize(ex, items, layers, options, model_desc: str) -> None:
         for dest, d in outputs.save_dreams(ex, items[:SHOWN], layers, FLAGS.out_dir, options):
             print(f"  dream: {dest} (mean activation of {', '.join(d.layers)}: "
                   f"{d.start_activation:.3f} -> {d.final_activation:.3f})")
+    if "receptive_field" in FLAGS.visualize:  # the given images, else Luo et al.'s noise
+        images = (np.stack([it.model_input for it in items]) if items else
+                  receptive.random_images(16, ex.input_size, ex.model.input.shape[-1],
+                                          options.seed))
+        for dest, f in receptive.save_receptive_fields(ex, layers, images, FLAGS.out_dir,
+                                                       model_desc):
+            print(f"  receptive field: {dest} ({f.layer}: theoretical "
+                  f"{f.theoretical or 'whole input'} px, effective (90% of the gradient) "
+                  f"{f.erf_side} px, over {f.images} images)")
 
 
 def main(argv):
@@ -199,9 +232,11 @@ def main(argv):
         names = chosen_methods(ex)
     except (UserError, core.LayerNotFoundError) as e:
         config_flags.fail(e)
-    if not items and not errors and FLAGS.visualize == ["filters"] and not compare:
-        os.makedirs(FLAGS.out_dir, exist_ok=True)  # filter patterns need no image
-        print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
+    if not items and not errors and set(FLAGS.visualize) <= NO_IMAGES and FLAGS.visualize \
+            and not compare:
+        os.makedirs(FLAGS.out_dir, exist_ok=True)
+        print(f"{model_desc} at {precision}: no images, {', '.join(FLAGS.visualize)} only -> "
+              f"{FLAGS.out_dir}")
         visualize(ex, items, layers, options, model_desc)
         return
     if not items:
