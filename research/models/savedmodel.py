@@ -68,9 +68,8 @@ def _endpoint_layer(opts: SavedModelOptions, name: str) -> keras.layers.TFSMLaye
     if not os.path.isfile(os.path.join(path or "", "saved_model.pb")):
         raise SavedModelError(f"--savedmodel_dir: {path}: no saved_model.pb in that folder")
     try:
-        return SavedModelLayer(os.path.abspath(path),
-                                      call_endpoint=opts.savedmodel_endpoint,
-                                      trainable=False, name=name)
+        return SavedModelLayer(os.path.abspath(path), call_endpoint=opts.savedmodel_endpoint,
+                               trainable=False, name=name)
     except ValueError as e:  # an endpoint it does not have: Keras lists those it has
         raise SavedModelError(f"--savedmodel_endpoint={opts.savedmodel_endpoint}: "
                               f"{str(e).splitlines()[0]}") from e

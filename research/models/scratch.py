@@ -91,8 +91,8 @@ def _stage_entry_conv(x, filters: int, i: int, opts: ScratchOptions, dtype, bn_l
         return _conv_bn_relu(x, filters, name, dtype, bn_layer,
                              strides=2 if opts.downsample == "stride" else 1, dilation=d)
     if opts.pool_before_bn:  # BN and ReLU at a quarter of the pixels: memory-bound ops
-        x = pool(2, name=f"{name}_pool", dtype=dtype)(_conv(x, filters, name, dtype,
-                                                           dilation=d))
+        x = _conv(x, filters, name, dtype, dilation=d)
+        x = pool(2, name=f"{name}_pool", dtype=dtype)(x)
         return _bn_relu(x, name, dtype, bn_layer)
     x = _conv_bn_relu(x, filters, name, dtype, bn_layer, dilation=d)
     return pool(2, name=f"{name}_pool", dtype=dtype)(x)
