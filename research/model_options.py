@@ -55,7 +55,8 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("savedmodel", "", 1, 224, 224, (), None),
 )}
 SAVEDMODEL = "savedmodel"
-SAVEDMODEL_PREPROCESS = ("none", "tf", "caffe")  # keras.applications' imagenet_utils modes
+# keras.applications' imagenet_utils modes, and unit ([0, 1]: what most TF-Hub models want)
+SAVEDMODEL_PREPROCESS = ("none", "unit", "tf", "caffe")
 SAVEDMODEL_TRANSFERS = ("features", "frozen")
 # Our own networks: backbones only through one of our runs (--weights=<run name> or a file);
 # they normalise their own [0, 1] input, so a transfer model only rescales raw pixels for them.
@@ -197,10 +198,10 @@ class SavedModelOptions:
                                          "with saved_model.pb, e.g. a TF-Hub model), loaded "
                                          "with keras.layers.TFSMLayer and never trained.")
     savedmodel_preprocess: str = setting("none", "--model=savedmodel: what its input pixels "
-                                         "(0..255) become first: none (as they are), tf "
+                                         "(0..255) become first: none (as they are), unit "
+                                         "(x / 255: most TF-Hub image models), tf "
                                          "(x / 127.5 - 1), caffe (RGB -> BGR minus the "
-                                         "ImageNet mean); TF-Hub models mostly want [0, 1]: "
-                                         "see docs/course.md.", choices=SAVEDMODEL_PREPROCESS)
+                                         "ImageNet mean).", choices=SAVEDMODEL_PREPROCESS)
     savedmodel_endpoint: str = setting("serving_default", "--model=savedmodel: the endpoint "
                                        "called (a signature, or an attribute such as "
                                        "'serve' of a Keras export).")

@@ -1,7 +1,7 @@
 """A SavedModel / TF-Hub folder as a Keras backbone: keras.layers.TFSMLayer runs it whole
 (Keras 3 loads no TF1 Hub module and no `hub.KerasLayer`; any TF2 SavedModel works), frozen.
 
-  raw pixels -> [Resizing] -> preprocess (a frozen 1x1 conv: none | tf | caffe, gray tiled
+  raw pixels -> [Resizing] -> preprocess (a frozen 1x1 conv: none | unit | tf | caffe, gray tiled
   to RGB) -> TFSMLayer -> its one output (or --savedmodel_output of several)
 
 The preprocessing is a stock Conv2D, so an export of a model built on it holds Keras' own
@@ -30,12 +30,14 @@ class SavedModelError(UserError):
 
 def affine_for_mode(mode: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(kernel (1, 1, channels, 3), bias (3,)) of the 1x1 convolution doing keras.applications'
-    preprocess_input `mode` ('caffe', 'tf', 'torch' is not used, 'none') on raw pixels."""
+    preprocess_input `mode` ('caffe', 'tf', 'none'; 'unit': x / 255) on raw pixels."""
     spread = np.ones((channels, 3)) if channels == 1 else np.eye(3)  # gray -> RGB
     if mode == "caffe":
         kernel, bias = spread[:, ::-1], -np.asarray(CAFFE_MEAN_BGR)
     elif mode == "tf":
         kernel, bias = spread / 127.5, -np.ones(3)
+    elif mode == "unit":
+        kernel, bias = spread / 255.0, np.zeros(3)
     else:
         kernel, bias = spread, np.zeros(3)
     return kernel[None, None].astype(np.float32), bias.astype(np.float32)
