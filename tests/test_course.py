@@ -248,6 +248,21 @@ def test_savedmodel_backbone_trains_its_head_in_features_and_frozen_modes(syn, t
                     model_options={"savedmodel_dir": features_dir}).validate()
 
 
+def test_savedmodel_preprocess_conv_is_keras_preprocess_input():
+    from keras.applications import imagenet_utils
+    from research.models.savedmodel import preprocess_layer
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+    for mode, want in (("none", x), ("unit", x / 255.0),
+                       ("tf", imagenet_utils.preprocess_input(x.copy(), mode="tf")),
+                       ("caffe", imagenet_utils.preprocess_input(x.copy(), mode="caffe"))):
+        layer = preprocess_layer(mode, 3)
+        assert not layer.trainable
+        np.testing.assert_allclose(layer(x), want, atol=1e-4)
+    gray = preprocess_layer("unit", 1)(x[..., :1])
+    np.testing.assert_allclose(gray, np.repeat(x[..., :1] / 255.0, 3, -1), atol=1e-6)
+
+
 def test_savedmodel_settings_that_cannot_work_are_one_line(tmp_path, saved_models):
     assert model_options_error("savedmodel", {"savedmodel_dir": str(tmp_path)}) == (
         "savedmodel_dir", f"{tmp_path}: no saved_model.pb in that folder")
