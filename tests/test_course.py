@@ -37,6 +37,7 @@ def test_dense_and_mnist_convnet_have_chollets_parameter_counts():
         assert model.get_layer("logits").dtype_policy.name == "float32"
 
 
+@pytest.mark.slow
 def test_dense_model_trains_and_the_gradcam_hook_steps_aside(syn, tmp_path):
     from research.explain.hooks import gradcam_actions
     from research.training.loop import train_and_evaluate
@@ -219,6 +220,7 @@ def sm_cfg(syn, tmp_path, sm, transfer, **kw):
                                       model_options=opts, **kw))
 
 
+@pytest.mark.slow
 def test_savedmodel_backbone_trains_its_head_in_features_and_frozen_modes(syn, tmp_path,
                                                                           saved_models):
     from research.detector import load_detector
