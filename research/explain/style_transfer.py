@@ -320,6 +320,11 @@ def style_transfer(content_path: str, style_path: str, opts: StyleOptions, out_d
     while step < opts.steps:
         total, c, s, tv = (float(v) for v in train_step())
         step += 1
+        if not np.isfinite(total):  # the last checkpoint and result.png stay as they were
+            raise StyleTransferError(
+                f"the loss is {total} at step {step}: the steps diverged; lower "
+                f"--learning_rate (now {opts.learning_rate}) or the loss weights (keras.io's "
+                "suit VGG's features, not every network's)")
         if step % opts.summary_every == 0 or step == opts.steps:
             row = {"step": step, "total": total, "content": c, "style": s, "tv": tv}
             losses.append(row)
