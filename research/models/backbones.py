@@ -221,8 +221,8 @@ def build_transfer_model(backbone: str, image_shape, num_outputs: int,
         x = inputs
         if tuple(image_shape[:2]) != (size, size):
             x = keras.layers.Resizing(size, size, name="resize", dtype=dtype)(x)
-        if backbone == SAVEDMODEL:  # stock layers only (the export's rule)
-            x = preprocess_layer(opts.savedmodel_preprocess, image_shape[-1], dtype)(x)
+        if backbone == SAVEDMODEL:  # stock layers only (the export's rule); float32 in
+            x = preprocess_layer(opts.savedmodel_preprocess, image_shape[-1], "float32")(x)
         elif backbone not in OWN_NETWORKS:
             x = BackbonePreprocess(backbone, name="preprocess", dtype=dtype)(x)
         else:

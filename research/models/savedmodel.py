@@ -70,8 +70,10 @@ def _endpoint_layer(opts: SavedModelOptions, name: str) -> keras.layers.TFSMLaye
     if not os.path.isfile(os.path.join(path or "", "saved_model.pb")):
         raise SavedModelError(f"--savedmodel_dir: {path}: no saved_model.pb in that folder")
     try:
+        # float32 whatever the run's policy: a SavedModel's graph takes the dtypes it was
+        # saved with (mixed_bfloat16 would hand it bfloat16).
         return SavedModelLayer(os.path.abspath(path), call_endpoint=opts.savedmodel_endpoint,
-                               trainable=False, name=name)
+                               trainable=False, name=name, dtype="float32")
     except ValueError as e:  # an endpoint it does not have: Keras lists those it has
         raise SavedModelError(f"--savedmodel_endpoint={opts.savedmodel_endpoint}: "
                               f"{str(e).splitlines()[0]}") from e
