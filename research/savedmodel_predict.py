@@ -32,20 +32,32 @@ def is_savedmodel_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
 
 
+class ExportDetector(Detector):
+    """A Detector whose scores come from our export's uint8 `serving_default` signature: its
+    `probability` (p(positive) averaged over the test-time views, as Detector computes it) and
+    the softmax of its view-averaged `logits` (Detector's class probabilities)."""
+
+    def __init__(self, path: str, meta: dict):
+        self.meta = meta
+        self.model = None
+        self._loaded = tf.saved_model.load(path)  # owns the variables the signature reads
+
+    def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._loaded.signatures["serving_default"](images=tf.constant(images, tf.uint8))
+        n = len(images)
+        if self.classifier:
+            return np.full(n, np.nan, np.float32), out["probabilities"].numpy()
+        probs = (tf.nn.softmax(out["logits"]).numpy() if self.meta["objective"] == "multiclass"
+                 else np.zeros((n, 0), np.float32))
+        return out["probability"].numpy(), probs
+
+
 def export_detector(path: str) -> Detector | None:
     """A Detector over our export's SavedModel folder, or None for any other SavedModel."""
     meta_path = os.path.join(path, METADATA_ASSET)
     if not os.path.isfile(meta_path):
         return None
-    meta = files.read_json(meta_path)
-    loaded = tf.saved_model.load(path)  # kept alive by the closure: it owns the variables
-
-    def logits(images, training=False):  # the signature takes the uint8 pixels themselves
-        serve = loaded.signatures["serving_default"]
-        return serve(images=tf.cast(tf.round(images), tf.uint8))["logits"]
-
-    # The signature scales and averages the views itself: raw pixels in, no views here.
-    return Detector(logits, {**meta, "scale": "raw", "tta": False, "tta_shifts": False})
+    return ExportDetector(path, files.read_json(meta_path))
 
 
 def predict_any(path: str, paths: list[str], opts: SavedModelOptions,

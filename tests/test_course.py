@@ -233,7 +233,8 @@ def test_savedmodel_backbone_trains_its_head_in_features_and_frozen_modes(syn, t
     for transfer in ("features", "frozen"):
         cfg = sm_cfg(syn, tmp_path, features_dir, transfer, run_name=f"sm_{transfer}",
                      train_steps=4,  # bf16 around a float32 SavedModel, float32 alone
-                     precision="mixed_bfloat16" if transfer == "frozen" else "float32")
+                     precision="mixed_bfloat16" if transfer == "frozen" else "float32",
+                     tta=transfer == "frozen")  # p(cat) averaged over views, as the export
         summary = train_and_evaluate(cfg)
         assert summary["final_step"] == 4
         det = load_detector(summary["export"])  # model.keras: the SavedModel by its path
