@@ -23,6 +23,7 @@ from research import detector, files, runs
 from research.model_options import BACKBONES
 from research.models.backbones import BackbonePreprocess
 from research.models.layers import FusedBatchNorm, PatchWhitening
+from research.models.savedmodel import CAFFE_MEAN_BGR, affine_for_mode  # noqa: F401
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
@@ -34,7 +35,6 @@ CLASSIFIER_OUTPUTS = ("probabilities", "logits")  # an export without a positive
 # (EfficientNet normalises inside its own graph).
 PREPROCESS_MODES = {"vgg16": "caffe", "vgg19": "caffe", "resnet50": "caffe",
                     "mobilenet_v2": "tf", "efficientnet": "none"}
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 class ExportError(ValueError):
@@ -46,15 +46,7 @@ class ExportError(ValueError):
 def preprocess_affine(backbone: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(kernel (1, 1, channels, 3), bias (3,)) of the 1x1 convolution that computes
     BackbonePreprocess(backbone) on `channels`-channel raw pixels."""
-    mode = PREPROCESS_MODES[BACKBONES[backbone].preprocess]
-    spread = np.ones((channels, 3)) if channels == 1 else np.eye(3)  # gray -> RGB
-    if mode == "caffe":
-        kernel, bias = spread[:, ::-1], -np.asarray(CAFFE_MEAN_BGR)
-    elif mode == "tf":
-        kernel, bias = spread / 127.5, -np.ones(3)
-    else:
-        kernel, bias = spread, np.zeros(3)
-    return kernel[None, None].astype(np.float32), bias.astype(np.float32)
+    return affine_for_mode(PREPROCESS_MODES[BACKBONES[backbone].preprocess], channels)
 
 
 def _numpy(variable) -> np.ndarray:
@@ -91,6 +83,8 @@ def stock_layer(layer) -> tuple[keras.layers.Layer, list[np.ndarray]]:
         kernel, bias = preprocess_affine(layer.backbone, layer.input.shape[-1])
         return keras.layers.Conv2D(3, 1, name=name, dtype="float32", trainable=trainable
                                    ), [kernel, bias]
+    if isinstance(layer, keras.layers.TFSMLayer):  # a SavedModel backbone: kept, by path
+        return layer, layer.get_weights()
     if type(layer).__module__.startswith("research"):
         raise ExportError(f"layer {name!r} ({type(layer).__name__}) has no stock Keras "
                           "equivalent in research.export")

@@ -11,6 +11,7 @@ maps names to them.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from research.fields import default_of, first_error, setting
 
@@ -18,6 +19,7 @@ ACTIVATIONS = ("gelu", "relu")
 LOGITS_INITS = ("zeros", "uniform")
 HEADS = ("gap", "max", "flatten")
 DOWNSAMPLES = ("maxpool", "avgpool", "stride", "none")  # the scratch CNN's, per stage
+CONV_DROPOUT_TYPES = ("plain", "spatial")
 WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
 
 
@@ -48,7 +50,14 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
     Backbone("scratch", "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
     Backbone("fast", "", 8, 32, 32, ("whiten", "group0", "group1", "group2"), None),
+    # Any SavedModel / TF-Hub folder (--savedmodel_dir), run whole through keras.layers.
+    # TFSMLayer: frozen, no blocks to cut or unfreeze; 224 is TF-Hub's usual input size.
+    Backbone("savedmodel", "", 1, 224, 224, (), None),
 )}
+SAVEDMODEL = "savedmodel"
+# keras.applications' imagenet_utils modes, and unit ([0, 1]: what most TF-Hub models want)
+SAVEDMODEL_PREPROCESS = ("none", "unit", "tf", "caffe")
+SAVEDMODEL_TRANSFERS = ("features", "frozen")
 # Our own networks: backbones only through one of our runs (--weights=<run name> or a file);
 # they normalise their own [0, 1] input, so a transfer model only rescales raw pixels for them.
 OWN_NETWORKS = ("scratch", "fast")
@@ -81,6 +90,27 @@ class ScratchOptions:
                                    "and pool act as one linear 4x4 stride-2 filter, where "
                                    "conv-BN-ReLU-pool averages rectified features; stride and "
                                    "none: no pooling layer, always conv-BN-ReLU.")
+    stage_dilation: tuple[int, ...] = setting((), "Scratch CNN: dilation rate of every 3x3 "
+                                              "conv of each stage (one per stage, e.g. 1,2,4; "
+                                              "empty: 1 everywhere, the network before this "
+                                              "option). A rate d spreads a conv's taps d pixels "
+                                              "apart: receptive field +2d per conv at the same "
+                                              "cost. With --downsample=none it is what grows "
+                                              "the receptive field at full resolution; a "
+                                              "strided conv cannot also be dilated, so "
+                                              "--downsample=stride takes 1 in every stage "
+                                              "but the first.", ge=1)
+    conv_dropout: float = setting(0.0, "Scratch CNN: dropout on the feature maps after each "
+                                  "stage's first conv block (between convolutions; --dropout "
+                                  "is the one before the logits). 0: none.", ge=0, lt=1)
+    conv_dropout_type: str = setting("plain", "Scratch CNN: plain drops single activations "
+                                     "(Bernoulli noise on the feature maps, keras Dropout); "
+                                     "spatial drops whole channels (SpatialDropout2D), as "
+                                     "neighbouring pixels of a map are correlated.",
+                                     choices=CONV_DROPOUT_TYPES)
+
+    def dilation_of(self, stage: int) -> int:
+        return self.stage_dilation[stage] if self.stage_dilation else 1
 
     def validate(self) -> tuple[str, str] | None:
         """(flag, message) for the first bad option, else None."""
@@ -89,6 +119,13 @@ class ScratchOptions:
         if len(self.widths) != len(self.res_blocks):
             return "widths", (f"{len(self.widths)} stages but --res_blocks has "
                               f"{len(self.res_blocks)}")
+        if self.stage_dilation and len(self.stage_dilation) != len(self.widths):
+            return "stage_dilation", (f"{len(self.stage_dilation)} rates for "
+                                      f"{len(self.widths)} stages: give one per stage")
+        if self.downsample == "stride" and any(d > 1 for d in self.stage_dilation[1:]):
+            return "stage_dilation", ("with --downsample=stride each stage after the first "
+                                      "opens with a stride-2 conv, which cannot be dilated: "
+                                      "give 1 there, or another --downsample")
         return first_error(self)
 
 
@@ -134,7 +171,46 @@ class SmallConvnetOptions:
 
 
 @dataclasses.dataclass
-class TransferOptions:
+class DenseOptions:
+    """The densely connected baseline's options (Chollet's part-1 network)."""
+    dense_units: int = setting(512, "Dense baseline: units of its one hidden ReLU layer on the "
+                               "flattened image.", ge=1)
+    dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+
+    def validate(self) -> tuple[str, str] | None:
+        return first_error(self)
+
+
+@dataclasses.dataclass
+class MnistConvnetOptions:
+    """Chollet's MNIST convnet's options (the train app's flags)."""
+    dropout: float = setting(0.0, "Dropout before the logits.", ge=0, lt=1)
+
+    def validate(self) -> tuple[str, str] | None:
+        return first_error(self)
+
+
+@dataclasses.dataclass
+class SavedModelOptions:
+    """How a SavedModel / TF-Hub folder is used (--model=savedmodel of train and explain,
+    predict --model=<a SavedModel folder>)."""
+    savedmodel_dir: str | None = setting(None, "--model=savedmodel: a SavedModel folder (one "
+                                         "with saved_model.pb, e.g. a TF-Hub model), loaded "
+                                         "with keras.layers.TFSMLayer and never trained.")
+    savedmodel_preprocess: str = setting("none", "--model=savedmodel: what its input pixels "
+                                         "(0..255) become first: none (as they are), unit "
+                                         "(x / 255: most TF-Hub image models), tf "
+                                         "(x / 127.5 - 1), caffe (RGB -> BGR minus the "
+                                         "ImageNet mean).", choices=SAVEDMODEL_PREPROCESS)
+    savedmodel_endpoint: str = setting("serving_default", "--model=savedmodel: the endpoint "
+                                       "called (a signature, or an attribute such as "
+                                       "'serve' of a Keras export).")
+    savedmodel_output: str | None = setting(None, "--model=savedmodel: the output key when "
+                                            "the endpoint returns several.")
+
+
+@dataclasses.dataclass
+class TransferOptions(SavedModelOptions):
     """The transfer model's options and their one set of defaults (the train app's flags)."""
     weights: str = setting("imagenet", f"Backbone weights: {WEIGHTS_CHOICES_HELP}. imagenet "
                            "uses Keras' download and cache (~/.keras/models); a run name loads "
@@ -166,6 +242,8 @@ MODEL_OPTIONS: dict[str, type] = {
     "scratch": ScratchOptions,
     "fast": FastOptions,
     "small_convnet": SmallConvnetOptions,
+    "dense": DenseOptions,
+    "mnist_convnet": MnistConvnetOptions,
     **{name: TransferOptions for name in BACKBONES if name not in OWN_NETWORKS},
 }
 MODEL_NAMES = tuple(sorted(MODEL_OPTIONS))  # a model without options maps to None
@@ -189,6 +267,11 @@ def check_transfer_options(backbone: str, opts: TransferOptions
     problem = opts.validate()
     if problem:
         return problem
+    if (backbone == SAVEDMODEL) != (opts.savedmodel_dir is not None):
+        return ("savedmodel_dir", f"{opts.savedmodel_dir or 'a SavedModel folder'} goes with "
+                "--model=savedmodel and only with it")
+    if backbone == SAVEDMODEL:
+        return check_savedmodel_options(opts)
     b = BACKBONES[backbone]
     size = image_size_of(backbone, opts)
     if size < b.min_size:
@@ -201,6 +284,19 @@ def check_transfer_options(backbone: str, opts: TransferOptions
                            "give the run name (or its .weights.h5 file)")
     if opts.head_from and opts.weights in ("imagenet", "none", ""):
         return "head_from", "needs a run of ours as --weights (its logits start the head)"
+    return None
+
+
+def check_savedmodel_options(opts: TransferOptions) -> tuple[str, str] | None:
+    """(flag, message) for a --model=savedmodel setting that cannot work, before any work."""
+    if not os.path.isfile(os.path.join(opts.savedmodel_dir, "saved_model.pb")):
+        return "savedmodel_dir", f"{opts.savedmodel_dir}: no saved_model.pb in that folder"
+    if opts.weights not in ("imagenet", "none", ""):
+        return "weights", "a SavedModel brings its own weights: leave --weights out"
+    if opts.cut_at or opts.head_from:
+        return ("cut_at" if opts.cut_at else "head_from"), ("a SavedModel runs whole: it has "
+                                                            "no layers to cut at or logits "
+                                                            "to start a head from")
     return None
 
 

@@ -13,6 +13,7 @@ patterns, for ImageNet models or our own detectors (docs/explain_methods_readme.
   python -m research.apps.explain --run_name=scratch --data_dir=data/cifar10 \
       --num_examples=2 --method=all --faithfulness      # all_methods.png
   python -m research.apps.explain --run_name=scratch --visualize=filters  # no images needed
+  python -m research.apps.explain --run_name=scratch --visualize=receptive_field  # ERF vs RF
 
 The knobs of the methods and pictures are fields of research.explain.options.ExplainOptions;
 the work is research.explain.outputs.
@@ -32,6 +33,7 @@ from research.data import imaging
 from research.errors import UserError
 from research.explain import source_values
 from research.explain.options import PRECISIONS, ExplainOptions
+from research.model_options import SAVEDMODEL, SavedModelOptions
 
 # The names the flags offer, read from the modules' source: TensorFlow loads only once the flags
 # and files are known good (the modules are imported in main).
@@ -41,13 +43,15 @@ EXAMPLE_FILTERS = source_values.keys("outputs", "EXAMPLE_FILTERS")
 OUTCOME_FILTERS = source_values.keys("outputs", "OUTCOME_FILTERS")
 SANITY_CHECKS = source_values.constant("sanity", "CHECKS")
 
-VISUALIZATIONS = ("activations", "filters", "dream")
+VISUALIZATIONS = ("activations", "filters", "dream", "receptive_field")
+NO_IMAGES = {"filters", "receptive_field"}  # pictures that need no image
 SHOWN = 4  # images whose activations and dreams are drawn
 
 FLAGS = flags.FLAGS
 config_flags.define_max_image_pixels()
 flags.DEFINE_string("model", None, "A keras.applications model: "
-                    + ", ".join(APPLICATIONS) + ". Exclusive with --run_name.")
+                    + ", ".join(APPLICATIONS) + ", or savedmodel (--savedmodel_dir). "
+                    "Exclusive with --run_name.")
 flags.DEFINE_string("weights", "imagenet", "imagenet | none | path to a weights file.")
 flags.DEFINE_enum("precision", "auto", list(PRECISIONS),
                   "auto: mixed_bfloat16 on CPUs with AMX or AVX512-BF16, else float32. "
@@ -89,16 +93,30 @@ flags.DEFINE_list("sanity", [], "Sanity checks of each --method (Adebayo et al. 
                   "sanity_curves.png (docs/explain.md).")
 flags.DEFINE_string("out_dir", "explain", "Output folder.")
 config_flags.define_flags(ExplainOptions)
+config_flags.define_flags(SavedModelOptions)
 config_flags.define_device_flags()
+# What a SavedModel (run whole in one TFSMLayer) cannot give: an inner feature map or ReLUs.
+SAVEDMODEL_WHY = ("a SavedModel runs whole in one keras.layers.TFSMLayer, with no inner "
+                  "feature map or ReLU to reach: use saliency, smoothgrad, "
+                  "integrated_gradients, occlusion or lime")
+
+
+def inside_methods() -> tuple:
+    """The methods that need the model's inside (call once TensorFlow may load)."""
+    from research.explain import methods
+
+    return (*methods.LAYER_METHODS, "cam", "guided_backprop")
 
 
 def check_flags() -> None:
     """Flag and file errors that need no model, before TensorFlow loads."""
     if bool(FLAGS.model) == bool(FLAGS.run_name):
         raise UserError("give exactly one of --model and --run_name")
-    if FLAGS.model and FLAGS.model not in APPLICATIONS:
+    if FLAGS.model and FLAGS.model not in (*APPLICATIONS, SAVEDMODEL):
         raise UserError(f"--model: unknown model {FLAGS.model!r}; choose one of "
-                        f"{', '.join(APPLICATIONS)}")
+                        f"{', '.join((*APPLICATIONS, SAVEDMODEL))}")
+    if FLAGS.model == SAVEDMODEL and not FLAGS.savedmodel_dir:
+        raise UserError("--model=savedmodel needs --savedmodel_dir")
     if FLAGS.run_name:
         model_path = runs.exported_model_path(FLAGS.checkpoint_dir, FLAGS.run_name)
         if os.path.isfile(model_path):  # else load_run says what the run lacks
@@ -125,6 +143,13 @@ def load():
     from research.explain import loading
 
     precision = loading.resolve_precision(FLAGS.precision)
+    if FLAGS.model == SAVEDMODEL:  # float32: the SavedModel's own graph and dtypes
+        from research.explain import core
+        from research.models.savedmodel import savedmodel_model
+
+        opts = SavedModelOptions(**config_flags.values_from_flags(SavedModelOptions))
+        return (core.Explainer(savedmodel_model(opts)), f"SavedModel {opts.savedmodel_dir}",
+                "float32", None)
     if FLAGS.model:
         return (loading.load_application(FLAGS.model, FLAGS.weights, precision),
                 f"{FLAGS.model} (weights={FLAGS.weights})", precision, None)
@@ -155,6 +180,9 @@ def chosen_methods(ex) -> list[str]:
     names = []
     for m in FLAGS.method:
         for name in (methods.METHODS if m == "all" else [m]):
+            if FLAGS.model == SAVEDMODEL and name in inside_methods():  # only with all
+                print(f"  --method=all: {name} skipped ({SAVEDMODEL_WHY})")
+                continue
             if name == "cam":
                 try:
                     attribution.cam_head(ex.model)
@@ -211,6 +239,17 @@ def visualize(ex, items, layers, options, model_desc: str) -> None:
         for dest, d in outputs.save_dreams(ex, items[:SHOWN], layers, FLAGS.out_dir, options):
             print(f"  dream: {dest} (mean activation of {', '.join(d.layers)}: "
                   f"{d.start_activation:.3f} -> {d.final_activation:.3f})")
+    if "receptive_field" in FLAGS.visualize:  # the given images, else Luo et al.'s noise
+        from research.explain import receptive
+
+        images = (np.stack([it.model_input for it in items]) if items else
+                  receptive.random_images(16, ex.input_size, ex.model.input.shape[-1],
+                                          options.seed))
+        for dest, f in receptive.save_receptive_fields(ex, layers, images, FLAGS.out_dir,
+                                                       model_desc):
+            print(f"  receptive field: {dest} ({f.layer}: theoretical "
+                  f"{f.theoretical or 'whole input'} px, effective (90% of the gradient) "
+                  f"{f.erf_side} px, over {f.images} images)")
 
 
 def example_items(ex, meta) -> list:
@@ -259,6 +298,9 @@ def main(argv):
         if FLAGS.model and FLAGS.example_filter in OUTCOME_FILTERS:
             outputs.check_example_filter(FLAGS.example_filter, None)
         sanity.check_request(FLAGS.sanity, [m for m in FLAGS.method if m != "all"], None)
+        inside = [m for m in FLAGS.method if m in inside_methods()]
+        if FLAGS.model == SAVEDMODEL and inside:
+            raise UserError(f"--method={inside[0]}: {SAVEDMODEL_WHY}")
         ex, model_desc, precision, meta = load()
         compare = [outputs.class_index_of(ex, c, "compare_classes")
                    for c in FLAGS.compare_classes]
@@ -288,9 +330,11 @@ def main(argv):
             items += example_items(ex, meta)
     except (UserError, core.LayerNotFoundError) as e:
         config_flags.fail(e)
-    if not items and not errors and FLAGS.visualize == ["filters"] and not compare:
-        os.makedirs(FLAGS.out_dir, exist_ok=True)  # filter patterns need no image
-        print(f"{model_desc} at {precision}: no images, filters only -> {FLAGS.out_dir}")
+    if not items and not errors and set(FLAGS.visualize) <= NO_IMAGES and FLAGS.visualize \
+            and not compare:
+        os.makedirs(FLAGS.out_dir, exist_ok=True)
+        print(f"{model_desc} at {precision}: no images, {', '.join(FLAGS.visualize)} only -> "
+              f"{FLAGS.out_dir}")
         visualize(ex, items, layers, options, model_desc)
         return
     if not items and FLAGS.example_filter in OUTCOME_FILTERS and FLAGS.num_examples:

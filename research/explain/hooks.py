@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from research import plots
 from research.data import pipeline
 from research.detector import preprocess_fn
 from research.explain.cams import grad_cam
-from research.explain.core import Explainer
+from research.explain.core import Explainer, LayerNotFoundError
 from research.explain.render import overlay_grid
 from research.training.actions import OnEval
 
@@ -33,6 +34,7 @@ class GradCamHook:
         self.scale, self.objective = scale, objective
         self.examples = None
         self._explainer = None
+        self.off = False  # the model has no feature map (the dense baseline)
 
     def _load(self) -> None:
         manifest = pipeline.load_manifest(self.data_dir)
@@ -42,12 +44,19 @@ class GradCamHook:
                                                filter="balanced")
 
     def __call__(self, model, writer, step: int) -> None:
+        if self.off:
+            return
         if self.examples is None:
             self._load()
         if self._explainer is None or self._explainer.model is not model:
             self._explainer = Explainer(model, preprocess_fn(self.scale))
         images = self.examples["image"]
-        ex = grad_cam(self._explainer, images.astype(np.float32), self.class_index)
+        try:
+            ex = grad_cam(self._explainer, images.astype(np.float32), self.class_index)
+        except LayerNotFoundError as e:
+            logging.warning("No Grad-CAM in TensorBoard: %s", e)
+            self.off = True
+            return
         titles = [f"{self.names[c]} p={p:.2f}" for c, p in zip(self.examples["class_id"],
                                                                ex.probabilities)]
         title = (f"{self.run_name}: " if self.run_name else "") + (

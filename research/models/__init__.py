@@ -16,7 +16,9 @@ import keras
 
 from research.models import layers  # noqa: F401  (registers the custom layers)
 from research.models.backbones import build_transfer_model
+from research.models.dense import build_dense
 from research.models.fast import build_fast_cnn
+from research.models.mnist_convnet import build_mnist_convnet
 from research.model_options import BACKBONES, MODEL_NAMES, OWN_NETWORKS
 from research.models.scratch import build_scratch_cnn
 from research.models.small_convnet import build_small_convnet
@@ -25,6 +27,8 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
     "scratch": build_scratch_cnn,
     "fast": build_fast_cnn,
     "small_convnet": build_small_convnet,
+    "dense": build_dense,
+    "mnist_convnet": build_mnist_convnet,
     **{name: functools.partial(build_transfer_model, name) for name in BACKBONES
        if name not in OWN_NETWORKS},
 }

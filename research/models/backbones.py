@@ -24,9 +24,10 @@ import tensorflow as tf
 
 from research import runs
 from research.errors import UserError
-from research.model_options import (BACKBONES, OWN_NETWORKS, Backbone, TransferOptions,
-                                    check_transfer_options, image_size_of)
+from research.model_options import (BACKBONES, OWN_NETWORKS, SAVEDMODEL, Backbone,
+                                    TransferOptions, check_transfer_options, image_size_of)
 from research.models.fast import build_fast_cnn
+from research.models.savedmodel import preprocess_layer, savedmodel_base
 from research.models.scratch import build_scratch_cnn
 
 
@@ -168,6 +169,8 @@ def _copy_weights(donor: keras.layers.Layer, layer: keras.layers.Layer, run: str
 def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir: str = "",
                scratch_options: dict | None = None) -> keras.Model:
     """The backbone without its classifier, with its weights, cut at `opts.cut_at`."""
+    if backbone == SAVEDMODEL:  # frozen whole; its weights come with it
+        return savedmodel_base(opts, input_shape)
     b = BACKBONES[backbone]
     weights = opts.weights
     if backbone in OWN_NETWORKS:
@@ -218,7 +221,9 @@ def build_transfer_model(backbone: str, image_shape, num_outputs: int,
         x = inputs
         if tuple(image_shape[:2]) != (size, size):
             x = keras.layers.Resizing(size, size, name="resize", dtype=dtype)(x)
-        if backbone not in OWN_NETWORKS:
+        if backbone == SAVEDMODEL:  # stock layers only (the export's rule); float32 in
+            x = preprocess_layer(opts.savedmodel_preprocess, image_shape[-1], "float32")(x)
+        elif backbone not in OWN_NETWORKS:
             x = BackbonePreprocess(backbone, name="preprocess", dtype=dtype)(x)
         else:
             x = keras.layers.Rescaling(1 / 255.0, name="preprocess", dtype=dtype)(x)
@@ -285,7 +290,9 @@ def head_from_run(model: keras.Model, opts: TransferOptions, checkpoint_dir: str
 
 
 def build_head(x, num_outputs: int, opts: TransferOptions, dtype=None):
-    if opts.head == "gap":
+    if len(x.shape) == 2:  # a feature vector already (a TF-Hub feature-vector SavedModel)
+        pass
+    elif opts.head == "gap":
         x = keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype)(x)
     elif opts.head == "max":
         x = keras.layers.GlobalMaxPooling2D(name="head_pool", dtype=dtype)(x)

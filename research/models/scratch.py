@@ -8,7 +8,9 @@ where probabilities are wanted.
 
 `downsample` swaps each stage's max-pool for an average pool, a stride-2 stage conv, or
 nothing (full resolution throughout); the default builds the same layers, names and
-initial weights as before the option existed.
+initial weights as before the option existed. `stage_dilation` dilates every conv of a stage
+(the CS109B section's dilated convolution); `conv_dropout` puts Dropout or SpatialDropout2D
+after each stage's first conv block (dropout between convolutions). Both default to off.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype
 POOLS = {"maxpool": layers.MaxPooling2D, "avgpool": layers.AveragePooling2D}
 
 
-def _conv(x, filters: int, name: str, dtype, strides: int = 1):
+def _conv(x, filters: int, name: str, dtype, strides: int = 1, dilation: int = 1):
     return layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
-                         name=f"{name}_conv", kernel_initializer="he_normal", dtype=dtype)(x)
+                         dilation_rate=dilation, name=f"{name}_conv",
+                         kernel_initializer="he_normal", dtype=dtype)(x)
 
 
 def _bn_relu(x, name: str, dtype, bn_layer):
@@ -63,22 +66,35 @@ def _bn_relu(x, name: str, dtype, bn_layer):
     return layers.ReLU(name=f"{name}_relu", dtype=dtype)(x)
 
 
-def _conv_bn_relu(x, filters: int, name: str, dtype, bn_layer, strides: int = 1):
-    return _bn_relu(_conv(x, filters, name, dtype, strides), name, dtype, bn_layer)
+def _conv_bn_relu(x, filters: int, name: str, dtype, bn_layer, strides: int = 1,
+                  dilation: int = 1):
+    return _bn_relu(_conv(x, filters, name, dtype, strides, dilation), name, dtype, bn_layer)
+
+
+CONV_DROPOUTS = {"plain": layers.Dropout, "spatial": layers.SpatialDropout2D}
 
 
 def _stage_entry(x, filters: int, i: int, opts: ScratchOptions, dtype, bn_layer):
     """A stage's first conv and its downsampling (`opts.downsample`); layers stage{i}_conv,
-    _pool (pooling choices only), _bn, _relu."""
+    _pool (pooling choices only), _bn, _relu, then _dropout with --conv_dropout."""
+    x = _stage_entry_conv(x, filters, i, opts, dtype, bn_layer)
+    if opts.conv_dropout:
+        x = CONV_DROPOUTS[opts.conv_dropout_type](opts.conv_dropout, name=f"stage{i}_dropout",
+                                                  dtype=dtype)(x)
+    return x
+
+
+def _stage_entry_conv(x, filters: int, i: int, opts: ScratchOptions, dtype, bn_layer):
     pool = POOLS.get(opts.downsample)
-    name = f"stage{i}"
+    name, d = f"stage{i}", opts.dilation_of(i)
     if pool is None:  # stride: the conv itself halves the map; none: nothing does
         return _conv_bn_relu(x, filters, name, dtype, bn_layer,
-                             strides=2 if opts.downsample == "stride" else 1)
+                             strides=2 if opts.downsample == "stride" else 1, dilation=d)
     if opts.pool_before_bn:  # BN and ReLU at a quarter of the pixels: memory-bound ops
-        x = pool(2, name=f"{name}_pool", dtype=dtype)(_conv(x, filters, name, dtype))
+        x = _conv(x, filters, name, dtype, dilation=d)
+        x = pool(2, name=f"{name}_pool", dtype=dtype)(x)
         return _bn_relu(x, name, dtype, bn_layer)
-    x = _conv_bn_relu(x, filters, name, dtype, bn_layer)
+    x = _conv_bn_relu(x, filters, name, dtype, bn_layer, dilation=d)
     return pool(2, name=f"{name}_pool", dtype=dtype)(x)
 
 
@@ -102,8 +118,9 @@ def build_scratch_cnn(image_shape=(32, 32, 3), num_outputs: int = 1,
     for i, (w, r) in enumerate(zip(widths, res_blocks)):
         x = _stage_entry(x, w, i, opts, dtype, bn_layer)
         for j in range(r):
-            y = _conv_bn_relu(x, w, f"stage{i}_res{j}a", dtype, bn_layer)
-            y = _conv_bn_relu(y, w, f"stage{i}_res{j}b", dtype, bn_layer)
+            d = opts.dilation_of(i)
+            y = _conv_bn_relu(x, w, f"stage{i}_res{j}a", dtype, bn_layer, dilation=d)
+            y = _conv_bn_relu(y, w, f"stage{i}_res{j}b", dtype, bn_layer, dilation=d)
             x = layers.Add(name=f"stage{i}_res{j}_add", dtype=dtype)([x, y])
     x = layers.Concatenate(name="pool", dtype=dtype)([
         layers.GlobalMaxPooling2D(name="gmp", dtype=dtype)(x),

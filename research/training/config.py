@@ -19,6 +19,7 @@ from research.data.manifest import has_manifest, load_manifest
 from research.errors import UserError
 from research.fields import field_errors, setting
 from research.model_options import BACKBONES, MODEL_OPTIONS, OWN_NETWORKS, model_options_error
+from research.model_options import SAVEDMODEL, SAVEDMODEL_TRANSFERS
 
 OBJECTIVES = ("binary", "multiclass")
 OPTIMIZERS = ("sgd", "sgd_l2", "adamw")
@@ -271,6 +272,9 @@ class TrainConfig:
         if self.transfer != "none" and self.model not in BACKBONES:
             bad("model", f"--transfer={self.transfer} needs a backbone model: "
                 f"{', '.join(BACKBONES)}")
+        if self.model == SAVEDMODEL and self.transfer not in SAVEDMODEL_TRANSFERS:
+            bad("transfer", f"--model={SAVEDMODEL} runs frozen (keras.layers.TFSMLayer): "
+                f"give --transfer={' or '.join(SAVEDMODEL_TRANSFERS)}")
         if self.tta_shifts and not self.tta:
             bad("tta_shifts", "adds shifted views to the mirror pair of --tta; it needs --tta")
         if self.lookahead_every and self.transfer == "fine_tune":
