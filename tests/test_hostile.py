@@ -223,7 +223,7 @@ def test_explain_checks_its_input_before_tensorflow_loads(export, tmp_path):
              + ", ".join(methods.METHODS)),
             (["--model=vgg17", f"--images={export}"],
              "error: --model: unknown model 'vgg17'; choose one of vgg16, vgg19, resnet50, "
-             "mobilenet_v2, efficientnetb0")):
+             "mobilenet_v2, efficientnetb0, savedmodel")):
         res = subprocess.run([sys.executable, "-X", "importtime", "-m", "research.apps.explain",
                               *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert res.returncode == 1
