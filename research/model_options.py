@@ -15,7 +15,7 @@ import dataclasses
 from research.fields import default_of, first_error, setting
 
 ACTIVATIONS = ("gelu", "relu")
-LOGITS_INITS = ("zeros", "uniform")
+LOGITS_INITS = ("zeros", "uniform", "uniform_unit_std")
 HEADS = ("gap", "max", "flatten")
 DOWNSAMPLES = ("maxpool", "avgpool", "stride", "none")  # the scratch CNN's, per stage
 WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
@@ -114,7 +114,9 @@ class FastOptions:
     logits_bias: bool = setting(True, "Fast CNN: the logits layer has a bias (airbench's has "
                                 "none).")
     logits_init: str = setting("zeros", "Fast CNN: the logits kernel starts at zero, or "
-                               "uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear, airbench).",
+                               "uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear, airbench), "
+                               "or that divided by its own standard deviation "
+                               "(uniform_unit_std: airbench94_muon's reset()).",
                                choices=LOGITS_INITS)
 
     def validate(self) -> tuple[str, str] | None:
