@@ -50,8 +50,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
-flags.DEFINE_enum("recipe", "airbench94", ["airbench94", "airbench94_muon", "airbench95",
-                                            "airbench96"],
+flags.DEFINE_enum("recipe", "airbench94",
+                  ["airbench94", "airbench94_muon", "airbench95", "airbench96"],
                   "The reference (airbench94, 95, 96: the airbench package's train94/95/96; "
                   "airbench94_muon: airbench94_muon.py of a checkout, --reference_repo) and "
                   "the default --ours_flagfile, --epochs and --results_dir with it.")
@@ -875,6 +875,49 @@ def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
     return out
 
 
+def run_parity_muon(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
+                    repo: str, floor: bool = True) -> dict:
+    """run_parity for --recipe=airbench94_muon: our Muon recipe against airbench94_muon.py's
+    main() (airbench_scripts.muon_parity_reference), the same comparison and noise floor."""
+    from research.benchmarks import airbench_scripts as scripts
+    from research.data import pipeline
+    from research.training.model import DATA_INIT_IMAGES
+
+    with tempfile.TemporaryDirectory(prefix="parity-") as run_dir:
+        cfg, schedule = scripts.muon_parity_config(ours_config, flagfile, data_dir, run_dir,
+                                                   steps, batch, seed)
+        batches = parity_batches(cfg, steps)
+        start = time.perf_counter()
+        ours = parity_ours(cfg, batches)
+        ours_s = time.perf_counter() - start
+    assert not cfg.exclude_classes
+    whiten_images = pipeline.take_examples(cfg.data_dir, "train", DATA_INIT_IMAGES)["image"]
+    classes = pipeline.load_manifest(cfg.data_dir)["class_names"]
+
+    def reference(ours_side):
+        return scripts.muon_parity_reference(repo, ours_side, batches, whiten_images, classes,
+                                             schedule["loader_len"], ReferenceRecord(),
+                                             CpuEvent, is_trained, whitening_difference)
+
+    start = time.perf_counter()
+    ref = reference(ours)
+    ref_s = time.perf_counter() - start
+    if len(ref["losses"]) != steps:
+        raise RuntimeError(f"airbench94_muon took {len(ref['losses'])} steps, not {steps}")
+    out = compare_parity(ours, ref)
+    if floor:
+        again = reference({**ours, "start": one_ulp_apart(ours["start"])})
+        out["noise_floor"] = noise_floor(ref, again)
+        out["meets_noise_floor"] = out["max_rel_diff"] <= max(
+            PARITY_TARGET, 2 * out["noise_floor"]["max_rel_diff"])
+    out.update(steps=steps, batch_size=cfg.batch_size,
+               seconds={"ours": ours_s, "airbench": ref_s},
+               schedule={**schedule, "ours_learning_rate": cfg.learning_rate,
+                         "ours_weight_decay": cfg.weight_decay},
+               lookahead_every=0, config=dataclasses.asdict(cfg))
+    return out
+
+
 def format_parity(p: dict) -> str:
     lines = [f"parity: {p['steps']} steps of {p['batch_size']}, the same initial weights and "
              f"batches; {p['what']}",
@@ -905,10 +948,15 @@ def format_parity(p: dict) -> str:
               f"whitening: airbench's own init on the same 5,000 images vs ours: max rel diff "
               f"{w['max_rel_diff']:.1e} (filter {w['worst_filter']}; {w['sign_flips']} of "
               f"{w['filters']} eigenvectors of opposite sign); airbench's net then set to ours",
-              f"schedule: both warm up int({s['airbench_peak']} x {p['steps']}) = "
-              f"{s['warmup_steps']} steps (ours: --warmup_epochs={s['ours_warmup_epochs']:.6g} "
-              f"x {s['steps_per_epoch']} steps/epoch), --learning_rate="
-              f"{s['ours_learning_rate']:g}; lookahead every {p['lookahead_every']} steps",
+              (f"schedule: both warm up int({s['airbench_peak']} x {p['steps']}) = "
+               f"{s['warmup_steps']} steps (ours: --warmup_epochs={s['ours_warmup_epochs']:.6g}"
+               f" x {s['steps_per_epoch']} steps/epoch), --learning_rate="
+               f"{s['ours_learning_rate']:g}; lookahead every {p['lookahead_every']} steps"
+               ) if "airbench_peak" in s else (
+               f"schedule: every rate lr0 (1 - step / {p['steps']}), the whitening bias's "
+               f"over {s['whiten_bias_steps']} steps (main()'s loader of "
+               f"{s['loader_len']} batches per epoch, 8 epochs); ours --learning_rate="
+               f"{s['ours_learning_rate']:g}, --weight_decay={s['ours_weight_decay']:.6g}"),
               f"seconds: ours {p['seconds']['ours']:.0f}, airbench {p['seconds']['airbench']:.0f};"
               f" {lscpu_line(p['machine']['lscpu'])}"]
     return "\n".join(lines)
@@ -978,12 +1026,18 @@ def format_table(results: dict, ran_now: set, timing: dict | None) -> str:
 
 def parity_mode(info: dict, results_dir: str) -> None:
     """--parity_steps: the step-by-step comparison, printed and saved as parity.json."""
-    out = run_parity(flagfile(), training_data_dir(
-        FLAGS.data_dir, FLAGS.train_splits, results_dir), FLAGS.parity_steps,
-        FLAGS.parity_batch, FLAGS.seed, floor=FLAGS.parity_noise_floor)
-    out.update(what=(f"ours {flagfile()} float32 vs airbench.train94 "
-                     "({airbench}, torch {torch}, float32, {torch_threads} threads)"
-                     ).format(**info), finished=utc_now(), machine=machine_record(),
+    data_dir = training_data_dir(FLAGS.data_dir, FLAGS.train_splits, results_dir)
+    if recipe().script:
+        out = run_parity_muon(flagfile(), data_dir, FLAGS.parity_steps, FLAGS.parity_batch,
+                              FLAGS.seed, FLAGS.reference_repo, floor=FLAGS.parity_noise_floor)
+        reference = f"{recipe().script} (Newton-Schulz in bfloat16)"
+    else:
+        out = run_parity(flagfile(), data_dir, FLAGS.parity_steps, FLAGS.parity_batch,
+                         FLAGS.seed, floor=FLAGS.parity_noise_floor)
+        reference = "airbench.train94 ({airbench}"
+    out.update(what=(f"ours {flagfile()} float32 vs {reference}, torch {{torch}}, float32, "
+                     "{torch_threads} threads)").format(**info), finished=utc_now(),
+               machine=machine_record(),
                data_dir=FLAGS.data_dir, train_splits=FLAGS.train_splits, **info)
     write_json_atomic(os.path.join(results_dir, "parity.json"), out)
     print(format_parity(out))

@@ -28,6 +28,7 @@ The patches:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -170,3 +171,169 @@ def run_muon_reference(repo: str, train, test, classes, record, cpu_event) -> di
             "batch_size": batch, "train_seconds": train_seconds,
             "img_per_s": steps * batch / train_seconds, "wall_seconds": wall,
             "step_losses": record.step_losses, "script": script_path(repo)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity, step by step: airbench94_muon.py's main() from our weights, on our batches.
+
+MUON_EPOCHS, MUON_WHITEN_BIAS_EPOCHS, MUON_BATCH = 8, 3, 2000  # main()'s
+
+
+def muon_name(name: str, groups: int = 3) -> str:
+    """An airbench94 make_net94 state_dict key (airbench_reference.airbench_names) as
+    airbench94_muon's CifarNet names it: whiten.*, layers.<1 + g>.conv1..., head.weight."""
+    if name == f"{4 + groups}.weight":
+        return "head.weight"
+    first, rest = name.split(".", 1)
+    return f"whiten.{rest}" if first == "0" else f"layers.{int(first) - 1}.{rest}"
+
+
+def muon_parity_config(ours_config, flagfile: str, data_dir: str, run_dir: str, steps: int,
+                       batch: int, seed: int):
+    """The Muon recipe over `steps` steps of `batch` (0: its 2000), float32, one step per
+    call, with main()'s schedule over a loader of steps / 8 batches per "epoch": every rate
+    falls to 0 over `steps`, the whitening bias's over ceil(3 steps / 8). main()'s rates are
+    per summed example and its weight_decay 2e-6 x 2000 / lr whatever the batch: ours (per
+    mean loss) are scaled by batch / 2000, our L2 coefficients by 2000 / batch."""
+    import math
+
+    from research.data import pipeline
+    from research.training import examples
+    from research.training.loop import prepare_config
+
+    if steps % MUON_EPOCHS:
+        raise ValueError(f"--parity_steps={steps}: airbench94_muon trains "
+                         f"ceil({MUON_EPOCHS} x loader length) steps; give a multiple of "
+                         f"{MUON_EPOCHS}")
+    cfg = ours_config(flagfile, data_dir, run_dir, precision="float32", seed=seed,
+                      train_steps=steps, steps_per_loop=1)
+    batch = batch or cfg.batch_size
+    manifest = pipeline.load_manifest(cfg.data_dir)
+    per_epoch = pipeline.steps_per_epoch(manifest, batch,
+                                         num_examples=examples.num_examples(cfg, manifest, "train"))
+    loader_len = steps // MUON_EPOCHS
+    whiten_steps = math.ceil(MUON_WHITEN_BIAS_EPOCHS * loader_len)
+    cfg = dataclasses.replace(cfg, batch_size=batch, recipe_batch_size=None,
+                              learning_rate=cfg.learning_rate * batch / MUON_BATCH,
+                              weight_decay=cfg.weight_decay * MUON_BATCH / batch,
+                              whiten_bias_epochs=whiten_steps / per_epoch)
+    from research.training.model import whiten_bias_steps
+
+    assert whiten_bias_steps(cfg, per_epoch) == whiten_steps
+    return prepare_config(cfg), {"loader_len": loader_len, "whiten_bias_steps": whiten_steps,
+                                 "steps_per_epoch": per_epoch}
+
+
+class MuonParityLoader:
+    """What main() reads of its train loader: len() (steps / 8: it trains ceil(8 len)
+    steps), images (its whitening init takes the first 5,000) and normalize, labels; each
+    iteration the next len() of `batches`, no augmentation. Before each batch after the
+    first it calls `after_step(k)`: the net has then taken k steps."""
+
+    def __init__(self, images, normalize, batches: list, per_epoch: int, after_step):
+        self.images, self.normalize, self.labels = images, normalize, None
+        self.batches, self.per_epoch, self.after_step = batches, per_epoch, after_step
+        self.taken = 0
+
+    def __len__(self):
+        return self.per_epoch
+
+    def __iter__(self):
+        for _ in range(self.per_epoch):
+            k = self.taken
+            if k >= len(self.batches):
+                return
+            if k:
+                self.after_step(k)
+            self.taken += 1
+            yield self.batches[k]
+
+
+def muon_parity_reference(repo: str, ours: dict, batches: list, whiten_images, classes,
+                          loader_len: int, record, cpu_event, is_trained,
+                          whitening_difference) -> dict:
+    """main() of airbench94_muon.py over `batches` (8 x `loader_len`), its net reset to our
+    initial weights (ours["start"], airbench94 names), its whitening init run on the same
+    5,000 images and then replaced by ours; the per-step losses and weights after each step
+    (airbench94 names, as airbench_reference.compare_parity reads them), and the first
+    forward pass and gradient of a net with our weights."""
+    import numpy as np
+    import torch
+
+    start = {muon_name(k): v for k, v in ours["start"].items()}
+    back = {muon_name(k): k for k in ours["start"]}
+    labels = np.zeros(len(whiten_images), np.int64)
+    with muon_on_cpu(repo, (whiten_images, labels), (whiten_images[:10], labels[:10]), classes,
+                     record, cpu_event) as script:
+        normalize = script.T.Normalize(script.CIFAR_MEAN, script.CIFAR_STD)
+        data = [(normalize(torch.from_numpy(b["image"]).permute(0, 3, 1, 2)).contiguous(
+                    memory_format=torch.channels_last),
+                 torch.from_numpy(b["class_id"].astype(np.int64))) for b in batches]
+
+        def set_ours(net):
+            state = net.state_dict()
+            extra = set(start) ^ {k for k in state if not k.endswith("num_batches_tracked")}
+            if extra:
+                raise ValueError(f"our weights and CifarNet's differ in {sorted(extra)}")
+            with torch.no_grad():
+                for name, value in start.items():
+                    if tuple(state[name].shape) != value.shape:
+                        raise ValueError(f"{name}: ours {value.shape}, CifarNet's "
+                                         f"{tuple(state[name].shape)}")
+                    state[name].copy_(torch.from_numpy(value))
+
+        # Before any step: one forward pass and gradient of a net with our weights.
+        net = script.CifarNet().to(memory_format=torch.channels_last)
+        set_ours(net)
+        net.train()
+        x, y = data[0]
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2,
+                                                 reduction="sum")
+        loss.backward()
+        probe = {"inputs": x.numpy(), "logits": logits.detach().numpy(),
+                 "loss": loss.item() / len(y),
+                 "grads": {back[k]: p.grad.numpy() / len(y) for k, p in
+                           net.named_parameters() if p.grad is not None and k in back}}
+        record.step_losses.clear()
+        record.step_times.clear()
+
+        model = script.CifarNet().to(memory_format=torch.channels_last)
+        states, whiten = [], {}
+
+        def trained_state():
+            return {back[k]: v.detach().numpy().copy() for k, v in model.state_dict().items()
+                    if k in back and is_trained(back[k])}
+
+        own_init = model.init_whiten
+
+        def init_whiten_as_ours(train_images, eps=5e-4):
+            own_init(train_images, eps)  # the script's own, on the same 5,000 images
+            # the script keeps eigh's ascending order, airbench94 (and ours) descending
+            ours_w = start["whiten.weight"]
+            n = len(ours_w) // 2
+            whiten.update(whitening_difference(model.whiten.weight.detach().numpy(),
+                                               np.concatenate([ours_w[:n][::-1],
+                                                               ours_w[n:][::-1]])),
+                          order="the script's filters are in ascending eigenvalue order, "
+                                "ours descending (airbench94's); compared in one order")
+            with torch.no_grad():
+                model.whiten.weight.copy_(torch.from_numpy(start["whiten.weight"]))
+
+        model.reset = lambda: set_ours(model)
+        model.init_whiten = init_whiten_as_ours
+        images = torch.from_numpy(whiten_images).permute(0, 3, 1, 2).float() / 255
+        loader = MuonParityLoader(images, normalize, data, loader_len,
+                                  lambda k: states.append(trained_state()))
+        real_loader = script.CifarLoader
+
+        def make_loader(path, train=True, batch_size=500, aug=None):
+            return loader if train else real_loader(path, train, batch_size, aug)
+
+        script.CifarLoader = make_loader
+        script.evaluate = lambda *a, **k: 0.0  # no test set here: its accuracy is not compared
+        script.print_training_details = lambda *a, **k: None
+        script.main(0, model)
+        states.append(trained_state())
+    return {"probe": probe, "losses": list(record.step_losses), "states": states,
+            "whitening": whiten}
