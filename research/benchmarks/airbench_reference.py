@@ -1055,6 +1055,10 @@ def flagfile() -> str:
 def recipe_problem(sides, timing: bool, parity: bool) -> str | None:
     """One line on what this --recipe cannot do (checked before any work), or None."""
     r = recipe()
+    if not os.path.isfile(flagfile()):
+        return (f"--recipe={FLAGS.recipe}: our recipe {flagfile()} does not exist (not "
+                "ported yet)" if not FLAGS.ours_flagfile else
+                f"--ours_flagfile: {flagfile()} not found")
     needs_reference = timing or parity or "reference" in sides
     if needs_reference and r.script is None and FLAGS.recipe != "airbench94":
         return (f"--recipe={FLAGS.recipe}: only our side (--sides=ours) is implemented; "
