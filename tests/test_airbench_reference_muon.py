@@ -84,3 +84,14 @@ def test_muon_parity_loader_serves_the_batches_over_eight_epochs():
     served = [b for _ in range(8) for b in loader]
     assert served == list(range(16)) and calls == list(range(1, 16))
     assert list(loader) == []
+
+
+def test_recipe_speed_table_gives_each_recipes_run_time_and_ratio():
+    from research.benchmarks import recipe_speed
+
+    rows = [{"recipe": "a/fast_cifar10.flags", "batch_size": 1024, "run_steps": 430,
+             "img_per_s": 200.0, "seconds_per_step": 5.12, "run_train_seconds": 2201.6},
+            {"recipe": "a/fast_cifar10_muon.flags", "batch_size": 2000, "run_steps": 176,
+             "img_per_s": 190.0, "seconds_per_step": 10.5, "run_train_seconds": 1848.0}]
+    text = recipe_speed.format_rows(rows, "CPU")
+    assert "fast_cifar10_muon.flags" in text and "0.84" in text and "2202" in text
