@@ -19,19 +19,18 @@ import tempfile
 
 from absl import app, flags
 
+# its --data_dir and --precision (the same meaning here) and its way of timing our side
+from research.benchmarks.airbench_reference import lscpu, lscpu_line, ours_config, time_ours
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
 flags.DEFINE_list("recipes", ["research/recipes/fast_cifar10.flags",
                               "research/recipes/fast_cifar10_muon.flags"],
                   "Recipe flag files; the first is the baseline of the ratios.")
 flags.DEFINE_integer("steps", 10, "Timed train steps per recipe.")
 flags.DEFINE_integer("warmup", 3, "Untimed train steps before them (tracing).")
-flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_bfloat16"],
-                  "--precision of every recipe.")
 
 
 def measure(flagfile: str, data_dir: str, steps: int, warmup: int, precision: str) -> dict:
-    from research.benchmarks.airbench_reference import ours_config, time_ours
     from research.data import pipeline
     from research.training import examples
     from research.training.state import plan_steps
@@ -68,7 +67,6 @@ def main(argv):
     if missing:
         sys.exit(f"error: --recipes: {', '.join(missing)} not found")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from research.benchmarks.airbench_reference import lscpu, lscpu_line
     from research.machine import banner
 
     rows = [measure(p, FLAGS.data_dir, FLAGS.steps, FLAGS.warmup, FLAGS.precision)
