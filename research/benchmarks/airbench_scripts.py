@@ -115,8 +115,21 @@ def muon_on_cpu(repo: str, train_data: tuple, test_data: tuple, classes, record,
         return fn if fn is not None else (lambda f: f)
 
     stand_in = {} if _torchvision_works() else _torchvision_stand_in()
+
+    @contextlib.contextmanager
+    def stand_in_modules():
+        # only these keys: mock.patch.dict(sys.modules) would also drop every module imported
+        # meanwhile (torch._dynamo on the first optimizer step), and a second import of those
+        # registers torch libraries twice
+        sys.modules.update(stand_in)
+        try:
+            yield
+        finally:
+            for name in stand_in:
+                sys.modules.pop(name, None)
+
     patches = [
-        mock.patch.dict(sys.modules, stand_in),
+        stand_in_modules(),
         mock.patch.object(torch, "compile", identity_compile),
         mock.patch.object(torch, "load", load_on_cpu),
         mock.patch.object(torch.nn.Module, "half", lambda self: self.float()),
