@@ -97,6 +97,10 @@ class FastOptions:
     """The fast network's options and their one set of defaults (the train app's flags)."""
     widths: tuple[int, ...] = setting((64, 256, 256), "Fast CNN: channels per conv group.",
                                       ge=1)
+    group_convs: int = setting(2, "Fast CNN: convolutions per group. 2: conv, pool, BN, act, "
+                               "conv, BN, act (airbench94/95); 3: then conv, BN, plus the "
+                               "group's first activation (a residual over the last two "
+                               "convs), act (airbench96's ConvGroup).", ge=2, le=3)
     whiten_kernel: int = setting(2, "Fast CNN: patch size of the whitening conv "
                                  "(2 k^2 C channels).", ge=1)
     activation: str = setting("gelu", "Fast CNN: activation.", choices=ACTIVATIONS)
