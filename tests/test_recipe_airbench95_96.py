@@ -47,3 +47,63 @@ def test_a_third_conv_per_group_is_airbench96s_residual_convgroup():
     want = L("group1_3_act")(L("group1_3_bn")(L("group1_conv3")(h), training=False) + x0)
     got = keras.Model(model.input, L("group1_3_act").output)(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def ab_square_masks(n, h, w, size, corner_y, corner_x):
+    """utils.make_random_square_masks with its two randint draws given, in numpy (NHW)."""
+    import numpy as np
+
+    dy = np.arange(h).reshape(1, h, 1) - corner_y.reshape(-1, 1, 1)
+    dx = np.arange(w).reshape(1, 1, w) - corner_x.reshape(-1, 1, 1)
+    return ((dy >= 0) & (dy < size)) & ((dx >= 0) & (dx < size))
+
+
+def test_cutout_is_airbenchs_batch_cutout():
+    """A size x size square at a corner uniform in [0, H - size] (each corner reachable), set
+    to the normalisation's mean, so the normalised image is 0 there as airbench's
+    masked_fill(mask, 0) of its normalised images; nothing else changes."""
+    import numpy as np
+    import tensorflow as tf
+
+    from research.data import pipeline
+    from research.models.scratch import normalized_input
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(64, 32, 32, 3)).astype(np.float32)
+    rand = rng.uniform(size=(64, 2)).astype(np.float32)
+    rand[0], rand[1] = 0.0, 0.999999
+    fill = pipeline.cutout_fill(3, "unit")
+    out = pipeline.cutout_batch(tf.constant(images), tf.constant(rand), 12, fill).numpy()
+    cy, cx = (np.floor(rand[:, 0] * 21).astype(int), np.floor(rand[:, 1] * 21).astype(int))
+    assert (cy[0], cx[0], cy[1], cx[1]) == (0, 0, 20, 20)
+    mask = ab_square_masks(64, 32, 32, 12, cy, cx)
+    assert mask.sum(axis=(1, 2)).tolist() == [144] * 64
+    np.testing.assert_array_equal(out[~mask], images[~mask])
+    inputs, normalised = normalized_input((32, 32, 3), None)
+    z = keras_model(inputs, normalised)(out).numpy()
+    np.testing.assert_allclose(z[mask], 0.0, atol=1e-6)
+
+
+def keras_model(inputs, outputs):
+    import keras
+
+    return keras.Model(inputs, outputs)
+
+
+def test_cutout_in_the_training_stream_is_seeded_and_after_the_crop(syn, tmp_path):
+    import numpy as np
+
+    from research.data import pipeline
+
+    def first(cutout, seed=0):
+        stream = pipeline.Stream(seed=seed, pad=2, cutout=cutout)
+        b = next(iter(pipeline.make_dataset(syn, "train", 16, True, stream=stream)))
+        return b["image"].numpy()
+
+    a, again, plain = first(12), first(12), first(0)
+    np.testing.assert_array_equal(a, again)
+    fill = np.array(pipeline.cutout_fill(3, "unit"), np.float32)
+    square = np.all(a == fill, axis=-1)
+    assert (square.sum(axis=(1, 2)) >= 144).all()
+    np.testing.assert_array_equal(a[~square], plain[~square])  # the same crop and flip
+    assert not np.array_equal(first(12, seed=1), a)

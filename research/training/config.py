@@ -161,6 +161,10 @@ class TrainConfig:
                         "flipped in exactly one of two consecutive epochs).", choices=FLIPS)
     crop_pad: int = setting(4, "Pad-and-crop augmentation: reflect-pad by this many pixels, then "
                                "crop back at a random offset (0: flip only).", ge=0, le=16)
+    cutout: int = setting(0, "Cutout (airbench96: 12): with --augment, a square of this side "
+                             "in each training image set to the input normalisation's mean "
+                             "(airbench zeroes its normalised images), after flip and crop; "
+                             "0: off.", ge=0, le=32)
     input: str = setting("tfrecords", "Where training batches come from: the TFRecords, or the "
                                       "whole training split loaded into memory once (the same "
                                       "batches, augmented the same way; not with --rebalance, "
