@@ -107,3 +107,25 @@ def test_cutout_in_the_training_stream_is_seeded_and_after_the_crop(syn, tmp_pat
     assert (square.sum(axis=(1, 2)) >= 144).all()
     np.testing.assert_array_equal(a[~square], plain[~square])  # the same crop and flip
     assert not np.array_equal(first(12, seed=1), a)
+
+
+def test_airbench96_recipe_is_lib_airbench96s_hyp():
+    """lib_airbench96.hyp at f1c599c: lr 9.0, wd 0.012, 37 epochs, widths 128/384/512,
+    translate 4, cutout 12; its BatchNorm at PyTorch's default momentum (0.1 = Keras 0.9);
+    its ConvGroup with a third conv and the residual."""
+    fast = recipes.load_recipe(recipes.FAST_CIFAR10)
+    ours = recipes.load_recipe(recipes.AIRBENCH96)
+    lr, wd, epochs = 9.0, 0.012, 37.0
+    assert ours["epochs"] == epochs
+    assert ours["learning_rate"] == pytest.approx(lr / (1 + 1 / (1 - MOMENTUM)), rel=1e-8)
+    assert ours["weight_decay"] == pytest.approx(wd / lr, rel=1e-5)
+    assert ours["warmup_epochs"] == pytest.approx(PEAK * epochs)
+    assert (ours["crop_pad"], ours["cutout"]) == (4, 12)
+    opts = ours["model_options"]
+    assert opts["widths"] == (128, 384, 512) and opts["group_convs"] == 3
+    assert opts["bn_momentum"] == pytest.approx(1 - 0.1)
+    changed = {k for k in set(ours) | set(fast) if ours.get(k) != fast.get(k)}
+    assert changed == {"epochs", "learning_rate", "weight_decay", "warmup_epochs",
+                       "crop_pad", "cutout", "model_options"}
+    assert {k for k in opts if opts[k] != fast["model_options"].get(k)} == {
+        "widths", "group_convs", "bn_momentum"}
