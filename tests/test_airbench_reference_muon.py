@@ -30,6 +30,9 @@ def test_muon_recipe_picks_our_muon_flag_file_and_its_epochs():
     assert r.script == scripts.MUON_SCRIPT and r.packages == ("torch",)
     assert ref.RECIPES["airbench94"].flagfile.endswith("fast_cifar10.flags")
     assert len({x.results_dir for x in ref.RECIPES.values()}) == len(ref.RECIPES)
+    for name in ("airbench95", "airbench96"):  # their flag files' epochs
+        r = ref.RECIPES[name]
+        assert recipes.load_recipe(r.flagfile)["epochs"] == r.epochs, name
 
 
 @pytest.mark.parametrize("args,needle", [
