@@ -327,6 +327,9 @@ def test_muon_recipe_refuses_another_batch_size_in_one_line(syn, tmp_path):
     assert "\n" not in msg and msg.startswith("--batch_size: 1024") and "2000" in msg
     with pytest.raises(recipes.RecipeError, match="Muon"):
         recipes.rebatched(recipes.load_recipe(MUON_RECIPE), 256)
+    # stretched keeps its shape: no warm-up, the whitening bias's 3 epochs
+    s = recipes.stretched(recipes.load_recipe(MUON_RECIPE), 4)
+    assert (s["epochs"], s["warmup_epochs"], s["whiten_bias_epochs"]) == (4.0, 0.0, 3.0)
 
 
 @pytest.mark.parametrize("override,flag", [
