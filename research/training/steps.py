@@ -8,8 +8,9 @@ import tensorflow as tf
 
 from research.detector import detector_scores, positive_scores
 from research.training.config import ConfigError, TrainConfig
-from research.training.muon import sgd_lr_scale, takes_l2
 from research.training.state import TrainState
+
+from research.training.muon import sgd_lr_scale, takes_l2  # noqa: I100  (own line: merges)
 
 
 def per_example_loss(cfg: TrainConfig, batch: dict, logits: tf.Tensor,
