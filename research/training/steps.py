@@ -10,7 +10,7 @@ from research.detector import detector_scores, positive_scores
 from research.training.config import ConfigError, TrainConfig
 from research.training.state import TrainState
 
-from research.training.muon import sgd_lr_scale, takes_l2  # noqa: I100  (own line: merges)
+from research.training.muon import sgd_lr_scale, takes_l2
 
 
 def per_example_loss(cfg: TrainConfig, batch: dict, logits: tf.Tensor,
