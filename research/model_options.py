@@ -16,7 +16,7 @@ import os
 from research.fields import default_of, first_error, setting
 
 ACTIVATIONS = ("gelu", "relu")
-LOGITS_INITS = ("zeros", "uniform")
+LOGITS_INITS = ("zeros", "uniform", "uniform_unit_std")
 HEADS = ("gap", "max", "flatten")
 DOWNSAMPLES = ("maxpool", "avgpool", "stride", "none")  # the scratch CNN's, per stage
 CONV_DROPOUT_TYPES = ("plain", "spatial")
@@ -134,6 +134,10 @@ class FastOptions:
     """The fast network's options and their one set of defaults (the train app's flags)."""
     widths: tuple[int, ...] = setting((64, 256, 256), "Fast CNN: channels per conv group.",
                                       ge=1)
+    group_convs: int = setting(2, "Fast CNN: convolutions per group. 2: conv, pool, BN, act, "
+                               "conv, BN, act (airbench94/95); 3: then conv, BN, plus the "
+                               "group's first activation (a residual over the last two "
+                               "convs), act (airbench96's ConvGroup).", ge=2, le=3)
     whiten_kernel: int = setting(2, "Fast CNN: patch size of the whitening conv "
                                  "(2 k^2 C channels).", ge=1)
     activation: str = setting("gelu", "Fast CNN: activation.", choices=ACTIVATIONS)
@@ -151,7 +155,9 @@ class FastOptions:
     logits_bias: bool = setting(True, "Fast CNN: the logits layer has a bias (airbench's has "
                                 "none).")
     logits_init: str = setting("zeros", "Fast CNN: the logits kernel starts at zero, or "
-                               "uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear, airbench).",
+                               "uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear, airbench), "
+                               "or that divided by its own standard deviation "
+                               "(uniform_unit_std: airbench94_muon's reset()).",
                                choices=LOGITS_INITS)
 
     def validate(self) -> tuple[str, str] | None:

@@ -50,15 +50,24 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
-flags.DEFINE_float("epochs", 10.0, "Epochs, both sides (airbench94's own default is 9.9).")
+flags.DEFINE_enum("recipe", "airbench94",
+                  ["airbench94", "airbench94_muon", "airbench95", "airbench96"],
+                  "The reference (airbench94, 95, 96: the airbench package's train94/95/96; "
+                  "airbench94_muon: airbench94_muon.py of a checkout, --reference_repo) and "
+                  "the default --ours_flagfile, --epochs and --results_dir with it.")
+flags.DEFINE_string("reference_repo", None, "A checkout of github.com/KellerJordan/"
+                    "cifar10-airbench (--recipe=airbench94_muon: its airbench94_muon.py).")
+flags.DEFINE_float("epochs", None, "Epochs, both sides (default: the recipe's; airbench94's "
+                   "own default is 9.9, ours 10).")
 flags.DEFINE_list("sides", ["reference", "ours"], "Sides to run now: reference, ours; the "
                   "others are read from --results_dir for the table.")
 flags.DEFINE_list("train_splits", ["train"], "Splits to train on, in this order (train,val: "
                   "all 50,000). Testing is on the whole test split.")
-flags.DEFINE_string("results_dir", "logs/airbench_reference", "Where each side's JSON (and "
-                    "our side's checkpoints and logs) go.")
-flags.DEFINE_string("ours_flagfile", "research/recipes/fast_cifar10.flags", "Our recipe: "
-                    "train-app flags, parsed into a TrainConfig as the train app does.")
+flags.DEFINE_string("results_dir", None, "Where each side's JSON (and our side's checkpoints "
+                    "and logs) go (default: logs/airbench_reference for airbench94, else "
+                    "logs/airbench_reference_<recipe>).")
+flags.DEFINE_string("ours_flagfile", None, "Our recipe: train-app flags, parsed into a "
+                    "TrainConfig as the train app does (default: the --recipe's).")
 flags.DEFINE_enum("precision", "float32", ["auto", "float32", "mixed_bfloat16"], "Our side's "
                   "--precision (float32 matches the float32 reference).")
 flags.DEFINE_integer("timing_steps", 0, "If > 0: only time this many train steps of each "
@@ -76,14 +85,38 @@ flags.DEFINE_bool("parity_noise_floor", True, "--parity_steps: also train airben
 
 SIDES = ("reference", "ours")
 REFERENCE_PACKAGES = ("torch", "torchvision", "airbench")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A reference and ours: our flag file, the epochs of both, where the results go."""
+    flagfile: str
+    epochs: float
+    results_dir: str
+    packages: tuple = REFERENCE_PACKAGES
+    script: str | None = None  # a script of the repository rather than the package
+
+
+RECIPES = {
+    "airbench94": Recipe("research/recipes/fast_cifar10.flags", 10.0,
+                         "logs/airbench_reference"),
+    # airbench94_muon.py fixes its own 8 epochs of 2000; it needs no airbench package
+    "airbench94_muon": Recipe("research/recipes/fast_cifar10_muon.flags", 8.0,
+                              "logs/airbench_reference_airbench94_muon", ("torch",),
+                              "airbench94_muon.py"),
+    "airbench95": Recipe("research/recipes/airbench95.flags", 15.0,
+                         "logs/airbench_reference_airbench95"),
+    "airbench96": Recipe("research/recipes/airbench96.flags", 37.0,
+                         "logs/airbench_reference_airbench96"),
+}
 INSTALL_HINT = ("error: the airbench reference needs torch, torchvision and airbench==0.1.8 "
                 "(missing: {}): install the extra into a separate venv, "
                 "pip install -e '.[reference]'")
 
 
-def missing_reference_packages() -> list[str]:
+def missing_reference_packages(packages=REFERENCE_PACKAGES) -> list[str]:
     """The reference side's packages that are not installed (checked without importing)."""
-    return [name for name in REFERENCE_PACKAGES if importlib.util.find_spec(name) is None]
+    return [name for name in packages if importlib.util.find_spec(name) is None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,16 +334,16 @@ def airbench_on_cpu(train_data: tuple, test_data: tuple, classes, record: Refere
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def setup_torch(threads: int, seed: int) -> dict:
-    import airbench  # noqa: F401  (its version below)
+def setup_torch(threads: int, seed: int, package: bool = True) -> dict:
+    """`package`: the reference is the airbench package (its version recorded)."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(seed)
     from importlib.metadata import version
 
-    return {"torch": torch.__version__, "airbench": version("airbench"),
-            "torch_threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "airbench": version("airbench") if package else "not used"}
 
 
 def run_reference(train, test, classes, epochs: float) -> dict:
@@ -842,6 +875,49 @@ def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
     return out
 
 
+def run_parity_muon(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
+                    repo: str, floor: bool = True) -> dict:
+    """run_parity for --recipe=airbench94_muon: our Muon recipe against airbench94_muon.py's
+    main() (airbench_scripts.muon_parity_reference), the same comparison and noise floor."""
+    from research.benchmarks import airbench_scripts as scripts
+    from research.data import pipeline
+    from research.training.model import DATA_INIT_IMAGES
+
+    with tempfile.TemporaryDirectory(prefix="parity-") as run_dir:
+        cfg, schedule = scripts.muon_parity_config(ours_config, flagfile, data_dir, run_dir,
+                                                   steps, batch, seed)
+        batches = parity_batches(cfg, steps)
+        start = time.perf_counter()
+        ours = parity_ours(cfg, batches)
+        ours_s = time.perf_counter() - start
+    assert not cfg.exclude_classes
+    whiten_images = pipeline.take_examples(cfg.data_dir, "train", DATA_INIT_IMAGES)["image"]
+    classes = pipeline.load_manifest(cfg.data_dir)["class_names"]
+
+    def reference(ours_side):
+        return scripts.muon_parity_reference(repo, ours_side, batches, whiten_images, classes,
+                                             schedule["loader_len"], ReferenceRecord(),
+                                             CpuEvent, is_trained, whitening_difference)
+
+    start = time.perf_counter()
+    ref = reference(ours)
+    ref_s = time.perf_counter() - start
+    if len(ref["losses"]) != steps:
+        raise RuntimeError(f"airbench94_muon took {len(ref['losses'])} steps, not {steps}")
+    out = compare_parity(ours, ref)
+    if floor:
+        again = reference({**ours, "start": one_ulp_apart(ours["start"])})
+        out["noise_floor"] = noise_floor(ref, again)
+        out["meets_noise_floor"] = out["max_rel_diff"] <= max(
+            PARITY_TARGET, 2 * out["noise_floor"]["max_rel_diff"])
+    out.update(steps=steps, batch_size=cfg.batch_size,
+               seconds={"ours": ours_s, "airbench": ref_s},
+               schedule={**schedule, "ours_learning_rate": cfg.learning_rate,
+                         "ours_weight_decay": cfg.weight_decay},
+               lookahead_every=0, config=dataclasses.asdict(cfg))
+    return out
+
+
 def format_parity(p: dict) -> str:
     lines = [f"parity: {p['steps']} steps of {p['batch_size']}, the same initial weights and "
              f"batches; {p['what']}",
@@ -872,10 +948,15 @@ def format_parity(p: dict) -> str:
               f"whitening: airbench's own init on the same 5,000 images vs ours: max rel diff "
               f"{w['max_rel_diff']:.1e} (filter {w['worst_filter']}; {w['sign_flips']} of "
               f"{w['filters']} eigenvectors of opposite sign); airbench's net then set to ours",
-              f"schedule: both warm up int({s['airbench_peak']} x {p['steps']}) = "
-              f"{s['warmup_steps']} steps (ours: --warmup_epochs={s['ours_warmup_epochs']:.6g} "
-              f"x {s['steps_per_epoch']} steps/epoch), --learning_rate="
-              f"{s['ours_learning_rate']:g}; lookahead every {p['lookahead_every']} steps",
+              (f"schedule: both warm up int({s['airbench_peak']} x {p['steps']}) = "
+               f"{s['warmup_steps']} steps (ours: --warmup_epochs={s['ours_warmup_epochs']:.6g}"
+               f" x {s['steps_per_epoch']} steps/epoch), --learning_rate="
+               f"{s['ours_learning_rate']:g}; lookahead every {p['lookahead_every']} steps"
+               ) if "airbench_peak" in s else (
+               f"schedule: every rate lr0 (1 - step / {p['steps']}), the whitening bias's "
+               f"over {s['whiten_bias_steps']} steps (main()'s loader of "
+               f"{s['loader_len']} batches per epoch, 8 epochs); ours --learning_rate="
+               f"{s['ours_learning_rate']:g}, --weight_decay={s['ours_weight_decay']:.6g}"),
               f"seconds: ours {p['seconds']['ours']:.0f}, airbench {p['seconds']['airbench']:.0f};"
               f" {lscpu_line(p['machine']['lscpu'])}"]
     return "\n".join(lines)
@@ -945,16 +1026,55 @@ def format_table(results: dict, ran_now: set, timing: dict | None) -> str:
 
 def parity_mode(info: dict, results_dir: str) -> None:
     """--parity_steps: the step-by-step comparison, printed and saved as parity.json."""
-    out = run_parity(FLAGS.ours_flagfile, training_data_dir(
-        FLAGS.data_dir, FLAGS.train_splits, results_dir), FLAGS.parity_steps,
-        FLAGS.parity_batch, FLAGS.seed, floor=FLAGS.parity_noise_floor)
-    out.update(what=(f"ours {FLAGS.ours_flagfile} float32 vs airbench.train94 "
-                     "({airbench}, torch {torch}, float32, {torch_threads} threads)"
-                     ).format(**info), finished=utc_now(), machine=machine_record(),
+    data_dir = training_data_dir(FLAGS.data_dir, FLAGS.train_splits, results_dir)
+    if recipe().script:
+        out = run_parity_muon(flagfile(), data_dir, FLAGS.parity_steps, FLAGS.parity_batch,
+                              FLAGS.seed, FLAGS.reference_repo, floor=FLAGS.parity_noise_floor)
+        reference = f"{recipe().script} (Newton-Schulz in bfloat16)"
+    else:
+        out = run_parity(flagfile(), data_dir, FLAGS.parity_steps, FLAGS.parity_batch,
+                         FLAGS.seed, floor=FLAGS.parity_noise_floor)
+        reference = "airbench.train94 ({airbench}"
+    out.update(what=(f"ours {flagfile()} float32 vs {reference}, torch {{torch}}, float32, "
+                     "{torch_threads} threads)").format(**info), finished=utc_now(),
+               machine=machine_record(),
                data_dir=FLAGS.data_dir, train_splits=FLAGS.train_splits, **info)
     write_json_atomic(os.path.join(results_dir, "parity.json"), out)
     print(format_parity(out))
     print(f"saved {os.path.join(results_dir, 'parity.json')}")
+
+
+def recipe() -> Recipe:
+    return RECIPES[FLAGS.recipe]
+
+
+def flagfile() -> str:
+    return FLAGS.ours_flagfile or recipe().flagfile
+
+
+def recipe_problem(sides, timing: bool, parity: bool) -> str | None:
+    """One line on what this --recipe cannot do (checked before any work), or None."""
+    r = recipe()
+    if not os.path.isfile(flagfile()):
+        return (f"--recipe={FLAGS.recipe}: our recipe {flagfile()} does not exist (not "
+                "ported yet)" if not FLAGS.ours_flagfile else
+                f"--ours_flagfile: {flagfile()} not found")
+    needs_reference = timing or parity or "reference" in sides
+    if needs_reference and r.script is None and FLAGS.recipe != "airbench94":
+        return (f"--recipe={FLAGS.recipe}: only our side (--sides=ours) is implemented; "
+                f"the reference side (airbench.train{FLAGS.recipe[-2:]}) is not yet")
+    if needs_reference and r.script is not None:
+        if not FLAGS.reference_repo:
+            return (f"--recipe={FLAGS.recipe} needs --reference_repo, a checkout of "
+                    f"github.com/KellerJordan/cifar10-airbench (its {r.script})")
+        if not os.path.isfile(os.path.join(FLAGS.reference_repo, r.script)):
+            return f"--reference_repo: {os.path.join(FLAGS.reference_repo, r.script)} not found"
+        if timing:
+            return f"--recipe={FLAGS.recipe}: --timing_steps is not implemented for it"
+        if "reference" in sides and FLAGS.epochs not in (None, r.epochs):
+            return (f"--epochs={FLAGS.epochs:g}: {r.script} trains {r.epochs:g} epochs, "
+                    "fixed in its main()")
+    return None
 
 
 def main(argv):
@@ -966,14 +1086,18 @@ def main(argv):
                  f"{', '.join(SIDES)}")
     timing = FLAGS.timing_steps > 0
     parity = FLAGS.parity_steps > 0
+    problem = recipe_problem(sides, timing, parity)
+    if problem:
+        sys.exit(f"error: {problem}")
     if timing or parity or "reference" in sides:  # first, before anything heavy is imported
-        missing = missing_reference_packages()
+        missing = missing_reference_packages(recipe().packages)
         if missing:
             sys.exit(INSTALL_HINT.format(", ".join(missing)))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "reference" in sides or timing or parity:  # torch before TensorFlow
-        info = setup_torch(FLAGS.torch_threads, FLAGS.seed)
-    results_dir = FLAGS.results_dir
+        info = setup_torch(FLAGS.torch_threads, FLAGS.seed, package=recipe().script is None)
+    results_dir = FLAGS.results_dir or recipe().results_dir
+    epochs = FLAGS.epochs or recipe().epochs
     print(machine_record()["cpu"], flush=True)
     print(lscpu_line(lscpu()), flush=True)
 
@@ -984,9 +1108,8 @@ def main(argv):
     ours_dir = os.path.join(results_dir, "ours")
     cfg = None
     if "ours" in sides or timing:
-        cfg = ours_config(FLAGS.ours_flagfile, training_data_dir(FLAGS.data_dir, splits,
-                                                                 results_dir),
-                          ours_dir, epochs=FLAGS.epochs, precision=FLAGS.precision,
+        cfg = ours_config(flagfile(), training_data_dir(FLAGS.data_dir, splits, results_dir),
+                          ours_dir, epochs=epochs, precision=FLAGS.precision,
                           seed=FLAGS.seed)
     train = test = classes = None
     if "reference" in sides or timing:
@@ -1005,14 +1128,22 @@ def main(argv):
         print(format_table(load_results(results_dir), set(), out))
         return
 
-    what = {"reference": lambda: ("airbench.train94 ({airbench}, torch {torch}, float32, "
+    reference_name = (f"{recipe().script} of {FLAGS.reference_repo}" if recipe().script
+                      else "airbench.train94 ({airbench}")
+    what = {"reference": lambda: (reference_name + ", torch {torch}, float32, "
                                   "{torch_threads} threads)").format(**info),
-            "ours": lambda: f"{FLAGS.ours_flagfile}, {cfg.precision}"}
+            "ours": lambda: f"{flagfile()}, {cfg.precision}"}
     for side in sides:
         started = utc_now()
         print(f"{side}: training from {started}", flush=True)
         if side == "reference":
-            r = {**run_reference(train, test, classes, FLAGS.epochs), **info}
+            if recipe().script:
+                from research.benchmarks.airbench_scripts import run_muon_reference
+
+                r = {**run_muon_reference(FLAGS.reference_repo, train, test, classes,
+                                          ReferenceRecord(), CpuEvent), **info}
+            else:
+                r = {**run_reference(train, test, classes, epochs), **info}
             n_train, n_test = len(train[0]), len(test[0])
         else:
             r = run_ours(cfg)
@@ -1022,7 +1153,7 @@ def main(argv):
             n_train = manifest["splits"]["train"]["num_examples"]
             n_test = manifest["splits"]["test"]["num_examples"]
         r.update(side=side, what=what[side](), started=started, finished=utc_now(),
-                 epochs=FLAGS.epochs, train_splits=splits, train_images=n_train,
+                 epochs=epochs, recipe=FLAGS.recipe, train_splits=splits, train_images=n_train,
                  test_images=n_test, data_dir=FLAGS.data_dir, machine=machine_record())
         write_json_atomic(os.path.join(results_dir, f"{side}.json"), r)
         print(f"{side}: saved {os.path.join(results_dir, side + '.json')}", flush=True)

@@ -138,7 +138,32 @@ def augment_batch(images: tf.Tensor, rand: tf.Tensor, pad: int = 4,
     return tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
 
 
+def cutout_batch(images: tf.Tensor, rand: tf.Tensor, size: int, fill) -> tf.Tensor:
+    """airbench's batch_cutout (utils.make_random_square_masks): per image a `size` x `size`
+    square, its top-left corner uniform in [0, H - size] x [0, W - size], set to `fill` (per
+    channel; airbench zeroes its normalised images, so `fill` is the normalisation's mean).
+    `rand` is [B, 2] uniform in [0, 1): the corner's row, column."""
+    h, w = images.shape[1], images.shape[2]
+    y = tf.minimum(tf.cast(rand[:, 0] * (h - size + 1), tf.int32), h - size)
+    x = tf.minimum(tf.cast(rand[:, 1] * (w - size + 1), tf.int32), w - size)
+    dy = tf.range(h)[None] - y[:, None]
+    dx = tf.range(w)[None] - x[:, None]
+    mask = (((dy >= 0) & (dy < size))[:, :, None] & ((dx >= 0) & (dx < size))[:, None, :])
+    fill = tf.cast(tf.reshape(fill, [1, 1, 1, -1]), images.dtype)
+    return tf.where(mask[..., None], fill, images)
+
+
+def cutout_fill(channels: int, scale: str) -> list[float]:
+    """The input normalisation's mean (research.models.scratch.normalized_input) in the
+    stream's scale: a cutout square is then 0 after the model's normalisation."""
+    from research.models.scratch import CIFAR_MEAN
+
+    mean = list(CIFAR_MEAN) if channels == 3 else [0.5] * channels
+    return [m * 255.0 for m in mean] if scale in ("raw", "uint8") else mean
+
+
 AFFINE_KEY = 7919  # seed offset of the affine draws: the flip/crop draws stay as they were
+CUTOUT_KEY = 15485863  # seed offset of the cutout corners
 FLIP_KEY = 104729  # seed offset of the alternating flips' draw per image
 FLIPS = ("random", "alternate")
 
@@ -218,7 +243,8 @@ class Stream:
     process); 'files' gives each pipeline its own shards (pipeline i reads shards i, i+N, ...;
     its own shuffle and augmentation keys), so nothing is read twice; batches then differ
     from a single process. `flip`: 'random' (each image, each epoch, with probability 1/2)
-    or 'alternate' (`alternate_flips`)."""
+    or 'alternate' (`alternate_flips`). `cutout`: with `augment`, a square of that side per
+    image set to the normalisation's mean (`cutout_batch`), after the scaling; 0: off."""
     seed: int = 0
     scale: str = "unit"
     augment: bool = True
@@ -231,6 +257,7 @@ class Stream:
     keep: np.ndarray | None = None
     shard_by: str = "slice"
     flip: str = "random"
+    cutout: int = 0
 
 
 def make_dataset(data_dir: str, split: str, batch_size: int, training: bool, *,
@@ -346,6 +373,11 @@ def augment_and_scale(out: dict, index: tf.Tensor, stream: Stream, n: int) -> di
                                     uniform_from_index(index, stream.seed + AFFINE_KEY, 6),
                                     stream.affine)
     out["image"] = scale_images(out["image"], stream.scale)
+    if stream.augment and stream.cutout:
+        image = out["image"]
+        out["image"] = cutout_batch(image, uniform_from_index(index, stream.seed + CUTOUT_KEY,
+                                                              2), stream.cutout,
+                                    cutout_fill(image.shape[-1], stream.scale))
     return out
 
 

@@ -47,7 +47,13 @@ def build_fast_cnn(image_shape=(32, 32, 3), num_outputs: int = 1, dtype: str | N
         x = conv(x, w, f"group{i}_conv1")
         x = layers.MaxPooling2D(2, name=f"group{i}_pool", dtype=dtype)(x)
         x = bn_act(x, f"group{i}_1")
+        x0 = x
         x = bn_act(conv(x, w, f"group{i}_conv2"), f"group{i}_2")
+        if opts.group_convs == 3:  # airbench96: x = act(norm3(conv3(x)) + x0)
+            x = bn_layer(momentum=opts.bn_momentum, epsilon=opts.bn_epsilon, scale=False,
+                         name=f"group{i}_3_bn", dtype=dtype)(conv(x, w, f"group{i}_conv3"))
+            x = layers.Add(name=f"group{i}_residual", dtype=dtype)([x, x0])
+            x = layers.Activation(opts.activation, name=f"group{i}_3_act", dtype=dtype)(x)
     # 32 -> 31 (the 2x2 'valid' whitening) -> 15 -> 7 -> 3: airbench's nn.MaxPool2d(3) on this
     # 3x3 map is this global max. (Where maxima tie exactly, reduce_max's gradient splits
     # between them and PyTorch's goes to the first: measured by the reference benchmark's

@@ -36,6 +36,25 @@ def normalized_input(image_shape, dtype) -> tuple:
                                         dtype=dtype)(inputs)
 
 
+@keras.saving.register_keras_serializable(package="research")
+class UnitStdUniform(keras.initializers.VarianceScaling):
+    """PyTorch's nn.Linear init (uniform in +-1/sqrt(fan_in)), then `w *= 1 / w.std()`
+    (torch's std: with Bessel's correction), as airbench94_muon's CifarNet.reset()."""
+
+    def __init__(self, seed=None):
+        super().__init__(1 / 3, "fan_in", "uniform", seed=seed)
+
+    def __call__(self, shape, dtype=None):
+        w = super().__call__(shape, dtype)
+        n = keras.ops.cast(keras.ops.size(w), w.dtype)
+        mean = keras.ops.mean(w)
+        std = keras.ops.sqrt(keras.ops.sum(keras.ops.square(w - mean)) / (n - 1))
+        return w / std
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
 def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype,
                 bias: bool = True, init: str = "zeros"):
     """Pooled features -> x feature_scale -> dropout -> float32 logits. Zero-initialised by
@@ -46,8 +65,8 @@ def logits_head(x, num_outputs: int, feature_scale: float, dropout: float, dtype
         x = layers.Rescaling(feature_scale, name="feature_scale", dtype=dtype)(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout", dtype=dtype)(x)
-    kernel = ("zeros" if init == "zeros" else
-              keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
+    kernel = ("zeros" if init == "zeros" else UnitStdUniform() if init == "uniform_unit_std"
+              else keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
     return layers.Dense(num_outputs, kernel_initializer=kernel, use_bias=bias, name="logits",
                         dtype="float32")(x)
 

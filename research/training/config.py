@@ -22,7 +22,7 @@ from research.model_options import BACKBONES, MODEL_OPTIONS, OWN_NETWORKS, model
 from research.model_options import SAVEDMODEL, SAVEDMODEL_TRANSFERS
 
 OBJECTIVES = ("binary", "multiclass")
-OPTIMIZERS = ("sgd", "sgd_l2", "adamw")
+OPTIMIZERS = ("sgd", "sgd_l2", "adamw", "muon")
 LR_SCHEDULES = ("cosine", "linear")
 FLIPS = ("random", "alternate")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -101,7 +101,28 @@ class TrainConfig:
                              "PyTorch defines it (buf = m buf + g; step lr (g + m buf)) with "
                              "the weight decay as an L2 term of every trained variable added "
                              "to the gradient, through the momentum (airbench's optimizer, "
-                             "per mean loss); adamw: AdamW.", choices=OPTIMIZERS)
+                             "per mean loss); adamw: AdamW; muon: airbench94_muon's, Muon "
+                             "(momentum orthogonalised by a Newton-Schulz iteration, filters "
+                             "renormalised every step) on the conv filters at --muon_lr and "
+                             "sgd_l2 on the rest (research.training.muon).",
+                             choices=OPTIMIZERS)
+    muon_lr: float = setting(0.24, "--optimizer=muon: the conv filters' peak learning rate "
+                             "(it follows the run's schedule as --learning_rate does).", gt=0,
+                             resume=True)
+    muon_momentum: float = setting(0.6, "--optimizer=muon: the conv filters' (Nesterov) "
+                                   "momentum.", ge=0, lt=1, resume=True)
+    logits_lr_scale: float = setting(1.0, "sgd_l2, muon: the logits kernel's learning rate is "
+                                     "this times --learning_rate (its L2 coefficient divided "
+                                     "by it, as --bias_lr_scale's).", gt=0)
+    whiten_bias_decay: bool = setting(False, "--optimizer=muon: the whitening bias's learning "
+                                      "rate falls linearly from --learning_rate to 0 at "
+                                      "--whiten_bias_epochs, where it freezes "
+                                      "(airbench94_muon), instead of following the run's "
+                                      "schedule.")
+    recipe_batch_size: int | None = setting(None, "The global batch size a recipe's learning "
+                                            "rates are set for (its flag file sets it): "
+                                            "another --batch_size is refused. Unset: any.",
+                                            ge=1)
     learning_rate: float = setting(0.2, "Peak learning rate after warmup.", ge=0, resume=True)
     lr_schedule: str = setting("cosine", "cosine: linear warmup from 0 over --warmup_epochs, "
                                "then cosine decay to --final_lr_fraction; linear: linear from "
@@ -145,6 +166,10 @@ class TrainConfig:
                         "flipped in exactly one of two consecutive epochs).", choices=FLIPS)
     crop_pad: int = setting(4, "Pad-and-crop augmentation: reflect-pad by this many pixels, then "
                                "crop back at a random offset (0: flip only).", ge=0, le=16)
+    cutout: int = setting(0, "Cutout (airbench96: 12): with --augment, a square of this side "
+                             "in each training image set to the input normalisation's mean "
+                             "(airbench zeroes its normalised images), after flip and crop; "
+                             "0: off.", ge=0, le=32)
     input: str = setting("tfrecords", "Where training batches come from: the TFRecords, or the "
                                       "whole training split loaded into memory once (the same "
                                       "batches, augmented the same way; not with --rebalance, "
@@ -280,6 +305,28 @@ class TrainConfig:
         if self.lookahead_every and self.transfer == "fine_tune":
             bad("lookahead_every", "not with --transfer=fine_tune (its two phases would "
                 "share one set of slow weights)")
+        if self.recipe_batch_size is not None and self.batch_size != self.recipe_batch_size:
+            why = ("the Muon step has no rule to rescale with the batch"
+                   if self.optimizer == "muon" else
+                   "research.training.recipes.rebatched rescales them")
+            bad("batch_size", f"{self.batch_size}: this recipe's learning rates are set for "
+                f"--batch_size={self.recipe_batch_size} (--recipe_batch_size), and {why}; "
+                "train at that batch, or retune them and give --recipe_batch_size too")
+        if self.optimizer == "muon":
+            if self.learning_rate <= 0:
+                bad("learning_rate", "--optimizer=muon needs a positive SGD learning rate "
+                    "(the Muon rate is set relative to it)")
+            if self.precision == "mixed_float16":
+                bad("precision", "mixed_float16 is not supported with --optimizer=muon (its "
+                    "loss-scale handling is being rewritten); use mixed_bfloat16 or float32")
+        if self.logits_lr_scale != 1.0 and self.optimizer not in ("sgd_l2", "muon"):
+            bad("logits_lr_scale", f"scales the SGD gradient of the logits kernel with its "
+                f"L2 term; with --optimizer={self.optimizer} it would not scale its "
+                "learning rate")
+        if self.whiten_bias_decay and (self.optimizer != "muon" or
+                                       self.whiten_bias_epochs is None):
+            bad("whiten_bias_decay", "needs --optimizer=muon and --whiten_bias_epochs (the "
+                "step where its learning rate reaches 0)")
         if self.bias_lr_scale != 1.0 and self.optimizer == "adamw":
             bad("bias_lr_scale", "scales SGD's gradients of the BatchNorm shifts; with "
                 f"--optimizer={self.optimizer} it would not scale their learning rate")

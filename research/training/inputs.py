@@ -22,7 +22,7 @@ def train_stream(cfg: TrainConfig, start_step: int = 0) -> pipeline.Stream:
                            pad=cfg.crop_pad, affine=cfg.affine, rebalance=cfg.rebalance,
                            start_step=start_step, global_batch_size=cfg.batch_size,
                            keep=example_mask(cfg, "train"), shard_by=cfg.input_sharding,
-                           flip=cfg.flip)
+                           flip=cfg.flip, cutout=cfg.cutout)
 
 
 def train_input_fn(cfg: TrainConfig, start_step: int):

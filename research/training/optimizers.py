@@ -51,7 +51,13 @@ class NesterovSGD(keras.optimizers.Optimizer):
         return {**super().get_config(), "momentum": self.momentum}
 
 
-def make_optimizer(cfg: TrainConfig, schedule) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: TrainConfig, schedule,
+                   steps_per_epoch: int | None = None) -> keras.optimizers.Optimizer:
+    """`steps_per_epoch`: for --optimizer=muon's per-epoch settings (--whiten_bias_decay)."""
+    if cfg.optimizer == "muon":  # its own module; its L2 term as sgd_l2's (steps.py)
+        from research.training.muon import make_muon_optimizer
+
+        return make_muon_optimizer(cfg, schedule, steps_per_epoch)
     if cfg.optimizer == "sgd_l2":
         opt = NesterovSGD(schedule, momentum=cfg.momentum)  # decay: an L2 term (steps.py)
     elif cfg.optimizer == "sgd":

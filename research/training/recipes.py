@@ -21,6 +21,9 @@ from research.training.config import TrainConfig
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "recipes")
 FAST_CIFAR10 = os.path.join(RECIPES_DIR, "fast_cifar10.flags")
+FAST_CIFAR10_MUON = os.path.join(RECIPES_DIR, "fast_cifar10_muon.flags")
+AIRBENCH95 = os.path.join(RECIPES_DIR, "airbench95.flags")
+AIRBENCH96 = os.path.join(RECIPES_DIR, "airbench96.flags")
 PHOTOS_FROM_CIFAR = os.path.join(RECIPES_DIR, "photos_from_cifar.flags")
 
 # airbench93 (lib_airbench93.py of airbench==0.1.8; its whole diff against lib_airbench94.py):
@@ -126,6 +129,10 @@ def rebatched(settings: dict, batch_size: int) -> dict:
     hyperparameters are per example of a summed loss, so the learning rate of our mean loss
     scales with the batch (the weight decay is an L2 coefficient relative to the learning
     rate and stays)."""
+    if settings.get("optimizer") == "muon":
+        raise RecipeError(f"a Muon recipe has no rule to rescale to --batch_size={batch_size}: "
+                          "its Muon step is normalised, not per example (airbench94_muon "
+                          "sets its rates for its own batch only)")
     base = settings.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
     lr = settings.get("learning_rate",
                       TrainConfig.__dataclass_fields__["learning_rate"].default)

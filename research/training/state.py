@@ -125,7 +125,7 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         head_steps = plan.head_steps or plan.total_steps
         optimizer = make_optimizer(cfg, learning_rate_schedule(
             cfg, cfg.head_lr or cfg.learning_rate, int(cfg.warmup_epochs * plan.steps_per_epoch),
-            head_steps))
+            head_steps), steps_per_epoch=plan.steps_per_epoch)
         extra = {}
         if cfg.transfer == "fine_tune":
             # Phase 2's optimizer is built now, on phase 2's variables, so a checkpoint of

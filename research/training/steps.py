@@ -11,6 +11,8 @@ from research.training.config import ConfigError, TrainConfig
 from research.training.loss_scale import DynamicLossScaleOptimizer, batch_clock
 from research.training.state import TrainState
 
+from research.training.muon import sgd_lr_scale, takes_l2
+
 
 def per_example_loss(cfg: TrainConfig, batch: dict, logits: tf.Tensor,
                      weights: dict | None) -> tf.Tensor:
@@ -34,13 +36,16 @@ def is_bn_shift(variable) -> bool:
 
 
 def l2_penalty(cfg: TrainConfig, variables) -> tf.Tensor:
-    """--optimizer=sgd_l2's weight decay as a loss term, sum of wd_v / 2 ||v||^2 over every
-    trained variable: its gradient adds wd_v v to each variable's gradient (PyTorch's SGD
-    weight_decay). A BatchNorm shift's wd_v is wd / --bias_lr_scale: once its gradient is
-    scaled up, its decay per step equals everyone's (airbench's weight_decay=wd/lr_biases)."""
+    """--optimizer=sgd_l2's (and muon's) weight decay as a loss term, sum of wd_v / 2 ||v||^2
+    over every trained variable (muon: but its filters): its gradient adds wd_v v to each
+    variable's gradient (PyTorch's SGD weight_decay). wd_v is wd / the variable's
+    sgd_lr_scale (--bias_lr_scale, --logits_lr_scale): once its gradient is scaled up, its
+    decay per step equals everyone's (airbench's weight_decay=wd/lr_biases)."""
     terms = []
     for v in variables:
-        wd = cfg.weight_decay / (cfg.bias_lr_scale if is_bn_shift(v) else 1.0)
+        if not takes_l2(cfg, v):
+            continue
+        wd = cfg.weight_decay / sgd_lr_scale(cfg, v)
         terms.append(0.5 * wd * tf.reduce_sum(tf.square(tf.cast(v, tf.float32))))
     return tf.add_n(terms)
 
@@ -75,7 +80,7 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
             loss = tf.nn.compute_average_loss(per_ex, global_batch_size=cfg.batch_size)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            if cfg.optimizer == "sgd_l2" and cfg.weight_decay:
+            if cfg.optimizer in ("sgd_l2", "muon") and cfg.weight_decay:
                 loss += tf.nn.scale_regularization_loss(l2_penalty(cfg, variables))
             scaled = optimizer.scale_loss(loss)
         return tape.gradient(scaled, variables), per_ex, logits
@@ -100,11 +105,12 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
             else:
                 grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
             grads = [g / replicas for g in grads]
-        if cfg.bias_lr_scale != 1.0:
-            # SGD is linear in the gradient: scaling the BN shifts' gradients scales their
-            # learning rate, momentum included (their L2 term, if any, was divided by it).
-            grads = [g * cfg.bias_lr_scale if is_bn_shift(v) else g
-                     for g, v in zip(grads, model.trainable_variables)]
+        if cfg.bias_lr_scale != 1.0 or cfg.logits_lr_scale != 1.0:
+            # SGD is linear in the gradient: scaling the BN shifts' (logits kernel's)
+            # gradients scales their learning rate, momentum included (their L2 term, if
+            # any, was divided by it).
+            scales = [sgd_lr_scale(cfg, v) for v in model.trainable_variables]
+            grads = [g * s if s != 1.0 else g for g, s in zip(grads, scales)]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         scores = (None if positive_id is None
                   else positive_scores(logits, cfg.objective, positive_id))
