@@ -59,7 +59,21 @@ def test_synchronised_batchnorm_in_float16_equals_one_replica(two_replicas):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_jit_compile_equals_no_xla_on_one_replica(syn, tmp_path, monkeypatch):
+@pytest.fixture
+def nondeterministic_ops():
+    """Op determinism off for the test (another test's --deterministic run turned it on for
+    the whole process): XLA has no deterministic MaxPool gradient."""
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    yield
+    if was:
+        tf_config.enable_op_determinism()
+
+
+def test_jit_compile_equals_no_xla_on_one_replica(syn, tmp_path, monkeypatch,
+                                                  nondeterministic_ops):
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     plain, s1 = loop_state(syn, tmp_path / "a", one, monkeypatch, steps=4, precision="float32")
     xla, s2 = loop_state(syn, tmp_path / "b", one, monkeypatch, steps=4, precision="float32",

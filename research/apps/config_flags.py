@@ -183,7 +183,10 @@ def fail(e: BaseException) -> None:
 
 
 def define_device_flags() -> None:
-    """--gpu_memory_growth, for the apps that may run on a GPU (research/devices.py)."""
+    """--gpu_memory_growth, for the apps that may run on a GPU (research/devices.py); once
+    per process (a test or a tool may import several apps)."""
+    if "gpu_memory_growth" in flags.FLAGS:
+        return
     flags.DEFINE_bool("gpu_memory_growth", True, "Take GPU memory as it is needed (so evaluate, "
                       "explain or TensorBoard can share a GPU with a training); false: all of "
                       "every visible GPU at once.", module_name=_caller())
@@ -233,7 +236,10 @@ def train_config_from_flags(flag_values=flags.FLAGS):
 
 def define_max_image_pixels() -> None:
     """--max_image_pixels: the largest image (width x height, read from its header) an app
-    decodes; above it an image is refused in one line, as PIL's DecompressionBombError."""
+    decodes; above it an image is refused in one line, as PIL's DecompressionBombError.
+    Once per process (a test or a tool may import several apps)."""
+    if "max_image_pixels" in flags.FLAGS:
+        return
     _ranged(flags.DEFINE_integer, "max_image_pixels", imaging.DEFAULT_MAX_IMAGE_PIXELS,
             "Largest image decoded, in pixels (width x height from its header, read before "
             "decoding); a bigger one is refused (skipped in a source) in one line naming it. "
