@@ -20,6 +20,7 @@ from PIL import Image
 import helpers
 from research.data import pipeline
 from test_e2e import event_tags
+from test_hostile import LOG_LINE
 from research.lab import memory_check, profiles
 from research.lab import report as lab_report
 
@@ -249,6 +250,15 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     rec = json.loads((lab_dir / "stages" / "lab_scratch.json").read_text())
     assert rec["reused"] is True and rec["ran_seconds"] is not None
     assert "reused" in (lab_dir / "report.html").read_text()
+
+    # A truncated export is one line through the lab too (issue 39): "damaged", exit 1.
+    export = ck / "lab_scratch" / "export" / "model.keras"
+    export.write_bytes(export.read_bytes()[:1000])
+    third, _ = lab(work, *flags, "--stages=explain")
+    assert third.returncode == 1, third.stdout[-2000:] + third.stderr[-3000:]
+    said = [x for x in third.stderr.splitlines() if x.strip() and not LOG_LINE.match(x)]
+    assert len(said) == 1 and said[0].startswith("error: ") and (
+        "lab_scratch/export/model.keras is damaged (not a whole .keras archive" in said[0])
 
 
 def test_report_facts_and_flags(tmp_path):
