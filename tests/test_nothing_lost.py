@@ -240,7 +240,7 @@ def test_flag_errors_and_the_lock_come_before_the_heavy_imports(syn, tmp_path):
                          timeout=120)
     lines = [x for x in res.stderr.splitlines() if not x.startswith("import time:")]
     assert res.returncode == 1 and lines == [
-        "error: flag --optimizer=nosuch: value should be one of <sgd|sgd_l2|adamw>"]
+        "error: flag --optimizer=nosuch: value should be one of <sgd|sgd_l2|adamw|muon>"]
     assert "tensorflow" not in res.stderr  # not even imported
     from research.training.runlock import RunLock
 
