@@ -113,12 +113,12 @@ TINY = ["--weights=source_task", "--train_steps=8", "--batch_size=16", "--eval_e
         "--filter_steps=2", "--few_labels=0.5", "--few_labels_epochs=1"]
 
 
-def test_lab_end_to_end_and_reuse(tmp_path):
+def lab_sources(tmp_path):
+    """(a tiny CIFAR-10 archive, a tiny dogs-vs-cats folder of photos of their own sizes, an
+    empty workdir) for a lab run."""
     archive = tmp_path / "cifar-10-python.tar.gz"
     helpers.make_cifar10_python(str(archive), per_batch=40)
-    photo = tmp_path / "my_cat.png"
-    Image.fromarray(helpers.rgb(45, 60, seed=3)).save(photo)
-    photos = tmp_path / "dvc"  # a tiny dogs-vs-cats folder: photos of their own sizes
+    photos = tmp_path / "dvc"
     for c in ("cats", "dogs"):
         (photos / c).mkdir(parents=True)
         for i in range(8):
@@ -126,6 +126,13 @@ def test_lab_end_to_end_and_reuse(tmp_path):
                 photos / c / f"{c[:-1]}.{i}.png")
     work = tmp_path / "work"
     work.mkdir()
+    return archive, photos, work
+
+
+def test_lab_end_to_end_and_reuse(tmp_path):
+    archive, photos, work = lab_sources(tmp_path)
+    photo = tmp_path / "my_cat.png"
+    Image.fromarray(helpers.rgb(45, 60, seed=3)).save(photo)
     flags = [f"--source={archive}", f"--images={photo}", f"--photo_source={photos}",
              "--photo_counts=4,2,2", *TINY]
 
@@ -331,16 +338,7 @@ def test_gpu_profile_quick_on_two_simulated_replicas_in_float16(tmp_path):
     """`lab --profile=gpu --quick --cpu_replicas=2 --precision=mixed_float16`: every stage,
     every run under MirroredStrategy over 2 logical CPU devices in float16, per-replica
     batches made global, and the report."""
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    helpers.make_cifar10_python(str(archive), per_batch=40)
-    photos = tmp_path / "dvc"
-    for c in ("cats", "dogs"):
-        (photos / c).mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(helpers.rgb(70, 90, seed=i + 10 * (c == "dogs"))).save(
-                photos / c / f"{c[:-1]}.{i}.png")
-    work = tmp_path / "work"
-    work.mkdir()
+    archive, photos, work = lab_sources(tmp_path)
     shrink = [f for f in TINY if not f.startswith(("--precision", "--batch_size"))]
     res, _ = lab(work, "--profile=gpu", "--quick", "--cpu_replicas=2",
                  "--precision=mixed_float16", f"--source={archive}", f"--photo_source={photos}",
