@@ -189,8 +189,11 @@ def threshold_of(detector: Detector, options: PredictOptions) -> tuple[float | N
         return None, "a classifier: no threshold"
     if options.threshold is not None:
         return options.threshold, "--threshold"
-    return (detector.meta["threshold"],
-            "the run's, chosen on val for the best F1 (metadata.json)")
+    meta = detector.meta
+    policy = meta.get("threshold_metric", "f1")  # exports before the policy were all F1's
+    return (meta["threshold"], f"the run's, chosen on val by {policy}"
+            + (f" ({meta['threshold_reason']})" if meta.get("threshold_reason") else "")
+            + " (metadata.json)")
 
 
 def predict_files(detector: Detector, paths: list[str],

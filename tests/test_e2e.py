@@ -104,7 +104,22 @@ def test_end_to_end(tmp_path):
     assert {"hparams/test_roc_auc", "hparams/test_pr_auc"} <= event_tags(
         logs / "e2e" / "test")["tags"]
     figures = {os.path.basename(p) for p in report["figures"]}
-    assert {"test_roc_pr.png", "test_confusion.png"} <= figures
+    assert {"test_roc_pr.png", "test_confusion.png", "test_reliability.png"} <= figures
+    # The declared policy: 10% cats in train -> auto chose f1, in the run and the export
+    meta = json.loads((run_dir / "export" / "metadata.json").read_text())
+    summary = json.loads((run_dir / "train_summary.json").read_text())["final_val"]
+    assert report["threshold_metric"] == meta["threshold_metric"] == "f1"
+    assert "positives are 10.0% of train" in meta["threshold_reason"]
+    assert meta["threshold"] == summary["threshold"]
+    interval = report["threshold_interval"]
+    assert interval["low"] <= interval["high"] and interval["samples"] == 200
+    assert 0 <= report["calibration"]["raw"]["ece"] <= 1 and "at 0.5:" in res.stdout
+    out2 = tmp_path / "eval_test_acc.json"
+    res = run("research.apps.evaluate", "--run_name=e2e", f"--checkpoint_dir={ck}",
+              "--split=test", f"--output={out2}", "--threshold_metric=accuracy", "--calibrate")
+    report2 = json.loads(out2.read_text())
+    assert report2["threshold_metric"] == "accuracy" and report2["temperature"] > 0
+    assert "calibrated" in report2["calibration"] and "at temperature" in res.stdout
 
     cat = next((src / "test" / "cat").iterdir())
     res = run("research.apps.predict", f"--model={run_dir}/export/model.keras",

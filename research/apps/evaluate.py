@@ -19,7 +19,7 @@ import os
 
 from absl import flags
 
-from research import runs
+from research import runs, thresholds
 from research.apps import config_flags
 from research.errors import UserError
 from research.training.config import load_run_config
@@ -36,6 +36,10 @@ flags.DEFINE_string("figures_dir", None, "Figures folder (default: beside --outp
 flags.DEFINE_bool("tta", None, "Override the run's test-time mirror averaging.")
 flags.DEFINE_bool("tta_shifts", None, "Override the run's one-pixel-shift test-time views.")
 flags.DEFINE_integer("eval_batch_size", None, "Override the run's eval batch size.")
+flags.DEFINE_string("threshold_metric", None, "Override the run's threshold policy (what the "
+                    "threshold maximises on val): " + thresholds.HELP.split(": ", 1)[1])
+flags.DEFINE_bool("calibrate", None, "Override the run's --calibrate (fit a temperature on val "
+                  "and report the calibrated reliability beside the raw one).")
 flags.DEFINE_list("class_map", [], "Zero-shot: DATA_CLASS:RUN_CLASS for both classes of "
                   "--data_dir (e.g. cats:cat,dogs:dog); the report goes to <run>/zero_shot_"
                   "<data folder>_<split>.json unless --output.")
@@ -80,7 +84,9 @@ def main(argv):
     try:
         cfg = load_run_config(FLAGS.checkpoint_dir, FLAGS.run_name, FLAGS.data_dir,
                               tta=FLAGS.tta, tta_shifts=FLAGS.tta_shifts,
-                              eval_batch_size=FLAGS.eval_batch_size)
+                              eval_batch_size=FLAGS.eval_batch_size,
+                              threshold_metric=FLAGS.threshold_metric,
+                              calibrate=FLAGS.calibrate)
         cfg.validate()  # an --eval_batch_size of 0 or less is an error here, not 'unset'
         tb_dir, why = tensorboard_dir(FLAGS.run_name)
     except UserError as e:

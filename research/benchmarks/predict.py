@@ -70,7 +70,7 @@ def export_untrained(out_dir: str, size: int, tta: bool) -> str:
     model = build_model("scratch", (size, size, 3), 2)
     head = model.get_layer("logits").kernel  # zero-initialised: give the scores some spread
     head.assign(np.random.default_rng(0).normal(0, 1, head.shape).astype(np.float32))
-    return export_model(model, cfg, manifest, threshold=0.5)
+    return export_model(model, cfg, manifest, {"threshold": 0.5})
 
 
 def main(argv):

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from research import plots
+from research import plots, thresholds
 from research.data import pipeline
 from research import metrics as detmetrics
 from research.training.config import TrainConfig
@@ -43,10 +43,22 @@ def format_report(r: dict) -> str:
     rows = [f"{r['run_name']} on {r['split']}: {r['num_examples']:,} images{subset}, "
             f"{r['num_positive']:,} positive  (checkpoint {os.path.basename(r['checkpoint'])})",
             f"  ROC-AUC   {r['roc_auc']:.4f}     PR-AUC  {r['pr_auc']:.4f}",
-            f"  threshold {r['threshold']:.4f} (chosen on val)   precision {r['precision']:.4f}"
+            f"  threshold {r['threshold']:.4f} (chosen on val by "
+            f"{r.get('threshold_metric', 'f1')})   precision {r['precision']:.4f}"
             f"   recall {r['recall']:.4f}   F1 {r['f1']:.4f}   accuracy {r['accuracy']:.4f}",
             f"  at 0.5:   precision {r['at_0.5']['precision']:.4f}   recall "
-            f"{r['at_0.5']['recall']:.4f}   F1 {r['at_0.5']['f1']:.4f}"]
+            f"{r['at_0.5']['recall']:.4f}   F1 {r['at_0.5']['f1']:.4f}   accuracy "
+            f"{r['at_0.5']['accuracy']:.4f}"]
+    if "threshold_reason" in r:
+        rows.append(f"  threshold policy: {r['threshold_reason']}; 95% bootstrap interval "
+                    f"{thresholds.interval_text(r.get('threshold_interval'))}")
+    calibration = r.get("calibration", {})
+    if calibration:
+        rows.append("  expected calibration error "
+                    f"{calibration['raw']['ece']:.4f} ({calibration['raw']['bins']} bins)" + (
+                        f", {calibration['calibrated']['ece']:.4f} at temperature "
+                        f"{r['temperature']:.3f} (fitted on val)" if "calibrated" in
+                        calibration else ""))
     (tn, fp), (fn, tp) = r["confusion_matrix"]
     rows.append(f"  confusion: TN {tn:,}  FP {fp:,}  FN {fn:,}  TP {tp:,}")
     if "class_accuracy" in r:
@@ -72,6 +84,9 @@ def eval_figures(cfg: TrainConfig, report: dict, raw: dict, worst: int = 16) -> 
             f"{split}_confusion.png": detmetrics.confusion_figure(
                 report["confusion_matrix"], ["other", manifest["positive_class"]],
                 f"{run} / {split}\nat threshold {report['threshold']:.3f}")}
+    if report.get("calibration"):
+        figs[f"{split}_reliability.png"] = thresholds.reliability_figure(
+            report["calibration"], f"{run} / {split}: reliability")
     labels, scores = raw["labels"].astype(bool), raw["scores"]
     fp_idx = np.flatnonzero(~labels & (scores >= report["threshold"]))
     fn_idx = np.flatnonzero(labels & (scores < report["threshold"]))

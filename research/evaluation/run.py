@@ -1,6 +1,7 @@
 """Scoring a finished run on every example of a split: the model alone is restored from its
-checkpoint (no optimizer is built), val is scored to choose the threshold (F1-max), and the
-split is scored with that threshold unchanged.
+checkpoint (no optimizer is built), val is scored to choose the threshold (by the run's
+--threshold_metric, research.thresholds), and the split is scored with that threshold
+unchanged.
 
 `evaluate_and_save` is what `apps/evaluate`, `compare` and the lab call: score, write
 eval_<split>.json and its figures, return the report.
@@ -14,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import runs
+from research import runs, thresholds
 from research.data import pipeline
 from research import metrics as detmetrics
 from research.evaluation import report as reporting
@@ -80,9 +81,7 @@ def score_model(cfg: TrainConfig, model: keras.Model, manifest: dict, strategy, 
         report["num_positive"] = 0  # there is no positive class
         report["loss"] = res.loss
         return report, {**raw, "logits": res.logits}
-    threshold = detmetrics.best_f1_threshold(val.labels, val.scores)
-    report["threshold_source"] = "val (max F1)"
-    report.update(detmetrics.detection_report(res.labels, res.scores, threshold))
+    report.update(choose_and_score(cfg, manifest, val, res))
     report["loss"] = res.loss
     if res.class_accuracy is not None:
         report["class_accuracy"] = res.class_accuracy
@@ -92,6 +91,26 @@ def score_model(cfg: TrainConfig, model: keras.Model, manifest: dict, strategy, 
         report["class_confusion_matrix"] = np.bincount(
             res.class_ids * k + pred, minlength=k * k).reshape(k, k).tolist()
     return report, {**raw, "scores": res.scores}
+
+
+def choose_and_score(cfg: TrainConfig, manifest: dict, val, res) -> dict:
+    """The threshold chosen on val by the run's policy (with its bootstrap interval),
+    `res`'s detection metrics there and at 0.5, and calibration: the expected calibration
+    error and reliability bins of `res`'s scores, and with --calibrate those of the scores
+    under the temperature fitted on val (decisions unchanged: the temperature is monotone,
+    so the threshold is chosen on the raw scores)."""
+    policy, why = cfg.threshold_policy(manifest)
+    chosen = thresholds.decision(val.labels, val.scores, policy, why)
+    report = detmetrics.detection_report(res.labels, res.scores, chosen["threshold"])
+    report.update(chosen)
+    report["threshold_source"] = f"val ({policy})"
+    report["calibration"] = {"raw": thresholds.reliability(res.labels, res.scores)}
+    if cfg.calibrate:
+        t = thresholds.fit_temperature(val.labels, val.scores)
+        report["temperature"] = t
+        report["calibration"]["calibrated"] = thresholds.reliability(
+            res.labels, thresholds.apply_temperature(res.scores, t))
+    return report
 
 
 def evaluate_and_save(cfg: TrainConfig, split: str, checkpoint: str = "best",

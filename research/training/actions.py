@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from research import runs
+from research import runs, thresholds
 from research.progress import Bar
 from research import metrics as detmetrics
 from research.training import checkpoints, record
@@ -64,13 +64,21 @@ class LoopContext:
         return self.cfg.positive_class(self.manifest) is None
 
 
-def val_report(cfg: TrainConfig, manifest: dict, result: EvalResult) -> dict:
-    """A detector's exact detection metrics of an evaluation, or a classifier's top-1, top-5
-    and per-class accuracy and confusion matrix (no positive class: no detection metric)."""
+def val_report(cfg: TrainConfig, manifest: dict, result: EvalResult,
+               interval: bool = False) -> dict:
+    """A detector's exact detection metrics of an evaluation at the threshold its policy
+    (--threshold_metric) chooses on these val scores (`interval`: with the threshold's
+    bootstrap interval, for the final numbers), or a classifier's top-1, top-5 and per-class
+    accuracy and confusion matrix (no positive class: no detection metric)."""
     if cfg.positive_class(manifest) is None:
         return detmetrics.classification_report(result.class_ids, result.logits,
                                                 manifest["class_names"])
-    return detmetrics.detection_report(result.labels, result.scores)
+    chosen = thresholds.decision(result.labels, result.scores,
+                                 *cfg.threshold_policy(manifest), interval=interval)
+    report = detmetrics.detection_report(result.labels, result.scores, chosen["threshold"])
+    if interval and cfg.calibrate:  # the final numbers: and the temperature for the export
+        chosen["temperature"] = thresholds.fit_temperature(result.labels, result.scores)
+    return {**report, **chosen}
 
 
 class Action:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 
-from research import runs
+from research import runs, thresholds
 from research.data.augmentation import FILL_MODES, Affine
 from research.data.manifest import has_manifest, load_manifest
 from research.errors import UserError
@@ -204,6 +204,11 @@ class TrainConfig:
                                          "chosen on them) and TTA scores val once at the end, "
                                          "for the final numbers and the export's threshold.",
                                    resume=True)
+    threshold_metric: str = setting(thresholds.AUTO, thresholds.HELP, resume=True)
+    calibrate: bool = setting(False, "Fit a temperature on val's scores (temperature scaling) "
+                                     "for the reported probabilities; decisions are unchanged "
+                                     "(the threshold maps through the same monotone function).",
+                              resume=True)
     scale: str = setting("unit", "Input scaling (research.detector.SCALES).", flag=False)
     precision: str = setting("auto", "auto: mixed_float16 on GPU, mixed_bfloat16 on CPUs with "
                                      "AMX/AVX512-BF16, else float32. A run keeps the resolved "
@@ -267,6 +272,11 @@ class TrainConfig:
         if problem:
             bad(problem[0], problem[1])
         self._check_combinations(bad)
+        try:
+            thresholds.check(self.threshold_metric)
+        except thresholds.ThresholdError as e:
+            bad("threshold_metric", str(e).split(": ", 1)[1])
+        self._check_threshold_data(bad)
         if (self.objective == "binary" or self.rebalance) and \
                 self.positive_class(load_manifest(self.data_dir)) is None:
             bad("objective" if self.objective == "binary" else "rebalance",
@@ -283,9 +293,33 @@ class TrainConfig:
         positive = manifest.get("positive_class")
         return None if positive is None or positive in self.exclude_classes else positive
 
+    def threshold_policy(self, manifest: dict) -> tuple[thresholds.Policy, str]:
+        """(the policy that chooses the threshold on val, why): --threshold_metric, or for
+        `auto` the share of the positive class among train's classes the run keeps."""
+        counts = {k: v for k, v in manifest["splits"]["train"]["class_counts"].items()
+                  if k not in self.exclude_classes}
+        total = sum(counts.values())
+        share = counts.get(self.positive_class(manifest), 0) / total if total else None
+        return thresholds.resolve(self.threshold_metric, share)
+
     def positive_id(self, manifest: dict) -> int | None:
         """The class id of `positive_class` (None: a classifier)."""
         return None if self.positive_class(manifest) is None else manifest["positive_class_id"]
+
+    def _check_threshold_data(self, bad) -> None:
+        """A chosen policy needs a positive class, and val needs both classes to choose."""
+        manifest = load_manifest(self.data_dir)
+        if self.positive_class(manifest) is None:
+            if self.threshold_metric != thresholds.AUTO:
+                bad("threshold_metric", "this run is a classifier (no positive class): it has "
+                    "no threshold to choose; leave it at auto")
+            return
+        val = manifest["splits"].get("val", {})
+        kept = sum(v for k, v in val.get("class_counts", {}).items()
+                   if k not in self.exclude_classes)
+        if self.threshold_metric != thresholds.AUTO and not 0 < val.get("num_positive", 0) < kept:
+            bad("threshold_metric", f"val has {val.get('num_positive', 0)} positives of {kept}: "
+                "a threshold needs both classes there")
 
     def _check_combinations(self, bad) -> None:
         if self.transfer == "fine_tune":

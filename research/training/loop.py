@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from research import devices, machine, runs
+from research import devices, machine, runs, thresholds
 from research.data import pipeline
 from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
 from research.training.actions import LoopContext, best_metric, standard_actions, val_report
@@ -226,15 +226,24 @@ def finish(ctx: LoopContext, previous: dict) -> dict:
             report = None
         if report is None:
             result = evaluator.evaluate("val")
+        if not ctx.classifier:  # the final numbers: with the threshold's interval
+            report = val_report(cfg, ctx.manifest, result, interval=True)
+        elif report is None:
             report = val_report(cfg, ctx.manifest, result)
         keys = (("class_accuracy", "top5_class_accuracy") if ctx.classifier else
-                ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold"))
+                ("roc_auc", "pr_auc", "f1", "precision", "recall", "accuracy", "threshold",
+                 "threshold_metric", "threshold_reason", "threshold_interval"))
         summary["final_val"] = {k: report[k] for k in keys}
+        if not ctx.classifier:
+            summary["final_val"]["at_0.5"] = report["at_0.5"]
+            logging.info("Threshold %.4f (95%% bootstrap interval %s) by %s: %s",
+                         report["threshold"], thresholds.interval_text(
+                             report["threshold_interval"]), report["threshold_metric"],
+                         report["threshold_reason"])
         model = state.model
         if cfg.transfer == "features":  # export image -> logits, not the head alone
             model = feature_cache.full_model(cfg, ctx.manifest, state.model)
-        summary["export"] = record.export_model(model, cfg, ctx.manifest,
-                                                report.get("threshold"))
+        summary["export"] = record.export_model(model, cfg, ctx.manifest, report)
         final = dict(report)
         if result is not None and result.class_accuracy is not None:
             final["class_accuracy"] = result.class_accuracy

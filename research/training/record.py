@@ -141,11 +141,16 @@ def log_hparam_metrics(writer, split: str, report: dict, step: int) -> None:
 
 
 def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict,
-                 threshold: float | None) -> str:
+                 val: dict) -> str:
     """Saves the detector as model.keras (Keras' own layers, float32: loads without this
-    package), the metadata `predict` needs, and the SavedModel (research.export). Returns
-    model.keras' path. A classifier (threshold None) is recorded as one: `classifier` true,
-    no threshold; `positive_class` stays the data's (what the export is checked against)."""
+    package), the metadata `predict` needs, and the SavedModel (research.export). `val` is
+    the final val report: its threshold and the policy that chose it go into the metadata.
+    Returns model.keras' path. A classifier (no threshold in `val`) is recorded as one:
+    `classifier` true, no threshold; `positive_class` stays the data's (what the export is
+    checked against)."""
+    threshold = val.get("threshold")
+    policy = {k: val[k] for k in ("threshold_metric", "threshold_reason", "temperature")
+              if k in val}
     path = runs.exported_model_path(cfg.checkpoint_dir, cfg.run_name)
     export.export_detector(model, {
         "classifier": cfg.positive_class(manifest) is None,
@@ -153,7 +158,8 @@ def export_model(model: keras.Model, cfg: TrainConfig, manifest: dict,
         "positive_class_id": manifest["positive_class_id"],
         "class_names": manifest["class_names"], "image_shape": manifest["image_shape"],
         "scale": cfg.scale, "threshold": threshold, "tta": cfg.tta,
-        "tta_shifts": cfg.tta_shifts, "resize_policy": imaging.recorded_policy(manifest)},
+        "tta_shifts": cfg.tta_shifts, "resize_policy": imaging.recorded_policy(manifest),
+        **policy},
         path)
     return path
 
