@@ -329,3 +329,41 @@ def test_the_baseline_trial_is_the_fixed_flags_own_values(syn, tmp_path):
     with pytest.raises(sweeps.SweepError, match="--learning_rate=0.5 is outside the space"):
         sweeps.open_study(cfg, sweeps.make_storage(cfg, str(tmp_path / "ck")), params, "",
                           outside)
+
+
+def test_a_fine_tune_trial_is_not_pruned_in_its_head_phase():
+    """The pruner is asked only once the fine-tuning the trial tries has begun (after
+    --head_epochs); every evaluation is reported all the same."""
+    class Trial:
+        number = 0
+
+        def __init__(self):
+            self.reported, self.asked = [], []
+
+        def report(self, value, step):
+            self.reported.append(step)
+
+        def should_prune(self):
+            self.asked.append(self.reported[-1])
+            return True
+
+    def ctx(step, transfer="fine_tune"):
+        cfg = type("Cfg", (), {"transfer": transfer, "positive_class": lambda self, m: "cat"})()
+        return type("Ctx", (), {"report": {"pr_auc": 0.5}, "cfg": cfg, "manifest": {},
+                                "step": step, "stop": False,
+                                "plan": type("Plan", (), {"head_steps": 62})()})()
+
+    trial = Trial()
+    action = sweeps.ReportToTrial(trial, "best_val")
+    for step in (31, 62):
+        c = ctx(step)
+        action(c)
+        assert not c.stop and action.pruned_at is None
+    c = ctx(93)
+    action(c)
+    assert c.stop and action.pruned_at == 93
+    assert trial.reported == [31, 62, 93] and trial.asked == [93]
+    scratch = sweeps.ReportToTrial(Trial(), "best_val")  # no head phase: judged at once
+    c = ctx(31, transfer="none")
+    scratch(c)
+    assert c.stop and scratch.pruned_at == 31

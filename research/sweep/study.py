@@ -224,7 +224,10 @@ def _quiet_optuna() -> None:
 
 class ReportToTrial(Action):
     """Reports the val metric of each evaluation to the trial; stops the run when the pruner
-    says so, and then makes its best checkpoint the run's export (end, before finish)."""
+    says so, and then makes its best checkpoint the run's export (end, before finish). A
+    fine-tune run is never pruned in its head phase: trials that differ only in fine-tuning
+    are identical there, so the pruner would judge them on their image size alone (the first
+    photo sweep pruned five trials at step 31 of 434 that way)."""
 
     def __init__(self, trial, metric: str):
         self.trial, self.metric = trial, metric
@@ -240,6 +243,9 @@ class ReportToTrial(Action):
             value = float(ctx.result.class_accuracy if name == "class_accuracy"
                           else ctx.report[name])
         self.trial.report(value, ctx.step)
+        head_steps = ctx.plan.head_steps if ctx.cfg.transfer == "fine_tune" else None
+        if head_steps and ctx.step <= head_steps:
+            return  # the head phase: the fine-tuning values the trial tries have not acted yet
         if self.trial.should_prune():
             self.pruned_at = ctx.step
             ctx.stop = True
