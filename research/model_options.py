@@ -77,6 +77,20 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
               "top"), "top_activation", "efficientnetb0_notop.h5",
              "50bc09e76180e00e4465e1a485ddc09d", "efficientnetb0.h5",
              "902e53a9f72be733fc0bcb005b3ebbac"),
+    # Keras names Inception's layers generically: its blocks are the concatenations that end
+    # them (--fine_tune_from=mixed8, the default: the top two blocks train, as keras' example).
+    Backbone("inceptionv3", "InceptionV3", "tf", 75, 299, 75,
+             tuple(f"mixed{i}" for i in range(9)), "mixed10",
+             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "bcbd6486424b2319ff4ef7d526e38f63",
+             "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+             "9a0d58056eeedaa3f26cb7ebd46da564"),
+    Backbone("xception", "Xception", "tf", 71, 299, 75,
+             tuple(f"block{i}" for i in range(1, 15)), "block14_sepconv2_act",
+             "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "b0042744bf5b25fce3cb969f33bebb97",
+             "xception_weights_tf_dim_ordering_tf_kernels.h5",
+             "0a58e3b7378bc2990ea3b43d5981f1f6"),
     # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
     Backbone("scratch", None, "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2")),
     Backbone("fast", None, "", 8, 32, 32, ("whiten", "group0", "group1", "group2")),
