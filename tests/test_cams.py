@@ -45,6 +45,13 @@ def np_xgradcam(a, g):
     return (g * a / (a.sum(axis=(2, 3))[:, :, None, None] + EPS)).sum(axis=(2, 3))
 
 
+def np_fem(a, g):
+    # Fuad et al. 2020, the k-sigma rule: w_k = mean_ij [A_ij^k > mu_k + 2 sigma_k]
+    # (sigma the population std, as pytorch-grad-cam's FEM); the gradients play no part
+    mu, sigma = a.mean(axis=(2, 3)), a.std(axis=(2, 3))
+    return (a > (mu + 2 * sigma)[:, :, None, None]).mean(axis=(2, 3))
+
+
 def np_cam_of_channel_weights(a, w):
     return np.maximum((w[:, :, None, None] * a).sum(1), 0)
 
@@ -61,7 +68,7 @@ def np_first_component(f):
 
 
 @pytest.mark.parametrize("name, ref", [("gradcam", np_gradcam), ("gradcam_pp", np_gradcam_pp),
-                                       ("xgradcam", np_xgradcam)])
+                                       ("xgradcam", np_xgradcam), ("fem", np_fem)])
 def test_channel_weights_match_the_papers(name, ref):
     acts, grads = fixed_pair()
     got = methods.find(name).cam.weights(tf.constant(acts), tf.constant(grads)).numpy()

@@ -65,6 +65,17 @@ def layercam_weights(acts, grads):
     return tf.nn.relu(grads)
 
 
+FEM_K = 2.0  # FEM's k-sigma rule: a pixel counts when it is k stds above its channel's mean
+
+
+def fem_weights(acts, grads):
+    """FEM (Fuad et al. 2020): w_k = the fraction of the pixels where A_k exceeds its mean by
+    FEM_K standard deviations (the k-sigma rule); gradient-free and class-agnostic."""
+    mean = tf.reduce_mean(acts, axis=[1, 2], keepdims=True)
+    std = tf.math.reduce_std(acts, axis=[1, 2], keepdims=True)
+    return tf.reduce_mean(tf.cast(acts > mean + FEM_K * std, acts.dtype), axis=[1, 2])
+
+
 def first_component(features):
     """(N, K) the first right singular vector of each image's centred (h*w, K) features,
     signed so that the projection correlates positively with the features' channel sum (the
