@@ -40,6 +40,7 @@ def test_backbone_record_matches_keras_source(name):
     assert b.preprocess == (mode.group(1) if mode else "none")
 
 
+@pytest.mark.slow  # 16 s for all on 2 idle cores, 96 s when shared
 @pytest.mark.parametrize("name", APPLICATIONS)
 def test_backbone_record_matches_the_built_model(name):
     """The minimum size is keras' own, the Grad-CAM layer is the one find_layer picks by
