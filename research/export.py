@@ -30,12 +30,6 @@ INPUT_NAME = "images"
 OUTPUTS = ("probability", "logits", "threshold")
 CLASSIFIER_OUTPUTS = ("probabilities", "logits")  # an export without a positive class
 
-# keras.applications' preprocess_input per module (imagenet_utils' modes): 'caffe' is RGB ->
-# BGR minus the ImageNet mean, 'tf' is x / 127.5 - 1, 'none' leaves the pixels as they are
-# (EfficientNet normalises inside its own graph).
-PREPROCESS_MODES = {"vgg16": "caffe", "vgg19": "caffe", "resnet50": "caffe",
-                    "mobilenet_v2": "tf", "efficientnet": "none"}
-
 
 class ExportError(ValueError):
     """A model with a layer that has no stock Keras equivalent here."""
@@ -45,8 +39,10 @@ class ExportError(ValueError):
 
 def preprocess_affine(backbone: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(kernel (1, 1, channels, 3), bias (3,)) of the 1x1 convolution that computes
-    BackbonePreprocess(backbone) on `channels`-channel raw pixels."""
-    return affine_for_mode(PREPROCESS_MODES[BACKBONES[backbone].preprocess], channels)
+    BackbonePreprocess(backbone) on `channels`-channel raw pixels (its record's mode: 'caffe'
+    is RGB -> BGR minus the ImageNet mean, 'tf' x / 127.5 - 1, 'none' the pixels as they
+    are)."""
+    return affine_for_mode(BACKBONES[backbone].preprocess, channels)
 
 
 def _numpy(variable) -> np.ndarray:

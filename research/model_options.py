@@ -25,35 +25,98 @@ WEIGHTS_CHOICES_HELP = "imagenet | none | <.h5/.weights.h5 file> | <run name>"
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    name: str
-    preprocess: str            # keras.applications module whose preprocess_input to use
-    min_size: int
+    """Everything about one backbone, in one place: the builders (research.models), export,
+    explain, style transfer and docs read it. Adding a keras.applications family is one
+    record here (docs/extending.md)."""
+    name: str                  # --model
+    constructor: str | None    # keras.applications.<constructor>, resolved only when built
+    preprocess: str            # its preprocess_input's imagenet_utils mode (caffe, tf, torch,
+    #                            none: the model normalises inside); "" for ours
+    min_size: int              # the smallest input its constructor accepts
     native_size: int           # the size its ImageNet weights were trained at
     default_size: int          # what a 2-core CPU trains in minutes
     blocks: tuple[str, ...]    # block name prefixes, first to last
-    weights_file: str | None   # Keras' cache name of the no-top ImageNet weights
+    cam_layer: str | None = None  # Grad-CAM's default layer: its last feature map
+    # Keras' cache names and md5s (from keras/src/applications/<module>.py) of the ImageNet
+    # weights without (train) and with (explain --model) the classifier; None: not hashed
+    weights_file: str | None = None
+    weights_md5: str | None = None
+    top_weights_file: str | None = None
+    top_weights_md5: str | None = None
+    content_layer: str | None = None  # style transfer's defaults (Gatys et al.: VGG)
+    style_layers: tuple[str, ...] = ()
 
 
+_VGG_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
+_VGG_STYLE = dict(content_layer="block5_conv2",
+                  style_layers=tuple(f"block{i}_conv1" for i in range(1, 6)))
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("vgg16", "vgg16", 32, 224, 64, ("block1", "block2", "block3", "block4", "block5"),
-             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    Backbone("vgg19", "vgg19", 32, 224, 64, ("block1", "block2", "block3", "block4", "block5"),
-             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    Backbone("resnet50", "resnet50", 32, 224, 64, ("conv1", "conv2", "conv3", "conv4", "conv5"),
-             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    Backbone("mobilenet_v2", "mobilenet_v2", 32, 224, 96,
+    Backbone("vgg16", "VGG16", "caffe", 32, 224, 64, _VGG_BLOCKS, "block5_conv3",
+             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "6d6bbae143d832006294945121d1f1fc",
+             "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+             "64373286793e3c8b2b4e3219cbf3544b", **_VGG_STYLE),
+    Backbone("vgg19", "VGG19", "caffe", 32, 224, 64, _VGG_BLOCKS, "block5_conv4",
+             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "253f8cb515780f3b799900260a226db6",
+             "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+             "cbe5617147190e668d6c5d5026f83318", **_VGG_STYLE),
+    Backbone("resnet50", "ResNet50", "caffe", 32, 224, 64,
+             ("conv1", "conv2", "conv3", "conv4", "conv5"), "conv5_block3_out",
+             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "4d473c1dd8becc155b73f8504c6f6626",
+             "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+             "2cb95161c43110f7111970584f804107"),
+    # Keras downloads MobileNetV2's weights unhashed.
+    Backbone("mobilenet_v2", "MobileNetV2", "tf", 32, 224, 96,
              ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(1, 17)), "Conv_1"),
-             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-    Backbone("efficientnetb0", "efficientnet", 32, 224, 64,
+             "out_relu", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+             None, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5", None),
+    Backbone("efficientnetb0", "EfficientNetB0", "none", 32, 224, 64,
              ("stem", "block1", "block2", "block3", "block4", "block5", "block6", "block7",
-              "top"), "efficientnetb0_notop.h5"),
+              "top"), "top_activation", "efficientnetb0_notop.h5",
+             "50bc09e76180e00e4465e1a485ddc09d", "efficientnetb0.h5",
+             "902e53a9f72be733fc0bcb005b3ebbac"),
+    # Keras names Inception's layers generically: its blocks are the concatenations that end
+    # them (--fine_tune_from=mixed8, the default: the top two blocks train, as keras' example).
+    Backbone("inceptionv3", "InceptionV3", "tf", 75, 299, 75,
+             tuple(f"mixed{i}" for i in range(9)), "mixed10",
+             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "bcbd6486424b2319ff4ef7d526e38f63",
+             "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
+             "9a0d58056eeedaa3f26cb7ebd46da564"),
+    Backbone("xception", "Xception", "tf", 71, 299, 75,
+             tuple(f"block{i}" for i in range(1, 15)), "block14_sepconv2_act",
+             "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             "b0042744bf5b25fce3cb969f33bebb97",
+             "xception_weights_tf_dim_ordering_tf_kernels.h5",
+             "0a58e3b7378bc2990ea3b43d5981f1f6"),
     # Our network normalises its own [0, 1] input: the model only rescales raw pixels for it.
-    Backbone("scratch", "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2"), None),
-    Backbone("fast", "", 8, 32, 32, ("whiten", "group0", "group1", "group2"), None),
+    Backbone("scratch", None, "", 8, 32, 32, ("stem", "stage0", "stage1", "stage2")),
+    Backbone("fast", None, "", 8, 32, 32, ("whiten", "group0", "group1", "group2")),
     # Any SavedModel / TF-Hub folder (--savedmodel_dir), run whole through keras.layers.
     # TFSMLayer: frozen, no blocks to cut or unfreeze; 224 is TF-Hub's usual input size.
-    Backbone("savedmodel", "", 1, 224, 224, (), None),
+    Backbone("savedmodel", None, "", 1, 224, 224, ()),
 )}
+# keras.applications backbones (explain --model offers those with a classifier's weights).
+APPLICATIONS = tuple(b.name for b in BACKBONES.values() if b.constructor)
+
+
+def backbones_table() -> str:
+    """The keras.applications backbones as a Markdown table, from the records (for a docs
+    page between `<!-- backbones:begin -->` and `<!-- backbones:end -->`)."""
+    rows = ["| `--model` | keras.applications | preprocess | input px: min / native / "
+            "default | Grad-CAM layer | ImageNet weights without the classifier (md5) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name in APPLICATIONS:
+        b = BACKBONES[name]
+        md5 = f" ({b.weights_md5})" if b.weights_md5 else ""
+        rows.append(f"| `{name}` | `{b.constructor}` | {b.preprocess} | {b.min_size} / "
+                    f"{b.native_size} / {b.default_size} | `{b.cam_layer}` | "
+                    f"`{b.weights_file}`{md5} |")
+    return "\n".join(rows) + "\n"
+
+
 SAVEDMODEL = "savedmodel"
 # keras.applications' imagenet_utils modes, and unit ([0, 1]: what most TF-Hub models want)
 SAVEDMODEL_PREPROCESS = ("none", "unit", "tf", "caffe")

@@ -221,7 +221,7 @@ def test_explain_all_methods_on_a_run(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "cam skipped" in res.stdout and "Concatenate" in res.stdout
     assert (out / "all_methods.png").exists()
-    for method in set(methods.METHODS) - {"cam"}:
+    for method in set(methods.NAMES) - {"cam"}:
         assert (out / method / "map_p0.png").exists(), method
     side = json.loads((out / "integrated_gradients" / "heatmap_p1.png.json").read_text())
     assert len(side["top_classes"]) == 3 and "attribution_sum" in side

@@ -45,6 +45,13 @@ def np_xgradcam(a, g):
     return (g * a / (a.sum(axis=(2, 3))[:, :, None, None] + EPS)).sum(axis=(2, 3))
 
 
+def np_fem(a, g):
+    # Fuad et al. 2020, the k-sigma rule: w_k = mean_ij [A_ij^k > mu_k + 2 sigma_k]
+    # (sigma the population std, as pytorch-grad-cam's FEM); the gradients play no part
+    mu, sigma = a.mean(axis=(2, 3)), a.std(axis=(2, 3))
+    return (a > (mu + 2 * sigma)[:, :, None, None]).mean(axis=(2, 3))
+
+
 def np_cam_of_channel_weights(a, w):
     return np.maximum((w[:, :, None, None] * a).sum(1), 0)
 
@@ -61,10 +68,10 @@ def np_first_component(f):
 
 
 @pytest.mark.parametrize("name, ref", [("gradcam", np_gradcam), ("gradcam_pp", np_gradcam_pp),
-                                       ("xgradcam", np_xgradcam)])
+                                       ("xgradcam", np_xgradcam), ("fem", np_fem)])
 def test_channel_weights_match_the_papers(name, ref):
     acts, grads = fixed_pair()
-    got = cams.BY_NAME[name].weights(tf.constant(acts), tf.constant(grads)).numpy()
+    got = methods.find(name).cam.weights(tf.constant(acts), tf.constant(grads)).numpy()
     want = ref(nchw(acts), nchw(grads))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     cam = cams.combine(tf.constant(got), tf.constant(acts)).numpy()
@@ -77,7 +84,7 @@ def test_pixel_weight_variants_match_the_papers():
     a, g = nchw(acts), nchw(grads)
     for name, want in (("hirescam", np.maximum((g * a).sum(1), 0)),           # Draelos eq. 4
                        ("layercam", np.maximum((np.maximum(g, 0) * a).sum(1), 0))):  # Jiang 5
-        v = cams.BY_NAME[name]
+        v = methods.find(name).cam
         w = v.weights(tf.constant(acts), tf.constant(grads))
         assert w.shape == acts.shape
         cam = cams.combine(w, v.features(tf.constant(acts), tf.constant(grads))).numpy()
@@ -94,7 +101,7 @@ def test_pixel_weight_variants_match_the_papers():
                                             ("eigengradcam", lambda a, g: a * g)])
 def test_eigen_variants_are_the_first_principal_component(name, features):
     acts, grads = fixed_pair()
-    v = cams.BY_NAME[name]
+    v = methods.find(name).cam
     w = v.weights(tf.constant(acts), tf.constant(grads))
     proj = tf.einsum("nhwk,nk->nhw", v.features(tf.constant(acts), tf.constant(grads)), w)
     ref = np_first_component(features(nchw(acts), nchw(grads)))

@@ -265,8 +265,8 @@ def test_batched_score_cam_matches_per_channel_loop():
     ex = core.Explainer(keras.Model(x, out), detector.preprocess_fn("unit"))
     x = images(3, 12, 12, 3, seed=4)
     for layer, channels, batch in (("conv", 4, 5), ("conv2", 64, 2)):
-        res = cams.score_cam(ex, x, [0, 2, 1], layer=layer, max_channels=channels,
-                             batch_size=batch)
+        res = methods.explain(ex, "scorecam", x, [0, 2, 1], layer=layer,
+                              max_channels=channels, batch_size=batch)
         ref = score_cam_per_channel_reference(ex, x, [0, 2, 1], layer, channels)
         assert res.maps.max() == pytest.approx(1.0)
         np.testing.assert_allclose(res.maps, ref, atol=1e-5)

@@ -209,6 +209,7 @@ def test_predict_checks_its_input_before_tensorflow_loads(export, tmp_path):
 
 def test_explain_checks_its_input_before_tensorflow_loads(export, tmp_path):
     from research.explain import methods
+    from research.model_options import APPLICATIONS
 
     ck = tmp_path / "ck"
     os.makedirs(ck / "run" / "export")
@@ -220,10 +221,10 @@ def test_explain_checks_its_input_before_tensorflow_loads(export, tmp_path):
              f"error: --images: no such file {tmp_path}/nosuch.jpg"),
             ([*run, "--method=gradcam,nosuch", f"--images={export}"],
              "error: --method: unknown method 'nosuch'; choose from "
-             + ", ".join(methods.METHODS)),
+             + ", ".join(methods.NAMES)),
             (["--model=vgg17", f"--images={export}"],
-             "error: --model: unknown model 'vgg17'; choose one of vgg16, vgg19, resnet50, "
-             "mobilenet_v2, efficientnetb0, savedmodel")):
+             "error: --model: unknown model 'vgg17'; choose one of "
+             + ", ".join((*APPLICATIONS, "savedmodel")))):
         res = subprocess.run([sys.executable, "-X", "importtime", "-m", "research.apps.explain",
                               *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert res.returncode == 1
@@ -237,11 +238,11 @@ def test_the_explain_flags_read_from_source_equal_the_imported_values():
 
     from research.explain import options, source_values  # noqa: F401  (its defaults read)
 
-    for module, name in (("loading", "APPLICATIONS"), ("methods", "METHODS"),
-                         ("outputs", "EXAMPLE_FILTERS")):  # what the explain app reads
-        source_values.keys(module, name)
+    source_values.record_names("methods", "METHODS")  # what the explain app reads
+    source_values.keys("outputs", "EXAMPLE_FILTERS")
     kinds = {k for k, *_ in source_values.READ}
-    assert kinds == {"default", "constant", "keys"} and len(source_values.READ) > 25
+    assert kinds == {"default", "constant", "keys", "record_names"}
+    assert len(source_values.READ) > 25
     for kind, where, name in source_values.READ:
         if kind == "default":
             module, function = where.split(".")
@@ -251,7 +252,9 @@ def test_the_explain_flags_read_from_source_equal_the_imported_values():
         else:
             value = getattr(importlib.import_module(f"research.explain.{where}"), name)
             got = getattr(source_values, kind)(where, name)
-            assert got == (tuple(value) if kind == "keys" else value), (where, name)
+            want = (tuple(value) if kind == "keys" else
+                    tuple(r.name for r in value) if kind == "record_names" else value)
+            assert got == want, (where, name)
 
 
 # ----------------------------------------------------------------------- 3. one lab per workdir

@@ -1,6 +1,6 @@
 r"""See what a CNN sees: Grad-CAM, Grad-CAM++, Score-CAM, CAM, saliency, SmoothGrad, guided
 backprop, guided Grad-CAM, integrated gradients, occlusion, LIME, feature maps and filter
-patterns, for ImageNet models or our own detectors (docs/explain_methods_readme.md).
+patterns, for ImageNet models or our own detectors (docs/explain.md).
 
   python -m research.apps.explain --model=vgg16 --weights=imagenet --images=cat.jpg \
       --method=gradcam --out_dir=explain/
@@ -33,12 +33,11 @@ from research.data import imaging
 from research.errors import UserError
 from research.explain import source_values
 from research.explain.options import PRECISIONS, ExplainOptions
-from research.model_options import SAVEDMODEL, SavedModelOptions
+from research.model_options import APPLICATIONS, BACKBONES, SAVEDMODEL, SavedModelOptions
 
 # The names the flags offer, read from the modules' source: TensorFlow loads only once the flags
 # and files are known good (the modules are imported in main).
-APPLICATIONS = source_values.keys("loading", "APPLICATIONS")
-METHODS = source_values.keys("methods", "METHODS")
+METHODS = source_values.record_names("methods", "METHODS")
 EXAMPLE_FILTERS = source_values.keys("outputs", "EXAMPLE_FILTERS")
 OUTCOME_FILTERS = source_values.keys("outputs", "OUTCOME_FILTERS")
 SANITY_CHECKS = source_values.constant("sanity", "CHECKS")
@@ -105,7 +104,15 @@ def inside_methods() -> tuple:
     """The methods that need the model's inside (call once TensorFlow may load)."""
     from research.explain import methods
 
-    return (*methods.LAYER_METHODS, "cam", "guided_backprop")
+    return tuple(m.name for m in methods.METHODS if m.needs_inside)
+
+
+def cam_layer() -> str | None:
+    """--layer, else the backbone record's Grad-CAM layer for --model (the last feature map,
+    which core.find_layer would pick), else None (find_layer's default)."""
+    if FLAGS.layer or FLAGS.model not in APPLICATIONS:
+        return FLAGS.layer
+    return BACKBONES[FLAGS.model].cam_layer
 
 
 def check_flags() -> None:
@@ -173,23 +180,25 @@ def detector_lines(ex, meta: dict, items) -> list[str]:
 
 
 def chosen_methods(ex) -> list[str]:
-    """--method with 'all' expanded (cam only where the model's head allows it); a cam the
-    model cannot have is a one-line error."""
-    from research.explain import attribution, methods
+    """--method with 'all' expanded (a method whose record `requires` what the model lacks,
+    such as cam's head, only where the model has it); a method the model cannot have is a
+    one-line error."""
+    from research.explain import methods
 
     names = []
     for m in FLAGS.method:
-        for name in (methods.METHODS if m == "all" else [m]):
+        for name in (methods.NAMES if m == "all" else [m]):
             if FLAGS.model == SAVEDMODEL and name in inside_methods():  # only with all
                 print(f"  --method=all: {name} skipped ({SAVEDMODEL_WHY})")
                 continue
-            if name == "cam":
+            requires = methods.BY_NAME[name].requires
+            if requires is not None:
                 try:
-                    attribution.cam_head(ex.model)
-                except attribution.CamHeadError as e:
+                    requires(ex.model)
+                except UserError as e:
                     if m != "all":
-                        raise UserError(f"--method=cam: {e}") from None
-                    print(f"  --method=all: cam skipped ({e})")
+                        raise UserError(f"--method={name}: {e}") from None
+                    print(f"  --method=all: {name} skipped ({e})")
                     continue
             if name not in names:
                 names.append(name)
@@ -202,7 +211,7 @@ def explain_methods(ex, items, batch, class_index, about, options, names, tops) 
     scores, results = {}, {}
     for method in names:
         out = FLAGS.out_dir if len(names) == 1 else os.path.join(FLAGS.out_dir, method)
-        res = outputs.explain_batched(ex, method, batch, class_index, options, FLAGS.layer)
+        res = outputs.explain_batched(ex, method, batch, class_index, options, cam_layer())
         results[method] = res
         saved = outputs.save_method(ex, res, items, out, about, options, tops)
         for j, paths in enumerate(saved):
@@ -271,7 +280,7 @@ def run_sanity(ex, batch, names, class_index, options, model_desc: str) -> None:
     from research.explain import outputs, sanity
 
     results = outputs.sanity_checks(ex, batch, names, FLAGS.sanity, options, class_index,
-                                    FLAGS.layer)
+                                    cam_layer())
     print(f"  sanity: {outputs.save_sanity(results, FLAGS.out_dir)}")
     for dest in outputs.sanity_figures(results, batch[0], FLAGS.out_dir,
                                        f"{model_desc}: sanity checks", alpha=options.alpha):
@@ -307,7 +316,7 @@ def main(argv):
         class_index = FLAGS.class_index
         if class_index is None and FLAGS.class_name is not None:
             class_index = outputs.class_index_of(ex, FLAGS.class_name, "class_name")
-        for name in (FLAGS.layer or "").split(","):
+        for name in (cam_layer() or "").split(","):
             if name:
                 core.find_layer(ex.model, name)  # fail early, listing the candidates
         layers = [core.find_layer(ex.model, n)[0] for n in FLAGS.layers or [None]
@@ -315,7 +324,7 @@ def main(argv):
         if FLAGS.example_filter in OUTCOME_FILTERS:
             outputs.check_example_filter(FLAGS.example_filter, meta)
         names = chosen_methods(ex)
-        need_layer = [m for m in names if m in methods.LAYER_METHODS]
+        need_layer = [m for m in names if methods.BY_NAME[m].layer]
         if need_layer and not FLAGS.layer and not core.spatial_layers(ex.model):
             raise UserError(f"--method={need_layer[0]} needs a 4-D (N, H, W, C) layer and "
                             f"{ex.model.name} has none")
@@ -356,7 +365,7 @@ def main(argv):
                     outputs.title_classes(ex, logits))
     if compare:
         dest = outputs.save_class_comparison(ex, items, names[0], compare, options,
-                                             FLAGS.out_dir, FLAGS.layer, model_desc)
+                                             FLAGS.out_dir, cam_layer(), model_desc)
         print(f"  compare classes ({names[0]}): {dest}")
     if FLAGS.sanity:
         run_sanity(ex, batch, names, class_index, options, model_desc)

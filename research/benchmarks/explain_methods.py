@@ -4,8 +4,9 @@ r"""Seconds per image of every explanation method, at the explain app's defaults
   python -m research.benchmarks.explain_methods [--models=scratch,fast,mobilenet_v2] \
       [--images=2] [--methods=gradcam,lime] [--precision=float32] [--out=costs.json]
 
-scratch and fast are our detectors' CNNs at 32x32 (10 classes); mobilenet_v2 and vgg16 are
-keras.applications at 224x224 with weights=None (no download). Each method runs once to
+scratch and fast are our detectors' CNNs at 32x32 (10 classes); the others are
+keras.applications (research.model_options.APPLICATIONS) at their native size with
+weights=None (no download). Each method runs once to
 compile, then once timed on the same `--images` images; cam is skipped where the head is not
 GlobalAveragePooling2D + Dense (our two CNNs).
 """
@@ -22,12 +23,13 @@ from research import detector, files
 from research.explain import attribution, core, loading, methods
 from research.explain.options import ExplainOptions
 from research.machine import banner
+from research.model_options import APPLICATIONS
 from research.models import build_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["scratch", "fast", "mobilenet_v2"],
-                  "Any of scratch, fast, mobilenet_v2, vgg16.")
-flags.DEFINE_list("methods", list(methods.METHODS), "Methods to time.")
+                  "Any of scratch, fast, " + ", ".join(APPLICATIONS) + ".")
+flags.DEFINE_list("methods", list(methods.NAMES), "Methods to time.")
 flags.DEFINE_integer("images", 2, "Images per timed call.")
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"], "Model precision.")
 flags.DEFINE_string("out", None, "Also write the seconds per image here (JSON).")

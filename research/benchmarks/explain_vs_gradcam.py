@@ -41,23 +41,36 @@ flags.DEFINE_integer("repeats", 2, "Timed repeats (the best is kept), after a wa
 flags.DEFINE_enum("side", "ours", ["ours", "reference"], "Internal: which side this is.")
 flags.DEFINE_string("npz", None, "Internal: the shared arrays.")
 
-# ours -> (pytorch-grad-cam class, how the definitions differ; "" where they agree)
-METHODS = {
-    "gradcam": ("GradCAM", ""),
-    "gradcam_pp": ("GradCAMPlusPlus", ""),
-    "hirescam": ("HiResCAM", ""),
-    "xgradcam": ("XGradCAM", ""),
-    "layercam": ("LayerCAM", ""),
-    "eigencam": ("EigenCAM", "the component's sign: theirs is the SVD's (arbitrary), ours "
-                 "makes the map correlate with the channel sum; r against ours with the sign "
-                 "that matches theirs"),
-    "eigengradcam": ("EigenGradCAM", "the sign, as EigenCAM"),
-    "ablationcam": ("AblationCAM", "theirs sets an ablated channel to min - 1e7 when the layer "
-                    "has negative values (GELU here), ours to 0 as the paper"),
-    "ablationcam_zero": ("AblationCAM", "theirs given an ablation layer that zeroes the "
-                         "channel, as the paper and ours"),
-    "scorecam": ("ScoreCAM", ""),
+LIBRARY = "pytorch-grad-cam"  # the key of Method.references (research.explain.methods)
+# How the definitions differ, where they do ("" where they agree); ablationcam_zero is theirs
+# given an ablation layer that zeroes the channel (compared with our ablationcam).
+NOTES = {
+    "eigencam": "the component's sign: theirs is the SVD's (arbitrary), ours makes the map "
+                "correlate with the channel sum; r against ours with the sign that matches "
+                "theirs",
+    "eigengradcam": "the sign, as EigenCAM",
+    "ablationcam": "theirs sets an ablated channel to min - 1e7 when the layer has negative "
+                   "values (GELU here), ours to 0 as the paper",
+    "ablationcam_zero": "theirs given an ablation layer that zeroes the channel, as the paper "
+                        "and ours",
 }
+
+
+def compared() -> dict[str, tuple[str, str]]:
+    """ours -> (pytorch-grad-cam class, how the definitions differ): every method whose record
+    names its pytorch-grad-cam class (read on our side; the reference side gets it in the
+    .npz, as it has no TensorFlow)."""
+    from research.explain import methods
+
+    out = {}
+    for m in methods.METHODS:
+        if LIBRARY in m.references:
+            out[m.name] = (m.references[LIBRARY], NOTES.get(m.name, ""))
+            if m.name == "ablationcam":
+                out["ablationcam_zero"] = (m.references[LIBRARY], NOTES["ablationcam_zero"])
+    return out
+
+
 SIGNLESS = ("eigencam", "eigengradcam")
 
 
@@ -121,7 +134,7 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def ours(model, images, classes) -> tuple[dict, dict, str]:
+def ours(model, images, classes, pairs: dict) -> tuple[dict, dict, str]:
     from research import detector
     from research.explain import cams, core, methods
 
@@ -132,7 +145,7 @@ def ours(model, images, classes) -> tuple[dict, dict, str]:
     params = {"scorecam": {"max_channels": 10 ** 6, "batch_size": 256},
               "ablationcam": {"batch_size": 256}}
     maps, seconds = {}, {}
-    for m in METHODS:
+    for m in pairs:
         if m.endswith("_zero"):
             continue
 
@@ -144,12 +157,10 @@ def ours(model, images, classes) -> tuple[dict, dict, str]:
     maps["ablationcam_zero"], seconds["ablationcam_zero"] = maps["ablationcam"], seconds[
         "ablationcam"]
     for m in SIGNLESS:  # the other sign of the component, for the comparison only
-        v = cams.BY_NAME[m]
-        cams.BY_NAME[m + "_flipped"] = dataclasses.replace(
-            v, name=m + "_flipped", weights=lambda a, g, f=v.weights: -f(a, g))
-        maps[m + "_flipped"] = np.concatenate([cams.run_cam(ex, m + "_flipped", x, c).maps
-                                               for x, c in chunks])
-        del cams.BY_NAME[m + "_flipped"]
+        v = methods.find(m).cam
+        flipped = dataclasses.replace(v, weights=lambda a, g, f=v.weights: -f(a, g))
+        maps[m + "_flipped"] = np.concatenate([cams.run_cam(ex, flipped, m + "_flipped", x,
+                                                            c).maps for x, c in chunks])
     return maps, seconds, layer
 
 
@@ -243,7 +254,7 @@ def reference(npz: str) -> None:
     b = int(a["batch_size"])
     classes = a["classes"].tolist()
     maps, seconds = {}, {}
-    for ours_name, (cls, _) in METHODS.items():
+    for ours_name, (cls, _) in json.loads(str(a["pairs"])).items():
         kwargs = {"batch_size": 256} if cls == "AblationCAM" else {}
         if ours_name == "ablationcam_zero":
             kwargs["ablation_layer"] = ZeroAblation()
@@ -290,11 +301,13 @@ def main(argv):
 
     logits = np.asarray(model(detector.preprocess_fn("unit")(images), training=False))
     classes = logits.argmax(-1).astype(np.int32)
-    maps, seconds, layer = ours(model, images, classes)
+    pairs = compared()
+    maps, seconds, layer = ours(model, images, classes, pairs)
     with tempfile.TemporaryDirectory() as tmp:
         npz = os.path.join(tmp, "shared.npz")
         np.savez(npz, images=images, classes=classes, logits=logits,
                  batch_size=np.array(FLAGS.batch_size), repeats=np.array(FLAGS.repeats),
+                 pairs=np.array(json.dumps(pairs)),
                  **network_arrays(model))
         env = {**os.environ, "PYTHONPATH": os.getcwd()}
         res = subprocess.run([FLAGS.reference_python, "-m", __spec__.name, "--side=reference",
@@ -311,7 +324,7 @@ def main(argv):
     print("| method | Pearson r, mean (min) | ours img/s | theirs img/s | ours / theirs | "
           "definitions |")
     print("|---|---|---|---|---|---|")
-    for m, (cls, note) in METHODS.items():
+    for m, (cls, note) in pairs.items():
         r = pearson(maps[m], theirs[m])
         if m in SIGNLESS:
             r = np.maximum(r, pearson(maps[m + "_flipped"], theirs[m]))

@@ -51,26 +51,41 @@ flags.DEFINE_integer("images", 16, "Images explained by each implementation.")
 flags.DEFINE_integer("batch_size", 16, "Batch size of both.")
 
 
-def ours_and_theirs(model, layer: str):
-    """{method: (our params, xplique explainer, post-processing of xplique's map)}."""
+LIBRARY = "xplique"  # the key of Method.references (research.explain.methods)
+# Our settings where the defaults differ from what xplique is given.
+OUR_PARAMS = {"integrated_gradients": {"steps": 32, "baseline": "black"},
+              "occlusion": {"patch": 0.25, "stride": 0.125, "fill": "black"},
+              "smoothgrad": {"n": 25, "noise": 0.15}}
+
+
+def theirs(cls: str, model, layer: str):
+    """(xplique explainer of class `cls`, set as OUR_PARAMS, post-processing of its map)."""
     b = FLAGS.batch_size
     relu = lambda m: np.maximum(m, 0)  # noqa: E731
-    absolute = np.abs
     abs_max = lambda m: np.abs(m).max(-1)  # noqa: E731  (ours, on xplique's raw gradients)
     return {
-        "saliency": ({}, Saliency(model, batch_size=b), absolute),
-        "gradcam": ({"layer": layer}, GradCAM(model, batch_size=b, conv_layer=layer), relu),
-        "gradcam_pp": ({"layer": layer}, GradCAMPP(model, batch_size=b, conv_layer=layer),
-                       relu),
-        "guided_backprop": ({}, GuidedBackprop(model, batch_size=b, reducer=None), abs_max),
-        "integrated_gradients": ({"steps": 32, "baseline": "black"}, IntegratedGradients(
+        "Saliency": lambda: (Saliency(model, batch_size=b), np.abs),
+        "GradCAM": lambda: (GradCAM(model, batch_size=b, conv_layer=layer), relu),
+        "GradCAMPP": lambda: (GradCAMPP(model, batch_size=b, conv_layer=layer), relu),
+        "GuidedBackprop": lambda: (GuidedBackprop(model, batch_size=b, reducer=None), abs_max),
+        "IntegratedGradients": lambda: (IntegratedGradients(
             model, batch_size=b, steps=32, baseline_value=0.0, reducer="sum"), relu),
-        "occlusion": ({"patch": 0.25, "stride": 0.125, "fill": "black"}, Occlusion(
-            model, batch_size=b * 4, patch_size=8, patch_stride=4, occlusion_value=0.0),
-            relu),
-        "smoothgrad": ({"n": 25, "noise": 0.15}, SmoothGrad(
-            model, batch_size=b, nb_samples=25, noise=0.15, reducer=None), abs_max),
-    }
+        "Occlusion": lambda: (Occlusion(model, batch_size=b * 4, patch_size=8, patch_stride=4,
+                                        occlusion_value=0.0), relu),
+        "SmoothGrad": lambda: (SmoothGrad(model, batch_size=b, nb_samples=25, noise=0.15,
+                                          reducer=None), abs_max),
+    }[cls]()
+
+
+def ours_and_theirs(model, layer: str):
+    """{method: (our params, xplique explainer, post-processing of xplique's map)} for every
+    method whose record names its xplique class."""
+    out = {}
+    for m in methods.METHODS:
+        if LIBRARY in m.references:
+            params = {**OUR_PARAMS.get(m.name, {}), **({"layer": layer} if m.layer else {})}
+            out[m.name] = (params, *theirs(m.references[LIBRARY], model, layer))
+    return out
 
 
 def timed(fn):

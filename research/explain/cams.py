@@ -7,9 +7,10 @@ G = dS/dA of the explained class's pre-activation score S:
     cam = ReLU(sum_k weights_k * features_k)     (features: A, unless the variant says)
 
 then normalised to [0, 1] at the layer's size, upsampled to the input and normalised again.
-A variant is one small weights function and one `CamVariant` record in `VARIANTS`; the
-skeleton does the layers (several layers: the mean of their normalised maps, as LayerCAM's
-fusion in pytorch-grad-cam), the batches, aug-smoothing (flips x brightness, maps averaged
+A variant is one small weights function here and one `Method` record (holding a
+`CamVariant`) in research.explain.methods.METHODS; the skeleton does the layers (several
+layers: the mean of their normalised maps, as LayerCAM's fusion in pytorch-grad-cam), the
+batches, aug-smoothing (flips x brightness, maps averaged
 after undoing the flip) and eigen-smoothing (the first principal component of the weighted
 activations instead of their sum).
 
@@ -62,6 +63,17 @@ def xgradcam_weights(acts, grads):
 def layercam_weights(acts, grads):
     """LayerCAM (Jiang et al. 2021, eq. 5): per-pixel weights ReLU(G_ij^k)."""
     return tf.nn.relu(grads)
+
+
+FEM_K = 2.0  # FEM's k-sigma rule: a pixel counts when it is k stds above its channel's mean
+
+
+def fem_weights(acts, grads):
+    """FEM (Fuad et al. 2020): w_k = the fraction of the pixels where A_k exceeds its mean by
+    FEM_K standard deviations (the k-sigma rule); gradient-free and class-agnostic."""
+    mean = tf.reduce_mean(acts, axis=[1, 2], keepdims=True)
+    std = tf.math.reduce_std(acts, axis=[1, 2], keepdims=True)
+    return tf.reduce_mean(tf.cast(acts > mean + FEM_K * std, acts.dtype), axis=[1, 2])
 
 
 def first_component(features):
@@ -158,30 +170,16 @@ def score_weights(ex, target, raw, classes, acts, grads, logits, batch_size: int
 
 @dataclasses.dataclass(frozen=True)
 class CamVariant:
-    """One CAM: `weights(acts, grads)` for gradient variants, or with `forward=True`
-    `weights(ex, target, raw, classes, acts, grads, logits, **params)` for the ones that
-    need forward passes; `features` maps (acts, grads) to what the weights multiply."""
-    name: str
+    """How one CAM weighs the layer: `weights(acts, grads)` for gradient variants, or with
+    `forward=True` `weights(ex, target, raw, classes, acts, grads, logits, **params)` for the
+    ones that need forward passes; `features` maps (acts, grads) to what the weights multiply.
+    Its name, paper and options are its `Method` record's (research.explain.methods)."""
     weights: Callable
-    paper: str
     forward: bool = False
     features: Callable = staticmethod(lambda acts, grads: acts)
 
 
-VARIANTS = (
-    CamVariant("gradcam", gradcam_weights, "Selvaraju et al. 2017"),
-    CamVariant("gradcam_pp", gradcam_pp_weights, "Chattopadhyay et al. 2018"),
-    CamVariant("hirescam", hirescam_weights, "Draelos & Carin 2020"),
-    CamVariant("xgradcam", xgradcam_weights, "Fu et al. 2020"),
-    CamVariant("layercam", layercam_weights, "Jiang et al. 2021"),
-    CamVariant("eigencam", eigencam_weights, "Muhammad & Yeasin 2020",
-               features=lambda acts, grads: centred(acts)),
-    CamVariant("eigengradcam", eigengradcam_weights, "pytorch-grad-cam",
-               features=lambda acts, grads: centred(grads * acts)),
-    CamVariant("ablationcam", ablation_weights, "Desai & Ramaswamy 2020", forward=True),
-    CamVariant("scorecam", score_weights, "Wang et al. 2020", forward=True),
-)
-BY_NAME = {v.name: v for v in VARIANTS}
+GRAD_CAM = CamVariant(gradcam_weights)  # also the base of guided Grad-CAM and the TB hook
 
 
 def combine(weights, features, eigen_smooth: bool = False):
@@ -221,11 +219,12 @@ def _maps(ex, variant, targets, raw, classes, eigen_smooth, params):
 AUG_FACTORS = (0.9, 1.0, 1.1)  # pytorch-grad-cam's aug_smooth: flips x these brightnesses
 
 
-def run_cam(ex: Explainer, method: str, images, class_index=None, layer=None,
-            aug_smooth: bool = False, eigen_smooth: bool = False, **params) -> Explanation:
-    """`method` (a name of VARIANTS) at `layer` (a name, a comma-separated list or a list of
-    names: the mean of the layers' normalised maps; default the last spatial map)."""
-    variant = BY_NAME[method]
+def run_cam(ex: Explainer, variant: CamVariant, method: str, images, class_index=None,
+            layer=None, aug_smooth: bool = False, eigen_smooth: bool = False, **params
+            ) -> Explanation:
+    """`variant` (named `method` in the Explanation) at `layer` (a name, a comma-separated
+    list or a list of names: the mean of the layers' normalised maps; default the last
+    spatial map)."""
     names = (layer.split(",") if isinstance(layer, str) and "," in layer
              else layer if isinstance(layer, (list, tuple)) else [layer])
     targets = [find_layer(ex.model, n) for n in names]
@@ -251,16 +250,6 @@ def run_cam(ex: Explainer, method: str, images, class_index=None, layer=None,
                   ",".join(p for p, _ in targets), shown, low)
 
 
-def method(name: str) -> Callable:
-    """The explain function of variant `name`, as methods.METHODS holds them."""
-    def explain(ex: Explainer, images, class_index=None, layer=None, **params):
-        return run_cam(ex, name, images, class_index, layer, **params)
-
-    explain.__name__ = name
-    explain.__doc__ = BY_NAME[name].weights.__doc__
-    return explain
-
-
-grad_cam = method("gradcam")
-grad_cam_pp = method("gradcam_pp")
-score_cam = method("scorecam")
+def grad_cam(ex: Explainer, images, class_index=None, layer=None, **params) -> Explanation:
+    """Grad-CAM (Selvaraju et al. 2017) at `layer`, as run_cam."""
+    return run_cam(ex, GRAD_CAM, "gradcam", images, class_index, layer, **params)

@@ -14,26 +14,10 @@ from research import detector, devices, machine, runs
 from research.errors import UserError
 from research.explain.core import Explainer
 from research.explain.options import PRECISIONS
-from research.models.backbones import keras_models_dir
+from research.model_options import APPLICATIONS, BACKBONES
+from research.models.backbones import application, keras_models_dir, md5_note, preprocess_input
 
 
-# name -> (constructor, preprocess module, input size)
-APPLICATIONS = {
-    "vgg16": (keras.applications.VGG16, keras.applications.vgg16, 224),
-    "vgg19": (keras.applications.VGG19, keras.applications.vgg19, 224),
-    "resnet50": (keras.applications.ResNet50, keras.applications.resnet50, 224),
-    "mobilenet_v2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2, 224),
-    # Its preprocess_input passes 0..255 through: the rescaling is inside the model.
-    "efficientnetb0": (keras.applications.EfficientNetB0, keras.applications.efficientnet,
-                       224),
-}
-KERAS_WEIGHTS = {
-    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
-    "vgg19": "vgg19_weights_tf_dim_ordering_tf_kernels.h5",
-    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
-    "mobilenet_v2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
-    "efficientnetb0": "efficientnetb0.h5",
-}
 CLASS_INDEX = "imagenet_class_index.json"
 
 
@@ -101,23 +85,23 @@ def load_application(name: str, weights: str = "imagenet", precision: str = "flo
         raise ModelLoadError(f"--model: unknown model {name!r}; choose one of "
                              f"{', '.join(APPLICATIONS)}")
     policy = resolve_precision(precision)
-    ctor, module, size = APPLICATIONS[name]
+    b = BACKBONES[name]
     w = None if weights in (None, "", "none") else weights
     if w not in (None, "imagenet") and not os.path.isfile(w):
         raise ModelLoadError(f"--weights: {w} not found")
     try:
         with policy_scope(policy):
-            model = ctor(weights="imagenet" if w == "imagenet" else None,
-                         input_shape=(size, size, 3))
+            model = application(b)(weights="imagenet" if w == "imagenet" else None,
+                                   input_shape=(b.native_size, b.native_size, 3))
     except Exception as e:
         raise ModelLoadError(
             f"could not get the ImageNet weights of {name} ({e}). Without network access, "
-            f"place {KERAS_WEIGHTS[name]} in {keras_models_dir()}/ (or pass --weights=<path> "
-            "or --weights=none)") from e
+            f"place {b.top_weights_file}{md5_note(b.top_weights_md5)} in "
+            f"{keras_models_dir()}/ (or pass --weights=<path> or --weights=none)") from e
     if w not in (None, "imagenet"):
         model.load_weights(w)
     names = imagenet_class_names() if w is not None else None
-    return Explainer(model, lambda x: module.preprocess_input(x), class_names=names)
+    return Explainer(model, lambda x: preprocess_input(b.preprocess, x), class_names=names)
 
 
 def load_run(checkpoint_dir: str, run_name: str, precision: str = "float32"

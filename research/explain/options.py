@@ -92,27 +92,10 @@ class ExplainOptions:
         return first_error(self)
 
     def method_params(self, method: str) -> dict:
-        """The keyword arguments of `methods.explain` for `method`."""
-        from research.explain import cams  # by the time a method runs, TensorFlow is loaded
+        """The keyword arguments of `methods.explain` for `method` (its record's options)."""
+        from research.explain import methods  # by the time a method runs, TensorFlow is loaded
 
-        smooth = {"aug_smooth": self.cam_aug_smooth, "eigen_smooth": self.cam_eigen_smooth}
-        cam = {v.name: smooth for v in cams.VARIANTS}
-        return {**cam, "ablationcam": {**smooth, "batch_size": self.ablation_batch},
-                "smoothgrad": {"n": self.smoothgrad_samples, "noise": self.smoothgrad_noise,
-                               "seed": self.seed},
-                "scorecam": {**smooth, "max_channels": self.scorecam_channels,
-                             "batch_size": self.scorecam_batch},
-                "occlusion": {"patch": self.occlusion_patch, "stride": self.occlusion_stride,
-                              "fill": self.occlusion_fill, "batch_size": self.forward_batch},
-                "integrated_gradients": {"baseline": self.ig_baseline, "steps": self.ig_steps,
-                                         "seed": self.seed, "batch_size": self.forward_batch},
-                "rise": {"masks": self.rise_masks, "grid": self.rise_grid,
-                         "keep": self.rise_keep, "seed": self.seed,
-                         "batch_size": self.forward_batch},
-                "lime": {"samples": self.lime_samples, "segments": self.lime_segments,
-                         "segmentation": self.lime_segmentation,
-                         "kernel_width": self.lime_kernel_width, "seed": self.seed,
-                         "batch_size": self.forward_batch}}.get(method, {})
+        return {arg: getattr(self, field) for arg, field in methods.find(method).options.items()}
 
     def dream_params(self) -> dict:
         return {"octaves": self.dream_octaves, "octave_scale": self.dream_octave_scale,

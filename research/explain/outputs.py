@@ -330,7 +330,7 @@ def sanity_checks(ex: core.Explainer, batch: np.ndarray, names: list[str], check
         if "model_randomization" in checks:
             res["model_randomization"] = sanity.model_randomization(
                 ex, explain, batch, classes, options.seed, independent=independent)
-        if "random_logit" in checks and method not in sanity.CLASS_AGNOSTIC:
+        if "random_logit" in checks and not methods.find(method).class_agnostic:
             res["random_logit"] = sanity.random_logit(
                 ex, explain, batch, classes, int(ex.model.output.shape[-1]), options.seed)
         out[method] = res

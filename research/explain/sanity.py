@@ -24,12 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 from research.errors import UserError
+from research.explain import methods
 from research.explain.core import Explainer, iter_layers
 
 CHECKS = ("model_randomization", "random_logit")
 PASS_BELOW = 0.5
-# Maps that do not depend on the explained class: a random-logit check says nothing of them.
-CLASS_AGNOSTIC = ("eigencam",)
 
 
 def check_request(checks, names, num_outputs: int | None) -> None:
@@ -42,7 +41,7 @@ def check_request(checks, names, num_outputs: int | None) -> None:
             raise UserError("--sanity=random_logit needs a model with two or more classes; "
                             "this one has a single output")
         for m in names:
-            if m in CLASS_AGNOSTIC:
+            if m in methods.BY_NAME and methods.BY_NAME[m].class_agnostic:
                 raise UserError(f"--sanity=random_logit: --method={m} does not depend on the "
                                 "class, so another class's map is the same map")
 

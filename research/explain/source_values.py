@@ -52,29 +52,24 @@ def constant(module: str, name: str):
 
 
 def keys(module: str, name: str) -> tuple:
-    """The literal keys of a module-level dict, in order (METHODS, APPLICATIONS, ...); a
-    `**{v.name: ... for v in <module>.RECORDS}` entry gives the names of those records."""
+    """The literal keys of a module-level dict, in order (outputs.EXAMPLE_FILTERS, ...)."""
     value = _assigned(module, name)
-    if not isinstance(value, ast.Dict):
+    if not isinstance(value, ast.Dict) or None in value.keys:
         raise LookupError(f"research/explain/{module}.py: {name} is not a dict of literal keys")
-    out: list = []
-    for key, item in zip(value.keys, value.values):
-        out += [ast.literal_eval(key)] if key is not None else _record_names(module, name, item)
     READ.add(("keys", module, name))
-    return tuple(out)
+    return tuple(ast.literal_eval(key) for key in value.keys)
 
 
-def _record_names(module: str, name: str, node: ast.expr) -> list:
-    """The `name=` (or first) literal argument of each record in the tuple a dict
-    comprehension over `<module>.<TUPLE>` iterates."""
-    gen = node.generators[0] if isinstance(node, ast.DictComp) else None
-    it = gen.iter if gen is not None else None
-    if not (isinstance(it, ast.Attribute) and isinstance(it.value, ast.Name)):
-        raise LookupError(f"research/explain/{module}.py: {name} spreads something other "
-                          "than a tuple of records")
-    records = _assigned(it.value.id, it.attr)
+def record_names(module: str, name: str) -> tuple:
+    """The names of the records in a module-level tuple of calls (methods.METHODS): each
+    call's `name=` keyword or first positional argument, a literal."""
+    value = _assigned(module, name)
+    if not isinstance(value, ast.Tuple) or not all(isinstance(c, ast.Call)
+                                                   for c in value.elts):
+        raise LookupError(f"research/explain/{module}.py: {name} is not a tuple of records")
     names = []
-    for call in getattr(records, "elts", []):
+    for call in value.elts:
         named = [k.value for k in call.keywords if k.arg == "name"]
         names.append(ast.literal_eval(named[0] if named else call.args[0]))
-    return names
+    READ.add(("record_names", module, name))
+    return tuple(names)

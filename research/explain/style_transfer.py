@@ -47,10 +47,10 @@ from research.errors import UserError
 from research.fields import first_error, setting
 from research.model_options import BACKBONES, OWN_NETWORKS, WEIGHTS_CHOICES_HELP
 
-STYLE_MODELS = ("vgg19", "vgg16", "scratch", "fast")
+# Backbones whose record names style and content layers (the VGGs), then our networks.
+STYLE_BACKBONES = tuple(b.name for b in BACKBONES.values() if b.style_layers)
+STYLE_MODELS = STYLE_BACKBONES + OWN_NETWORKS
 NORMALIZATIONS = ("keras_io", "gatys")
-VGG_STYLE = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1")
-VGG_CONTENT = "block5_conv2"
 CONFIG = "style_transfer.json"
 RESULT = "result.png"
 
@@ -62,9 +62,10 @@ class StyleTransferError(UserError):
 @dataclasses.dataclass
 class StyleOptions:
     """Style transfer's settings and their one set of defaults (the app's flags)."""
-    model: str = setting("vgg19", "Backbone: vgg19 or vgg16 (keras.applications, no "
-                         "classifier), or one of our networks (scratch, fast) with "
-                         "--weights=<run name>.", choices=STYLE_MODELS)
+    model: str = setting("vgg19", f"Backbone: {' or '.join(STYLE_BACKBONES)} "
+                         "(keras.applications, no classifier), or one of our networks "
+                         f"({', '.join(OWN_NETWORKS)}) with --weights=<run name>.",
+                         choices=STYLE_MODELS)
     weights: str = setting("imagenet", f"Backbone weights: {WEIGHTS_CHOICES_HELP}. imagenet "
                            "needs Keras' cached no-top file (~/.keras/models); none: random "
                            "weights (tests).")
@@ -145,8 +146,9 @@ def total_variation_loss(x: tf.Tensor) -> tf.Tensor:
 
 def default_layers(model: str, base: keras.Model) -> tuple[str, tuple[str, ...]]:
     """(content layer, style layers) of `model` by default."""
-    if model in ("vgg16", "vgg19"):
-        return VGG_CONTENT, VGG_STYLE
+    b = BACKBONES[model]
+    if b.style_layers:
+        return b.content_layer, b.style_layers
     names = [layer.name for layer in base.layers[1:]]
     ends = []
     for block in BACKBONES[model].blocks:

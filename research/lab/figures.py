@@ -14,11 +14,8 @@ from matplotlib.figure import Figure
 from tensorflow.core.util import event_pb2
 
 from research import plots
+from research.explain import methods
 from research.explain.render import HEATMAP_CMAP, overlay_heatmap
-
-METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "scorecam": "Score-CAM",
-                "saliency": "saliency", "saliency_positive": "positive saliency",
-                "smoothgrad": "SmoothGrad"}
 
 
 def _zoom(img: np.ndarray, size: int = 96) -> np.ndarray:
@@ -42,7 +39,7 @@ def side_by_side(images, row_labels, explanations: dict, method: str, what: str,
     # Wrapped to the figure's width (about 14 characters of 9 pt per inch): long run names
     # would otherwise run off both edges.
     width = int(1.9 * cols * 14)
-    lines = textwrap.wrap(f"{METHOD_NAMES.get(method, method)} of the detectors' cat score, "
+    lines = textwrap.wrap(f"{methods.display_name(method)} of the detectors' cat score, "
                           f"{what}", width) + textwrap.wrap(f"layers {layers}" if layers else "",
                                                             width)
     fig, axes = plots.grid_figure(len(images), cols, cell=1.9,

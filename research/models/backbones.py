@@ -1,8 +1,9 @@
 """Pretrained CNN backbones for transfer learning, and the transfer model built on them.
 
 Builders over keras.applications (plus our own scratch network, so a run of ours can serve
-as a backbone); what each backbone is (its `preprocess_input`, input sizes, blocks, the Keras
-cache file of its ImageNet weights) is in research.model_options.BACKBONES.
+as a backbone); what each backbone is (its constructor, `preprocess_input` mode, input sizes,
+blocks, the Keras cache files of its ImageNet weights) is its record in
+research.model_options.BACKBONES.
 
 The transfer model takes the TFRecords' raw pixels (float 0..255, scale 'raw'); resizing and
 the backbone's own preprocessing live inside it, so evaluate, predict, explain and the
@@ -35,16 +36,22 @@ class BackboneError(UserError):
     """A bad backbone setting; the message names the flag."""
 
 
-# name -> (input_shape, weights) -> the keras.applications base without its classifier
-def _app(ctor):
-    return lambda input_shape, weights: ctor(include_top=False, weights=weights,
-                                             input_shape=input_shape)
+def application(b: Backbone):
+    """The keras.applications constructor of record `b` (VGG16, ...)."""
+    return getattr(keras.applications, b.constructor)
 
 
-BUILDERS = {"vgg16": _app(keras.applications.VGG16), "vgg19": _app(keras.applications.VGG19),
-            "resnet50": _app(keras.applications.ResNet50),
-            "mobilenet_v2": _app(keras.applications.MobileNetV2),
-            "efficientnetb0": _app(keras.applications.EfficientNetB0)}
+def applications_base(b: Backbone, input_shape, weights) -> keras.Model:
+    """The keras.applications base of `b` without its classifier; weights 'imagenet' (Keras'
+    download and cache, checked against the md5 the record repeats) or None."""
+    return application(b)(include_top=False, weights=weights, input_shape=input_shape)
+
+
+def preprocess_input(mode: str, x):
+    """keras.applications' preprocess_input of imagenet_utils mode `mode` ('none': as is)."""
+    if mode == "none":
+        return x
+    return keras.applications.imagenet_utils.preprocess_input(x, mode=mode)
 
 
 @keras.saving.register_keras_serializable(package="research")
@@ -59,8 +66,7 @@ class BackbonePreprocess(keras.layers.Layer):
         x = tf.cast(x, self.compute_dtype)
         if x.shape[-1] == 1:
             x = tf.tile(x, [1, 1, 1, 3])
-        module = BACKBONES[self.backbone].preprocess
-        return getattr(keras.applications, module).preprocess_input(x)
+        return preprocess_input(BACKBONES[self.backbone].preprocess, x)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], 3)
@@ -77,7 +83,7 @@ def keras_models_dir() -> str:
 def _imagenet_base(b: Backbone, input_shape) -> keras.Model:
     target = os.path.join(keras_models_dir(), b.weights_file)
     try:
-        return BUILDERS[b.name](input_shape, "imagenet")
+        return applications_base(b, input_shape, "imagenet")
     except Exception as e:
         # get_file downloads beside the target first; never leave a partial file behind.
         for leftover in (target + ".part", target + ".tmp"):
@@ -85,8 +91,13 @@ def _imagenet_base(b: Backbone, input_shape) -> keras.Model:
                 os.remove(leftover)
         raise BackboneError(
             f"--weights=imagenet: could not get the ImageNet weights of {b.name} ({e}). "
-            f"Without network access, place {b.weights_file} in {keras_models_dir()}/ (or "
-            "pass --weights=<file>, --weights=<run name> or --weights=none)") from e
+            f"Without network access, place {b.weights_file}{md5_note(b.weights_md5)} in "
+            f"{keras_models_dir()}/ (or pass --weights=<file>, --weights=<run name> or "
+            "--weights=none)") from e
+
+
+def md5_note(md5: str | None) -> str:
+    return f" (md5 {md5})" if md5 else ""
 
 
 OWN_BUILDERS = {"scratch": build_scratch_cnn, "fast": build_fast_cnn}
@@ -180,7 +191,7 @@ def build_base(backbone: str, opts: TransferOptions, input_shape, checkpoint_dir
     elif weights == "imagenet":
         base = _imagenet_base(b, input_shape)
     else:
-        base = BUILDERS[backbone](input_shape, None)
+        base = applications_base(b, input_shape, None)
     if weights not in ("imagenet", "none", ""):
         if os.path.isfile(weights):
             if not weights.endswith(".h5"):

@@ -22,6 +22,7 @@ from research.errors import UserError
 from research.model_options import SavedModelOptions
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # imagenet_utils' RGB
 
 
 class SavedModelError(UserError):
@@ -30,16 +31,21 @@ class SavedModelError(UserError):
 
 def affine_for_mode(mode: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(kernel (1, 1, channels, 3), bias (3,)) of the 1x1 convolution doing keras.applications'
-    preprocess_input `mode` ('caffe', 'tf', 'none'; 'unit': x / 255) on raw pixels."""
+    preprocess_input `mode` ('caffe', 'tf', 'torch', 'none'; 'unit': x / 255) on raw pixels."""
     spread = np.ones((channels, 3)) if channels == 1 else np.eye(3)  # gray -> RGB
     if mode == "caffe":
         kernel, bias = spread[:, ::-1], -np.asarray(CAFFE_MEAN_BGR)
     elif mode == "tf":
         kernel, bias = spread / 127.5, -np.ones(3)
+    elif mode == "torch":
+        std = np.asarray(TORCH_STD)
+        kernel, bias = spread / (255.0 * std), -np.asarray(TORCH_MEAN) / std
     elif mode == "unit":
         kernel, bias = spread / 255.0, np.zeros(3)
-    else:
+    elif mode in ("none", ""):
         kernel, bias = spread, np.zeros(3)
+    else:
+        raise ValueError(f"no affine map for preprocess mode {mode!r}")
     return kernel[None, None].astype(np.float32), bias.astype(np.float32)
 
 
