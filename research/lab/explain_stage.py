@@ -22,6 +22,7 @@ from research.lab import figures
 from research.lab.detectors import detector_runs, require_runs
 from research.lab.lab import SPLIT, Lab, StageRecord, command, read_marker, reusable, write_marker
 from research.lab.profiles import EXPLAIN_OPTIONS
+from research.model_options import BACKBONES
 from research.models.backbones import keras_models_dir
 
 
@@ -73,7 +74,8 @@ def imagenet_top3(lab: Lab, images: np.ndarray) -> list[str] | None:
     detector is an ImageNet model and those weights are at hand; else None."""
     if lab.weights != "imagenet":
         return None
-    if not os.path.isfile(os.path.join(keras_models_dir(), loading.KERAS_WEIGHTS["vgg16"])):
+    top = BACKBONES["vgg16"].top_weights_file
+    if not os.path.isfile(os.path.join(keras_models_dir(), top)):
         return None
     ex = loading.load_application("vgg16", "imagenet", "float32")
     big = np.stack([resize_image(np.asarray(i, np.uint8), ex.input_size, "stretch")

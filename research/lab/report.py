@@ -12,6 +12,7 @@ import os
 import re
 
 from research import files, machine, plots
+from research.explain import methods
 from research.lab import figures
 from research.lab.profiles import QUICK_EVAL_FRACTION
 
@@ -256,7 +257,7 @@ def _sanity_table(doc: Doc, outputs: dict) -> None:
     for run, per in outputs["sanity"].items():
         for method, checks in per.items():
             for check, v in checks.items():
-                rows.append([f"{run}: {figures.METHOD_NAMES.get(method, method)}, "
+                rows.append([f"{run}: {methods.display_name(method)}, "
                              f"{check.replace('_', ' ')}: {v['verdict']}",
                              num(v["spearman"]), num(v["ssim"])])
     doc.table(["run: method, check: verdict", "Spearman", "SSIM"], rows)
@@ -286,7 +287,7 @@ def _explain_section(doc: Doc, records: dict) -> None:
         rows = []
         for run, per in exp.outputs["faithfulness"].items():
             for method, sc in per.items():
-                rows.append([f"{run}: {figures.METHOD_NAMES.get(method, method)}",
+                rows.append([f"{run}: {methods.display_name(method)}",
                              num(sc["deletion_auc"]), num(sc["insertion_auc"])]
                             + [num(sc[k]) if k in sc else "" for k in (
                                 "road_morf", "road_lerf", "mu_fidelity", "average_drop",
