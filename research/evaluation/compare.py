@@ -145,7 +145,7 @@ def compare_runs(checkpoint_dir: str, names, split: str, data_dir: str | None = 
               "num_classes": len(first["manifest"]["class_names"]),
               "checkpoint": checkpoint, "runs": {}}
     if not all(run["cfg"].positive_class(run["manifest"]) is None for run in loaded):
-        result["threshold_source"] = "each run's val (max F1)"
+        result["threshold_source"] = "each run's val (by its --threshold_metric: the policy column)"
     raw_by_run = {}
     for i, run in enumerate(loaded):
         logging.info("Scoring %s (%d of %d) on %s", run["name"], i + 1, len(loaded), split)
@@ -188,9 +188,9 @@ def format_table(result: dict) -> str:
     runs = result["runs"]
     detectors = any(not r.get("classifier") for r in runs.values())
     n_cls = any("class_accuracy" in r for r in runs.values())
-    detection = ("roc_auc", "pr_auc", "f1", "precision", "recall", "threshold")
-    head = ["run"] + (["ROC-AUC", "PR-AUC", "F1", "precision", "recall", "threshold"]
-                      if detectors else [])
+    detection = ("roc_auc", "pr_auc", "f1", "precision", "recall", "accuracy", "threshold")
+    head = ["run"] + (["ROC-AUC", "PR-AUC", "F1", "precision", "recall", "accuracy",
+                       "threshold", "policy", "accuracy at 0.5"] if detectors else [])
     head += [f"{result['num_classes']}-class acc", "top-5 acc"] if n_cls else []
     head += ["params", "trainable", "images seen", "wall time (s)", "images/s"]
     what = (f"{result['num_positive']:,} positive; checkpoint {result['checkpoint']}; "
@@ -204,7 +204,9 @@ def format_table(result: dict) -> str:
              "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, r in runs.items():
         row = [name.replace("|", "\\|")]
-        row += [_num(r.get(k)) for k in detection] if detectors else []
+        row += [_num(r.get(k)) for k in detection] + [
+            str(r.get("threshold_metric", "")), _num(r.get("at_0.5", {}).get("accuracy"))
+        ] if detectors else []
         row += [_num(r.get("class_accuracy")), _num(r.get("top5_class_accuracy"))] if n_cls \
             else []
         row += [_num(r["params"], 0), _num(r["trainable_params"], 0),
