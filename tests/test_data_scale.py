@@ -53,6 +53,7 @@ def peak_rss_mb(folder, out) -> float:
     return int(line.split()[1]) / 1024
 
 
+@pytest.mark.slow  # two fresh TensorFlow processes: 20 s idle, minutes on a busy machine
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path):
     # 60 and 600 photos at 224 px: the 540 more hold 81 MB of pixels (and 1-2 MB of JPEG
     # bytes); holding a split in memory, as before, grew peak RSS by more than that.

@@ -1,11 +1,14 @@
 """Readers for the supported sources: CIFAR-10/100 archives, MNIST's mnist.npz, and folders
-of images (class folders, Kaggle names, or the unpaired trainA/trainB layout).
+of images (class folders, Kaggle names, or the unpaired trainA/trainB layout), each declared
+once as a `Source` record in SOURCES (how it is detected, read, and downloaded).
 
-Every reader returns a `SourceData`: uint8 images per split, class ids and names, the files it
-could not use and the class folders that held no image, each with a reason. Archives (.tar,
-.tar.gz, .zip) are read in memory (never extracted), pickles go through a restricted
-unpickler, .npz files are loaded with allow_pickle=False, and archive members that try to
-escape the archive root are refused.
+Every reader returns a `SourceData`: images per split, class ids and names, the files it could
+not use and the class folders that held no image, each with a reason. CIFAR and MNIST are
+small uint8 arrays read whole; an image folder's splits are `ImageFiles`, file names decoded
+only when they are written (docs/data_at_scale.md). Archives (.tar, .tar.gz, .zip) are never
+extracted: a `FileTree` indexes them and reads one member at a time; pickles go through a
+restricted unpickler, .npz files are loaded with allow_pickle=False, and archive members that
+try to escape the archive root are refused.
 """
 
 from __future__ import annotations
@@ -36,26 +39,6 @@ import numpy as np
 from research.data import imaging
 from research.data.manifest import sha256_file
 from research.errors import UserError
-
-DOWNLOADS = {
-    "cifar10": dict(
-        fname="cifar-10-python.tar.gz",
-        origin="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
-    "cifar10_binary": dict(
-        fname="cifar-10-binary.tar.gz",
-        origin="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-        sha256="c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"),
-    "cifar100": dict(
-        fname="cifar-100-python.tar.gz",
-        origin="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        sha256="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"),
-    # The file and hash keras.datasets.mnist.load_data uses.
-    "mnist": dict(
-        fname="mnist.npz",
-        origin="https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
-        sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),
-}
 
 LABEL_SETS = ("fine", "coarse")
 MNIST_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -770,27 +753,123 @@ def select_label_set(data: SourceData, label_set: str) -> SourceData:
 
 # ---------------------------------------------------------------------------------------------
 
-def download_archive(key: str, download_dir: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Download:
+    """An official copy of a source: `make_tfrecords --source=<keyword>` fetches `origin` into
+    --download_dir as `fname` and checks its sha256 (a copy already there is checked too)."""
+    keyword: str
+    fname: str
+    origin: str
+    sha256: str
+
+
+@dataclasses.dataclass
+class Probe:
+    """What a `Source` detects from: the path, and the file names in it (read on first use,
+    for sources that are file trees)."""
+    path: str
+    _tree: "FileTree | None" = None
+
+    @property
+    def tree(self) -> FileTree:
+        if self._tree is None:
+            self._tree = FileTree(self.path)
+        return self._tree
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.tree.names())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """What `load_source` passes every reader; each takes what applies to it."""
+    image_size: tuple[int, int] = (32, 32)
+    resize_policy: str = imaging.DEFAULT_RESIZE_POLICY
+    num_threads: int | None = None
+    class_names: list[str] | None = None
+    reduced_decode: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One kind of source, declared once: `load_source` tries the records of SOURCES in order
+    and reads the path with the first whose `detect` holds; make_tfrecords' help lists them.
+    `read` returns a SourceData; `class_names`: it reads --class_names (other sources refuse
+    it); `download`: where an official copy comes from."""
+    name: str
+    help: str                                       # a phrase for make_tfrecords --source
+    detect: Callable[[Probe], bool]
+    read: Callable[[Probe, ReadOptions], "SourceData"]
+    download: Download | None = None
+    class_names: bool = False
+
+
+def _is_npz(probe: Probe) -> bool:
+    return os.path.isfile(probe.path) and probe.path.lower().endswith(".npz")
+
+
+SOURCES: list[Source] = [
+    Source("mnist-npz", "an MNIST .npz", _is_npz,
+           lambda p, o: read_mnist_npz(p.path),
+           # The file and hash keras.datasets.mnist.load_data uses.
+           Download("mnist", "mnist.npz",
+                    "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+                    "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1")),
+    Source("cifar10-python", "the CIFAR-10 python archive or folder",
+           lambda p: {"data_batch_1", "test_batch"} <= p.names,
+           lambda p, o: read_cifar10_python(p.tree),
+           Download("cifar10", "cifar-10-python.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")),
+    Source("cifar10-binary", "the CIFAR-10 binary archive or folder",
+           lambda p: "data_batch_1.bin" in p.names,
+           lambda p, o: read_cifar10_binary(p.tree),
+           Download("cifar10_binary", "cifar-10-binary.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd")),
+    Source("cifar100-python", "the CIFAR-100 python archive or folder",
+           lambda p: {"train", "test", "meta"} <= p.names,
+           lambda p, o: read_cifar100_python(p.tree),
+           Download("cifar100", "cifar-100-python.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                    "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7")),
+    # Last: any other folder or archive is read as images.
+    Source("image_folder", "an image folder, .tar(.gz) or .zip (<class>/<img> or "
+           "<class>.<id>.jpg, optionally under train/ and test/; or unpaired trainA/ trainB/ "
+           "testA/ testB/ folders, see --class_names)",
+           lambda p: True,
+           lambda p, o: read_image_folder(p.tree, o.image_size, o.resize_policy,
+                                          o.num_threads, o.class_names, o.reduced_decode),
+           class_names=True),
+]
+
+
+def downloads() -> dict[str, Source]:
+    """--source keyword -> the source it downloads."""
+    return {s.download.keyword: s for s in SOURCES if s.download}
+
+
+def download_archive(spec: Download, download_dir: str) -> str:
     """Returns the local path of an official archive, downloading it if it is not there;
     a file already there must have the official sha256."""
-    spec = DOWNLOADS[key]
     folder = os.path.abspath(download_dir)
-    target = os.path.join(folder, spec["fname"])
+    target = os.path.join(folder, spec.fname)
     if os.path.isfile(target):
         actual = sha256_file(target)
-        if actual != spec["sha256"]:
-            raise SourceError(f"{target}: sha256 {actual}, but the official {spec['fname']} has "
-                              f"{spec['sha256']}; delete it (a partial or different file) and "
+        if actual != spec.sha256:
+            raise SourceError(f"{target}: sha256 {actual}, but the official {spec.fname} has "
+                              f"{spec.sha256}; delete it (a partial or different file) and "
                               "run again, or pass --source=<path>")
         return target
     os.makedirs(folder, exist_ok=True)
     try:
-        return keras.utils.get_file(spec["fname"], origin=spec["origin"],
-                                    file_hash=spec["sha256"], cache_dir=folder, cache_subdir="")
+        return keras.utils.get_file(spec.fname, origin=spec.origin, file_hash=spec.sha256,
+                                    cache_dir=folder, cache_subdir="")
     except Exception as e:
         raise SourceError(
-            f"Could not download {spec['origin']} ({e}). Without network access, put "
-            f"{spec['fname']} (sha256 {spec['sha256']}) into the folder {folder} "
+            f"Could not download {spec.origin} ({e}). Without network access, put "
+            f"{spec.fname} (sha256 {spec.sha256}) into the folder {folder} "
             "(--download_dir), or pass --source=<path to the file or folder>.") from e
 
 
@@ -800,29 +879,19 @@ def load_source(source: str, *, image_size: tuple[int, int] = (32, 32),
                 num_threads: int | None = None, label_set: str = "fine",
                 class_names: list[str] | None = None,
                 reduced_decode: bool = False) -> SourceData:
-    """Loads `source`: 'cifar10', 'cifar10_binary', 'cifar100', 'mnist', or a path to a
-    file/folder. `label_set` picks CIFAR-100's fine or coarse classes; `class_names` names the
+    """Loads `source`: a keyword of SOURCES' downloads ('cifar10', 'cifar10_binary',
+    'cifar100', 'mnist') or a path to a file/folder, read by the first of SOURCES that
+    detects it. `label_set` picks CIFAR-100's fine or coarse classes; `class_names` names the
     two classes of an unpaired trainA/trainB folder. An image folder's pixels are not read
     here: its splits hold `ImageFiles`, decoded as they are written."""
-    if source in DOWNLOADS:
-        source = download_archive(source, download_dir)
-    if os.path.isfile(source) and source.lower().endswith(".npz"):
-        data = read_mnist_npz(source)
-    else:
-        tree = FileTree(source)
-        names = set(tree.names())
-        if "data_batch_1" in names and "test_batch" in names:
-            data = read_cifar10_python(tree)
-        elif "data_batch_1.bin" in names:
-            data = read_cifar10_binary(tree)
-        elif {"train", "test", "meta"} <= names:
-            data = read_cifar100_python(tree)
-        else:
-            return select_label_set(
-                read_image_folder(tree, image_size, resize_policy, num_threads, class_names,
-                                  reduced_decode),
-                label_set)
-    if class_names:
+    keyword = downloads().get(source)
+    if keyword is not None:
+        source = download_archive(keyword.download, download_dir)
+    probe = Probe(source)
+    found = next(s for s in SOURCES if s.detect(probe))
+    if class_names and not found.class_names:
         raise SourceError(f"{source}: --class_names only applies to the unpaired trainA/ "
-                          f"trainB/ image folder layout, not to this {data.format} source")
-    return select_label_set(data, label_set)
+                          f"trainB/ image folder layout, not to this {found.name} source")
+    options = ReadOptions(tuple(image_size), resize_policy, num_threads, class_names,
+                          reduced_decode)
+    return select_label_set(found.read(probe, options), label_set)
