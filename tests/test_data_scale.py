@@ -153,3 +153,17 @@ def test_a_file_whose_header_reads_but_pixels_do_not_is_listed_and_left_out(tmp_
     splits = manifest["splits"]
     assert sum(s["num_examples"] for s in splits.values()) == 15  # 16 listed, 1 left out
     assert sum(s["class_counts"]["cat"] for s in splits.values()) == 7
+
+
+def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
+    make_photos(str(tmp_path / "photos"), 40, size=(64, 80))
+    res = subprocess.run(
+        [sys.executable, "-m", "research.benchmarks.conversion",
+         f"--source={tmp_path / 'photos'}", "--image_size=16", "--limit_images=20",
+         f"--ratios_json={tmp_path / 'r.json'}"],
+        env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "40 images of" in res.stdout and "reduced JPEG decoding" in res.stdout
+    assert "ratio conversion / (cores x limit):" in res.stdout
+    assert (tmp_path / "r.json").exists()

@@ -17,6 +17,7 @@ import bz2
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import gzip
 import io
 import lzma
@@ -776,7 +777,7 @@ class Probe:
             self._tree = FileTree(self.path)
         return self._tree
 
-    @property
+    @functools.cached_property
     def names(self) -> set[str]:
         return set(self.tree.names())
 
