@@ -327,10 +327,8 @@ def test_no_positive_class_is_data_for_classifiers(tmp_path):
 
 def test_every_source_is_one_record_and_the_help_reads_them():
     # A new source is one record in SOURCES: load_source detects with it, downloads with it,
-    # and make_tfrecords' --source help names it.
-    from research.apps import make_tfrecords
-
-    help_text = make_tfrecords.FLAGS["source"].help
+    # and make_tfrecords' --source help (built by sources.source_help) names it.
+    help_text = sources.source_help()
     for s in sources.SOURCES:
         assert s.help in help_text
         if s.download:

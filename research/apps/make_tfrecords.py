@@ -35,9 +35,7 @@ from research.progress import Bar
 
 FLAGS = flags.FLAGS
 config_flags.define_max_image_pixels()
-flags.DEFINE_string("source", None, " | ".join(sources.downloads()) + " (downloaded into "
-                    "--download_dir if absent), or a path: " +
-                    "; ".join(s.help for s in sources.SOURCES) + ".")
+flags.DEFINE_string("source", None, sources.source_help())
 flags.DEFINE_string("out_dir", None, "Output folder, e.g. data/cifar10.")
 flags.DEFINE_string("positive_class", "cat", "Class whose examples get label 1. It must be one "
                     "of the source's classes: cat (CIFAR-10), cats (dogs-vs-cats); CIFAR-100 "

@@ -851,6 +851,12 @@ def downloads() -> dict[str, Source]:
     return {s.download.keyword: s for s in SOURCES if s.download}
 
 
+def source_help() -> str:
+    """make_tfrecords' --source help, read from the records."""
+    return (" | ".join(downloads()) + " (downloaded into --download_dir if absent), or a "
+            "path: " + "; ".join(s.help for s in SOURCES) + ".")
+
+
 def download_archive(spec: Download, download_dir: str) -> str:
     """Returns the local path of an official archive, downloading it if it is not there;
     a file already there must have the official sha256."""
