@@ -81,8 +81,9 @@ def per_core_table(batches: int, bs: int) -> Ratios:
           f"{'cores per GPU':>15}")
     ratios = Ratios("input_pipeline_per_core")
     for size, one, every, gpu in rows:
-        need = f"{gpu / one:>15.1f}" if gpu else f"{'(--gpu_rate)':>15}"
-        print(f"{size:<9}{one:>14,.0f}{every:>16,.0f}{(gpu or 0):>11,.0f}{need}")
+        need = f"{gpu / one:>15.1f}" if gpu else f"{'-':>15}"
+        rate = f"{gpu:>11,.0f}" if gpu else f"{'(not given)':>11}"
+        print(f"{size:<9}{one:>14,.0f}{every:>16,.0f}{rate}{need}")
         ratios.add(f"training input at {size}: {cores} cores / 1 core", every / one,
                    "", f"{one:,.0f} img/s per core")
     print("device-resident input (--input=device): not built yet, not measured")
