@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 import numpy as np
 
 from research.data import imaging
+from research.data.imaging import is_hidden_name as _hidden
 from research.errors import UserError
 from research.fields import first_error, setting
 
@@ -69,11 +70,6 @@ class Expansion:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-def _hidden(name: str) -> bool:
-    # The rule research.data.sources.FileTree applies to image folders.
-    return name.startswith(".") or name == "__MACOSX"
-
 
 def _walk_folder(root: str, skipped: list) -> list[str]:
     found = []

@@ -1,6 +1,7 @@
 """Reproducible conversions, empty class folders, CIFAR-100 label sets, the unpaired
 trainA/trainB layout, zip archives and MNIST, on tiny fixtures made here (no network)."""
 
+import dataclasses
 import io
 import json
 import os
@@ -258,15 +259,18 @@ def test_mnist_download_offline_and_hand_placed(tmp_path, monkeypatch):
     with pytest.raises(sources.SourceError) as e:
         sources.load_source("mnist", download_dir=str(downloads))
     msg = str(e.value)
-    assert sources.DOWNLOADS["mnist"]["origin"] in msg and "network is unreachable" in msg
-    assert f"put mnist.npz (sha256 {sources.DOWNLOADS['mnist']['sha256']}) into the folder " \
+    mnist = sources.downloads()["mnist"]
+    assert mnist.download.origin in msg and "network is unreachable" in msg
+    assert f"put mnist.npz (sha256 {mnist.download.sha256}) into the folder " \
            f"{downloads}" in msg
     # A hand-placed file must be the official one.
     helpers.make_mnist_npz(str(downloads / "mnist.npz"))
     with pytest.raises(sources.SourceError, match="mnist.npz: sha256 .* official"):
         sources.load_source("mnist", download_dir=str(downloads))
-    monkeypatch.setitem(sources.DOWNLOADS["mnist"], "sha256",
-                        tfrecords.sha256_file(str(downloads / "mnist.npz")))
+    here = dataclasses.replace(mnist.download,
+                               sha256=tfrecords.sha256_file(str(downloads / "mnist.npz")))
+    monkeypatch.setattr(sources, "SOURCES", [dataclasses.replace(s, download=here)
+                                             if s is mnist else s for s in sources.SOURCES])
     data = sources.load_source("mnist", download_dir=str(downloads))
     assert len(data.splits["test"]) == 20
 
@@ -319,3 +323,16 @@ def test_no_positive_class_is_data_for_classifiers(tmp_path):
         table = tfrecords.summary_table(manifest)
         assert "positive class: none" in table and "num_positive" not in table
         assert "binary" not in pipeline.class_weights(manifest)
+
+
+def test_every_source_is_one_record_and_the_help_reads_them():
+    # A new source is one record in SOURCES: load_source detects with it, downloads with it,
+    # and make_tfrecords' --source help (built by sources.source_help) names it.
+    help_text = sources.source_help()
+    for s in sources.SOURCES:
+        assert s.help in help_text
+        if s.download:
+            assert s.download.keyword in help_text
+            assert len(s.download.sha256) == 64 and s.download.origin.startswith("https://")
+    assert sources.SOURCES[-1].name == "image_folder"  # last: it detects anything
+    assert set(sources.downloads()) == {"cifar10", "cifar10_binary", "cifar100", "mnist"}

@@ -35,11 +35,7 @@ from research.progress import Bar
 
 FLAGS = flags.FLAGS
 config_flags.define_max_image_pixels()
-flags.DEFINE_string("source", None, "cifar10 | cifar10_binary | cifar100 | mnist (downloaded "
-                    "into --download_dir if absent), or a path: an official CIFAR "
-                    "archive/folder, an MNIST .npz, or an image folder / .tar(.gz) / .zip "
-                    "(<class>/<img> or <class>.<id>.jpg, optionally under train/ and test/; or "
-                    "unpaired trainA/ trainB/ testA/ testB/ folders, see --class_names).")
+flags.DEFINE_string("source", None, sources.source_help())
 flags.DEFINE_string("out_dir", None, "Output folder, e.g. data/cifar10.")
 flags.DEFINE_string("positive_class", "cat", "Class whose examples get label 1. It must be one "
                     "of the source's classes: cat (CIFAR-10), cats (dogs-vs-cats); CIFAR-100 "
@@ -76,6 +72,12 @@ config_flags.define_integer("image_size", 32, "Height and width images from fold
                             "32x32 / 28x28).", ge=1)
 flags.DEFINE_enum("resize_policy", imaging.DEFAULT_RESIZE_POLICY, imaging.RESIZE_POLICIES,
                   "center_crop keeps the aspect ratio; stretch distorts it.")
+flags.DEFINE_bool("reduced_decode", True, "Decode a JPEG at 1/2, 1/4 or 1/8 of its size "
+                  "(libjpeg's scaled decoding, several times faster) when the --image_size "
+                  "target is at most half of it on both sides, then resize with INTER_AREA as "
+                  "always; false: decode every image at full size (the pixels of earlier "
+                  "versions, bit for bit). Recorded in manifest.json's flags when true. See "
+                  "docs/data_at_scale.md.")
 flags.DEFINE_string("download_dir", "data/downloads", "Where official archives are kept.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --out_dir.")
 config_flags.define_integer("sample_grid", 32, "Images in samples.png (0: none).", ge=0)
@@ -84,6 +86,17 @@ flags.mark_flags_as_required(["source", "out_dir"])
 # Where the output goes and whether to replace it do not change its content: not recorded,
 # so that conversions into two folders give byte-identical manifests.
 UNRECORDED_FLAGS = ("out_dir", "overwrite")
+
+
+def recorded_flags() -> dict:
+    """This app's flags as manifest.json records them. --reduced_decode only when true: a
+    manifest without it (every earlier one) means full decoding, so --reduced_decode=false
+    writes the manifest earlier versions wrote, byte for byte."""
+    values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])
+              if f.name not in UNRECORDED_FLAGS}
+    if not values["reduced_decode"]:
+        del values["reduced_decode"]
+    return values
 
 
 def write_sample_grid(data_dir: str, n: int) -> str:
@@ -131,10 +144,11 @@ def main(argv):
         data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
                                    resize_policy=FLAGS.resize_policy,
                                    download_dir=FLAGS.download_dir, label_set=FLAGS.label,
-                                   class_names=FLAGS.class_names)
+                                   class_names=FLAGS.class_names,
+                                   reduced_decode=FLAGS.reduced_decode)
         total = sum(len(s) for s in data.splits.values())
-        logging.info("Decoded %d images in %.1fs (%d skipped)", total, time.time() - start,
-                     len(data.skipped))
+        logging.info("Listed %d images in %.1fs (%d skipped); image folders are decoded as "
+                     "they are written", total, time.time() - start, len(data.skipped))
         cfg = tfrecords.WriteConfig(
             out_dir=FLAGS.out_dir,
             positive_class=(None if FLAGS.positive_class == tfrecords.NO_POSITIVE_CLASS
@@ -144,10 +158,8 @@ def main(argv):
             shards={"train": FLAGS.train_shards, "val": FLAGS.val_shards,
                     "test": FLAGS.test_shards},
             overwrite=FLAGS.overwrite)
-        bar = Bar(total, "image", label="writing")
-        flag_values = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__])
-                       if f.name not in UNRECORDED_FLAGS}
-        manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, flag_values,
+        bar = Bar(total, "image", label="decoding + writing")
+        manifest = tfrecords.write_tfrecords(data, cfg, FLAGS.source, recorded_flags(),
                                              progress=lambda k: bar.add(k))
     except (UserError, ValueError) as e:
         config_flags.fail(e)

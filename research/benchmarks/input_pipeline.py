@@ -1,11 +1,18 @@
-r"""Images/s of the TFRecord pipeline against an in-memory numpy pipeline, in one run.
+r"""Images/s of the TFRecord pipeline against an in-memory numpy pipeline, in one run; and
+how many host cores the training input needs per GPU.
 
   python -m research.benchmarks.input_pipeline --data_dir=data/cifar10 \
-      [--source=../shared/data/cifar10-jpg.tar.gz]
+      [--data_dir_224=data/dvc224] [--source=../shared/data/cifar10-jpg.tar.gz]
 
 Both pipelines batch, scale to float and prefetch the same images; the numpy one starts from
 arrays already in memory (`from_tensor_slices`), the best case tf.data can do. With --source it
 also times a full write of that source to TFRecords (read, decode, shard, hash).
+
+Per core: the training stream (read + parse + flip and crop + scale) of --data_dir (32 px)
+and of --data_dir_224 (224 px, the transfer path's size) runs on one tf.data thread and on
+all of them; the cores a GPU needs is its training rate over the one-thread rate.
+--gpu_rate_32 is airbench94's published rate (94% in 3.83 s on one A100: about 130,000
+images/s); the 224 px rate is whatever the GPU's transfer run measures (--gpu_rate_224).
 """
 
 from __future__ import annotations
@@ -29,6 +36,13 @@ flags.DEFINE_string("split", "train", "Split to read.")
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("batches", 400, "Batches timed per pipeline (after 20 warm-up batches).")
 flags.DEFINE_string("source", None, "If set, also time writing this source to TFRecords.")
+flags.DEFINE_string("data_dir_224", None, "TFRecords at 224 px for the per-core table, e.g. "
+                    "make_tfrecords --source=../shared/data/dogs-vs-cats-2000.tar "
+                    "--image_size=224 --positive_class=cats --out_dir=data/dvc224.")
+flags.DEFINE_float("gpu_rate_32", 130_000, "Training images/s of one GPU at 32 px (default: "
+                   "airbench94's published 3.83 s to 94% on an A100).")
+flags.DEFINE_float("gpu_rate_224", None, "Training images/s of one GPU at 224 px (the "
+                   "transfer recipe on your GPU); unset: the cores column is left empty.")
 
 
 def _rate(ds, batches: int, batch_size: int) -> float:
@@ -39,6 +53,41 @@ def _rate(ds, batches: int, batch_size: int) -> float:
     for _ in range(batches):
         next(it)
     return batches * batch_size / (time.perf_counter() - start)
+
+
+def one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` on one tf.data thread and one op thread: what one host core does."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
+
+
+def per_core_table(batches: int, bs: int) -> Ratios:
+    """Images/s of the training stream on one thread and on all, per image size, and the host
+    cores one GPU's rate needs."""
+    cores = len(os.sched_getaffinity(0))
+    rows = []
+    for size, d, gpu in ((32, FLAGS.data_dir, FLAGS.gpu_rate_32),
+                         (224, FLAGS.data_dir_224, FLAGS.gpu_rate_224)):
+        if not d:
+            continue
+        train = pipeline.make_dataset(d, "train", bs, True, augment=True)
+        one, every = _rate(one_thread(train), batches, bs), _rate(train, batches, bs)
+        shape = pipeline.load_manifest(d)["image_shape"]
+        rows.append((f"{shape[0]}x{shape[1]}", one, every, gpu))
+    print(f"training input (read + parse + flip/crop + scale), batch {bs}:")
+    print(f"{'size':<9}{'1 core img/s':>14}{f'{cores} cores img/s':>16}{'GPU img/s':>11}"
+          f"{'cores per GPU':>15}")
+    ratios = Ratios("input_pipeline_per_core")
+    for size, one, every, gpu in rows:
+        need = f"{gpu / one:>15.1f}" if gpu else f"{'-':>15}"
+        rate = f"{gpu:>11,.0f}" if gpu else f"{'(not given)':>11}"
+        print(f"{size:<9}{one:>14,.0f}{every:>16,.0f}{rate}{need}")
+        ratios.add(f"training input at {size}: {cores} cores / 1 core", every / one,
+                   "", f"{one:,.0f} img/s per core")
+    print("device-resident input (--input=device): not built yet, not measured")
+    return ratios
 
 
 def main(argv):
@@ -88,6 +137,8 @@ def main(argv):
         n = sum(s["num_examples"] for s in m["splits"].values())
         print(f"write {n:,} images of {FLAGS.source} to TFRecords: {total:.1f}s "
               f"(read+decode {t_read:.1f}s, shard+write+hash {total - t_read:.1f}s); target <= 60s")
+    per_core = per_core_table(FLAGS.batches, bs)
+    ratios.rows += per_core.rows
     ratios.write()
     del manifest
 

@@ -43,6 +43,12 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_hidden_name(name: str) -> bool:
+    """A file or folder name that image folders skip (dot files, macOS zip debris); the one
+    rule research.data.sources and research.inference apply."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 # ---------------------------------------------------------------------------------------------
 # Image headers: width and height read from the first bytes, before anything is decoded.
 
@@ -181,16 +187,19 @@ def check_image_pixels(data: bytes, name: str = "<bytes>", limit: int | None = N
     return w, h
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+def decode_image(data: bytes, name: str = "<bytes>", reduce: int = 1) -> np.ndarray:
     """Decodes encoded image bytes to an HxWx3 RGB uint8 array at its own size; the header is
-    checked first (`check_image_pixels`), so a decompression bomb is never decoded."""
+    checked first (`check_image_pixels`), so a decompression bomb is never decoded. `reduce`
+    2, 4 or 8: a JPEG is decoded at 1/reduce of its size (libjpeg's scaled IDCT, several times
+    faster); other formats ignore it."""
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
         raise ImageDecodeError(f"{name}: empty file")
     check_image_pixels(data, name)
     is_jpeg = data[:3] == b"\xff\xd8\xff"
     # JPEG has no alpha; IMREAD_COLOR applies EXIF orientation and converts CMYK/YCCK.
-    flags = cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED
+    flags = (_REDUCED_COLOR.get(reduce, cv2.IMREAD_COLOR) if is_jpeg
+             else cv2.IMREAD_UNCHANGED)
     try:
         img = cv2.imdecode(buf, flags)
     except cv2.error as e:  # pragma: no cover - OpenCV mostly returns None instead
@@ -213,6 +222,48 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     elif channels != 3:
         raise ImageDecodeError(f"{name}: unsupported channel count {channels}")
     return np.ascontiguousarray(img[:, :, ::-1])
+
+
+_REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def resized_size(shape: tuple[int, ...], size: tuple[int, int],
+                 policy: str = DEFAULT_RESIZE_POLICY) -> tuple[int, int]:
+    """(height, width) `resize_image` scales an image of `shape` to before it cuts the centre
+    (the target itself under stretch)."""
+    h, w = shape[:2]
+    th, tw = size
+    if policy == "stretch" or (h, w) == (th, tw):
+        return th, tw
+    scale = max(th / h, tw / w)
+    return max(th, round(h * scale)), max(tw, round(w * scale))
+
+
+def reduction(width: int, height: int, size: tuple[int, int],
+              policy: str = DEFAULT_RESIZE_POLICY) -> int:
+    """The largest JPEG reduction (8, 4, 2; else 1) that still decodes an image of width x
+    height to at least what `resize_image` scales it to: the target is then at most half the
+    source on both sides, and a final INTER_AREA resize does the rest."""
+    nh, nw = resized_size((height, width), size, policy)
+    for k in (8, 4, 2):
+        if -(-height // k) >= nh and -(-width // k) >= nw:
+            return k
+    return 1
+
+
+def decode_resized(data: bytes, name: str, size: tuple[int, int],
+                   policy: str = DEFAULT_RESIZE_POLICY, reduced: bool = False) -> np.ndarray:
+    """`decode_image` then `resize_image`; `reduced`: a JPEG at least twice the target on
+    both sides is decoded reduced (`reduction`) first. Without `reduced` the pixels are those
+    of a full decode, bit for bit."""
+    k = reduction(*check_image_pixels(data, name), size, policy) if reduced else 1
+    img = decode_image(data, name, k)
+    if k > 1:
+        nh, nw = resized_size(img.shape, size, policy)
+        if img.shape[0] < nh or img.shape[1] < nw:  # EXIF turned it: the header's sides swap
+            img = decode_image(data, name)
+    return resize_image(img, size, policy)
 
 
 def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:

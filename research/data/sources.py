@@ -1,27 +1,38 @@
 """Readers for the supported sources: CIFAR-10/100 archives, MNIST's mnist.npz, and folders
-of images (class folders, Kaggle names, or the unpaired trainA/trainB layout).
+of images (class folders, Kaggle names, or the unpaired trainA/trainB layout), each declared
+once as a `Source` record in SOURCES (how it is detected, read, and downloaded).
 
-Every reader returns a `SourceData`: uint8 images per split, class ids and names, the files it
-could not use and the class folders that held no image, each with a reason. Archives (.tar,
-.tar.gz, .zip) are read in memory (never extracted), pickles go through a restricted
-unpickler, .npz files are loaded with allow_pickle=False, and archive members that try to
-escape the archive root are refused.
+Every reader returns a `SourceData`: images per split, class ids and names, the files it could
+not use and the class folders that held no image, each with a reason. CIFAR and MNIST are
+small uint8 arrays read whole; an image folder's splits are `ImageFiles`, file names decoded
+only when they are written (docs/data_at_scale.md). Archives (.tar, .tar.gz, .zip) are never
+extracted: a `FileTree` indexes them and reads one member at a time; pickles go through a
+restricted unpickler, .npz files are loaded with allow_pickle=False, and archive members that
+try to escape the archive root are refused.
 """
 
 from __future__ import annotations
 
+import bz2
+import collections
 import concurrent.futures
 import dataclasses
+import functools
+import gzip
 import io
+import lzma
 import os
 import pickle
 import posixpath
 import re
+import shutil
 import stat
 import tarfile
+import tempfile
+import weakref
 import zipfile
 import zlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -29,26 +40,6 @@ import numpy as np
 from research.data import imaging
 from research.data.manifest import sha256_file
 from research.errors import UserError
-
-DOWNLOADS = {
-    "cifar10": dict(
-        fname="cifar-10-python.tar.gz",
-        origin="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
-    "cifar10_binary": dict(
-        fname="cifar-10-binary.tar.gz",
-        origin="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-        sha256="c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"),
-    "cifar100": dict(
-        fname="cifar-100-python.tar.gz",
-        origin="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        sha256="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"),
-    # The file and hash keras.datasets.mnist.load_data uses.
-    "mnist": dict(
-        fname="mnist.npz",
-        origin="https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
-        sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),
-}
 
 LABEL_SETS = ("fine", "coarse")
 MNIST_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -69,7 +60,9 @@ class UnsafeArchiveError(SourceError):
 
 @dataclasses.dataclass
 class Split:
-    images: np.ndarray            # (N, H, W, C) uint8: C=3, or 1 for MNIST
+    # (N, H, W, C) uint8 in memory (CIFAR, MNIST: C=3, or 1 for MNIST), or the image files of
+    # an image folder, decoded only when they are written (`ImageFiles`).
+    images: "np.ndarray | ImageFiles"
     class_ids: np.ndarray         # (N,) int64
     source_ids: list[str]
     coarse_ids: np.ndarray | None = None  # (N,) int64, CIFAR-100 only
@@ -78,8 +71,72 @@ class Split:
         return len(self.class_ids)
 
     def take(self, idx: np.ndarray) -> "Split":
-        return Split(self.images[idx], self.class_ids[idx], [self.source_ids[i] for i in idx],
+        images = (self.images.take(idx) if isinstance(self.images, ImageFiles)
+                  else self.images[idx])
+        return Split(images, self.class_ids[idx], [self.source_ids[i] for i in idx],
                      None if self.coarse_ids is None else self.coarse_ids[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+    """The images of one split of an image folder: their files in `tree`, decoded and resized
+    only when read, a bounded window at a time (`read`), so that no split is ever in memory."""
+    tree: "FileTree"
+    names: list[str]
+    size: tuple[int, int]            # (height, width)
+    policy: str
+    reduced: bool = False            # imaging.decode_resized's reduced JPEG decoding
+    threads: int | None = None       # decoding threads; None: one per core
+
+    dtype = np.uint8
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.names), *self.size, 3)
+
+    def take(self, idx) -> "ImageFiles":
+        return dataclasses.replace(self, names=[self.names[i] for i in idx])
+
+    def where(self, i: int) -> str:
+        return self.tree.where(self.names[i])
+
+    def decode(self, i: int) -> np.ndarray:
+        name = self.names[i]
+        return imaging.decode_resized(self.tree.read(name), self.tree.where(name), self.size,
+                                      self.policy, self.reduced)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.decode(int(i))
+
+    def read(self, indices) -> Iterator[tuple[np.ndarray | None, str | None]]:
+        """(image, None) or (None, why it cannot be decoded) for each index, in order.
+        OpenCV releases the GIL while it decodes and resizes, so threads decode in parallel."""
+        def one(i):
+            try:
+                return self.decode(i), None
+            except (imaging.ImageDecodeError, OSError) as e:
+                return None, str(e)
+        return ordered_map(one, list(indices), self.threads)
+
+
+def ordered_map(fn: Callable, items: Sequence, threads: int | None = None,
+                chunk: int = 32) -> Iterator:
+    """fn(item) for every item, in order, by `threads` threads (default: one per core) that
+    run at most 2 x threads chunks of `chunk` items ahead of the consumer: memory is bounded
+    by that window, whatever len(items) is (an executor's map would hold every result)."""
+    threads = threads or os.cpu_count() or 2
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        for start in range(0, len(items), chunk):
+            pending.append(pool.submit(lambda part: [fn(x) for x in part],
+                                       items[start:start + chunk]))
+            if len(pending) >= 2 * threads:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
 
 
 @dataclasses.dataclass
@@ -99,18 +156,30 @@ class SourceData:
 
 class FileTree:
     """Regular files (and the folders) of a folder, a tar or a zip archive, by relative posix
-    path. A single wrapper folder around everything is stripped."""
+    path. A single wrapper folder around everything is stripped.
 
-    def __init__(self, root: str):
+    Scanning lists names and where each file's bytes are (a path, a tar member's offset and
+    size, a zip member), never the bytes themselves: memory grows with the number of files
+    (their names), not their size. `read` fetches one file; it is safe from several threads.
+    A compressed tar (.tar.gz, .tgz, .tar.bz2, .tar.xz) can only be read in order, so it is
+    decompressed once, in 1 MB pieces, to an uncompressed spill file (in `spill_dir`, default
+    the system's temporary folder; deleted by `close` or when the tree goes away) that is then
+    read by offset like a .tar."""
+
+    def __init__(self, root: str, spill_dir: str | None = None):
         self.root = root
-        self._files: dict[str, Callable[[], bytes]] = {}
+        # name -> locator: a path (folder), (offset, size) (tar) or a ZipInfo (zip).
+        self._files: dict[str, object] = {}
         self._dirs: set[str] = set()
         self._wrapper = ""  # the stripped wrapper folders, for `where`
         self.ignored: list[dict] = []
+        self._fd: int | None = None
+        self._zip: zipfile.ZipFile | None = None
+        self._finalizer = None
         if os.path.isdir(root):
             self._scan_dir(root)
         elif os.path.isfile(root) and tarfile.is_tarfile(root):
-            self._scan_tar(root)
+            self._scan_tar(root, spill_dir)
         elif os.path.isfile(root) and zipfile.is_zipfile(root):
             self._scan_zip(root)
         elif os.path.exists(root):
@@ -119,8 +188,8 @@ class FileTree:
             raise SourceError(f"{root}: no such file or folder")
         self._strip_wrapper_dirs()
 
-    def _add_file(self, name: str, reader: Callable[[], bytes]) -> None:
-        self._files[name] = reader
+    def _add_file(self, name: str, locator: object) -> None:
+        self._files[name] = locator
         parts = name.split("/")
         self._dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
@@ -130,7 +199,7 @@ class FileTree:
             keep = []
             for d in sorted(dirnames):
                 full = os.path.join(dirpath, d)
-                if not _hidden(d) and self._usable(full, real_root, "folder"):
+                if not imaging.is_hidden_name(d) and self._usable(full, real_root, "folder"):
                     keep.append(d)
             dirnames[:] = keep
             rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
@@ -138,10 +207,10 @@ class FileTree:
                 self._dirs.add(rel_dir)
             for fn in sorted(filenames):
                 full = os.path.join(dirpath, fn)
-                if _hidden(fn) or not self._usable(full, real_root, "file"):
+                if imaging.is_hidden_name(fn) or not self._usable(full, real_root, "file"):
                     continue
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
-                self._add_file(rel, lambda p=full: _read_file(p))
+                self._add_file(rel, full)
 
     def _usable(self, path: str, real_root: str, kind: str) -> bool:
         """False (and listed in `ignored`) for a name that is not valid UTF-8 and for a
@@ -158,48 +227,73 @@ class FileTree:
                 return False
         return True
 
-    def _scan_tar(self, path: str) -> None:
+    def _scan_tar(self, path: str, spill_dir: str | None) -> None:
         try:
-            with tarfile.open(path, "r|*") as tar:  # streaming: one pass over a .gz
-                for member in tar:
-                    name = _safe_member_name(path, member.name)
-                    if name is None or any(_hidden(p) for p in name.split("/")):
-                        continue
-                    if not _utf8(name):
-                        self.ignored.append({"file": _escaped(f"{path}:{member.name}"),
-                                             "reason": "member name is not valid UTF-8"})
-                        continue
-                    if member.isdir():
-                        self._dirs.add(name)
-                    elif not member.isfile():
-                        self.ignored.append({"file": f"{path}:{member.name}",
-                                             "reason": "not a regular file (link or device)"})
-                    else:
-                        data = tar.extractfile(member).read()
-                        self._add_file(name, lambda d=data: d)
-        except (tarfile.TarError, EOFError, OSError) as e:
+            opener = _COMPRESSED_TAR.get(_magic(path))
+            spill = self._spill(path, opener, spill_dir) if opener else None
+            self._fd = os.open(spill or path, os.O_RDONLY)
+            self._finalizer = weakref.finalize(self, _close_fd, self._fd, spill)
+            with tarfile.open(spill or path, "r:") as tar:  # seekable: headers only
+                while (member := tar.next()) is not None:
+                    tar.members.clear()  # tarfile keeps every header it read; we keep ours
+                    self._index_member(path, member)
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            self.close()
             raise SourceError(f"{path}: truncated or corrupt archive ({e})") from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _spill(self, path: str, opener, spill_dir: str | None) -> str:
+        fd, spill = tempfile.mkstemp(prefix=".spill-", suffix=".tar", dir=spill_dir)
+        try:
+            with opener(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except BaseException:
+            os.unlink(spill)
+            raise
+        return spill
+
+    def _index_member(self, path: str, member: tarfile.TarInfo) -> None:
+        name = _safe_member_name(path, member.name)
+        if name is None or any(imaging.is_hidden_name(p) for p in name.split("/")):
+            return
+        if not _utf8(name):
+            self.ignored.append({"file": _escaped(f"{path}:{member.name}"),
+                                 "reason": "member name is not valid UTF-8"})
+        elif member.isdir():
+            self._dirs.add(name)
+        elif not member.isfile() or member.issparse():
+            self.ignored.append({"file": f"{path}:{member.name}",
+                                 "reason": "not a regular file (link or device)"})
+        else:
+            self._add_file(name, (member.offset_data, member.size))
 
     def _scan_zip(self, path: str) -> None:
         try:
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    name = _safe_member_name(path, info.filename)
-                    if name is None or any(_hidden(p) for p in name.split("/")):
-                        continue
-                    mode = info.external_attr >> 16  # unix mode, 0 from Windows zippers
-                    if info.is_dir():
-                        self._dirs.add(name)
-                    elif mode and not stat.S_ISREG(mode):
-                        self.ignored.append({"file": f"{path}:{info.filename}",
-                                             "reason": "not a regular file (link or device)"})
-                    elif info.flag_bits & 0x1:
-                        raise SourceError(f"{path}: member {info.filename!r} is encrypted")
-                    else:
-                        data = zf.read(info)
-                        self._add_file(name, lambda d=data: d)
+            self._zip = zipfile.ZipFile(path)  # holds the central directory, no member data
+            self._finalizer = weakref.finalize(self, self._zip.close)
+            for info in self._zip.infolist():
+                name = _safe_member_name(path, info.filename)
+                if name is None or any(imaging.is_hidden_name(p) for p in name.split("/")):
+                    continue
+                mode = info.external_attr >> 16  # unix mode, 0 from Windows zippers
+                if info.is_dir():
+                    self._dirs.add(name)
+                elif mode and not stat.S_ISREG(mode):
+                    self.ignored.append({"file": f"{path}:{info.filename}",
+                                         "reason": "not a regular file (link or device)"})
+                elif info.flag_bits & 0x1:
+                    raise SourceError(f"{path}: member {info.filename!r} is encrypted")
+                else:
+                    self._add_file(name, info)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
             raise SourceError(f"{path}: truncated or corrupt archive ({e})") from e
+
+    def close(self) -> None:
+        """Closes the archive and deletes a .tar.gz's spill file; a folder has nothing open."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def _strip_wrapper_dirs(self) -> None:
         while self._files:
@@ -218,8 +312,25 @@ class FileTree:
         """Every folder, including those that hold no file."""
         return sorted(self._dirs)
 
-    def read(self, name: str) -> bytes:
-        return self._files[name]()
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """The bytes of one file (its first `limit` bytes when given). A damaged archive
+        member is a SourceError naming the archive, as when it is scanned."""
+        loc = self._files[name]
+        if isinstance(loc, str):
+            with open(loc, "rb") as f:
+                return f.read(-1 if limit is None else limit)
+        try:
+            if isinstance(loc, tuple):
+                offset, size = loc
+                size = size if limit is None else min(size, limit)
+                data = os.pread(self._fd, size, offset)
+                if len(data) != size:
+                    raise EOFError(f"member {name!r} ends early")
+                return data
+            with self._zip.open(loc) as f:
+                return f.read(-1 if limit is None else limit)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise SourceError(f"{self.root}: truncated or corrupt archive ({e})") from e
 
     def where(self, name: str) -> str:
         """The path of a member as the user sees it: <folder>/<path> or <archive>:<member>."""
@@ -230,8 +341,21 @@ class FileTree:
         return name in self._files
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
+_COMPRESSED_TAR = {b"\x1f\x8b": gzip.open, b"BZ": bz2.open, b"\xfd7": lzma.open}
+
+
+def _magic(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(2)
+
+
+def _close_fd(fd: int, spill: str | None) -> None:
+    os.close(fd)
+    if spill:
+        try:
+            os.unlink(spill)
+        except FileNotFoundError:
+            pass
 
 
 def _utf8(name: str) -> bool:
@@ -246,11 +370,6 @@ def _utf8(name: str) -> bool:
 def _escaped(name: str) -> str:
     """A name that is not UTF-8, printable: its bad bytes as \\xNN."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _safe_member_name(archive: str, name: str) -> str | None:
@@ -512,9 +631,13 @@ def is_unpaired_layout(tree: FileTree) -> bool:
 
 def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy: str,
                       num_threads: int | None = None,
-                      class_names: list[str] | None = None) -> SourceData:
-    """Decodes and resizes every image; `class_names` names the A and B classes of the
-    unpaired trainA/trainB layout (default 'A', 'B') and is refused for other layouts."""
+                      class_names: list[str] | None = None,
+                      reduced_decode: bool = False) -> SourceData:
+    """Lists the images of an image folder and checks their headers (the first bytes of each
+    file: not an image, truncated, too many pixels), which fixes the classes and the splits;
+    the pixels are decoded later, split by split, as they are written (`ImageFiles`).
+    `class_names` names the A and B classes of the unpaired trainA/trainB layout (default 'A',
+    'B') and is refused for other layouts."""
     skipped: list[dict] = list(tree.ignored)
     if is_unpaired_layout(tree):
         names = list(class_names or ("A", "B"))
@@ -533,30 +656,23 @@ def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy
                           "files named <class>.<id>.jpg, optionally under train/ and test/, or "
                           "trainA/ trainB/ (testA/ testB/) folders of images)")
 
-    def decode(item):
-        name, _ = item
+    def check(item):
         try:
-            img = imaging.decode_image(tree.read(name), tree.where(name))
-            return imaging.resize_image(img, image_size, resize_policy), None
+            _check_header(tree, item[0])
+            return None
         except (imaging.ImageDecodeError, OSError) as e:
-            return None, str(e)
+            return str(e)
 
-    h, w = image_size
-    decoded: dict[str, tuple[np.ndarray, list[int]]] = {}
-    with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 2) as pool:
-        for split, items in layout.items.items():
-            images = np.empty((len(items), h, w, 3), np.uint8)
-            keep = []
-            for i, (img, err) in enumerate(pool.map(decode, items, chunksize=256)):
-                if err is None:
-                    images[i] = img
-                    keep.append(i)
-                else:
-                    skipped.append({"file": tree.where(items[i][0]), "reason": err})
-            decoded[split] = (images, keep)
+    kept: dict[str, list[int]] = {}
+    for split, items in layout.items.items():
+        kept[split] = []
+        for i, err in enumerate(ordered_map(check, items, num_threads, chunk=256)):
+            if err is None:
+                kept[split].append(i)
+            else:
+                skipped.append({"file": tree.where(items[i][0]), "reason": err})
 
-    found = {(split, layout.items[split][i][1]) for split, (_, keep) in decoded.items()
-             for i in keep}
+    found = {(split, layout.items[split][i][1]) for split, keep in kept.items() for i in keep}
     present = {c for _, c in found}
     if not present:
         raise SourceError(f"{tree.root}: none of the images could be decoded; see the reasons: "
@@ -577,14 +693,34 @@ def read_image_folder(tree: FileTree, image_size: tuple[int, int], resize_policy
             "kept": cls in present})
 
     splits = {}
-    for split, (images, keep) in decoded.items():
+    for split, keep in kept.items():
         if keep:
-            idx = np.asarray(keep)
             items = layout.items[split]
+            files = [items[i][0] for i in keep]
             ids = np.asarray([class_index[items[i][1]] for i in keep], np.int64)
-            splits[split] = Split(images[idx], ids, [items[i][0] for i in keep])
+            images = ImageFiles(tree, files, tuple(image_size), resize_policy, reduced_decode,
+                                num_threads)
+            splits[split] = Split(images, ids, files)
     return SourceData(f"image_folder:{layout.name}", class_names_out, splits, skipped=skipped,
                       empty_classes=empty)
+
+
+def _check_header(tree: FileTree, name: str) -> None:
+    """What imaging.decode_image checks before decoding, read from a file's first bytes (more
+    only when its header is further in, as a JPEG's after a large EXIF block)."""
+    where = tree.where(name)
+    for limit in (4096, 1 << 16, None):
+        data = tree.read(name, limit)
+        if not data:
+            raise imaging.ImageDecodeError(f"{where}: empty file")
+        try:
+            imaging.check_image_pixels(data, where)
+            return
+        except imaging.ImageTooLargeError:
+            raise
+        except imaging.ImageDecodeError:
+            if limit is None or len(data) < limit:
+                raise
 
 
 def describe_empty_class(entry: dict) -> str:
@@ -618,27 +754,129 @@ def select_label_set(data: SourceData, label_set: str) -> SourceData:
 
 # ---------------------------------------------------------------------------------------------
 
-def download_archive(key: str, download_dir: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Download:
+    """An official copy of a source: `make_tfrecords --source=<keyword>` fetches `origin` into
+    --download_dir as `fname` and checks its sha256 (a copy already there is checked too)."""
+    keyword: str
+    fname: str
+    origin: str
+    sha256: str
+
+
+@dataclasses.dataclass
+class Probe:
+    """What a `Source` detects from: the path, and the file names in it (read on first use,
+    for sources that are file trees)."""
+    path: str
+    _tree: "FileTree | None" = None
+
+    @property
+    def tree(self) -> FileTree:
+        if self._tree is None:
+            self._tree = FileTree(self.path)
+        return self._tree
+
+    @functools.cached_property
+    def names(self) -> set[str]:
+        return set(self.tree.names())
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """What `load_source` passes every reader; each takes what applies to it."""
+    image_size: tuple[int, int] = (32, 32)
+    resize_policy: str = imaging.DEFAULT_RESIZE_POLICY
+    num_threads: int | None = None
+    class_names: list[str] | None = None
+    reduced_decode: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One kind of source, declared once: `load_source` tries the records of SOURCES in order
+    and reads the path with the first whose `detect` holds; make_tfrecords' help lists them.
+    `read` returns a SourceData; `class_names`: it reads --class_names (other sources refuse
+    it); `download`: where an official copy comes from."""
+    name: str
+    help: str                                       # a phrase for make_tfrecords --source
+    detect: Callable[[Probe], bool]
+    read: Callable[[Probe, ReadOptions], "SourceData"]
+    download: Download | None = None
+    class_names: bool = False
+
+
+def _is_npz(probe: Probe) -> bool:
+    return os.path.isfile(probe.path) and probe.path.lower().endswith(".npz")
+
+
+SOURCES: list[Source] = [
+    Source("mnist-npz", "an MNIST .npz", _is_npz,
+           lambda p, o: read_mnist_npz(p.path),
+           # The file and hash keras.datasets.mnist.load_data uses.
+           Download("mnist", "mnist.npz",
+                    "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
+                    "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1")),
+    Source("cifar10-python", "the CIFAR-10 python archive or folder",
+           lambda p: {"data_batch_1", "test_batch"} <= p.names,
+           lambda p, o: read_cifar10_python(p.tree),
+           Download("cifar10", "cifar-10-python.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")),
+    Source("cifar10-binary", "the CIFAR-10 binary archive or folder",
+           lambda p: "data_batch_1.bin" in p.names,
+           lambda p, o: read_cifar10_binary(p.tree),
+           Download("cifar10_binary", "cifar-10-binary.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                    "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd")),
+    Source("cifar100-python", "the CIFAR-100 python archive or folder",
+           lambda p: {"train", "test", "meta"} <= p.names,
+           lambda p, o: read_cifar100_python(p.tree),
+           Download("cifar100", "cifar-100-python.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                    "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7")),
+    # Last: any other folder or archive is read as images.
+    Source("image_folder", "an image folder, .tar(.gz) or .zip (<class>/<img> or "
+           "<class>.<id>.jpg, optionally under train/ and test/; or unpaired trainA/ trainB/ "
+           "testA/ testB/ folders, see --class_names)",
+           lambda p: True,
+           lambda p, o: read_image_folder(p.tree, o.image_size, o.resize_policy,
+                                          o.num_threads, o.class_names, o.reduced_decode),
+           class_names=True),
+]
+
+
+def downloads() -> dict[str, Source]:
+    """--source keyword -> the source it downloads."""
+    return {s.download.keyword: s for s in SOURCES if s.download}
+
+
+def source_help() -> str:
+    """make_tfrecords' --source help, read from the records."""
+    return (" | ".join(downloads()) + " (downloaded into --download_dir if absent), or a "
+            "path: " + "; ".join(s.help for s in SOURCES) + ".")
+
+
+def download_archive(spec: Download, download_dir: str) -> str:
     """Returns the local path of an official archive, downloading it if it is not there;
     a file already there must have the official sha256."""
-    spec = DOWNLOADS[key]
     folder = os.path.abspath(download_dir)
-    target = os.path.join(folder, spec["fname"])
+    target = os.path.join(folder, spec.fname)
     if os.path.isfile(target):
         actual = sha256_file(target)
-        if actual != spec["sha256"]:
-            raise SourceError(f"{target}: sha256 {actual}, but the official {spec['fname']} has "
-                              f"{spec['sha256']}; delete it (a partial or different file) and "
+        if actual != spec.sha256:
+            raise SourceError(f"{target}: sha256 {actual}, but the official {spec.fname} has "
+                              f"{spec.sha256}; delete it (a partial or different file) and "
                               "run again, or pass --source=<path>")
         return target
     os.makedirs(folder, exist_ok=True)
     try:
-        return keras.utils.get_file(spec["fname"], origin=spec["origin"],
-                                    file_hash=spec["sha256"], cache_dir=folder, cache_subdir="")
+        return keras.utils.get_file(spec.fname, origin=spec.origin, file_hash=spec.sha256,
+                                    cache_dir=folder, cache_subdir="")
     except Exception as e:
         raise SourceError(
-            f"Could not download {spec['origin']} ({e}). Without network access, put "
-            f"{spec['fname']} (sha256 {spec['sha256']}) into the folder {folder} "
+            f"Could not download {spec.origin} ({e}). Without network access, put "
+            f"{spec.fname} (sha256 {spec.sha256}) into the folder {folder} "
             "(--download_dir), or pass --source=<path to the file or folder>.") from e
 
 
@@ -646,28 +884,21 @@ def load_source(source: str, *, image_size: tuple[int, int] = (32, 32),
                 resize_policy: str = imaging.DEFAULT_RESIZE_POLICY,
                 download_dir: str = "data/downloads",
                 num_threads: int | None = None, label_set: str = "fine",
-                class_names: list[str] | None = None) -> SourceData:
-    """Loads `source`: 'cifar10', 'cifar10_binary', 'cifar100', 'mnist', or a path to a
-    file/folder. `label_set` picks CIFAR-100's fine or coarse classes; `class_names` names the
-    two classes of an unpaired trainA/trainB folder."""
-    if source in DOWNLOADS:
-        source = download_archive(source, download_dir)
-    if os.path.isfile(source) and source.lower().endswith(".npz"):
-        data = read_mnist_npz(source)
-    else:
-        tree = FileTree(source)
-        names = set(tree.names())
-        if "data_batch_1" in names and "test_batch" in names:
-            data = read_cifar10_python(tree)
-        elif "data_batch_1.bin" in names:
-            data = read_cifar10_binary(tree)
-        elif {"train", "test", "meta"} <= names:
-            data = read_cifar100_python(tree)
-        else:
-            return select_label_set(
-                read_image_folder(tree, image_size, resize_policy, num_threads, class_names),
-                label_set)
-    if class_names:
+                class_names: list[str] | None = None,
+                reduced_decode: bool = False) -> SourceData:
+    """Loads `source`: a keyword of SOURCES' downloads ('cifar10', 'cifar10_binary',
+    'cifar100', 'mnist') or a path to a file/folder, read by the first of SOURCES that
+    detects it. `label_set` picks CIFAR-100's fine or coarse classes; `class_names` names the
+    two classes of an unpaired trainA/trainB folder. An image folder's pixels are not read
+    here: its splits hold `ImageFiles`, decoded as they are written."""
+    keyword = downloads().get(source)
+    if keyword is not None:
+        source = download_archive(keyword.download, download_dir)
+    probe = Probe(source)
+    found = next(s for s in SOURCES if s.detect(probe))
+    if class_names and not found.class_names:
         raise SourceError(f"{source}: --class_names only applies to the unpaired trainA/ "
-                          f"trainB/ image folder layout, not to this {data.format} source")
-    return select_label_set(data, label_set)
+                          f"trainB/ image folder layout, not to this {found.name} source")
+    options = ReadOptions(tuple(image_size), resize_policy, num_threads, class_names,
+                          reduced_decode)
+    return select_label_set(found.read(probe, options), label_set)

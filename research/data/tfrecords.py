@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from research import files
 from research.data.manifest import MANIFEST, SCHEMA_VERSION, digest, sha256_file  # noqa: F401
-from research.data.sources import SourceData, Split
+from research.data.sources import ImageFiles, SourceData, Split
 from research.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -244,7 +244,7 @@ def serialize_example(image: np.ndarray, label: int | None, class_id: int, class
 
 def _write_split(split: Split, name: str, num_shards: int, out_dir: str,
                  class_names: list[str], positive_id: int | None, seed: int,
-                 progress: Callable[[int], None] | None) -> dict:
+                 progress: Callable[[int], None] | None, skipped: list[dict]) -> dict:
     n = len(split)
     if n == 0:
         raise ValueError(f"split {name!r} would be empty; with so few images per class, raise "
@@ -252,27 +252,45 @@ def _write_split(split: Split, name: str, num_shards: int, out_dir: str,
     num_shards = max(1, min(num_shards, n))
     order = np.random.default_rng(seed).permutation(n)  # shards mix classes
     shards = []
+    counts = np.zeros(len(class_names), np.int64)
     for s, idx in enumerate(np.array_split(order, num_shards)):
         fname = f"{name}-{s:05d}-of-{num_shards:05d}.tfrecord"
         path = os.path.join(out_dir, fname)
+        written = 0
         with tf.io.TFRecordWriter(path) as w:
-            for i in idx:
+            for i, image in _shard_images(split, idx, skipped):
                 cid = int(split.class_ids[i])
                 coarse = -1 if split.coarse_ids is None else int(split.coarse_ids[i])
                 label = None if positive_id is None else int(cid == positive_id)
-                w.write(serialize_example(split.images[i], label, cid, class_names[cid],
+                w.write(serialize_example(image, label, cid, class_names[cid],
                                           coarse, split.source_ids[i]))
+                counts[cid] += 1
+                written += 1
         if progress:
             progress(len(idx))
-        shards.append({"file": fname, "num_examples": len(idx), "sha256": sha256_file(path),
+        shards.append({"file": fname, "num_examples": written, "sha256": sha256_file(path),
                        "bytes": os.path.getsize(path)})
-    counts = np.bincount(split.class_ids, minlength=len(class_names))
     return {
-        "num_examples": n,
+        "num_examples": int(counts.sum()),
         "num_positive": 0 if positive_id is None else int(counts[positive_id]),
         "class_counts": {c: int(k) for c, k in zip(class_names, counts)},
         "shards": shards,
     }
+
+
+def _shard_images(split: Split, idx: np.ndarray, skipped: list[dict]):
+    """(index, image) for one shard, in order. Files are decoded here, a bounded window ahead
+    of the writer; one whose header was readable but whose pixels are not is listed in
+    `skipped` and left out (the splits are already fixed, so it leaves its split one short)."""
+    if not isinstance(split.images, ImageFiles):
+        for i in idx:
+            yield i, split.images[i]
+        return
+    for i, (image, error) in zip(idx, split.images.read(idx)):
+        if error is None:
+            yield i, image
+        else:
+            skipped.append({"file": split.images.where(i), "reason": error})
 
 
 def positive_class_error(data: SourceData, positive_class: str, source: str) -> str:
@@ -341,7 +359,8 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
         for i, name in enumerate(SPLITS):
             manifest["splits"][name] = _write_split(
                 splits[name], name, cfg.shards.get(name, DEFAULT_SHARDS[name]), tmp,
-                data.class_names, positive_id, cfg.seed + 100 + i, progress)
+                data.class_names, positive_id, cfg.seed + 100 + i, progress, data.skipped)
+        manifest["skipped"] = list(data.skipped)  # with any file that failed to decode
         manifest["digest"] = digest(manifest)  # any later edit of the manifest shows
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
