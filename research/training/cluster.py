@@ -183,7 +183,3 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     for local in strategy.experimental_local_results(var):
         local.assign(1.0 if flag else 0.0)
     return float(var.read_value()) > 0
-
-
-def barrier(strategy: tf.distribute.Strategy) -> None:
-    any_worker(strategy, False)

@@ -352,10 +352,6 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(text))
-
-    @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """A recorded config (fields this version no longer has are dropped)."""
         known = {f.name for f in dataclasses.fields(cls)}
