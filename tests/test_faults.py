@@ -86,6 +86,7 @@ def checkpoint_values(prefix):
             if "save_counter" not in k}
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     """SIGTERM: a checkpoint past the last periodic one, status 75, the same command
     finishes the run. kill -9 after a periodic checkpoint: the stale lock is taken over and

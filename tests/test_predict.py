@@ -230,6 +230,7 @@ def test_export_loads_after_one_import(models):
     assert res.stdout.strip().endswith("(None, 10)")
 
 
+@pytest.mark.slow
 def test_predict_and_explain_give_the_same_score_for_a_photo(models, photos, tmp_path):
     """One preprocessing: the run's resize policy (centre crop) and mirror averaging in both;
     predict names its threshold and where it comes from."""

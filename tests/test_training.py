@@ -15,7 +15,7 @@ from research.data import pipeline
 from research.model_options import MODEL_OPTIONS
 from research.models import MODELS
 from research import metrics
-from research.training import loop, state as train_state
+from research.training import inputs, loop, state as train_state
 from research.training.actions import NonFiniteLossError
 from research.training.evaluator import Evaluator
 from research.training.lookahead import Lookahead
@@ -34,8 +34,7 @@ def step_losses(cfg, strategy, steps):
     keras.utils.set_random_seed(cfg.seed)
     state = train_state.create_train_state(cfg, strategy, manifest, plan)
     train_loop = make_train_loop(cfg, state, manifest["positive_class_id"], None)
-    it = iter(strategy.distribute_datasets_from_function(pipeline.make_input_fn(
-        cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, augment=True)))
+    it = iter(strategy.distribute_datasets_from_function(inputs.train_input_fn(cfg, 0)))
     losses = []
     for _ in range(steps):
         train_loop(it, tf.constant(1))
@@ -121,6 +120,7 @@ def checkpoint_values(prefix):
             if "save_counter" not in k}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(syn, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     res = run_train(syn, a, "--train_steps=18", "--dropout=0.2")
