@@ -1,6 +1,6 @@
 r"""See what a CNN sees: Grad-CAM, Grad-CAM++, Score-CAM, CAM, saliency, SmoothGrad, guided
 backprop, guided Grad-CAM, integrated gradients, occlusion, LIME, feature maps and filter
-patterns, for ImageNet models or our own detectors (docs/explain_methods_readme.md).
+patterns, for ImageNet models or our own detectors (docs/explain.md).
 
   python -m research.apps.explain --model=vgg16 --weights=imagenet --images=cat.jpg \
       --method=gradcam --out_dir=explain/

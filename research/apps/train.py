@@ -5,7 +5,7 @@ r"""Trains a cat detector with the custom loop; resumes if the run has a checkpo
 
 Every flag but the model's options comes from a field of `TrainConfig`; the model options
 (--widths, --dropout, ...) come from the model's own options dataclass
-(research.models.MODEL_OPTIONS). Defaults and help live there, not here.
+(research.model_options.MODEL_OPTIONS). Defaults and help live there, not here.
 
 Exit status: 0 trained (or already finished); 1 an error, named in one line; 75 preempted
 (SIGTERM or SIGINT): a checkpoint was saved at the loop boundary, run the same command again.
