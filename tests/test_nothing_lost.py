@@ -218,6 +218,7 @@ def _consistent(m, k):
         s["num_positive"] += k
 
 
+@pytest.mark.slow
 def test_train_loss_history_is_the_same_after_a_resume(syn, tmp_path):
     whole = config(syn, tmp_path / "whole", train_steps=12, eval_every_steps=6,
                    checkpoint_every_steps=2, deterministic=True)

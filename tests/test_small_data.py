@@ -78,6 +78,7 @@ def config(syn, tmp_path, **kw):
         "eval_every_steps": 4, **kw})
 
 
+@pytest.mark.slow
 def test_curves_summary_and_resume(syn, tmp_path):
     cfg = config(syn, tmp_path, stop_at_step=8, rotation_range=10, fill_mode="reflect")
     train_and_evaluate(cfg)

@@ -49,6 +49,7 @@ def test_loss_falls(syn, tmp_path):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["multiclass", "binary"])
 def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
     cfg = config(syn, tmp_path, objective=objective, eval_batch_size=14)  # val 30: 14+14+2
@@ -69,6 +70,7 @@ def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
         assert e1.accuracy == e2.accuracy
 
 
+@pytest.mark.slow
 def test_lookahead_two_replicas_match_one(syn, tmp_path, two_replicas):
     """The lookahead's pulls (cross-replica, between steps) give the same training and the
     same slow copies on 2 replicas as on 1."""
@@ -181,6 +183,7 @@ def test_nan_stops_cleanly_and_keeps_checkpoint(syn, tmp_path, monkeypatch):
     assert floats and all(np.all(np.isfinite(v)) for v in floats)
 
 
+@pytest.mark.slow
 def test_bad_flags_fail_before_work(syn, tmp_path, two_replicas):
     two = two_replicas
     with pytest.raises(ConfigError, match="--batch_size=33 is not divisible by the 2"):
@@ -213,6 +216,7 @@ def test_exact_metrics_against_brute_force():
     assert tn + fp + fn + tp == 300 and tp + fn == labels.sum()
 
 
+@pytest.mark.slow
 def test_early_stopping_and_profiler(syn, tmp_path):
     # A zero learning rate never improves val PR-AUC: patience 1 stops at the second eval.
     cfg = config(syn, tmp_path, learning_rate=0.0, train_steps=40, eval_every_steps=4,
