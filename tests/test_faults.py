@@ -132,6 +132,7 @@ def truncate(prefix):
         f.truncate(os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_and_resume_checks(syn, tmp_path):
     cfg = config(syn, tmp_path, train_steps=12, checkpoint_every_steps=4, eval_every_steps=100)
     loop.train_and_evaluate(config(syn, tmp_path, train_steps=12, checkpoint_every_steps=4,

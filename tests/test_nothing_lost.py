@@ -35,6 +35,7 @@ def _files(folder):
             if os.path.isfile(os.path.join(folder, n))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "unreadable"])
 def test_a_lost_index_is_rebuilt_not_overwritten(syn, tmp_path, damage):
     cfg = config(syn, tmp_path, keep_checkpoints=10)
@@ -97,6 +98,7 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_loses_nothing(syn, tmp_path, monkeypatch):
     cfg = config(syn, tmp_path)
     loop.train_and_evaluate(dataclasses.replace(cfg, stop_at_step=4))

@@ -228,6 +228,7 @@ def test_early_stopping_and_profiler(syn, tmp_path):
     assert traces, "profiler trace written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_eval_tta", [True, False])
 def test_single_view_evals_while_training_and_tta_at_the_end(syn, tmp_path, monkeypatch,
                                                              train_eval_tta):
