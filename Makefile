@@ -10,6 +10,9 @@ TRAIN_FLAGS ?= --eval_every_steps=525
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 LAB_FLAGS ?=
+# Test processes (pytest-xdist): 2 keeps both cores of a 2-core machine busy; 0 runs in one.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 .PHONY: run lab-quick test test-fast data train evaluate explain benchmarks clean-venv
 
@@ -47,12 +50,13 @@ explain: $(VENV)/.installed
 	    --example_filter=positive --class_name=cat --method=gradcam,saliency \
 	    --out_dir=checkpoints/$(RUN)/explain
 
+# The whole suite: what CI runs (.ci/run).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The inner loop: everything but the end-to-end and multi-process tests (marked slow).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The ratio benchmarks (input pipeline, train step, Grad-CAM) with one table, then the others.
 benchmarks: $(VENV)/.installed

@@ -20,9 +20,16 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 BF16_GPU_CAPABILITY = (8, 0)
 
 
+# The vector extensions that decide speed here, by their /proc/cpuinfo flag, as a benchmark
+# records them beside every time (research/benchmarks/airbench_reference.py).
+VECTOR_FLAGS = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512_bf16": "AVX512-BF16",
+                "amx_bf16": "AMX-BF16", "amx_tile": "AMX-TILE"}
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_info() -> dict:
-    """{'model', 'cores', 'amx', 'avx512_bf16'} from /proc/cpuinfo (best effort elsewhere)."""
+    """{'model', 'cores', 'amx', 'avx512_bf16', 'flags'} from /proc/cpuinfo (best effort
+    elsewhere)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -36,7 +43,22 @@ def cpu_info() -> dict:
     except OSError:
         pass
     return {"model": model, "cores": os.cpu_count() or 1,
-            "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+            "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "flags": frozenset(flags)}
+
+
+def vector_flags() -> dict:
+    """{'model_name': ..., 'AVX2': bool, ...}: the CPU and each of VECTOR_FLAGS."""
+    info = cpu_info()
+    return {"model_name": info["model"],
+            **{label: name in info["flags"] for name, label in VECTOR_FLAGS.items()}}
+
+
+def vector_flags_line(record: dict) -> str:
+    """A vector_flags() record as one line, e.g. 'lscpu: AMD EPYC; AVX2 yes, AVX512F no'."""
+    yn = {True: "yes", False: "no"}
+    return (f"lscpu: {record.get('model_name') or '?'}; " +
+            ", ".join(f"{k} {yn[v]}" for k, v in record.items() if k != "model_name"))
 
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA) below AVX512_CORE_BF16:

@@ -163,7 +163,12 @@ def install() -> None:
 
 
 def _install_filters() -> None:
-    absl_logger = logging.getLogger("absl")
+    # absl.logging must make the "absl" logger itself (an ABSLLogger, whose caller lookup
+    # skips absl's own frames): made here first as a plain Logger, every line would name
+    # absl's logging/__init__.py instead of the module that logged.
+    from absl import logging as absl_logging
+
+    absl_logger = absl_logging.get_absl_logger()
     if not any(isinstance(f, _AbslNoise) for f in absl_logger.filters):
         absl_logger.addFilter(_AbslNoise())
     tf_logger = logging.getLogger("tensorflow")

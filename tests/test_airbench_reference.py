@@ -37,15 +37,6 @@ def test_the_check_imports_nothing_heavy():
     assert out.stdout.strip() == "[]"
 
 
-def test_results_json_is_written_atomically_and_read_back(tmp_path):
-    path = tmp_path / "sub" / "reference.json"
-    ref.write_json_atomic(str(path), {"a": 1})
-    ref.write_json_atomic(str(path), {"a": 2})
-    assert ref.read_json(str(path)) == {"a": 2}
-    assert [p.name for p in path.parent.iterdir()] == ["reference.json"]  # no temp file left
-    assert ref.read_json(str(tmp_path / "none.json")) is None
-
-
 def _side(accs, tta, seconds):
     lscpu = {"model_name": "AMD EPYC", "AVX2": True, "AVX512F": False}
     return {"per_epoch": [{"epoch": i + 1, "test_acc": a} for i, a in enumerate(accs)],

@@ -184,6 +184,7 @@ def mobilenet_transfer():
     return keras.Model(x, keras.layers.Dense(2, name="logits")(y), name="transfer")
 
 
+@pytest.mark.slow
 def test_every_new_method_on_a_nested_backbone_and_in_bfloat16():
     model = mobilenet_transfer()
     x = images(2, 32, 32, 3, seed=5)
@@ -202,6 +203,7 @@ def test_every_new_method_on_a_nested_backbone_and_in_bfloat16():
         "mobilenetv2")
 
 
+@pytest.mark.slow
 def test_explain_all_methods_on_a_run(tmp_path):
     run = fake_run(tmp_path / "ck")
     photos = []

@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from research.benchmarks import ratios
 
 
+@pytest.mark.slow
 def test_all_benchmarks_print_one_ratio_table(syn, tmp_path):
     out = subprocess.run([sys.executable, "-m", "research.benchmarks.all", f"--data_dir={syn}",
                           "--quick"], capture_output=True, text=True, timeout=600)

@@ -160,6 +160,7 @@ def test_fused_layers_are_the_mean_of_normalised_maps_and_aug_smooth_runs():
 NEW_CAMS = ("hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam", "ablationcam")
 
 
+@pytest.mark.slow
 def test_every_new_cam_on_a_nested_backbone_and_in_bfloat16():
     model = mobilenet_transfer()
     x = images(2, 32, 32, 3, seed=5)

@@ -20,6 +20,10 @@ from research.training import loop, record
 from research.training.config import ConfigError, load_run_config
 from test_e2e import event_tags
 
+# Every test here reads one fixture that converts two sources through the make_tfrecords CLI
+# and trains three runs: end to end, about a minute.
+pytestmark = pytest.mark.slow
+
 DETECTION = {"roc_auc", "pr_auc", "f1", "precision", "recall", "threshold", "accuracy_at_0.5",
              "f1_at_0.5"}
 

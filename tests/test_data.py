@@ -296,6 +296,7 @@ def test_manifest_schema_mismatch_is_refused(tmp_path):
         pipeline.load_manifest(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_make_tfrecords_cli(tmp_path):
     root = tmp_path / "imgs"
     helpers.make_class_folders(str(root))

@@ -72,6 +72,7 @@ APPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("app,growth",
                          [(a, True) for a in sorted(APPS)] + [("train", False)])
 def test_every_app_places_devices_before_tensorflow_lists_them(
@@ -105,6 +106,7 @@ def test_slurm_binding_rules():
         devices.slurm_task_gpus({**env, "SLURM_GPUS_ON_NODE": "1"})
 
 
+@pytest.mark.slow
 def test_launch_local_gives_each_worker_its_gpus_before_it_starts(syn, tmp_path):
     fake_smi = tmp_path / "bin" / "nvidia-smi"
     fake_smi.parent.mkdir()

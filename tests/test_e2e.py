@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import helpers
 from research.training import record
 
@@ -57,6 +59,7 @@ def run(*args, timeout=300):
     return res
 
 
+@pytest.mark.slow
 def test_end_to_end(tmp_path):
     src, data = tmp_path / "images", tmp_path / "data"
     ck, logs = tmp_path / "checkpoints", tmp_path / "logs"

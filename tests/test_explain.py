@@ -207,6 +207,7 @@ def test_deletion_insertion_scores_are_probabilities():
     assert len(s["per_image"]["deletion"]) == 2
 
 
+@pytest.mark.slow
 def test_explain_cli_on_vgg16_without_download(tmp_path):
     good = tmp_path / "cat.png"
     rgba = np.random.default_rng(0).integers(0, 255, (90, 120, 4), dtype=np.uint8)
@@ -390,6 +391,7 @@ def fake_run(checkpoint_dir, name="tiny"):
     return name
 
 
+@pytest.mark.slow
 def test_explain_cli_on_a_run_compare_classes_and_dream(tmp_path):
     run = fake_run(tmp_path / "ck")
     photo = tmp_path / "photo.png"

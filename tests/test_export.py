@@ -184,6 +184,8 @@ def exported(tmp_path_factory):
     return root, ours, dict(np.load(root / "outputs.npz"))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_model_keras_loads_and_predicts_without_our_package(exported):
     _, ours, theirs = exported
     assert not theirs["loaded_research"]
@@ -192,6 +194,8 @@ def test_model_keras_loads_and_predicts_without_our_package(exported):
         assert diff < 1e-5, (kind, diff)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_the_saved_model_gives_the_detectors_probability_without_our_package(exported):
     root, ours, theirs = exported
     for kind in SERVED:
@@ -209,6 +213,8 @@ def test_the_saved_model_gives_the_detectors_probability_without_our_package(exp
                                            runs.METADATA))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_saved_model_cli_lists_the_uint8_input(exported):
     root, _, _ = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -225,6 +231,8 @@ def test_saved_model_cli_lists_the_uint8_input(exported):
         assert f"outputs['{name}']" in out
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_tflite_equals_the_saved_model(exported):
     root, _, _ = exported
     saved = str(root / "fast" / runs.SAVED_MODEL)
@@ -236,6 +244,8 @@ def test_tflite_equals_the_saved_model(exported):
         assert np.abs(got[name] - want[name].numpy()).max() < 1e-4, name
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_exports_with_our_layers_still_load_with_our_package(exported, tmp_path):
     root, ours, _ = exported
     model = ours["model/fast"]
@@ -270,6 +280,8 @@ def app(*args):
                           text=True, timeout=180)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_the_export_app_rewrites_an_old_export_and_adds_tflite(exported, tmp_path):
     root, ours, _ = exported
     meta = runs.read_metadata(str(root / "fast" / runs.MODEL_FILE))
@@ -296,6 +308,8 @@ def test_the_export_app_names_a_missing_export_in_one_line(tmp_path):
     assert res.stderr.startswith("error: --model: no such file ") and str(tmp_path) in res.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("exported")  # one module fixture, built once
 def test_a_full_disk_leaves_the_previous_saved_model(exported, tmp_path, monkeypatch):
     root, _, _ = exported
     stock = keras.models.load_model(str(root / "scratch" / runs.MODEL_FILE))

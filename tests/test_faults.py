@@ -86,6 +86,7 @@ def checkpoint_values(prefix):
             if "save_counter" not in k}
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     """SIGTERM: a checkpoint past the last periodic one, status 75, the same command
     finishes the run. kill -9 after a periodic checkpoint: the stale lock is taken over and
@@ -131,6 +132,7 @@ def truncate(prefix):
         f.truncate(os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_and_resume_checks(syn, tmp_path):
     cfg = config(syn, tmp_path, train_steps=12, checkpoint_every_steps=4, eval_every_steps=100)
     loop.train_and_evaluate(config(syn, tmp_path, train_steps=12, checkpoint_every_steps=4,

@@ -129,6 +129,7 @@ def lab_sources(tmp_path):
     return archive, photos, work
 
 
+@pytest.mark.slow
 def test_lab_end_to_end_and_reuse(tmp_path):
     archive, photos, work = lab_sources(tmp_path)
     photo = tmp_path / "my_cat.png"

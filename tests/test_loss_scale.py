@@ -167,6 +167,7 @@ def run_overflow_train(root, *extra, steps="4,9"):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_overflow_kill_and_resume_in_float16_is_bit_exact(syn, tmp_path):
     """Overflows at steps 4 and 9 (lookahead every 2 steps, on the clock of batches consumed);
     one run straight through, one stopped at step 6 and resumed by a new process: bit-equal

@@ -149,6 +149,8 @@ def test_tf_config_is_checked_before_any_work(monkeypatch):
     assert cluster.resolve("multi_worker").task_id == 1
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("one_process_run")  # shares its session reference
 def test_two_workers_match_one_process_and_resume_after_a_kill(syn, tmp_path, tmp_path_factory):
     one, two = one_process_run(syn, tmp_path_factory), tmp_path / "two"
     launch = launch_command(syn, two)

@@ -35,6 +35,7 @@ def _files(folder):
             if os.path.isfile(os.path.join(folder, n))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "unreadable"])
 def test_a_lost_index_is_rebuilt_not_overwritten(syn, tmp_path, damage):
     cfg = config(syn, tmp_path, keep_checkpoints=10)
@@ -97,6 +98,7 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_loses_nothing(syn, tmp_path, monkeypatch):
     cfg = config(syn, tmp_path)
     loop.train_and_evaluate(dataclasses.replace(cfg, stop_at_step=4))
@@ -218,6 +220,7 @@ def _consistent(m, k):
         s["num_positive"] += k
 
 
+@pytest.mark.slow
 def test_train_loss_history_is_the_same_after_a_resume(syn, tmp_path):
     whole = config(syn, tmp_path / "whole", train_steps=12, eval_every_steps=6,
                    checkpoint_every_steps=2, deterministic=True)

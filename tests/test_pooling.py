@@ -59,6 +59,7 @@ def test_default_downsample_keeps_the_layers_and_the_cost_of_none():
     assert 17 < macs["none"] / macs["maxpool"] < 18.5  # the option's help says about 18x
 
 
+@pytest.mark.slow
 def test_a_run_recorded_before_downsample_resumes_and_a_change_is_refused(syn, tmp_path):
     def cfg(**options):
         return helpers.tiny_config(syn, tmp_path, train_steps=6, checkpoint_every_steps=3,

@@ -199,6 +199,7 @@ def test_bad_input_is_named(models, tmp_path):
         detector.load_detector(str(bad / "model.keras"))
 
 
+@pytest.mark.slow
 def test_cli_folder_glob_and_a_corrupt_file(models, photos, tmp_path):
     ck = tmp_path / "checkpoints"
     os.makedirs(ck / "run" / "export")
@@ -221,6 +222,7 @@ def test_cli_folder_glob_and_a_corrupt_file(models, photos, tmp_path):
     assert len(rows) == 7 and sum(bool(r["error"]) for r in rows) == 1
 
 
+@pytest.mark.slow
 def test_export_loads_after_one_import(models):
     code = ("import keras, research.models; "
             f"m = keras.models.load_model({models['tta']!r}); print(m.output_shape)")
@@ -230,6 +232,7 @@ def test_export_loads_after_one_import(models):
     assert res.stdout.strip().endswith("(None, 10)")
 
 
+@pytest.mark.slow
 def test_predict_and_explain_give_the_same_score_for_a_photo(models, photos, tmp_path):
     """One preprocessing: the run's resize policy (centre crop) and mirror averaging in both;
     predict names its threshold and where it comes from."""

@@ -297,6 +297,7 @@ def test_fast_cnn_head_as_airbench():
     np.testing.assert_allclose(model(x).numpy(), want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_whitening_bias_trains_then_freezes(syn, tmp_path):
     """--whiten_bias_epochs: the bias moves until the boundary, then never (and a resumed run
     past it keeps it frozen)."""

@@ -83,6 +83,7 @@ def test_jit_compile_equals_no_xla_on_one_replica(syn, tmp_path, monkeypatch,
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-5, err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_clip_norm_two_replicas_match_one(syn, tmp_path, two_replicas, monkeypatch):
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     kw = dict(steps=4, precision="float32", clip_norm=0.05)

@@ -135,6 +135,8 @@ def preempt(launch, run_dir, step, send):
     return stopped[0]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("one_process_run")  # shares its session reference
 def test_srun_matches_one_process_through_a_preemption_and_a_kill(syn, tmp_path,
                                                                   tmp_path_factory):
     def scheduler_sigterm(pids):  # SLURM signals every task of the step
@@ -156,6 +158,8 @@ def test_srun_matches_one_process_through_a_preemption_and_a_kill(syn, tmp_path,
     assert_same_as_one_process(one_process_run(syn, tmp_path_factory), tmp_path)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("one_process_run")  # shares its session reference
 def test_tfjob_matches_one_process_through_a_pod_deletion(syn, tmp_path, tmp_path_factory):
     def delete_worker_pod(pids):  # Kubernetes signals the pod it deletes, not the others
         os.kill(pids[1], signal.SIGTERM)

@@ -11,6 +11,7 @@ import helpers
 from research.data import pipeline
 from research.data.augmentation import FILL_MODES, Affine
 from research.models import build_model
+from research.training import inputs
 from research.training import state as train_state
 from research.training.config import ConfigError
 from research.training.loop import train_and_evaluate
@@ -77,6 +78,7 @@ def config(syn, tmp_path, **kw):
         "eval_every_steps": 4, **kw})
 
 
+@pytest.mark.slow
 def test_curves_summary_and_resume(syn, tmp_path):
     cfg = config(syn, tmp_path, stop_at_step=8, rotation_range=10, fill_mode="reflect")
     train_and_evaluate(cfg)
@@ -105,8 +107,7 @@ def test_run_eagerly_matches_graph(syn, tmp_path):
         strategy = tf.distribute.get_strategy()
         state = train_state.create_train_state(cfg, strategy, manifest, plan)
         loop = make_train_loop(cfg, state, manifest["positive_class_id"], None)
-        it = iter(strategy.distribute_datasets_from_function(pipeline.make_input_fn(
-            syn, "train", 32, training=True, seed=0)))
+        it = iter(strategy.distribute_datasets_from_function(inputs.train_input_fn(cfg, 0)))
         out = []
         for _ in range(3):
             loop(it, tf.constant(1))
@@ -120,7 +121,6 @@ def test_run_eagerly_matches_graph(syn, tmp_path):
 def test_input_memory_feeds_the_same_batches(syn, tmp_path):
     disk = config(syn, tmp_path, rotation_range=15)
     mem = config(syn, tmp_path, rotation_range=15, input="memory")
-    from research.training import inputs
 
     ctx = tf.distribute.InputContext()
     a = next(iter(inputs.train_input_fn(disk, 3)(ctx)))

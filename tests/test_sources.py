@@ -54,6 +54,7 @@ def test_examples_serialize_in_sorted_key_order():
     assert tf.train.Example.FromString(b).SerializeToString(deterministic=True) == b
 
 
+@pytest.mark.slow
 def test_same_source_and_flags_give_byte_identical_output(tmp_path):
     root = tmp_path / "imgs"
     make_folders_with_empty_classes(root)

@@ -15,7 +15,7 @@ from research.data import pipeline
 from research.model_options import MODEL_OPTIONS
 from research.models import MODELS
 from research import metrics
-from research.training import loop, state as train_state
+from research.training import inputs, loop, state as train_state
 from research.training.actions import NonFiniteLossError
 from research.training.evaluator import Evaluator
 from research.training.lookahead import Lookahead
@@ -34,8 +34,7 @@ def step_losses(cfg, strategy, steps):
     keras.utils.set_random_seed(cfg.seed)
     state = train_state.create_train_state(cfg, strategy, manifest, plan)
     train_loop = make_train_loop(cfg, state, manifest["positive_class_id"], None)
-    it = iter(strategy.distribute_datasets_from_function(pipeline.make_input_fn(
-        cfg.data_dir, "train", cfg.batch_size, training=True, seed=cfg.seed, augment=True)))
+    it = iter(strategy.distribute_datasets_from_function(inputs.train_input_fn(cfg, 0)))
     losses = []
     for _ in range(steps):
         train_loop(it, tf.constant(1))
@@ -50,6 +49,7 @@ def test_loss_falls(syn, tmp_path):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["multiclass", "binary"])
 def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
     cfg = config(syn, tmp_path, objective=objective, eval_batch_size=14)  # val 30: 14+14+2
@@ -70,6 +70,7 @@ def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
         assert e1.accuracy == e2.accuracy
 
 
+@pytest.mark.slow
 def test_lookahead_two_replicas_match_one(syn, tmp_path, two_replicas):
     """The lookahead's pulls (cross-replica, between steps) give the same training and the
     same slow copies on 2 replicas as on 1."""
@@ -121,6 +122,7 @@ def checkpoint_values(prefix):
             if "save_counter" not in k}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(syn, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     res = run_train(syn, a, "--train_steps=18", "--dropout=0.2")
@@ -181,6 +183,7 @@ def test_nan_stops_cleanly_and_keeps_checkpoint(syn, tmp_path, monkeypatch):
     assert floats and all(np.all(np.isfinite(v)) for v in floats)
 
 
+@pytest.mark.slow
 def test_bad_flags_fail_before_work(syn, tmp_path, two_replicas):
     two = two_replicas
     with pytest.raises(ConfigError, match="--batch_size=33 is not divisible by the 2"):
@@ -213,6 +216,7 @@ def test_exact_metrics_against_brute_force():
     assert tn + fp + fn + tp == 300 and tp + fn == labels.sum()
 
 
+@pytest.mark.slow
 def test_early_stopping_and_profiler(syn, tmp_path):
     # A zero learning rate never improves val PR-AUC: patience 1 stops at the second eval.
     cfg = config(syn, tmp_path, learning_rate=0.0, train_steps=40, eval_every_steps=4,
@@ -224,6 +228,7 @@ def test_early_stopping_and_profiler(syn, tmp_path):
     assert traces, "profiler trace written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_eval_tta", [True, False])
 def test_single_view_evals_while_training_and_tta_at_the_end(syn, tmp_path, monkeypatch,
                                                              train_eval_tta):

@@ -132,6 +132,7 @@ def test_fine_tune_phases_freeze_what_they_should(source, syn):
     assert 0 < lr <= 0.02
 
 
+@pytest.mark.slow
 def test_resume_in_phase_2_continues_exactly(source, syn):
     ck, _, _ = source
     kw = dict(transfer="fine_tune", head_epochs=0.2, fine_tune_epochs=0.4,
@@ -162,6 +163,7 @@ def test_resume_in_phase_2_continues_exactly(source, syn):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_feature_cache_reused_rekeyed_and_rebuilt_when_corrupt(source, syn, caplog):
     ck, _, _ = source
     features._OPEN.clear()
@@ -229,6 +231,7 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
     assert not models.exists() or not [p for p in models.iterdir() if p.suffix != ".json"]
 
 
+@pytest.mark.slow
 def test_gradcam_on_a_transfer_run(source, syn):
     from research.explain.cams import grad_cam
     from research.explain.loading import load_run
@@ -244,6 +247,7 @@ def test_gradcam_on_a_transfer_run(source, syn):
     assert np.isfinite(out.maps).all() and out.maps.max() > 0
 
 
+@pytest.mark.slow
 def test_a_transfer_run_serves_as_a_backbone(source, syn):
     ck, _, _ = source
     train_and_evaluate(transfer_cfg(syn, ck, run_name="hop1", transfer="frozen", train_steps=2))
@@ -319,6 +323,7 @@ def fast_source(syn, tmp_path_factory):
     return ck
 
 
+@pytest.mark.slow
 def test_a_fast_run_serves_as_a_backbone_whitening_included(fast_source, syn):
     ck = fast_source
     train_and_evaluate(config(syn, ck, run_name="fromfast", model="fast", transfer="fine_tune",
@@ -339,6 +344,7 @@ def test_a_fast_run_serves_as_a_backbone_whitening_included(fast_source, syn):
         backbones.build_transfer_model("fast", (32, 32, 3), 1, weights="none")
 
 
+@pytest.mark.slow
 def test_the_zero_shot_head_is_p_cat_over_p_cat_plus_p_dog(fast_source, syn):
     ck = fast_source
     donor = keras.models.load_model(str(ck / "fastsrc" / "export" / "model.keras"))
@@ -381,6 +387,7 @@ def two_class_photos(out_dir: str, size: int = 48, n: int = 24, seed: int = 0) -
         val_fraction=0.25), "synthetic")
 
 
+@pytest.mark.slow
 def test_zero_shot_scores_the_formula_on_every_photo(fast_source, tmp_path):
     from research.evaluation import zero_shot
 

@@ -1,117 +1,32 @@
-"""absl flags derived from dataclass fields, and back: name, type, default and help come from
-the field (help and `choices` in its metadata), so a default lives only in its dataclass.
-
-  bool -> DEFINE_bool; int -> DEFINE_integer; float -> DEFINE_float; str -> DEFINE_string, or
-  DEFINE_enum with metadata choices; tuple[...] -> DEFINE_list (converted back to a tuple of
-  the element type). `X | None` defaults to None. Fields with metadata flag=False are skipped.
-"""
+"""What every app shares about its flags: the flags derived from dataclass fields
+(research/dataclass_flags.py) on absl's global FLAGS, one-line flag errors (`parse`, `fail`),
+and the flags several apps define (devices, images, exports, train's own)."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import typing
 
 from absl import app, flags
 
-from research import runs
+from research import dataclass_flags, runs
 from research.data import imaging
+from research.dataclass_flags import FlagValueError, flag_fields  # noqa: F401 (the apps' names)
 from research.errors import UserError
-from research.fields import base_type, bounds, range_error
+from research.fields import bounds, range_error
 
 HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "-?", "-h")
 
 
-class FlagValueError(UserError):
-    """A list flag whose items do not convert; the message names the flag."""
-
-
-def flag_fields(cls, skip=()) -> list[tuple[dataclasses.Field, type, type | None]]:
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.metadata.get("flag", True) is False:
-            continue
-        base, elem = base_type(hints[f.name])
-        out.append((f, base, elem))
-    return out
-
-
-def _model_name(cls) -> str:
-    return cls.__name__.removesuffix("Options").lower()
-
-
 def define_flags(cls, skip=(), flag_values=flags.FLAGS, module_name: str | None = None
                  ) -> list[str]:
-    """Defines one flag per field of `cls`; a flag that already exists (absl's own --log_dir)
-    only gets its default set. A field that two option classes share with different defaults
-    (--widths of the scratch and the fast network) gets the default None, read back as "the
-    model's own default", and its help lists each. The flags belong to the calling app
-    (`module_name`), so its --help lists them. Returns the names."""
-    module_name = module_name or _module_name(sys._getframe(1))
-    names = []
-    for f, base, elem in flag_fields(cls, skip):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        names.append(f.name)
-        if base is tuple and default is not None:
-            default = [str(v) for v in default]
-        if f.name in flag_values:
-            flag = flag_values[f.name]
-            owners = getattr(flag, "_option_defaults", None)
-            if owners is None:  # absl's own flag, or one of TrainConfig's
-                flag_values.set_default(f.name, default)
-                continue
-            owners[_model_name(cls)] = default
-            helps = flag._helps
-            if f.metadata.get("help", f.name) not in helps:
-                helps.append(f.metadata.get("help", f.name))
-            if len({repr(v) for v in owners.values()}) > 1:
-                flag_values.set_default(f.name, None)
-                flag.help = " ".join(helps) + " Default per model: " + "; ".join(
-                    f"{m} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-                    for m, v in owners.items()) + "."
-            continue
-        help_text = f.metadata.get("help", f.name)
-        kw = dict(flag_values=flag_values, module_name=module_name)
-        if base is bool:
-            flags.DEFINE_bool(f.name, default, help_text, **kw)
-        elif base is int:
-            flags.DEFINE_integer(f.name, default, help_text, **kw)
-        elif base is float:
-            flags.DEFINE_float(f.name, default, help_text, **kw)
-        elif base is tuple:
-            flags.DEFINE_list(f.name, default, help_text, **kw)
-        elif f.metadata.get("choices"):
-            flags.DEFINE_enum(f.name, default, list(f.metadata["choices"]), help_text, **kw)
-        else:
-            flags.DEFINE_string(f.name, default, help_text, **kw)
-        if "range" in f.metadata and base in (int, float):  # lists: checked once converted
-            flag_values[f.name]._range = f.metadata["range"]
-        if cls.__name__.endswith("Options"):  # a model's options: may be shared (above)
-            flag_values[f.name]._option_defaults = {_model_name(cls): default}
-            flag_values[f.name]._helps = [help_text]
-    return names
+    """dataclass_flags.define_flags on the app's FLAGS; the flags are the calling app's."""
+    return dataclass_flags.define_flags(cls, flag_values, skip,
+                                        module_name or _module_name(sys._getframe(1)))
 
 
 def values_from_flags(cls, flag_values=flags.FLAGS, skip=()) -> dict:
-    """{field: value} read back from the flags, list flags converted to typed tuples. A shared
-    option flag left at None (see define_flags) reads as `cls`'s own default."""
-    out = {}
-    for f, base, elem in flag_fields(cls, skip):
-        value = flag_values[f.name].value
-        if value is None and len(getattr(flag_values[f.name], "_option_defaults", ())) > 1:
-            out[f.name] = (f.default if f.default is not dataclasses.MISSING
-                           else f.default_factory())
-            continue
-        if base is tuple and value is not None:
-            try:
-                value = tuple(elem(v) for v in value)
-            except ValueError as e:
-                raise FlagValueError(f"--{f.name}: {','.join(value)!r} is not a list of "
-                                     f"{elem.__name__} ({e})") from e
-        out[f.name] = value
-    return out
+    """dataclass_flags.values_from_flags from the app's FLAGS."""
+    return dataclass_flags.values_from_flags(cls, flag_values, skip)
 
 
 def _ranged(define, name, default, help_text, ge=None, gt=None, le=None, lt=None,
@@ -210,28 +125,17 @@ def run(main) -> None:
 
 def define_train_flags() -> None:
     """Every train flag (TrainConfig's fields and every model's options), for the train app and
-    the apps that run trainings (sweep)."""
-    from research.model_options import MODEL_OPTIONS
-    from research.training.config import TrainConfig
+    the apps that run trainings (sweep): the definitions the recipe reader uses too."""
+    from research.training import recipes
 
-    module = _caller()
-    # --log_dir is absl.logging's own flag (where absl would put log files, which it does not
-    # do unless asked); define_flags only sets its default, and it serves as the TensorBoard
-    # parent.
-    define_flags(TrainConfig, module_name=module)
-    for options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
-        define_flags(options, module_name=module)
+    recipes.define_train_flags(flags.FLAGS, _caller())
 
 
 def train_config_from_flags(flag_values=flags.FLAGS):
     """The TrainConfig the train flags describe (its model's options from their flags)."""
-    from research.model_options import options_class
-    from research.training.config import TrainConfig
+    from research.training import recipes
 
-    cfg = TrainConfig(**values_from_flags(TrainConfig, flag_values))
-    options_cls = options_class(cfg.model, cfg.uses_backbone)
-    cfg.model_options = values_from_flags(options_cls, flag_values) if options_cls else {}
-    return cfg
+    return recipes.config_from_flags(flag_values)
 
 
 def define_max_image_pixels() -> None:

@@ -1,6 +1,6 @@
 """The exact detection metrics as they were before vectorisation (commit c7e2229), kept as
 the reference that `tests/test_metrics.py` and `research.benchmarks.metrics` compare
-`research.training.metrics` against. Not for use elsewhere: `roc_auc` ranks ties in a Python
+`research.metrics` against. Not for use elsewhere: `roc_auc` ranks ties in a Python
 loop, one interpreted step per score.
 """
 

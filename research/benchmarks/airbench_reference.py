@@ -39,14 +39,14 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+from research import files, machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
@@ -120,65 +120,20 @@ def missing_reference_packages(packages=REFERENCE_PACKAGES) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers: time, files, the CPU.
+# Small helpers: time, the machine, saved results.
 
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+def machine_record() -> dict:
+    return {"cpu": machine.banner(), "lscpu": machine.vector_flags(), "cores": os.cpu_count()}
 
 
 def read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def lscpu() -> dict:
-    """lscpu's model name and the vector flags that decide speed here (recorded with every
-    time, since the full runs may run on different machines of one kind)."""
-    model, flag_set = "", set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "Model name":
-            model = value.strip()
-        elif key.strip() == "Flags":
-            flag_set = set(value.split())
-    names = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512_bf16": "AVX512-BF16",
-             "amx_bf16": "AMX-BF16", "amx_tile": "AMX-TILE"}
-    return {"model_name": model, **{label: name in flag_set for name, label in names.items()}}
-
-
-def lscpu_line(info: dict) -> str:
-    yn = {True: "yes", False: "no"}
-    return (f"lscpu: {info.get('model_name') or '?'}; " +
-            ", ".join(f"{k} {yn[v]}" for k, v in info.items() if k != "model_name"))
-
-
-def machine_record() -> dict:
-    from research.machine import banner
-
-    return {"cpu": banner(), "lscpu": lscpu(), "cores": os.cpu_count()}
+    """A side's saved results, or None before it has run."""
+    return files.read_json(path) if os.path.isfile(path) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +182,7 @@ def training_data_dir(data_dir: str, splits, out_dir: str) -> str:
     manifest["splits"]["train"] = train
     manifest["source"] = f"{data_dir} splits {'+'.join(splits)} as train"
     out = os.path.join(out_dir, f"data_{'_'.join(splits)}")
-    write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    files.write_json(os.path.join(out, "manifest.json"), manifest)
     return out
 
 
@@ -389,26 +344,18 @@ def time_reference(train, test, classes, steps: int, warmup: int) -> dict:
 
 
 def ours_config(flagfile: str, data_dir: str, run_dir: str, **overrides):
-    """The recipe's TrainConfig, parsed from `flagfile` with the train app's flag definitions
-    (config_flags, from the dataclasses) on a FlagValues of its own, so our flags do not clash
-    with the recipe's; `overrides` are train flags given after the flagfile."""
-    from research.apps import config_flags
-    from research.model_options import MODEL_OPTIONS, options_class
-    from research.training.config import TrainConfig
+    """The recipe's TrainConfig, parsed from `flagfile` by absl with the train app's flag
+    definitions on a FlagValues of its own (research.training.recipes), so our flags do not
+    clash with the recipe's; `overrides` are train flags given after the flagfile."""
+    from research.training import recipes
 
     fv = flags.FlagValues()
-    config_flags.define_flags(TrainConfig, flag_values=fv)
-    for options in dict.fromkeys(MODEL_OPTIONS.values()):
-        config_flags.define_flags(options, flag_values=fv)
+    recipes.define_train_flags(fv, "research.apps.train")
     base = dict(data_dir=data_dir, run_name="ours", checkpoint_dir=run_dir, log_dir=run_dir,
                 restart=True, progress=False, gradcam_images=0)
     fv(["ours", f"--flagfile={flagfile}"] +
        [f"--{k}={v}" for k, v in {**base, **overrides}.items()])
-    # as research.apps.train.config_from_flags (which reads the global FLAGS)
-    cfg = TrainConfig(**config_flags.values_from_flags(TrainConfig, fv))
-    options_cls = options_class(cfg.model, cfg.uses_backbone)
-    cfg.model_options = config_flags.values_from_flags(options_cls, fv) if options_cls else {}
-    return cfg
+    return recipes.config_from_flags(fv)  # as the train app reads its own flags
 
 
 def train_ours(cfg, test_each_epoch: bool = True, final_tta: bool = True,
@@ -958,7 +905,7 @@ def format_parity(p: dict) -> str:
                f"{s['loader_len']} batches per epoch, 8 epochs); ours --learning_rate="
                f"{s['ours_learning_rate']:g}, --weight_decay={s['ours_weight_decay']:.6g}"),
               f"seconds: ours {p['seconds']['ours']:.0f}, airbench {p['seconds']['airbench']:.0f};"
-              f" {lscpu_line(p['machine']['lscpu'])}"]
+              f" {machine.vector_flags_line(p['machine']['lscpu'])}"]
     return "\n".join(lines)
 
 
@@ -989,7 +936,7 @@ def format_table(results: dict, ran_now: set, timing: dict | None) -> str:
         return (f"{side}: {when}, {r['finished']}, {r['train_images']:,} train images "
                 f"({'+'.join(r['train_splits'])}), {r['test_images']:,} test, "
                 f"{r['epochs']:g} epochs, {r['steps']} steps of {r['batch_size']}; "
-                f"{r['what']}; {lscpu_line(r['machine']['lscpu'])}")
+                f"{r['what']}; {machine.vector_flags_line(r['machine']['lscpu'])}")
 
     lines += [source("reference", ref), source("ours", ours), ""]
     w = 44
@@ -1014,7 +961,7 @@ def format_table(results: dict, ran_now: set, timing: dict | None) -> str:
                      f"{r['img_per_s']:>10,.1f}  {o['img_per_s']:>10,.1f}")
         lines.append(f"timing ({timing['finished']}, one process, warm-up {r['warmup']} steps): "
                      f"ours / reference = {o['img_per_s'] / r['img_per_s']:.2f}; "
-                     f"{lscpu_line(timing['machine']['lscpu'])}")
+                     f"{machine.vector_flags_line(timing['machine']['lscpu'])}")
     lines.append("full-run img/s: the reference's timer covers the whitening init and the "
                  "train epochs, ours the train-loop calls (the first one traces the step); "
                  "either run may have shared the machine.")
@@ -1039,7 +986,7 @@ def parity_mode(info: dict, results_dir: str) -> None:
                      "{torch_threads} threads)").format(**info), finished=utc_now(),
                machine=machine_record(),
                data_dir=FLAGS.data_dir, train_splits=FLAGS.train_splits, **info)
-    write_json_atomic(os.path.join(results_dir, "parity.json"), out)
+    files.write_json(os.path.join(results_dir, "parity.json"), out)
     print(format_parity(out))
     print(f"saved {os.path.join(results_dir, 'parity.json')}")
 
@@ -1099,7 +1046,7 @@ def main(argv):
     results_dir = FLAGS.results_dir or recipe().results_dir
     epochs = FLAGS.epochs or recipe().epochs
     print(machine_record()["cpu"], flush=True)
-    print(lscpu_line(lscpu()), flush=True)
+    print(machine.vector_flags_line(machine.vector_flags()), flush=True)
 
     if parity:
         return parity_mode(info, results_dir)
@@ -1124,7 +1071,7 @@ def main(argv):
         out = {"reference": {**time_reference(train, test, classes, n, w), **info},
                "ours": {**time_ours(cfg, n, w), "precision": cfg.precision},
                "finished": utc_now(), "machine": machine_record()}
-        write_json_atomic(os.path.join(results_dir, "timing.json"), out)
+        files.write_json(os.path.join(results_dir, "timing.json"), out)
         print(format_table(load_results(results_dir), set(), out))
         return
 
@@ -1155,7 +1102,7 @@ def main(argv):
         r.update(side=side, what=what[side](), started=started, finished=utc_now(),
                  epochs=epochs, recipe=FLAGS.recipe, train_splits=splits, train_images=n_train,
                  test_images=n_test, data_dir=FLAGS.data_dir, machine=machine_record())
-        write_json_atomic(os.path.join(results_dir, f"{side}.json"), r)
+        files.write_json(os.path.join(results_dir, f"{side}.json"), r)
         print(f"{side}: saved {os.path.join(results_dir, side + '.json')}", flush=True)
     print(format_table(load_results(results_dir), set(sides),
                        read_json(os.path.join(results_dir, "timing.json"))))

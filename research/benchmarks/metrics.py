@@ -1,4 +1,4 @@
-r"""Seconds of the exact detection metrics: the vectorised `research.training.metrics` against
+r"""Seconds of the exact detection metrics: the vectorised `research.metrics` against
 the original implementation (`_metrics_reference`), on the same scores, in one run.
 
   python -m research.benchmarks.metrics [--sizes=10000,100000,10000000] [--decimals=6]

@@ -20,7 +20,8 @@ import tempfile
 from absl import app, flags
 
 # its --data_dir and --precision (the same meaning here) and its way of timing our side
-from research.benchmarks.airbench_reference import lscpu, lscpu_line, ours_config, time_ours
+from research import machine
+from research.benchmarks.airbench_reference import ours_config, time_ours
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("recipes", ["research/recipes/fast_cifar10.flags",
@@ -67,11 +68,11 @@ def main(argv):
     if missing:
         sys.exit(f"error: --recipes: {', '.join(missing)} not found")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from research.machine import banner
 
     rows = [measure(p, FLAGS.data_dir, FLAGS.steps, FLAGS.warmup, FLAGS.precision)
             for p in FLAGS.recipes]
-    print(format_rows(rows, f"{banner()}\n{lscpu_line(lscpu())}"))
+    cpu = machine.vector_flags_line(machine.vector_flags())
+    print(format_rows(rows, f"{machine.banner()}\n{cpu}"))
 
 
 if __name__ == "__main__":

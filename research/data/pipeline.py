@@ -545,17 +545,6 @@ def make_memory_dataset(arrays: dict, manifest: dict, batch_size: int, *,
         finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
-def make_input_fn(data_dir: str, split: str, global_batch_size: int, training: bool, **kwargs):
-    """A per-replica input function for `strategy.distribute_datasets_from_function`."""
-
-    def input_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-        per_replica = ctx.get_per_replica_batch_size(global_batch_size)
-        return make_dataset(data_dir, split, per_replica, training, input_context=ctx,
-                            global_batch_size=global_batch_size, **kwargs)
-
-    return input_fn
-
-
 def take_examples(data_dir: str, split: str, n: int | None = None, filter: str = "all",
                   indices=None) -> dict[str, np.ndarray]:
     """uint8 examples of a split, in split order, as arrays {image, label, class_id, index}.

@@ -67,7 +67,7 @@ def parse_line(name: str, value: str | None, where: str, hint) -> tuple[str, tup
         if not items or any(v == "" for v in items):
             raise SpaceError(f"{where}: --{name}: choice() needs at least one value")
         try:
-            values = tuple(recipes._convert(hint, v, f"{where}: --{name}") for v in items)
+            values = tuple(recipes.read_value(name, v, f"{where}: --{name}", hint) for v in items)
         except recipes.RecipeError as e:
             raise SpaceError(str(e)) from None
         if len(set(values)) != len(values):

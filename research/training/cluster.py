@@ -36,7 +36,7 @@ SLURM_TASK_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST"
 PORT_VAR = "RESEARCH_PORT"  # the first port of a node's tasks; else derived from SLURM_JOB_ID
 _NO_CLUSTER = ("--strategy=multi_worker: no cluster found: set TF_CONFIG (launch_local, a "
                "Kubeflow TFJob, or by hand) or start every worker with srun under SLURM (see "
-               "README, 'Several machines')")
+               "docs/several_machines.md)")
 
 
 def resolve(strategy_name: str) -> tf.distribute.cluster_resolver.ClusterResolver | None:
@@ -183,7 +183,3 @@ def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     for local in strategy.experimental_local_results(var):
         local.assign(1.0 if flag else 0.0)
     return float(var.read_value()) > 0
-
-
-def barrier(strategy: tf.distribute.Strategy) -> None:
-    any_worker(strategy, False)

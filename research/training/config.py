@@ -14,6 +14,7 @@ import json
 import os
 
 from research import runs, thresholds
+from research.machine import PRECISIONS
 from research.data.augmentation import FILL_MODES, Affine
 from research.data.manifest import has_manifest, load_manifest
 from research.errors import UserError
@@ -25,7 +26,6 @@ OBJECTIVES = ("binary", "multiclass")
 OPTIMIZERS = ("sgd", "sgd_l2", "adamw", "muon")
 LR_SCHEDULES = ("cosine", "linear")
 FLIPS = ("random", "alternate")
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 CLASS_WEIGHTINGS = ("none", "balanced")
 TRANSFERS = ("none", "features", "frozen", "fine_tune")
@@ -384,10 +384,6 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(text))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -6,7 +6,7 @@ PyTorch and Keras agree on Nesterov SGD while the learning rate is constant and 
 it moves: Keras folds the learning rate into its velocity (v = m v - lr g; var += m v - lr g),
 PyTorch keeps a buffer of raw gradients and scales the step by the current rate
 (buf = m buf + g; var -= lr (g + m buf)). With `--optimizer=sgd_l2` the weight decay is
-PyTorch's too: an L2 term added to the gradient (research.training.steps.l2_coefficients),
+PyTorch's too: an L2 term added to the gradient (research.training.steps.l2_penalty),
 so it goes through the momentum.
 """
 

@@ -60,10 +60,6 @@ class Preemption(Action):
                 signal.signal(sig, self._handle)
             self._rearmed = True
 
-    def request(self, name: str = "request") -> None:
-        """As if a signal had arrived (tests, and callers with their own notice)."""
-        self.signal_name = self.signal_name or name
-
     def __call__(self, ctx):
         asked = cluster.any_worker(ctx.state.strategy, self.signal_name is not None)
         if not asked or ctx.stop or ctx.step >= ctx.plan.total_steps or self.stopped_at:

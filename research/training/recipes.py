@@ -1,7 +1,9 @@
 """Published recipes as TrainConfig settings: a recipe is a flagfile of train flags
 (research/recipes/*.flags, the one home of its values), read here into the settings a
-library caller (the lab) passes to TrainConfig, exactly as the train app would parse it
-(tests/test_training.py checks the two agree).
+library caller (the lab) passes to TrainConfig. It is read by absl's own parser with the train
+app's own flag definitions (`define_train_flags`), on a private FlagValues, so it means what
+the train app would parse from it (tests/test_recipes.py checks the two agree); sweep spaces
+(research/sweep/space.py) read their values the same way (`read_value`).
 
     settings = load_recipe(FAST_CIFAR10)   # {"model": "fast", "epochs": 10.0, ...,
                                            #  "model_options": {"bn_momentum": 0.6, ...}}
@@ -9,13 +11,15 @@ library caller (the lab) passes to TrainConfig, exactly as the train app would p
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import typing
 
+from absl import flags
+
+from research import dataclass_flags
 from research.errors import UserError
-from research.fields import base_type
-from research.model_options import options_class
+from research.fields import default_of
+from research.model_options import MODEL_OPTIONS, options_class
 from research.training.config import TrainConfig
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -35,27 +39,62 @@ PHOTOS_FROM_CIFAR = os.path.join(RECIPES_DIR, "photos_from_cifar.flags")
 AIRBENCH93_WIDTHS = (64, 128, 128)
 AIRBENCH93_EPOCHS = 11.0
 
-TRUE, FALSE = ("true", "t", "1", "yes"), ("false", "f", "0", "no")
-
 
 class RecipeError(UserError):
     """A recipe file that does not read as train flags; the message names the file and line."""
 
 
-def _convert(hint, text: str, where: str):
-    base, elem = base_type(hint)
+def define_train_flags(flag_values: flags.FlagValues, module_name: str) -> None:
+    """Every train flag on `flag_values`: TrainConfig's fields, then every model's options
+    (the train app's, on absl's FLAGS, and this reader's, on its own)."""
+    # --log_dir is absl.logging's own flag on FLAGS (where absl would put log files, which it
+    # does not do unless asked); define_flags only sets its default, and it serves as the
+    # TensorBoard parent.
+    dataclass_flags.define_flags(TrainConfig, flag_values, module_name=module_name)
+    for options in dict.fromkeys(MODEL_OPTIONS.values()):  # once each, in order
+        dataclass_flags.define_flags(options, flag_values, module_name=module_name)
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> TrainConfig:
+    """The TrainConfig the train flags describe (its model's options from their flags)."""
+    cfg = TrainConfig(**dataclass_flags.values_from_flags(TrainConfig, flag_values))
+    options_cls = options_class(cfg.model, cfg.uses_backbone)
+    cfg.model_options = (dataclass_flags.values_from_flags(options_cls, flag_values)
+                         if options_cls else {})
+    return cfg
+
+
+def _train_flags() -> flags.FlagValues:
+    flag_values = flags.FlagValues()
+    define_train_flags(flag_values, "research.apps.train")
+    return flag_values
+
+
+def _parse_line(flag_values: flags.FlagValues, text: str, where: str) -> str:
+    """Parses one flag line with absl's parser; returns the name of the flag it sets."""
+    before = {name: flag_values[name].present for name in flag_values}
     try:
-        if base is bool:
-            if text.lower() not in TRUE + FALSE:
-                raise ValueError(f"not a boolean: {text!r}")
-            return text.lower() in TRUE
-        if base is tuple:
-            return tuple(elem(v) for v in text.split(",") if v != "")
-        if text.lower() == "none" and typing.get_origin(hint) is not None:
-            return None
-        return base(text)
-    except ValueError as e:
-        raise RecipeError(f"{where}: {e}") from e
+        flag_values(["recipe", text])
+    except flags.UnrecognizedFlagError:
+        raise RecipeError(f"{where}: {text.split('=')[0]} is neither a train flag nor a "
+                          "model's option") from None
+    except flags.Error as e:
+        raise RecipeError(f"{where}: {e}") from None
+    return next(name for name in flag_values if flag_values[name].present != before[name])
+
+
+def read_value(name: str, text: str, where: str, hint) -> object:
+    """`text` as a value of train's flag --`name`, read by that flag's own absl parser and
+    typed as its field (`hint`): what `--name=text` gives the train app."""
+    flag_values = _train_flags()
+    try:
+        value = flag_values[name].parser.parse(text)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where}: {e}") from None
+    try:
+        return dataclass_flags.typed(name, value, hint)
+    except dataclass_flags.FlagValueError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 def _lines(path: str) -> list[tuple[str, str, str]]:
@@ -79,36 +118,30 @@ def _lines(path: str) -> list[tuple[str, str, str]]:
 def load_recipe(path: str) -> dict:
     """The recipe's settings: TrainConfig fields, and its model's options under
     "model_options" (only the flags the file gives)."""
-    hints = typing.get_type_hints(TrainConfig)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    lines = _lines(path)
-    settings: dict = {}
-    pending = []
-    for name, value, where in lines:
+    flag_values = _train_flags()
+    given = {}
+    for name, value, where in _lines(path):
         if name == "flagfile":
             raise RecipeError(f"{where}: a recipe cannot include another (--flagfile)")
-        key = name[2:] if value is None and name.startswith("no") and name[2:] in fields \
-            else name
-        if key in fields:
-            if value is None:  # --flag / --noflag: booleans
-                value = "false" if key != name else "true"
-            settings[key] = _convert(hints[key], value, where)
-        else:
-            pending.append((name, value, where))
-    model = settings.get("model", TrainConfig.__dataclass_fields__["model"].default)
-    cls = options_class(model, TrainConfig(data_dir="", run_name="",
-                                           **settings).uses_backbone)
-    opts_hints = typing.get_type_hints(cls) if cls else {}
+        text = f"--{name}" if value is None else f"--{name}={value}"
+        given[_parse_line(flag_values, text, where)] = where
+    train_fields = {f.name for f, _, _ in dataclass_flags.flag_fields(TrainConfig)}
+    read = dataclass_flags.values_from_flags(TrainConfig, flag_values)
+    settings = {k: read[k] for k in given if k in train_fields}
+    model = settings.get("model", default_of(TrainConfig, "model"))
+    cls = options_class(model, TrainConfig(data_dir="", run_name="", **settings).uses_backbone)
+    hints = typing.get_type_hints(cls) if cls else {}
     options = {}
-    for name, value, where in pending:
-        key = name[2:] if value is None and name.startswith("no") and name[2:] in opts_hints \
-            else name
-        if key not in opts_hints:
-            raise RecipeError(f"{where}: --{name} is neither a train flag nor an option of "
+    for key, where in given.items():
+        if key in train_fields:
+            continue
+        if key not in hints:
+            raise RecipeError(f"{where}: --{key} is neither a train flag nor an option of "
                               f"--model={model}")
-        if value is None:
-            value = "false" if key != name else "true"
-        options[key] = _convert(opts_hints[key], value, where)
+        try:
+            options[key] = dataclass_flags.typed(key, flag_values[key].value, hints[key])
+        except dataclass_flags.FlagValueError as e:
+            raise RecipeError(f"{where}: {e}") from None
     if options:
         settings["model_options"] = options
     return settings
@@ -118,9 +151,8 @@ def stretched(settings: dict, epochs: float) -> dict:
     """The recipe run for `epochs`, its schedule's shape kept: the warmup is the same fraction
     of the run (what airbench's triangle fixes); per-epoch settings such as
     whiten_bias_epochs stay as they are."""
-    base = settings.get("epochs", TrainConfig.__dataclass_fields__["epochs"].default)
-    warmup = settings.get("warmup_epochs",
-                          TrainConfig.__dataclass_fields__["warmup_epochs"].default)
+    base = settings.get("epochs", default_of(TrainConfig, "epochs"))
+    warmup = settings.get("warmup_epochs", default_of(TrainConfig, "warmup_epochs"))
     return {**settings, "epochs": float(epochs), "warmup_epochs": warmup * epochs / base}
 
 
@@ -133,9 +165,8 @@ def rebatched(settings: dict, batch_size: int) -> dict:
         raise RecipeError(f"a Muon recipe has no rule to rescale to --batch_size={batch_size}: "
                           "its Muon step is normalised, not per example (airbench94_muon "
                           "sets its rates for its own batch only)")
-    base = settings.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
-    lr = settings.get("learning_rate",
-                      TrainConfig.__dataclass_fields__["learning_rate"].default)
+    base = settings.get("batch_size", default_of(TrainConfig, "batch_size"))
+    lr = settings.get("learning_rate", default_of(TrainConfig, "learning_rate"))
     return {**settings, "batch_size": batch_size, "learning_rate": lr * batch_size / base}
 
 
