@@ -313,9 +313,24 @@ def test_docs_the_flag_lists_are_absls(app_flags):
                          "--run_name=x`", app_flags) == []
 
 
-# ---------------------------------------------------------------------------------------------
-# Tables generated from records
-#
-# test_docs_method_table_is_the_method_records (with the Method records, issue 36 part 1):
-# docs/explain.md's block between <!-- methods:begin --> and <!-- methods:end --> equals the
-# table rendered from the records.
+# Tables generated from records: each block between <!-- name:begin --> and <!-- name:end -->
+# in a docs/ page equals the table its records render.
+
+
+def generated_block(marker: str) -> str:
+    """The text between <!-- marker:begin --> and <!-- marker:end --> in the docs/ page that
+    holds them."""
+    for page in sorted(p for p in os.listdir(os.path.join(ROOT, "docs")) if p.endswith(".md")):
+        with open(os.path.join(ROOT, "docs", page), encoding="utf-8") as f:
+            text = f.read()
+        if f"<!-- {marker}:begin -->" in text:
+            return text.split(f"<!-- {marker}:begin -->\n")[1].split(f"<!-- {marker}:end -->")[0]
+    raise AssertionError(f"no docs/ page has the {marker} markers")
+
+
+def test_docs_tables_are_the_records():
+    from research.explain import methods
+    from research.model_options import backbones_table
+
+    assert generated_block("methods") == methods.markdown_table()
+    assert generated_block("backbones") == backbones_table()

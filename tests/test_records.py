@@ -73,25 +73,6 @@ def test_preprocess_layer_equals_keras_preprocess_input():
                                    rtol=1e-6, atol=1e-4, err_msg=name)
 
 
-def generated_block(marker: str) -> str:
-    """The text between <!-- marker:begin --> and <!-- marker:end --> in the docs/ page that
-    holds them."""
-    for page in sorted(p for p in os.listdir(os.path.join(ROOT, "docs")) if p.endswith(".md")):
-        with open(os.path.join(ROOT, "docs", page), encoding="utf-8") as f:
-            text = f.read()
-        if f"<!-- {marker}:begin -->" in text:
-            return text.split(f"<!-- {marker}:begin -->\n")[1].split(f"<!-- {marker}:end -->")[0]
-    raise AssertionError(f"no docs/ page has the {marker} markers")
-
-
-def test_docs_tables_are_the_records():
-    from research.explain import methods
-    from research.model_options import backbones_table
-
-    assert generated_block("methods") == methods.markdown_table()
-    assert generated_block("backbones") == backbones_table()
-
-
 def test_every_method_record_runs_with_its_options():
     """Each record's options are ExplainOptions fields and keyword arguments of its function;
     the explain app's names read from source are the records' names."""
