@@ -55,10 +55,11 @@ def test_stage_settings_per_profile_quick_and_overrides():
 def _toy(calls: list, figure: str, value: dict) -> Stage:
     def run(lab):
         calls.append(1)
-        with open(figure, "w") as f:
-            f.write("png")
-        return Done(["python -m toy"], {"n": value["n"]}, {"figures": [figure]},
-                    ["a note"])
+        for path in (figure, figure + ".json"):
+            with open(path, "w") as f:
+                f.write("{}")
+        return Done(["python -m toy"], {"n": value["n"]},
+                    {"figures": [figure], "files": [figure + ".json"]}, ["a note"])
 
     return Stage("toy", "A toy stage", run, key=lambda lab: dict(value))
 
@@ -79,14 +80,16 @@ def test_a_keyed_stage_is_reused_until_an_input_or_a_figure_changes(tmp_path):
     assert not run_stage(lab, stage).reused and len(calls) == 2
     os.remove(figure)  # a figure is gone
     assert not run_stage(lab, stage).reused and len(calls) == 3
-    assert run_stage(lab, stage).reused and len(calls) == 3
+    os.remove(figure + ".json")  # another file it lists
+    assert not run_stage(lab, stage).reused and len(calls) == 4
+    assert run_stage(lab, stage).reused and len(calls) == 4
     # A marker written before the records ({"key", "outputs"}): reused, its commands and
     # flags from the stage's stored record.
     marker = os.path.join(lab.out_dir("toy"), "done.json")
     with open(marker, "w") as f:
         json.dump({"key": {"n": 2}, "outputs": {"figures": [figure]}}, f)
     old = run_stage(lab, stage)
-    assert old.reused and len(calls) == 3 and old.commands == ["python -m toy"]
+    assert old.reused and len(calls) == 4 and old.commands == ["python -m toy"]
 
 
 def test_a_stage_whose_key_is_not_there_yet_runs_and_writes_no_marker(tmp_path):

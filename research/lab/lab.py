@@ -134,11 +134,12 @@ def write_marker(path: str, key: dict, done: Done) -> None:
 
 
 def reusable(marker: dict | None, key: dict) -> bool:
-    """The marker was written for `key` and every figure it lists is still there."""
+    """The marker was written for `key` and every file its outputs list (under "figures"
+    and "files") is still there."""
     if marker is None or marker.get("key") != key:
         return False
     outputs = marker["done"]["outputs"] if "done" in marker else marker["outputs"]
-    return all(os.path.isfile(f) for f in outputs.get("figures", []))
+    return all(os.path.isfile(f) for k in ("figures", "files") for f in outputs.get(k, []))
 
 
 def _marker_done(lab: Lab, stage: Stage, marker: dict) -> dict:

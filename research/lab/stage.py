@@ -36,8 +36,9 @@ class Stage:
     `run(lab) -> Done` does the work (reusing what it finds finished: a trained run, its
     manifest); with a `key`, the stage is a figure stage: `key(lab)` is what its outputs
     depend on (None: an input is not there yet), and a done-marker written for the same key
-    whose figures are all still there makes the lab reuse the stage whole without calling
-    `run`. `sections` are its parts of the report, `(doc, lab, records) -> None`, in order.
+    whose files are all still there (the outputs' "figures" and "files" lists) makes the
+    lab reuse the stage whole without calling `run`. `sections` are its parts of the report,
+    `(doc, lab, records) -> None`, in order.
     `needs` are the stages whose finished outputs it reads: a need left out of --stages must
     be on disk already (`ready(lab)` of the needed stage says what is missing); a stage with
     `joins` is not a --stages choice but runs with a stage that needs it when
