@@ -34,7 +34,7 @@ def test_every_record_names_functions_that_exist_and_stages_it_knows():
     before = ("data", "scratch", "transfer", "compare", "few_labels", "explain", "visualize",
               "photos", "memory_check")
     assert [c for c in CHOICES if c in before] == list(before)
-    with pytest.raises(LabError, match="--stages: source_task: choose from data,scratch"):
+    with pytest.raises(LabError, match="--stages: source_task: choose from data,"):
         check(LabSettings(stages=("source_task",)))
 
 
@@ -134,13 +134,13 @@ def test_the_report_is_the_records_sections_in_order(tmp_path):
     lab.weights_note = "w"
     md = open(report.write_report(lab, {})[1]).read()
     headings = [line[3:] for line in md.splitlines() if line.startswith("## ")]
-    assert headings == ["Data", "Training curves", "Comparison on the test set",
-                        "Few labels: where transfer pays",
-                        "Errors: confusion matrices, worst false positives and negatives",
-                        "What the detectors look at",
-                        "Inside the networks: activations and filter patterns",
-                        "Real photos: dogs vs cats", "Reading from disk vs from memory",
-                        "Stages"]
+    # The sections of before the records, in their order (a new stage's come between).
+    before = ["Data", "Training curves", "Comparison on the test set",
+              "Few labels: where transfer pays",
+              "Errors: confusion matrices, worst false positives and negatives",
+              "What the detectors look at", "Inside the networks: activations and filter patterns",
+              "Real photos: dogs vs cats", "Reading from disk vs from memory", "Stages"]
+    assert [h for h in headings if h in before] == before and headings[-1] == "Stages"
 
 
 def test_stage_records_are_frozen_plain_values():
