@@ -20,6 +20,11 @@ STAGES = (
           ready=later("research.lab.data_stage:data_ready"),
           check=later("research.lab.data_stage:check_data"),
           settings={"cpu": {"shards": {"train": 12, "val": 2, "test": 4}}}),
+    Stage("card", "Dataset card", later("research.lab.card_stage:stage_card"),
+          sections=(later("research.lab.card_stage:card_section"),), needs=("data",),
+          key=later("research.lab.card_stage:card_key"),
+          settings={"cpu": {"card_images": 2000}, "gpu": {"card_images": 10000},
+                    "quick": {"card_images": 200}}),
     Stage("scratch", "From-scratch detector", later("research.lab.detectors:stage_scratch"),
           needs=("data",), ready=later("research.lab.detectors:scratch_ready")),
     # Not a --stages choice: it runs when the transfer detector starts from it.
