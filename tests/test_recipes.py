@@ -84,8 +84,10 @@ def test_rebatched_keeps_the_step_per_example_and_stretched_the_schedule_shape()
 
 def test_the_few_labels_pair_trains_both_at_one_batch_and_fraction():
     from research.lab import profiles
+    from research.lab.stages import BY_NAME
     p = profiles.CPU
-    scratch, transfer = profiles.few_labels_pair(p, p.scratch, p.transfer("lab_src_nocat"))
+    pair = BY_NAME["few_labels"].settings_for("cpu", False, profiles.Overrides())
+    scratch, transfer = profiles.few_labels_pair(pair, p.scratch, p.transfer("lab_src_nocat"))
     assert scratch["train_fraction"] == transfer["train_fraction"] == profiles.FEW_LABELS
     assert scratch["batch_size"] == transfer["batch_size"] == 256
     assert scratch["learning_rate"] == pytest.approx(p.scratch["learning_rate"] / 4)

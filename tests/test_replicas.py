@@ -14,6 +14,7 @@ import helpers
 from research.data import pipeline
 from research.lab import profiles
 from research.lab.settings import LabSettings
+from research.lab.stages import BY_NAME
 from research.models.layers import FusedBatchNorm
 from research.training import loop
 from research.training.config import ConfigError
@@ -145,8 +146,9 @@ def gpu_runs(replicas: int) -> dict:
     runs = {"scratch": p.scratch, "source_task": p.source_task, "memory_check": p.memory_check,
             "transfer_imagenet": p.transfer_imagenet, "transfer_fallback": p.transfer_fallback,
             "photos": p.photos["train"]}
+    pair = BY_NAME["few_labels"].settings_for("gpu", False, profiles.Overrides())
     for name, transfer in (("imagenet", p.transfer_imagenet), ("fallback", p.transfer_fallback)):
-        s, t = profiles.few_labels_pair(p, p.scratch, transfer)
+        s, t = profiles.few_labels_pair(pair, p.scratch, transfer)
         runs[f"few_scratch_{name}"], runs[f"few_transfer_{name}"] = s, t
     return runs
 

@@ -23,7 +23,8 @@ from research import files
 from research.apps import config_flags
 from research.errors import UserError
 from research.lab.profiles import PROFILES, Overrides
-from research.lab.settings import STAGES, LabSettings, check, pick_source
+from research.lab.settings import LabSettings, check, pick_source
+from research.lab.stages import CHOICES
 from research.training.runlock import RunLock
 
 FLAGS = flags.FLAGS
@@ -41,7 +42,7 @@ flags.DEFINE_string("photo_source", None, "The photos stage's photos: a tar or f
                     "folder per class (cats/, dogs/). Default: ../shared/data/dogs-vs-cats-"
                     "2000.tar when it is there; without either, the stage is skipped (the "
                     "report says why).")
-flags.DEFINE_list("stages", list(STAGES), "Stages to run, in the lab's order.")
+flags.DEFINE_list("stages", list(CHOICES), "Stages to run, in the lab's order.")
 flags.DEFINE_enum("profile", "cpu", list(PROFILES), "cpu: finishes on a 2-core machine; gpu: "
                   "full-size settings (bigger backbone inputs, more epochs, MirroredStrategy "
                   "over all GPUs).")

@@ -4,12 +4,12 @@ the comparison on disk scored the same checkpoints."""
 from __future__ import annotations
 
 import os
-import time
 
 from research import files, runs
 from research.evaluation import compare
 from research.lab.detectors import detector_runs, require_runs
-from research.lab.lab import SPLIT, Lab, StageRecord, command
+from research.lab.lab import SPLIT, Lab, command
+from research.lab.stage import Done
 from research.training import checkpoints
 
 
@@ -18,8 +18,7 @@ def _best(lab: Lab, run: str) -> str:
                                           verify=False)
 
 
-def stage_compare(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
+def stage_compare(lab: Lab) -> Done:
     names = detector_runs(lab)
     require_runs(lab, "compare", names)
     prefix = lab.out_dir("compare")
@@ -37,5 +36,4 @@ def stage_compare(lab: Lab) -> StageRecord:
         compare.write_figure(result, raw, prefix)
         print(f"[lab] compared {', '.join(names)}: {prefix}.md", flush=True)
     outputs = {"json": prefix + ".json", "markdown": prefix + ".md", "figure": prefix + ".png"}
-    return lab.finish("compare", "Comparison on the test set", start, reused,
-                      [command("research.apps.compare", flags)], flags, outputs)
+    return Done([command("research.apps.compare", flags)], flags, outputs, reused=reused)

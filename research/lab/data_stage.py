@@ -5,15 +5,15 @@ difference), and a figure of training examples by class."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
 from research import plots
 from research.data import pipeline, sources, tfrecords
 from research.data.manifest import has_manifest
-from research.lab.lab import Lab, StageRecord, command
+from research.lab.lab import Lab, command
 from research.lab.settings import LabError
+from research.lab.stage import Done
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -25,7 +25,7 @@ def _same_source(a: str, b: str) -> bool:
 def data_wanted(lab: Lab) -> dict:
     w = tfrecords.WriteConfig(out_dir=lab.s.data_dir)
     return {"source": lab.source, "positive_class": w.positive_class, "seed": w.seed,
-            "val_fraction": w.val_fraction, "shards": dict(lab.profile.shards)}
+            "val_fraction": w.val_fraction, "shards": dict(lab.stage_settings("data")["shards"])}
 
 
 def data_mismatch(lab: Lab) -> str | None:
@@ -46,6 +46,18 @@ def data_mismatch(lab: Lab) -> str | None:
             "to rebuild it, or give another --workdir")
 
 
+def check_data(lab: Lab) -> None:
+    problem = data_mismatch(lab)
+    if problem:
+        raise LabError(f"data: {problem}")
+
+
+def data_ready(lab: Lab) -> str | None:
+    if not has_manifest(lab.s.data_dir):
+        return f"{lab.s.data_dir} has no TFRecords yet"
+    return None
+
+
 def sample_figure(data_dir: str, per_class: int = 6):
     """The first `per_class` train images of every class, one row per class."""
     manifest = pipeline.load_manifest(data_dir)
@@ -62,15 +74,12 @@ def sample_figure(data_dir: str, per_class: int = 6):
                                   f"(positive class: {manifest['positive_class']})")
 
 
-def stage_data(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
+def stage_data(lab: Lab) -> Done:
     s, want = lab.s, data_wanted(lab)
     flags = {"source": lab.source, "out_dir": s.data_dir, "download_dir": s.download_dir,
              **{f"{k}_shards": v for k, v in want["shards"].items()}}
     reused = has_manifest(s.data_dir)
-    problem = data_mismatch(lab)
-    if problem:
-        raise LabError(f"data: {problem}")
+    check_data(lab)
     if not reused and os.path.isdir(s.data_dir) and os.listdir(s.data_dir):
         # TFRecords are written whole (renamed into place), so this is no lab's half.
         raise LabError(f"--workdir: {s.data_dir} holds files but no TFRecords manifest (not "
@@ -88,5 +97,5 @@ def stage_data(lab: Lab) -> StageRecord:
         plots.save_figure(sample_figure(s.data_dir), fig_path)
     outputs = {"data_dir": s.data_dir, "summary": tfrecords.summary_table(manifest),
                "sample_figure": fig_path, "source_line": lab.source_line}
-    return lab.finish("data", "TFRecords", start, reused,
-                      [command("research.apps.make_tfrecords", flags)], flags, outputs)
+    return Done([command("research.apps.make_tfrecords", flags)], flags, outputs,
+                reused=reused)

@@ -5,14 +5,13 @@ does."""
 
 from __future__ import annotations
 
-import time
-
 from research import runs
 from research.data import pipeline
 from research.evaluation import run as scoring
 from research.explain.hooks import gradcam_actions
-from research.lab.lab import SPLIT, Lab, Preempted, StageRecord, changed_flags, command
+from research.lab.lab import SPLIT, Lab, Preempted, changed_flags, command
 from research.lab.settings import LabError
+from research.lab.stage import Done
 from research.lab.weights import transfer_settings
 from research.training import checkpoints, loop, resume
 from research.training.actions import best_metric
@@ -114,10 +113,8 @@ def resume_notes(*summaries: dict) -> list[str]:
     return notes
 
 
-def detector_stage(lab: Lab, name: str, title: str, key: str, settings: dict,
-                   notes=()) -> StageRecord:
+def detector_stage(lab: Lab, key: str, settings: dict, notes=()) -> Done:
     """Train (or resume, or reuse) one detector, then evaluate it on the whole test set."""
-    start = time.perf_counter()
     cfg = train_config(lab, key, settings)
     summary, trained_before = train(lab, cfg)
     report, eval_reused = evaluate(lab, cfg.run_name)
@@ -126,41 +123,52 @@ def detector_stage(lab: Lab, name: str, title: str, key: str, settings: dict,
                "summary": run_summary(cfg, summary, "final_val"),
                "eval": runs.eval_report_path(cfg.run_dir, SPLIT),
                "figures": report.get("figures", [])}
-    return lab.finish(name, title, start, trained_before and eval_reused,
-                      [command("research.apps.train", flags), eval_command(lab, cfg.run_name)],
-                      flags, outputs, [*notes, *resume_notes(summary)],
-                      ran_seconds=summary.get("train_seconds"))
+    return Done([command("research.apps.train", flags), eval_command(lab, cfg.run_name)],
+                flags, outputs, [*notes, *resume_notes(summary)],
+                reused=trained_before and eval_reused,
+                ran_seconds=summary.get("train_seconds"))
 
 
-def stage_scratch(lab: Lab) -> StageRecord:
-    return detector_stage(lab, "scratch", "From-scratch detector", "scratch",
-                          lab.profile.scratch)
+def stage_scratch(lab: Lab) -> Done:
+    return detector_stage(lab, "scratch", lab.profile.scratch)
 
 
-def stage_source_task(lab: Lab) -> StageRecord:
+def stage_source_task(lab: Lab) -> Done:
     """The fallback backbone: a network trained on every class but cat, a plain
     classifier (its final val numbers: N-class and top-5 accuracy)."""
-    start = time.perf_counter()
     cfg = train_config(lab, "src_nocat", lab.profile.source_task)
     summary, reused = train(lab, cfg)
     flags = changed_flags(cfg)
     outputs = {"run_name": cfg.run_name, "run_dir": cfg.run_dir, "tb_dir": cfg.tb_dir,
                "summary": run_summary(cfg, summary, "final_val")}
-    return lab.finish("source_task", "Source task (no cats): the fallback backbone", start,
-                      reused, [command("research.apps.train", flags)], flags, outputs,
-                      resume_notes(summary), ran_seconds=summary.get("train_seconds"))
+    return Done([command("research.apps.train", flags)], flags, outputs,
+                resume_notes(summary), reused=reused, ran_seconds=summary.get("train_seconds"))
 
 
-def stage_transfer(lab: Lab) -> StageRecord:
+def stage_transfer(lab: Lab) -> Done:
     key, settings = transfer_settings(lab)
-    return detector_stage(lab, "transfer", "Transfer detector", key, settings,
-                          notes=[lab.weights_note])
+    return detector_stage(lab, key, settings, notes=[lab.weights_note])
 
 
 # ----------------------------------------------------------------------------- comparison
 
 def detector_runs(lab: Lab) -> list[str]:
     return [lab.run_name("scratch"), lab.run_name(transfer_settings(lab)[0])]
+
+
+def _missing_runs(lab: Lab, names) -> str | None:
+    missing = [r for r in names if not runs.is_exported(lab.s.checkpoint_dir, r)]
+    if missing:
+        return f"the finished run {', '.join(missing)} is not in {lab.s.checkpoint_dir}"
+    return None
+
+
+def scratch_ready(lab: Lab) -> str | None:
+    return _missing_runs(lab, [lab.run_name("scratch")])
+
+
+def transfer_ready(lab: Lab) -> str | None:
+    return _missing_runs(lab, detector_runs(lab)[1:])
 
 
 def require_runs(lab: Lab, stage: str, names) -> None:

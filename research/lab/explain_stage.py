@@ -1,8 +1,8 @@
 """The lab's explanations: the cheap methods of profiles.METHODS (Grad-CAM, Grad-CAM++,
-saliency, integrated gradients, guided Grad-CAM, occlusion) of the cat score of both
-detectors, side by side on the same test cats and non-cats (and on the user's photos), with
-deletion and insertion AUCs per method; reused when the runs' exports and the settings are
-those of the marker on disk."""
+saliency, integrated gradients, guided Grad-CAM, occlusion; the stage's `methods` setting)
+of the cat score of both detectors, side by side on the same test cats and non-cats (and on
+the user's photos), with deletion and insertion AUCs per method; reused (research.lab.lab.
+run_stage) when the runs' exports and the settings are those of the marker on disk."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ from keras.applications.imagenet_utils import decode_predictions
 
 from research import plots, runs
 from research.data import pipeline
-from research.data.imaging import decode_image, resize_image
+from research.data.imaging import ImageDecodeError, decode_image, resize_image
 from research.data.manifest import sha256_file
 from research.explain import faithfulness, loading, methods, outputs, sanity
 from research.explain.options import ExplainOptions
 from research.lab import figures
 from research.lab.detectors import detector_runs, require_runs
-from research.lab.lab import SPLIT, Lab, StageRecord, command, read_marker, reusable, write_marker
+from research.lab.lab import SPLIT, Lab, command
 from research.lab.profiles import EXPLAIN_OPTIONS
+from research.lab.settings import LabError
+from research.lab.stage import Done
 from research.model_options import BACKBONES
 from research.models.backbones import keras_models_dir
 
@@ -49,8 +51,8 @@ def export_key(lab: Lab, names) -> dict:
 def fixed_examples(lab: Lab) -> dict:
     """The same test cats and non-cats for every detector: the first of each in split
     order."""
-    return pipeline.take_examples(lab.s.data_dir, SPLIT, 2 * lab.profile.explain_per_class,
-                                  filter="balanced")
+    per_class = lab.stage_settings("explain")["explain_per_class"]
+    return pipeline.take_examples(lab.s.data_dir, SPLIT, 2 * per_class, filter="balanced")
 
 
 def user_images(paths) -> list[tuple[str, np.ndarray]]:
@@ -86,11 +88,11 @@ def imagenet_top3(lab: Lab, images: np.ndarray) -> list[str] | None:
 
 
 def _commands(lab: Lab, names, out_dir: str) -> list[str]:
-    p = lab.profile
+    p = lab.stage_settings("explain")
     return [command("research.apps.explain", {
         "run_name": r, "checkpoint_dir": lab.s.checkpoint_dir, "data_dir": lab.s.data_dir,
-        "num_examples": p.explain_per_class, "example_filter": f,
-        "method": ",".join(p.methods), "class_name": "cat", "faithfulness": True,
+        "num_examples": p["explain_per_class"], "example_filter": f,
+        "method": ",".join(p["methods"]), "class_name": "cat", "faithfulness": True,
         **EXPLAIN_OPTIONS, "out_dir": os.path.join(out_dir, r, f)}) for r in names
         for f in ("positive", "negative")] + [command("research.apps.explain", {
             "run_name": r, "checkpoint_dir": lab.s.checkpoint_dir, "data_dir": lab.s.data_dir,
@@ -106,7 +108,7 @@ def _commands(lab: Lab, names, out_dir: str) -> list[str]:
 
 
 def sanity_methods(p) -> list[str]:
-    return list(p.methods) + [m for m in SANITY_EXTRA if m not in p.methods]
+    return list(p["methods"]) + [m for m in SANITY_EXTRA if m not in p["methods"]]
 
 
 def _mistakes_figure(lab: Lab, run: str, out_dir: str) -> str:
@@ -142,8 +144,8 @@ def _sanity_run(lab: Lab, run: str, batch: np.ndarray, out_dir: str) -> tuple[di
     if int(ex.model.output.shape[-1]) >= 2:
         checks.append("random_logit")
     options = ExplainOptions(**EXPLAIN_OPTIONS)
-    results = outputs.sanity_checks(ex, batch, sanity_methods(lab.profile), checks, options,
-                                    class_index=cat, independent=False)
+    results = outputs.sanity_checks(ex, batch, sanity_methods(lab.stage_settings("explain")),
+                                    checks, options, class_index=cat, independent=False)
     outputs.save_sanity(results, os.path.join(out_dir, run))
     figs = outputs.sanity_figures(results, batch[0], os.path.join(out_dir, run),
                                   f"{run}: sanity checks of the cat score")
@@ -154,16 +156,16 @@ def _sanity_run(lab: Lab, run: str, batch: np.ndarray, out_dir: str) -> tuple[di
 
 def _explain_run(lab: Lab, run: str, batch: np.ndarray, photos) -> tuple[dict, dict]:
     """({method: deletion/insertion scores}, {method: {"test": maps[, "photos": maps]}})."""
-    p = lab.profile
+    p = lab.stage_settings("explain")
     ex, _, cat = load_explainer(lab, run)
     photo_batch = (np.stack([outputs.model_input(ex, ph) for _, ph in photos])
                    if photos else None)
     scores, maps = {}, {}
     options = ExplainOptions(**EXPLAIN_OPTIONS)
-    for method in p.methods:
+    for method in p["methods"]:
         params = options.method_params(method)
         res = methods.explain(ex, method, batch, cat, **params)
-        scores[method] = faithfulness.all_scores(ex, batch, res, steps=p.faithfulness_steps,
+        scores[method] = faithfulness.all_scores(ex, batch, res, steps=p["faithfulness_steps"],
                                                  mufidelity_samples=MUFIDELITY_SAMPLES,
                                                  seed=options.seed)
         maps[method] = {"test": res}
@@ -178,16 +180,16 @@ def _explain_run(lab: Lab, run: str, batch: np.ndarray, photos) -> tuple[dict, d
 def _figures(lab: Lab, names, examples, labels, photos, top3, maps, out_dir) -> list[str]:
     """One side-by-side figure per method of both detectors on the test images (and on the
     user's photos)."""
-    p = lab.profile
+    p = lab.stage_settings("explain")
     short = dict(zip(names, ("scratch", "transfer")))  # column titles stay legible
     legend = ", ".join(f"{v} = {k}" for k, v in short.items())
     paths = []
-    for method in p.methods:
+    for method in p["methods"]:
         rows = labels if top3 is None else [
             f"{lab_}\nImageNet VGG16: {t}" for lab_, t in zip(labels, top3)]
         fig = figures.side_by_side(examples["image"], rows, {
             short[r]: maps[r][method]["test"] for r in names}, method,
-            f"{len(labels)} fixed test images ({p.explain_per_class} cats, then non-cats): "
+            f"{len(labels)} fixed test images ({p['explain_per_class']} cats, then non-cats): "
             + legend)
         paths.append(plots.save_figure(fig, os.path.join(out_dir, f"{method}_test.png")))
         if photos:
@@ -200,30 +202,39 @@ def _figures(lab: Lab, names, examples, labels, photos, top3, maps, out_dir) -> 
     return paths
 
 
-def stage_explain(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
+def check_images(lab: Lab) -> None:
+    """An unreadable photo would otherwise surface after the training."""
+    try:
+        user_images(lab.s.images)
+    except (OSError, ImageDecodeError) as e:
+        raise LabError(f"--images: {e}") from e
+
+
+def explain_key(lab: Lab) -> dict:
+    names = detector_runs(lab)
+    require_runs(lab, "explain", names)
+    p = lab.stage_settings("explain")
+    return {"exports": export_key(lab, names), "methods": list(p["methods"]),
+            "options": EXPLAIN_OPTIONS,
+            "per_class": p["explain_per_class"], "steps": p["faithfulness_steps"],
+            "sanity": {"methods": sanity_methods(p), "per_class": SANITY_PER_CLASS,
+                       "pass_below": sanity.PASS_BELOW, "independent": False},
+            "mistakes": {"shown": MISTAKES_SHOWN, "scored": MISTAKES_SCORED,
+                         "file": "<run>/mistakes.png"},
+            "faithfulness": list(FAITHFULNESS_KEYS), "mufidelity": MUFIDELITY_SAMPLES,
+            "images": [os.path.abspath(i) for i in lab.s.images]}
+
+
+def stage_explain(lab: Lab) -> Done:
     names = detector_runs(lab)
     require_runs(lab, "explain", names)
     out_dir = lab.out_dir("explain")
-    p = lab.profile
-    key = {"exports": export_key(lab, names), "methods": list(p.methods),
-           "options": EXPLAIN_OPTIONS,
-           "per_class": p.explain_per_class, "steps": p.faithfulness_steps,
-           "sanity": {"methods": sanity_methods(p), "per_class": SANITY_PER_CLASS,
-                      "pass_below": sanity.PASS_BELOW, "independent": False},
-           "mistakes": {"shown": MISTAKES_SHOWN, "scored": MISTAKES_SCORED,
-                        "file": "<run>/mistakes.png"},
-           "faithfulness": list(FAITHFULNESS_KEYS), "mufidelity": MUFIDELITY_SAMPLES,
-           "images": [os.path.abspath(i) for i in lab.s.images]}
-    marker = os.path.join(out_dir, "done.json")
-    flags = {"runs": names, "method": list(p.methods), "num_examples": 2 * p.explain_per_class,
-             "class_name": "cat", "faithfulness": True, "faithfulness_steps": p.faithfulness_steps,
+    p = lab.stage_settings("explain")
+    flags = {"runs": names, "method": list(p["methods"]),
+             "num_examples": 2 * p["explain_per_class"], "class_name": "cat",
+             "faithfulness": True, "faithfulness_steps": p["faithfulness_steps"],
              **EXPLAIN_OPTIONS, "images": list(lab.s.images)}
     commands = _commands(lab, names, out_dir)
-    old = read_marker(marker)
-    if reusable(old, key):
-        return lab.finish("explain", "Explanations", start, True, commands, flags,
-                          old["outputs"])
     examples = fixed_examples(lab)
     classes = pipeline.load_manifest(lab.s.data_dir)["class_names"]
     labels = [f"test #{i}: {classes[c]}"
@@ -259,5 +270,4 @@ def stage_explain(lab: Lab) -> StageRecord:
                              for m, per in sane[r].items()} for r in names},
               "sanity_images": 2 * SANITY_PER_CLASS, "seconds": seconds,
               "mistakes": mistakes}
-    write_marker(marker, key, result)
-    return lab.finish("explain", "Explanations", start, False, commands, flags, result)
+    return Done(commands, flags, result)

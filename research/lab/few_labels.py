@@ -4,14 +4,13 @@ side on a few labels (profiles.FEW_LABELS of the train split), at equal steps an
 
 from __future__ import annotations
 
-import time
-
 from research import runs
 from research.data import pipeline
 from research.lab.detectors import (eval_command, evaluate, resume_notes, run_summary, train,
                                     train_config)
-from research.lab.lab import SPLIT, Lab, StageRecord, changed_flags, command
+from research.lab.lab import SPLIT, Lab, changed_flags, command
 from research.lab.profiles import few_labels_pair
+from research.lab.stage import Done
 from research.lab.weights import transfer_settings
 from research.training import examples
 from research.training.state import plan_steps
@@ -40,11 +39,11 @@ def _full_row(lab: Lab, key: str, labels: str) -> dict | None:
     return _row(name, labels, summary, report)
 
 
-def stage_few_labels(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
+def stage_few_labels(lab: Lab) -> Done:
     key, transfer = transfer_settings(lab)
-    scratch_s, transfer_s = few_labels_pair(lab.profile, lab.profile.scratch, transfer)
-    pct = f"{lab.profile.few_labels:.0%}"
+    pair = lab.stage_settings("few_labels")
+    scratch_s, transfer_s = few_labels_pair(pair, lab.profile.scratch, transfer)
+    pct = f"{pair['few_labels']:.0%}"
     manifest = pipeline.load_manifest(lab.s.data_dir)
     tcfg = train_config(lab, f"few_{key}", {**QUIET, **transfer_s})
     # Equal steps exactly: the transfer's phases round their steps separately.
@@ -66,9 +65,8 @@ def stage_few_labels(lab: Lab) -> StageRecord:
                      eval_command(lab, cfg.run_name)]
         flags.update({f"{role} {k}": v for k, v in changed_flags(cfg).items()})
     full = [r for r in (_full_row(lab, "scratch", "100%"), _full_row(lab, key, "100%")) if r]
-    outputs = {"rows": rows, "full": full, "fraction": lab.profile.few_labels,
-               "epochs": lab.profile.few_labels_epochs, "weights_note": lab.weights_note,
+    outputs = {"rows": rows, "full": full, "fraction": pair["few_labels"],
+               "epochs": pair["few_labels_epochs"], "weights_note": lab.weights_note,
                "summaries": [run_summary(c, x) for c, x in zip((scfg, tcfg), summaries)]}
-    return lab.finish("few_labels", "Few labels: where transfer pays", start, reused,
-                      commands, flags, outputs, resume_notes(*summaries),
-                      ran_seconds=sum(s.get("train_seconds") or 0 for s in summaries))
+    return Done(commands, flags, outputs, resume_notes(*summaries), reused=reused,
+                ran_seconds=sum(s.get("train_seconds") or 0 for s in summaries))

@@ -1,6 +1,7 @@
-"""One invocation of the lab, and its bookkeeping: the records of the stages it ran (kept in
-<workdir>/logs/lab/stages/ so that a later invocation's report can show them), the exact
-command of each stage, and the done-markers of the stages that write figures."""
+"""One invocation of the lab, and its bookkeeping, written once for every stage (`run_stage`):
+the records of the stages it ran (kept in <workdir>/logs/lab/stages/ so that a later
+invocation's report can show them), the exact command of each stage, and the done-markers
+of the stages that write figures, keyed by their inputs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from research import devices, files, machine
 from research.lab.profiles import LabProfile
 from research.lab.settings import LabSettings
+from research.lab.stage import Done, Stage
+from research.lab.stages import BY_NAME
 from research.training.config import TrainConfig
 
 SPLIT = "test"  # what the lab reports on
@@ -78,22 +81,45 @@ class Lab:
         self.records[rec.name] = rec
         return rec
 
-    def finish(self, name, title, start, reused, commands, flags, outputs, notes=(),
-               ran_seconds=None) -> StageRecord:
+    def stage_settings(self, name: str) -> dict:
+        """Stage `name`'s settings (its record's) on this profile, --quick and the overrides
+        applied."""
+        return BY_NAME[name].settings_for(self.s.profile, self.s.quick, self.s.overrides)
+
+    def finish(self, stage: Stage, start: float, done: Done) -> StageRecord:
         """The stage's record: a reused stage keeps the versions and time of the run that
         did the work."""
         wall = time.perf_counter() - start
-        before = self.stored(name) if reused else None
+        before = self.stored(stage.name) if done.reused else None
         versions = (before or {}).get("versions") or self.versions
-        ran = (before or {}).get("ran_seconds") if reused else wall
+        ran = (before or {}).get("ran_seconds") if done.reused else wall
         if ran is None:
-            ran = ran_seconds
-        rec = StageRecord(name, title, list(commands), flags, reused, round(wall, 1),
-                          None if ran is None else round(ran, 1), versions, outputs,
-                          list(notes))
-        word = "reused" if reused else "done"
-        print(f"[lab] {name}: {word} in {wall:.1f}s", flush=True)
+            ran = done.ran_seconds
+        rec = StageRecord(stage.name, stage.title, list(done.commands), done.flags, done.reused,
+                          round(wall, 1), None if ran is None else round(ran, 1), versions,
+                          done.outputs, list(done.notes))
+        word = "reused" if done.reused else "done"
+        print(f"[lab] {stage.name}: {word} in {wall:.1f}s", flush=True)
         return self.save(rec)
+
+
+def run_stage(lab: Lab, stage: Stage) -> StageRecord:
+    """Runs one stage and keeps its record. A stage with a key is reused whole when its
+    done-marker was written for the same key and its figures are still there; otherwise it
+    runs (its own code reuses finished trainings and resumes interrupted ones) and, once
+    done, its marker is written for the key as it is then (its own outputs may be among its
+    inputs)."""
+    start = time.perf_counter()
+    marker = os.path.join(lab.out_dir(stage.name), "done.json")
+    if stage.key is not None:
+        key, old = stage.key(lab), read_marker(marker)
+        if key is not None and reusable(old, key):
+            return lab.finish(stage, start, Done(reused=True, **_marker_done(lab, stage, old)))
+    done = stage.run(lab)
+    key = stage.key(lab) if stage.key is not None and not done.reused else None
+    if key is not None:
+        write_marker(marker, key, done)
+    return lab.finish(stage, start, done)
 
 
 def read_marker(path: str) -> dict | None:
@@ -101,15 +127,29 @@ def read_marker(path: str) -> dict | None:
     return files.read_json(path) if os.path.isfile(path) else None
 
 
-def write_marker(path: str, key: dict, outputs: dict) -> None:
+def write_marker(path: str, key: dict, done: Done) -> None:
     """What a figure stage did and for which inputs (`key`): reused when the key matches."""
-    files.write_json(path, {"key": key, "outputs": outputs}, "the stage's marker")
+    kept = {k: v for k, v in dataclasses.asdict(done).items() if k != "reused"}
+    files.write_json(path, {"key": key, "done": kept}, "the stage's marker")
 
 
 def reusable(marker: dict | None, key: dict) -> bool:
-    """The marker was written for `key` and every figure it lists is still there."""
-    return marker is not None and marker.get("key") == key and all(
-        os.path.isfile(f) for f in marker["outputs"]["figures"])
+    """The marker was written for `key` and every file its outputs list (under "figures"
+    and "files") is still there."""
+    if marker is None or marker.get("key") != key:
+        return False
+    outputs = marker["done"]["outputs"] if "done" in marker else marker["outputs"]
+    return all(os.path.isfile(f) for k in ("figures", "files") for f in outputs.get(k, []))
+
+
+def _marker_done(lab: Lab, stage: Stage, marker: dict) -> dict:
+    """The Done a marker keeps; a marker of an older lab kept only the outputs, and the
+    stage's stored record the rest."""
+    if "done" in marker:
+        return marker["done"]
+    rec = lab.stored(stage.name) or {}
+    return {"commands": rec.get("commands", []), "flags": rec.get("flags", {}),
+            "outputs": marker["outputs"], "notes": rec.get("notes", [])}
 
 
 def _fmt(v) -> str:

@@ -12,7 +12,6 @@ way; only where the bytes come from differs.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 from absl import logging
@@ -21,7 +20,8 @@ from research import files
 from research.data import pipeline
 from research.lab.detectors import (eval_command, evaluate, finished, resume_notes, train,
                                     train_config)
-from research.lab.lab import Lab, StageRecord, changed_flags, command, read_marker
+from research.lab.lab import Lab, changed_flags, command, read_marker
+from research.lab.stage import Done
 from research.training import loop
 from research.training.config import TrainConfig
 from research.training.inputs import train_stream
@@ -44,8 +44,7 @@ def check_supported(cfg) -> None:
 METRICS = ("roc_auc", "pr_auc", "f1", "precision", "recall", "class_accuracy", "loss")
 
 
-def stage_memory_check(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
+def stage_memory_check(lab: Lab) -> Done:
     settings = lab.profile.memory_check
     disk = train_config(lab, "mem_tfrecords", settings)
     mem = dataclasses.replace(train_config(lab, "mem_memory", settings), input="memory")
@@ -83,11 +82,10 @@ def stage_memory_check(lab: Lab) -> StageRecord:
           f"tfrecords) {diff:+.4f}" if diff is not None else "[lab] memory check done",
           flush=True)
     reused = d_reused and m_reused and d_eval and m_eval
-    return lab.finish("memory_check", "Reading from disk vs from memory", start, reused,
-                      commands, flags, {"json": out, **result},
-                      notes + resume_notes(d_summary, m_summary),
-                      ran_seconds=(d_summary.get("train_seconds") or 0)
-                      + (m_summary.get("train_seconds") or 0))
+    return Done(commands, flags, {"json": out, **result},
+                notes + resume_notes(d_summary, m_summary), reused=reused,
+                ran_seconds=(d_summary.get("train_seconds") or 0)
+                + (m_summary.get("train_seconds") or 0))
 
 
 def same_batches(lab: Lab, cfg: TrainConfig, num_batches: int = 3) -> bool:

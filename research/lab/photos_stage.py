@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import time
 
 import numpy as np
 
@@ -25,9 +24,9 @@ from research.explain import methods, render
 from research.lab.detectors import (finished, require_runs, resume_notes, run_summary,
                                     train)
 from research.lab.explain_stage import load_explainer
-from research.lab.lab import SPLIT, Lab, StageRecord, changed_flags, command, read_marker
-from research.lab.lab import reusable, write_marker
+from research.lab.lab import SPLIT, Lab, changed_flags, command
 from research.lab.settings import LabError
+from research.lab.stage import Done
 from research.training import checkpoints
 from research.training.config import TrainConfig, load_run_config
 from research.training.recipes import PHOTOS_FROM_CIFAR, load_recipe
@@ -241,24 +240,50 @@ def mistakes_figure(lab: Lab, run: str, data_dir: str, source: str, ids: list[st
 
 # ----------------------------------------------------------------------------- the stage
 
-def stage_photos(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
-    source, line = photo_source(lab)
-    if source is None:
-        return lab.finish("photos", "Real photos", start, False, [], {},
-                          {"skipped": line})
-    detector_name = lab.run_name("scratch")
-    require_runs(lab, "photos", [detector_name])
-    detector = load_run_config(lab.s.checkpoint_dir, detector_name, lab.s.data_dir)
-    detector_classes = runs.read_metadata(runs.exported_model_path(
+def _detector_classes(lab: Lab, detector_name: str) -> list:
+    return runs.read_metadata(runs.exported_model_path(
         lab.s.checkpoint_dir, detector_name))["class_names"]
-    manifest, data_reused = make_photo_data(lab, source, detector_classes)
-    data_dir = photo_data_dir(lab)
-    mapping = class_map(manifest["class_names"], detector_classes)
+
+
+def _photo_config(lab: Lab, detector_name: str, manifest: dict) -> tuple[TrainConfig, dict]:
+    """(the photo run's config, the photo classes mapped to the detector's)."""
+    detector = load_run_config(lab.s.checkpoint_dir, detector_name, lab.s.data_dir)
+    mapping = class_map(manifest["class_names"], _detector_classes(lab, detector_name))
     settings = recipe_settings(lab, detector, mapping, manifest["positive_class"])
-    cfg = TrainConfig(data_dir=data_dir, run_name=lab.run_name("photos"),
+    cfg = TrainConfig(data_dir=photo_data_dir(lab), run_name=lab.run_name("photos"),
                       checkpoint_dir=lab.s.checkpoint_dir, log_dir=lab.s.log_dir,
                       progress=lab.s.progress, **settings)
+    return cfg, mapping
+
+
+def photos_key(lab: Lab) -> dict | None:
+    """The photo data, the photo run's flags, the detector's and the photo run's exports
+    (None: no photos, or their TFRecords are not written yet)."""
+    source, _ = photo_source(lab)
+    data_dir = photo_data_dir(lab)
+    if source is None or not has_manifest(data_dir):
+        return None
+    detector_name = lab.run_name("scratch")
+    require_runs(lab, "photos", [detector_name])
+    cfg, _ = _photo_config(lab, detector_name, pipeline.load_manifest(data_dir))
+    flags = changed_flags(cfg)
+    return {"data": sha256_file(manifest_path(data_dir)), "flags": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in flags.items()},
+        "detector": sha256_file(runs.exported_model_path(lab.s.checkpoint_dir, detector_name)),
+        "photo_run": (sha256_file(runs.exported_model_path(lab.s.checkpoint_dir, cfg.run_name))
+                      if finished(cfg) is not None else None),
+        "explain_per_class": lab.profile.photos["explain_per_class"]}
+
+
+def stage_photos(lab: Lab) -> Done:
+    source, line = photo_source(lab)
+    if source is None:
+        return Done([], {}, {"skipped": line})
+    detector_name = lab.run_name("scratch")
+    require_runs(lab, "photos", [detector_name])
+    manifest, data_reused = make_photo_data(lab, source, _detector_classes(lab, detector_name))
+    data_dir = photo_data_dir(lab)
+    cfg, mapping = _photo_config(lab, detector_name, manifest)
     flags = changed_flags(cfg)
     commands = [command("research.apps.make_tfrecords", {
                     "source": source, "out_dir": data_dir, "image_size": manifest[
@@ -274,19 +299,6 @@ def stage_photos(lab: Lab) -> StageRecord:
                                                    "checkpoint_dir": lab.s.checkpoint_dir,
                                                    "data_dir": data_dir, "split": SPLIT})]
     out_dir = lab.out_dir("photos")
-    marker = os.path.join(out_dir, "done.json")
-    summary = finished(cfg)
-    key = {"data": sha256_file(manifest_path(data_dir)), "flags": {
-        k: list(v) if isinstance(v, tuple) else v for k, v in flags.items()},
-        "detector": sha256_file(runs.exported_model_path(lab.s.checkpoint_dir, detector_name)),
-        "photo_run": (sha256_file(runs.exported_model_path(lab.s.checkpoint_dir, cfg.run_name))
-                      if summary is not None else None),
-        "explain_per_class": lab.profile.photos["explain_per_class"]}
-    old = read_marker(marker)
-    if summary is not None and reusable(old, key):
-        return lab.finish("photos", "Real photos", start, True, commands, flags,
-                          old["outputs"], resume_notes(summary),
-                          ran_seconds=summary.get("train_seconds"))
     rows = [_row(f"zero-shot: {detector_name} (CIFAR-10, never saw a photo), "
                  + ("TTA mirror + shifts" if tta else "no TTA"),
                  _zero_shot(lab, detector_name, data_dir, mapping, tta), 0.0)
@@ -299,7 +311,7 @@ def stage_photos(lab: Lab) -> StageRecord:
     report, raw = scoring.evaluate_and_save(run_cfg, SPLIT, best, progress=lab.s.progress,
                                             verified=True)
     plain = _eval_no_tta(lab, cfg.run_name, data_dir)
-    size = settings["model_options"].get("image_size")
+    size = cfg.model_options.get("image_size")
     secs = summary.get("train_seconds")
     rows += [_row(f"fine-tuned from {detector_name} at {size} px, no TTA", plain, secs),
              _row(f"fine-tuned from {detector_name} at {size} px, TTA mirror + shifts", report,
@@ -316,8 +328,4 @@ def stage_photos(lab: Lab) -> StageRecord:
                "summary": run_summary(cfg, summary), "rows": rows, "figures": figures,
                "data_summary": tfrecords.summary_table(manifest),
                "data_reused": data_reused, "eval_figures": report.get("figures", [])}
-    key["photo_run"] = sha256_file(runs.exported_model_path(lab.s.checkpoint_dir,
-                                                            cfg.run_name))
-    write_marker(marker, key, outputs)
-    return lab.finish("photos", "Real photos", start, False, commands, flags, outputs,
-                      resume_notes(summary), ran_seconds=secs)
+    return Done(commands, flags, outputs, resume_notes(summary), ran_seconds=secs)

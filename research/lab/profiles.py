@@ -1,6 +1,9 @@
 """The lab's settings per machine: one `LabProfile` for a 2-core CPU, one for GPUs, and the
-`--quick` shrink of either. Training settings are `TrainConfig` overrides (TrainConfig keeps
-every training default); only what the lab changes is written here.
+`--quick` shrink of either: the training runs that several stages share or derive from (the
+detectors' recipes, the few-labels pair, the photo and memory-check runs). Training settings
+are `TrainConfig` overrides (TrainConfig keeps every training default); only what the lab
+changes is written here. A stage's own settings per profile are in its record
+(research.lab.stages).
 """
 
 from __future__ import annotations
@@ -41,21 +44,12 @@ FEW_LABELS_EPOCHS = 40.0
 @dataclasses.dataclass(frozen=True)
 class LabProfile:
     name: str
-    shards: dict                  # TFRecord shards per split
     scratch: dict                 # the from-scratch detector
     source_task: dict             # the fallback backbone: a network trained without cats
     transfer_imagenet: dict       # the transfer detector with ImageNet weights
     transfer_fallback: dict       # the transfer detector on the source-task backbone
     memory_check: dict            # both runs of the input check
     photos: dict = dataclasses.field(default_factory=lambda: dict(PHOTOS))  # real photos
-    few_labels: float = FEW_LABELS  # the train fraction of the few-labels pair
-    few_labels_epochs: float = FEW_LABELS_EPOCHS  # its length, in epochs of that fraction
-    explain_per_class: int = 4    # test cats and as many non-cats
-    methods: tuple = METHODS
-    faithfulness_steps: int = 32
-    visualize_layers: int = 2     # activation grids and filter patterns of the last N stages
-    num_filters: int = 16
-    filter_steps: int = 40
     run_prefix: str = "lab_"
     quick: bool = False
     per_replica_batches: bool = False  # batch_size per replica (`per_replica`), else global
@@ -74,7 +68,6 @@ class LabProfile:
 
 CPU = LabProfile(
     name="cpu",
-    shards={"train": 12, "val": 2, "test": 4},
     # The fast recipe (airbench94's port, research/recipes/fast_cifar10.flags) exactly: the
     # same run as `train --flagfile=research/recipes/fast_cifar10.flags`.
     scratch=load_recipe(FAST_CIFAR10),
@@ -109,7 +102,6 @@ CPU = LabProfile(
 GPU = LabProfile(
     name="gpu",
     per_replica_batches=True,
-    shards={"train": 12, "val": 2, "test": 4},
     # Per replica the recipe's own 1,024: on one GPU the run is airbench94 exactly.
     scratch=load_recipe(FAST_CIFAR10),
     source_task={**airbench93(), "exclude_classes": ("cat",)},
@@ -124,9 +116,6 @@ GPU = LabProfile(
     memory_check=dict(model="scratch", epochs=5.0, batch_size=128, gradcam_images=0),
     photos={**PHOTOS, "train": {**PHOTOS["train"], "batch_size": load_recipe(
         PHOTOS_FROM_CIFAR)["batch_size"]}},
-    explain_per_class=8,
-    num_filters=32,
-    filter_steps=60,
 )
 
 PROFILES = {p.name: p for p in (CPU, GPU)}
@@ -161,9 +150,7 @@ def quick(profile: LabProfile) -> LabProfile:
         memory_check=shrink(profile.memory_check),
         photos={**profile.photos, "split_counts": (60, 30, 30), "train": {
             **profile.photos["train"], "head_epochs": 1.0, "fine_tune_epochs": 1.0,
-            "model_options": {"image_size": 32}}, "explain_per_class": 2},
-        few_labels_epochs=2.0, explain_per_class=2, faithfulness_steps=8, num_filters=8,
-        filter_steps=10)
+            "model_options": {"image_size": 32}}, "explain_per_class": 2})
 
 
 def per_replica(profile: LabProfile, replicas: int) -> LabProfile:
@@ -267,25 +254,21 @@ def apply_overrides(profile: LabProfile, o: Overrides) -> LabProfile:
         photos["split_counts"] = tuple(o.photo_counts)
     if o.explain_per_class is not None:
         photos["explain_per_class"] = o.explain_per_class
-    pick = {k: getattr(o, k) for k in ("explain_per_class", "faithfulness_steps",
-                                       "num_filters", "filter_steps", "few_labels",
-                                       "few_labels_epochs")
-            if getattr(o, k) is not None}
     return dataclasses.replace(
         profile, scratch=scratch_like(profile.scratch),
         source_task=scratch_like(profile.source_task),
         memory_check=scratch_like(profile.memory_check),
         transfer_imagenet=transfer(profile.transfer_imagenet),
-        transfer_fallback=transfer(profile.transfer_fallback), photos=photos, **pick)
+        transfer_fallback=transfer(profile.transfer_fallback), photos=photos)
 
 
-def few_labels_pair(profile: LabProfile, scratch: dict, transfer: dict) -> tuple[dict, dict]:
-    """(scratch, transfer) settings of the few-labels pair: both on profile.few_labels of
-    the train split for profile.few_labels_epochs of it, at the transfer's batch size, so
-    at equal steps. The scratch recipe is rebatched (its learning rate per example kept)
-    and stretched (its schedule's shape kept); the transfer's phases keep their
-    proportions."""
-    epochs, frac = profile.few_labels_epochs, profile.few_labels
+def few_labels_pair(pair: dict, scratch: dict, transfer: dict) -> tuple[dict, dict]:
+    """(scratch, transfer) settings of the few-labels pair (`pair`: the few_labels stage's
+    settings): both on pair["few_labels"] of the train split for pair["few_labels_epochs"]
+    of it, at the transfer's batch size, so at equal steps. The scratch recipe is rebatched
+    (its learning rate per example kept) and stretched (its schedule's shape kept); the
+    transfer's phases keep their proportions."""
+    epochs, frac = pair["few_labels_epochs"], pair["few_labels"]
     batch = transfer.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
     t = {**transfer, "train_fraction": frac}
     if t.get("transfer") == "fine_tune":

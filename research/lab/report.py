@@ -1,6 +1,7 @@
 """The lab's report: <workdir>/logs/lab/report.html, one self-contained page (every image
 embedded as a base64 PNG, no network needed to view it), and report.md beside it (the same
-text, images linked as files)."""
+text, images linked as files). Its sections are the stages' (each record's `sections`, in
+the lab's order), `(doc, lab, records) -> None`, then the table of the stages."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from research import files, machine, plots
 from research.explain import methods
 from research.lab import figures
 from research.lab.profiles import QUICK_EVAL_FRACTION
+from research.lab.stages import STAGES
 
 DASH = "\u2014"
 METRIC_NAMES = {"pr_auc": "PR-AUC", "class_accuracy": "class accuracy"}
@@ -147,7 +149,7 @@ def _load(path: str) -> dict | None:
     return files.read_json(path) if path and os.path.isfile(path) else None
 
 
-def _data_section(doc: Doc, records: dict) -> None:
+def data_section(doc: Doc, lab, records: dict) -> None:
     data = records.get("data")
     doc.heading("Data")
     if data:
@@ -157,7 +159,7 @@ def _data_section(doc: Doc, records: dict) -> None:
         doc.para("The data stage has not run.")
 
 
-def _training_section(doc: Doc, lab, records: dict) -> None:
+def training_section(doc: Doc, lab, records: dict) -> None:
     dets = [records.get(k) for k in ("scratch", "transfer")]
     doc.heading("Training curves")
     runs = {r.outputs["run_name"]: r.outputs["tb_dir"] for r in dets if r}
@@ -187,7 +189,7 @@ def _training_section(doc: Doc, lab, records: dict) -> None:
         doc.para("No detector has been trained yet.")
 
 
-def _comparison_section(doc: Doc, records: dict) -> None:
+def comparison_section(doc: Doc, lab, records: dict) -> None:
     doc.heading("Comparison on the test set")
     comp = records.get("compare")
     result = _load(comp.outputs["json"]) if comp else None
@@ -210,7 +212,7 @@ def _comparison_section(doc: Doc, records: dict) -> None:
         doc.para("The compare stage has not run.")
 
 
-def _few_labels_section(doc: Doc, records: dict) -> None:
+def few_labels_section(doc: Doc, lab, records: dict) -> None:
     doc.heading("Few labels: where transfer pays")
     rec = records.get("few_labels")
     if not rec:
@@ -230,7 +232,7 @@ def _few_labels_section(doc: Doc, records: dict) -> None:
         doc.para(f"Transfer weights: {o['weights_note']}")
 
 
-def _errors_section(doc: Doc, records: dict) -> None:
+def errors_section(doc: Doc, lab, records: dict) -> None:
     dets = [records.get(k) for k in ("scratch", "transfer")]
     doc.heading("Errors: confusion matrices, worst false positives and negatives")
     for r in dets:
@@ -263,7 +265,7 @@ def _sanity_table(doc: Doc, outputs: dict) -> None:
     doc.table(["run: method, check: verdict", "Spearman", "SSIM"], rows)
 
 
-def _explain_section(doc: Doc, records: dict) -> None:
+def explain_section(doc: Doc, lab, records: dict) -> None:
     doc.heading("What the detectors look at")
     exp = records.get("explain")
     if exp:
@@ -306,7 +308,7 @@ def _explain_section(doc: Doc, records: dict) -> None:
         doc.para("The explain stage has not run.")
 
 
-def _visualize_section(doc: Doc, records: dict) -> None:
+def visualize_section(doc: Doc, lab, records: dict) -> None:
     doc.heading("Inside the networks: activations and filter patterns")
     vis = records.get("visualize")
     if vis:
@@ -324,7 +326,7 @@ CHOLLET = (("small convnet from scratch", "~0.70"),
            ("VGG16 (ImageNet) fine-tuned", "~0.97"))
 
 
-def _photos_section(doc: Doc, records: dict) -> None:
+def photos_section(doc: Doc, lab, records: dict) -> None:
     doc.heading("Real photos: dogs vs cats")
     rec = records.get("photos")
     if rec is None:
@@ -357,7 +359,7 @@ def _photos_section(doc: Doc, records: dict) -> None:
         doc.para(n, "note")
 
 
-def _memory_section(doc: Doc, records: dict) -> None:
+def memory_section(doc: Doc, lab, records: dict) -> None:
     doc.heading("Reading from disk vs from memory")
     mem = records.get("memory_check")
     if mem:
@@ -426,15 +428,9 @@ def write_report(lab, records: dict) -> tuple[str, str]:
     doc.para("TensorBoard shows every run of the lab side by side: "
              f"tensorboard --logdir {s.log_dir}  (then open http://localhost:6006).")
 
-    _data_section(doc, records)
-    _training_section(doc, lab, records)
-    _comparison_section(doc, records)
-    _few_labels_section(doc, records)
-    _errors_section(doc, records)
-    _explain_section(doc, records)
-    _visualize_section(doc, records)
-    _photos_section(doc, records)
-    _memory_section(doc, records)
+    for stage in STAGES:  # each stage's sections, in the lab's order
+        for section in stage.sections:
+            section(doc, lab, records)
     _stages_section(doc, records)
     html_path = os.path.join(out_dir, "report.html")
     md_path = os.path.join(out_dir, "report.md")

@@ -1,66 +1,52 @@
-"""`run_lab`: the stages in order, each reusing its finished output, then the report."""
+"""`run_lab`: the stages of research.lab.stages in order, each reusing its finished output,
+then the report. What runs and what must already be on disk follow from the records'
+`needs`."""
 
 from __future__ import annotations
 
 import time
 
-from research.data.imaging import ImageDecodeError
-from research.data.manifest import has_manifest
 from research.lab import report
-from research.lab.data_stage import data_mismatch
-from research.lab.detectors import detector_runs, require_runs
-from research.lab.explain_stage import user_images
-from research.lab.lab import Lab, StageRecord
+from research.lab.lab import Lab, StageRecord, run_stage
 from research.lab.settings import LabError, LabSettings, check, pick_source
-from research.lab.stages import STAGE_FUNCTIONS
-from research.lab.weights import resolve_weights
-
-# What each stage reads from the ones before it.
-NEEDS_DETECTORS = ("compare", "explain", "visualize")
-# The stages that train from the transfer detector's weights.
-NEEDS_WEIGHTS = ("transfer", "few_labels")
+from research.lab.stages import BY_NAME, STAGES
 
 
 def plan(lab: Lab) -> list[str]:
-    """The stages to run, in order; the source task joins the transfer and few-labels
-    stages when the transfer detector starts from it."""
-    out = []
-    for name in STAGE_FUNCTIONS:
-        if name == "source_task":
-            if (any(s in lab.s.stages for s in NEEDS_WEIGHTS)
-                    and lab.weights == lab.run_name("src_nocat")):
-                out.append(name)
-        elif name in lab.s.stages:
-            out.append(name)
-    return out
+    """The stages to run, in order: the asked ones, and a stage that is no --stages choice
+    (the source task) when an asked stage needs it and it `joins`."""
+    asked = set(lab.s.stages)
+    wanted = {n for s in STAGES if s.name in asked for n in s.needs}
+    return [s.name for s in STAGES if s.name in asked
+            or (s.joins is not None and s.name in wanted and s.joins(lab))]
+
+
+def _closure(names) -> list:
+    """The stages `names` need, and what those need, in the lab's order."""
+    found, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += BY_NAME[name].needs
+    return [s for s in STAGES if s.name in found]
 
 
 def preflight(lab: Lab, order: list[str]) -> None:
-    """Errors that can be found before any work: foreign TFRecords in the data folder,
-    missing runs for the stages that read them."""
-    problem = data_mismatch(lab)
-    if problem:
-        raise LabError(f"data: {problem}")
-    if "data" not in order and not has_manifest(lab.s.data_dir):
-        raise LabError(f"--stages: {lab.s.data_dir} has no TFRecords yet; include the data "
-                       "stage")
-    needing = [n for n in order if n in NEEDS_DETECTORS]
-    if needing:
-        trained = {"scratch": lab.run_name("scratch"), "transfer": detector_runs(lab)[1]}
-        missing = [r for k, r in trained.items() if k not in order]
-        try:
-            require_runs(lab, needing[0], missing)
-        except LabError as e:
-            raise LabError(f"{e} (or add them to --stages)") from None
-    if "photos" in order and "scratch" not in order:
-        try:
-            require_runs(lab, "photos", [lab.run_name("scratch")])
-        except LabError as e:
-            raise LabError(f"{e} (or add scratch to --stages)") from None
-    try:  # an unreadable photo would otherwise surface after the training
-        user_images(lab.s.images)
-    except (OSError, ImageDecodeError) as e:
-        raise LabError(f"--images: {e}") from e
+    """Errors that can be found before any work: each stage's own checks (foreign TFRecords
+    in the data folder, unreadable --images), and the outputs of a needed stage that is not
+    in --stages missing from disk."""
+    for stage in _closure(order):
+        if stage.check is not None:
+            stage.check(lab)
+    for name in order:
+        for need in BY_NAME[name].needs:
+            needed = BY_NAME[need]
+            if need in order or needed.ready is None:
+                continue
+            problem = needed.ready(lab)
+            if problem:
+                raise LabError(f"--stages: {problem}; include the {need} stage")
 
 
 def run_lab(settings: LabSettings, source: str | None = None, source_line: str = ""
@@ -70,22 +56,19 @@ def run_lab(settings: LabSettings, source: str | None = None, source_line: str =
     if source is None:
         source, source_line = pick_source(settings.source, settings.data_dir)
     lab = Lab(settings, source, source_line)
-    if any(s in settings.stages for s in NEEDS_WEIGHTS + NEEDS_DETECTORS):
-        resolve_weights(lab)
-        print(f"[lab] transfer weights: {lab.weights_note}", flush=True)
     order = plan(lab)
     preflight(lab, order)
     start = time.perf_counter()
     for name in order:
-        STAGE_FUNCTIONS[name](lab)
+        run_stage(lab, BY_NAME[name])
     records = {}
-    for name in STAGE_FUNCTIONS:  # this invocation's, else the last one stored
-        if name in lab.records:
-            records[name] = lab.records[name]
+    for stage in STAGES:  # this invocation's, else the last one stored
+        if stage.name in lab.records:
+            records[stage.name] = lab.records[stage.name]
         else:
-            old = lab.stored(name)
+            old = lab.stored(stage.name)
             if old is not None:
-                records[name] = StageRecord(**old)
+                records[stage.name] = StageRecord(**old)
     if lab.weights is None:  # no stage needed it: say what the stored transfer used
         t = records.get("transfer")
         lab.weights_note = t.notes[0] if t and t.notes else ""

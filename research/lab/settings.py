@@ -12,9 +12,7 @@ from research.errors import UserError
 from research.fields import field_errors
 from research.lab.profiles import (PROFILES, LabProfile, Overrides, apply_overrides, per_replica,
                                    quick)
-
-STAGES = ("data", "scratch", "transfer", "compare", "few_labels", "explain", "visualize",
-          "photos", "memory_check")
+from research.lab.stages import CHOICES
 # The repository's CIFAR-10 copy, relative to the repository root (where `make` runs).
 LOCAL_SOURCE = os.path.join("..", "shared", "data", "cifar10-jpg.tar.gz")
 OFFICIAL_SOURCE = "cifar10"
@@ -32,7 +30,7 @@ class LabSettings:
     weights: str = "auto"            # auto | imagenet | source_task | <.h5 file>
     images: tuple = ()               # the user's own photos to explain
     photo_source: str | None = None  # the photos stage's tar or folder (None: the shared one)
-    stages: tuple = STAGES
+    stages: tuple = CHOICES
     profile: str = "cpu"
     quick: bool = False
     overrides: Overrides = dataclasses.field(default_factory=Overrides)
@@ -92,10 +90,10 @@ def check(s: LabSettings) -> None:
     """Flag errors that need no model and no data."""
     if s.profile not in PROFILES:
         raise LabError(f"--profile: {s.profile!r} is not one of {', '.join(PROFILES)}")
-    unknown = [x for x in s.stages if x not in STAGES]
+    unknown = [x for x in s.stages if x not in CHOICES]
     if unknown or not s.stages:
         raise LabError(f"--stages: {', '.join(unknown) or 'none given'}: choose from "
-                       f"{','.join(STAGES)}")
+                       f"{','.join(CHOICES)}")
     if os.path.exists(s.workdir) and not os.path.isdir(s.workdir):
         raise LabError(f"--workdir: {s.workdir} is not a folder")
     if s.weights not in WEIGHTS_MODES:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import keras
 import numpy as np
@@ -14,7 +13,8 @@ from research.data import pipeline
 from research.explain import activations, core
 from research.lab.detectors import detector_runs, require_runs
 from research.lab.explain_stage import export_key, load_explainer
-from research.lab.lab import SPLIT, Lab, StageRecord, command, read_marker, reusable, write_marker
+from research.lab.lab import SPLIT, Lab, command
+from research.lab.stage import Done
 
 
 def pick_layers(model, n: int) -> list[str]:
@@ -34,40 +34,37 @@ def pick_layers(model, n: int) -> list[str]:
     return [paths[i] for i in idx]
 
 
-def stage_visualize(lab: Lab) -> StageRecord:
-    start = time.perf_counter()
+def visualize_key(lab: Lab) -> dict:
     names = detector_runs(lab)
     require_runs(lab, "visualize", names)
-    p = lab.profile
+    p = lab.stage_settings("visualize")
+    return {"exports": export_key(lab, names), "layers": p["visualize_layers"],
+            "num_filters": p["num_filters"], "filter_steps": p["filter_steps"]}
+
+
+def stage_visualize(lab: Lab) -> Done:
+    names = detector_runs(lab)
+    require_runs(lab, "visualize", names)
+    p = lab.stage_settings("visualize")
     out_dir = lab.out_dir("visualize")
-    key = {"exports": export_key(lab, names), "layers": p.visualize_layers,
-           "num_filters": p.num_filters, "filter_steps": p.filter_steps}
-    marker = os.path.join(out_dir, "done.json")
-    flags = {"runs": names, "visualize": "activations,filters", "num_filters": p.num_filters,
-             "filter_steps": p.filter_steps, "layers_per_detector": p.visualize_layers}
-    old = read_marker(marker)
-    if reusable(old, key):
-        return lab.finish("visualize", "Activations and filters", start, True,
-                          old["outputs"].get("commands"), flags, old["outputs"])
+    flags = {"runs": names, "visualize": "activations,filters", "num_filters": p["num_filters"],
+             "filter_steps": p["filter_steps"], "layers_per_detector": p["visualize_layers"]}
     cat = pipeline.take_examples(lab.s.data_dir, SPLIT, 1, filter="positive")
     image = cat["image"][0].astype(np.float32)
     what = f"test #{int(cat['index'][0])} (cat)"
     paths, commands, layers_by_run = [], [], {}
     for run in names:
         ex, _, _ = load_explainer(lab, run)
-        layers = layers_by_run[run] = pick_layers(ex.model, p.visualize_layers)
+        layers = layers_by_run[run] = pick_layers(ex.model, p["visualize_layers"])
         commands.append(command("research.apps.explain", {
             "run_name": run, "checkpoint_dir": lab.s.checkpoint_dir,
             "data_dir": lab.s.data_dir, "num_examples": 1, "example_filter": "positive",
             "visualize": "activations,filters", "layers": ",".join(layers),
-            "num_filters": p.num_filters, "filter_steps": p.filter_steps,
+            "num_filters": p["num_filters"], "filter_steps": p["filter_steps"],
             "out_dir": os.path.join(out_dir, run)}))
         paths += activations.save_activation_grids(ex, image, layers, out_dir,
                                                    f"{run}_activations", f"{run} on {what}")
         paths += activations.save_filter_grids(ex, layers, out_dir, f"{run}_filters", run,
-                                               p.num_filters, steps=p.filter_steps)
+                                               p["num_filters"], steps=p["filter_steps"])
         print(f"[lab] visualized {run}: {', '.join(layers)}", flush=True)
-    result = {"figures": paths, "layers": layers_by_run, "commands": commands}
-    write_marker(marker, key, result)
-    return lab.finish("visualize", "Activations and filters", start, False, commands, flags,
-                      result)
+    return Done(commands, flags, {"figures": paths, "layers": layers_by_run})

@@ -57,8 +57,23 @@ def resolve_weights(lab: Lab) -> None:
                         "classes, a stage of its own.")
 
 
+def ensure_weights(lab: Lab) -> str:
+    """lab.weights, resolved (and said) on first use: only a lab whose stages train or read
+    the transfer detector looks for ImageNet weights."""
+    if lab.weights is None:
+        resolve_weights(lab)
+        print(f"[lab] transfer weights: {lab.weights_note}", flush=True)
+    return lab.weights
+
+
+def starts_from_source_task(lab: Lab) -> bool:
+    """The source-task stage runs with the stages that need it when the transfer detector
+    starts from its backbone."""
+    return ensure_weights(lab) == lab.run_name("src_nocat")
+
+
 def transfer_settings(lab: Lab) -> tuple[str, dict]:
-    settings = lab.profile.transfer(lab.weights)
+    settings = lab.profile.transfer(ensure_weights(lab))
     recipe = f"{settings['model']}_{settings.get('transfer', 'none')}"
     if lab.weights == "imagenet":
         key = f"transfer_{recipe}_imagenet"
