@@ -145,6 +145,9 @@ def _zero_shot(lab: Lab, detector: str, data_dir: str, mapping: dict, tta: bool)
 
 def _row(name: str, report: dict, seconds=None) -> dict:
     return {"run": name, **{k: report.get(k) for k in METRICS}, "train_seconds": seconds,
+            "threshold_metric": report.get("threshold_metric"),
+            "accuracy_at_0.5": report.get("at_0.5", {}).get("accuracy"),
+            "ece": report.get("calibration", {}).get("raw", {}).get("ece"),
             "tta": bool(report.get("tta")), "tta_shifts": bool(report.get("tta_shifts"))}
 
 
