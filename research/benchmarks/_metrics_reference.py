@@ -1,5 +1,5 @@
 """The exact detection metrics as they were before vectorisation (commit c7e2229), kept as
-the reference that `tests/test_metrics.py` and `research.benchmarks.metrics` compare
+the reference that `tests/evaluation/test_metrics.py` and `research.benchmarks.metrics` compare
 `research.metrics` against. Not for use elsewhere: `roc_auc` ranks ties in a Python
 loop, one interpreted step per score.
 """

@@ -1,7 +1,7 @@
 """Defaults and names of the explanation modules read from their source text (ast), without
 importing them: the explain app's flags and ExplainOptions are defined from these, so that
 the app checks its flags and files before TensorFlow loads. Each value still lives only in its
-own module; tests/test_hostile.py checks that these equal the imported ones."""
+own module; tests/apps/test_hostile.py checks that these equal the imported ones."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Training step, per conv or dense layer with forward cost F:
   trainable weights: then nothing upstream needs a gradient (the first conv of a network
   trained from scratch, a frozen backbone) and TensorFlow prunes it.
 So a network trained from scratch costs 3x its forward pass, less its first layer's input
-gradient. `tests/test_flops.py` checks this against TensorFlow's own count of the gradient
+gradient. `tests/models/test_flops.py` checks this against TensorFlow's own count of the gradient
 graph after pruning.
 
 Grad-CAM (research.explain.cams.grad_cam): the forward pass, the input gradients of the

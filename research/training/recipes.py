@@ -2,8 +2,8 @@
 (research/recipes/*.flags, the one home of its values), read here into the settings a
 library caller (the lab) passes to TrainConfig. It is read by absl's own parser with the train
 app's own flag definitions (`define_train_flags`), on a private FlagValues, so it means what
-the train app would parse from it (tests/test_recipes.py checks the two agree); sweep spaces
-(research/sweep/space.py) read their values the same way (`read_value`).
+the train app would parse from it (tests/training/test_recipes.py checks the two agree);
+sweep spaces (research/sweep/space.py) read their values the same way (`read_value`).
 
     settings = load_recipe(FAST_CIFAR10)   # {"model": "fast", "epochs": 10.0, ...,
                                            #  "model_options": {"bn_momentum": 0.6, ...}}

@@ -72,7 +72,7 @@ def test_resolution_order_and_one_line_errors(env):
         gpu.setenv("SLURM_GPUS_ON_NODE", "2")
         assert cluster.resolve("multi_worker").num_accelerators() == {"GPU": 1}
         # The resolver no longer sets it (too late once CUDA has started): research.devices
-        # does, before TensorFlow lists a device (tests/test_devices.py checks the order).
+        # does, before TensorFlow lists a device (tests/training/test_devices.py checks the order).
         assert "CUDA_VISIBLE_DEVICES" not in os.environ
         assert devices.slurm_task_gpus() == "1"  # task 1's share of the node
         gpu.setenv("SLURM_GPUS_ON_NODE", "1")

@@ -76,7 +76,7 @@ def test_recipe_flagfiles_name_only_real_flags(syn, tmp_path):
     import subprocess
     import sys
 
-    recipes = glob.glob(os.path.join(os.path.dirname(__file__), "..", "research", "recipes",
+    recipes = glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "research", "recipes",
                                      "*.flags"))
     assert recipes
     code = ("import sys\nfrom absl import flags\nfrom research.apps import train\n"

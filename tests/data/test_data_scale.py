@@ -16,7 +16,7 @@ from PIL import Image
 import helpers
 from research.data import imaging, sources
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Converts a folder in a fresh process and prints its peak RSS (KB), so that the pixels of
 # one conversion cannot hide in another's allocator.

@@ -20,7 +20,7 @@ from research.training import state as train_state
 from research.training.loss_scale import DynamicLossScaleOptimizer
 from research.training.steps import make_train_loop
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRATCH = models.MODELS["scratch"]
 
 

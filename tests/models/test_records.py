@@ -14,7 +14,7 @@ import pytest
 
 from research.model_options import APPLICATIONS, BACKBONES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_model_options_imports_without_keras():

@@ -15,7 +15,7 @@ from research import devices, machine
 from research.training.config import TrainConfig
 
 pytestmark = pytest.mark.gpu
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def probe(tmp_path, module, *args, env=None, name="probe"):

@@ -18,7 +18,7 @@ from research import detector, inference, runs
 from research.data.imaging import load_image_file
 from research.models import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LINE = re.compile(r"^(?P<path>[^\t]+)\tp\(cat\)=(?P<score>[01]\.\d{4})\t(?P<decision>(not )?cat)$")
 

@@ -19,7 +19,7 @@ from research.training.config import ConfigError, TrainConfig, load_run_config
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
 STEPS, BATCH = 10, 32
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """airbench95 and airbench96's pieces. research/recipes/airbench95.flags against
 lib_airbench95.py's hyp (airbench==0.1.8), whose whole diff against lib_airbench94.py is the
 widths, the learning rate and the epochs: the same conversion as the fast recipe's
-(tests/test_recipe_parity.py checks that one's pieces); airbench96's residual ConvGroup."""
+(tests/training/test_recipe_parity.py checks that one's pieces); airbench96's residual ConvGroup."""
 
 import pytest
 

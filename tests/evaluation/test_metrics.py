@@ -15,7 +15,7 @@ import pytest
 from research.benchmarks import _metrics_reference as ref
 from research import metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCALARS = ("roc_auc", "pr_auc", "best_f1_threshold")
 
 

@@ -20,7 +20,7 @@ from research.model_options import BACKBONES, OWN_NETWORKS, SAVEDMODEL, Transfer
 from research.models import build_model
 from research.models.backbones import BackbonePreprocess, build_base, build_transfer_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_SCRATCH = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
 TINY_HEAD = {"weights": "none", "image_size": 32, "head_units": (8,)}
 # kind -> (model, image shape, outputs, options); the backbones cut early to stay small
