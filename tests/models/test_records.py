@@ -75,15 +75,16 @@ def test_preprocess_layer_equals_keras_preprocess_input():
 
 def test_every_method_record_runs_with_its_options():
     """Each record's options are ExplainOptions fields and keyword arguments of its function;
-    the explain app's names read from source are the records' names."""
+    the names the explain app reads from source (before TensorFlow) are the records' names.
+    (The app module itself is not imported: its absl flags would collide with other apps'
+    in this process.)"""
     import dataclasses
 
-    from research.apps import explain as app
-    from research.explain import methods
+    from research.explain import methods, source_values
     from research.explain.options import ExplainOptions
 
     fields = {f.name for f in dataclasses.fields(ExplainOptions)}
-    assert app.METHODS == methods.NAMES
+    assert source_values.record_names("methods", "METHODS") == methods.NAMES
     for m in methods.METHODS:
         assert (m.cam is None) != (m.run is None), m.name
         assert set(m.options.values()) <= fields, m.name
