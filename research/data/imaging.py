@@ -1,6 +1,6 @@
 """Decoding image files to RGB uint8 arrays of a fixed size.
 
-Resize policy (documented in README.md):
+Resize policy (documented in docs/data.md):
 - An image already at the target size is kept bit-for-bit.
 - `center_crop` (default): scale so the shorter side equals the target, keeping the aspect
   ratio, then cut the centre. Nothing is distorted; the edges of long images are lost.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from research.fields import setting
+from research.fields import default_of, setting
 from research.machine import PRECISIONS
 from research.model_options import options_class
 from research.training.config import TrainConfig
@@ -162,7 +162,7 @@ def per_replica(profile: LabProfile, replicas: int) -> LabProfile:
         return profile
 
     def scale(d):
-        per = d.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
+        per = d.get("batch_size", default_of(TrainConfig, "batch_size"))
         if d.get("optimizer") == "sgd_l2":
             return rebatched(d, per * replicas)
         return {**d, "batch_size": per * replicas}
@@ -269,12 +269,12 @@ def few_labels_pair(pair: dict, scratch: dict, transfer: dict) -> tuple[dict, di
     (its learning rate per example kept) and stretched (its schedule's shape kept); the
     transfer's phases keep their proportions."""
     epochs, frac = pair["few_labels_epochs"], pair["few_labels"]
-    batch = transfer.get("batch_size", TrainConfig.__dataclass_fields__["batch_size"].default)
+    batch = transfer.get("batch_size", default_of(TrainConfig, "batch_size"))
     t = {**transfer, "train_fraction": frac}
     if t.get("transfer") == "fine_tune":
-        head = t.get("head_epochs", TrainConfig.__dataclass_fields__["head_epochs"].default)
+        head = t.get("head_epochs", default_of(TrainConfig, "head_epochs"))
         tune = t.get("fine_tune_epochs",
-                     TrainConfig.__dataclass_fields__["fine_tune_epochs"].default)
+                     default_of(TrainConfig, "fine_tune_epochs"))
         t["head_epochs"] = epochs * head / (head + tune)
         t["fine_tune_epochs"] = epochs - t["head_epochs"]
     else:
