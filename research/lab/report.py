@@ -347,11 +347,12 @@ def photos_section(doc: Doc, lab, records: dict) -> None:
              "balanced classes); accuracy at that threshold and at 0.5 side by side, and the "
              "expected calibration error of the scores.")
     doc.pre(o["data_summary"])
-    rows = [[r["run"], num(r["accuracy"]), r.get("threshold_metric") or "f1",
-             num(r["threshold"]), num(r.get("accuracy_at_0.5")), num(r["roc_auc"]),
+    rows = [[r["run"], num(r["accuracy"]),
+             f"{num(r['threshold'])} ({r.get('threshold_metric') or 'f1'})",
+             num(r.get("accuracy_at_0.5")), num(r["roc_auc"]),
              num(r["pr_auc"]), num(r["f1"]), num(r.get("ece")), num(r["num_examples"]),
              seconds(r["train_seconds"])] for r in o["rows"]]
-    doc.table(["run", "accuracy at threshold", "policy", "threshold", "accuracy at 0.5",
+    doc.table(["run", "accuracy at threshold", "threshold (policy)", "accuracy at 0.5",
                "ROC-AUC", "PR-AUC", "F1", "ECE", "test photos", "photo training (s)"], rows)
     for fig in o.get("eval_figures", []):
         if fig.endswith("_reliability.png"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging as pylogging
 import os
+import time
 import warnings
 
 import optuna
@@ -114,15 +115,31 @@ def make_storage(cfg: SweepConfig, checkpoint_dir: str) -> optuna.storages.RDBSt
     _quiet_optuna()
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=cfg.heartbeat_seconds,
-            grace_period=2 * cfg.heartbeat_seconds,
-            heartbeat_stale_trial_callback=retry_callback(cfg),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
-    except Exception as e:  # SQLAlchemy's errors (no driver, refused, bad URL) and optuna's
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SweepError(f"--storage: cannot use {url}: {reason}") from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=cfg.heartbeat_seconds,
+                grace_period=2 * cfg.heartbeat_seconds,
+                heartbeat_stale_trial_callback=retry_callback(cfg),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        except Exception as e:  # SQLAlchemy's errors (no driver, refused, bad URL), optuna's
+            if _schema_race(e) and attempt < SCHEMA_RACE_RETRIES:
+                time.sleep(0.5 + attempt)  # another worker is creating the tables: they exist
+                continue                   # once it commits
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SweepError(f"--storage: cannot use {url}: {reason}") from None
+
+
+SCHEMA_RACE_RETRIES = 5
+
+
+def _schema_race(e: Exception) -> bool:
+    """Two workers creating a new database's tables at once: PostgreSQL refuses the second
+    CREATE TABLE with a unique violation on its catalogue (pg_type) or 'already exists'."""
+    text = str(e)
+    return type(e).__name__ in ("IntegrityError", "ProgrammingError") and (
+        "already exists" in text or "pg_type_typname_nsp_index" in text
+        or "duplicate key" in text)
 
 
 def retry_callback(cfg: SweepConfig):

@@ -93,9 +93,14 @@ def train_and_evaluate(cfg: TrainConfig, flagfile: str | None = None,
     worker_cfg = cluster.worker_config(cfg, strategy)  # other workers write to a temp folder
     with RunLock(worker_cfg.run_dir, reentrant=True):
         try:
-            return _train(worker_cfg, cfg, flagfile, strategy, actions, hparams or {})
+            summary = _train(worker_cfg, cfg, flagfile, strategy, actions, hparams or {})
         except tf.errors.DataLossError as e:  # a shard damaged while training read it
             raise damaged_shard_error(cfg, e) from None
+    # The workers leave together: the chief's exit ends the coordination service, and a
+    # worker still saving its last (temporary) checkpoint then fails its heartbeat instead
+    # of exiting 75 (seen once when the suite ran two tests at a time). One process: no-op.
+    cluster.any_worker(strategy, False)
+    return summary
 
 
 def damaged_shard_error(cfg: TrainConfig, e: Exception) -> pipeline.DataError:

@@ -367,3 +367,32 @@ def test_a_fine_tune_trial_is_not_pruned_in_its_head_phase():
     c = ctx(31, transfer="none")
     scratch(c)
     assert c.stop and scratch.pruned_at == 31
+
+
+def test_two_workers_creating_the_tables_at_once_retry(monkeypatch, tmp_path):
+    """PostgreSQL refuses the second of two concurrent CREATE TABLEs with a unique violation
+    on pg_type: the worker that loses waits and opens the tables the other made; any other
+    error is one line at once."""
+    class IntegrityError(Exception):
+        pass
+
+    calls = []
+
+    def storage(url, **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise IntegrityError('duplicate key value violates unique constraint '
+                                 '"pg_type_typname_nsp_index"')
+        return "opened"
+
+    monkeypatch.setattr(sweeps.optuna.storages, "RDBStorage", storage)
+    monkeypatch.setattr(sweeps.time, "sleep", lambda s: None)
+    cfg = SweepConfig(study="s", storage="postgresql+psycopg://u@127.0.0.1:1/db")
+    assert sweeps.make_storage(cfg, str(tmp_path)) == "opened" and len(calls) == 2
+
+    def refused(url, **kw):
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(sweeps.optuna.storages, "RDBStorage", refused)
+    with pytest.raises(sweeps.SweepError, match="--storage: cannot use .*connection refused"):
+        sweeps.make_storage(cfg, str(tmp_path))
