@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -227,3 +228,23 @@ def make_mnist_npz(path: str, n_train: int = 60, n_test: int = 20, seed: int = 0
               "y_test": ((np.arange(n_test) * 3) % 10).astype(np.uint8)}
     np.savez_compressed(path, **arrays)
     return arrays
+
+
+# A log line of absl or TensorFlow (not our one-line messages).
+LOG_LINE = re.compile(r"^([IWEF]\d{4} |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] |WARNING: )")
+
+
+def event_tags(folder) -> dict:
+    """The scalar tags and the plugin names of the event files directly in `folder`."""
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    tags, plugins = set(), set()
+    for path in folder.glob("events.out.tfevents*"):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            for v in event_pb2.Event.FromString(raw.numpy()).summary.value:
+                tags.add(v.tag)
+                if v.metadata.plugin_data.plugin_name:
+                    plugins.add(v.metadata.plugin_data.plugin_name)
+    plugins.discard("scalars")
+    return {"tags": tags, "plugins": plugins}

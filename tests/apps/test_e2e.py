@@ -9,23 +9,8 @@ import sys
 import pytest
 
 import helpers
+from helpers import event_tags
 from research.training import record
-
-
-def event_tags(folder) -> dict:
-    """The scalar tags and the plugin names of the event files directly in `folder`."""
-    import tensorflow as tf
-    from tensorflow.core.util import event_pb2
-
-    tags, plugins = set(), set()
-    for path in folder.glob("events.out.tfevents*"):
-        for raw in tf.data.TFRecordDataset(str(path)):
-            for v in event_pb2.Event.FromString(raw.numpy()).summary.value:
-                tags.add(v.tag)
-                if v.metadata.plugin_data.plugin_name:
-                    plugins.add(v.metadata.plugin_data.plugin_name)
-    plugins.discard("scalars")
-    return {"tags": tags, "plugins": plugins}
 
 
 def hparams_experiment(logdir) -> tuple[list, list, dict]:

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 import helpers
+from helpers import LOG_LINE
 from research import files, runs
 from research.data import imaging, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # absl's and TensorFlow's log lines (I1206 12:00:00.000 ..., and the C++ ones).
-LOG_LINE = re.compile(r"^([IWEF]\d{4} |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWE] |WARNING: )")
 
 
 def write_bomb(path, w, h, level=1):

@@ -19,8 +19,7 @@ from PIL import Image
 
 import helpers
 from research.data import pipeline
-from test_e2e import event_tags
-from test_hostile import LOG_LINE
+from helpers import LOG_LINE, event_tags
 from research.lab import memory_check, profiles
 from research.lab import report as lab_report
 from research.lab.stages import STAGES

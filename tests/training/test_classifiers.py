@@ -18,7 +18,7 @@ from research.detector import load_detector
 from research.evaluation import compare, report as reporting, run as evaluation
 from research.training import loop, record
 from research.training.config import ConfigError, load_run_config
-from test_e2e import event_tags
+from helpers import event_tags
 
 # Every test here reads one fixture that converts two sources through the make_tfrecords CLI
 # and trains three runs: end to end, about a minute.
