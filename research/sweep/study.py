@@ -135,11 +135,14 @@ SCHEMA_RACE_RETRIES = 5
 
 def _schema_race(e: Exception) -> bool:
     """Two workers creating a new database's tables at once: PostgreSQL refuses the second
-    CREATE TABLE with a unique violation on its catalogue (pg_type) or 'already exists'."""
-    text = str(e)
-    return type(e).__name__ in ("IntegrityError", "ProgrammingError") and (
-        "already exists" in text or "pg_type_typname_nsp_index" in text
-        or "duplicate key" in text)
+    CREATE TABLE with a unique violation on its catalogue (pg_type) or 'already exists';
+    SQLite with a second row in alembic_version, or a lock held by the first."""
+    text, kind = str(e), type(e).__name__
+    if kind == "OperationalError":
+        return "database is locked" in text or "already exists" in text
+    return kind in ("IntegrityError", "ProgrammingError") and any(
+        s in text for s in ("already exists", "pg_type_typname_nsp_index", "duplicate key",
+                            "UNIQUE constraint failed: alembic_version"))
 
 
 def retry_callback(cfg: SweepConfig):

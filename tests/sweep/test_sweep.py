@@ -389,6 +389,8 @@ def test_two_workers_creating_the_tables_at_once_retry(monkeypatch, tmp_path):
     monkeypatch.setattr(sweeps.time, "sleep", lambda s: None)
     cfg = SweepConfig(study="s", storage="postgresql+psycopg://u@127.0.0.1:1/db")
     assert sweeps.make_storage(cfg, str(tmp_path)) == "opened" and len(calls) == 2
+    assert sweeps._schema_race(IntegrityError(
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num"))
 
     def refused(url, **kw):
         raise ConnectionRefusedError("connection refused")
