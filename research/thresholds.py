@@ -27,6 +27,7 @@ TARGETED = ("precision_at_recall", "recall_at_precision")  # need ":R" / ":P"
 RARE_POSITIVE = 0.25  # `auto`: f1 below this share of positives in train, else accuracy
 BOOTSTRAP_SAMPLES = 200
 ECE_BINS = 15
+RELIABILITY_FIGURE = "{split}_reliability.png"  # in an evaluation's figures folder
 HELP = ("Which metric the decision threshold maximises on val: auto | "
         + " | ".join(m + (":R" if m == "precision_at_recall" else ":P"
                           if m == "recall_at_precision" else "") for m in METRICS)

@@ -85,7 +85,7 @@ def eval_figures(cfg: TrainConfig, report: dict, raw: dict, worst: int = 16) -> 
                 report["confusion_matrix"], ["other", manifest["positive_class"]],
                 f"{run} / {split}\nat threshold {report['threshold']:.3f}")}
     if report.get("calibration"):
-        figs[f"{split}_reliability.png"] = thresholds.reliability_figure(
+        figs[thresholds.RELIABILITY_FIGURE.format(split=split)] = thresholds.reliability_figure(
             report["calibration"], f"{run} / {split}: reliability")
     labels, scores = raw["labels"].astype(bool), raw["scores"]
     fp_idx = np.flatnonzero(~labels & (scores >= report["threshold"]))

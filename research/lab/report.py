@@ -12,9 +12,10 @@ import json
 import os
 import re
 
-from research import files, machine, plots
+from research import files, machine, plots, thresholds
 from research.explain import methods
 from research.lab import figures
+from research.lab.lab import SPLIT
 from research.lab.profiles import QUICK_EVAL_FRACTION
 from research.lab.stages import STAGES
 
@@ -355,7 +356,7 @@ def photos_section(doc: Doc, lab, records: dict) -> None:
     doc.table(["run", "accuracy at threshold", "threshold (policy)", "accuracy at 0.5",
                "ROC-AUC", "PR-AUC", "F1", "ECE", "test photos", "photo training (s)"], rows)
     for fig in o.get("eval_figures", []):
-        if fig.endswith("_reliability.png"):
+        if os.path.basename(fig) == thresholds.RELIABILITY_FIGURE.format(split=SPLIT):
             doc.image(fig, "Reliability of the fine-tuned detector's scores on the held-out "
                       "photos")
     doc.para("Beside them, Chollet's chapter-5 numbers (Deep Learning with Python) on 2,000 "
