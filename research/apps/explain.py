@@ -285,10 +285,12 @@ def run_sanity(ex, batch, names, class_index, options, model_desc: str) -> None:
     for dest in outputs.sanity_figures(results, batch[0], FLAGS.out_dir,
                                        f"{model_desc}: sanity checks", alpha=options.alpha):
         print(f"  sanity: {dest}")
-    print(f"{'method':<18}{'check':<21}{'spearman':>9}{'ssim':>8}  verdict "
+    rows = outputs.sanity_rows(results)
+    w = max([len("method")] + [len(r[0]) for r in rows]) + 2
+    print(f"{'method':<{w}}{'check':<21}{'spearman':>9}{'ssim':>8}  verdict "
           f"(pass: spearman < {sanity.PASS_BELOW} once random)")
-    for m, c, sp, ss, v in outputs.sanity_rows(results):
-        print(f"{m:<18}{c:<21}{sp:>9}{ss:>8}  {v}")
+    for m, c, sp, ss, v in rows:
+        print(f"{m:<{w}}{c:<21}{sp:>9}{ss:>8}  {v}")
 
 
 def main(argv):

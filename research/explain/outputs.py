@@ -237,11 +237,12 @@ def faithfulness_of(ex: core.Explainer, batch: np.ndarray, res: core.Explanation
 def faithfulness_table(scores: dict, num_images: int) -> list[str]:
     """The faithfulness scores of each method as printed lines (a header first)."""
     cols = faithfulness.SCORE_COLUMNS
-    lines = [f"{'method':<18}" + "".join(f"{name:>13}" for _, name, _ in cols)
+    w = max([18] + [len(m) + 2 for m in scores])
+    lines = [f"{'method':<{w}}" + "".join(f"{name:>13}" for _, name, _ in cols)
              + f"   ({num_images} images)",
-             f"{'':<18}" + "".join(f"{better + ' best':>13}" for _, _, better in cols)]
+             f"{'':<{w}}" + "".join(f"{better + ' best':>13}" for _, _, better in cols)]
     for m, s in scores.items():
-        lines.append(f"{m:<18}" + "".join(f"{s[k]:>13.4f}" for k, _, _ in cols))
+        lines.append(f"{m:<{w}}" + "".join(f"{s[k]:>13.4f}" for k, _, _ in cols))
     return lines
 
 

@@ -85,3 +85,14 @@ def test_road_mufidelity_and_confidence_rank_the_true_map_first():
     ones = faithfulness.confidence_change(ex, x, explanation(np.ones((3, 8, 8))))
     assert ones == {"average_drop": 0.0, "increase_in_confidence": 0.0}
     assert {k for k, _, _ in faithfulness.SCORE_COLUMNS} <= set(good)
+
+
+def test_faithfulness_table_columns_line_up_for_long_method_names():
+    from research.explain import outputs
+    keys = [k for k, _, _ in faithfulness.SCORE_COLUMNS]
+    scores = {"gradcam": dict.fromkeys(keys, 0.5),
+              "integrated_gradients": dict.fromkeys(keys, 123.25)}
+    lines = outputs.faithfulness_table(scores, 2)
+    body = lines[1:]  # the header's last column is followed by the image count
+    assert len({len(line) for line in body}) == 1, body
+    assert lines[3].split() == ["integrated_gradients"] + ["123.2500"] * len(keys)
