@@ -119,8 +119,19 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _compare(ref: np.ndarray, maps: np.ndarray) -> dict:
     s, q = spearman(ref, maps), ssim(ref, maps)
+    flat = maps.reshape(len(maps), -1)
     return {"spearman": float(s.mean()), "ssim": float(q.mean()),
+            "empty_maps": int((flat.max(axis=1) == flat.min(axis=1)).sum()),
             "per_image": {"spearman": s.tolist(), "ssim": q.tolist()}}
+
+
+def verdict(compared: dict) -> str:
+    """pass when the mean Spearman is below PASS_BELOW, else fail. A constant ("empty") map
+    has no ranks, so its Spearman counts as 0: a pass that only says the map vanished (e.g.
+    Grad-CAM's ReLU zeroing everything) is marked so, not passed silently."""
+    result = "pass" if compared["spearman"] < PASS_BELOW else "fail"
+    empty, n = compared.get("empty_maps", 0), len(compared["per_image"]["spearman"])
+    return result + (f" ({empty} of {n} maps empty)" if empty else "")
 
 
 def model_randomization(ex: Explainer, explain: Callable, images, classes, seed: int = 0,
@@ -146,10 +157,9 @@ def model_randomization(ex: Explainer, explain: Callable, images, classes, seed:
     for j, (_, layer) in enumerate(layers if independent else []):
         with randomized([layer], seed + 1 + j):
             alone.append(_compare(original, explain(ex, images, classes)))
-    final = cascading[-1]["spearman"]
     return {"layers": [p for p, _ in layers], "cascading": cascading,
             "independent": alone, "pass_below": PASS_BELOW,
-            "verdict": "pass" if final < PASS_BELOW else "fail",
+            "verdict": verdict(cascading[-1]),
             "maps": {"original": original[:keep_maps], "cascading": np.stack(shown, 0)}}
 
 
@@ -168,7 +178,7 @@ def random_logit(ex: Explainer, explain: Callable, images, classes, num_classes:
     others = other_classes(classes, num_classes, seed)
     out = _compare(original, explain(ex, images, others))
     out["other_classes"] = others.tolist()
-    out["verdict"] = "pass" if out["spearman"] < PASS_BELOW else "fail"
+    out["verdict"] = verdict(out)
     return out
 
 

@@ -130,3 +130,13 @@ def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
                        capture_output=True, text=True, timeout=600)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(lines) == 1 and "--method=layercam" in lines[0], r.stderr
+
+
+def test_a_pass_by_an_empty_map_says_so():
+    ref = images(3, 6, 6, 1, seed=4)[..., 0]
+    vanished = np.zeros_like(ref)
+    vanished[2] = ref[2][::-1]  # one map still has content, two are constant
+    compared = sanity._compare(ref, vanished)
+    assert compared["empty_maps"] == 2
+    assert sanity.verdict(compared) == "pass (2 of 3 maps empty)"
+    assert sanity.verdict(sanity._compare(ref, ref)) == "fail"
