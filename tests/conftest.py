@@ -39,3 +39,24 @@ def syn(tmp_path_factory):
     d = tmp_path_factory.mktemp("syn") / "data"
     helpers.make_synthetic_tfrecords(str(d), n_train=300, n_test=50)
     return str(d)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup` (make test): a test marked `xdist_group(name)` gets the suffix
+    `@name` on its node id, which is how xdist's scheduler keeps a group on one worker.
+    pytest-xdist 3.8 writes it to `item._nodeid`, which pytest 9 no longer reads (a node's id
+    is `item._id`), so without this every group was silently split between the workers and
+    its module fixtures built on both. Does nothing where xdist's own suffix took."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # an older pytest: xdist's own suffix works there
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)

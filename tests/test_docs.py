@@ -292,6 +292,7 @@ def flag_problems(text: str, app_flags: dict[str, set[str]]) -> list[str]:
     return problems
 
 
+@pytest.mark.xdist_group("app_flags")  # the module fixture, listed once
 def test_docs_every_flag_a_message_suggests_exists(app_flags):
     unknown = []
     for rel in CODE:
@@ -300,6 +301,7 @@ def test_docs_every_flag_a_message_suggests_exists(app_flags):
     assert not unknown, "\n".join(unknown)
 
 
+@pytest.mark.xdist_group("app_flags")  # the module fixture, listed once
 def test_docs_the_flag_lists_are_absls(app_flags):
     """The lists the flag check reads are the apps' real flags (so that check can fail)."""
     assert {"data_dir", "run_name", "learning_rate", "widths", "gpu_memory_growth"} <= \

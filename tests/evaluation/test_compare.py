@@ -19,6 +19,9 @@ from research.training.config import ConfigError, TrainConfig, load_run_config
 
 TINY = {"widths": (8, 16), "res_blocks": (1, 0), "stem_width": 8}
 STEPS, BATCH = 10, 32
+# One xdist group: the two trainings of `runs` are then made on one worker, not on both
+# (tests of one module otherwise alternate between the workers of `-n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("compare_runs")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -22,7 +22,9 @@ from helpers import event_tags
 
 # Every test here reads one fixture that converts two sources through the make_tfrecords CLI
 # and trains three runs: end to end, about a minute.
-pytestmark = pytest.mark.slow
+# One xdist group: under `-n 2 --dist loadgroup` the module fixture is then built on one worker,
+# not on both (tests of one module otherwise alternate between the workers).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("classifiers")]
 
 DETECTION = {"roc_auc", "pr_auc", "f1", "precision", "recall", "threshold", "accuracy_at_0.5",
              "f1_at_0.5"}

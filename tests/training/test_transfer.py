@@ -49,6 +49,7 @@ def transfer_cfg(syn, ck, **kw):
     return prepare_config(config(syn, ck, model="scratch", model_options=opts, **kw))
 
 
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_source_task_leaves_the_class_out_and_selects_by_accuracy(source, syn):
     ck, cfg, summary = source
     manifest = pipeline.load_manifest(syn)
@@ -91,6 +92,7 @@ def _changed(before, after):
     return {k for k in before if not np.array_equal(before[k], after[k])}
 
 
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_fine_tune_phases_freeze_what_they_should(source, syn):
     ck, _, _ = source
     cfg = transfer_cfg(syn, ck, run_name="ft", transfer="fine_tune", head_epochs=0.2,
@@ -133,6 +135,7 @@ def test_fine_tune_phases_freeze_what_they_should(source, syn):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_resume_in_phase_2_continues_exactly(source, syn):
     ck, _, _ = source
     kw = dict(transfer="fine_tune", head_epochs=0.2, fine_tune_epochs=0.4,
@@ -164,6 +167,7 @@ def test_resume_in_phase_2_continues_exactly(source, syn):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_feature_cache_reused_rekeyed_and_rebuilt_when_corrupt(source, syn, caplog):
     ck, _, _ = source
     features._OPEN.clear()
@@ -232,6 +236,7 @@ def test_imagenet_offline_names_the_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_gradcam_on_a_transfer_run(source, syn):
     from research.explain.cams import grad_cam
     from research.explain.loading import load_run
@@ -248,6 +253,7 @@ def test_gradcam_on_a_transfer_run(source, syn):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_a_transfer_run_serves_as_a_backbone(source, syn):
     ck, _, _ = source
     train_and_evaluate(transfer_cfg(syn, ck, run_name="hop1", transfer="frozen", train_steps=2))
@@ -271,6 +277,7 @@ def test_gradcam_hook_feeds_a_backbone_raw_pixels(syn, tmp_path):
                                   gradcam_images=4)) == []
 
 
+@pytest.mark.xdist_group("transfer_source")  # its fixture trains once
 def test_feature_cache_extracts_only_what_the_run_reads_and_adds_the_rest(source, syn,
                                                                           caplog):
     """Per example: 25% of train and half of val/test first; a run on 50% of train extracts
@@ -324,6 +331,7 @@ def fast_source(syn, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_fast_source")  # its fixture trains once
 def test_a_fast_run_serves_as_a_backbone_whitening_included(fast_source, syn):
     ck = fast_source
     train_and_evaluate(config(syn, ck, run_name="fromfast", model="fast", transfer="fine_tune",
@@ -345,6 +353,7 @@ def test_a_fast_run_serves_as_a_backbone_whitening_included(fast_source, syn):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_fast_source")  # its fixture trains once
 def test_the_zero_shot_head_is_p_cat_over_p_cat_plus_p_dog(fast_source, syn):
     ck = fast_source
     donor = keras.models.load_model(str(ck / "fastsrc" / "export" / "model.keras"))
@@ -388,6 +397,7 @@ def two_class_photos(out_dir: str, size: int = 48, n: int = 24, seed: int = 0) -
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("transfer_fast_source")  # its fixture trains once
 def test_zero_shot_scores_the_formula_on_every_photo(fast_source, tmp_path):
     from research.evaluation import zero_shot
 
