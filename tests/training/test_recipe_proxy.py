@@ -217,10 +217,10 @@ def test_proxy_refuses_what_it_is_not_defined_for(syn, bad, message):
 
 
 def _loop_config(tmp_path, data_dir, **overrides):
-    cfg = recipe_config(data_dir=data_dir, checkpoint_dir=str(tmp_path / "ck"),
-                        log_dir=str(tmp_path / "logs"), batch_size=32, proxy_widths=(4, 8),
-                        augment=False, steps_per_loop=1, progress=False, gradcam_images=0,
-                        eval_batch_size=16, **overrides)
+    cfg = recipe_config(**{**dict(
+        data_dir=data_dir, checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"),
+        batch_size=32, proxy_widths=(4, 8), augment=False, steps_per_loop=1, progress=False,
+        gradcam_images=0, eval_batch_size=16), **overrides})
     cfg.model_options = {**cfg.model_options, "widths": (8, 16)}
     return cfg
 
