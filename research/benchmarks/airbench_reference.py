@@ -84,7 +84,8 @@ flags.DEFINE_bool("parity_noise_floor", True, "--parity_steps: also train airben
                   "comparison; one more airbench run).")
 
 SIDES = ("reference", "ours")
-REFERENCE_PACKAGES = ("torch", "torchvision", "airbench")
+# torchvision: airbench_on_cpu stands in for it when missing
+REFERENCE_PACKAGES = ("torch", "airbench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,10 @@ class Recipe:
     results_dir: str
     packages: tuple = REFERENCE_PACKAGES
     script: str | None = None  # a script of the repository rather than the package
+    lib: str = "94"            # the package's lib_airbench<lib> (make_net<lib>, train<lib>)
+    # the lib module read from --reference_repo's airbench/ instead of the package's (on the
+    # package's utils): airbench==0.1.8's lib_airbench96 is an older one than the one ported
+    lib_from_repo: bool = False
 
 
 RECIPES = {
@@ -105,9 +110,13 @@ RECIPES = {
                               "logs/airbench_reference_airbench94_muon", ("torch",),
                               "airbench94_muon.py"),
     "airbench95": Recipe("research/recipes/airbench95.flags", 15.0,
-                         "logs/airbench_reference_airbench95"),
+                         "logs/airbench_reference_airbench95", lib="95"),
+    # airbench96.flags ports lib_airbench96.py at f1c599c (widths 128/384/512, 37 epochs, the
+    # activation after the residual sum); airbench==0.1.8's differs (40 epochs, 128/512/512,
+    # the activation before the sum). Its utils.py differs from 0.1.8's only in CifarLoader's
+    # device argument and in writing the same triangle schedule as a function.
     "airbench96": Recipe("research/recipes/airbench96.flags", 37.0,
-                         "logs/airbench_reference_airbench96"),
+                         "logs/airbench_reference_airbench96", lib="96", lib_from_repo=True),
 }
 INSTALL_HINT = ("error: the airbench reference needs torch, torchvision and airbench==0.1.8 "
                 "(missing: {}): install the extra into a separate venv, "
@@ -231,6 +240,13 @@ def airbench_on_cpu(train_data: tuple, test_data: tuple, classes, record: Refere
     """
     from unittest import mock
 
+    from research.benchmarks.airbench_scripts import _torchvision_stand_in, _torchvision_works
+
+    # airbench.utils imports torchvision for transforms.Normalize (and the dataset download,
+    # unused): without a working torchvision for this torch, a stand-in that computes it (only
+    # these keys of sys.modules, as airbench_scripts.muon_on_cpu does)
+    stand_in = {} if _torchvision_works() else _torchvision_stand_in()
+    sys.modules.update(stand_in)
     import airbench
     import airbench.lib_airbench94
     import airbench.utils
@@ -287,6 +303,8 @@ def airbench_on_cpu(train_data: tuple, test_data: tuple, classes, record: Refere
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+        for name in stand_in:
+            sys.modules.pop(name, None)
 
 
 def setup_torch(threads: int, seed: int, package: bool = True) -> dict:
@@ -441,29 +459,33 @@ PARITY_TARGET = 1e-3  # the largest relative loss difference over the steps
 
 def airbench_names(model) -> list[tuple[str, object]]:
     """(airbench's state_dict key, our variable) for every weight of our fast CNN, by layer
-    order. make_net94 is nn.Sequential: the whitening conv (0), GELU (1), one ConvGroup per
-    width (conv1, norm1, conv2, norm2), MaxPool2d, Flatten, Linear (bias-free), Mul. Our input
-    Normalization has no counterpart: airbench's loader normalises."""
+    order. make_net94 (95, 96) is nn.Sequential: the whitening conv (0), GELU (1), one
+    ConvGroup per width (conv1, norm1, conv2, norm2; lib_airbench96's also conv3, norm3),
+    MaxPool2d, Flatten, Linear (bias-free), Mul. Our input Normalization has no counterpart:
+    airbench's loader normalises."""
     from keras import layers
 
     from research.models.layers import FusedBatchNorm, PatchWhitening
 
     weighted = [x for x in model.layers
                 if x.weights and not isinstance(x, layers.Normalization)]
-    groups = (len(weighted) - 2) // 4
-    kinds = [PatchWhitening] + [layers.Conv2D, FusedBatchNorm] * 2 * groups + [layers.Dense]
+    convs = sum(x.name.startswith("group0_conv") for x in weighted) or 2  # per group
+    groups = (len(weighted) - 2) // (2 * convs)
+    kinds = ([PatchWhitening] + [layers.Conv2D, FusedBatchNorm] * convs * groups
+             + [layers.Dense])
     if len(weighted) != len(kinds) or not all(map(isinstance, weighted, kinds)):
-        raise ValueError(f"{model.name}: not airbench94's layer order (whitening, then conv, "
-                         f"BN, conv, BN per group, then the linear layer): "
+        raise ValueError(f"{model.name}: not airbench's layer order (whitening, then conv, "
+                         f"BN, conv, BN[, conv, BN] per group, then the linear layer): "
                          f"{[type(x).__name__ for x in weighted]}")
     if any(x.bias is not None for x in weighted[1:] if not isinstance(x, FusedBatchNorm)):
         raise ValueError(f"{model.name}: airbench's convs and linear layer have no bias")
     names = [("0.weight", weighted[0].kernel), ("0.bias", weighted[0].bias)]
     bn = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
           ("running_var", "moving_variance"))
+    per = 2 * convs
     for g in range(groups):
-        for i, (conv, norm) in enumerate(zip(weighted[1 + 4 * g::2][:2],
-                                             weighted[2 + 4 * g::2][:2]), start=1):
+        for i, (conv, norm) in enumerate(zip(weighted[1 + per * g::2][:convs],
+                                             weighted[2 + per * g::2][:convs]), start=1):
             names.append((f"{2 + g}.conv{i}.weight", conv.kernel))
             names += [(f"{2 + g}.norm{i}.{t}", getattr(norm, k)) for t, k in bn]
     names.append((f"{4 + groups}.weight", weighted[-1].kernel))
@@ -648,16 +670,32 @@ def whitening_difference(own, ours) -> dict:
             "sign_flips": flips, "filters": n}
 
 
-def parity_reference(ours: dict, batches: list[dict], whiten_images, classes) -> dict:
-    """airbench's side: airbench.train94 (epochs=1 over a loader of our `batches`: its
-    total_train_steps is len(batches)), its make_net94 returning a net with our initial
+def reference_lib(airbench, lib: str = "94", repo: str | None = None):
+    """The module of train<lib> and make_net<lib>: the package's airbench.lib_airbench<lib>,
+    or (`repo`) that file of a checkout, loaded as a module of the package (its relative
+    imports read the package's utils)."""
+    import importlib
+
+    if repo is None:
+        return importlib.import_module(f"airbench.lib_airbench{lib}")
+    path = os.path.join(repo, "airbench", f"lib_airbench{lib}.py")
+    spec = importlib.util.spec_from_file_location(f"airbench.lib_airbench{lib}_repo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parity_reference(ours: dict, batches: list[dict], whiten_images, classes,
+                     lib: str = "94", repo: str | None = None) -> dict:
+    """airbench's side: airbench.train<lib> (epochs=1 over a loader of our `batches`: its
+    total_train_steps is len(batches)), its make_net<lib> returning a net with our initial
     weights, its whitening init run on the same 5,000 images `whiten_images` (uint8 NHWC)
-    and then replaced by ours (its own filters are kept for the check)."""
+    and then replaced by ours (its own filters are kept for the check). `repo`: lib's file
+    from that checkout (reference_lib)."""
     from unittest import mock
 
     import numpy as np
     import torch
-    import torchvision
 
     record = ReferenceRecord()
     start = ours["start"]
@@ -665,16 +703,19 @@ def parity_reference(ours: dict, batches: list[dict], whiten_images, classes) ->
     # train() builds a test loader; with verbose=False it never evaluates it
     with airbench_on_cpu((whiten_images, labels), (whiten_images, labels), classes,
                          record) as airbench:
+        import torchvision  # the real one or airbench_on_cpu's stand-in
+
         utils = airbench.utils
-        smoothing = airbench.lib_airbench94.hyp["opt"]["label_smoothing"]
+        module = reference_lib(airbench, lib, repo)
+        smoothing = module.hyp["opt"]["label_smoothing"]
         nets = []
 
         def make_net():
-            net = airbench.lib_airbench94.make_net94()  # float32 on the CPU (the patches)
+            net = getattr(module, f"make_net{lib}")()  # float32 on the CPU (the patches)
             state = net.state_dict()
             extra = set(start) ^ {k for k in state if not k.endswith("num_batches_tracked")}
             if extra:
-                raise ValueError(f"our weights and make_net94's differ in {sorted(extra)}")
+                raise ValueError(f"our weights and make_net{lib}'s differ in {sorted(extra)}")
             with torch.no_grad():
                 for name, value in start.items():
                     if tuple(state[name].shape) != value.shape:
@@ -722,8 +763,8 @@ def parity_reference(ours: dict, batches: list[dict], whiten_images, classes) ->
         loader = ParityLoader(images, normalize, data,
                               lambda k: states.append(trained_state(nets[-1])))
         with mock.patch.object(utils, "init_whitening_conv", init_whitening_as_ours):
-            model = airbench.train94(train_loader=loader, epochs=1, make_net=make_net,
-                                     verbose=False)
+            model = getattr(module, f"train{lib}")(train_loader=loader, epochs=1,
+                                                   make_net=make_net, verbose=False)
         states.append(trained_state(model))
     return {"probe": probe, "losses": record.step_losses, "states": states,
             "whitening": whiten}
@@ -784,7 +825,7 @@ def noise_floor(ref: dict, again: dict) -> dict:
 
 
 def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
-               floor: bool = True) -> dict:
+               floor: bool = True, lib: str = "94", repo: str | None = None) -> dict:
     """Both sides over `steps` batches of our stream, compared (compare_parity); `floor`:
     also airbench against itself from weights one ulp apart (noise_floor)."""
     from research.data import pipeline
@@ -801,7 +842,7 @@ def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
     whiten_images = pipeline.take_examples(cfg.data_dir, "train", DATA_INIT_IMAGES)["image"]
     start = time.perf_counter()
     ref = parity_reference(ours, batches, whiten_images,
-                           pipeline.load_manifest(cfg.data_dir)["class_names"])
+                           pipeline.load_manifest(cfg.data_dir)["class_names"], lib, repo)
     ref_s = time.perf_counter() - start
     if len(ref["losses"]) != steps:
         raise RuntimeError(f"airbench took {len(ref['losses'])} steps, not {steps}")
@@ -809,7 +850,8 @@ def run_parity(flagfile: str, data_dir: str, steps: int, batch: int, seed: int,
     if floor:
         again = parity_reference({**ours, "start": one_ulp_apart(ours["start"])}, batches,
                                  whiten_images,
-                                 pipeline.load_manifest(cfg.data_dir)["class_names"])
+                                 pipeline.load_manifest(cfg.data_dir)["class_names"], lib,
+                                 repo)
         out["noise_floor"] = noise_floor(ref, again)
         out["meets_noise_floor"] = out["max_rel_diff"] <= max(
             PARITY_TARGET, 2 * out["noise_floor"]["max_rel_diff"])
@@ -979,9 +1021,12 @@ def parity_mode(info: dict, results_dir: str) -> None:
                               FLAGS.seed, FLAGS.reference_repo, floor=FLAGS.parity_noise_floor)
         reference = f"{recipe().script} (Newton-Schulz in bfloat16)"
     else:
+        r = recipe()
+        repo = FLAGS.reference_repo if r.lib_from_repo else None
         out = run_parity(flagfile(), data_dir, FLAGS.parity_steps, FLAGS.parity_batch,
-                         FLAGS.seed, floor=FLAGS.parity_noise_floor)
-        reference = "airbench.train94 ({airbench}"
+                         FLAGS.seed, floor=FLAGS.parity_noise_floor, lib=r.lib, repo=repo)
+        reference = (f"train{r.lib} of {repo}/airbench/lib_airbench{r.lib}.py (on airbench "
+                     f"{{airbench}}'s utils" if repo else f"airbench.train{r.lib} ({{airbench}}")
     out.update(what=(f"ours {flagfile()} float32 vs {reference}, torch {{torch}}, float32, "
                      "{torch_threads} threads)").format(**info), finished=utc_now(),
                machine=machine_record(),
@@ -1007,9 +1052,19 @@ def recipe_problem(sides, timing: bool, parity: bool) -> str | None:
                 "ported yet)" if not FLAGS.ours_flagfile else
                 f"--ours_flagfile: {flagfile()} not found")
     needs_reference = timing or parity or "reference" in sides
-    if needs_reference and r.script is None and FLAGS.recipe != "airbench94":
-        return (f"--recipe={FLAGS.recipe}: only our side (--sides=ours) is implemented; "
-                f"the reference side (airbench.train{FLAGS.recipe[-2:]}) is not yet")
+    if needs_reference and r.script is None and FLAGS.recipe != "airbench94" and not (
+            parity and not timing):
+        return (f"--recipe={FLAGS.recipe}: only our side (--sides=ours) and --parity_steps "
+                f"are implemented; the reference's full run and timing "
+                f"(airbench.train{r.lib}) are not yet")
+    if parity and r.lib_from_repo:
+        if not FLAGS.reference_repo:
+            return (f"--recipe={FLAGS.recipe} needs --reference_repo, a checkout of "
+                    f"github.com/KellerJordan/cifar10-airbench (its airbench/lib_airbench"
+                    f"{r.lib}.py)")
+        path = os.path.join(FLAGS.reference_repo, "airbench", f"lib_airbench{r.lib}.py")
+        if not os.path.isfile(path):
+            return f"--reference_repo: {path} not found"
     if needs_reference and r.script is not None:
         if not FLAGS.reference_repo:
             return (f"--recipe={FLAGS.recipe} needs --reference_repo, a checkout of "

@@ -154,6 +154,18 @@ class TrainConfig:
     whiten_bias_epochs: float | None = setting(None, "Fast CNN: the whitening conv's bias "
                                                "trains for this many epochs, then is frozen "
                                                "(airbench: 3); unset: throughout.", gt=0)
+    proxy_widths: tuple[int, ...] = setting((), "Fast CNN: airbench96_faster's proxy "
+                                            "selection: a small fast CNN of these widths (two "
+                                            "convs per group; airbench96_faster: 32,64,64) "
+                                            "scores each training batch and the network trains "
+                                            "on the hardest --proxy_keep of it; the proxy "
+                                            "trains every --proxy_train_every steps on those "
+                                            "(research.training.proxy). Unset: off.", ge=1)
+    proxy_keep: float = setting(0.5, "--proxy_widths: the fraction of each batch kept, by "
+                                "the proxy's highest per-example losses (airbench96_faster: "
+                                "512 of 1024).", gt=0, le=1)
+    proxy_train_every: int = setting(4, "--proxy_widths: the proxy takes an SGD step on its "
+                                     "kept examples every this many steps, from step 0.", ge=1)
     lookahead_decay: float = setting(0.95, "Lookahead: the slow copies keep decay**N * (step / "
                                            "total steps)**3 of themselves at each pull.",
                                            ge=0, lt=1)
@@ -378,6 +390,14 @@ class TrainConfig:
         if self.whiten_bias_epochs is not None and self.model != "fast":
             bad("whiten_bias_epochs", f"only the fast CNN has a whitening conv, not "
                 f"--model={self.model}")
+        if self.proxy_widths and (self.model != "fast" or self.optimizer != "sgd_l2" or
+                                  self.transfer != "none"):
+            bad("proxy_widths", "the proxy selection is airbench96_faster's: it needs "
+                "--model=fast and --optimizer=sgd_l2 (its proxy trains with that SGD), got "
+                f"--model={self.model} --optimizer={self.optimizer} --transfer={self.transfer}")
+        if self.proxy_widths and self.precision == "mixed_float16":
+            bad("precision", "mixed_float16 is not supported with --proxy_widths (the proxy's "
+                "step has no loss scale); use mixed_bfloat16 or float32")
         if self.profile_steps and (len(self.profile_steps) != 2 or
                                    not 0 <= self.profile_steps[0] < self.profile_steps[1]):
             bad("profile_steps", f"want a,b with 0 <= a < b, got {self.profile_steps}")
@@ -390,7 +410,7 @@ class TrainConfig:
         """A recorded config (fields this version no longer has are dropped)."""
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        for name in ("profile_steps", "exclude_classes"):
+        for name in ("profile_steps", "exclude_classes", "proxy_widths"):
             if d.get(name) is not None:
                 d[name] = tuple(d[name])
         return cls(**d)

@@ -28,6 +28,7 @@ FAST_CIFAR10 = os.path.join(RECIPES_DIR, "fast_cifar10.flags")
 FAST_CIFAR10_MUON = os.path.join(RECIPES_DIR, "fast_cifar10_muon.flags")
 AIRBENCH95 = os.path.join(RECIPES_DIR, "airbench95.flags")
 AIRBENCH96 = os.path.join(RECIPES_DIR, "airbench96.flags")
+AIRBENCH96_FASTER = os.path.join(RECIPES_DIR, "airbench96_faster.flags")
 PHOTOS_FROM_CIFAR = os.path.join(RECIPES_DIR, "photos_from_cifar.flags")
 
 # airbench93 (lib_airbench93.py of airbench==0.1.8; its whole diff against lib_airbench94.py):

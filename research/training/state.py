@@ -22,6 +22,7 @@ from research.training.lookahead import Lookahead
 from research.training.loss_scale import batches_consumed
 from research.training.model import apply_phase, init_model_from_data, make_model
 from research.training.optimizers import make_optimizer
+from research.training.proxy import ProxySelector
 from research.training.schedule import learning_rate_schedule
 
 
@@ -66,6 +67,7 @@ class TrainState:
     # Sums of the train metrics (x steps) since the last evaluation, and the step count: in
     # the checkpoint, so history.jsonl's train averages mean the same in a resumed run.
     since_eval: tf.Variable | None = None
+    proxy: ProxySelector | None = None                               # --proxy_widths
 
     @property
     def in_phase_2(self) -> bool:
@@ -123,9 +125,10 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
             model = make_model(cfg, manifest)
             init_model_from_data(cfg, model, manifest)
         head_steps = plan.head_steps or plan.total_steps
-        optimizer = make_optimizer(cfg, learning_rate_schedule(
+        schedule = learning_rate_schedule(
             cfg, cfg.head_lr or cfg.learning_rate, int(cfg.warmup_epochs * plan.steps_per_epoch),
-            head_steps), steps_per_epoch=plan.steps_per_epoch)
+            head_steps)
+        optimizer = make_optimizer(cfg, schedule, steps_per_epoch=plan.steps_per_epoch)
         extra = {}
         if cfg.transfer == "fine_tune":
             # Phase 2's optimizer is built now, on phase 2's variables, so a checkpoint of
@@ -149,6 +152,10 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
         # tf.train.Checkpoint; without them a resumed run would replay the first masks.
         rng_states = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
         slow = {"lookahead_slow": lookahead.slow} if lookahead else {}
+        proxy = (ProxySelector.create(cfg, manifest, model, schedule) if cfg.proxy_widths
+                 else None)
+        if proxy is not None:
+            slow.update(proxy.checkpointed())
         since_eval = tf.Variable(tf.zeros([len(since_eval_keys(cfg)) + 1], tf.float64),
                                  trainable=False, name="since_eval")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch,
@@ -161,4 +168,5 @@ def create_train_state(cfg: TrainConfig, strategy: tf.distribute.Strategy, manif
             checkpoint, os.path.join(cfg.run_dir, checkpoints.BEST), max_to_keep=1,
             checkpoint_name="best", step_counter=optimizer.iterations)
     return TrainState(strategy, model, optimizer, checkpoint, manager, best_manager, epoch, best,
-                      bad, train_metrics, lookahead=lookahead, since_eval=since_eval, **extra)
+                      bad, train_metrics, lookahead=lookahead, since_eval=since_eval,
+                      proxy=proxy, **extra)

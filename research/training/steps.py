@@ -91,7 +91,14 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
                               "all-reduces inside the compiled step")
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
+    proxy = state.proxy
+    if proxy is not None and replicas > 1:
+        raise ConfigError("--proxy_widths needs a single replica: the reference keeps the "
+                          "hardest examples of the whole batch")
+
     def replica_step(batch):
+        if proxy is not None:  # airbench96_faster: train on the hardest part of the batch
+            batch = proxy.select(batch, optimizer.iterations)
         grads, per_ex, logits = forward_backward(batch)
         if cfg.clip_norm:
             # Clip the global (all-replica) gradient; Keras would clip per replica. Its own

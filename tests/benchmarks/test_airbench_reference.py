@@ -114,6 +114,24 @@ def test_our_weights_map_onto_make_net94_by_layer_order():
         "0.weight", "0.bias", "2.conv1.weight", "2.norm1.bias"]
 
 
+def test_our_weights_map_onto_make_net96_with_its_third_conv():
+    """lib_airbench96's ConvGroup has conv3/norm3: by layer order, group i's third conv and
+    BN are <2 + i>.conv3 and <2 + i>.norm3 (the parity run of --recipe=airbench96)."""
+    from research.models import build_model
+
+    model = build_model("fast", (32, 32, 3), 10, widths=(8, 8, 16), group_convs=3,
+                        logits_bias=False, logits_init="uniform")
+    names = ref.airbench_names(model)
+    bn = ("weight", "bias", "running_mean", "running_var")
+    assert [k for k, _ in names] == ["0.weight", "0.bias"] + [
+        f"{g}.{part}" for g in (2, 3, 4) for i in (1, 2, 3)
+        for part in [f"conv{i}.weight"] + [f"norm{i}.{t}" for t in bn]] + ["7.weight"]
+    by_name = dict(names)
+    assert by_name["3.conv3.weight"] is model.get_layer("group1_conv3").kernel
+    assert by_name["4.norm3.bias"] is model.get_layer("group2_3_bn").beta
+    assert by_name["2.conv2.weight"] is model.get_layer("group0_conv2").kernel
+
+
 @pytest.mark.parametrize("model,options", [
     ("fast", {"widths": (8, 8, 16), "logits_bias": True}), ("scratch", {})])
 def test_a_network_not_shaped_as_airbench94_is_refused(model, options):

@@ -57,6 +57,20 @@ def test_airbench95_reference_side_is_not_there_yet_in_one_line(tmp_path):
     assert code != 0 and len(lines) == 1 and "not yet" in lines[0], lines
 
 
+@pytest.mark.parametrize("args,needle", [
+    ([], "needs --reference_repo"),
+    (["--reference_repo=REPO"], "lib_airbench96.py not found"),
+])
+def test_airbench96_parity_needs_the_checkouts_lib_in_one_line(tmp_path, args, needle):
+    """--recipe=airbench96's parity runs lib_airbench96.py of a checkout (f1c599c: the one
+    airbench96.flags ports, not airbench==0.1.8's)."""
+    assert ref.RECIPES["airbench96"].lib_from_repo and ref.RECIPES["airbench95"].lib == "95"
+    args = [a.replace("REPO", str(tmp_path)) for a in args]
+    code, lines = _run(tmp_path, "--recipe=airbench96", "--sides=", "--parity_steps=2", *args)
+    assert code != 0 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and needle in lines[0]
+
+
 @pytest.mark.skipif(HAS_TORCH, reason="torch is installed here: the command would train")
 def test_muon_recipe_without_torch_names_only_torch(tmp_path):
     repo = tmp_path / "repo"
