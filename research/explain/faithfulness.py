@@ -149,7 +149,9 @@ def road(ex: Explainer, images: np.ndarray, explanation: Explanation,
          batch_size: int = 64) -> dict:
     """ROAD: the explained class's probability after removing each percentage of pixels,
     most relevant first (MoRF, lower is better) and least relevant first (LeRF, higher is
-    better), averaged over the images; `morf`/`lerf` are the curves' means. The removed
+    better), averaged over the images; `morf`/`lerf` are the curves' means. The
+    `*_accuracy_curve`s give the share of images whose top class is still the explained one
+    (a single output: whose p is still >= 0.5), what the ROAD paper and Quantus plot. The removed
     pixels take noisy linear imputation (`noise` x 255 std on 0..255 images: road_evaluation's
     0.01 on 0..1 ones); the imputations and forward passes run `batch_size` images at a
     time."""
@@ -171,13 +173,18 @@ def road(ex: Explainer, images: np.ndarray, explanation: Explanation,
     filled = np.concatenate(filled)
     probs = np.concatenate([ex.probabilities(np.asarray(ex.logits(filled[s:s + batch_size])))
                             for s in range(0, len(filled), batch_size)])
-    probs = probs[np.arange(len(filled)), np.asarray(explanation.classes)[owner]]
-    curves = probs.reshape(len(images), 2, len(percentages))
-    morf, lerf = curves[:, 0], curves[:, 1]
-    morf, lerf = np.mean(morf, 0), np.mean(lerf, 0)
+    cls = np.asarray(explanation.classes)[owner]
+    # accuracy: the explained class still the top one (one output: its p still >= 0.5)
+    hits = (probs[:, 0] >= 0.5) if probs.shape[1] == 1 else (probs.argmax(-1) == cls)
+    probs = probs[np.arange(len(filled)), cls]
+    curves = probs.reshape(len(images), 2, len(percentages)).mean(0)
+    accuracy = hits.reshape(len(images), 2, len(percentages)).mean(0)
+    morf, lerf = curves
     return {"percentages": list(percentages), "noise": noise, "seed": seed,
             "morf_curve": morf.tolist(), "lerf_curve": lerf.tolist(),
-            "road_morf": float(morf.mean()), "road_lerf": float(lerf.mean())}
+            "road_morf": float(morf.mean()), "road_lerf": float(lerf.mean()),
+            "morf_accuracy_curve": accuracy[0].tolist(),
+            "lerf_accuracy_curve": accuracy[1].tolist()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,13 @@ def test_road_mufidelity_and_confidence_rank_the_true_map_first():
                  for e in (true, wrong))
     assert good["road_morf"] < bad["road_morf"] and good["road_lerf"] > bad["road_lerf"]
     assert len(good["morf_curve"]) == len(faithfulness.ROAD_PERCENTAGES)
+    # accuracy: class 0's score stays positive whatever is imputed (positive pixels), so it
+    # stays the top class; class 1 never is
+    assert good["morf_accuracy_curve"] == [1.0] * len(faithfulness.ROAD_PERCENTAGES)
+    loser = core.Explanation(true.maps, np.ones(3, int), np.zeros(3), np.zeros(3), "test",
+                             None, {})
+    assert faithfulness.road(ex, x, loser)["lerf_accuracy_curve"] == [0.0] * len(
+        faithfulness.ROAD_PERCENTAGES)
     assert good["mu_fidelity"] > 0.9 > bad["mu_fidelity"]
     assert good["average_drop"] < bad["average_drop"]
     ones = faithfulness.confidence_change(ex, x, explanation(np.ones((3, 8, 8))))
