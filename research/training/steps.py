@@ -63,9 +63,11 @@ def update_metrics(metrics: dict, batch: dict, per_example: tf.Tensor, scores: t
 
 
 def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None,
-                    weights: dict | None):
+                    weights: dict | None, device=None):
     """A tf.function that runs `num_steps` distributed steps from `iterator` (`positive_id`
-    None: a classifier)."""
+    None: a classifier). `device` (research.training.inputs.DeviceData, --input=device): the
+    iterator gives positions, and each replica's step builds its batch from its device's
+    copy of the training split."""
     strategy, model, optimizer = state.strategy, state.model, state.active_optimizer
     replicas = strategy.num_replicas_in_sync
 
@@ -91,7 +93,9 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
                               "all-reduces inside the compiled step")
         forward_backward = tf.function(forward_backward, jit_compile=True)
 
-    def replica_step(batch):
+    def replica_step(batch, resident=None):
+        if device is not None:
+            batch = device.batch(batch, resident)
         grads, per_ex, logits = forward_backward(batch)
         if cfg.clip_norm:
             # Clip the global (all-replica) gradient; Keras would clip per replica. Its own
@@ -120,7 +124,8 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
 
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
-            strategy.run(replica_step, args=(next(iterator),))
+            args = (next(iterator),) if device is None else (next(iterator), device.values)
+            strategy.run(replica_step, args=args)
             if lookahead is not None:
                 clock = batch_clock(optimizer)  # once per batch, skipped steps included
                 if lookahead.due(clock):  # a tf.cond under tf.function
