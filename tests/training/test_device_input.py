@@ -74,6 +74,7 @@ def test_pack_and_unpack_are_inverse(shape):
     np.testing.assert_array_equal(back.numpy(), images[[2, 0]])
 
 
+@pytest.mark.slow
 def test_training_from_the_device_equals_tfrecords(syn, tmp_path, two_replicas):
     """The real train loop on 2 replicas: the same losses and weights, bit for bit."""
     manifest = pipeline.load_manifest(syn)
