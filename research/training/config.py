@@ -398,6 +398,9 @@ class TrainConfig:
             return ("input", f"{input} replays the plain training stream: not with "
                     "--rebalance, --exclude_classes, --train_fraction/--train_per_class or "
                     "--transfer=features")
+        if self.input_sharding == "files":
+            return ("input_sharding", f"files gives each worker its own shards and draws; "
+                    f"--input={input} replays the one global stream (slice)")
         if input == "device":
             active = [f for f in AFFINE_FLAGS if getattr(self, f)]
             if active:

@@ -113,6 +113,8 @@ def test_device_keeps_memory_restrictions(syn, tmp_path):
         with pytest.raises(ConfigError, match="^--input: memory replays the plain"):
             config(syn, tmp_path, input="memory", **kw).validate()
         config(syn, tmp_path, input="auto", **kw).validate()
+    with pytest.raises(ConfigError, match="^--input_sharding: files .* --input=device replays"):
+        config(syn, tmp_path, input="device", input_sharding="files").validate()
 
 
 def test_the_auto_rule():
