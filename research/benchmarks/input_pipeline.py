@@ -102,11 +102,11 @@ def per_core_table(batches: int, bs: int) -> Ratios:
     print(f"training input (read + parse + flip/crop + scale), batch {bs}; device: the "
           f"same augmentation in a step (--input=device) on this CPU:")
     print(f"{'size':<9}{'1 core img/s':>14}{f'{cores} cores img/s':>16}"
-          f"{'device img/s':>14}{'GPU img/s':>11}{'cores per GPU':>15}")
+          f"{'device img/s':>14}{'GPU img/s':>13}{'cores per GPU':>15}")
     ratios = Ratios("input_pipeline_per_core")
     for size, one, every, dev, gpu in rows:
         need = f"{gpu / one:>15.1f}" if gpu else f"{'-':>15}"
-        rate = f"{gpu:>11,.0f}" if gpu else f"{'(not given)':>11}"
+        rate = f"{gpu:>13,.0f}" if gpu else f"{'(not given)':>13}"
         print(f"{size:<9}{one:>14,.0f}{every:>16,.0f}{dev:>14,.0f}{rate}{need}")
         ratios.add(f"training input at {size}: {cores} cores / 1 core", every / one,
                    "", f"{one:,.0f} img/s per core")
