@@ -24,7 +24,11 @@ def scale_images(images, scale: str):
     """uint8 (or float 0..255) pixels to model inputs: 'unit' float32 in [0, 1], 'raw' float32
     in [0, 255] (for a backbone's own preprocess_input), or 'uint8' unchanged."""
     if scale == "unit":
-        return tf.cast(images, tf.float32) / 255.0
+        # Not `/ 255.0`: inside a tf.function grappler's constant folding turns a division by
+        # a constant into a product with its reciprocal, 1 ulp off for a third of the pixel
+        # values, so a train step (--input=device) would scale differently from tf.data and
+        # eager; DivNoNan is an exact division it leaves alone.
+        return tf.math.divide_no_nan(tf.cast(images, tf.float32), 255.0)
     if scale == "raw":
         return tf.cast(images, tf.float32)
     if scale == "uint8":

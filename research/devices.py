@@ -196,6 +196,39 @@ def current() -> Devices:
     return describe(tf.config.list_physical_devices("GPU"))
 
 
+def gpu_memory(query: str = "memory.total") -> int | None:
+    """Bytes of `query` (nvidia-smi's memory.total or memory.free) of the least endowed GPU
+    in use (the ids CUDA_VISIBLE_DEVICES names, else all); None if unknown."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, f"--query-gpu=index,{query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = {}
+    for line in out.splitlines():
+        index, _, mib = line.partition(",")
+        if mib.strip().isdigit():
+            found[index.strip()] = int(mib) * 2 ** 20
+    listed = listed_gpus()
+    chosen = [found[i] for i in (listed if listed else found) if i in found]
+    return min(chosen) if chosen else None
+
+
+def host_available() -> int | None:
+    """The host's available memory (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def replicas(cpu_replicas: int = 0) -> int:
     """The replicas --strategy=auto trains on here: every GPU, else the CPU's logical devices
     (--cpu_replicas), else 1."""

@@ -13,6 +13,9 @@ and of --data_dir_224 (224 px, the transfer path's size) runs on one tf.data thr
 all of them; the cores a GPU needs is its training rate over the one-thread rate.
 --gpu_rate_32 is airbench94's published rate (94% in 3.83 s on one A100: about 130,000
 images/s); the 224 px rate is whatever the GPU's transfer run measures (--gpu_rate_224).
+Beside it, the device path (--input=device) on this CPU: the split held as a tensor, and per
+batch the step's own gather + flip and crop + scale (`inputs.DeviceData.batch`) in a
+tf.function on all cores, fed its positions by tf.data as in training.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from research.benchmarks.ratios import Ratios
 from research.data import pipeline, sources, tfrecords
 from research.detector import scale_images
 from research.machine import banner
+from research.training import inputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "data/cifar10", "TFRecords written by make_tfrecords.")
@@ -45,13 +49,13 @@ flags.DEFINE_float("gpu_rate_224", None, "Training images/s of one GPU at 224 px
                    "transfer recipe on your GPU); unset: the cores column is left empty.")
 
 
-def _rate(ds, batches: int, batch_size: int) -> float:
+def _rate(ds, batches: int, batch_size: int, step=lambda batch: batch) -> float:
     it = iter(ds)
     for _ in range(20):
-        next(it)
+        step(next(it))
     start = time.perf_counter()
     for _ in range(batches):
-        next(it)
+        step(next(it))
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -63,9 +67,27 @@ def one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
+def device_rate(data_dir: str, batches: int, bs: int) -> float:
+    """Images/s of --input=device's batch building on this CPU: the training split as one
+    tensor, each batch gathered, flipped, cropped and scaled by the train step's own code."""
+    manifest = pipeline.load_manifest(data_dir)
+    arrays = pipeline.take_examples(data_dir, "train")
+    stream = pipeline.Stream(augment=True, global_batch_size=bs)
+    device = inputs.DeviceData({"image": tf.constant(inputs.pack_images(arrays["image"])),
+                                "label": tf.constant(arrays["label"]),
+                                "class_id": tf.constant(arrays["class_id"])},
+                               stream, len(arrays["label"]), tuple(manifest["image_shape"]))
+    sizes = [sh["num_examples"] for sh in manifest["splits"]["train"]["shards"]]
+    feed = pipeline.position_batches(sizes, bs, stream).map(
+        lambda index, position: {"index": index, "position": position}).prefetch(
+            pipeline.AUTOTUNE)
+    step = tf.function(lambda f: device.batch(f, device.values)["image"])
+    return _rate(feed, batches, bs, step)
+
+
 def per_core_table(batches: int, bs: int) -> Ratios:
-    """Images/s of the training stream on one thread and on all, per image size, and the host
-    cores one GPU's rate needs."""
+    """Images/s of the training stream on one thread and on all, per image size, the host
+    cores one GPU's rate needs, and the device path's images/s on this CPU."""
     cores = len(os.sched_getaffinity(0))
     rows = []
     for size, d, gpu in ((32, FLAGS.data_dir, FLAGS.gpu_rate_32),
@@ -74,19 +96,22 @@ def per_core_table(batches: int, bs: int) -> Ratios:
             continue
         train = pipeline.make_dataset(d, "train", bs, True, augment=True)
         one, every = _rate(one_thread(train), batches, bs), _rate(train, batches, bs)
+        dev = device_rate(d, batches, bs)
         shape = pipeline.load_manifest(d)["image_shape"]
-        rows.append((f"{shape[0]}x{shape[1]}", one, every, gpu))
-    print(f"training input (read + parse + flip/crop + scale), batch {bs}:")
-    print(f"{'size':<9}{'1 core img/s':>14}{f'{cores} cores img/s':>16}{'GPU img/s':>11}"
-          f"{'cores per GPU':>15}")
+        rows.append((f"{shape[0]}x{shape[1]}", one, every, dev, gpu))
+    print(f"training input (read + parse + flip/crop + scale), batch {bs}; device: the "
+          f"same augmentation in a step (--input=device) on this CPU:")
+    print(f"{'size':<9}{'1 core img/s':>14}{f'{cores} cores img/s':>16}"
+          f"{'device img/s':>14}{'GPU img/s':>13}{'cores per GPU':>15}")
     ratios = Ratios("input_pipeline_per_core")
-    for size, one, every, gpu in rows:
+    for size, one, every, dev, gpu in rows:
         need = f"{gpu / one:>15.1f}" if gpu else f"{'-':>15}"
-        rate = f"{gpu:>11,.0f}" if gpu else f"{'(not given)':>11}"
-        print(f"{size:<9}{one:>14,.0f}{every:>16,.0f}{rate}{need}")
+        rate = f"{gpu:>13,.0f}" if gpu else f"{'(not given)':>13}"
+        print(f"{size:<9}{one:>14,.0f}{every:>16,.0f}{dev:>14,.0f}{rate}{need}")
         ratios.add(f"training input at {size}: {cores} cores / 1 core", every / one,
                    "", f"{one:,.0f} img/s per core")
-    print("device-resident input (--input=device): not built yet, not measured")
+        ratios.add(f"training input at {size}: device (in-step) / tf.data, {cores} cores",
+                   dev / every, "", f"{dev:,.0f} vs {every:,.0f} img/s")
     return ratios
 
 

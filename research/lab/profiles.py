@@ -99,23 +99,30 @@ CPU = LabProfile(
 # source task), the ImageNet transfer at VGG16's native 224 px, and longer checks. Every
 # batch_size here is per replica (`per_replica`): global = per replica x replicas, the
 # learning rate of the airbench recipes scaled by their own rule (recipes.rebatched).
+# Input: tf.data's flip + crop at 32 px runs at about 6,000 images/s per host core, and one
+# A100 trains the fast recipe at about 130,000: 22 cores a GPU
+# (research.benchmarks.input_pipeline; BUILD.md, On a GPU box). So every run reads
+# --input=auto: the data on the GPU, augmented in the step, whenever it fits a quarter of
+# the GPU's memory and the run allows it (no subset, no affine augmentation); the others
+# read the TFRecords with tf.data's parallelism left at AUTOTUNE, every host core.
+GPU_INPUT = {"input": "auto"}
 GPU = LabProfile(
     name="gpu",
     per_replica_batches=True,
     # Per replica the recipe's own 1,024: on one GPU the run is airbench94 exactly.
-    scratch=load_recipe(FAST_CIFAR10),
-    source_task={**airbench93(), "exclude_classes": ("cat",)},
+    scratch={**load_recipe(FAST_CIFAR10), **GPU_INPUT},
+    source_task={**airbench93(), "exclude_classes": ("cat",), **GPU_INPUT},
     # The backbone at its native size, fine-tuned with augmentation: the best numbers.
     transfer_imagenet=dict(model="vgg16", transfer="fine_tune", head_epochs=2.0,
                            fine_tune_epochs=8.0, batch_size=64, head_lr=1e-3,
                            optimizer="adamw", learning_rate=1e-3, fine_tune_lr=1e-4,
                            weight_decay=1e-4, label_smoothing=0.0,
                            model_options={"image_size": 224, "head_units": (256,),
-                                          "dropout": 0.5}),
-    transfer_fallback=dict(CPU.transfer_fallback, batch_size=128),
+                                          "dropout": 0.5}, **GPU_INPUT),
+    transfer_fallback=dict(CPU.transfer_fallback, batch_size=128, **GPU_INPUT),
     memory_check=dict(model="scratch", epochs=5.0, batch_size=128, gradcam_images=0),
     photos={**PHOTOS, "train": {**PHOTOS["train"], "batch_size": load_recipe(
-        PHOTOS_FROM_CIFAR)["batch_size"]}},
+        PHOTOS_FROM_CIFAR)["batch_size"], **GPU_INPUT}},
 )
 
 PROFILES = {p.name: p for p in (CPU, GPU)}

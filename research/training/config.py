@@ -29,6 +29,9 @@ FLIPS = ("random", "alternate")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 CLASS_WEIGHTINGS = ("none", "balanced")
 TRANSFERS = ("none", "features", "frozen", "fine_tune")
+INPUTS = ("tfrecords", "memory", "device", "auto")
+AFFINE_FLAGS = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
+                "zoom_range")
 
 
 class ConfigError(UserError):
@@ -182,11 +185,17 @@ class TrainConfig:
                              "in each training image set to the input normalisation's mean "
                              "(airbench zeroes its normalised images), after flip and crop; "
                              "0: off.", ge=0, le=32)
-    input: str = setting("tfrecords", "Where training batches come from: the TFRecords, or the "
-                                      "whole training split loaded into memory once (the same "
-                                      "batches, augmented the same way; not with --rebalance, "
-                                      "subsets, --exclude_classes or --transfer=features).",
-                                      choices=("tfrecords", "memory"), resume=True)
+    input: str = setting("tfrecords", "Where training batches come from (each gives the same "
+                                      "batches, augmented the same way): tfrecords, read and "
+                                      "augmented by tf.data on the host; memory, the whole "
+                                      "training split loaded into host memory once; device, "
+                                      "the uint8 training split on every replica's device, "
+                                      "augmented inside the train step (flips, --crop_pad, "
+                                      "--cutout; not the affine ones); auto, device on a GPU "
+                                      "when the split fits in a quarter of its memory, else "
+                                      "tfrecords (docs/data_at_scale.md). memory and device: "
+                                      "not with --rebalance, subsets, --exclude_classes or "
+                                      "--transfer=features.", choices=INPUTS, resume=True)
     input_sharding: str = setting("slice", "How several workers split the training input: slice "
                                            "(each reads the one global stream and keeps its slice "
                                            "of every batch: exactly one process's batches) or "
@@ -376,12 +385,10 @@ class TrainConfig:
         if self.bias_lr_scale != 1.0 and self.optimizer == "adamw":
             bad("bias_lr_scale", "scales SGD's gradients of the BatchNorm shifts; with "
                 f"--optimizer={self.optimizer} it would not scale their learning rate")
-        if self.input == "memory" and (self.rebalance or self.exclude_classes or
-                                       self.train_fraction or self.train_per_class or
-                                       self.transfer == "features"):
-            bad("input", "memory replays the plain training stream: not with --rebalance, "
-                "--exclude_classes, --train_fraction/--train_per_class or "
-                "--transfer=features")
+        if self.input in ("memory", "device"):
+            problem = self.gathered_input_problem(self.input)
+            if problem:
+                bad(*problem)
         if self.train_fraction is not None and self.train_per_class is not None:
             bad("train_per_class", "give --train_fraction or --train_per_class, not both")
         if self.flip == "alternate" and self.rebalance:
@@ -401,6 +408,27 @@ class TrainConfig:
         if self.profile_steps and (len(self.profile_steps) != 2 or
                                    not 0 <= self.profile_steps[0] < self.profile_steps[1]):
             bad("profile_steps", f"want a,b with 0 <= a < b, got {self.profile_steps}")
+
+    def gathered_input_problem(self, input: str = "device") -> tuple[str, str] | None:
+        """(flag, why) when --input=`input` (memory or device: inputs that gather the plain
+        training stream by position) cannot feed this run, else None; --input=auto asks it
+        too, and then reads the TFRecords."""
+        if (self.rebalance or self.exclude_classes or self.train_fraction or
+                self.train_per_class or self.transfer == "features"):
+            return ("input", f"{input} replays the plain training stream: not with "
+                    "--rebalance, --exclude_classes, --train_fraction/--train_per_class or "
+                    "--transfer=features")
+        if self.input_sharding == "files":
+            return ("input_sharding", f"files gives each worker its own shards and draws; "
+                    f"--input={input} replays the one global stream (slice)")
+        if input == "device":
+            active = [f for f in AFFINE_FLAGS if getattr(self, f)]
+            if active:
+                return (active[0], f"{getattr(self, active[0])} with --input=device: the "
+                        "device input augments inside the train step with flips, --crop_pad "
+                        "and --cutout only; the affine augmentations run in tf.data "
+                        "(--input=tfrecords or memory)")
+        return None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

@@ -9,9 +9,6 @@ eval batch on a 16 GB card with 15 GB free, where the old global 1,000 needed 13
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -48,32 +45,7 @@ def _largest_values(model: keras.Model) -> int:
 def free_bytes(on_gpu: bool) -> int | None:
     """Free memory of the least free device in use: the GPUs (nvidia-smi, the ids
     CUDA_VISIBLE_DEVICES names), or the host (MemAvailable); None if unknown."""
-    if on_gpu:
-        smi = shutil.which("nvidia-smi")
-        if not smi:
-            return None
-        try:
-            out = subprocess.run([smi, "--query-gpu=index,memory.free",
-                                  "--format=csv,noheader,nounits"], capture_output=True,
-                                 text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        free = {}
-        for line in out.splitlines():
-            index, _, mib = line.partition(",")
-            if mib.strip().isdigit():
-                free[index.strip()] = int(mib) * 2 ** 20
-        listed = devices.listed_gpus()
-        chosen = [free[i] for i in (listed if listed else free) if i in free]
-        return min(chosen) if chosen else None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return devices.gpu_memory("memory.free") if on_gpu else devices.host_available()
 
 
 def auto_batch(model: keras.Model, replicas: int, on_gpu: bool,

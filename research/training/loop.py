@@ -29,7 +29,8 @@ from research.training.strategy import make_strategy
 
 
 def prepare_config(cfg: TrainConfig) -> TrainConfig:
-    """Validated, with precision resolved; a resumed 'auto' run keeps its recorded dtype."""
+    """Validated, with precision and --input resolved; a resumed 'auto' run keeps its recorded
+    dtype."""
     cfg.validate()
     precision = cfg.precision
     if precision == "auto" and not cfg.restart and runs.has_config(cfg.run_dir):
@@ -40,7 +41,10 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
         logging.warning("--precision=mixed_float16 without a GPU: float16 is emulated on the "
                         "CPU and slow (fine for tests; --precision=auto picks %s here)",
                         machine.resolve_precision("auto", None))
-    return dataclasses.replace(cfg, precision=resolved, scale=cfg.input_scale)
+    chosen = inputs.resolve_input(cfg, pipeline.load_manifest(cfg.data_dir),
+                                  on_gpu=found.capability is not None,
+                                  replicas=devices.replicas(cfg.cpu_replicas))
+    return dataclasses.replace(cfg, precision=resolved, scale=cfg.input_scale, input=chosen)
 
 
 def run_plan(cfg: TrainConfig, manifest: dict | None = None) -> Plan:
@@ -162,7 +166,8 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
     frozen_from = whiten_bias_steps(cfg, plan.steps_per_epoch)
     if frozen_from is not None and state.step >= frozen_from:  # resumed past it
         freeze_whitening_bias(state.model)
-    train_loop = make_train_loop(cfg, state, positive_id, weights)
+    device = inputs.device_data(cfg, strategy) if cfg.input == "device" else None
+    train_loop = make_train_loop(cfg, state, positive_id, weights, device)
     iterator = iter(strategy.distribute_datasets_from_function(
         inputs.train_input_fn(cfg, state.step)))
     # --notrain_eval_tta: one view in the evals while training (finish() scores TTA once).
@@ -200,7 +205,8 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
         for action in actions:
             action(ctx)
         if ctx.rebuild:
-            train_loop, ctx.rebuild = make_train_loop(cfg, state, positive_id, weights), False
+            train_loop = make_train_loop(cfg, state, positive_id, weights, device)
+            ctx.rebuild = False
     for action in actions:
         action.end(ctx)
     return finish(ctx, previous)

@@ -63,9 +63,11 @@ def update_metrics(metrics: dict, batch: dict, per_example: tf.Tensor, scores: t
 
 
 def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None,
-                    weights: dict | None):
+                    weights: dict | None, device=None):
     """A tf.function that runs `num_steps` distributed steps from `iterator` (`positive_id`
-    None: a classifier)."""
+    None: a classifier). `device` (research.training.inputs.DeviceData, --input=device): the
+    iterator gives positions, and each replica's step builds its batch from its device's
+    copy of the training split."""
     strategy, model, optimizer = state.strategy, state.model, state.active_optimizer
     replicas = strategy.num_replicas_in_sync
 
@@ -96,7 +98,9 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
         raise ConfigError("--proxy_widths needs a single replica: the reference keeps the "
                           "hardest examples of the whole batch")
 
-    def replica_step(batch):
+    def replica_step(batch, resident=None):
+        if device is not None:
+            batch = device.batch(batch, resident)
         if proxy is not None:  # airbench96_faster: train on the hardest part of the batch
             batch = proxy.select(batch, optimizer.iterations)
         grads, per_ex, logits = forward_backward(batch)
@@ -127,7 +131,8 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
 
     def train_loop(iterator, num_steps):
         for _ in tf.range(num_steps):
-            strategy.run(replica_step, args=(next(iterator),))
+            args = (next(iterator),) if device is None else (next(iterator), device.values)
+            strategy.run(replica_step, args=args)
             if lookahead is not None:
                 clock = batch_clock(optimizer)  # once per batch, skipped steps included
                 if lookahead.due(clock):  # a tf.cond under tf.function
