@@ -122,15 +122,36 @@ def photo_windows(tree, name: str, size: tuple[int, int], k: int,
     return imaging.native_windows(img, size, k)
 
 
+def evaluate_windows(evaluator, split: str, native: NativeTTA, source: str,
+                     progress: bool = False):
+    """(the research.training.evaluator.Evaluator's result on `split` scored on native
+    windows, the centre-crop check: photos, identical, max_difference). A photo that fails
+    while the windows stream (missing, another photo, undecodable) is its own one-line
+    error, not TensorFlow's wrapping of it."""
+    import tensorflow as tf
+
+    checked: dict = {}
+    failed: list = []
+    try:
+        res = evaluator.evaluate(split, progress=progress, data=lambda cfg, s: (
+            native_eval_dataset(cfg, s, native, source, checked, failed)))
+    except tf.errors.OpError:
+        if failed:
+            raise failed[0] from None
+        raise
+    return res, checked
+
+
 def native_eval_dataset(cfg, split: str, native: NativeTTA, source: str,
-                        checked: dict | None = None):
+                        checked: dict | None = None, failed: list | None = None):
     """(one ordered pass over the run's examples of `split`, their expected positions), as
     research.training.inputs.eval_dataset gives, each element's `image` being (batch, K, h,
     w, c) windows (the batch is cfg.eval_batch_size // K, so a step scores as many images
     as without windows). The centre crop of every photo is compared with its record's
     pixels as it is read; `checked` (when given) gets the counts: photos, identical,
     max_difference. A photo that is missing from the source or is another photo is a
-    NativeTTAError naming it, --photo_source and the example."""
+    NativeTTAError naming it, --photo_source and the example; one raised while the dataset
+    streams is also appended to `failed` (TensorFlow reraises it as its own error)."""
     import tensorflow as tf  # here: evaluate's flags are checked before TensorFlow loads
 
     from research.data import pipeline, sources
@@ -157,6 +178,14 @@ def native_eval_dataset(cfg, split: str, native: NativeTTA, source: str,
     stats.update(photos=0, identical=0, max_difference=0)
 
     def batches():
+        try:
+            yield from windowed()
+        except UserError as e:  # a photo that cannot be decoded, or is another photo
+            if failed is not None:
+                failed.append(e)
+            raise
+
+    def windowed():
         records = pipeline.make_dataset(cfg.data_dir, split, batch, training=False,
                                         scale="uint8", keep=keep)
         for rec in records:

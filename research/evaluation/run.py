@@ -91,9 +91,9 @@ def score_model(cfg: TrainConfig, model: keras.Model, manifest: dict, strategy, 
     def score(name):
         if windows == 1:
             return evaluator.evaluate(name, progress=progress)
-        checked[name] = {}
-        return evaluator.evaluate(name, progress=progress, data=lambda c, s: (
-            native_tta.native_eval_dataset(c, s, native, source, checked[name])))
+        res, checked[name] = native_tta.evaluate_windows(evaluator, name, native, source,
+                                                         progress)
+        return res
 
     val = None if classifier and split != "val" else score("val")
     res = val if split == "val" else score(split)

@@ -2,7 +2,6 @@
 the mean over windows, evaluate on windows read from the original photos (the centre window
 gives the plain score), predict's windows, and bad input (one line naming flag or file)."""
 
-import dataclasses
 import json
 import os
 import tarfile
@@ -111,29 +110,36 @@ def run(tmp_path_factory):
     return load_run_config(ck, "nat"), tar
 
 
-def test_centre_window_reproduces_the_plain_score(run):
+@pytest.fixture(scope="module")
+def scored(run, tmp_path_factory):
+    """The run on test: (report, raw) plain, then (report, raw) on 3 native windows, saved
+    (report in <tmp>/eval.json)."""
+    cfg, _ = run
+    out = str(tmp_path_factory.mktemp("scored") / "eval.json")
+    plain = evaluation.evaluate_run(cfg, "test", progress=False)
+    windows = evaluation.evaluate_and_save(cfg, "test", output=out, figures=False,
+                                           progress=False, tb_dir=None, native=NativeTTA(3))
+    return plain, windows, out
+
+
+def test_centre_window_reproduces_the_plain_score(run, scored):
     """K=1 windows cut again from the original photos score as the stored records do."""
     cfg, tar = run
-    plain, _ = evaluation.evaluate_run(cfg, "test", progress=False)
+    (plain, _), _, _ = scored
     path = evaluation.checkpoints.resolve_checkpoint(cfg.run_dir, "best")
     model, manifest, strategy = evaluation.restore_for_eval(cfg, path)
     ev = Evaluator(cfg, strategy, model, cfg.positive_id(manifest))
     want = ev.evaluate("test")
-    checked = {}
-    got = ev.evaluate("test", data=lambda c, s: native_tta.native_eval_dataset(
-        c, s, NativeTTA(1), tar, checked))
+    got, checked = native_tta.evaluate_windows(ev, "test", NativeTTA(1), tar)
     np.testing.assert_array_equal(got.index, want.index)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
     assert checked == {"photos": 6, "identical": 6, "max_difference": 0}
     assert plain["tta_mode"] == "flip" and plain["tta_windows"] == 1
 
 
-def test_evaluate_native_windows(run, tmp_path):
+def test_evaluate_native_windows(run, scored):
     cfg, tar = run
-    plain, plain_raw = evaluation.evaluate_run(cfg, "test", progress=False)
-    report, raw = evaluation.evaluate_and_save(
-        cfg, "test", output=str(tmp_path / "eval.json"), figures=False, progress=False,
-        tb_dir=None, native=NativeTTA(3))
+    (plain, plain_raw), (report, raw), out = scored
     assert report["tta_windows"] == 3 and report["tta_mode"] == "native3_flip"
     assert report["native_windows"]["photo_source"] == tar  # the manifest's source
     assert report["native_windows"]["centre_check"] == {
@@ -148,7 +154,7 @@ def test_evaluate_native_windows(run, tmp_path):
                        for i in raw["index"]])
     moved = np.abs(raw["scores"] - plain_raw["scores"]) > 1e-6
     assert moved[~square].any() and not moved[square].any()
-    saved = json.load(open(tmp_path / "eval.json"))
+    saved = json.load(open(out))
     assert saved["tta_mode"] == "native3_flip"
     text = reporting.format_report(report)
     assert "test-time views: native3_flip (3 square windows" in text
@@ -197,10 +203,10 @@ def test_bad_input_is_one_line(run, tmp_path):
     with pytest.raises(NativeTTAError, match="--transfer=features"):
         native_tta.resolve_source(manifest, cfg.data_dir, NativeTTA(3), "features")
     arrays = str(tmp_path / "syn")
-    helpers.make_synthetic_tfrecords(arrays, n_train=20, n_test=10)
-    with pytest.raises(NativeTTAError, match="not photos"):
-        evaluation.evaluate_run(dataclasses.replace(cfg, data_dir=arrays), "test",
-                                progress=False, native=NativeTTA(3))
+    helpers.make_synthetic_tfrecords(arrays, n_train=100, n_test=20)
+    with pytest.raises(NativeTTAError, match="--tta_windows=3: .*syn was made from synthetic "
+                       r"\(synthetic\), arrays of images .* not photos"):
+        native_tta.resolve_source(pipeline.load_manifest(arrays), arrays, NativeTTA(3), "none")
     # Other photos under the same names: named, before any score is reported.
     write_photos(str(tmp_path / "other"), seed=5)
     other = make_tar(str(tmp_path / "other"), str(tmp_path / "other.tar"))
@@ -216,11 +222,11 @@ def test_bad_input_is_one_line(run, tmp_path):
                                 native=NativeTTA(3, str(tmp_path / "other")))
 
 
-def test_predict_windows(run, tmp_path):
+def test_predict_windows(run, scored, tmp_path):
     """predict --tta_windows scores a photo as evaluate's windows do; --tta overrides the
     mirror; a stretch model refuses windows."""
     cfg, tar = run
-    report, raw = evaluation.evaluate_run(cfg, "test", progress=False, native=NativeTTA(3))
+    _, (report, raw), _ = scored
     with tarfile.open(tar) as t:
         t.extractall(tmp_path, filter="data")
     ids = pipeline.read_source_ids(cfg.data_dir, "test")
