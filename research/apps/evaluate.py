@@ -103,7 +103,8 @@ def main(argv):
         native = native_from_flags()
         tb_dir, why = tensorboard_dir(FLAGS.run_name)
         if native.active:  # the run's TensorBoard row keeps the views it was scored with
-            tb_dir, why = None, f"--tta_windows={native.windows}: not the run's own views"
+            tb_dir, why = None, (f"--tta_windows={native.windows}: its row keeps the run's "
+                                 "own views")
     except UserError as e:
         config_flags.fail(e)
     config_flags.setup_devices()
@@ -125,7 +126,7 @@ def main(argv):
     print(f"figures: {figures}/")
     if FLAGS.split == "test":
         print(f"tensorboard: {report['tensorboard']}" if report["tensorboard"] else
-              f"tensorboard: not written ({why}; --log_dir to name the folder)")
+              f"tensorboard: not written ({why})")
 
 
 def native_from_flags() -> NativeTTA:
@@ -146,10 +147,10 @@ def tensorboard_dir(run_name: str) -> tuple[str | None, str]:
     log_dir = runs.recorded_log_dir(recorded, FLAGS.checkpoint_dir)
     if log_dir is None:
         return None, (f"the run's log folder {recorded.get('log_dir')!r} is relative to a "
-                      "folder evaluate cannot tell")
+                      "folder evaluate cannot tell; --log_dir to name the folder")
     tb = os.path.join(log_dir, run_name)
     if not os.path.isdir(tb):
-        return None, f"the run's log folder {tb} is not there"
+        return None, f"the run's log folder {tb} is not there; --log_dir to name the folder"
     return tb, ""
 
 

@@ -4,6 +4,8 @@ gives the plain score), predict's windows, and bad input (one line naming flag o
 
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import keras
@@ -13,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 import helpers
+from helpers import LOG_LINE
 from research import detector, runs
 from research.data import imaging, pipeline, sources, tfrecords
 from research.evaluation import native as native_tta
@@ -24,6 +27,7 @@ from research.training import loop
 from research.training.config import TrainConfig, load_run_config
 from research.training.evaluator import Evaluator
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 16
 # (height, width) of the photos: wide, tall, square, and already at the size.
 SHAPES = [(30, 45), (45, 30), (40, 64), (24, 24), (SIZE, SIZE)]
@@ -240,3 +244,21 @@ def test_predict_windows(run, scored, tmp_path):
     assert views_meta(meta, PredictOptions()) is meta
     with pytest.raises(InferenceError, match="--tta_windows=3: .*--resize_policy=stretch"):
         views_meta({**meta, "resize_policy": "stretch"}, PredictOptions(tta_windows=3))
+
+
+def test_evaluate_app_bad_input_is_one_line(run):
+    """Through the app: one line naming the flag, exit 1, no report written."""
+    cfg, _ = run
+    base = [sys.executable, "-m", "research.apps.evaluate", "--run_name=nat",
+            f"--checkpoint_dir={cfg.checkpoint_dir}", f"--log_dir={cfg.log_dir}"]
+    for extra, line in (
+            (["--photo_source=/no/such.tar"], "error: --photo_source: only read with "
+             "--tta_windows=K (K > 1, windows of the original photos); drop it or give "
+             "--tta_windows"),
+            (["--tta_windows=3", "--photo_source=/no/such.tar"],
+             "error: --photo_source=/no/such.tar: no such file or folder")):
+        res = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        lines = [x for x in res.stderr.splitlines() if x.strip() and not LOG_LINE.match(x)]
+        assert res.returncode == 1 and lines == [line], res.stderr
+    assert not os.path.exists(os.path.join(cfg.run_dir, "eval_test_native3_flip.json"))
