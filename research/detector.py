@@ -77,7 +77,20 @@ def detector_scores(model, images, objective: str, positive_id: int | None, tta:
     """(positive-class scores, logits), each the weighted mean over `tta_views`: with `tta`
     the image and its mirror, with `shifts` also one-pixel shifts of both. The logits are
     what the N-class accuracy reads. `images` are already scaled model inputs. A classifier
-    (`positive_id` None) has no scores: (None, logits)."""
+    (`positive_id` None) has no scores: (None, logits).
+
+    `images` of rank 5, (batch, windows, H, W, C): the windows of each image at its native
+    aspect (research.data.imaging.native_windows), each scored with those views; scores and
+    logits are the plain mean over the windows."""
+    if images.shape.rank == 5:
+        k = images.shape[1] if images.shape[1] is not None else tf.shape(images)[1]
+        flat = tf.reshape(images, [-1, *images.shape[2:]])  # (h, w, c) stay known to Keras
+        scores, logits = detector_scores(model, flat, objective, positive_id, tta, shifts)
+
+        def per_image(x):  # (batch * windows, ...) -> the mean over each image's windows
+            return tf.reduce_mean(tf.reshape(x, [-1, k, *x.shape[1:]]), 1)
+
+        return (None if scores is None else per_image(scores)), per_image(logits)
     scores = logits = 0.0
     for dy, dx, flip, weight in tta_views(tta, shifts):
         view = shifted(images, dy, dx) if dy or dx else images
@@ -86,6 +99,15 @@ def detector_scores(model, images, objective: str, positive_id: int | None, tta:
             scores += weight * positive_scores(out, objective, positive_id)
         logits += weight * out
     return (None if positive_id is None else scores), logits
+
+
+def tta_mode(tta: bool, shifts: bool = False, windows: int = 1) -> str:
+    """The test-time views in one word, as reports and predict name them: none, flip,
+    flip_shifts; with windows at the native aspect native<K> (K > 1), native<K>_flip, ..."""
+    views = ("flip_shifts" if shifts else "flip") if tta else ""
+    if windows > 1:
+        return f"native{windows}" + (f"_{views}" if views else "")
+    return views or "none"
 
 
 class Detector:
@@ -109,7 +131,17 @@ class Detector:
                 scores = tf.fill(tf.shape(images)[:1], float("nan"))
             return scores, probs
 
-        self._score = score
+        @tf.function(input_signature=[tf.TensorSpec([None, None, h, w, c], tf.uint8)])
+        def score_windows(windows):  # (batch, windows, h, w, c): the mean over the windows
+            scores, logits = detector_scores(model, scale_images(windows, meta["scale"]),
+                                             objective, positive_id, meta["tta"],
+                                             meta.get("tta_shifts", False))
+            probs = tf.nn.softmax(tf.cast(logits, tf.float32)) if multiclass else logits[:, :0]
+            if scores is None:
+                scores = tf.fill(tf.shape(windows)[:1], float("nan"))
+            return scores, probs
+
+        self._score, self._score_windows = score, score_windows
 
     @property
     def classifier(self) -> bool:
@@ -130,8 +162,9 @@ class Detector:
     def score_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(p(positive) per image (NaN for a classifier), the class probabilities: softmax of
         the logits averaged over the test-time views, as evaluation reads them; shape (n, 0)
-        for binary models)."""
-        scores, probs = self._score(images)
+        for binary models). `images` (n, k, h, w, c): k windows of each image at its native
+        aspect, averaged (detector_scores)."""
+        scores, probs = (self._score_windows if np.ndim(images) == 5 else self._score)(images)
         return scores.numpy(), probs.numpy()
 
 

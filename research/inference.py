@@ -20,7 +20,8 @@ import numpy as np
 from research.data import imaging
 from research.data.imaging import is_hidden_name as _hidden
 from research.errors import UserError
-from research.fields import first_error, setting
+from research.evaluation.native import TTA_WINDOWS_HELP, NativeTTA
+from research.fields import default_of, first_error, setting
 
 if TYPE_CHECKING:  # the scorer is TensorFlow; this module stays light for predict's flags
     from research.detector import Detector
@@ -41,6 +42,9 @@ class PredictOptions:
                          "run's test-time views); a classifier prints them too.", ge=0)
     threshold: float | None = setting(None, "Decision threshold (default: the run's "
                                       "val-chosen one).", ge=0, le=1)
+    tta: bool | None = setting(None, "Override the export's mirror averaging (its "
+                               "metadata.json `tta`); false also drops its shifted views.")
+    tta_windows: int = setting(default_of(NativeTTA, "tta_windows"), TTA_WINDOWS_HELP, ge=1)
     decode_threads: int | None = setting(None, "Image decoding threads (default: one per "
                                          "core).", ge=1)
     prefetch_batches: int = setting(2, "Batches decoded ahead of the one being scored.", ge=0,
@@ -148,25 +152,46 @@ def check_output(path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
-def _load(path: str, size: tuple[int, int], policy: str, channels: int = 3):
+def _load(path: str, size: tuple[int, int], policy: str, channels: int = 3, windows: int = 1):
+    """(the image as the model takes it, None) or (None, why not); `windows` > 1: its
+    (windows, h, w, c) native-aspect windows (imaging.native_windows)."""
     try:
+        if windows > 1:
+            return np.stack([imaging.to_channels(w, channels) for w in imaging.native_windows(
+                imaging.load_image_file(path), size, windows)]), None
         return imaging.to_channels(imaging.load_image_file(path, size, policy), channels), None
     except imaging.ImageDecodeError as e:
         return None, str(e)
 
 
+def views_meta(meta: dict, options: PredictOptions) -> dict:
+    """The export's metadata with the test-time views `options` ask for, checked before any
+    image is read: --tta overrides its mirror averaging; --tta_windows needs a model whose
+    photos were centre-cropped (the windows extend that crop along the long side)."""
+    policy = imaging.recorded_policy(meta)
+    if options.tta_windows > 1 and policy != "center_crop":
+        raise InferenceError(f"--tta_windows={options.tta_windows}: this model's images were "
+                             f"resized with --resize_policy={policy}, which already keeps the "
+                             "whole photo; native-aspect windows apply to center_crop models")
+    if options.tta is None:
+        return meta
+    return {**meta, "tta": options.tta, "tta_shifts": options.tta and meta.get("tta_shifts",
+                                                                               False)}
+
+
 def _decoded_batches(paths: list[str], size, policy: str, options: PredictOptions,
                      channels: int = 3) -> Iterator[list]:
     """Batches of (path, image or None, error or None), decoded `prefetch_batches` ahead
-    (as `channels`-channel images: 1 for a grayscale model such as MNIST's). OpenCV
+    (as `channels`-channel images: 1 for a grayscale model such as MNIST's; with
+    options.tta_windows > 1, each the stack of its native-aspect windows). OpenCV
     releases the GIL, so the threads decode while TensorFlow scores."""
     bs = options.batch_size
     with concurrent.futures.ThreadPoolExecutor(options.decode_threads or os.cpu_count()) as pool:
         pending = collections.deque()
         for start in range(0, len(paths), bs):
             batch = paths[start:start + bs]
-            pending.append((batch, [pool.submit(_load, p, size, policy, channels)
-                                    for p in batch]))
+            pending.append((batch, [pool.submit(_load, p, size, policy, channels,
+                                                options.tta_windows) for p in batch]))
             if len(pending) > options.prefetch_batches:
                 batch, futures = pending.popleft()
                 yield [(p, *f.result()) for p, f in zip(batch, futures)]

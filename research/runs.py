@@ -262,12 +262,15 @@ def check_export_matches(checkpoint_dir: str, run_name: str, manifest: dict,
 
 # ------------------------------------------------------------------------ evaluations
 
-def eval_report_path(folder: str, split: str) -> str:
-    return os.path.join(folder, f"eval_{split}.json")
+def eval_report_path(folder: str, split: str, views: str = "") -> str:
+    """<folder>/eval_<split>.json; `views` (evaluate's native-aspect tta_mode, e.g.
+    native3_flip): eval_<split>_<views>.json, beside the run's own report, not over it."""
+    return os.path.join(folder, f"eval_{split}{'_' + views if views else ''}.json")
 
 
-def eval_figures_dir(report_path: str, split: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(report_path)), f"figures_{split}")
+def eval_figures_dir(report_path: str, split: str, views: str = "") -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(report_path)),
+                        f"figures_{split}{'_' + views if views else ''}")
 
 
 def read_eval_report(path: str) -> dict | None:

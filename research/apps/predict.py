@@ -53,7 +53,7 @@ def main(argv):
             inference.check_output(FLAGS.output)
         options = PredictOptions(**config_flags.values_from_flags(PredictOptions))
         options.validate()
-        meta = runs.read_metadata(model_path, flag)
+        meta = inference.views_meta(runs.read_metadata(model_path, flag), options)
         expansion = inference.expand_images(config_flags.image_paths())
         config_flags.setup_devices()
         from research import detector as detectors  # the heavy imports, once all is good
@@ -72,9 +72,11 @@ def main(argv):
         config_flags.fail(e)
     what = (f"threshold {threshold:.4f} ({source})" if threshold is not None else
             f"a {len(meta['class_names'])}-class classifier: its top classes, no threshold")
-    print(f"{what}; images {imaging.recorded_policy(meta)}"
-          f" to {detector.image_size[0]}x{detector.image_size[1]}"
-          + (", mirror-averaged" if meta.get("tta") else ""), file=sys.stderr)
+    views = detectors.tta_mode(meta["tta"], meta.get("tta_shifts", False), options.tta_windows)
+    windows = (f", {options.tta_windows} windows along the long side"
+               if options.tta_windows > 1 else "")
+    print(f"{what}; images {imaging.recorded_policy(meta)} to {detector.image_size[0]}x"
+          f"{detector.image_size[1]}{windows}; test-time views {views}", file=sys.stderr)
     predictions = inference.predict_files(detector, expansion.paths, options)
     if FLAGS.output:
         with files.atomic_path(FLAGS.output, "the predictions CSV") as tmp:
@@ -97,6 +99,12 @@ def predict_savedmodel(path: str) -> None:
     try:
         options = PredictOptions(**config_flags.values_from_flags(PredictOptions))
         options.validate()
+        for name in ("tta", "tta_windows"):
+            if FLAGS[name].present:
+                raise inference.InferenceError(
+                    f"--{name}: a SavedModel folder scores the views it was exported with; "
+                    "give the export's model.keras (--model=.../export/model.keras) to "
+                    "choose them")
         if FLAGS.output:
             inference.check_output(FLAGS.output)
         expansion = inference.expand_images(config_flags.image_paths())

@@ -252,18 +252,25 @@ def reduction(width: int, height: int, size: tuple[int, int],
     return 1
 
 
-def decode_resized(data: bytes, name: str, size: tuple[int, int],
-                   policy: str = DEFAULT_RESIZE_POLICY, reduced: bool = False) -> np.ndarray:
-    """`decode_image` then `resize_image`; `reduced`: a JPEG at least twice the target on
-    both sides is decoded reduced (`reduction`) first. Without `reduced` the pixels are those
-    of a full decode, bit for bit."""
+def decode_for_size(data: bytes, name: str, size: tuple[int, int],
+                    policy: str = DEFAULT_RESIZE_POLICY, reduced: bool = False) -> np.ndarray:
+    """`decode_image` as `decode_resized` decodes before it resizes: with `reduced`, a JPEG at
+    least twice the target on both sides is decoded reduced (`reduction`); else at full size."""
     k = reduction(*check_image_pixels(data, name), size, policy) if reduced else 1
     img = decode_image(data, name, k)
     if k > 1:
         nh, nw = resized_size(img.shape, size, policy)
         if img.shape[0] < nh or img.shape[1] < nw:  # EXIF turned it: the header's sides swap
             img = decode_image(data, name)
-    return resize_image(img, size, policy)
+    return img
+
+
+def decode_resized(data: bytes, name: str, size: tuple[int, int],
+                   policy: str = DEFAULT_RESIZE_POLICY, reduced: bool = False) -> np.ndarray:
+    """`decode_image` then `resize_image`; `reduced`: a JPEG at least twice the target on
+    both sides is decoded reduced (`reduction`) first. Without `reduced` the pixels are those
+    of a full decode, bit for bit."""
+    return resize_image(decode_for_size(data, name, size, policy, reduced), size, policy)
 
 
 def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
@@ -310,12 +317,50 @@ def resize_image(img: np.ndarray, size: tuple[int, int],
     if policy == "stretch":
         interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_LINEAR
         return cv2.resize(img, (tw, th), interpolation=interp)
+    return native_windows(img, size, 1)[0]
+
+
+def cover_scaled(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The image scaled, aspect kept, so that it just covers `size` (the shorter side at the
+    target; `resized_size`): what `center_crop` cuts its centre from. Shrinking uses
+    INTER_AREA, enlarging INTER_LINEAR; an image at the size is returned as it is."""
+    h, w = img.shape[:2]
+    if (h, w) == tuple(size):
+        return img
+    th, tw = size
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    img = cv2.resize(img, (nw, nh), interpolation=interp)
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    return np.ascontiguousarray(img[top:top + th, left:left + tw])
+    return cv2.resize(img, (nw, nh), interpolation=interp)
+
+
+def window_offsets(length: int, size: int, k: int) -> list[int]:
+    """Where `k` windows of `size` start along a side of `length`, first at 0 and last at the
+    end, evenly spaced; the middle one of an odd `k` (and the one window of k=1) is exactly
+    `center_crop`'s, (length - size) // 2."""
+    slack = length - size
+    if k == 1:
+        return [slack // 2]
+    return [(j * slack) // (k - 1) for j in range(k)]
+
+
+def native_windows(img: np.ndarray, size: tuple[int, int], k: int) -> np.ndarray:
+    """(k, height, width, C): `k` windows of `size` covering the image at its own aspect
+    (test-time augmentation at the photo's native aspect): the image scaled as `center_crop`
+    scales it (`cover_scaled`), then windows slid along its long side (left to right, or top
+    to bottom), centred across the short one. k=1 is `center_crop`'s crop, bit for bit; so is
+    the middle window of any odd k."""
+    if k < 1:
+        raise ValueError(f"native_windows: k must be >= 1, got {k}")
+    th, tw = size
+    scaled = cover_scaled(img, size)
+    nh, nw = scaled.shape[:2]
+    if nh - th >= nw - tw:  # slide down the long (tall) side
+        tops, lefts = window_offsets(nh, th, k), [(nw - tw) // 2] * k
+    else:
+        tops, lefts = [(nh - th) // 2] * k, window_offsets(nw, tw, k)
+    return np.stack([np.ascontiguousarray(scaled[t:t + th, lft:lft + tw])
+                     for t, lft in zip(tops, lefts)])
 
 
 def load_image_file(path: str, size: tuple[int, int] | None = None,

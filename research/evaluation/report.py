@@ -49,6 +49,7 @@ def format_report(r: dict) -> str:
             f"  at 0.5:   precision {r['at_0.5']['precision']:.4f}   recall "
             f"{r['at_0.5']['recall']:.4f}   F1 {r['at_0.5']['f1']:.4f}   accuracy "
             f"{r['at_0.5']['accuracy']:.4f}"]
+    rows.append(f"  test-time views: {views_text(r)}")
     if "threshold_reason" in r:
         rows.append(f"  threshold policy: {r['threshold_reason']}; 95% bootstrap interval "
                     f"{thresholds.interval_text(r.get('threshold_interval'))}")
@@ -66,6 +67,25 @@ def format_report(r: dict) -> str:
         rows.append(f"  {r.get('num_classes', '?')}-class accuracy {r['class_accuracy']:.4f}"
                     + ("" if top5 is None else f"   top-5 accuracy {top5:.4f}"))
     return "\n".join(rows)
+
+
+def views_text(r: dict) -> str:
+    """The report's test-time views in words: its tta_mode and what that means."""
+    parts = []
+    windows = r.get("tta_windows", 1)
+    if windows > 1:
+        check = r.get("native_windows", {}).get("centre_check", {}).get(r["split"], {})
+        parts.append(f"{windows} square windows along each photo's long side, from "
+                     f"{r['native_windows']['photo_source']}" + (
+                         f" (centre crop identical to the record for {check['identical']:,} "
+                         f"of {check['photos']:,} photos)" if check else ""))
+    else:
+        parts.append("the stored centre crop")
+    if r.get("tta"):
+        parts.append("with its mirror" + (" and one-pixel shifts" if r.get("tta_shifts")
+                                          else ""))
+    mode = r.get("tta_mode") or ("flip" if r.get("tta") else "none")
+    return f"{mode} ({', '.join(parts)})"
 
 
 def eval_figures(cfg: TrainConfig, report: dict, raw: dict, worst: int = 16) -> dict:

@@ -18,6 +18,8 @@ import tensorflow as tf
 from research import runs, thresholds
 from research.data import pipeline
 from research import metrics as detmetrics
+from research.detector import tta_mode
+from research.evaluation import native as native_tta
 from research.evaluation import report as reporting
 from research.training import checkpoints, record
 from research.training.config import ConfigError, TrainConfig
@@ -47,33 +49,62 @@ def check_data(cfg: TrainConfig, split: str) -> dict:
 
 
 def evaluate_run(cfg: TrainConfig, split: str, checkpoint: str = "best",
-                 progress: bool = True, verified: bool = False) -> tuple[dict, dict]:
+                 progress: bool = True, verified: bool = False,
+                 native: native_tta.NativeTTA | None = None) -> tuple[dict, dict]:
     """Scores val (to choose the threshold) and `split`; returns (report, raw arrays). A
     classifier (no positive class) is scored on `split` alone: its report has the N-class
     and top-5 accuracy, per-class accuracy and confusion matrix, and no detection metric.
     `verified`: `checkpoint` is a prefix already resolved and read whole (compare checks
-    every run's before scoring any), so it is not read twice."""
+    every run's before scoring any), so it is not read twice. `native` with windows > 1:
+    val and the split are scored on windows of the original photos at their own aspect
+    (research.evaluation.native), the photo source checked before the model is built."""
     path = checkpoint if verified else checkpoints.resolve_checkpoint(cfg.run_dir, checkpoint)
     manifest = check_data(cfg, split)
+    source = native_source(cfg, manifest, native)
     model, manifest, strategy = restore_for_eval(cfg, path, manifest=manifest)
     step = path.rsplit("-", 1)[-1]
     return score_model(cfg, model, manifest, strategy, split, progress, {
-        "checkpoint": path, "step": int(step) if step.isdigit() else None})
+        "checkpoint": path, "step": int(step) if step.isdigit() else None}, native, source)
+
+
+def native_source(cfg: TrainConfig, manifest: dict,
+                  native: native_tta.NativeTTA | None) -> str | None:
+    """The photo source native windows read (checked: research.evaluation.native
+    .resolve_source), or None when there are none to score."""
+    if native is None or not native.active:
+        return None
+    return native_tta.resolve_source(manifest, cfg.data_dir, native, cfg.transfer)
 
 
 def score_model(cfg: TrainConfig, model: keras.Model, manifest: dict, strategy, split: str,
-                progress: bool = True, about: dict | None = None) -> tuple[dict, dict]:
+                progress: bool = True, about: dict | None = None,
+                native: native_tta.NativeTTA | None = None,
+                source: str | None = None) -> tuple[dict, dict]:
     """(report, raw arrays) of `model` on val and `split` as evaluate_run describes;
-    `about` (where the weights came from) goes into the report."""
+    `about` (where the weights came from) goes into the report; `native` and its checked
+    `source` (native_source): score windows of the original photos."""
     classifier = cfg.positive_class(manifest) is None
     evaluator = Evaluator(cfg, strategy, model, cfg.positive_id(manifest))
-    val = None if classifier and split != "val" else evaluator.evaluate("val", progress=progress)
-    res = val if split == "val" else evaluator.evaluate(split, progress=progress)
+    windows = native.windows if native is not None and native.active else 1
+    checked: dict[str, dict] = {}
+
+    def score(name):
+        if windows == 1:
+            return evaluator.evaluate(name, progress=progress)
+        res, checked[name] = native_tta.evaluate_windows(evaluator, name, native, source,
+                                                         progress)
+        return res
+
+    val = None if classifier and split != "val" else score("val")
+    res = val if split == "val" else score(split)
     report = {"split": split, "run_name": cfg.run_name,
               "num_classes": len(manifest["class_names"]), **(about or {}),
               "classifier": classifier, "tta": cfg.tta, "tta_shifts": cfg.tta_shifts,
+              "tta_windows": windows, "tta_mode": tta_mode(cfg.tta, cfg.tta_shifts, windows),
               "objective": cfg.objective, "split_size": manifest["splits"][split]["num_examples"],
               "eval_fraction": cfg.eval_fraction}
+    if windows > 1:
+        report["native_windows"] = {"photo_source": source, "centre_check": checked}
     raw = {"labels": res.labels, "class_ids": res.class_ids, "index": res.index}
     if classifier:  # no threshold to choose: val is not scored for it
         report.update(detmetrics.classification_report(res.class_ids, res.logits,
@@ -116,14 +147,16 @@ def choose_and_score(cfg: TrainConfig, manifest: dict, val, res) -> dict:
 def evaluate_and_save(cfg: TrainConfig, split: str, checkpoint: str = "best",
                       output: str | None = None, figures_dir: str | None = None,
                       figures: bool = True, progress: bool = True,
-                      verified: bool = False, tb_dir: str | None = "") -> tuple[dict, dict]:
+                      verified: bool = False, tb_dir: str | None = "",
+                      native: native_tta.NativeTTA | None = None) -> tuple[dict, dict]:
     """Scores the run (evaluate_run), writes its figures (ROC/PR, confusion matrix, worst
     mistakes) and the report to `output` (default <run>/eval_<split>.json, figures in
     figures_<split>/ beside it); returns (report, raw arrays). A test split's metrics go to
     TensorBoard under `tb_dir` ("": the run's own log folder when it exists; None: nowhere),
-    and report["tensorboard"] says where."""
+    and report["tensorboard"] says where. `native`: evaluate_run's."""
     output = output or runs.eval_report_path(cfg.run_dir, split)
-    report, raw = evaluate_run(cfg, split, checkpoint, progress=progress, verified=verified)
+    report, raw = evaluate_run(cfg, split, checkpoint, progress=progress, verified=verified,
+                               native=native)
     if figures:
         report["figures"] = reporting.write_figures(
             cfg, report, raw, figures_dir or runs.eval_figures_dir(output, split))
@@ -145,6 +178,8 @@ def saved_report(cfg: TrainConfig, split: str, checkpoint: str,
     all there when wanted), else None: a finished evaluation need not be done again."""
     report = runs.read_eval_report(runs.eval_report_path(cfg.run_dir, split))
     if not report or report.get("checkpoint") != checkpoint:
+        return None
+    if report.get("tta_windows", 1) != 1:  # scored on other views than the run's
         return None
     paths = report.get("figures", [])
     if figures and (not paths or not all(tf.io.gfile.exists(p) for p in paths)):

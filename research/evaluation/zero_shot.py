@@ -21,7 +21,7 @@ import tensorflow as tf
 from research import runs
 from research.data import pipeline
 from research.errors import UserError
-from research.evaluation.run import score_model
+from research.evaluation.run import native_source, score_model
 from research.model_options import OWN_NETWORKS
 from research.models import backbones
 from research.training.config import TrainConfig, load_run_config
@@ -84,17 +84,23 @@ def zero_shot_config(checkpoint_dir: str, run_name: str, data_dir: str,
     return dataclasses.replace(cfg, scale=cfg.input_scale)  # raw pixels: the model rescales
 
 
-def report_path(checkpoint_dir: str, run_name: str, data_dir: str, split: str) -> str:
-    """<run>/zero_shot_<data folder name>_<split>.json: beside the run's own reports."""
+def report_path(checkpoint_dir: str, run_name: str, data_dir: str, split: str,
+                views: str = "") -> str:
+    """<run>/zero_shot_<data folder name>_<split>.json: beside the run's own reports;
+    `views` (native-aspect windows' tta_mode) adds _<views>."""
     name = os.path.basename(os.path.normpath(data_dir))
-    return os.path.join(runs.run_dir(checkpoint_dir, run_name), f"zero_shot_{name}_{split}.json")
+    return os.path.join(runs.run_dir(checkpoint_dir, run_name),
+                        f"zero_shot_{name}_{split}{'_' + views if views else ''}.json")
 
 
-def score_zero_shot(cfg: TrainConfig, split: str, progress: bool = True) -> tuple[dict, dict]:
-    """(report, raw arrays) of the zero-shot model on val (the threshold) and `split`."""
+def score_zero_shot(cfg: TrainConfig, split: str, progress: bool = True,
+                    native=None) -> tuple[dict, dict]:
+    """(report, raw arrays) of the zero-shot model on val (the threshold) and `split`;
+    `native`: windows of the original photos (research.evaluation.native)."""
     manifest = pipeline.load_manifest(cfg.data_dir)
     for name in {"val", split}:
         pipeline.shard_paths(cfg.data_dir, manifest, name)
+    source = native_source(cfg, manifest, native)
     strategy = tf.distribute.get_strategy()
     with strategy.scope():
         model: keras.Model = make_model(cfg, manifest)
@@ -104,4 +110,4 @@ def score_zero_shot(cfg: TrainConfig, split: str, progress: bool = True) -> tupl
                       f"(p({opts['head_from'][0]}) + p({opts['head_from'][1]}))",
                       "image_size": opts["image_size"]},
         "checkpoint": runs.exported_model_path(cfg.checkpoint_dir, opts["weights"]),
-        "step": None})
+        "step": None}, native, source)

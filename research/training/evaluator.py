@@ -43,20 +43,28 @@ class Evaluator:
         with strategy.scope():
             self.metrics = make_metrics(cfg, training=False, classifier=positive_id is None)
         self.eval_step = make_eval_step(cfg, strategy, model, self.metrics, positive_id)
+        # Another data's batches (rank-5 windows) get their own traced step: one step fed
+        # both would be retraced for a shape of unknown rank (reduce_retracing).
+        self._data_step = lambda: make_eval_step(cfg, strategy, model, self.metrics,
+                                                 positive_id)
 
-    def evaluate(self, split: str, progress: bool = False) -> EvalResult:
+    def evaluate(self, split: str, progress: bool = False, data=None) -> EvalResult:
+        """`data`: a function (cfg, split) -> (dataset, expected positions) in place of
+        inputs.eval_dataset (evaluate's native-aspect windows, research.evaluation.native);
+        it is given this evaluator's cfg, its eval batch size resolved."""
         cfg = self.cfg
         for metric in self.metrics.values():
             metric.reset_state()
-        ds, expected = inputs.eval_dataset(cfg, split)
+        ds, expected = (data or inputs.eval_dataset)(cfg, split)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA)
         dist = self.strategy.experimental_distribute_dataset(ds.with_options(options))
+        step = self.eval_step if data is None else self._data_step()
         bar = Bar(len(expected), "image", label=f"scoring {split}") if progress else None
         parts = []
         for batch in dist:
-            out = {k: v.numpy() for k, v in self.eval_step(batch).items()}
+            out = {k: v.numpy() for k, v in step(batch).items()}
             parts.append(out)
             if bar:
                 bar.add(len(out["index"]))
