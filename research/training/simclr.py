@@ -428,6 +428,9 @@ def pretrain(cfg: TrainConfig, flagfile: str | None, strategy, actions=()) -> di
     previous = runs.read_summary(cfg.run_dir)
     if runs.is_finished(previous, plan.total_steps, state.step):
         logging.info("Run %s already finished at step %d", cfg.run_name, state.step)
+        if not runs.is_exported(cfg.checkpoint_dir, cfg.run_name):  # ended by a shorter plan
+            previous["export"] = export_backbone(state.model, cfg, manifest)
+            runs.write_summary(cfg.run_dir, previous)
         return previous
     resume.record_session(cfg, flagfile, state.step)
     size = int(manifest["image_shape"][0])
