@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import runs
+from research import files, runs
 from research.errors import UserError
 from research.model_options import (BACKBONES, OWN_NETWORKS, SAVEDMODEL, Backbone,
                                     TransferOptions, check_transfer_options, image_size_of)
@@ -290,8 +290,8 @@ def head_from_run(model: keras.Model, opts: TransferOptions, checkpoint_dir: str
         raise BackboneError(f"--head_from: needs --weights=<run name> (its logits and class "
                             f"names), not the file {opts.weights}")
     path = runs.exported_model_path(checkpoint_dir, opts.weights)
-    if os.path.isfile(path) and runs.read_metadata(path, f"--weights={opts.weights}").get(
-            "backbone_only"):
+    meta = runs.metadata_path(path)
+    if os.path.isfile(meta) and files.read_json(meta).get("backbone_only"):
         raise BackboneError(f"--head_from: the run {opts.weights} is a backbone only (its "
                             f"logits were never trained: --objective=simclr); drop --head_from "
                             f"and train a new head")

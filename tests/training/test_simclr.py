@@ -129,6 +129,15 @@ def test_resume_is_exact(syn, tmp_path):
     assert {"contrastive_loss", "contrastive_acc"} <= tags
     meta = json.load(open(os.path.join(os.path.dirname(whole["export"]), "metadata.json")))
     assert meta["backbone_only"] and meta["threshold"] is None
+    # Its logits never trained: --head_from (a zero-shot head from them) is one line.
+    from research.model_options import TransferOptions
+    from research.models.backbones import BackboneError, head_from_run
+    with pytest.raises(BackboneError, match="--head_from: the run t is a backbone only"):
+        head_from_run(None, TransferOptions(weights="t", head_from=("cat", "dog")),
+                      cfg.checkpoint_dir)
+    from research import runs  # ... and predict, evaluate, explain refuse it as a detector
+    with pytest.raises(runs.RunError, match="a backbone only"):
+        runs.read_metadata(whole["export"])
 
 
 def test_two_replicas_equal_one(two_replicas):
