@@ -63,6 +63,7 @@ def test_nt_xent_equals_the_reference_formula():
     np.testing.assert_allclose(per_ex.numpy(), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_views_differ_but_stay_paired():
     """view1[i] and view2[i] are two different augmentations of the same pool image (the
     pool's images at two sizes): same index, different pixels, the image's own colour."""
