@@ -234,6 +234,10 @@ def read_metadata(model_path: str, flag: str = "--model") -> dict:
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
         raise RunError(f"{flag}: {meta_path} lacks {', '.join(missing)}")
+    if meta.get("backbone_only"):
+        raise RunError(f"{flag}: {meta_path}: a backbone only ({meta['objective']} "
+                       "pretraining: its logits never trained), not a detector; train one "
+                       "from it with `train --weights=<its run>`")
     if meta["objective"] not in ("binary", "multiclass"):
         raise RunError(f"{flag}: {meta_path}: unknown objective {meta['objective']!r}")
     if len(meta["image_shape"]) != 3:

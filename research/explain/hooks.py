@@ -71,7 +71,7 @@ def gradcam_actions(cfg) -> list:
     """The training actions that log Grad-CAM overlays at every eval for a TrainConfig:
     none with --gradcam_images=0, nor for the features recipe (its head trains on feature
     vectors: nothing spatial to map), nor for a classifier (no positive-class score)."""
-    if not cfg.gradcam_images or cfg.transfer == "features" or \
+    if not cfg.gradcam_images or cfg.transfer == "features" or cfg.objective == "simclr" or \
             cfg.positive_class(pipeline.load_manifest(cfg.data_dir)) is None:
         return []
     return [OnEval(GradCamHook(cfg.data_dir, cfg.gradcam_images, scale=cfg.input_scale,

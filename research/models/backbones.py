@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from research import runs
+from research import files, runs
 from research.errors import UserError
 from research.model_options import (BACKBONES, OWN_NETWORKS, SAVEDMODEL, Backbone,
                                     TransferOptions, check_transfer_options, image_size_of)
@@ -289,6 +289,12 @@ def head_from_run(model: keras.Model, opts: TransferOptions, checkpoint_dir: str
     if os.path.isfile(opts.weights):
         raise BackboneError(f"--head_from: needs --weights=<run name> (its logits and class "
                             f"names), not the file {opts.weights}")
+    path = runs.exported_model_path(checkpoint_dir, opts.weights)
+    meta = runs.metadata_path(path)
+    if os.path.isfile(meta) and files.read_json(meta).get("backbone_only"):
+        raise BackboneError(f"--head_from: the run {opts.weights} is a backbone only (its "
+                            f"logits were never trained: --objective=simclr); drop --head_from "
+                            f"and train a new head")
     source, _ = load_run_model(checkpoint_dir, opts.weights)
     pools = [POOLING[type(layer)] for layer in source.layers if type(layer) in POOLING]
     if pools != [opts.head]:

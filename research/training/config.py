@@ -22,7 +22,8 @@ from research.fields import field_errors, setting
 from research.model_options import BACKBONES, MODEL_OPTIONS, OWN_NETWORKS, model_options_error
 from research.model_options import SAVEDMODEL, SAVEDMODEL_TRANSFERS
 
-OBJECTIVES = ("binary", "multiclass")
+SIMCLR = "simclr"
+OBJECTIVES = ("binary", "multiclass", SIMCLR)
 OPTIMIZERS = ("sgd", "sgd_l2", "adamw", "muon")
 LR_SCHEDULES = ("cosine", "linear")
 FLIPS = ("random", "alternate")
@@ -48,7 +49,11 @@ class TrainConfig:
     objective: str = setting("multiclass", "binary: one sigmoid logit for the positive class; "
                                            "multiclass: softmax over the source classes, the "
                                            "detector score is P(positive class). A run without "
-                                           "a positive class (a classifier) is multiclass.",
+                                           "a positive class (a classifier) is multiclass. "
+                                           "simclr: self-supervised pretraining of the "
+                                           "network on the unlabelled train images "
+                                           "(research.training.simclr, docs/training.md); "
+                                           "its run is a backbone for --weights=<run>.",
                                            choices=OBJECTIVES)
     transfer: str = setting("none", "Transfer recipe for a backbone --model (vgg16, ..., or "
                                     "scratch with --weights=<run>). features: the frozen base runs"
@@ -62,6 +67,16 @@ class TrainConfig:
                                     "every variable). none: a backbone --model trains whole. "
                                     "BatchNorm layers of the base stay in inference mode "
                                     "throughout.", choices=TRANSFERS)
+    simclr_temperature: float = setting(0.5, "simclr: the NT-Xent temperature (the "
+                                        "reference's CIFAR-10 command: 0.5).", gt=0)
+    simclr_projection_layers: int = setting(2, "simclr: Dense+BN layers of the projection "
+                                            "head (SimCLR v1: 2, v2: 3).", ge=1, le=4)
+    simclr_projection_dim: int = setting(128, "simclr: the projection's width.", ge=1)
+    simclr_color_strength: float = setting(0.5, "simclr: colour-jitter strength (the "
+                                           "reference's CIFAR-10 setting: 0.5).", ge=0, le=1)
+    simclr_extra_data: str | None = setting(None, "simclr: a second TFRecords folder whose "
+                                            "train split (only) joins the unlabelled images, "
+                                            "cropped to --data_dir's size (e.g. the photos).")
     head_epochs: float = setting(2.0, "fine_tune: phase-1 length (head only), in epochs.", gt=0)
     head_lr: float | None = setting(None, "fine_tune: phase-1 peak learning rate (default: "
                                           "--learning_rate).", ge=0)
@@ -343,6 +358,10 @@ class TrainConfig:
                 "a threshold needs both classes there")
 
     def _check_combinations(self, bad) -> None:
+        if self.objective == SIMCLR:
+            self._check_simclr(bad)
+        elif self.simclr_extra_data:
+            bad("simclr_extra_data", "only with --objective=simclr")
         if self.transfer == "fine_tune":
             if self.train_steps is not None:
                 bad("train_steps", "does not apply to --transfer=fine_tune; its length is "
@@ -429,6 +448,29 @@ class TrainConfig:
                         "and --cutout only; the affine augmentations run in tf.data "
                         "(--input=tfrecords or memory)")
         return None
+
+    def _check_simclr(self, bad) -> None:
+        if self.model != "fast" or self.transfer != "none":
+            bad("objective", f"simclr pretrains the fast CNN from scratch (--model=fast "
+                f"--transfer=none), not --model={self.model} --transfer={self.transfer}")
+        if self.optimizer == "muon" or self.precision == "mixed_float16":
+            bad("optimizer" if self.optimizer == "muon" else "precision",
+                "simclr trains with sgd, sgd_l2 or adamw in float32 or mixed_bfloat16")
+        if (self.rebalance or self.exclude_classes or self.train_fraction or
+                self.train_per_class or self.input != "tfrecords" or self.lookahead_every or
+                self.whiten_bias_epochs is not None or self.clip_norm):
+            bad("objective", "simclr reads every train image unlabelled: not with "
+                "--rebalance, --exclude_classes, --train_fraction/--train_per_class, "
+                "--input other than tfrecords, --lookahead_every, --whiten_bias_epochs or "
+                "--clip_norm")
+        extra = self.simclr_extra_data
+        if extra:
+            if not has_manifest(extra):
+                bad("simclr_extra_data", f"{extra!r} has no manifest.json; build it with "
+                    "`python -m research.apps.make_tfrecords`")
+            m = load_manifest(extra)
+            if "train" not in m["splits"] or m["image_shape"][-1] != 3:
+                bad("simclr_extra_data", f"{extra}: wants a train split of RGB images")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)

@@ -19,7 +19,7 @@ from research.data import pipeline
 from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
 from research.training.actions import LoopContext, best_metric, standard_actions, val_report
 from research.errors import UserError
-from research.training.config import ConfigError, TrainConfig
+from research.training.config import SIMCLR, ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
 from research.training.model import apply_phase, freeze_whitening_bias, whiten_bias_steps
 from research.training.runlock import RunLock
@@ -139,6 +139,9 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
     manifest = pipeline.load_manifest(cfg.data_dir)  # an edited manifest stops here ...
     for split in manifest["splits"]:  # ... and shards that do not hold what it lists
         pipeline.shard_paths(cfg.data_dir, manifest, split)
+    if cfg.objective == SIMCLR:  # no labels, no evaluation: its own short loop
+        from research.training import simclr
+        return simclr.pretrain(cfg, flagfile, strategy, actions)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
