@@ -332,7 +332,9 @@ def generated_block(marker: str) -> str:
 
 def test_docs_tables_are_the_records():
     from research.explain import methods
+    from research.lab import photo_steps
     from research.model_options import backbones_table
 
     assert generated_block("methods") == methods.markdown_table()
     assert generated_block("backbones") == backbones_table()
+    assert generated_block("photo_steps") == photo_steps.markdown_table()

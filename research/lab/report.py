@@ -14,7 +14,7 @@ import re
 
 from research import files, machine, plots, thresholds
 from research.explain import methods
-from research.lab import figures
+from research.lab import figures, photo_steps
 from research.lab.lab import SPLIT
 from research.lab.profiles import QUICK_EVAL_FRACTION
 from research.lab.stages import STAGES
@@ -363,6 +363,11 @@ def photos_section(doc: Doc, lab, records: dict) -> None:
              "Kaggle photos (1,000 / 500 / 500 per class), accuracy on his held-out photos; "
              "his VGG16 rows start from ImageNet weights, which this lab cannot download.")
     doc.table(["textbook setup (Chollet, ch. 5)", "accuracy"], [list(r) for r in CHOLLET])
+    doc.para("What else was tried on this detector, one change at a time on the same held-out "
+             f"photos (issue 42; measured {photo_steps.MEASURED}, not by this run; "
+             "docs/results.md, \"Issue 42, step by step\"):")
+    doc.table(list(photo_steps.REPORT_HEADER), photo_steps.report_rows())
+    doc.para(f"Not run: {photo_steps.not_run()}.")
     for fig in o["figures"]:
         doc.image(fig, os.path.basename(fig))
     for n in rec.notes:
