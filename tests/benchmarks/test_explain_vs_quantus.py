@@ -1,10 +1,11 @@
-"""The comparison logic of research.benchmarks.explain_vs_quantus, without Quantus or torch:
-that it says NO when the two sides differ, that Quantus is handed our removal order, and that
-its channel-entry indices become the pixels ours removes."""
+"""The comparison logic of research.benchmarks.explain_vs_quantus (its flag-free
+research.benchmarks.quantus_compare), without Quantus or torch: that it says NO when the two
+sides differ, that Quantus is handed our removal order, and that its channel-entry indices
+become the pixels ours removes."""
 
 import numpy as np
 
-from research.benchmarks import explain_vs_quantus as q
+from research.benchmarks import quantus_compare as q
 from research.explain import faithfulness
 
 
