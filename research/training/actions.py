@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from typing import Callable
 
 import numpy as np
@@ -93,6 +94,36 @@ class Action:
 
     def end(self, ctx: LoopContext) -> None:
         pass
+
+
+def drive(ctx: LoopContext, actions: list[Action], train_loop, iterator,
+          rebuild: Callable[[], Callable] | None = None) -> None:
+    """The loop of every training: run the compiled steps up to the next boundary any action
+    asks for (or steps_per_loop), the actions' `before` first and their `__call__` after,
+    `rebuild()` the compiled loop when an action set ctx.rebuild, and every action's `end`."""
+    state, plan, cfg = ctx.state, ctx.plan, ctx.cfg
+    while ctx.step < ctx.stop_at and not ctx.stop:
+        bounds = [ctx.stop_at, ctx.step + cfg.steps_per_loop]
+        bounds += [b for b in (a.next_boundary(ctx) for a in actions) if b is not None]
+        n = min(bounds) - ctx.step
+        for action in actions:
+            action.before(ctx)
+        start = time.perf_counter()
+        train_loop(iterator, tf.constant(n))
+        ctx.loss = float(state.train_metrics["loss"].result())  # also waits for the steps
+        ctx.seconds = time.perf_counter() - start
+        ctx.train_seconds += ctx.seconds
+        ctx.steps_run, ctx.step = n, state.step
+        state.epoch.assign(ctx.step // plan.steps_per_epoch)
+        for action in actions:
+            action(ctx)
+        if ctx.rebuild:
+            if rebuild is None:
+                raise RuntimeError("an action asked to rebuild a loop that cannot be rebuilt")
+            train_loop = rebuild()
+            ctx.rebuild = False
+    for action in actions:
+        action.end(ctx)
 
 
 def _next_multiple(step: int, every: int) -> int:

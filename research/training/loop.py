@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 
 import keras
 import tensorflow as tf
@@ -17,7 +16,8 @@ from absl import logging
 from research import devices, machine, runs, thresholds
 from research.data import pipeline
 from research.training import checkpoints, cluster, examples, feature_cache, inputs, record, resume
-from research.training.actions import LoopContext, best_metric, standard_actions, val_report
+from research.training.actions import (LoopContext, best_metric, drive, standard_actions,
+                                       val_report)
 from research.errors import UserError
 from research.training.config import SIMCLR, ConfigError, TrainConfig
 from research.training.evaluator import Evaluator
@@ -192,26 +192,8 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
     logging.info("Training %s: %d steps (%d per epoch), global batch %d on %d replica(s), %s",
                  cfg.run_name, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,
                  strategy.num_replicas_in_sync, cfg.precision)
-    while ctx.step < ctx.stop_at and not ctx.stop:
-        bounds = [ctx.stop_at, ctx.step + cfg.steps_per_loop]
-        bounds += [b for b in (a.next_boundary(ctx) for a in actions) if b is not None]
-        n = min(bounds) - ctx.step
-        for action in actions:
-            action.before(ctx)
-        start = time.perf_counter()
-        train_loop(iterator, tf.constant(n))
-        ctx.loss = float(state.train_metrics["loss"].result())  # also waits for the steps
-        ctx.seconds = time.perf_counter() - start
-        ctx.train_seconds += ctx.seconds
-        ctx.steps_run, ctx.step = n, state.step
-        state.epoch.assign(ctx.step // plan.steps_per_epoch)
-        for action in actions:
-            action(ctx)
-        if ctx.rebuild:
-            train_loop = make_train_loop(cfg, state, positive_id, weights, device)
-            ctx.rebuild = False
-    for action in actions:
-        action.end(ctx)
+    drive(ctx, actions, train_loop, iterator,
+          lambda: make_train_loop(cfg, state, positive_id, weights, device))
     return finish(ctx, previous)
 
 

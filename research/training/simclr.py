@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 
 import keras
 import numpy as np
@@ -34,7 +33,7 @@ from research import export, runs
 from research.data import imaging, pipeline
 from research.models.layers import FusedBatchNorm
 from research.training import checkpoints, record, resume
-from research.training.actions import Action, Checkpoint, LoopContext, NanGuard
+from research.training.actions import Action, Checkpoint, LoopContext, NanGuard, drive
 from research.training.config import SIMCLR, TrainConfig
 from research.training.model import init_model_from_data, make_model
 from research.training.optimizers import make_optimizer
@@ -447,21 +446,7 @@ def pretrain(cfg: TrainConfig, flagfile: str | None, strategy, actions=()) -> di
                  "replica(s), %s", cfg.run_name, plan.total_steps, plan.steps_per_epoch,
                  " + ".join(pool.sources), cfg.batch_size, strategy.num_replicas_in_sync,
                  cfg.precision)
-    while ctx.step < ctx.stop_at and not ctx.stop:
-        bounds = [ctx.stop_at, ctx.step + cfg.steps_per_loop]
-        bounds += [b for b in (a.next_boundary(ctx) for a in actions) if b is not None]
-        n = min(bounds) - ctx.step
-        for action in actions:
-            action.before(ctx)
-        start = time.perf_counter()
-        train_loop(iterator, tf.constant(n))
-        ctx.loss = float(state.train_metrics["loss"].result())
-        ctx.seconds = time.perf_counter() - start
-        ctx.train_seconds += ctx.seconds
-        ctx.steps_run, ctx.step = n, state.step
-        state.epoch.assign(ctx.step // plan.steps_per_epoch)
-        for action in actions:
-            action(ctx)
+    drive(ctx, actions, train_loop, iterator)
     return finish(ctx, previous, pool)
 
 
