@@ -248,3 +248,23 @@ def event_tags(folder) -> dict:
                     plugins.add(v.metadata.plugin_data.plugin_name)
     plugins.discard("scalars")
     return {"tags": tags, "plugins": plugins}
+
+
+def whole_and_resumed(whole, broken, stop_at: int, prefixes: tuple[str, ...]):
+    """Train config `whole` in one go and `broken` stopped at step `stop_at` then resumed.
+    Returns the readers of both final checkpoints and the variable names under `prefixes`
+    (the save counter aside), for a bit-exact comparison."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from research.training.loop import train_and_evaluate
+
+    train_and_evaluate(whole)
+    train_and_evaluate(dataclasses.replace(broken, stop_at_step=stop_at))
+    train_and_evaluate(broken)
+    a = tf.train.load_checkpoint(tf.train.latest_checkpoint(whole.run_dir))
+    b = tf.train.load_checkpoint(tf.train.latest_checkpoint(broken.run_dir))
+    names = [k for k in a.get_variable_to_shape_map()
+             if k.startswith(prefixes) and "save_counter" not in k]
+    return a, b, names

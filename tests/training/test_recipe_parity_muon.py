@@ -4,7 +4,6 @@ numpy transcription of the reference's own code, written the way it is written t
 (PyTorch's conventions: a summed loss, OIHW filters, torch.optim.SGD's update, its Muon
 class and zeropower_via_newtonschulz5), so that a port that drifts in one piece fails here."""
 
-import dataclasses
 import math
 
 import keras
@@ -294,7 +293,7 @@ def test_muon_step_is_the_references(syn, tmp_path, monkeypatch, ns_dtype, muon_
 def test_muon_resume_is_bit_exact(syn, tmp_path, precision):
     """The Muon recipe (a tiny net, batch 32) stopped at step 4 and resumed ends bit for bit
     where an unbroken run ends, weights and both optimizers' buffers."""
-    from research.training.loop import train_and_evaluate
+    from helpers import whole_and_resumed
 
     def run(name, **kw):
         cfg = _recipe_config(tmp_path / name, syn, batch_size=32, recipe_batch_size=None,
@@ -305,15 +304,7 @@ def test_muon_resume_is_bit_exact(syn, tmp_path, precision):
         cfg.model_options = {**cfg.model_options, "widths": (8, 16)}
         return cfg
 
-    whole = run("whole")
-    train_and_evaluate(whole)
-    broken = run("broken")
-    train_and_evaluate(dataclasses.replace(broken, stop_at_step=4))
-    train_and_evaluate(broken)
-    a = tf.train.load_checkpoint(tf.train.latest_checkpoint(whole.run_dir))
-    b = tf.train.load_checkpoint(tf.train.latest_checkpoint(broken.run_dir))
-    names = [k for k in a.get_variable_to_shape_map() if k.startswith(("model/", "optimizer/"))
-             and "save_counter" not in k]
+    a, b, names = whole_and_resumed(run("whole"), run("broken"), 4, ("model/", "optimizer/"))
     assert any("momentum_buffer" in k or "optimizer/_variables" in k for k in names)
     for k in names:
         np.testing.assert_array_equal(a.get_tensor(k), b.get_tensor(k), err_msg=k)

@@ -275,26 +275,14 @@ def test_proxy_run_resumes_bit_exact(syn, tmp_path):
     """The proxy recipe (tiny nets, batch 32) stopped at step 4 and resumed ends bit for bit
     where an unbroken run of 8 steps ends: the network, its optimizer, the proxy and its
     buffers (the proxy trains at steps 0 and 4: the resumed half starts with a proxy step)."""
-    import dataclasses
-
-    import tensorflow as tf
-
-    from research.training.loop import train_and_evaluate
+    from helpers import whole_and_resumed
 
     def run(name):
         return _loop_config(tmp_path / name, syn, train_steps=8, steps_per_loop=2,
                             eval_every_steps=4, deterministic=True)
 
-    whole = run("whole")
-    train_and_evaluate(whole)
-    broken = run("broken")
-    train_and_evaluate(dataclasses.replace(broken, stop_at_step=4))
-    train_and_evaluate(broken)
-    a = tf.train.load_checkpoint(tf.train.latest_checkpoint(whole.run_dir))
-    b = tf.train.load_checkpoint(tf.train.latest_checkpoint(broken.run_dir))
-    names = [k for k in a.get_variable_to_shape_map()
-             if k.startswith(("model/", "optimizer/", "proxy/", "proxy_buffers/"))
-             and "save_counter" not in k]
+    a, b, names = whole_and_resumed(run("whole"), run("broken"), 4,
+                                    ("model/", "optimizer/", "proxy/", "proxy_buffers/"))
     assert any(k.startswith("proxy_buffers/") for k in names)
     assert any(k.startswith("proxy/") for k in names)
     for k in names:
