@@ -194,12 +194,6 @@ def reference(npz: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
-    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
-    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    return np.divide((a * b).sum(1), den, out=np.zeros(len(a)), where=den > 0)
-
 
 def main(argv):
     del argv
@@ -216,6 +210,7 @@ def main(argv):
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 255, (FLAGS.images, 32, 32, 3)).astype(np.float32)
     from research import detector
+    from research.explain import sanity
 
     logits = np.asarray(model(detector.preprocess_fn("unit")(images), training=False))
     classes = logits.argmax(-1).astype(np.int32)
@@ -243,9 +238,9 @@ def main(argv):
           "definitions |")
     print("|---|---|---|---|---|---|")
     for m, (cls, note) in pairs.items():
-        r = pearson(maps[m], theirs[m])
+        r = sanity.pearson(maps[m], theirs[m])
         if m in SIGNLESS:
-            r = np.maximum(r, pearson(maps[m + "_flipped"], theirs[m]))
+            r = np.maximum(r, sanity.pearson(maps[m + "_flipped"], theirs[m]))
         ours_ips = FLAGS.images / seconds[m]
         their_ips = FLAGS.images / info["seconds"][m]
         print(f"| {m} ({cls}) | {r.mean():.4f} ({r.min():.4f}) | {ours_ips:.1f} | "

@@ -246,12 +246,6 @@ def reference(npz: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
-    b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
-    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    return np.divide((a * b).sum(1), den, out=np.zeros(len(a)), where=den > 0)
-
 
 def main(argv):
     del argv
@@ -303,7 +297,7 @@ def main(argv):
     rows = []
     for m in FLAGS.methods:
         t = theirs[m]
-        r = pearson(mine[m]["maps"], np.asarray(t["maps"]))
+        r = sanity.pearson(mine[m]["maps"], np.asarray(t["maps"]))
         print(f"{m}: the reference side's maps against ours on the trained network: Pearson r "
               f"{r.mean():.4f} (min {r.min():.4f}); Quantus NaN Spearman (constant maps) "
               f"counted 0: {t['nan']}; Quantus' own randomisation walks "

@@ -25,7 +25,7 @@ from absl import app, flags
 from research import detector
 from research.benchmarks import peak
 from research.benchmarks.ratios import Ratios
-from research.explain import cams, core, loading
+from research.explain import cams, core, loading, sanity
 from research.machine import banner, has_fast_bf16
 from research.models import build_model
 from research.models.flops import gradcam_flops
@@ -91,15 +91,6 @@ def tf_keras_vis_gradcam(model, layer):
     return run
 
 
-def pearson(a, b) -> np.ndarray:
-    """Per-image correlation of two (N, h, w) stacks; 1 where both maps are constant."""
-    a = np.nan_to_num(np.asarray(a, np.float64).reshape(len(a), -1))
-    b = np.nan_to_num(np.asarray(b, np.float64).reshape(len(b), -1))
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1), 1.0)
-
-
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -137,7 +128,7 @@ def bench(name: str, out: Ratios, fp32_peak: peak.Peak) -> None:
         rows[second] = (rows["ours, float32"][0], "= float32" + why)
     else:
         fast = core.Explainer(loading.with_policy(model, policy), pre)
-        r = pearson(low_res(fast), ref)
+        r = sanity.pearson(low_res(fast), ref)
         t = best_time(ours(fast), FLAGS.repeats)
         rows[second] = (t, f"{policy}; correlation min {r.min():.4f}")
 
@@ -145,7 +136,7 @@ def bench(name: str, out: Ratios, fp32_peak: peak.Peak) -> None:
     one = [(pre(images[i:i + 1].copy()), int(classes[i])) for i in range(n)]
     batches = [(pre(x.copy()), c) for x, c in chunks]
     keras_io = [keras_io_gradcam(model, layer.name, x, c) for x, c in one]  # warm-up
-    r = pearson(keras_io, ref)
+    r = sanity.pearson(keras_io, ref)
     t = best_time(lambda: [keras_io_gradcam(model, layer.name, x, c) for x, c in one],
                   FLAGS.repeats)
     rows["keras.io per-image eager loop"] = (t, f"correlation min {r.min():.4f}")
@@ -154,7 +145,7 @@ def bench(name: str, out: Ratios, fp32_peak: peak.Peak) -> None:
     if tkv is None:
         rows["tf-keras-vis Gradcam, float32"] = (None, SKIPPED)
     else:
-        r = pearson(np.concatenate([tkv(x, c, expand_cam=False) for x, c in batches]), ref)
+        r = sanity.pearson(np.concatenate([tkv(x, c, expand_cam=False) for x, c in batches]), ref)
         t = best_time(lambda: [tkv(x, c) for x, c in batches], FLAGS.repeats)
         rows["tf-keras-vis Gradcam, float32"] = (t, f"correlation min {r.min():.4f}")
 

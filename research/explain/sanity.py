@@ -107,6 +107,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+def pearson(a, b) -> np.ndarray:
+    """(N,) Pearson correlation of each pair of maps: 1 where both are constant (they agree),
+    0 where only one is; NaNs count as 0."""
+    a = np.nan_to_num(np.asarray(a, np.float64).reshape(len(a), -1))
+    b = np.nan_to_num(np.asarray(b, np.float64).reshape(len(b), -1))
+    flat_a, flat_b = np.ptp(a, axis=1) == 0, np.ptp(b, axis=1) == 0
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    r = np.divide((a * b).sum(1), den, out=np.zeros(len(a)), where=~(flat_a | flat_b))
+    return np.where(flat_a & flat_b, 1.0, r)
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N,) SSIM of each pair of [0, 1] maps (tf.image.ssim, Gaussian window of 11 or the
     map's side if smaller)."""

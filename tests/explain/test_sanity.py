@@ -40,6 +40,19 @@ def test_spearman_and_ssim_follow_their_definitions():
     assert np.all(sanity.ssim(a, b) < 0.3)
 
 
+def test_pearson_is_numpys_and_says_what_constant_maps_give():
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0, 1, (2, 4, 6, 6))
+    want = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(a, b)]
+    np.testing.assert_allclose(sanity.pearson(a, b), want, rtol=1e-12)
+    flat, zero = np.full((1, 6, 6), 0.3), np.zeros((1, 6, 6))
+    assert sanity.pearson(flat, zero)[0] == 1.0  # both constant: they agree
+    assert sanity.pearson(flat, a[:1])[0] == 0.0  # one constant: no correlation
+    with_nan = a[:1].copy()
+    with_nan[0, 0, 0] = np.nan
+    assert np.isfinite(sanity.pearson(with_nan, a[:1])[0])
+
+
 def test_randomisation_is_cascading_and_restored():
     model = conv_net()
     before = [w.copy() for w in model.get_weights()]
