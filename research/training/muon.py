@@ -28,7 +28,7 @@ import math
 import keras
 import tensorflow as tf
 
-from research.training.optimizers import NesterovSGD
+from research.training.nesterov import NesterovSGD
 
 # zeropower_via_newtonschulz5(G, steps=3, eps=1e-7): a, b, c and its defaults
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
