@@ -204,6 +204,7 @@ class ReferenceRecord:
     """What the patches capture while airbench trains."""
     step_losses: list = dataclasses.field(default_factory=list)  # mean per-example loss
     step_times: list = dataclasses.field(default_factory=list)   # perf_counter at each loss
+    step_batches: list = dataclasses.field(default_factory=list)  # examples in each loss
     epochs: list = dataclasses.field(default_factory=list)       # airbench's logged rows
 
 

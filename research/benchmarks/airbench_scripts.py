@@ -108,6 +108,7 @@ def muon_on_cpu(repo: str, train_data: tuple, test_data: tuple, classes, record,
         out = own_ce(input, target, *args, **kwargs)
         n = len(target) if kwargs.get("reduction") == "sum" else 1
         record.step_times.append(time.perf_counter())
+        record.step_batches.append(len(target))
         record.step_losses.append(float(out.detach().float()) / n)
         return out
 
@@ -175,7 +176,7 @@ def run_muon_reference(repo: str, train, test, classes, record, cpu_event) -> di
     rows = [r for r in record.epochs if isinstance(r["epoch"], int)]
     final = next(r for r in record.epochs if r["epoch"] == "eval")
     steps = len(record.step_losses)
-    batch = len(train[0]) // (steps // len(rows))  # main()'s batch_size (2000)
+    batch = max(record.step_batches)  # main()'s batch_size (2000; its loader drops the rest)
     train_seconds = rows[-1]["time_seconds"]  # its timer: whitening init + train epochs
     return {"per_epoch": [{"epoch": r["epoch"] + 1, "test_acc": r["val_acc"],
                            "train_acc_last_batch": r["train_acc"],
@@ -310,6 +311,7 @@ def muon_parity_reference(repo: str, ours: dict, batches: list, whiten_images, c
                            net.named_parameters() if p.grad is not None and k in back}}
         record.step_losses.clear()
         record.step_times.clear()
+        record.step_batches.clear()
 
         model = script.CifarNet().to(memory_format=torch.channels_last)
         states, whiten = [], {}
