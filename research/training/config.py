@@ -390,9 +390,6 @@ class TrainConfig:
             if self.learning_rate <= 0:
                 bad("learning_rate", "--optimizer=muon needs a positive SGD learning rate "
                     "(the Muon rate is set relative to it)")
-            if self.precision == "mixed_float16":
-                bad("precision", "mixed_float16 is not supported with --optimizer=muon (its "
-                    "loss-scale handling is being rewritten); use mixed_bfloat16 or float32")
         if self.logits_lr_scale != 1.0 and self.optimizer not in ("sgd_l2", "muon"):
             bad("logits_lr_scale", f"scales the SGD gradient of the logits kernel with its "
                 f"L2 term; with --optimizer={self.optimizer} it would not scale its "

@@ -154,6 +154,43 @@ def test_loss_scale_float16_training_is_close_to_float32_on_one_and_two_replicas
     np.testing.assert_allclose(l16x2, l16, rtol=0.02, atol=0.01)
 
 
+MUON = {"optimizer": "muon", "learning_rate": 0.05, "muon_lr": 0.05}
+
+
+def test_muon_overflow_in_the_train_loop_skips_on_every_replica(syn, tmp_path, two_replicas,
+                                                                monkeypatch):
+    """--optimizer=muon under mixed_float16 (airbench94_muon on a GPU box): an overflow on
+    replica 1 alone skips the Muon and the SGD updates on both replicas, halves the scale,
+    and the next steps go on as the clean run's, one applied step behind."""
+    _, clean = loop_state(syn, tmp_path / "clean", two_replicas, monkeypatch, **MUON)
+    _, hit = loop_state(syn, tmp_path / "hit", two_replicas, monkeypatch, overflow=(3,),
+                        replicas=(1,), **MUON)
+    opt, ref = hit.optimizer, clean.optimizer
+    assert type(opt.inner_optimizer).__name__ == "MuonSGD"
+    assert int(opt.skipped_steps.numpy()) == int(ref.skipped_steps.numpy()) + 1
+    assert int(opt.iterations.numpy()) == int(ref.iterations.numpy()) - 1
+    assert float(opt.dynamic_scale.numpy()) == float(ref.dynamic_scale.numpy()) / 2
+    for v in hit.model.weights:
+        local = copies(two_replicas, v)
+        assert np.all(np.isfinite(local[0])), v.path
+        np.testing.assert_array_equal(local[0], local[1], err_msg=v.path)
+
+
+def test_muon_float16_is_close_to_float32_and_two_replicas_equal_one(syn, tmp_path,
+                                                                     two_replicas, monkeypatch):
+    """12 steps of the Muon loop: mixed_float16 (loss-scaled) finite and close to float32;
+    on 2 replicas as on 1."""
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    l32, _ = loop_state(syn, tmp_path / "a", one, monkeypatch, steps=12,
+                        precision="float32", **MUON)
+    l16, s16 = loop_state(syn, tmp_path / "b", one, monkeypatch, steps=12, **MUON)
+    l16x2, _ = loop_state(syn, tmp_path / "c", two_replicas, monkeypatch, steps=12, **MUON)
+    assert int(s16.optimizer.iterations.numpy()) >= 9
+    assert np.all(np.isfinite(l16)) and np.all(np.isfinite(l16x2))
+    np.testing.assert_allclose(l16, l32, rtol=0.05, atol=0.02)
+    np.testing.assert_allclose(l16x2, l16, rtol=0.02, atol=0.01)
+
+
 def run_overflow_train(root, *extra, steps="4,9"):
     cmd = [sys.executable, "-m", "overflow_model", f"--data_dir={root['syn']}", "--run_name=r",
            f"--checkpoint_dir={root['dir']}/ck", f"--log_dir={root['dir']}/logs",

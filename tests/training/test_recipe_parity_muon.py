@@ -289,10 +289,11 @@ def test_muon_step_is_the_references(syn, tmp_path, monkeypatch, ns_dtype, muon_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_muon_resume_is_bit_exact(syn, tmp_path, precision):
     """The Muon recipe (a tiny net, batch 32) stopped at step 4 and resumed ends bit for bit
-    where an unbroken run ends, weights and both optimizers' buffers."""
+    where an unbroken run ends, weights and both optimizers' buffers (and, in mixed_float16,
+    the loss scale and its counters)."""
     from helpers import whole_and_resumed
 
     def run(name, **kw):
@@ -306,6 +307,8 @@ def test_muon_resume_is_bit_exact(syn, tmp_path, precision):
 
     a, b, names = whole_and_resumed(run("whole"), run("broken"), 4, ("model/", "optimizer/"))
     assert any("momentum_buffer" in k or "optimizer/_variables" in k for k in names)
+    if precision == "mixed_float16":
+        assert any("dynamic_scale" in k for k in names), names
     for k in names:
         np.testing.assert_array_equal(a.get_tensor(k), b.get_tensor(k), err_msg=k)
 
@@ -323,8 +326,20 @@ def test_muon_recipe_refuses_another_batch_size_in_one_line(syn, tmp_path):
     assert (s["epochs"], s["warmup_epochs"], s["whiten_bias_epochs"]) == (4.0, 0.0, 3.0)
 
 
+def test_muon_recipe_takes_mixed_float16_under_the_agreed_loss_scale(syn, tmp_path):
+    """The GPU box's default precision: the Muon step inside DynamicLossScaleOptimizer."""
+    from research.training.loss_scale import DynamicLossScaleOptimizer
+    from research.training.muon import MuonSGD
+    from research.training.optimizers import make_optimizer
+
+    cfg = _recipe_config(tmp_path, syn, precision="mixed_float16")
+    cfg.validate()
+    opt = make_optimizer(cfg, 0.1, steps_per_epoch=22)
+    assert isinstance(opt, DynamicLossScaleOptimizer)
+    assert isinstance(opt.inner_optimizer, MuonSGD)
+
+
 @pytest.mark.parametrize("override,flag", [
-    ({"precision": "mixed_float16"}, "--precision"),
     ({"optimizer": "sgd_l2"}, "--whiten_bias_decay"),
     ({"optimizer": "adamw", "whiten_bias_decay": False}, "--logits_lr_scale"),
 ])
