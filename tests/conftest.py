@@ -60,3 +60,59 @@ def pytest_collection_modifyitems(config, items):
         suffix = "@" + "_".join(names)
         if names and not item.nodeid.endswith(suffix):
             item._id = NodeId.parse(item.nodeid + suffix)
+
+
+# --cpu-report=N: each test's CPU seconds (user + system of its worker process and of the
+# processes it waited for, over setup, call and teardown; a module fixture's cost lands on
+# the first test that uses it), the N largest printed at the end, so the suite's CPU budget
+# (it is CPU-bound on 2 cores: tests/README.md) can be spent where it shows.
+def pytest_addoption(parser):
+    parser.addoption("--cpu-report", type=int, default=0, metavar="N",
+                     help="print the N tests that used the most CPU seconds")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if item.config.getoption("cpu_report"):
+        now = _cpu_seconds()
+        start = getattr(item, "_cpu_mark", None)
+        item._cpu_mark = now
+        if start is not None or call.when == "setup":
+            outcome.get_result().user_properties.append(
+                ("cpu_seconds", now - (start if start is not None else item._cpu_start)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.config.getoption("cpu_report"):
+        item._cpu_start = _cpu_seconds()
+
+
+_CPU_BY_TEST: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    for key, value in getattr(report, "user_properties", ()):
+        if key == "cpu_seconds":
+            _CPU_BY_TEST[report.nodeid] = _CPU_BY_TEST.get(report.nodeid, 0.0) + value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.getoption("cpu_report")
+    if not n or not _CPU_BY_TEST:
+        return
+    ranked = sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])
+    total = sum(_CPU_BY_TEST.values())
+    terminalreporter.write_sep("=", f"CPU seconds per test: {total:,.0f} s over "
+                               f"{len(ranked)} tests, the {min(n, len(ranked))} largest")
+    for nodeid, secs in ranked[:n]:
+        terminalreporter.write_line(f"{secs:8.1f} s  {100 * secs / total:5.1f}%  {nodeid}")
