@@ -14,7 +14,9 @@ import pytest
 import tensorflow as tf
 
 from research.data import sources, tfrecords
-from research.data.shards import PROCESS_MIN_IMAGES, Shard, largest_first, use_processes
+from research import files
+from research.data.shards import (PROCESS_MIN_IMAGES, Shard, ShardJob, _write_job, largest_first,
+                                  shard_items, submit, use_processes, worker_pool)
 from test_records import tf_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,6 +168,24 @@ def test_a_file_gone_after_listing_is_skipped_by_a_worker_and_named(tmp_path):
     assert str(gone) in reasons and "No such file" in reasons[str(gone)]
     assert sum(s["num_examples"] for s in manifest["splits"].values()) == 39
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+
+
+@pytest.mark.slow  # a worker pool
+def test_a_full_disk_in_a_worker_is_the_out_of_space_error(tmp_path):
+    # /dev/full fails every write with ENOSPC, as a full disk does; the worker's OSError
+    # reaches the main process with its errno, which write_tfrecords turns into one line.
+    (tmp_path / ".s.tfrecord.tmp").symlink_to("/dev/full")
+    make_jpegs(tmp_path / "photos", 4)
+    data = sources.load_source(str(tmp_path / "photos"), image_size=(16, 16))
+    split = data.splits["train"]
+    job = ShardJob(str(tmp_path / "s.tfrecord"),
+                   shard_items(split, np.arange(3), data.class_names, 0),
+                   split.images.tree.member_reader(), (16, 16), "center_crop", False, 2)
+    with worker_pool(1) as pool:
+        with pytest.raises(OSError) as e:
+            submit(pool, _write_job, job).result()
+    assert files.is_out_of_space(e.value)
+    assert not (tmp_path / "s.tfrecord").exists()
 
 
 def test_processes_from_the_measured_crossover_and_the_largest_shards_first():
