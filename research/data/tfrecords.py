@@ -6,12 +6,14 @@ preprocessed binary `label` (1 for the positive class), the source's `class_id`/
 (`positive_class=None`, make_tfrecords --positive_class=none) has no `label`: its labels
 are the class ids alone (readers see label 0, research.data.pipeline). The whole output
 folder is built under a temporary name and renamed into place at the end, so a crash never
-leaves a half dataset.
+leaves a half dataset. Each split is planned here (its seeded shards); research.data.shards
+decodes and writes them, in threads or worker processes, and research.data.records encodes
+the Examples without TensorFlow.
 
 The output is a pure function of the source and the settings: Examples are serialized with
 deterministic (sorted) map order, whatever PYTHONHASHSEED is, and manifest.json holds no
 timing, paths of the output or other run-specific values, so two conversions are byte for
-byte identical, shards and manifest alike.
+byte identical, shards and manifest alike, whether threads or processes wrote them.
 """
 
 from __future__ import annotations
