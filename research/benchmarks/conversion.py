@@ -30,9 +30,9 @@ import time
 import cv2
 from absl import app, flags
 
+from research import machine
 from research.benchmarks.ratios import Ratios
 from research.data import imaging, shards, sources, tfrecords
-from research import machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", "../shared/data/dogs-vs-cats-2000.tar", "An image folder or "
