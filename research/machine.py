@@ -108,6 +108,28 @@ def banner() -> str:
             + (f", oneDNN capped at {cap}" if cap else ""))
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, of its children it has waited for, and of
+    every live descendant with its own waited-for children: /proc, because a forkserver's
+    workers are its children, not ours, and it lives on."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, children = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        stats[int(pid)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        children.setdefault(int(fields[1]), []).append(int(pid))
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / tick
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,

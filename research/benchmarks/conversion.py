@@ -1,86 +1,136 @@
 r"""make_tfrecords' images/s against the decode limit of the machine, in one run.
 
   python -m research.benchmarks.conversion --source=../shared/data/dogs-vs-cats-2000.tar \
-      --image_size=64 [--reduced_decode=false] [--threads=N]
+      --image_size=64 [--reduced_decode=false] [--workers=N] [--parallel=processes] \
+      [--repeats=3]
 
 The limit is measured on the same images: one thread decodes and resizes them from bytes
 already in memory (OpenCV held to one thread), which is what one core can do; times the
-cores, that is the most a conversion could reach. Then the conversion itself runs (list,
-check headers, decode, serialize, write, hash) into a temporary folder, and the ratio of
-its images/s to cores x limit is printed (target >= 0.8). See docs/data_at_scale.md.
+cores, that is the most a conversion could reach. Then the conversion itself runs
+--repeats times, each in a new process (as every make_tfrecords run is) into a new temporary
+folder, timed from the first listing of the source to the manifest renamed into place (list,
+check headers, plan, start the worker processes if any, read, decode, resize, encode, write,
+hash, fsync; not the interpreter's start or its imports); the ratio of its images/s (the
+median repeat) to cores x limit is printed (target >= 0.8). CPU time per image is printed beside
+both, counted over this process and every process it started (worker processes and the
+forkserver they are forked from): on a machine shared with other work the wall-clock ratio
+is off, and the CPU ratio (the limit's CPU per image over the conversion's) says how much
+of the conversion's CPU is the decode itself. See docs/data_at_scale.md.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import cv2
 from absl import app, flags
 
+from research import machine
 from research.benchmarks.ratios import Ratios
-from research.data import imaging, sources, tfrecords
-from research.machine import banner
+from research.data import imaging, shards, sources, tfrecords
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", "../shared/data/dogs-vs-cats-2000.tar", "An image folder or "
                     "archive (as make_tfrecords --source).")
 flags.DEFINE_integer("image_size", 64, "Target height and width.")
 flags.DEFINE_bool("reduced_decode", True, "As make_tfrecords --reduced_decode.")
-flags.DEFINE_integer("threads", None, "Decoding threads (default: one per core).")
+flags.DEFINE_integer("workers", None, "Decoding threads or worker processes (default: one "
+                     "per core).")
+flags.DEFINE_enum("parallel", "auto", shards.PARALLEL, "auto: threads below "
+                  f"{shards.PROCESS_MIN_IMAGES:,} image files, worker processes from there "
+                  "(as make_tfrecords); threads or processes: that one.")
+flags.DEFINE_integer("repeats", 3, "Conversions timed; the ratio uses the median.")
 flags.DEFINE_integer("limit_images", 2000, "Images the one-core limit is measured on.")
+flags.DEFINE_bool("one_conversion", False, "Only run one conversion and print its wall and "
+                  "CPU seconds (what each repeat runs, in a new process).")
 
 
-def one_core_rate(files: sources.ImageFiles, n: int) -> float:
-    """Images/s of decode + resize on one thread, bytes already in memory."""
+def one_core_rate(files: sources.ImageFiles, n: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of decode + resize on one thread, bytes already in
+    memory."""
     blobs = [(files.tree.read(name), name) for name in files.names[:n]]
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         for data, name in blobs:
             imaging.decode_resized(data, name, files.size, files.policy, files.reduced)
-        return len(blobs) / (time.perf_counter() - start)
+        return (len(blobs) / (time.perf_counter() - start),
+                (time.thread_time() - cpu) / len(blobs))
     finally:
         cv2.setNumThreads(threads)
 
 
+def convert_once() -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one conversion into a new temporary folder."""
+    size = (FLAGS.image_size, FLAGS.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu, start = machine.tree_cpu_seconds(), time.perf_counter()
+        data = sources.load_source(FLAGS.source, image_size=size, num_threads=FLAGS.workers,
+                                   reduced_decode=FLAGS.reduced_decode)
+        tfrecords.write_tfrecords(data, tfrecords.WriteConfig(
+            os.path.join(tmp, "o"), positive_class=None, parallel=FLAGS.parallel), FLAGS.source)
+        return time.perf_counter() - start, machine.tree_cpu_seconds() - cpu
+
+
+def convert_in_new_process() -> tuple[float, float]:
+    """convert_once in a new process, as each make_tfrecords run is: its worker processes'
+    forkserver starts inside the timer every time, as it does there."""
+    args = [f"--{name}={FLAGS[name].value}" for name in
+            ("source", "image_size", "reduced_decode", "parallel", "workers")
+            if FLAGS[name].value is not None]
+    res = subprocess.run([sys.executable, "-m", __spec__.name, *args, "--one_conversion"],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"the conversion failed: {res.stderr[-2000:]}")
+    seconds, cpu = res.stdout.split()[-2:]
+    return float(seconds), float(cpu)
+
+
 def main(argv):
     del argv
-    print(banner())
+    if FLAGS.one_conversion:
+        print(*convert_once())
+        return
+    print(machine.banner())
     cores = len(os.sched_getaffinity(0))
-    size = (FLAGS.image_size, FLAGS.image_size)
-    data = sources.load_source(FLAGS.source, image_size=size, num_threads=FLAGS.threads,
+    data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
                                reduced_decode=FLAGS.reduced_decode)
     if not all(isinstance(s.images, sources.ImageFiles) for s in data.splits.values()):
         raise app.UsageError(f"--source={FLAGS.source}: not an image folder or archive")
-    files = data.splits["train"].images
-    limit = one_core_rate(files, FLAGS.limit_images)
     n = sum(len(s) for s in data.splits.values())
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        data = sources.load_source(FLAGS.source, image_size=size, num_threads=FLAGS.threads,
-                                   reduced_decode=FLAGS.reduced_decode)
-        listed = time.perf_counter() - start
-        tfrecords.write_tfrecords(data, tfrecords.WriteConfig(os.path.join(tmp, "o"),
-                                                              positive_class=None),
-                                  FLAGS.source)
-        seconds = time.perf_counter() - start
-    rate = n / seconds
-    ratio = rate / (cores * limit)
+    processes = shards.use_processes(FLAGS.parallel, n)
+    limit, limit_cpu = one_core_rate(data.splits["train"].images, FLAGS.limit_images)
     what = "reduced" if FLAGS.reduced_decode else "full"
     print(f"{n:,} images of {FLAGS.source} to {FLAGS.image_size} px, {what} JPEG decoding, "
-          f"{FLAGS.threads or cores} threads")
-    print(f"decode limit: {limit:,.0f} images/s on one core (decode + resize from memory, "
-          f"{min(n, FLAGS.limit_images):,} images); x {cores} cores = {cores * limit:,.0f}")
-    print(f"conversion:   {rate:,.0f} images/s ({seconds:.1f}s: listing and header checks "
-          f"{listed:.1f}s, decode + write + hash {seconds - listed:.1f}s)")
-    print(f"ratio conversion / (cores x limit): {ratio:.2f}   target >= 0.8")
+          f"{FLAGS.workers or cores} {'worker processes' if processes else 'threads'}; "
+          f"load average {os.getloadavg()[0]:.2f} on {cores} cores")
+    print(f"decode limit: {limit:,.0f} images/s on one core, {limit_cpu * 1e3:.3f} CPU ms per "
+          f"image (decode + resize from memory, {min(n, FLAGS.limit_images):,} images); "
+          f"x {cores} cores = {cores * limit:,.0f} images/s")
+    runs = []
+    for k in range(FLAGS.repeats):
+        seconds, cpu = convert_in_new_process()
+        runs.append((seconds, cpu))
+        print(f"conversion {k + 1}: {n / seconds:,.0f} images/s ({seconds:.2f}s from listing to "
+              f"the manifest in place), {cpu / n * 1e3:.3f} CPU ms per image (all processes), "
+              f"load average {os.getloadavg()[0]:.2f}")
+    seconds = statistics.median(s for s, _ in runs)
+    cpu = statistics.median(c for _, c in runs) / n
+    ratio = n / seconds / (cores * limit)
+    print(f"ratio conversion / (cores x limit): {ratio:.2f} (median of {len(runs)})   "
+          "target >= 0.8")
+    print(f"CPU ratio (limit's CPU per image / the conversion's): {limit_cpu / cpu:.2f}")
     ratios = Ratios("conversion")
     ratios.add(f"make_tfrecords / ({cores} cores x one-core decode limit), {what} decoding, "
                f"{FLAGS.image_size} px", ratio, ">= 0.8",
-               f"{rate:,.0f} vs {cores} x {limit:,.0f} img/s")
+               f"{n / seconds:,.0f} vs {cores} x {limit:,.0f} img/s, "
+               f"{'processes' if processes else 'threads'}")
     ratios.write()
 
 

@@ -34,7 +34,6 @@ import zipfile
 import zlib
 from typing import Callable, Iterable, Iterator, Sequence
 
-import keras
 import numpy as np
 
 from research.data import imaging
@@ -114,12 +113,19 @@ class ImageFiles:
     def read(self, indices) -> Iterator[tuple[np.ndarray | None, str | None]]:
         """(image, None) or (None, why it cannot be decoded) for each index, in order.
         OpenCV releases the GIL while it decodes and resizes, so threads decode in parallel."""
-        def one(i):
-            try:
-                return self.decode(i), None
-            except (imaging.ImageDecodeError, OSError) as e:
-                return None, str(e)
-        return ordered_map(one, list(indices), self.threads)
+        return ordered_map(lambda i: decoded_or_reason(lambda: self.decode(i)), list(indices),
+                           self.threads)
+
+
+def decoded_or_reason(decode: Callable[[], np.ndarray]
+                      ) -> tuple[np.ndarray | None, str | None]:
+    """(decode(), None), or (None, why) for a file that cannot be decoded or read (it is then
+    skipped); an archive that cannot be read (SourceError) is raised: every conversion, in
+    threads or in worker processes, decides this here."""
+    try:
+        return decode(), None
+    except (imaging.ImageDecodeError, OSError) as e:
+        return None, str(e)
 
 
 def ordered_map(fn: Callable, items: Sequence, threads: int | None = None,
@@ -175,6 +181,7 @@ class FileTree:
         self.ignored: list[dict] = []
         self._fd: int | None = None
         self._zip: zipfile.ZipFile | None = None
+        self._archive: str | None = None  # the file _fd or _zip reads (a .tar.gz's spill)
         self._finalizer = None
         if os.path.isdir(root):
             self._scan_dir(root)
@@ -232,6 +239,7 @@ class FileTree:
             opener = _COMPRESSED_TAR.get(_magic(path))
             spill = self._spill(path, opener, spill_dir) if opener else None
             self._fd = os.open(spill or path, os.O_RDONLY)
+            self._archive = spill or path
             self._finalizer = weakref.finalize(self, _close_fd, self._fd, spill)
             with tarfile.open(spill or path, "r:") as tar:  # seekable: headers only
                 while (member := tar.next()) is not None:
@@ -272,6 +280,7 @@ class FileTree:
     def _scan_zip(self, path: str) -> None:
         try:
             self._zip = zipfile.ZipFile(path)  # holds the central directory, no member data
+            self._archive = path
             self._finalizer = weakref.finalize(self, self._zip.close)
             for info in self._zip.infolist():
                 name = _safe_member_name(path, info.filename)
@@ -315,22 +324,16 @@ class FileTree:
     def read(self, name: str, limit: int | None = None) -> bytes:
         """The bytes of one file (its first `limit` bytes when given). A damaged archive
         member is a SourceError naming the archive, as when it is scanned."""
-        loc = self._files[name]
-        if isinstance(loc, str):
-            with open(loc, "rb") as f:
-                return f.read(-1 if limit is None else limit)
-        try:
-            if isinstance(loc, tuple):
-                offset, size = loc
-                size = size if limit is None else min(size, limit)
-                data = os.pread(self._fd, size, offset)
-                if len(data) != size:
-                    raise EOFError(f"member {name!r} ends early")
-                return data
-            with self._zip.open(loc) as f:
-                return f.read(-1 if limit is None else limit)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise SourceError(f"{self.root}: truncated or corrupt archive ({e})") from e
+        return _read_located(self._files[name], name, self._fd, self._zip, self.root, limit)
+
+    def locator(self, name: str) -> object:
+        """Where a file's bytes are (a path, a tar offset and size, a ZipInfo): with
+        `member_reader`, what another process needs to read it."""
+        return self._files[name]
+
+    def member_reader(self) -> "MemberReader":
+        """What another process opens to read this tree's files by `locator`."""
+        return MemberReader(self.root, self._archive, self._zip is not None)
 
     def where(self, name: str) -> str:
         """The path of a member as the user sees it: <folder>/<path> or <archive>:<member>."""
@@ -339,6 +342,48 @@ class FileTree:
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
+
+
+def _read_located(loc: object, name: str, fd: int | None, zf: "zipfile.ZipFile | None",
+                  root: str, limit: int | None = None) -> bytes:
+    """FileTree.read's one way to read a file's bytes from its locator, in any process."""
+    if isinstance(loc, str):
+        with open(loc, "rb") as f:
+            return f.read(-1 if limit is None else limit)
+    try:
+        if isinstance(loc, tuple):
+            offset, size = loc
+            size = size if limit is None else min(size, limit)
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise EOFError(f"member {name!r} ends early")
+            return data
+        with zf.open(loc) as f:
+            return f.read(-1 if limit is None else limit)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise SourceError(f"{root}: truncated or corrupt archive ({e})") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberReader:
+    """A FileTree's files as another process reads them (`FileTree.member_reader`): it opens
+    the archive itself (a .tar.gz's spill, which the tree's own process keeps and deletes),
+    so nothing open crosses the process boundary, only this and each file's locator."""
+    root: str
+    archive: str | None  # None: a folder, whose locators are paths
+    zipped: bool
+
+    def read(self, loc: object, name: str) -> bytes:
+        fd, zf = _opened_archive(self.archive, self.zipped) if self.archive else (None, None)
+        return _read_located(loc, name, fd, zf, self.root)
+
+
+@functools.lru_cache(maxsize=4)
+def _opened_archive(path: str, zipped: bool) -> tuple[int | None, "zipfile.ZipFile | None"]:
+    """An archive opened once per worker process, for all the shards it writes (a zip's
+    central directory is parsed when it is opened: 1.28 M members take seconds). Closed when
+    the process ends."""
+    return (None, zipfile.ZipFile(path)) if zipped else (os.open(path, os.O_RDONLY), None)
 
 
 _COMPRESSED_TAR = {b"\x1f\x8b": gzip.open, b"BZ": bz2.open, b"\xfd7": lzma.open}
@@ -870,6 +915,9 @@ def download_archive(spec: Download, download_dir: str) -> str:
                               "run again, or pass --source=<path>")
         return target
     os.makedirs(folder, exist_ok=True)
+    # Imported here, not at the top: the conversion's worker processes import this module and
+    # must not start TensorFlow (research.data.shards).
+    import keras
     try:
         return keras.utils.get_file(spec.fname, origin=spec.origin, file_hash=spec.sha256,
                                     cache_dir=folder, cache_subdir="")

@@ -6,12 +6,14 @@ preprocessed binary `label` (1 for the positive class), the source's `class_id`/
 (`positive_class=None`, make_tfrecords --positive_class=none) has no `label`: its labels
 are the class ids alone (readers see label 0, research.data.pipeline). The whole output
 folder is built under a temporary name and renamed into place at the end, so a crash never
-leaves a half dataset.
+leaves a half dataset. Each split is planned here (its seeded shards); research.data.shards
+decodes and writes them, in threads or worker processes, and research.data.records encodes
+the Examples without TensorFlow.
 
 The output is a pure function of the source and the settings: Examples are serialized with
 deterministic (sorted) map order, whatever PYTHONHASHSEED is, and manifest.json holds no
 timing, paths of the output or other run-specific values, so two conversions are byte for
-byte identical, shards and manifest alike.
+byte identical, shards and manifest alike, whether threads or processes wrote them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from research import files
+from research.data import records, shards
 from research.data.manifest import MANIFEST, SCHEMA_VERSION, digest, sha256_file  # noqa: F401
-from research.data.sources import ImageFiles, SourceData, Split
+from research.data.sources import SourceData, Split
 from research.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -51,10 +53,10 @@ def _ours(out_dir: str) -> set[str] | None:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        shards = {sh["file"] for s in manifest["splits"].values() for sh in s["shards"]}
+        listed = {sh["file"] for s in manifest["splits"].values() for sh in s["shards"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return shards | {MANIFEST, SAMPLES, CACHES}
+    return listed | {MANIFEST, SAMPLES, CACHES}
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -102,6 +104,10 @@ class WriteConfig:
     seed: int = 0
     shards: dict[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SHARDS))
     overwrite: bool = False
+    # How image files are decoded and written (research.data.shards): auto (threads for a
+    # small source, worker processes from shards.PROCESS_MIN_IMAGES files), threads,
+    # processes. The output is the same, byte for byte.
+    parallel: str = "auto"
 
 
 def stratified_split(class_ids: np.ndarray, fraction: float, seed: int
@@ -220,77 +226,39 @@ def make_splits(data: SourceData, cfg: WriteConfig
 
 def serialize_example(image: np.ndarray, label: int | None, class_id: int, class_name: str,
                       coarse_id: int, source_id: str) -> bytes:
-    """`label` None: no binary label is written (data without a positive class)."""
-    def ints(v):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=v))
-
-    def bytes_(v):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-    h, w, c = image.shape
-    feature = {
-        "image": bytes_(image.tobytes()),
-        "height": ints([h]), "width": ints([w]), "channels": ints([c]),
-        "class_id": ints([class_id]),
-        "class_name": bytes_(class_name.encode()),
-        "coarse_id": ints([coarse_id]),
-        "source_id": bytes_(source_id.encode()),
-    }
-    if label is not None:
-        feature["label"] = ints([label])
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-        deterministic=True)  # else map order follows Python's string hash
+    """One image's tf.train.Example, as `Example.SerializeToString(deterministic=True)`
+    writes it (research.data.records); `label` None: no binary label is written."""
+    return records.image_example(image.tobytes(), image.shape, label, class_id, class_name,
+                                 coarse_id, source_id)
 
 
-def _write_split(split: Split, name: str, num_shards: int, out_dir: str,
-                 class_names: list[str], positive_id: int | None, seed: int,
-                 progress: Callable[[int], None] | None, skipped: list[dict]) -> dict:
+def plan_split(split: Split, name: str, num_shards: int, seed: int) -> list[shards.Shard]:
+    """The shards of one split: a seeded permutation (shards mix classes) cut into
+    `num_shards` nearly equal runs, in the order they are written."""
     n = len(split)
     if n == 0:
         raise ValueError(f"split {name!r} would be empty; with so few images per class, raise "
                          "--val_fraction / --test_fraction")
     num_shards = max(1, min(num_shards, n))
-    order = np.random.default_rng(seed).permutation(n)  # shards mix classes
-    shards = []
+    order = np.random.default_rng(seed).permutation(n)
+    return [shards.Shard(name, f"{name}-{s:05d}-of-{num_shards:05d}.tfrecord", idx)
+            for s, idx in enumerate(np.array_split(order, num_shards))]
+
+
+def split_entry(plan: list[shards.Shard], results: dict[str, shards.ShardResult],
+                class_names: list[str], positive_id: int | None) -> dict:
+    """A split's manifest entry: what its shards hold (files that did not decode left out)."""
     counts = np.zeros(len(class_names), np.int64)
-    for s, idx in enumerate(np.array_split(order, num_shards)):
-        fname = f"{name}-{s:05d}-of-{num_shards:05d}.tfrecord"
-        path = os.path.join(out_dir, fname)
-        written = 0
-        with tf.io.TFRecordWriter(path) as w:
-            for i, image in _shard_images(split, idx, skipped):
-                cid = int(split.class_ids[i])
-                coarse = -1 if split.coarse_ids is None else int(split.coarse_ids[i])
-                label = None if positive_id is None else int(cid == positive_id)
-                w.write(serialize_example(image, label, cid, class_names[cid],
-                                          coarse, split.source_ids[i]))
-                counts[cid] += 1
-                written += 1
-        if progress:
-            progress(len(idx))
-        shards.append({"file": fname, "num_examples": written, "sha256": sha256_file(path),
-                       "bytes": os.path.getsize(path)})
+    for shard in plan:
+        counts += results[shard.file].class_counts
     return {
         "num_examples": int(counts.sum()),
         "num_positive": 0 if positive_id is None else int(counts[positive_id]),
         "class_counts": {c: int(k) for c, k in zip(class_names, counts)},
-        "shards": shards,
+        "shards": [{"file": s.file, "num_examples": results[s.file].num_examples,
+                    "sha256": results[s.file].sha256, "bytes": results[s.file].bytes}
+                   for s in plan],
     }
-
-
-def _shard_images(split: Split, idx: np.ndarray, skipped: list[dict]):
-    """(index, image) for one shard, in order. Files are decoded here, a bounded window ahead
-    of the writer; one whose header was readable but whose pixels are not is listed in
-    `skipped` and left out (the splits are already fixed, so it leaves its split one short)."""
-    if not isinstance(split.images, ImageFiles):
-        for i in idx:
-            yield i, split.images[i]
-        return
-    for i, (image, error) in zip(idx, split.images.read(idx)):
-        if error is None:
-            yield i, image
-        else:
-            skipped.append({"file": split.images.where(i), "reason": error})
 
 
 def positive_class_error(data: SourceData, positive_class: str, source: str) -> str:
@@ -302,6 +270,39 @@ def positive_class_error(data: SourceData, positive_class: str, source: str) -> 
     if dropped:
         msg += f" (dropped, no images: {', '.join(dropped)})"
     return msg
+
+
+def _manifest_head(data: SourceData, cfg: WriteConfig, source: str, flags: dict | None,
+                   splits: dict[str, Split], left_out: dict, positive_id: int | None) -> dict:
+    """manifest.json before its splits are written, keys in the order it is written in."""
+    held_out_test = "test" not in data.splits
+    counts = cfg.split_counts
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "source_format": data.format,
+        "label_set": data.label_set,
+        "positive_class": cfg.positive_class,
+        "positive_class_id": positive_id,
+        "class_names": list(data.class_names),
+        "coarse_class_names": data.coarse_class_names,
+        "image_shape": list(splits["train"].images.shape[1:]),
+        "seed": cfg.seed,
+        # Both None under split_counts, which replaces them.
+        "val_fraction": cfg.val_fraction if counts is None else None,
+        # None: the source's own test split; else the stratified fraction held out.
+        "test_fraction": cfg.test_fraction if held_out_test and counts is None else None,
+        # The images per class asked for, and the source split the test count cut.
+        "split_counts": None if counts is None else {
+            "train": int(counts[0]), "val": int(counts[1]), "test": int(counts[2]),
+            "test_from": "train" if held_out_test else "test"},
+        # Source split -> class -> images in no split (only split_counts leaves any out).
+        "left_out": left_out,
+        "splits": {},
+        "skipped": list(data.skipped),
+        "empty_classes": list(data.empty_classes),
+        "flags": dict(sorted((flags or {}).items())),
+    }
 
 
 def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict | None = None,
@@ -317,9 +318,7 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
             raise ValueError(f"bad shard count {split}={k}; splits are {SPLITS}, counts >= 1")
     positive_id = (None if cfg.positive_class is None
                    else data.class_names.index(cfg.positive_class))
-    held_out_test = "test" not in data.splits
     splits, left_out = make_splits(data, cfg)
-    counts = cfg.split_counts
     if positive_id is not None and not np.any(splits["train"].class_ids == positive_id):
         raise ValueError(f"--positive_class={cfg.positive_class!r} has no train images; see "
                          "the empty class folders or pick another class")
@@ -329,38 +328,19 @@ def write_tfrecords(data: SourceData, cfg: WriteConfig, source: str, flags: dict
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{files.temp_tag()}",
                            dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename into place
+    manifest = _manifest_head(data, cfg, source, flags, splits, left_out, positive_id)
     try:
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "source": source,
-            "source_format": data.format,
-            "label_set": data.label_set,
-            "positive_class": cfg.positive_class,
-            "positive_class_id": positive_id,
-            "class_names": list(data.class_names),
-            "coarse_class_names": data.coarse_class_names,
-            "image_shape": list(splits["train"].images.shape[1:]),
-            "seed": cfg.seed,
-            # Both None under split_counts, which replaces them.
-            "val_fraction": cfg.val_fraction if counts is None else None,
-            # None: the source's own test split; else the stratified fraction held out.
-            "test_fraction": cfg.test_fraction if held_out_test and counts is None else None,
-            # The images per class asked for, and the source split the test count cut.
-            "split_counts": None if counts is None else {
-                "train": int(counts[0]), "val": int(counts[1]), "test": int(counts[2]),
-                "test_from": "train" if held_out_test else "test"},
-            # Source split -> class -> images in no split (only split_counts leaves any out).
-            "left_out": left_out,
-            "splits": {},
-            "skipped": list(data.skipped),
-            "empty_classes": list(data.empty_classes),
-            "flags": dict(sorted((flags or {}).items())),
-        }
-        for i, name in enumerate(SPLITS):
-            manifest["splits"][name] = _write_split(
-                splits[name], name, cfg.shards.get(name, DEFAULT_SHARDS[name]), tmp,
-                data.class_names, positive_id, cfg.seed + 100 + i, progress, data.skipped)
-        manifest["skipped"] = list(data.skipped)  # with any file that failed to decode
+        plan = {name: plan_split(splits[name], name, cfg.shards.get(name, DEFAULT_SHARDS[name]),
+                                 cfg.seed + 100 + i) for i, name in enumerate(SPLITS)}
+        results = shards.write_shards([s for p in plan.values() for s in p], splits, tmp,
+                                      data.class_names, positive_id, cfg.parallel, progress)
+        for name in SPLITS:
+            manifest["splits"][name] = split_entry(plan[name], results, data.class_names,
+                                                   positive_id)
+            # Files that failed to decode, in the order they were planned (workers finish
+            # shards in any order).
+            data.skipped.extend(e for s in plan[name] for e in results[s.file].skipped)
+        manifest["skipped"] = list(data.skipped)
         manifest["digest"] = digest(manifest)  # any later edit of the manifest shows
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import helpers
+from research import machine
 from research.data import imaging, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -160,10 +161,32 @@ def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "research.benchmarks.conversion",
          f"--source={tmp_path / 'photos'}", "--image_size=16", "--limit_images=20",
+         "--parallel=processes", "--workers=2", "--repeats=2",
          f"--ratios_json={tmp_path / 'r.json'}"],
         env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True,
         timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "40 images of" in res.stdout and "reduced JPEG decoding" in res.stdout
-    assert "ratio conversion / (cores x limit):" in res.stdout
+    assert "2 worker processes" in res.stdout and "load average" in res.stdout
+    assert "from listing to the manifest in place" in res.stdout  # what the timer covers
+    cpu = [float(ln.split(" CPU ms per image")[0].split()[-1])
+           for ln in res.stdout.splitlines() if ln.startswith("conversion ")]
+    assert len(cpu) == 2 and all(c > 0 for c in cpu)  # the workers' CPU is counted
+    assert "ratio conversion / (cores x limit):" in res.stdout and "CPU ratio" in res.stdout
     assert (tmp_path / "r.json").exists()
+
+
+def test_the_cpu_of_processes_started_by_processes_is_counted():
+    # The conversion's worker processes are a forkserver's children, not the benchmark's,
+    # and the forkserver lives on: a live child's waited-for child is counted too.
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'sum(range(3 * 10**7))']); print('done', flush=True); sys.stdin.read()")
+    start = machine.tree_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        assert machine.tree_cpu_seconds() - start > 0.2  # ~0.5 s of the grandchild's sum
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)

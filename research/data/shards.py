@@ -1,0 +1,268 @@
+"""Writing a conversion's shards: each image decoded, resized, encoded as a tf.train.Example
+(research.data.records) and framed into its shard, in this process's threads for a small
+source, or in worker processes that each decode and write whole shards for a large one.
+
+Threads: OpenCV releases the GIL while it decodes and resizes, so threads decode in
+parallel, but reading, encoding and writing hold it in this one process. Processes: each
+worker does all of a shard's work alone and returns only its counts and sha256, so nothing
+serialises them; but a pool costs a fresh interpreter (`forkserver`: it never imports
+TensorFlow, which the main process has usually loaded, and forks each worker from one
+process that has imported this module once). `PROCESS_MIN_IMAGES` is where processes start
+to win (docs/data_at_scale.md, Speed).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import concurrent.futures.process
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import sys
+from typing import Callable, Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from research.data import imaging, records
+from research.data.sources import ImageFiles, MemberReader, Split, decoded_or_reason
+from research.errors import UserError
+
+PARALLEL = ("auto", "threads", "processes")
+PROCESS_MIN_IMAGES = 4000  # auto: image files from which worker processes are used
+
+
+class WorkerDiedError(UserError):
+    """A worker process ended without a result (killed, out of memory, a decoder crashed);
+    the message names the shards it may have been writing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image of a shard: what its record holds besides the pixels, and where its bytes
+    are (an image file: `name` and `locator` in its FileTree; else None)."""
+    where: str
+    name: str | None
+    locator: object
+    label: int | None
+    class_id: int
+    class_name: str
+    coarse_id: int
+    source_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One shard of the plan: the split positions it holds, in the order they are written."""
+    split: str
+    file: str
+    indices: np.ndarray
+
+
+@dataclasses.dataclass
+class ShardResult:
+    num_examples: int
+    sha256: str
+    bytes: int
+    class_counts: list[int]
+    skipped: list[dict]       # files whose pixels did not decode, in the shard's order
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """What a worker process needs to write one shard of image files."""
+    path: str
+    items: list[Item]
+    reader: MemberReader
+    size: tuple[int, int]
+    policy: str
+    reduced: bool
+    num_classes: int
+
+
+def shard_items(split: Split, idx: np.ndarray, class_names: list[str],
+                positive_id: int | None) -> list[Item]:
+    """The records' fields of split positions `idx` (label None: no positive class)."""
+    files = split.images if isinstance(split.images, ImageFiles) else None
+    items = []
+    for i in idx:
+        cid = int(split.class_ids[i])
+        name = None if files is None else files.names[i]
+        items.append(Item(
+            where=split.source_ids[i] if files is None else files.where(i), name=name,
+            locator=None if files is None else files.tree.locator(name),
+            label=None if positive_id is None else int(cid == positive_id), class_id=cid,
+            class_name=class_names[cid],
+            coarse_id=-1 if split.coarse_ids is None else int(split.coarse_ids[i]),
+            source_id=split.source_ids[i]))
+    return items
+
+
+def write_records(path: str, items: list[Item],
+                  decoded: Iterable[tuple[np.ndarray | None, str | None]],
+                  num_classes: int) -> ShardResult:
+    """Writes one shard atomically (records.ShardFile): the record of every item whose image
+    decoded; one that did not is listed in `skipped` and left out."""
+    counts = [0] * num_classes
+    skipped = []
+    with records.ShardFile(path) as f:
+        for item, (image, error) in zip(items, decoded):
+            if error is not None:
+                skipped.append({"file": item.where, "reason": error})
+                continue
+            f.write(records.image_example(image.tobytes(), image.shape, item.label,
+                                          item.class_id, item.class_name, item.coarse_id,
+                                          item.source_id))
+            counts[item.class_id] += 1
+    return ShardResult(f.records, f.sha256, f.bytes, counts, skipped)
+
+
+def _write_job(job: ShardJob) -> ShardResult:
+    """A worker process's whole shard: read, decode, resize, encode, write, hash."""
+    def decode(item):
+        return imaging.decode_resized(job.reader.read(item.locator, item.name), item.where,
+                                      job.size, job.policy, job.reduced)
+    decoded = (decoded_or_reason(lambda: decode(item)) for item in job.items)
+    return write_records(job.path, job.items, decoded, job.num_classes)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # the pool is the parallelism: OpenCV's own threads would contend
+
+
+def worker_info() -> dict:
+    """What a worker process has loaded (tests/data/test_shards.py checks it never starts
+    TensorFlow)."""
+    return {"pid": os.getpid(), "tensorflow": "tensorflow" in sys.modules,
+            "cv2_threads": cv2.getNumThreads()}
+
+
+def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Fresh worker processes that never import TensorFlow: forked from a `forkserver`
+    (started once per main process) that has imported this module and OpenCV, not from the
+    main process, whose TensorFlow is neither fork-safe nor needed."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                  initializer=_init_worker)
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """multiprocessing runs the parent's __main__ again in every process it starts (for the
+    functions defined there); make_tfrecords' and the benchmark's __main__ import TensorFlow
+    and ours live in this module, so workers are started with __main__'s name and file
+    hidden from it."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+def submit(pool: concurrent.futures.ProcessPoolExecutor, fn: Callable, *args
+           ) -> concurrent.futures.Future:
+    """pool.submit, which starts the pool's workers as they are needed, in this thread: with
+    __main__ hidden from them."""
+    with _main_hidden():
+        return pool.submit(fn, *args)
+
+
+def use_processes(parallel: str, num_files: int) -> bool:
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+    return parallel == "processes" or (parallel == "auto" and num_files >= PROCESS_MIN_IMAGES)
+
+
+def largest_first(shards: list[Shard]) -> list[Shard]:
+    """The order workers take shards in: the largest first (stable), so that the last
+    shards to finish are the small ones and no worker idles long at the end."""
+    return sorted(shards, key=lambda s: -len(s.indices))
+
+
+def write_shards(plan: list[Shard], splits: dict[str, Split], out_dir: str,
+                 class_names: list[str], positive_id: int | None, parallel: str = "auto",
+                 progress: Callable[[int], None] | None = None) -> dict[str, ShardResult]:
+    """Writes every shard of `plan` into `out_dir`; returns shard file -> result. Worker
+    processes when `use_processes` says so and the splits are image files; else threads."""
+    files = [s.images for s in splits.values() if isinstance(s.images, ImageFiles)]
+    num_files = sum(len(f) for f in files)
+    if len(files) == len(splits) and use_processes(parallel, num_files):
+        workers = files[0].threads or os.cpu_count() or 2
+        written = _in_processes(plan, splits, out_dir, class_names, positive_id, workers)
+    else:
+        written = _in_threads(plan, splits, out_dir, class_names, positive_id)
+    results = {}
+    for shard, result in written:
+        results[shard.file] = result
+        if progress:
+            progress(len(shard.indices))
+    return results
+
+
+def _in_threads(plan: list[Shard], splits: dict[str, Split], out_dir: str,
+                class_names: list[str], positive_id: int | None
+                ) -> Iterator[tuple[Shard, ShardResult]]:
+    """Shard after shard in this process: threads decode a bounded window ahead of the
+    writer (ImageFiles.read), which encodes and writes. OpenCV's own threads are held to one
+    meanwhile: the decoding threads are the parallelism (10% less CPU per image measured)."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for shard in plan:
+            split = splits[shard.split]
+            items = shard_items(split, shard.indices, class_names, positive_id)
+            if isinstance(split.images, ImageFiles):
+                decoded = split.images.read(shard.indices)
+            else:
+                decoded = ((split.images[i], None) for i in shard.indices)
+            yield shard, write_records(os.path.join(out_dir, shard.file), items, decoded,
+                                       len(class_names))
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _job(shard: Shard, split: Split, out_dir: str, class_names: list[str],
+         positive_id: int | None) -> ShardJob:
+    files = split.images
+    return ShardJob(os.path.join(out_dir, shard.file),
+                    shard_items(split, shard.indices, class_names, positive_id),
+                    files.tree.member_reader(), files.size, files.policy, files.reduced,
+                    len(class_names))
+
+
+def _in_processes(plan: list[Shard], splits: dict[str, Split], out_dir: str,
+                  class_names: list[str], positive_id: int | None, workers: int
+                  ) -> Iterator[tuple[Shard, ShardResult]]:
+    """Whole shards in `workers` processes, the largest first; at most 2 x workers jobs are
+    submitted ahead, so the items of a 1.28 M-image plan are never all in memory at once."""
+    todo = collections.deque(largest_first(plan))
+    pending: dict[concurrent.futures.Future, Shard] = {}
+    pool = worker_pool(workers)
+    try:
+        while todo or pending:
+            while todo and len(pending) < 2 * workers:
+                shard = todo.popleft()
+                job = _job(shard, splits[shard.split], out_dir, class_names, positive_id)
+                pending[submit(pool, _write_job, job)] = shard
+            done, _ = concurrent.futures.wait(pending,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                shard = pending.pop(future)
+                try:
+                    result = future.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    shown = ", ".join(sorted({shard.file, *(s.file for s in pending.values())}))
+                    raise WorkerDiedError(
+                        f"a conversion worker process ended without a result (killed, out of "
+                        f"memory, or its decoder crashed) while writing one of {shown}; "
+                        "nothing was written") from None
+                yield shard, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

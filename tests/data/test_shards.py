@@ -1,0 +1,199 @@
+"""research.data.shards: threads and worker processes write the shards TensorFlow's writer
+wrote before, byte for byte; workers never start TensorFlow; their errors are one line."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from research.data import sources, tfrecords
+from research import files
+from research.data.shards import (PROCESS_MIN_IMAGES, Shard, ShardJob, _write_job, largest_first,
+                                  shard_items, submit, use_processes, worker_pool)
+from test_records import tf_example
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_jpegs(root, n: int, size=(60, 80), seed: int = 0) -> None:
+    """n smooth JPEGs in <root>/{cats,dogs}/ (large enough for reduced decoding at 16 px),
+    and one whose header reads but whose pixels do not."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = ("cats", "dogs")[i % 2]
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        img = cv2.resize(rng.integers(0, 256, (6, 8, 3), np.uint8), size[::-1],
+                         interpolation=cv2.INTER_LINEAR)
+        data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        if i == 5:  # a frame header and no scan: listed, then skipped while writing
+            sof = data.index(b"\xff\xc0")
+            data = data[:sof + 2 + int.from_bytes(data[sof + 2:sof + 4], "big")] + b"\xff\xd9"
+        with open(os.path.join(root, c, f"{c}.{i}.jpg"), "wb") as f:
+            f.write(data)
+
+
+def tf_reference(data, cfg) -> tuple[dict, list[dict]]:
+    """Shard file -> (bytes, sha256, records) and the skipped files, as the writer before
+    research.data.shards made them: each split's seeded permutation cut into shards, each
+    image decoded on its own, serialized by tf.train.Example, written by TFRecordWriter."""
+    splits, _ = tfrecords.make_splits(data, cfg)
+    positive = data.class_names.index(cfg.positive_class)
+    shards, skipped = {}, []
+    for k, name in enumerate(tfrecords.SPLITS):
+        split = splits[name]
+        num = max(1, min(cfg.shards[name], len(split)))
+        order = np.random.default_rng(cfg.seed + 100 + k).permutation(len(split))
+        for s, idx in enumerate(np.array_split(order, num)):
+            path = os.path.join(cfg.out_dir + "-ref", f"{name}-{s:05d}-of-{num:05d}.tfrecord")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            n = 0
+            with tf.io.TFRecordWriter(path) as w:
+                for i in idx:
+                    try:
+                        image = split.images[i]
+                    except Exception as e:  # noqa: BLE001 - the old writer listed these
+                        skipped.append({"file": split.images.where(i), "reason": str(e)})
+                        continue
+                    cid = int(split.class_ids[i])
+                    w.write(tf_example(image, int(cid == positive), cid, data.class_names[cid],
+                                       -1, split.source_ids[i]))
+                    n += 1
+            raw = open(path, "rb").read()
+            shards[os.path.basename(path)] = (raw, hashlib.sha256(raw).hexdigest(), n)
+    return shards, skipped
+
+
+def convert(source, out, parallel: str, reduced: bool):
+    data = sources.load_source(str(source), image_size=(16, 16), reduced_decode=reduced,
+                               num_threads=2)
+    cfg = tfrecords.WriteConfig(str(out), positive_class="cats", parallel=parallel,
+                                shards={"train": 5, "val": 2, "test": 3})
+    listed = list(data.skipped)
+    return data, cfg, listed, tfrecords.write_tfrecords(data, cfg, str(source))
+
+
+@pytest.mark.slow  # worker pools and TensorFlow's writer, 8 conversions: ~10 s idle
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_threads_and_processes_write_tensorflows_shards_byte_for_byte(tmp_path, kind):
+    make_jpegs(tmp_path / "photos", 41)
+    source = tmp_path / "photos"
+    if kind == "tar":
+        source = tmp_path / "photos.tar"
+        with tarfile.open(source, "w") as t:
+            t.add(tmp_path / "photos", arcname="photos")
+    for reduced in (False, True):
+        outs = {}
+        for parallel in ("threads", "processes"):
+            out = tmp_path / f"{parallel}-{reduced}"
+            data, cfg, listed, manifest = convert(source, out, parallel, reduced)
+            outs[parallel] = out
+            if parallel == "threads":
+                ref, ref_skipped = tf_reference(sources.load_source(
+                    str(source), image_size=(16, 16), reduced_decode=reduced), cfg)
+            entries = [sh for s in manifest["splits"].values() for sh in s["shards"]]
+            assert sorted(e["file"] for e in entries) == sorted(ref)
+            for e in entries:
+                raw, sha, n = ref[e["file"]]
+                assert (out / e["file"]).read_bytes() == raw, (parallel, reduced, e["file"])
+                assert (e["sha256"], e["bytes"], e["num_examples"]) == (sha, len(raw), n)
+            # Counts in = counts out: every listed image is in a shard or skipped once.
+            assert [s["file"] for s in manifest["skipped"][len(listed):]] == [
+                s["file"] for s in ref_skipped] and len(ref_skipped) == 1
+            assert sum(s["num_examples"] for s in manifest["splits"].values()) == 40
+        assert ((outs["threads"] / "manifest.json").read_bytes()
+                == (outs["processes"] / "manifest.json").read_bytes())
+
+
+# A __main__ that imports TensorFlow, as make_tfrecords' does: multiprocessing would run it
+# again in every worker unless shards.submit hides it.
+MAIN_WITH_TENSORFLOW = """
+import json
+import tensorflow
+from research.data import shards
+if __name__ == "__main__":
+    with shards.worker_pool(2) as pool:
+        print(json.dumps([shards.submit(pool, shards.worker_info).result() for _ in range(3)]))
+"""
+
+
+@pytest.mark.slow  # a fresh process that imports TensorFlow
+def test_workers_never_start_tensorflow_and_decode_on_one_thread(tmp_path):
+    script = tmp_path / "main_with_tf.py"
+    script.write_text(MAIN_WITH_TENSORFLOW)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(info) == 3 and not any(i["tensorflow"] for i in info)
+    assert {i["cv2_threads"] for i in info} == {1}
+
+
+@pytest.mark.slow  # a worker pool
+def test_an_archive_cut_short_mid_shard_is_one_line_naming_it(tmp_path):
+    make_jpegs(tmp_path / "photos", 41)
+    tar = tmp_path / "photos.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "photos", arcname="photos")
+    data = sources.load_source(str(tar), image_size=(16, 16))  # listed whole, then cut
+    with tarfile.open(tar) as t:
+        last = [m for m in t.getmembers() if m.isfile()][-1]
+    with open(tar, "r+b") as f:
+        f.truncate(last.offset_data + 10)
+    cfg = tfrecords.WriteConfig(str(tmp_path / "out"), positive_class="cats",
+                                parallel="processes")
+    with pytest.raises(sources.SourceError) as e:
+        tfrecords.write_tfrecords(data, cfg, str(tar))
+    assert f"{tar}: truncated or corrupt archive" in str(e.value)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["photos", "photos.tar"]  # no output, no temporary
+
+
+@pytest.mark.slow  # a worker pool
+def test_a_file_gone_after_listing_is_skipped_by_a_worker_and_named(tmp_path):
+    make_jpegs(tmp_path / "photos", 41)
+    data = sources.load_source(str(tmp_path / "photos"), image_size=(16, 16))
+    gone = tmp_path / "photos" / "dogs" / "dogs.7.jpg"
+    gone.unlink()
+    cfg = tfrecords.WriteConfig(str(tmp_path / "out"), positive_class="cats",
+                                parallel="processes")
+    manifest = tfrecords.write_tfrecords(data, cfg, str(tmp_path / "photos"))
+    reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
+    assert str(gone) in reasons and "No such file" in reasons[str(gone)]
+    assert sum(s["num_examples"] for s in manifest["splits"].values()) == 39
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+
+
+@pytest.mark.slow  # a worker pool
+def test_a_full_disk_in_a_worker_is_the_out_of_space_error(tmp_path):
+    # /dev/full fails every write with ENOSPC, as a full disk does; the worker's OSError
+    # reaches the main process with its errno, which write_tfrecords turns into one line.
+    (tmp_path / ".s.tfrecord.tmp").symlink_to("/dev/full")
+    make_jpegs(tmp_path / "photos", 4)
+    data = sources.load_source(str(tmp_path / "photos"), image_size=(16, 16))
+    split = data.splits["train"]
+    job = ShardJob(str(tmp_path / "s.tfrecord"),
+                   shard_items(split, np.arange(3), data.class_names, 0),
+                   split.images.tree.member_reader(), (16, 16), "center_crop", False, 2)
+    with worker_pool(1) as pool:
+        with pytest.raises(OSError) as e:
+            submit(pool, _write_job, job).result()
+    assert files.is_out_of_space(e.value)
+    assert not (tmp_path / "s.tfrecord").exists()
+
+
+def test_processes_from_the_measured_crossover_and_the_largest_shards_first():
+    assert not use_processes("auto", PROCESS_MIN_IMAGES - 1)
+    assert use_processes("auto", PROCESS_MIN_IMAGES)
+    assert use_processes("processes", 1) and not use_processes("threads", 10**7)
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        use_processes("fork", 1)
+    plan = [Shard("val", "v0", np.arange(3)), Shard("train", "t0", np.arange(5)),
+            Shard("train", "t1", np.arange(4)), Shard("test", "s0", np.arange(5))]
+    assert [s.file for s in largest_first(plan)] == ["t0", "s0", "t1", "v0"]
