@@ -6,7 +6,7 @@ that imports TensorFlow takes seconds and 0.5 GB to start; in one process, build
 Example through TensorFlow's Python protobuf classes costs about as much as a tenth of the
 reduced decode at 64 px. The bytes are those of `Example.SerializeToString(deterministic=
 True)` (map entries sorted by key), checked against TensorFlow's own serialization in
-tests/data/test_records.py for every kind of value written here (bytes, int64 >= 0 and < 0).
+tests/data/test_record_bytes.py for every kind of value written here (bytes, int64 >= 0 and < 0).
 
 TFRecord framing (tensorflow/core/lib/io/record_writer.cc): the length as a little-endian
 uint64, the masked crc32c of those 8 bytes, the data, the masked crc32c of the data.

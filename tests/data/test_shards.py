@@ -17,7 +17,7 @@ from research.data import sources, tfrecords
 from research import files
 from research.data.shards import (PROCESS_MIN_IMAGES, Shard, ShardJob, _write_job, largest_first,
                                   shard_items, submit, use_processes, worker_pool)
-from test_records import tf_example
+from test_record_bytes import tf_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
