@@ -82,19 +82,16 @@ def _cpu_seconds() -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    if item.config.getoption("cpu_report"):
+    if item.config.getoption("cpu_report"):  # each phase: the CPU since the last mark
         now = _cpu_seconds()
-        start = getattr(item, "_cpu_mark", None)
+        outcome.get_result().user_properties.append(("cpu_seconds", now - item._cpu_mark))
         item._cpu_mark = now
-        if start is not None or call.when == "setup":
-            outcome.get_result().user_properties.append(
-                ("cpu_seconds", now - (start if start is not None else item._cpu_start)))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    if item.config.getoption("cpu_report"):
-        item._cpu_start = _cpu_seconds()
+    if item.config.getoption("cpu_report"):  # before any fixture of the test is set up
+        item._cpu_mark = _cpu_seconds()
 
 
 _CPU_BY_TEST: dict = {}
