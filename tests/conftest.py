@@ -63,7 +63,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --cpu-report=N: each test's CPU seconds (user + system of its worker process and of the
-# processes it waited for, over setup, call and teardown; a module fixture's cost lands on
+# processes it waited for, its warm app runs (tests/warm.py) included, over setup, call and
+# teardown; a module fixture's cost lands on
 # the first test that uses it), the N largest printed at the end, so the suite's CPU budget
 # (it is CPU-bound on 2 cores: tests/README.md) can be spent where it shows.
 def pytest_addoption(parser):
@@ -74,9 +75,12 @@ def pytest_addoption(parser):
 def _cpu_seconds() -> float:
     import resource
 
+    import warm
+
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+            + warm.children_cpu)  # warm runs are the warm server's children
 
 
 @pytest.hookimpl(hookwrapper=True)

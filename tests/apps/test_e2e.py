@@ -3,12 +3,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 import helpers
+import warm
 from helpers import event_tags
 from research.training import record
 
@@ -38,8 +38,8 @@ def hparams_experiment(logdir) -> tuple[list, list, dict]:
 
 
 def run(*args, timeout=300):
-    res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                         timeout=timeout)
+    res = warm.run([sys.executable, "-m", *args],
+                   timeout=timeout)
     assert res.returncode == 0, f"{args[0]} failed:\n{res.stderr[-4000:]}"
     return res
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import helpers
+import warm
 from helpers import LOG_LINE
 from research import files, runs
 from research.data import imaging, sources
@@ -42,8 +43,8 @@ def write_bomb(path, w, h, level=1):
 
 
 def run_app(app, *args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, "-m", f"research.apps.{app}", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return warm.run([sys.executable, "-m", f"research.apps.{app}", *map(str, args)],
+                    timeout=timeout, cwd=cwd)
 
 
 def stderr_lines(res):

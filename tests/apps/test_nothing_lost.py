@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
+import warm
 from research import files, runs
 from research.apps import config_flags
 from research.data import manifest as manifest_lib
@@ -171,9 +172,9 @@ def test_overwrite_deletes_only_what_we_wrote(syn, tmp_path):
     with pytest.raises(tfrecords.OutputExistsError, match="also holds .*notes.txt"):
         tfrecords.check_out_dir(str(ours), overwrite=True)
     # The app decides before it reads the source (a missing source would be the other error).
-    res = subprocess.run([sys.executable, "-m", "research.apps.make_tfrecords",
-                          f"--source={tmp_path}/no_such.tar", f"--out_dir={foreign}",
-                          "--overwrite"], capture_output=True, text=True, timeout=300)
+    res = warm.run([sys.executable, "-m", "research.apps.make_tfrecords",
+                    f"--source={tmp_path}/no_such.tar", f"--out_dir={foreign}",
+                    "--overwrite"], timeout=300)
     assert res.returncode == 1
     assert "is not a TFRecords folder" in res.stderr.strip().splitlines()[-1]
     assert (foreign / "important.txt").read_text() == "mine"

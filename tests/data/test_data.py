@@ -4,7 +4,6 @@ import io
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tarfile
 
@@ -13,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
+import warm
 from helpers import write_tfrecords as write
 from research.data import imaging, pipeline, sources, tfrecords
 
@@ -303,13 +303,13 @@ def test_make_tfrecords_cli(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "research.apps.make_tfrecords", f"--source={root}",
            f"--out_dir={out}", "--sample_grid=8", "--train_shards=2"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = warm.run(cmd)
     assert res.returncode == 0, res.stderr
     assert "num_examples" in res.stdout and "corrupt.jpg" in res.stdout
     assert (out / "samples.png").stat().st_size > 1000
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["flags"]["train_shards"] == 2
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = warm.run(cmd)
     assert res.returncode != 0 and "--overwrite" in res.stderr
 
 

@@ -4,13 +4,13 @@ train/ and test/)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import helpers
+import warm
 from helpers import write_tfrecords as write
 from research.data import pipeline, tfrecords
 
@@ -95,8 +95,8 @@ def test_a_source_test_split_gives_the_test_count_train_gives_train_and_val(tmp_
 
 
 def run_app(*args):
-    return subprocess.run([sys.executable, "-m", "research.apps.make_tfrecords", *args,
-                           "--sample_grid=0"], capture_output=True, text=True)
+    return warm.run([sys.executable, "-m", "research.apps.make_tfrecords", *args,
+                     "--sample_grid=0"])
 
 
 def test_cli_counts_print_what_was_cut_and_refuse_a_fraction_flag(tmp_path):

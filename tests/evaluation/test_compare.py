@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from PIL import Image
 
 import helpers
+import warm
 from research.data import pipeline
 from research.evaluation import compare
 from research.evaluation import run as evaluation
@@ -137,9 +137,9 @@ def test_cli(runs, tmp_path):
     ck, _ = runs
     prefix = str(tmp_path / "new" / "cmp")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    res = subprocess.run([sys.executable, "-m", "research.apps.compare", "--runs=bin,multi",
-                          f"--checkpoint_dir={ck}", f"--output={prefix}", "--split=val"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    res = warm.run([sys.executable, "-m", "research.apps.compare", "--runs=bin,multi",
+                    f"--checkpoint_dir={ck}", f"--output={prefix}", "--split=val"],
+                   cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     for ext in (".md", ".json", ".png"):
         assert os.path.isfile(prefix + ext) and prefix + ext in res.stdout

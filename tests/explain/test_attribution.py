@@ -2,7 +2,6 @@
 networks whose answers are known by hand, on a nested MobileNetV2 and in mixed_bfloat16."""
 
 import json
-import subprocess
 import sys
 
 import keras
@@ -11,6 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import warm
 from research import detector
 from research.explain import attribution, cams, core, loading, methods, render
 from research.models import build_model
@@ -214,12 +214,11 @@ def test_explain_all_methods_on_a_run(tmp_path):
     out = tmp_path / "out"
     base = [sys.executable, "-m", "research.apps.explain", f"--run_name={run}",
             f"--checkpoint_dir={tmp_path / 'ck'}", "--precision=float32"]
-    res = subprocess.run(base + [f"--images={photos[0]},{photos[1]}", "--method=all",
-                                 "--ig_steps=4", "--lime_samples=16", "--lime_segments=4",
-                                 "--occlusion_stride=0.25", "--smoothgrad_samples=2",
-                                 "--scorecam_channels=4", "--rise_masks=16",
-                                 f"--out_dir={out}"],
-                         capture_output=True, text=True, timeout=600)
+    res = warm.run(base + [f"--images={photos[0]},{photos[1]}", "--method=all",
+                           "--ig_steps=4", "--lime_samples=16", "--lime_segments=4",
+                           "--occlusion_stride=0.25", "--smoothgrad_samples=2",
+                           "--scorecam_channels=4", "--rise_masks=16",
+                           f"--out_dir={out}"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert "cam skipped" in res.stdout and "Concatenate" in res.stdout
     assert (out / "all_methods.png").exists()
@@ -228,14 +227,14 @@ def test_explain_all_methods_on_a_run(tmp_path):
     side = json.loads((out / "integrated_gradients" / "heatmap_p1.png.json").read_text())
     assert len(side["top_classes"]) == 3 and "attribution_sum" in side
     assert (out / "lime" / "lime_top3_p0.png").exists()
-    res = subprocess.run(base + [f"--images={photos[0]}", "--method=cam",
-                                 f"--out_dir={out}"], capture_output=True, text=True,
-                         timeout=600)
+    res = warm.run(base + [f"--images={photos[0]}", "--method=cam",
+                           f"--out_dir={out}"],
+                   timeout=600)
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 1 and len(lines) == 1 and "Concatenate 'pool'" in lines[0]
-    res = subprocess.run(base + ["--visualize=filters", "--num_filters=2", "--filter_steps=2",
-                                 f"--out_dir={tmp_path / 'filters'}"], capture_output=True,
-                         text=True, timeout=600)
+    res = warm.run(base + ["--visualize=filters", "--num_filters=2", "--filter_steps=2",
+                           f"--out_dir={tmp_path / 'filters'}"],
+                   timeout=600)
     assert res.returncode == 0, res.stderr
     assert list((tmp_path / "filters").glob("filters_*.png"))
 

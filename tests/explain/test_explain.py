@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import cv2
@@ -12,6 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import warm
 from research import detector
 from research.data import imaging
 from research.explain import activations as features
@@ -220,15 +220,15 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "research.apps.explain", "--model=vgg16", "--weights=none",
            f"--images={good},{bad},{gray}", "--method=gradcam", f"--out_dir={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = warm.run(cmd, timeout=600)
     assert res.returncode != 0 and "broken.jpg" in res.stderr
     assert cv2.imread(str(out / "heatmap_cat.png")).shape == (90, 120, 3)  # the whole photo
     assert cv2.imread(str(out / "map_cat.png")).shape == (90, 90, 3)  # the centre crop
     assert cv2.imread(str(out / "heatmap_gray.jpg")).shape == (40, 40, 3)
     assert (out / "cat_gradcam.png").exists()
     assert json.loads((out / "heatmap_cat.png.json").read_text())["layer"] == "block5_conv3"
-    res = subprocess.run(cmd[:5] + [f"--images={good}", "--layer=nope", f"--out_dir={out}"],
-                         capture_output=True, text=True, timeout=600)
+    res = warm.run(cmd[:5] + [f"--images={good}", "--layer=nope", f"--out_dir={out}"],
+                   timeout=600)
     assert res.returncode != 0 and "block5_conv3" in res.stderr and "nope" in res.stderr
 
 
@@ -414,7 +414,7 @@ def test_explain_cli_on_a_run_compare_classes_and_dream(tmp_path):
            "--method=gradcam,saliency_positive", "--compare_classes=cat,dog",
            "--visualize=dream", "--dream_steps=3", "--sanity=model_randomization,random_logit",
            "--faithfulness", f"--out_dir={out}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = warm.run(cmd, timeout=600)
     assert res.returncode == 0, res.stderr
     sane = json.loads((out / "sanity.json").read_text())
     assert set(sane) == {"gradcam", "saliency_positive"} and "verdict" in res.stdout
@@ -464,10 +464,10 @@ def test_explain_app_draws_on_the_whole_photo_and_explains_mistakes(tmp_path, sy
     out = tmp_path / "out"
     base = [sys.executable, "-m", "research.apps.explain", f"--run_name={run}",
             f"--checkpoint_dir={tmp_path / 'ck'}", "--precision=float32"]
-    res = subprocess.run(base + [f"--images={photo}", f"--data_dir={syn}", "--num_examples=2",
-                                 "--example_filter=false_negative", "--method=hirescam",
-                                 f"--out_dir={out}"], capture_output=True, text=True,
-                         timeout=600)
+    res = warm.run(base + [f"--images={photo}", f"--data_dir={syn}", "--num_examples=2",
+                           "--example_filter=false_negative", "--method=hirescam",
+                           f"--out_dir={out}"],
+                   timeout=600)
     assert res.returncode == 0, res.stderr
     assert "--example_filter=false_negative:" in res.stdout and "matched" in res.stdout
     assert cv2.imread(str(out / "heatmap_wide.png")).shape == (60, 80, 3)  # whole photo

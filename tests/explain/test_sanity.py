@@ -3,7 +3,6 @@ their definitions, a saliency map fails to survive a random network while a map 
 the model passes it off, and the explain app's flags and files."""
 
 import json
-import subprocess
 import sys
 
 import cv2
@@ -11,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+import warm
 from research.errors import UserError
 from research.explain import core, methods, outputs, sanity
 from research.explain.options import ExplainOptions
@@ -125,9 +125,9 @@ def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
     photo = tmp_path / "p.png"
     cv2.imwrite(str(photo), np.full((12, 12, 3), 120, np.uint8))
     out = tmp_path / "out"
-    r = subprocess.run(base + [f"--images={photo}", "--method=eigencam",
-                               "--sanity=random_logit", f"--out_dir={out}"],
-                       capture_output=True, text=True, timeout=600)
+    r = warm.run(base + [f"--images={photo}", "--method=eigencam",
+                         "--sanity=random_logit", f"--out_dir={out}"],
+                 timeout=600)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(lines) == 1 and "eigencam" in lines[0]
     # A model without a 4-D layer, asked for a CAM: one line naming the method.
@@ -138,9 +138,9 @@ def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
     keras.Model(x, y).save(flat / "model.keras")
     (flat / "metadata.json").write_text((tmp_path / "ck" / run / "export" / "metadata.json"
                                          ).read_text())
-    r = subprocess.run(base[:3] + ["--run_name=flat", *base[4:], f"--images={photo}",
-                                   "--method=layercam", f"--out_dir={out}"],
-                       capture_output=True, text=True, timeout=600)
+    r = warm.run(base[:3] + ["--run_name=flat", *base[4:], f"--images={photo}",
+                             "--method=layercam", f"--out_dir={out}"],
+                 timeout=600)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(lines) == 1 and "--method=layercam" in lines[0], r.stderr
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import warm
 from research import detector, export, files, runs
 from research.explain import loading
 from research.model_options import BACKBONES, OWN_NETWORKS, SAVEDMODEL, TransferOptions
@@ -275,9 +276,9 @@ def test_exports_with_our_layers_still_load_with_our_package(exported, tmp_path)
 
 
 def app(*args):
-    return subprocess.run([sys.executable, "-m", "research.apps.export", *args], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
-                          text=True, timeout=180)
+    return warm.run([sys.executable, "-m", "research.apps.export", *args], cwd=ROOT,
+                    env={**os.environ, "PYTHONPATH": ROOT},
+                    timeout=180)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+import warm
 from research import detector, inference, runs
 from research.data.imaging import load_image_file
 from research.models import build_model
@@ -206,11 +207,11 @@ def test_cli_folder_glob_and_a_corrupt_file(models, photos, tmp_path):
     for name in ("model.keras", "metadata.json"):
         os.link(os.path.join(os.path.dirname(models["tta"]), name), ck / "run" / "export" / name)
     out = tmp_path / "scores.csv"
-    res = subprocess.run(
+    res = warm.run(
         [sys.executable, "-m", "research.apps.predict", "--run_name=run",
          f"--checkpoint_dir={ck}", f"--images={photos}/dogs,{photos}/cats/*.jpg",
          f"--output={out}", "--batch_size=2"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
+        timeout=120, cwd=ROOT)
     assert res.returncode == 1, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     n = len(os.listdir(photos / "dogs")) + len(list((photos / "cats").glob("*.jpg")))
@@ -242,13 +243,13 @@ def test_predict_and_explain_give_the_same_score_for_a_photo(models, photos, tmp
         os.link(os.path.join(os.path.dirname(models["tta"]), name), ck / "run" / "export" / name)
     photo = str(photos / "dogs" / "p0.png")  # 30 x 60: the crop and a stretch differ
     common = ["--run_name=run", f"--checkpoint_dir={ck}", f"--images={photo}"]
-    pred = subprocess.run([sys.executable, "-m", "research.apps.predict", *common],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    pred = warm.run([sys.executable, "-m", "research.apps.predict", *common],
+                    timeout=120, cwd=ROOT)
     assert pred.returncode == 0, pred.stderr[-3000:]
     assert "threshold 0.1000 (the run's, chosen on val by f1 (metadata.json))" in pred.stderr
-    expl = subprocess.run([sys.executable, "-m", "research.apps.explain", *common,
-                           "--method=gradcam", f"--out_dir={tmp_path / 'explain'}"],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    expl = warm.run([sys.executable, "-m", "research.apps.explain", *common,
+                     "--method=gradcam", f"--out_dir={tmp_path / 'explain'}"],
+                    timeout=180, cwd=ROOT)
     assert expl.returncode == 0, expl.stderr[-3000:]
     score = LINE.match(pred.stdout.splitlines()[0])["score"]
     assert f"p0.png: p(cat)={score} (as predict)" in expl.stdout, (pred.stdout, expl.stdout)

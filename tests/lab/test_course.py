@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -16,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from helpers import tiny_config
+import warm
 from research.explain import core, methods, receptive
 from research.explain import style_transfer as st
 from research.model_options import ScratchOptions, TransferOptions, model_options_error
@@ -314,17 +314,17 @@ def test_the_apps_take_a_savedmodel_and_draw_receptive_fields(saved_models, tmp_
                     ).save(photo)
     base = [sys.executable, "-m", "research.apps.explain", "--model=savedmodel",
             f"--savedmodel_dir={folder}", f"--images={photo}", f"--out_dir={tmp_path / 'o'}"]
-    res = subprocess.run(base + ["--method=gradcam"], capture_output=True, text=True,
-                         timeout=600)
+    res = warm.run(base + ["--method=gradcam"],
+                   timeout=600)
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert "--method=gradcam: a SavedModel runs whole" in res.stderr
-    res = subprocess.run(base + ["--method=saliency"], capture_output=True, text=True,
-                         timeout=600)
+    res = warm.run(base + ["--method=saliency"],
+                   timeout=600)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o" / "heatmap_p.png").exists()
-    res = subprocess.run([sys.executable, "-m", "research.apps.predict", f"--model={folder}",
-                          f"--images={photo}", "--top_k=1"], capture_output=True, text=True,
-                         timeout=600)
+    res = warm.run([sys.executable, "-m", "research.apps.predict", f"--model={folder}",
+                    f"--images={photo}", "--top_k=1"],
+                   timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"{photo}\t") and "top:" in res.stdout
     ck = tmp_path / "ck"
@@ -336,10 +336,10 @@ def test_the_apps_take_a_savedmodel_and_draw_receptive_fields(saved_models, tmp_
         {"objective": "multiclass", "positive_class": "cat", "positive_class_id": 3,
          "class_names": [str(i) for i in range(10)], "image_shape": [32, 32, 3],
          "scale": "unit", "threshold": 0.5, "tta": False}))
-    res = subprocess.run([sys.executable, "-m", "research.apps.explain", "--run_name=tiny",
-                          f"--checkpoint_dir={ck}", "--visualize=receptive_field",
-                          "--precision=float32", f"--out_dir={tmp_path / 'rf'}"],
-                         capture_output=True, text=True, timeout=600)
+    res = warm.run([sys.executable, "-m", "research.apps.explain", "--run_name=tiny",
+                    f"--checkpoint_dir={ck}", "--visualize=receptive_field",
+                    "--precision=float32", f"--out_dir={tmp_path / 'rf'}"],
+                   timeout=600)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "rf" / "receptive_field_stage1_relu.png").exists()
     assert "theoretical 24 px" in res.stdout, res.stdout

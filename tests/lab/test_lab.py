@@ -8,7 +8,6 @@ import html.parser
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -18,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 import helpers
+import warm
 from research.data import pipeline
 from helpers import LOG_LINE, event_tags
 from research.lab import memory_check, profiles
@@ -98,11 +98,13 @@ class _Page(html.parser.HTMLParser):
             self._summary += data
 
 
-def lab(workdir, *flags, timeout=900):
+def lab(workdir, *flags, timeout=900, fresh=False):
+    """(the lab's CompletedProcess, its seconds); `fresh`: in a new interpreter, not a warm
+    one (tests/warm.py), to see what TensorFlow's import says too."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "research.apps.lab", *flags], cwd=workdir,
-                         capture_output=True, text=True, timeout=timeout, env=env)
+    res = warm.run([sys.executable, "-m", "research.apps.lab", *flags], cwd=workdir,
+                   timeout=timeout, env=env, fresh=fresh)
     return res, time.perf_counter() - start
 
 
@@ -141,7 +143,7 @@ def test_lab_end_to_end_and_reuse(tmp_path):
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --stages: bogus")
 
-    first, t1 = lab(work, *flags)
+    first, t1 = lab(work, *flags, fresh=True)  # TensorFlow's import noise checked below
     assert first.returncode == 0, first.stderr[-4000:]
     noise = re.compile(r"cuinit|cuda|cudart|absl::InitializeLog|sharding callback|retracing",
                        re.I)

@@ -19,6 +19,7 @@ import optuna
 import pytest
 
 import helpers
+import warm
 from research.sweep import space as spaces
 from research.sweep import study as sweeps
 from research.sweep.study import SweepConfig
@@ -98,9 +99,9 @@ def test_bad_sweeps_are_one_line_before_any_trial(syn, tmp_path):
         sweeps.open_study(cfg, storage, other, "--batch_size=32")
     with pytest.raises(sweeps.SweepError, match="fixed train flags of study s changed"):
         sweeps.open_study(cfg, storage, params, "--batch_size=64")
-    res = subprocess.run([sys.executable, "-m", "research.apps.sweep", "--study=s",
-                          f"--space={tmp_path / 'missing.space'}", f"--data_dir={syn}"],
-                         capture_output=True, text=True, timeout=120)
+    res = warm.run([sys.executable, "-m", "research.apps.sweep", "--study=s",
+                    f"--space={tmp_path / 'missing.space'}", f"--data_dir={syn}"],
+                   timeout=120)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: recipe {tmp_path / 'missing.space'}: no such file")
@@ -126,7 +127,7 @@ def test_a_study_of_runs_with_a_pruned_trial_and_its_report(syn, tmp_path):
     cmd = sweep_command(syn, tmp_path, "st", space, "--n_trials=2", "--sampler=grid",
                         "--seed=1", "--metric=val_loss", "--pruner_startup_trials=1",
                         "--train_steps=12", "--eval_every_steps=6")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = warm.run(cmd, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = {t.params["learning_rate"]: t for t in trials(tmp_path, "st")}
     assert got[0.1].state.name == "COMPLETE" and got[1e-9].state.name == "PRUNED", got
@@ -137,14 +138,14 @@ def test_a_study_of_runs_with_a_pruned_trial_and_its_report(syn, tmp_path):
     assert summary["pruned_at"] == 6 and summary["final_step"] == 6
     assert (tmp_path / "ck" / pruned / "export" / "model.keras").is_file()
     assert "best: trial" in res.stdout
-    res = subprocess.run(sweep_command(syn, tmp_path, "st", space, "--n_trials=2",
-                                       "--sampler=grid", "--seed=1", "--metric=val_loss"),
-                         capture_output=True, text=True, timeout=300)  # no --train_steps
+    res = warm.run(sweep_command(syn, tmp_path, "st", space, "--n_trials=2",
+                                 "--sampler=grid", "--seed=1", "--metric=val_loss"),
+                   timeout=300)  # no --train_steps
     assert res.returncode == 1, res.stderr[-2000:]
     assert "error: the fixed train flags of study st changed" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "research.apps.sweep", "--study=st", "--report",
-                          f"--checkpoint_dir={tmp_path}/ck"], capture_output=True, text=True,
-                         timeout=300)
+    res = warm.run([sys.executable, "-m", "research.apps.sweep", "--study=st", "--report",
+                    f"--checkpoint_dir={tmp_path}/ck"],
+                   timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     report = tmp_path / "ck" / "st_report" / "report.html"
     assert res.stdout.strip().splitlines()[-1] == str(report)
@@ -189,7 +190,7 @@ def test_a_preempted_trial_resumes_its_run_and_a_killed_one_is_retried(syn, tmp_
     assert "re-queued: run the same command to resume it" in out
     states = [(t.state.name, t.user_attrs.get("run")) for t in trials(tmp_path, "pre")]
     assert states == [("FAIL", "pre_t000"), ("WAITING", "pre_t000")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = warm.run(cmd, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Resumed" in res.stderr and "pre_t000" in res.stderr
     assert [t.state.name for t in trials(tmp_path, "pre")] == ["FAIL", "COMPLETE"]
@@ -205,7 +206,7 @@ def test_a_preempted_trial_resumes_its_run_and_a_killed_one_is_retried(syn, tmp_
     proc.kill()
     proc.communicate()
     time.sleep(3)  # stale: more than twice the heartbeat
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = warm.run(cmd, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Resumed" in res.stderr and "kill_t000" in res.stderr
     done = trials(tmp_path, "kill")

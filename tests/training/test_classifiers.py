@@ -4,7 +4,6 @@ reports top-1, top-5 and per-class accuracy and a confusion matrix; no detection
 evaluate, TensorBoard, HParams, compare or predict; a binary objective is a one-line error."""
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 import helpers
+import warm
 from research import inference, runs
 from research.detector import load_detector
 from research.evaluation import compare, report as reporting, run as evaluation
@@ -31,10 +31,10 @@ DETECTION = {"roc_auc", "pr_auc", "f1", "precision", "recall", "threshold", "acc
 
 
 def make_tfrecords(source, out, *flags):
-    res = subprocess.run([sys.executable, "-m", "research.apps.make_tfrecords",
-                          f"--source={source}", f"--out_dir={out}", "--positive_class=none",
-                          "--train_shards=2", "--val_shards=1", "--test_shards=1", *flags],
-                         capture_output=True, text=True, timeout=300)
+    res = warm.run([sys.executable, "-m", "research.apps.make_tfrecords",
+                    f"--source={source}", f"--out_dir={out}", "--positive_class=none",
+                    "--train_shards=2", "--val_shards=1", "--test_shards=1", *flags],
+                   timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "positive class: none" in res.stdout
     return json.loads((out / "manifest.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
+import warm
 from research import runs
 from research.training import checkpoints, loop, preemption, resume, runlock
 from research.training.config import ConfigError
@@ -102,7 +103,7 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     assert 0 < step < 40 and step % 2 == 0
     assert f"preempted by SIGTERM at step {step}" in err.strip().splitlines()[-1]
     assert not os.path.exists(f"{a}/ck/r.lock")
-    res = subprocess.run(train_cmd(syn, a, *flags), capture_output=True, text=True, timeout=300)
+    res = warm.run(train_cmd(syn, a, *flags), timeout=300)
     assert res.returncode == 0 and f"at step {step}" in res.stderr, res.stderr[-3000:]
     summary = json.loads((a / "ck" / "r" / "train_summary.json").read_text())
     assert [(s["start_step"], s["final_step"]) for s in summary["sessions"]] == [
@@ -115,8 +116,7 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     proc.kill()
     proc.wait(timeout=60)
     assert os.path.exists(f"{b}/ck/r.lock")
-    res = subprocess.run(train_cmd(syn, b, *flags_b), capture_output=True, text=True,
-                         timeout=300)
+    res = warm.run(train_cmd(syn, b, *flags_b), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Taking over the stale lock" in res.stderr and "Resumed" in res.stderr
     va = checkpoint_values(tf.train.latest_checkpoint(f"{a}/ck/r"))

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
+import warm
 from overflow_model import with_overflow
 from research import models
 from research.data import pipeline
@@ -201,7 +202,7 @@ def run_overflow_train(root, *extra, steps="4,9"):
            *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
            "OVERFLOW_STEPS": steps, "OVERFLOW_REPLICAS": "0"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return warm.run(cmd, timeout=300, env=env)
 
 
 @pytest.mark.slow

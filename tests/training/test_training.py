@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -11,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import helpers
+import warm
 from research.data import pipeline
 from research.model_options import MODEL_OPTIONS
 from research.models import MODELS
@@ -113,7 +113,7 @@ def run_train(syn, tmp_path, *extra):
            "--widths=8,16", "--res_blocks=1,0", "--stem_width=8", "--learning_rate=0.03",
            "--steps_per_loop=3", "--eval_every_steps=6", "--gradcam_images=0",
            "--progress=false", "--precision=float32", "--deterministic", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return warm.run(cmd, timeout=300)
 
 
 def checkpoint_values(prefix):
