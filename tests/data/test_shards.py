@@ -4,6 +4,7 @@ wrote before, byte for byte; workers never start TensorFlow; their errors are on
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -197,3 +198,62 @@ def test_processes_from_the_measured_crossover_and_the_largest_shards_first():
     plan = [Shard("val", "v0", np.arange(3)), Shard("train", "t0", np.arange(5)),
             Shard("train", "t1", np.arange(4)), Shard("test", "s0", np.arange(5))]
     assert [s.file for s in largest_first(plan)] == ["t0", "s0", "t1", "v0"]
+
+
+def test_ordered_map_reads_a_generator_only_a_window_ahead():
+    pulled = []
+
+    def items():
+        for i in range(10_000):
+            pulled.append(i)
+            yield i
+
+    out = sources.ordered_map(lambda x: 2 * x, items(), threads=2, chunk=8)
+    assert [next(out) for _ in range(3)] == [0, 2, 4]
+    assert len(pulled) <= (2 * 2 + 1) * 8  # the window, not the 10,000
+    assert list(out) == [2 * i for i in range(3, 10_000)]
+
+
+def test_threads_decode_the_next_shards_while_one_is_written(tmp_path, monkeypatch):
+    # One window over the whole plan: when the first shard is written, images of later
+    # shards have been decoded already (a window per shard would drain at each shard's end).
+    make_jpegs(tmp_path / "photos", 41)
+    data = sources.load_source(str(tmp_path / "photos"), image_size=(16, 16), num_threads=2)
+    decoded = []
+    original = sources.ImageFiles.decode
+    monkeypatch.setattr(sources.ImageFiles, "decode",
+                        lambda self, i: decoded.append(i) or original(self, i))
+    at_first_shard = []
+    cfg = tfrecords.WriteConfig(str(tmp_path / "out"), positive_class="cats",
+                                parallel="threads", shards={"train": 8, "val": 2, "test": 4})
+    manifest = tfrecords.write_tfrecords(data, cfg, str(tmp_path / "photos"),
+                                         progress=lambda k: at_first_shard.append(
+                                             (k, len(decoded))))
+    first_shard, decoded_by_then = at_first_shard[0]
+    assert decoded_by_then > first_shard + 8  # images of the second shard and beyond
+    assert len(decoded) == 41 and sum(s["num_examples"] for s in manifest["splits"].values()) == 40
+
+
+def test_a_worker_keeps_one_archive_open_and_closes_it_for_another(tmp_path):
+    make_jpegs(tmp_path / "photos", 4)
+    tar, zipped = tmp_path / "photos.tar", tmp_path / "photos.zip"
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "photos", arcname="photos")
+    shutil.make_archive(str(tmp_path / "photos"), "zip", tmp_path, "photos")
+    trees = {p: sources.FileTree(str(p)) for p in (tar, zipped)}
+
+    def open_fds(path):
+        return [fd for fd in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
+
+    before = {p: len(open_fds(p)) for p in trees}  # each FileTree's own
+    try:
+        for path, other in ((tar, zipped), (zipped, tar), (tar, zipped)):
+            tree, reader = trees[path], trees[path].member_reader()
+            for name in tree.names():  # as a worker reads them
+                assert reader.read_at(tree.locator(name), name) == tree.read(name)
+            assert len(open_fds(path)) == before[path] + 1
+            assert len(open_fds(other)) == before[other]  # closed when this one was opened
+    finally:
+        sources._OPEN_ARCHIVE.close()
+    assert {p: len(open_fds(p)) for p in trees} == before
