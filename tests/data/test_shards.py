@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research.data import sources, tfrecords
+from research.data import shards, sources, tfrecords
 from research import files
 from research.data.shards import (PROCESS_MIN_IMAGES, Shard, ShardJob, _write_job, largest_first,
                                   shard_items, submit, use_processes, worker_pool)
@@ -257,3 +257,34 @@ def test_a_worker_keeps_one_archive_open_and_closes_it_for_another(tmp_path):
     finally:
         sources._OPEN_ARCHIVE.close()
     assert {p: len(open_fds(p)) for p in trees} == before
+
+
+@pytest.mark.slow  # a worker pool
+def test_shards_written_here_while_the_workers_start_are_the_same_bytes(tmp_path, monkeypatch):
+    make_jpegs(tmp_path / "photos", 41)
+    started = shards._started
+
+    class Slow:  # workers that take three shards' time to start
+        def __init__(self, future):
+            self.future, self.checks = future, 0
+
+        def done(self):
+            self.checks += 1
+            return self.checks > 3
+
+        def result(self):
+            return self.future.result()
+
+    monkeypatch.setattr(shards, "_started", lambda pool: Slow(started(pool)))
+    here = []
+    in_threads = shards._in_threads
+    monkeypatch.setattr(shards, "_in_threads",
+                        lambda plan, *args: here.extend(plan) or in_threads(plan, *args))
+    manifest = convert(tmp_path / "photos", tmp_path / "p", "processes", True)[3]
+    others = [sh["num_examples"] for s in manifest["splits"].values() for sh in s["shards"]
+              if sh["file"] not in {shard.file for shard in here}]
+    # This process wrote the three smallest (+ 1: a file of another shard was skipped).
+    assert len(here) == 3 and max(len(s.indices) for s in here) <= min(others) + 1
+    convert(tmp_path / "photos", tmp_path / "t", "threads", True)
+    for name in os.listdir(tmp_path / "t"):
+        assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
