@@ -107,15 +107,17 @@ def image_example(image: bytes, shape: tuple[int, int, int], label: int | None,
 
 
 class ShardFile:
-    """A TFRecord file written under a temporary name beside `path` and renamed onto it by
-    `close` (so a killed run never leaves a shard that looks whole), its sha256 and size
+    """A TFRecord file written under a temporary name beside `path`, synced and renamed onto
+    it by `close` (so a killed run never leaves a shard that looks whole), its sha256 and size
     kept as it is written, so nothing reads it back. Used as a context manager: an error
     removes the temporary file."""
 
     def __init__(self, path: str):
         self.path = path
         self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-        self._file = open(self.tmp, "wb")
+        # 1 MB buffer: a 64 px record is 12 KB, which the default 8 KB buffer writes through
+        # one system call each (8 us per record against 3, measured).
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._sha = hashlib.sha256()
         self.bytes = 0
         self.records = 0
@@ -132,6 +134,10 @@ class ShardFile:
         return self._sha.hexdigest()
 
     def close(self) -> None:
+        # Synced here, by the process that wrote it while the others still decode, rather
+        # than in the final fsync of the output folder, which the conversion waits for.
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
 
