@@ -80,7 +80,8 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class ImageFiles:
     """The images of one split of an image folder: their files in `tree`, decoded and resized
-    only when read, a bounded window at a time (`read`), so that no split is ever in memory."""
+    one at a time (`decode`) as their shards are written, a bounded window ahead
+    (research.data.shards), so that no split is ever in memory."""
     tree: "FileTree"
     names: list[str]
     size: tuple[int, int]            # (height, width)
