@@ -267,7 +267,11 @@ def _in_processes(plan: list[Shard], splits: dict[str, Split], out_dir: str,
         started = _started(pool)
         while todo and not started.done():
             yield from _in_threads([todo.pop()], splits, out_dir, class_names, positive_id)
-        started.result()
+        try:
+            started.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise WorkerDiedError("a conversion worker process ended as it started (killed or "
+                                  "out of memory); nothing was written") from None
         while todo or pending:
             while todo and len(pending) < 2 * workers:
                 shard = todo.popleft()

@@ -1,6 +1,8 @@
 """research.data.shards: threads and worker processes write the shards TensorFlow's writer
 wrote before, byte for byte; workers never start TensorFlow; their errors are one line."""
 
+import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import json
 import os
@@ -288,3 +290,14 @@ def test_shards_written_here_while_the_workers_start_are_the_same_bytes(tmp_path
     convert(tmp_path / "photos", tmp_path / "t", "threads", True)
     for name in os.listdir(tmp_path / "t"):
         assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
+
+
+def test_a_worker_that_dies_as_it_starts_is_one_line(tmp_path, monkeypatch):
+    make_jpegs(tmp_path / "photos", 41)
+    broken = concurrent.futures.Future()
+    broken.set_exception(concurrent.futures.process.BrokenProcessPool("killed"))
+    monkeypatch.setattr(shards, "_started", lambda pool: broken)
+    with pytest.raises(shards.WorkerDiedError, match="ended as it started") as e:
+        convert(tmp_path / "photos", tmp_path / "out", "processes", True)
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["photos"]  # no output, no temporary folder
