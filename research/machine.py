@@ -108,26 +108,59 @@ def banner() -> str:
             + (f", oneDNN capped at {cap}" if cap else ""))
 
 
+def _proc_stats() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command name (state first)."""
+    stats = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stats[int(pid)] = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+    return stats
+
+
+def process_tree(root: int, stats: dict[int, list[str]] | None = None) -> list[int]:
+    """`root` and every live descendant (a forkserver's workers are its children, not ours)."""
+    stats = _proc_stats() if stats is None else stats
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
 def tree_cpu_seconds() -> float:
     """CPU seconds (user + system) of this process, of its children it has waited for, and of
     every live descendant with its own waited-for children: /proc, because a forkserver's
     workers are its children, not ours, and it lives on."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats, children = {}, {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    stats = _proc_stats()
+    total = sum(sum(int(x) for x in stats[pid][11:15])  # utime stime cutime cstime
+                for pid in process_tree(os.getpid(), stats) if pid in stats)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def runnable_threads(pids: list[int]) -> int:
+    """How many threads of `pids` want a core now (state R: running, or waiting for one).
+    Sampled over a run, how many cores it could keep busy, whatever other work gets them:
+    on a shared machine its wall time cannot say that."""
+    count = 0
+    for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # ended while we looked
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
             continue
-        stats[int(pid)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-        children.setdefault(int(fields[1]), []).append(int(pid))
-    total, todo = 0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        total += stats.get(pid, 0)
-        todo += children.get(pid, [])
-    return total / tick
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    count += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:
+                continue
+    return count
 
 
 def _git(*args: str) -> str:

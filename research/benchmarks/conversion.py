@@ -15,7 +15,10 @@ median repeat) to cores x limit is printed (target >= 0.8). CPU time per image i
 both, counted over this process and every process it started (worker processes and the
 forkserver they are forked from): on a machine shared with other work the wall-clock ratio
 is off, and the CPU ratio (the limit's CPU per image over the conversion's) says how much
-of the conversion's CPU is the decode itself. See docs/data_at_scale.md.
+of the conversion's CPU is the decode itself. --sample_runnable adds, per repeat, how many of
+the conversion's threads wanted a core (running or waiting for one) on average and how often
+at least one per core did: the cores it could keep busy, which a shared machine's wall time
+cannot show. See docs/data_at_scale.md.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import cv2
@@ -48,6 +52,10 @@ flags.DEFINE_integer("repeats", 3, "Conversions timed; the ratio uses the median
 flags.DEFINE_integer("limit_images", 2000, "Images the one-core limit is measured on.")
 flags.DEFINE_bool("one_conversion", False, "Only run one conversion and print its wall and "
                   "CPU seconds (what each repeat runs, in a new process).")
+flags.DEFINE_bool("sample_runnable", False, "Also sample, every 5 ms, how many of each "
+                  "conversion's threads want a core (machine.runnable_threads, all its "
+                  "processes): the cores it could keep busy, which a shared machine's wall "
+                  "time cannot show. The sampling costs this process some CPU.")
 
 
 def one_core_rate(files: sources.ImageFiles, n: int) -> tuple[float, float]:
@@ -70,6 +78,7 @@ def convert_once() -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one conversion into a new temporary folder."""
     size = (FLAGS.image_size, FLAGS.image_size)
     with tempfile.TemporaryDirectory() as tmp:
+        print("timing", flush=True)  # for --sample_runnable, in the process that started this
         cpu, start = machine.tree_cpu_seconds(), time.perf_counter()
         data = sources.load_source(FLAGS.source, image_size=size, num_threads=FLAGS.workers,
                                    reduced_decode=FLAGS.reduced_decode)
@@ -78,18 +87,43 @@ def convert_once() -> tuple[float, float]:
         return time.perf_counter() - start, machine.tree_cpu_seconds() - cpu
 
 
-def convert_in_new_process() -> tuple[float, float]:
+def convert_in_new_process() -> tuple[float, float, list[int]]:
     """convert_once in a new process, as each make_tfrecords run is: its worker processes'
-    forkserver starts inside the timer every time, as it does there."""
+    forkserver starts inside the timer every time, as it does there. Also the samples of
+    its runnable threads (--sample_runnable; else none)."""
     args = [f"--{name}={FLAGS[name].value}" for name in
             ("source", "image_size", "reduced_decode", "parallel", "workers")
             if FLAGS[name].value is not None]
-    res = subprocess.run([sys.executable, "-m", __spec__.name, *args, "--one_conversion"],
-                         capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"the conversion failed: {res.stderr[-2000:]}")
-    seconds, cpu = res.stdout.split()[-2:]
-    return float(seconds), float(cpu)
+    child = subprocess.Popen([sys.executable, "-m", __spec__.name, *args, "--one_conversion"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda out=out, pipe=pipe: out.extend(pipe), daemon=True)
+               for out, pipe in ((lines, child.stdout), (errors, child.stderr))]
+    for reader in readers:
+        reader.start()
+    samples, tree, listed = [], [child.pid], 0.0
+    while FLAGS.sample_runnable and child.poll() is None:
+        if "timing\n" in lines:
+            if time.monotonic() - listed > 0.05:  # walking all of /proc takes milliseconds
+                tree, listed = machine.process_tree(child.pid), time.monotonic()
+            samples.append(machine.runnable_threads(tree))
+        time.sleep(0.005)
+    child.wait()
+    for reader in readers:
+        reader.join()
+    if child.returncode:
+        raise RuntimeError(f"the conversion failed: {''.join(errors)[-2000:]}")
+    seconds, cpu = lines[-1].split()
+    return float(seconds), float(cpu), samples[:-1]  # the last may be after the timer
+
+
+def runnable_summary(samples: list[int], cores: int) -> str:
+    if not samples:
+        return ""
+    busy = sum(k >= cores for k in samples) / len(samples)
+    return (f"; threads wanting a core: {statistics.mean(samples):.2f} on average, "
+            f">= {cores} in {busy:.0%} of {len(samples)} samples")
 
 
 def main(argv):
@@ -115,11 +149,11 @@ def main(argv):
           f"x {cores} cores = {cores * limit:,.0f} images/s")
     runs = []
     for k in range(FLAGS.repeats):
-        seconds, cpu = convert_in_new_process()
+        seconds, cpu, samples = convert_in_new_process()
         runs.append((seconds, cpu))
         print(f"conversion {k + 1}: {n / seconds:,.0f} images/s ({seconds:.2f}s from listing to "
               f"the manifest in place), {cpu / n * 1e3:.3f} CPU ms per image (all processes), "
-              f"load average {os.getloadavg()[0]:.2f}")
+              f"load average {os.getloadavg()[0]:.2f}" + runnable_summary(samples, cores))
     seconds = statistics.median(s for s, _ in runs)
     cpu = statistics.median(c for _, c in runs) / n
     ratio = n / seconds / (cores * limit)

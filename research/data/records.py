@@ -53,9 +53,13 @@ def _varint(n: int) -> bytes:
 _SMALL = [bytes((n,)) for n in range(0x80)]
 
 
+def _head(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
 def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return _head(number, len(payload)) + payload
 
 
 def bytes_feature(value: bytes) -> bytes:
@@ -85,6 +89,17 @@ def _name_entry(key: str, value: str) -> bytes:
     return _entry(key, bytes_feature(value.encode()))
 
 
+@functools.lru_cache(maxsize=64)
+def _bytes_entry_head(key: str, size: int) -> bytes:
+    """A bytes entry's tags and lengths up to its value, which only the key and the value's
+    length decide: an image's pixels follow it as they are, not copied into each enclosing
+    field in turn (encoding and framing a 64 px image: 7 us instead of 13, measured)."""
+    head = _head(1, size)                                      # BytesList.value
+    head = _head(1, len(head) + size) + head                   # Feature.bytes_list
+    head = _field(1, key.encode()) + _head(2, len(head) + size) + head  # entry: key, value
+    return _head(1, len(head) + size) + head                   # Features.feature
+
+
 def image_example(image: bytes, shape: tuple[int, int, int], label: int | None,
                   class_id: int, class_name: str, coarse_id: int, source_id: str) -> bytes:
     """The Example make_tfrecords writes per image (research.data.tfrecords): the raw uint8
@@ -93,29 +108,32 @@ def image_example(image: bytes, shape: tuple[int, int, int], label: int | None,
     sorted str = sorted UTF-8 bytes)."""
     h, w, c = shape
     entries = {
-        "image": _entry("image", bytes_feature(image)),
-        "height": _int_entry("height", h), "width": _int_entry("width", w),
-        "channels": _int_entry("channels", c),
-        "class_id": _int_entry("class_id", class_id),
-        "class_name": _name_entry("class_name", class_name),
-        "coarse_id": _int_entry("coarse_id", coarse_id),
-        "source_id": _entry("source_id", bytes_feature(source_id.encode())),
+        "image": (_bytes_entry_head("image", len(image)), image),
+        "height": (_int_entry("height", h),), "width": (_int_entry("width", w),),
+        "channels": (_int_entry("channels", c),),
+        "class_id": (_int_entry("class_id", class_id),),
+        "class_name": (_name_entry("class_name", class_name),),
+        "coarse_id": (_int_entry("coarse_id", coarse_id),),
+        "source_id": (_entry("source_id", bytes_feature(source_id.encode())),),
     }
     if label is not None:
-        entries["label"] = _int_entry("label", label)
-    return _field(1, b"".join(entries[key] for key in sorted(entries)))
+        entries["label"] = (_int_entry("label", label),)
+    parts = [part for key in sorted(entries) for part in entries[key]]
+    return b"".join((_head(1, sum(map(len, parts))), *parts))  # Example.features
 
 
 class ShardFile:
-    """A TFRecord file written under a temporary name beside `path` and renamed onto it by
-    `close` (so a killed run never leaves a shard that looks whole), its sha256 and size
+    """A TFRecord file written under a temporary name beside `path`, synced and renamed onto
+    it by `close` (so a killed run never leaves a shard that looks whole), its sha256 and size
     kept as it is written, so nothing reads it back. Used as a context manager: an error
     removes the temporary file."""
 
     def __init__(self, path: str):
         self.path = path
         self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-        self._file = open(self.tmp, "wb")
+        # 1 MB buffer: a 64 px record is 12 KB, which the default 8 KB buffer writes through
+        # one system call each (8 us per record against 3, measured).
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._sha = hashlib.sha256()
         self.bytes = 0
         self.records = 0
@@ -132,6 +150,10 @@ class ShardFile:
         return self._sha.hexdigest()
 
     def close(self) -> None:
+        # Synced here, by the process that wrote it while the others still decode, rather
+        # than in the final fsync of the output folder, which the conversion waits for.
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
 

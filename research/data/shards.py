@@ -18,6 +18,7 @@ import concurrent.futures
 import concurrent.futures.process
 import contextlib
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import sys
@@ -26,8 +27,9 @@ from typing import Callable, Iterable, Iterator
 import cv2
 import numpy as np
 
-from research.data import imaging, records
-from research.data.sources import ImageFiles, MemberReader, Split, decoded_or_reason
+from research.data import records
+from research.data.sources import (ImageFiles, MemberReader, Split, decode_file,
+                                   decoded_or_reason, ordered_map)
 from research.errors import UserError
 
 PARALLEL = ("auto", "threads", "processes")
@@ -121,10 +123,9 @@ def write_records(path: str, items: list[Item],
 
 def _write_job(job: ShardJob) -> ShardResult:
     """A worker process's whole shard: read, decode, resize, encode, write, hash."""
-    def decode(item):
-        return imaging.decode_resized(job.reader.read(item.locator, item.name), item.where,
-                                      job.size, job.policy, job.reduced)
-    decoded = (decoded_or_reason(lambda: decode(item)) for item in job.items)
+    decoded = (decoded_or_reason(lambda: decode_file(
+        job.reader, item.locator, item.name, item.where, job.size, job.policy, job.reduced))
+        for item in job.items)
     return write_records(job.path, job.items, decoded, job.num_classes)
 
 
@@ -210,22 +211,36 @@ def _in_threads(plan: list[Shard], splits: dict[str, Split], out_dir: str,
                 class_names: list[str], positive_id: int | None
                 ) -> Iterator[tuple[Shard, ShardResult]]:
     """Shard after shard in this process: threads decode a bounded window ahead of the
-    writer (ImageFiles.read), which encodes and writes. OpenCV's own threads are held to one
-    meanwhile: the decoding threads are the parallelism (10% less CPU per image measured)."""
+    writer (`_decoded_in_order`), which encodes and writes. OpenCV's own threads are held to
+    one meanwhile: the decoding threads are the parallelism (10% less CPU per image
+    measured)."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    decoded = _decoded_in_order(plan, splits)
     try:
         for shard in plan:
-            split = splits[shard.split]
-            items = shard_items(split, shard.indices, class_names, positive_id)
-            if isinstance(split.images, ImageFiles):
-                decoded = split.images.read(shard.indices)
-            else:
-                decoded = ((split.images[i], None) for i in shard.indices)
-            yield shard, write_records(os.path.join(out_dir, shard.file), items, decoded,
+            items = shard_items(splits[shard.split], shard.indices, class_names, positive_id)
+            yield shard, write_records(os.path.join(out_dir, shard.file), items,
+                                       itertools.islice(decoded, len(shard.indices)),
                                        len(class_names))
     finally:
+        decoded.close()  # an error mid-plan: its threads are stopped here, not when collected
         cv2.setNumThreads(threads)
+
+
+def _decoded_in_order(plan: list[Shard], splits: dict[str, Split]
+                      ) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """(image, None) or (None, why it cannot be decoded) for every image of the plan, shard
+    after shard. Image files: one window of threads over the whole plan (sources.ordered_map)
+    rather than one per shard, so the next shard's first images are decoding while this
+    shard's last are written, and no core idles at each shard's end (OpenCV releases the GIL
+    while it decodes and resizes)."""
+    positions = ((splits[shard.split].images, i) for shard in plan for i in shard.indices)
+    if not all(isinstance(s.images, ImageFiles) for s in splits.values()):
+        return ((images[i], None) for images, i in positions)  # arrays: nothing to decode
+    threads = next(iter(splits.values())).images.threads
+    return ordered_map(lambda pos: decoded_or_reason(lambda: pos[0].decode(pos[1])), positions,
+                       threads)
 
 
 def _job(shard: Shard, split: Split, out_dir: str, class_names: list[str],
@@ -241,11 +256,22 @@ def _in_processes(plan: list[Shard], splits: dict[str, Split], out_dir: str,
                   class_names: list[str], positive_id: int | None, workers: int
                   ) -> Iterator[tuple[Shard, ShardResult]]:
     """Whole shards in `workers` processes, the largest first; at most 2 x workers jobs are
-    submitted ahead, so the items of a 1.28 M-image plan are never all in memory at once."""
+    submitted ahead, so the items of a 1.28 M-image plan are never all in memory at once.
+    Until the first worker is up (a new forkserver imports numpy and OpenCV first: 0.25 s
+    measured, which this process spent waiting), this process writes the smallest shards
+    itself, in threads: the same bytes, whoever writes a shard."""
     todo = collections.deque(largest_first(plan))
     pending: dict[concurrent.futures.Future, Shard] = {}
     pool = worker_pool(workers)
     try:
+        started = _started(pool)
+        while todo and not started.done():
+            yield from _in_threads([todo.pop()], splits, out_dir, class_names, positive_id)
+        try:
+            started.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise WorkerDiedError("a conversion worker process ended as it started (killed or "
+                                  "out of memory); nothing was written") from None
         while todo or pending:
             while todo and len(pending) < 2 * workers:
                 shard = todo.popleft()
@@ -266,3 +292,13 @@ def _in_processes(plan: list[Shard], splits: dict[str, Split], out_dir: str,
                 yield shard, result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _started(pool: concurrent.futures.ProcessPoolExecutor) -> concurrent.futures.Future:
+    """Done when the pool's first worker has run a job. Started from a thread of its own:
+    starting the first worker waits for the forkserver's imports (later ones fork at once)."""
+    starter = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return starter.submit(lambda: submit(pool, os.getpid).result())
+    finally:
+        starter.shutdown(wait=False)

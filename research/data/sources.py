@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import gzip
 import io
+import itertools
 import lzma
 import os
 import pickle
@@ -32,7 +33,7 @@ import tempfile
 import weakref
 import zipfile
 import zlib
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -79,7 +80,8 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class ImageFiles:
     """The images of one split of an image folder: their files in `tree`, decoded and resized
-    only when read, a bounded window at a time (`read`), so that no split is ever in memory."""
+    one at a time (`decode`) as their shards are written, a bounded window ahead
+    (research.data.shards), so that no split is ever in memory."""
     tree: "FileTree"
     names: list[str]
     size: tuple[int, int]            # (height, width)
@@ -104,17 +106,19 @@ class ImageFiles:
 
     def decode(self, i: int) -> np.ndarray:
         name = self.names[i]
-        return imaging.decode_resized(self.tree.read(name), self.tree.where(name), self.size,
-                                      self.policy, self.reduced)
+        return decode_file(self.tree, self.tree.locator(name), name, self.tree.where(name),
+                           self.size, self.policy, self.reduced)
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.decode(int(i))
 
-    def read(self, indices) -> Iterator[tuple[np.ndarray | None, str | None]]:
-        """(image, None) or (None, why it cannot be decoded) for each index, in order.
-        OpenCV releases the GIL while it decodes and resizes, so threads decode in parallel."""
-        return ordered_map(lambda i: decoded_or_reason(lambda: self.decode(i)), list(indices),
-                           self.threads)
+
+def decode_file(reader: "FileTree | MemberReader", locator: object, name: str, where: str,
+                size: tuple[int, int], policy: str, reduced: bool) -> np.ndarray:
+    """The one way a listed image file becomes a record's pixels, in this process (`reader`
+    its FileTree) or in a worker process (a MemberReader): read by its locator, decoded,
+    resized (imaging.decode_resized)."""
+    return imaging.decode_resized(reader.read_at(locator, name), where, size, policy, reduced)
 
 
 def decoded_or_reason(decode: Callable[[], np.ndarray]
@@ -128,17 +132,18 @@ def decoded_or_reason(decode: Callable[[], np.ndarray]
         return None, str(e)
 
 
-def ordered_map(fn: Callable, items: Sequence, threads: int | None = None,
+def ordered_map(fn: Callable, items: Iterable, threads: int | None = None,
                 chunk: int = 32) -> Iterator:
     """fn(item) for every item, in order, by `threads` threads (default: one per core) that
     run at most 2 x threads chunks of `chunk` items ahead of the consumer: memory is bounded
-    by that window, whatever len(items) is (an executor's map would hold every result)."""
+    by that window, whatever the number of items (an executor's map would hold every result),
+    and `items` is only read that far ahead, so it may be a generator of any length."""
     threads = threads or os.cpu_count() or 2
+    items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         pending: collections.deque = collections.deque()
-        for start in range(0, len(items), chunk):
-            pending.append(pool.submit(lambda part: [fn(x) for x in part],
-                                       items[start:start + chunk]))
+        while part := list(itertools.islice(items, chunk)):
+            pending.append(pool.submit(lambda part: [fn(x) for x in part], part))
             if len(pending) >= 2 * threads:
                 yield from pending.popleft().result()
         while pending:
@@ -324,7 +329,11 @@ class FileTree:
     def read(self, name: str, limit: int | None = None) -> bytes:
         """The bytes of one file (its first `limit` bytes when given). A damaged archive
         member is a SourceError naming the archive, as when it is scanned."""
-        return _read_located(self._files[name], name, self._fd, self._zip, self.root, limit)
+        return self.read_at(self._files[name], name, limit)
+
+    def read_at(self, locator: object, name: str, limit: int | None = None) -> bytes:
+        """`read` by a locator already looked up (as MemberReader.read_at in a worker)."""
+        return _read_located(locator, name, self._fd, self._zip, self.root, limit)
 
     def locator(self, name: str) -> object:
         """Where a file's bytes are (a path, a tar offset and size, a ZipInfo): with
@@ -373,17 +382,39 @@ class MemberReader:
     archive: str | None  # None: a folder, whose locators are paths
     zipped: bool
 
-    def read(self, loc: object, name: str) -> bytes:
-        fd, zf = _opened_archive(self.archive, self.zipped) if self.archive else (None, None)
-        return _read_located(loc, name, fd, zf, self.root)
+    def read_at(self, locator: object, name: str) -> bytes:
+        fd, zf = _OPEN_ARCHIVE.get(self.archive, self.zipped) if self.archive else (None, None)
+        return _read_located(locator, name, fd, zf, self.root)
 
 
-@functools.lru_cache(maxsize=4)
-def _opened_archive(path: str, zipped: bool) -> tuple[int | None, "zipfile.ZipFile | None"]:
-    """An archive opened once per worker process, for all the shards it writes (a zip's
-    central directory is parsed when it is opened: 1.28 M members take seconds). Closed when
-    the process ends."""
-    return (None, zipfile.ZipFile(path)) if zipped else (os.open(path, os.O_RDONLY), None)
+class _OpenArchive:
+    """The one archive a worker process reads, opened once for all the shards it writes (a
+    zip's central directory is parsed when it is opened: 1.28 M members take seconds); a job
+    that names another archive closes this one first, so nothing stays open that no job
+    reads. A worker is one thread: nothing closes an archive while it is being read."""
+
+    def __init__(self):
+        self._key: tuple[str, bool] | None = None
+        self._opened: tuple[int | None, "zipfile.ZipFile | None"] = (None, None)
+
+    def get(self, path: str, zipped: bool) -> tuple[int | None, "zipfile.ZipFile | None"]:
+        if self._key != (path, zipped):
+            self.close()
+            self._opened = ((None, zipfile.ZipFile(path)) if zipped
+                            else (os.open(path, os.O_RDONLY), None))
+            self._key = (path, zipped)
+        return self._opened
+
+    def close(self) -> None:
+        fd, zf = self._opened
+        self._key, self._opened = None, (None, None)
+        if fd is not None:
+            os.close(fd)
+        if zf is not None:
+            zf.close()
+
+
+_OPEN_ARCHIVE = _OpenArchive()
 
 
 _COMPRESSED_TAR = {b"\x1f\x8b": gzip.open, b"BZ": bz2.open, b"\xfd7": lzma.open}

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import cv2
 import numpy as np
@@ -161,7 +162,7 @@ def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "research.benchmarks.conversion",
          f"--source={tmp_path / 'photos'}", "--image_size=16", "--limit_images=20",
-         "--parallel=processes", "--workers=2", "--repeats=2",
+         "--parallel=processes", "--workers=2", "--repeats=2", "--sample_runnable",
          f"--ratios_json={tmp_path / 'r.json'}"],
         env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True,
         timeout=300)
@@ -172,6 +173,7 @@ def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
     cpu = [float(ln.split(" CPU ms per image")[0].split()[-1])
            for ln in res.stdout.splitlines() if ln.startswith("conversion ")]
     assert len(cpu) == 2 and all(c > 0 for c in cpu)  # the workers' CPU is counted
+    assert res.stdout.count("threads wanting a core:") == 2
     assert "ratio conversion / (cores x limit):" in res.stdout and "CPU ratio" in res.stdout
     assert (tmp_path / "r.json").exists()
 
@@ -190,3 +192,22 @@ def test_the_cpu_of_processes_started_by_processes_is_counted():
     finally:
         child.stdin.close()
         child.wait(timeout=60)
+
+
+def test_runnable_threads_counts_the_busy_threads_of_a_tree_not_the_sleeping():
+    code = "import sys, time; print('ready', flush=True); "
+    busy = subprocess.Popen([sys.executable, "-c", code + "exec('while True: pass')"],
+                            stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", code + "time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout.readline() == idle.stdout.readline() == "ready\n"
+        time.sleep(0.1)  # the sleeper asleep
+        assert {busy.pid, idle.pid} <= set(machine.process_tree(os.getpid()))
+        # Running, or waiting for a core on a loaded machine: R either way.
+        assert [machine.runnable_threads([busy.pid]) for _ in range(10)] == [1] * 10
+        assert [machine.runnable_threads([idle.pid]) for _ in range(10)] == [0] * 10
+    finally:
+        for p in (busy, idle):
+            p.kill()
+            p.wait()

@@ -1,9 +1,12 @@
 """research.data.shards: threads and worker processes write the shards TensorFlow's writer
 wrote before, byte for byte; workers never start TensorFlow; their errors are one line."""
 
+import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from research.data import sources, tfrecords
+from research.data import shards, sources, tfrecords
 from research import files
 from research.data.shards import (PROCESS_MIN_IMAGES, Shard, ShardJob, _write_job, largest_first,
                                   shard_items, submit, use_processes, worker_pool)
@@ -197,3 +200,104 @@ def test_processes_from_the_measured_crossover_and_the_largest_shards_first():
     plan = [Shard("val", "v0", np.arange(3)), Shard("train", "t0", np.arange(5)),
             Shard("train", "t1", np.arange(4)), Shard("test", "s0", np.arange(5))]
     assert [s.file for s in largest_first(plan)] == ["t0", "s0", "t1", "v0"]
+
+
+def test_ordered_map_reads_a_generator_only_a_window_ahead():
+    pulled = []
+
+    def items():
+        for i in range(10_000):
+            pulled.append(i)
+            yield i
+
+    out = sources.ordered_map(lambda x: 2 * x, items(), threads=2, chunk=8)
+    assert [next(out) for _ in range(3)] == [0, 2, 4]
+    assert len(pulled) <= (2 * 2 + 1) * 8  # the window, not the 10,000
+    assert list(out) == [2 * i for i in range(3, 10_000)]
+
+
+def test_threads_decode_the_next_shards_while_one_is_written(tmp_path, monkeypatch):
+    # One window over the whole plan: when the first shard is written, images of later
+    # shards have been decoded already (a window per shard would drain at each shard's end).
+    make_jpegs(tmp_path / "photos", 41)
+    data = sources.load_source(str(tmp_path / "photos"), image_size=(16, 16), num_threads=2)
+    decoded = []
+    original = sources.ImageFiles.decode
+    monkeypatch.setattr(sources.ImageFiles, "decode",
+                        lambda self, i: decoded.append(i) or original(self, i))
+    at_first_shard = []
+    cfg = tfrecords.WriteConfig(str(tmp_path / "out"), positive_class="cats",
+                                parallel="threads", shards={"train": 8, "val": 2, "test": 4})
+    manifest = tfrecords.write_tfrecords(data, cfg, str(tmp_path / "photos"),
+                                         progress=lambda k: at_first_shard.append(
+                                             (k, len(decoded))))
+    first_shard, decoded_by_then = at_first_shard[0]
+    assert decoded_by_then > first_shard + 8  # images of the second shard and beyond
+    assert len(decoded) == 41 and sum(s["num_examples"] for s in manifest["splits"].values()) == 40
+
+
+def test_a_worker_keeps_one_archive_open_and_closes_it_for_another(tmp_path):
+    make_jpegs(tmp_path / "photos", 4)
+    tar, zipped = tmp_path / "photos.tar", tmp_path / "photos.zip"
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "photos", arcname="photos")
+    shutil.make_archive(str(tmp_path / "photos"), "zip", tmp_path, "photos")
+    trees = {p: sources.FileTree(str(p)) for p in (tar, zipped)}
+
+    def open_fds(path):
+        return [fd for fd in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
+
+    before = {p: len(open_fds(p)) for p in trees}  # each FileTree's own
+    try:
+        for path, other in ((tar, zipped), (zipped, tar), (tar, zipped)):
+            tree, reader = trees[path], trees[path].member_reader()
+            for name in tree.names():  # as a worker reads them
+                assert reader.read_at(tree.locator(name), name) == tree.read(name)
+            assert len(open_fds(path)) == before[path] + 1
+            assert len(open_fds(other)) == before[other]  # closed when this one was opened
+    finally:
+        sources._OPEN_ARCHIVE.close()
+    assert {p: len(open_fds(p)) for p in trees} == before
+
+
+@pytest.mark.slow  # a worker pool
+def test_shards_written_here_while_the_workers_start_are_the_same_bytes(tmp_path, monkeypatch):
+    make_jpegs(tmp_path / "photos", 41)
+    started = shards._started
+
+    class Slow:  # workers that take three shards' time to start
+        def __init__(self, future):
+            self.future, self.checks = future, 0
+
+        def done(self):
+            self.checks += 1
+            return self.checks > 3
+
+        def result(self):
+            return self.future.result()
+
+    monkeypatch.setattr(shards, "_started", lambda pool: Slow(started(pool)))
+    here = []
+    in_threads = shards._in_threads
+    monkeypatch.setattr(shards, "_in_threads",
+                        lambda plan, *args: here.extend(plan) or in_threads(plan, *args))
+    manifest = convert(tmp_path / "photos", tmp_path / "p", "processes", True)[3]
+    others = [sh["num_examples"] for s in manifest["splits"].values() for sh in s["shards"]
+              if sh["file"] not in {shard.file for shard in here}]
+    # This process wrote the three smallest (+ 1: a file of another shard was skipped).
+    assert len(here) == 3 and max(len(s.indices) for s in here) <= min(others) + 1
+    convert(tmp_path / "photos", tmp_path / "t", "threads", True)
+    for name in os.listdir(tmp_path / "t"):
+        assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
+
+
+def test_a_worker_that_dies_as_it_starts_is_one_line(tmp_path, monkeypatch):
+    make_jpegs(tmp_path / "photos", 41)
+    broken = concurrent.futures.Future()
+    broken.set_exception(concurrent.futures.process.BrokenProcessPool("killed"))
+    monkeypatch.setattr(shards, "_started", lambda pool: broken)
+    with pytest.raises(shards.WorkerDiedError, match="ended as it started") as e:
+        convert(tmp_path / "photos", tmp_path / "out", "processes", True)
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["photos"]  # no output, no temporary folder
