@@ -32,6 +32,33 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 
+def tiny_export(out_dir, objective="multiclass", tta=True, threshold=0.1, seed=0):
+    """A tiny scratch CNN, the same weights for the same seed, with a random head (the built
+    one is zero-initialised), exported as our export app writes it (model.keras and
+    metadata.json) into `out_dir`; returns the model.keras path."""
+    import json
+
+    import keras
+
+    from research.models import build_model
+
+    keras.utils.set_random_seed(seed)
+    n_out = len(CIFAR10_CLASSES) if objective == "multiclass" else 1
+    model = build_model("scratch", (32, 32, 3), n_out, widths=(8, 16), res_blocks=(1, 0),
+                        stem_width=8)
+    head = model.get_layer("logits").kernel
+    head.assign(np.random.default_rng(seed).normal(0, 1, head.shape).astype(np.float32))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model.keras")
+    model.save(path)
+    meta = {"objective": objective, "positive_class": "cat", "positive_class_id": 3,
+            "class_names": CIFAR10_CLASSES, "image_shape": [32, 32, 3], "scale": "unit",
+            "threshold": threshold, "tta": tta}
+    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    return path
+
+
 def write_tfrecords(source, out_dir, load=None, **kw):
     """(the loaded source, the manifest): `source` written to TFRecords in `out_dir` with
     WriteConfig settings `kw` (`load`: load_source's keyword arguments)."""

@@ -171,9 +171,7 @@ def test_a_tar_member_name_that_is_not_utf8_is_skipped(tmp_path):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from test_predict import export as make_export
-
-    return make_export(str(tmp_path_factory.mktemp("export")), tta=False)
+    return helpers.tiny_export(str(tmp_path_factory.mktemp("export")), tta=False)
 
 
 def test_predict_refuses_a_bomb_and_reads_a_comma_path_from_a_file(export, tmp_path):

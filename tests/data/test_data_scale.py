@@ -3,7 +3,9 @@ reduced JPEG decoding; archives read member by member (docs/data_at_scale.md).""
 
 import gzip
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -175,7 +177,11 @@ def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
     assert len(cpu) == 2 and all(c > 0 for c in cpu)  # the workers' CPU is counted
     assert res.stdout.count("threads wanting a core:") == 2
     assert "ratio conversion / (cores x limit):" in res.stdout and "CPU ratio" in res.stdout
-    assert (tmp_path / "r.json").exists()
+    together = re.search(r"all-cores decode limit: ([\d,]+) images/s \(\d+ threads", res.stdout)
+    assert together and int(together[1].replace(",", "")) > 0, res.stdout
+    assert "ratio conversion / all-cores limit:" in res.stdout
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 2 and rows[1]["name"].startswith("make_tfrecords / all-cores decode")
 
 
 def test_the_cpu_of_processes_started_by_processes_is_counted():

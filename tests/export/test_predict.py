@@ -14,34 +14,15 @@ import keras
 import numpy as np
 import pytest
 
+import helpers
 import warm
 from research import detector, inference, runs
 from research.data.imaging import load_image_file
-from research.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+NAMES = helpers.CIFAR10_CLASSES
+export = helpers.tiny_export
 LINE = re.compile(r"^(?P<path>[^\t]+)\tp\(cat\)=(?P<score>[01]\.\d{4})\t(?P<decision>(not )?cat)$")
-
-
-def export(out_dir, objective="multiclass", tta=True, threshold=0.1, seed=0):
-    """A tiny scratch CNN, the same weights for the same seed, with a random head (the built
-    one is zero-initialised)."""
-    keras.utils.set_random_seed(seed)
-    n_out = len(NAMES) if objective == "multiclass" else 1
-    model = build_model("scratch", (32, 32, 3), n_out, widths=(8, 16), res_blocks=(1, 0),
-                        stem_width=8)
-    head = model.get_layer("logits").kernel
-    head.assign(np.random.default_rng(seed).normal(0, 1, head.shape).astype(np.float32))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "model.keras")
-    model.save(path)
-    meta = {"objective": objective, "positive_class": "cat", "positive_class_id": 3,
-            "class_names": NAMES, "image_shape": [32, 32, 3], "scale": "unit",
-            "threshold": threshold, "tta": tta}
-    with open(os.path.join(out_dir, "metadata.json"), "w") as f:
-        json.dump(meta, f)
-    return path
 
 
 def write_image(path, h, w, seed):
