@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 
-import cv2
 from absl import app, flags
 
 from research import machine
@@ -61,44 +60,41 @@ flags.DEFINE_bool("sample_runnable", False, "Also sample, every 5 ms, how many o
                   "time cannot show. The sampling costs this process some CPU.")
 
 
-def one_core_rate(files: sources.ImageFiles, n: int) -> tuple[float, float]:
+def limit_images(files: sources.ImageFiles, n: int) -> list[tuple[bytes, str]]:
+    """The first `n` images' bytes and names, read into memory once for both limits."""
+    return [(files.tree.read(name), name) for name in files.names[:n]]
+
+
+def _decode_all(files: sources.ImageFiles, blobs: list[tuple[bytes, str]]) -> None:
+    for data, name in blobs:
+        imaging.decode_resized(data, name, files.size, files.policy, files.reduced)
+
+
+def one_core_rate(files: sources.ImageFiles, blobs: list[tuple[bytes, str]]
+                  ) -> tuple[float, float]:
     """(images/s, CPU seconds per image) of decode + resize on one thread, bytes already in
     memory."""
-    blobs = [(files.tree.read(name), name) for name in files.names[:n]]
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
+    with imaging.one_opencv_thread():
         start, cpu = time.perf_counter(), time.thread_time()
-        for data, name in blobs:
-            imaging.decode_resized(data, name, files.size, files.policy, files.reduced)
+        _decode_all(files, blobs)
         return (len(blobs) / (time.perf_counter() - start),
                 (time.thread_time() - cpu) / len(blobs))
-    finally:
-        cv2.setNumThreads(threads)
 
 
-def all_cores_rate(files: sources.ImageFiles, n: int, cores: int) -> float:
+def all_cores_rate(files: sources.ImageFiles, blobs: list[tuple[bytes, str]],
+                   cores: int) -> float:
     """Images/s of the same decode + resize from memory in `cores` threads at once, one image
     in `cores` each (OpenCV releases the GIL): what the cores give together, which on a
     virtual machine can be less than cores x one core (shared caches, a busy host)."""
-    blobs = [(files.tree.read(name), name) for name in files.names[:n]]
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-
-    def decode(part):
-        for data, name in part:
-            imaging.decode_resized(data, name, files.size, files.policy, files.reduced)
-    try:
-        workers = [threading.Thread(target=decode, args=(blobs[k::cores],))
-                   for k in range(cores)]
+    workers = [threading.Thread(target=_decode_all, args=(files, blobs[k::cores]))
+               for k in range(cores)]
+    with imaging.one_opencv_thread():
         start = time.perf_counter()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         return len(blobs) / (time.perf_counter() - start)
-    finally:
-        cv2.setNumThreads(threads)
 
 
 def convert_once() -> tuple[float, float]:
@@ -166,7 +162,9 @@ def main(argv):
         raise app.UsageError(f"--source={FLAGS.source}: not an image folder or archive")
     n = sum(len(s) for s in data.splits.values())
     processes = shards.use_processes(FLAGS.parallel, n)
-    limit, limit_cpu = one_core_rate(data.splits["train"].images, FLAGS.limit_images)
+    train = data.splits["train"].images
+    blobs = limit_images(train, FLAGS.limit_images)
+    limit, limit_cpu = one_core_rate(train, blobs)
     what = "reduced" if FLAGS.reduced_decode else "full"
     print(f"{n:,} images of {FLAGS.source} to {FLAGS.image_size} px, {what} JPEG decoding, "
           f"{FLAGS.workers or cores} {'worker processes' if processes else 'threads'}; "
@@ -174,7 +172,7 @@ def main(argv):
     print(f"decode limit: {limit:,.0f} images/s on one core, {limit_cpu * 1e3:.3f} CPU ms per "
           f"image (decode + resize from memory, {min(n, FLAGS.limit_images):,} images); "
           f"x {cores} cores = {cores * limit:,.0f} images/s")
-    together = all_cores_rate(data.splits["train"].images, FLAGS.limit_images, cores)
+    together = all_cores_rate(train, blobs, cores)
     print(f"all-cores decode limit: {together:,.0f} images/s ({cores} threads decoding from "
           f"memory at once: {together / limit:.2f} x one core)")
     runs = []

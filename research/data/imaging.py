@@ -14,6 +14,7 @@ top 8 bits. JPEG EXIF orientation is applied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -271,6 +272,19 @@ def decode_resized(data: bytes, name: str, size: tuple[int, int],
     both sides is decoded reduced (`reduction`) first. Without `reduced` the pixels are those
     of a full decode, bit for bit."""
     return resize_image(decode_for_size(data, name, size, policy, reduced), size, policy)
+
+
+@contextlib.contextmanager
+def one_opencv_thread():
+    """OpenCV held to one thread of its own in the block (its pool is process-wide): where our
+    threads are the parallelism, its pool on top of them costs CPU (10% more per image
+    measured in make_tfrecords), and a one-core rate must be one core's."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def to_channels(rgb: np.ndarray, channels: int) -> np.ndarray:

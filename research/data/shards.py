@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator
 import cv2
 import numpy as np
 
-from research.data import records
+from research.data import imaging, records
 from research.data.sources import (ImageFiles, MemberReader, Split, decode_file,
                                    decoded_or_reason, ordered_map)
 from research.errors import UserError
@@ -214,18 +214,17 @@ def _in_threads(plan: list[Shard], splits: dict[str, Split], out_dir: str,
     writer (`_decoded_in_order`), which encodes and writes. OpenCV's own threads are held to
     one meanwhile: the decoding threads are the parallelism (10% less CPU per image
     measured)."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    decoded = _decoded_in_order(plan, splits)
-    try:
-        for shard in plan:
-            items = shard_items(splits[shard.split], shard.indices, class_names, positive_id)
-            yield shard, write_records(os.path.join(out_dir, shard.file), items,
-                                       itertools.islice(decoded, len(shard.indices)),
-                                       len(class_names))
-    finally:
-        decoded.close()  # an error mid-plan: its threads are stopped here, not when collected
-        cv2.setNumThreads(threads)
+    with imaging.one_opencv_thread():
+        decoded = _decoded_in_order(plan, splits)
+        try:
+            for shard in plan:
+                items = shard_items(splits[shard.split], shard.indices, class_names,
+                                    positive_id)
+                yield shard, write_records(os.path.join(out_dir, shard.file), items,
+                                           itertools.islice(decoded, len(shard.indices)),
+                                           len(class_names))
+        finally:
+            decoded.close()  # an error mid-plan: its threads stop here, not when collected
 
 
 def _decoded_in_order(plan: list[Shard], splits: dict[str, Split]
