@@ -64,9 +64,9 @@ def pytest_collection_modifyitems(config, items):
 
 # --cpu-report=N: each test's CPU seconds (user + system of its worker process and of the
 # processes it waited for, its warm app runs (tests/warm.py) included, over setup, call and
-# teardown; a module fixture's cost lands on
-# the first test that uses it), the N largest printed at the end, so the suite's CPU budget
-# (it is CPU-bound on 2 cores: tests/README.md) can be spent where it shows.
+# teardown; a module fixture's cost lands on the first test that uses it), the N largest
+# printed at the end, so the suite's CPU budget (it is CPU-bound on 2 cores:
+# tests/README.md) can be spent where it shows.
 def pytest_addoption(parser):
     parser.addoption("--cpu-report", type=int, default=0, metavar="N",
                      help="print the N tests that used the most CPU seconds")

@@ -4,8 +4,9 @@ for the tests' app runs, started warm.
 The suite is bound by its CPU (tests/README.md), and a fresh interpreter spends about 3 CPU
 seconds importing TensorFlow before an app does anything: over a hundred app runs, a fifth of
 the suite. A `-m MODULE` run here is forked instead from one server per test process
-(tests/warm_server.py) that has imported TensorFlow, Keras, NumPy, OpenCV and Matplotlib and
-nothing of ours, and has not started TensorFlow's runtime; the child takes the run's argv,
+(tests/warm_server.py) that has imported what every app imports first (the `research`
+package, whose quiet hook wraps TensorFlow's import), TensorFlow, Keras, NumPy, OpenCV and
+Matplotlib, and has not started TensorFlow's runtime; the child takes the run's argv,
 working directory, environment and stdio, then runs the module as `python -m` would and exits
 through the interpreter's own exit. Its status, stdout and stderr come back as
 subprocess.run's.
@@ -13,8 +14,8 @@ subprocess.run's.
 What a warm child does not show is the interpreter's start: the import of TensorFlow under
 the child's own environment (its log level, research.quiet's silencing of the import's noise)
 and anything that depends on the order of that import (binding devices before CUDA starts).
-Tests about those pass `fresh=True` or call subprocess themselves; RESEARCH_TESTS_FRESH=1 runs every
-call fresh (the same tests, each in a new interpreter).
+Tests about those pass `fresh=True` or call subprocess themselves; RESEARCH_TESTS_FRESH=1
+runs every call fresh (the same tests, each in a new interpreter).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def run(cmd: list, *, capture_output: bool = True, text: bool = True, cwd=None, 
             open(path, "w").close()
         request = {"argv": cmd[1:], "cwd": os.path.abspath(cwd or os.getcwd()),
                    "env": dict(os.environ if env is None else env), "stdout": out,
-                   "stderr": err, "stdin": os.devnull}
+                   "stderr": err}
         server.stdin.write(json.dumps(request) + "\n")
         pid = _answer(server, None)["pid"]  # (the first run waits for the server's imports)
         deadline = None if timeout is None else time.monotonic() + timeout

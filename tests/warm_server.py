@@ -4,9 +4,9 @@ NumPy, OpenCV and Matplotlib, once; then forks a child for each `python -m MODUL
 asked to run.
 
 Protocol, one JSON object a line: the request on stdin ({"argv": [...], "cwd", "env", "stdout",
-"stderr", "stdin"}, argv[0] == "-m"); on the protocol stream, {"pid": N} when the child has
-started, then {"returncode": N, "cpu": seconds} when it has exited (a signal: -signum, as
-subprocess has it; its user + system CPU seconds).
+"stderr"}, argv[0] == "-m"; a child's stdin is /dev/null); on the protocol stream, {"pid": N}
+when the child has started, then {"returncode": N, "cpu": seconds} when it has exited (a
+signal: -signum, as subprocess has it; its user + system CPU seconds).
 
 Nothing here starts TensorFlow's runtime (no op, no device, no thread pool), so a child is, as
 far as TensorFlow knows, a process that has just imported it: it configures its own devices,
@@ -37,10 +37,8 @@ _SITE_PATH = list(sys.path[1:])  # without this script's folder, which -m would 
 def _child(request: dict) -> int:
     """Becomes `python -m MODULE ARGS` in `cwd` with `env` and the given stdio files; returns
     its exit status."""
-    for fd, path, mode in ((0, request["stdin"], os.O_RDONLY),
-                           (1, request["stdout"], os.O_WRONLY),
-                           (2, request["stderr"], os.O_WRONLY)):
-        target = os.open(path, mode)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):  # fd 0: /dev/null
+        target = os.open(path, os.O_WRONLY)
         os.dup2(target, fd)
         os.close(target)
     os.chdir(request["cwd"])
@@ -68,10 +66,9 @@ def main() -> None:
     # fds 0-2 can be pointed at its files without touching the protocol.
     requests = os.fdopen(os.dup(0), "r")
     answers = os.fdopen(os.dup(1), "w", buffering=1)
-    devnull = os.open(os.devnull, os.O_RDWR)
+    devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    os.close(devnull)
     gc.freeze()  # the imports' objects stay out of the children's collections (and pages)
     for line in requests:
         request = json.loads(line)

@@ -20,8 +20,6 @@ from research import detector, inference, runs
 from research.data.imaging import load_image_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NAMES = helpers.CIFAR10_CLASSES
-export = helpers.tiny_export
 LINE = re.compile(r"^(?P<path>[^\t]+)\tp\(cat\)=(?P<score>[01]\.\d{4})\t(?P<decision>(not )?cat)$")
 
 
@@ -44,9 +42,9 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
-    return {"tta": export(str(root / "tta"), tta=True),
-            "plain": export(str(root / "plain"), tta=False),
-            "binary": export(str(root / "binary"), objective="binary")}
+    return {"tta": helpers.tiny_export(str(root / "tta"), tta=True),
+            "plain": helpers.tiny_export(str(root / "plain"), tta=False),
+            "binary": helpers.tiny_export(str(root / "binary"), objective="binary")}
 
 
 def oracle(model, meta, path):
@@ -111,8 +109,8 @@ def test_batched_scores_equal_one_at_a_time(models, photos, kind):
             else:
                 assert len(p.top_classes) == 3
                 probs = [q for _, q in p.top_classes]
-                assert probs == sorted(probs, reverse=True) and {n for n, _ in
-                                                                 p.top_classes} <= set(NAMES)
+                assert probs == sorted(probs, reverse=True)
+                assert {n for n, _ in p.top_classes} <= set(helpers.CIFAR10_CLASSES)
 
 
 def test_tta_follows_the_metadata(models, photos):
