@@ -70,6 +70,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_addoption(parser):
     parser.addoption("--cpu-report", type=int, default=0, metavar="N",
                      help="print the N tests that used the most CPU seconds")
+    parser.addoption("--timeline", default="", metavar="PATH",
+                     help="write one JSON line per test phase (worker, node id, phase, "
+                          "start, stop, CPU seconds) to PATH, to see where the workers idle")
 
 
 def _cpu_seconds() -> float:
@@ -99,12 +102,28 @@ def pytest_runtest_setup(item):
 
 
 _CPU_BY_TEST: dict = {}
+_TIMELINE: list = []
 
 
 def pytest_runtest_logreport(report):
+    cpu = 0.0
     for key, value in getattr(report, "user_properties", ()):
         if key == "cpu_seconds":
+            cpu += value
             _CPU_BY_TEST[report.nodeid] = _CPU_BY_TEST.get(report.nodeid, 0.0) + value
+    node = getattr(report, "node", None)  # xdist's controller: the worker that ran it
+    _TIMELINE.append({"worker": node.gateway.id if node is not None else "main",
+                      "nodeid": report.nodeid, "when": report.when, "start": report.start,
+                      "stop": report.stop, "cpu": round(cpu, 3)})
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("timeline")
+    if path and not hasattr(session.config, "workerinput"):  # the controller writes it
+        import json
+
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in _TIMELINE)
 
 
 def pytest_terminal_summary(terminalreporter, config):
