@@ -13,10 +13,11 @@ import glob
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+
+import warm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = sorted(["README.md", "BUILD.md", "tests/README.md"] +
@@ -230,9 +231,8 @@ def absl_apps() -> list[str]:
 
 @pytest.fixture(scope="module")
 def app_flags() -> dict[str, set[str]]:
-    res = subprocess.run([sys.executable, "-c", LIST_FLAGS, *absl_apps()], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+    res = warm.run([sys.executable, "-c", LIST_FLAGS, *absl_apps()], cwd=ROOT, timeout=600,
+                   env={**os.environ, "PYTHONPATH": ROOT})
     assert res.returncode == 0, res.stderr[-3000:]
     return {k: set(v) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
 

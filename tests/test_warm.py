@@ -1,9 +1,12 @@
 """tests/warm.py: an app run forked from the warm server looks, to the test, as one in a new
 interpreter: the same status, stdout and stderr, argv, working directory, environment and
-module path, atexit handlers run, a timeout kills it."""
+module path, atexit handlers run, a timeout kills it; a warm Popen streams its output while
+it runs, takes signals as the process itself, and runs beside others."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,6 +30,14 @@ if mode == "raise":
     raise ValueError("boom")
 if mode == "sleep":
     import time
+    time.sleep(60)
+if mode == "serve":  # a line, then wait for SIGTERM: a handler that says so and exits 75
+    import signal, time
+    def stop(signum, frame):
+        print("got", signal.Signals(signum).name, flush=True)
+        sys.exit(75)
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
     time.sleep(60)
 '''
 
@@ -67,8 +78,54 @@ def test_a_warm_run_that_times_out_is_killed(probe_dir):
     assert res.returncode == 0 and "argv ['ok']" in res.stdout  # the server goes on
 
 
-def test_what_is_not_a_module_run_goes_to_a_new_interpreter(tmp_path):
-    res = warm.run([sys.executable, "-c", "import sys; print(sys.argv[1:])", "a"])
-    assert res.stdout.strip() == "['a']"
+CODE = ("import os, sys; print(sys.argv, repr(sys.path[0]), __name__, os.getcwd()); "
+        "print('err', file=sys.stderr); sys.exit(int(sys.argv[1]))")
+
+
+@pytest.mark.parametrize("code", ["0", "4"])
+def test_a_warm_c_run_is_a_fresh_one(tmp_path, code):
+    cmd = [sys.executable, "-c", CODE, code, "b"]
+    fresh, warmed = (warm.run(cmd, cwd=tmp_path, timeout=60, fresh=f) for f in (True, False))
+    assert (warmed.returncode, warmed.stdout, warmed.stderr) == (
+        fresh.returncode, fresh.stdout, fresh.stderr)
+    assert warmed.stdout == f"['-c', '{code}', 'b'] '' __main__ {tmp_path}\n"
+
+
+def test_what_is_not_python_m_or_c_goes_to_a_new_process(tmp_path):
+    res = warm.run(["echo", "a"])
+    assert (res.returncode, res.stdout) == (0, "a\n")
+    assert isinstance(warm.Popen(["true"]), subprocess.Popen)
     with pytest.raises(ValueError, match="captures text output only"):
         warm.run([sys.executable, "-m", "probe"], capture_output=False)
+
+
+def test_a_warm_popen_streams_and_takes_signals_as_the_process_itself(probe_dir):
+    """Two at once: one stopped by SIGTERM through its own handler after its first line came
+    (before it exits), one killed; stderr to stdout or to its own pipe; the exit statuses as
+    subprocess gives them."""
+    serve = [sys.executable, "-m", "probe", "serve"]
+    a = warm.Popen(serve, cwd=probe_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   text=True)
+    b = warm.Popen(serve, cwd=probe_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True)
+    lines = [a.stdout.readline()]
+    while lines[-1] != "ready\n":
+        lines.append(a.stdout.readline())
+    assert lines[0] == "argv ['serve']\n" and "to stderr\n" in lines
+    assert a.poll() is None and b.poll() is None
+    a.send_signal(signal.SIGTERM)
+    out, err = a.communicate(timeout=60)
+    assert (a.returncode, out, err) == (75, "got SIGTERM\n", None)
+    while b.stdout.readline() != "ready\n":
+        pass
+    start = time.monotonic()
+    b.kill()
+    out, err = b.communicate(timeout=60)
+    assert b.returncode == -signal.SIGKILL and time.monotonic() - start < 30
+    assert err == "to stderr\n" and "ready" not in out
+    b.kill()  # reaped: nothing is sent
+    c = warm.Popen([sys.executable, "-m", "probe", "sleep"], cwd=probe_dir, text=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        c.wait(timeout=1)
+    c.kill()
+    assert c.wait(timeout=60) == -signal.SIGKILL

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 from absl import flags
 
+import warm
 from research.apps import config_flags
 from research.fields import setting
 
@@ -73,7 +74,6 @@ def test_recipe_flagfiles_name_only_real_flags(syn, tmp_path):
     """Each shipped recipe parses in the train app and gives a valid config."""
     import glob
     import os
-    import subprocess
     import sys
 
     recipes = glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "research", "recipes",
@@ -84,10 +84,8 @@ def test_recipe_flagfiles_name_only_real_flags(syn, tmp_path):
             "print(cfg.model, cfg.batch_size, cfg.bias_lr_scale, cfg.model_options)\n")
     needs = {"photos_from_cifar.flags": ["--weights=lab_scratch"]}  # its backbone: a run
     for path in recipes:
-        res = subprocess.run([sys.executable, "-c", code, f"--flagfile={path}",
-                              f"--data_dir={syn}", "--run_name=r",
-                              *needs.get(os.path.basename(path), [])],
-                             capture_output=True, text=True, timeout=120)
+        res = warm.run([sys.executable, "-c", code, f"--flagfile={path}", f"--data_dir={syn}",
+                        "--run_name=r", *needs.get(os.path.basename(path), [])], timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
         if path.endswith("fast_cifar10.flags"):
             assert res.stdout.startswith("fast 1024 64.0"), res.stdout

@@ -472,8 +472,8 @@ def test_every_flag_a_lab_message_names_exists():
 def _train_until_then_damage(cmd, shards, after: str, timeout=600):
     """Runs `cmd`; once it logs `after`, flips bytes in every shard of `shards`. Returns
     (status, stderr lines that are not log lines, all output)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
+    proc = warm.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                      cwd=ROOT)
     lines, deadline = [], time.time() + timeout
     while time.time() < deadline:
         line = proc.stdout.readline()

@@ -4,7 +4,6 @@ gives the plain score), predict's windows, and bad input (one line naming flag o
 
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
@@ -15,6 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 import helpers
+import warm
 from helpers import LOG_LINE
 from research import detector, runs
 from research.data import imaging, pipeline, sources, tfrecords
@@ -257,8 +257,8 @@ def test_evaluate_app_bad_input_is_one_line(run):
              "--tta_windows"),
             (["--tta_windows=3", "--photo_source=/no/such.tar"],
              "error: --photo_source=/no/such.tar: no such file or folder")):
-        res = subprocess.run(base + extra, capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        res = warm.run(base + extra, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
         lines = [x for x in res.stderr.splitlines() if x.strip() and not LOG_LINE.match(x)]
         assert res.returncode == 1 and lines == [line], res.stderr
     assert not os.path.exists(os.path.join(cfg.run_dir, "eval_test_native3_flip.json"))

@@ -161,8 +161,8 @@ def test_a_study_of_runs_with_a_pruned_trial_and_its_report(syn, tmp_path):
 
 
 def start(cmd, env=None):
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    return warm.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                      env=env)
 
 
 def wait_for(proc, text, timeout=300):

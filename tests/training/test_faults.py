@@ -94,7 +94,7 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
     the resumed run ends on the same weights as the SIGTERM'd one, bit for bit."""
     flags = ("--train_steps=40", "--steps_per_loop=2", "--checkpoint_every_steps=1000")
     a = tmp_path / "a"
-    proc = subprocess.Popen(train_cmd(syn, a, *flags), stderr=subprocess.PIPE, text=True)
+    proc = warm.Popen(train_cmd(syn, a, *flags), stderr=subprocess.PIPE, text=True)
     wait_for(proc, "train | step", 120)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
@@ -111,7 +111,7 @@ def test_sigterm_and_kill_resume_exactly(syn, tmp_path):
 
     b = tmp_path / "b"
     flags_b = ("--train_steps=40", "--steps_per_loop=2", "--checkpoint_every_steps=10")
-    proc = subprocess.Popen(train_cmd(syn, b, *flags_b), stderr=subprocess.PIPE, text=True)
+    proc = warm.Popen(train_cmd(syn, b, *flags_b), stderr=subprocess.PIPE, text=True)
     wait_for(proc, "train | step     12", 120)
     proc.kill()
     proc.wait(timeout=60)
