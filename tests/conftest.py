@@ -8,15 +8,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("RESEARCH_TESTS_ON_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-import tensorflow as tf  # noqa: E402
-
-# Must happen before TensorFlow initialises its devices: MirroredStrategy tests need 2 replicas.
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-
-
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """Two logical CPU devices (MirroredStrategy tests need 2 replicas), set before anything
+    initialises TensorFlow's devices: test modules are imported after this. Not in xdist's
+    controller (`make test`), which runs no test: TensorFlow's import there (3-4 s) would
+    only delay the workers' start."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
 @pytest.fixture(scope="session")
