@@ -188,7 +188,6 @@ class FileTree:
         self._zip: zipfile.ZipFile | None = None
         self._archive: str | None = None  # the file _fd or _zip reads (a .tar.gz's spill)
         self._finalizer = None
-        self._archive_root = os.path.isfile(root)  # for `where`: once, not a stat an image
         if os.path.isdir(root):
             self._scan_dir(root)
         elif os.path.isfile(root) and tarfile.is_tarfile(root):
@@ -348,7 +347,8 @@ class FileTree:
     def where(self, name: str) -> str:
         """The path of a member as the user sees it: <folder>/<path> or <archive>:<member>."""
         name = self._wrapper + name
-        return f"{self.root}:{name}" if self._archive_root else os.path.join(self.root, name)
+        return (f"{self.root}:{name}" if self._archive is not None  # (set by the scan)
+                else os.path.join(self.root, name))
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
