@@ -76,15 +76,19 @@ def _request(cmd: list, cwd, env, stdout: int, stderr: int) -> tuple[int, int]:
     return rid, _await(rid, "pid", None)["pid"]  # (the first run waits for the imports)
 
 
+def _left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (a time.monotonic()), none below 0; None: no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _await(rid: int, key: str, deadline: float | None) -> dict:
     """The server's answer about `rid` that has `key`, reading (and keeping) the others'."""
     global children_cpu
     while key not in _answers.get(rid, {}):
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         with _lock:
             if key in _answers.get(rid, {}):
                 break
-            if not select.select([_sock], [], [], timeout)[0]:
+            if not select.select([_sock], [], [], _left(deadline))[0]:
                 raise TimeoutError
             message = _sock.recv(1 << 16)
             if not message:
@@ -190,10 +194,10 @@ class Popen:
         for reader in readers:
             reader.start()
         for reader in readers:
-            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            reader.join(_left(deadline))
             if reader.is_alive():
                 raise subprocess.TimeoutExpired(self.args, timeout)
-        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.wait(_left(deadline))
         for f in (self.stdout, self.stderr):
             if f is not None:
                 f.close()

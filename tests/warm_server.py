@@ -47,8 +47,7 @@ def _run(argv: list) -> None:
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return
     sys.argv = ["-c", *argv[2:]]
-    main = types.ModuleType("__main__")
-    main.__builtins__ = __builtins__
+    main = types.ModuleType("__main__")  # exec adds __builtins__, as -c's __main__ has
     sys.modules["__main__"] = main
     exec(compile(argv[1], "<string>", "exec"), main.__dict__)
 
