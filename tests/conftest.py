@@ -15,7 +15,11 @@ def pytest_configure(config):
     """Two logical CPU devices (MirroredStrategy tests need 2 replicas), set before anything
     initialises TensorFlow's devices: test modules are imported after this. Not in xdist's
     controller (`make test`), which runs no test: TensorFlow's import there (3-4 s) would
-    only delay the workers' start."""
+    only delay the workers' start. --timeline's rows are kept only by the process that writes
+    them (xdist's controller, or the one process without xdist)."""
+    global _TIMELINE
+    if config.getoption("timeline") and not hasattr(config, "workerinput"):
+        _TIMELINE = []
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
     import tensorflow as tf
@@ -108,7 +112,7 @@ def pytest_runtest_setup(item):
 
 
 _CPU_BY_TEST: dict = {}
-_TIMELINE: list = []
+_TIMELINE: list | None = None  # --timeline's rows, in the process that writes them
 
 
 def pytest_runtest_logreport(report):
@@ -117,6 +121,8 @@ def pytest_runtest_logreport(report):
         if key == "cpu_seconds":
             cpu += value
             _CPU_BY_TEST[report.nodeid] = _CPU_BY_TEST.get(report.nodeid, 0.0) + value
+    if _TIMELINE is None:
+        return
     node = getattr(report, "node", None)  # xdist's controller: the worker that ran it
     _TIMELINE.append({"worker": node.gateway.id if node is not None else "main",
                       "nodeid": report.nodeid, "when": report.when, "start": report.start,
@@ -124,11 +130,10 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-    path = session.config.getoption("timeline")
-    if path and not hasattr(session.config, "workerinput"):  # the controller writes it
+    if _TIMELINE is not None:
         import json
 
-        with open(path, "w") as f:
+        with open(session.config.getoption("timeline"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in _TIMELINE)
 
 
