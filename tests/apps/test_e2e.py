@@ -38,8 +38,7 @@ def hparams_experiment(logdir) -> tuple[list, list, dict]:
 
 
 def run(*args, timeout=300):
-    res = warm.run([sys.executable, "-m", *args],
-                   timeout=timeout)
+    res = warm.run([sys.executable, "-m", *args], timeout=timeout)
     assert res.returncode == 0, f"{args[0]} failed:\n{res.stderr[-4000:]}"
     return res
 

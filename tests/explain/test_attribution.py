@@ -228,13 +228,11 @@ def test_explain_all_methods_on_a_run(tmp_path):
     assert len(side["top_classes"]) == 3 and "attribution_sum" in side
     assert (out / "lime" / "lime_top3_p0.png").exists()
     res = warm.run(base + [f"--images={photos[0]}", "--method=cam",
-                           f"--out_dir={out}"],
-                   timeout=600)
+                           f"--out_dir={out}"], timeout=600)
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert res.returncode == 1 and len(lines) == 1 and "Concatenate 'pool'" in lines[0]
     res = warm.run(base + ["--visualize=filters", "--num_filters=2", "--filter_steps=2",
-                           f"--out_dir={tmp_path / 'filters'}"],
-                   timeout=600)
+                           f"--out_dir={tmp_path / 'filters'}"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert list((tmp_path / "filters").glob("filters_*.png"))
 

@@ -227,8 +227,7 @@ def test_explain_cli_on_vgg16_without_download(tmp_path):
     assert cv2.imread(str(out / "heatmap_gray.jpg")).shape == (40, 40, 3)
     assert (out / "cat_gradcam.png").exists()
     assert json.loads((out / "heatmap_cat.png.json").read_text())["layer"] == "block5_conv3"
-    res = warm.run(cmd[:5] + [f"--images={good}", "--layer=nope", f"--out_dir={out}"],
-                   timeout=600)
+    res = warm.run(cmd[:5] + [f"--images={good}", "--layer=nope", f"--out_dir={out}"], timeout=600)
     assert res.returncode != 0 and "block5_conv3" in res.stderr and "nope" in res.stderr
 
 
@@ -466,8 +465,7 @@ def test_explain_app_draws_on_the_whole_photo_and_explains_mistakes(tmp_path, sy
             f"--checkpoint_dir={tmp_path / 'ck'}", "--precision=float32"]
     res = warm.run(base + [f"--images={photo}", f"--data_dir={syn}", "--num_examples=2",
                            "--example_filter=false_negative", "--method=hirescam",
-                           f"--out_dir={out}"],
-                   timeout=600)
+                           f"--out_dir={out}"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert "--example_filter=false_negative:" in res.stdout and "matched" in res.stdout
     assert cv2.imread(str(out / "heatmap_wide.png")).shape == (60, 80, 3)  # whole photo

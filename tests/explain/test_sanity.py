@@ -126,8 +126,7 @@ def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
     cv2.imwrite(str(photo), np.full((12, 12, 3), 120, np.uint8))
     out = tmp_path / "out"
     r = warm.run(base + [f"--images={photo}", "--method=eigencam",
-                         "--sanity=random_logit", f"--out_dir={out}"],
-                 timeout=600)
+                         "--sanity=random_logit", f"--out_dir={out}"], timeout=600)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(lines) == 1 and "eigencam" in lines[0]
     # A model without a 4-D layer, asked for a CAM: one line naming the method.
@@ -139,8 +138,7 @@ def test_sanity_outputs_and_bad_requests_to_the_app(tmp_path):
     (flat / "metadata.json").write_text((tmp_path / "ck" / run / "export" / "metadata.json"
                                          ).read_text())
     r = warm.run(base[:3] + ["--run_name=flat", *base[4:], f"--images={photo}",
-                             "--method=layercam", f"--out_dir={out}"],
-                 timeout=600)
+                             "--method=layercam", f"--out_dir={out}"], timeout=600)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(lines) == 1 and "--method=layercam" in lines[0], r.stderr
 

@@ -277,8 +277,7 @@ def test_exports_with_our_layers_still_load_with_our_package(exported, tmp_path)
 
 def app(*args):
     return warm.run([sys.executable, "-m", "research.apps.export", *args], cwd=ROOT,
-                    env={**os.environ, "PYTHONPATH": ROOT},
-                    timeout=180)
+                    env={**os.environ, "PYTHONPATH": ROOT}, timeout=180)
 
 
 @pytest.mark.slow

@@ -314,17 +314,14 @@ def test_the_apps_take_a_savedmodel_and_draw_receptive_fields(saved_models, tmp_
                     ).save(photo)
     base = [sys.executable, "-m", "research.apps.explain", "--model=savedmodel",
             f"--savedmodel_dir={folder}", f"--images={photo}", f"--out_dir={tmp_path / 'o'}"]
-    res = warm.run(base + ["--method=gradcam"],
-                   timeout=600)
+    res = warm.run(base + ["--method=gradcam"], timeout=600)
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert "--method=gradcam: a SavedModel runs whole" in res.stderr
-    res = warm.run(base + ["--method=saliency"],
-                   timeout=600)
+    res = warm.run(base + ["--method=saliency"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o" / "heatmap_p.png").exists()
     res = warm.run([sys.executable, "-m", "research.apps.predict", f"--model={folder}",
-                    f"--images={photo}", "--top_k=1"],
-                   timeout=600)
+                    f"--images={photo}", "--top_k=1"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"{photo}\t") and "top:" in res.stdout
     ck = tmp_path / "ck"
@@ -338,8 +335,7 @@ def test_the_apps_take_a_savedmodel_and_draw_receptive_fields(saved_models, tmp_
          "scale": "unit", "threshold": 0.5, "tta": False}))
     res = warm.run([sys.executable, "-m", "research.apps.explain", "--run_name=tiny",
                     f"--checkpoint_dir={ck}", "--visualize=receptive_field",
-                    "--precision=float32", f"--out_dir={tmp_path / 'rf'}"],
-                   timeout=600)
+                    "--precision=float32", f"--out_dir={tmp_path / 'rf'}"], timeout=600)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "rf" / "receptive_field_stage1_relu.png").exists()
     assert "theoretical 24 px" in res.stdout, res.stdout

@@ -100,8 +100,7 @@ def test_bad_sweeps_are_one_line_before_any_trial(syn, tmp_path):
     with pytest.raises(sweeps.SweepError, match="fixed train flags of study s changed"):
         sweeps.open_study(cfg, storage, params, "--batch_size=64")
     res = warm.run([sys.executable, "-m", "research.apps.sweep", "--study=s",
-                    f"--space={tmp_path / 'missing.space'}", f"--data_dir={syn}"],
-                   timeout=120)
+                    f"--space={tmp_path / 'missing.space'}", f"--data_dir={syn}"], timeout=120)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: recipe {tmp_path / 'missing.space'}: no such file")
@@ -144,8 +143,7 @@ def test_a_study_of_runs_with_a_pruned_trial_and_its_report(syn, tmp_path):
     assert res.returncode == 1, res.stderr[-2000:]
     assert "error: the fixed train flags of study st changed" in res.stderr
     res = warm.run([sys.executable, "-m", "research.apps.sweep", "--study=st", "--report",
-                    f"--checkpoint_dir={tmp_path}/ck"],
-                   timeout=300)
+                    f"--checkpoint_dir={tmp_path}/ck"], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     report = tmp_path / "ck" / "st_report" / "report.html"
     assert res.stdout.strip().splitlines()[-1] == str(report)

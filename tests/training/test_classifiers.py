@@ -33,8 +33,7 @@ DETECTION = {"roc_auc", "pr_auc", "f1", "precision", "recall", "threshold", "acc
 def make_tfrecords(source, out, *flags):
     res = warm.run([sys.executable, "-m", "research.apps.make_tfrecords",
                     f"--source={source}", f"--out_dir={out}", "--positive_class=none",
-                    "--train_shards=2", "--val_shards=1", "--test_shards=1", *flags],
-                   timeout=300)
+                    "--train_shards=2", "--val_shards=1", "--test_shards=1", *flags], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "positive class: none" in res.stdout
     return json.loads((out / "manifest.json").read_text())
