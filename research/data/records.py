@@ -139,11 +139,18 @@ class ShardFile:
         self.records = 0
 
     def write(self, data: bytes) -> None:
-        record = frame(data)
-        self._file.write(record)
-        self._sha.update(record)
-        self.bytes += len(record)
-        self.records += 1
+        """One record: `data` framed and written."""
+        self.write_framed([frame(data)])
+
+    def write_framed(self, framed: list[bytes]) -> None:
+        """Records already framed (`frame`, by the threads that decoded them), written and
+        hashed as one block: the writing thread takes the GIL back once for them all, not
+        after each record's write and hash (both release it), while other threads decode."""
+        block = framed[0] if len(framed) == 1 else b"".join(framed)
+        self._file.write(block)
+        self._sha.update(block)
+        self.bytes += len(block)
+        self.records += len(framed)
 
     @property
     def sha256(self) -> str:

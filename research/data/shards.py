@@ -3,7 +3,8 @@
 source, or in worker processes that each decode and write whole shards for a large one.
 
 Threads: OpenCV releases the GIL while it decodes and resizes, so threads decode in
-parallel, but reading, encoding and writing hold it in this one process. Processes: each
+parallel, but reading and encoding hold it for a while in each thread, and one thread writes
+all the shards in order. Processes: each
 worker does all of a shard's work alone and returns only its counts and sha256, so nothing
 serialises them; but a pool costs a fresh interpreter (`forkserver`: it never imports
 TensorFlow, which the main process has usually loaded, and forks each worker from one
@@ -102,31 +103,47 @@ def shard_items(split: Split, idx: np.ndarray, class_names: list[str],
     return items
 
 
-def write_records(path: str, items: list[Item],
-                  decoded: Iterable[tuple[np.ndarray | None, str | None]],
-                  num_classes: int) -> ShardResult:
-    """Writes one shard atomically (records.ShardFile): the record of every item whose image
-    decoded; one that did not is listed in `skipped` and left out."""
+def encoded(item: Item, decode: Callable[[], np.ndarray]
+            ) -> tuple[Item, bytes | None, str | None]:
+    """(item, its record framed, None), or (item, None, why its image cannot be decoded): what
+    a decoding thread or a worker process hands the shard's writer (`write_records`)."""
+    image, error = decoded_or_reason(decode)
+    if error is not None:
+        return item, None, error
+    return item, records.frame(records.image_example(
+        image.tobytes(), image.shape, item.label, item.class_id, item.class_name,
+        item.coarse_id, item.source_id)), None
+
+
+def write_records(path: str, results: Iterable[tuple[Item, bytes | None, str | None]],
+                  num_classes: int, block: int = 32) -> ShardResult:
+    """Writes one shard atomically (records.ShardFile) from `encoded` results in order: each
+    framed record, `block` at a time; an item whose image did not decode is listed in
+    `skipped` and left out."""
     counts = [0] * num_classes
-    skipped = []
+    skipped, pending = [], []
     with records.ShardFile(path) as f:
-        for item, (image, error) in zip(items, decoded):
+        for item, record, error in results:
             if error is not None:
                 skipped.append({"file": item.where, "reason": error})
                 continue
-            f.write(records.image_example(image.tobytes(), image.shape, item.label,
-                                          item.class_id, item.class_name, item.coarse_id,
-                                          item.source_id))
+            pending.append(record)
             counts[item.class_id] += 1
+            if len(pending) == block:
+                f.write_framed(pending)
+                pending = []
+        if pending:
+            f.write_framed(pending)
     return ShardResult(f.records, f.sha256, f.bytes, counts, skipped)
 
 
 def _write_job(job: ShardJob) -> ShardResult:
     """A worker process's whole shard: read, decode, resize, encode, write, hash."""
-    decoded = (decoded_or_reason(lambda: decode_file(
-        job.reader, item.locator, item.name, item.where, job.size, job.policy, job.reduced))
-        for item in job.items)
-    return write_records(job.path, job.items, decoded, job.num_classes)
+    results = (encoded(item, lambda: decode_file(job.reader, item.locator, item.name,
+                                                 item.where, job.size, job.policy,
+                                                 job.reduced))
+               for item in job.items)
+    return write_records(job.path, results, job.num_classes)
 
 
 def _init_worker() -> None:
@@ -210,36 +227,42 @@ def write_shards(plan: list[Shard], splits: dict[str, Split], out_dir: str,
 def _in_threads(plan: list[Shard], splits: dict[str, Split], out_dir: str,
                 class_names: list[str], positive_id: int | None
                 ) -> Iterator[tuple[Shard, ShardResult]]:
-    """Shard after shard in this process: threads decode a bounded window ahead of the
-    writer (`_decoded_in_order`), which encodes and writes. OpenCV's own threads are held to
-    one meanwhile: the decoding threads are the parallelism (10% less CPU per image
+    """Shard after shard in this process: threads decode and encode a bounded window ahead of
+    the writer (`_encoded_in_order`), which writes and hashes. OpenCV's own threads are held
+    to one meanwhile: the decoding threads are the parallelism (10% less CPU per image
     measured)."""
     with imaging.one_opencv_thread():
-        decoded = _decoded_in_order(plan, splits)
+        results = _encoded_in_order(plan, splits, class_names, positive_id)
         try:
             for shard in plan:
-                items = shard_items(splits[shard.split], shard.indices, class_names,
-                                    positive_id)
-                yield shard, write_records(os.path.join(out_dir, shard.file), items,
-                                           itertools.islice(decoded, len(shard.indices)),
+                yield shard, write_records(os.path.join(out_dir, shard.file),
+                                           itertools.islice(results, len(shard.indices)),
                                            len(class_names))
         finally:
-            decoded.close()  # an error mid-plan: its threads stop here, not when collected
+            results.close()  # an error mid-plan: its threads stop here, not when collected
 
 
-def _decoded_in_order(plan: list[Shard], splits: dict[str, Split]
-                      ) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """(image, None) or (None, why it cannot be decoded) for every image of the plan, shard
-    after shard. Image files: one window of threads over the whole plan (sources.ordered_map)
-    rather than one per shard, so the next shard's first images are decoding while this
-    shard's last are written, and no core idles at each shard's end (OpenCV releases the GIL
-    while it decodes and resizes)."""
-    positions = ((splits[shard.split].images, i) for shard in plan for i in shard.indices)
+def _encoded_in_order(plan: list[Shard], splits: dict[str, Split], class_names: list[str],
+                      positive_id: int | None
+                      ) -> Iterator[tuple[Item, bytes | None, str | None]]:
+    """`encoded` for every image of the plan, shard after shard. Image files: one window of
+    threads over the whole plan (sources.ordered_map) rather than one per shard, so the next
+    shard's first images are decoding while this shard's last are written, and no core idles
+    at each shard's end (OpenCV releases the GIL while it decodes and resizes); the threads
+    encode and frame too, which leaves the writer little to do with the GIL held."""
+    positions = ((splits[shard.split].images, i, item) for shard in plan
+                 for i, item in zip(shard.indices, shard_items(
+                     splits[shard.split], shard.indices, class_names, positive_id)))
     if not all(isinstance(s.images, ImageFiles) for s in splits.values()):
-        return ((images[i], None) for images, i in positions)  # arrays: nothing to decode
-    threads = next(iter(splits.values())).images.threads
-    return ordered_map(lambda pos: decoded_or_reason(lambda: pos[0].decode(pos[1])), positions,
-                       threads)
+        return (encoded(item, lambda: images[i]) for images, i, item in positions)  # arrays
+
+    def encode(position: tuple[ImageFiles, int, Item]):
+        files, _, item = position
+        return encoded(item, lambda: decode_file(files.tree, item.locator, item.name,
+                                                 item.where, files.size, files.policy,
+                                                 files.reduced))
+
+    return ordered_map(encode, positions, next(iter(splits.values())).images.threads)
 
 
 def _job(shard: Shard, split: Split, out_dir: str, class_names: list[str],

@@ -222,9 +222,9 @@ def test_threads_decode_the_next_shards_while_one_is_written(tmp_path, monkeypat
     make_jpegs(tmp_path / "photos", 41)
     data = sources.load_source(str(tmp_path / "photos"), image_size=(16, 16), num_threads=2)
     decoded = []
-    original = sources.ImageFiles.decode
-    monkeypatch.setattr(sources.ImageFiles, "decode",
-                        lambda self, i: decoded.append(i) or original(self, i))
+    original = shards.decode_file
+    monkeypatch.setattr(shards, "decode_file",
+                        lambda *args: decoded.append(args[2]) or original(*args))
     at_first_shard = []
     cfg = tfrecords.WriteConfig(str(tmp_path / "out"), positive_class="cats",
                                 parallel="threads", shards={"train": 8, "val": 2, "test": 4})
