@@ -303,6 +303,89 @@ def test_tar_member_types(tmp_path):
     assert data.skipped[0]["reason"] == "not a regular file (link or device)"
 
 
+def _tar(path, members, fmt=tarfile.PAX_FORMAT):
+    """A tar of (name, type, data) members in `fmt`."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            if kind == tarfile.SYMTYPE:
+                info.linkname, info.size = "/etc/passwd", 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return path
+
+
+def _patched(path, offset, edit):
+    """The tar at `path` with its header at `offset` edited by `edit(bytearray)` and its
+    checksum made right again, as an old or odd tar writes it."""
+    raw = bytearray(path.read_bytes())
+    head = raw[offset:offset + 512]
+    edit(head)
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    raw[offset:offset + 512] = head
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_the_fast_tar_index_reads_what_tarfile_reads_or_leaves_it_to_tarfile(tmp_path):
+    # The plain-header parser (_plain_tar_members) either returns exactly tarfile's members
+    # or None (then tarfile reads the archive): compared on every kind of archive we met.
+    img, reg, dirt = b"x" * 1000, tarfile.REGTYPE, tarfile.DIRTYPE
+    plain = [("photos/", dirt, b""), ("photos/cat/", dirt, b""), ("photos/cat/1.jpg", reg, img),
+             ("photos/cat/.hidden.jpg", reg, img), ("photos/dog/2.jpg", reg, b""),
+             ("photos/dog/3.jpg", reg, img * 3)]
+    accented = ("photos/d\u00e9j\u00e0.jpg", reg, img)  # GNU: UTF-8 bytes; pax: a pax header
+    deep = "photos/" + "d" * 90 + "/" + "e" * 60 + ".jpg"  # ustar: in prefix and name
+    archives = {
+        "pax": (_tar(tmp_path / "pax.tar", plain), True),
+        "gnu": (_tar(tmp_path / "gnu.tar", plain + [accented], tarfile.GNU_FORMAT), True),
+        "pax accented": (_tar(tmp_path / "paxutf.tar", plain + [accented]), False),
+        "ustar prefix": (_tar(tmp_path / "ustar.tar", plain + [(deep, reg, img)],
+                              tarfile.USTAR_FORMAT), True),
+        "gnu long name": (_tar(tmp_path / "long.tar", plain + [("a" * 120 + ".jpg", reg, img)],
+                               tarfile.GNU_FORMAT), False),
+        "pax long name": (_tar(tmp_path / "paxlong.tar", plain + [("b" * 120 + ".jpg", reg,
+                                                                    img)]), False),
+        "symlink": (_tar(tmp_path / "link.tar", plain + [("photos/evil.jpg", tarfile.SYMTYPE,
+                                                          b"")]), False),
+        "empty": (_tar(tmp_path / "empty.tar", []), False),
+    }
+    # An old tar's regular file and folder (type NUL; a folder's name ends in "/").
+    old = _tar(tmp_path / "old.tar", plain, tarfile.GNU_FORMAT)
+    with tarfile.open(old) as tar:
+        heads = [m.offset for m in tar]  # photos/, photos/cat/, photos/cat/1.jpg, ...
+    for offset in heads[:3]:
+        _patched(old, offset, lambda h: h.__setitem__(slice(156, 157), b"\0"))
+    archives["old types"] = (old, True)
+    # A header whose checksum is wrong ends the archive for tarfile, silently.
+    bad = _tar(tmp_path / "bad.tar", plain)
+    raw = bytearray(bad.read_bytes())
+    raw[heads[3] + 10] ^= 1  # in .hidden.jpg's name (the same offsets: the same members)
+    bad.write_bytes(bytes(raw))
+    archives["bad checksum"] = (bad, False)
+    # Cut inside the last member's data: tarfile's "unexpected end of data".
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((tmp_path / "pax.tar").read_bytes()[:-1024 - 1536])
+    archives["cut"] = (cut, False)
+    for label, (path, plain_only) in archives.items():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fast = sources._plain_tar_members(fd)
+        finally:
+            os.close(fd)
+        assert (fast is not None) == plain_only, label
+        try:
+            slow = list(sources._tar_members(str(path)))
+        except tarfile.TarError:
+            slow = "error"
+        if fast is not None:
+            assert fast == slow, label
+    tree = sources.FileTree(str(archives["ustar prefix"][0]))
+    assert deep.removeprefix("photos/") in tree.names()
+    assert tree.read("cat/1.jpg") == img and tree.read("dog/2.jpg") == b""
+
+
 def test_no_positive_class_is_data_for_classifiers(tmp_path):
     """--positive_class=none: null in the manifest, no binary label in the records (the
     pipeline reads 0), CIFAR-100's 100 fine classes and MNIST alike; a summary without one."""
