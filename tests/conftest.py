@@ -96,10 +96,15 @@ def _cpu_seconds() -> float:
             + warm.children_cpu)  # warm runs are the warm server's children
 
 
+def _measuring(config) -> bool:
+    """Each test's CPU is measured for --cpu-report and for --timeline's rows alike."""
+    return bool(config.getoption("cpu_report") or config.getoption("timeline"))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    if item.config.getoption("cpu_report"):  # each phase: the CPU since the last mark
+    if _measuring(item.config):  # each phase: the CPU since the last mark
         now = _cpu_seconds()
         outcome.get_result().user_properties.append(("cpu_seconds", now - item._cpu_mark))
         item._cpu_mark = now
@@ -107,7 +112,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    if item.config.getoption("cpu_report"):  # before any fixture of the test is set up
+    if _measuring(item.config):  # before any fixture of the test is set up
         item._cpu_mark = _cpu_seconds()
 
 

@@ -345,10 +345,10 @@ def test_the_fast_tar_index_reads_what_tarfile_reads_or_leaves_it_to_tarfile(tmp
                               tarfile.USTAR_FORMAT), True),
         "gnu long name": (_tar(tmp_path / "long.tar", plain + [("a" * 120 + ".jpg", reg, img)],
                                tarfile.GNU_FORMAT), False),
-        "pax long name": (_tar(tmp_path / "paxlong.tar", plain + [("b" * 120 + ".jpg", reg,
-                                                                    img)]), False),
-        "symlink": (_tar(tmp_path / "link.tar", plain + [("photos/evil.jpg", tarfile.SYMTYPE,
-                                                          b"")]), False),
+        "pax long name": (_tar(tmp_path / "paxlong.tar",
+                               plain + [("b" * 120 + ".jpg", reg, img)]), False),
+        "symlink": (_tar(tmp_path / "link.tar",
+                         plain + [("photos/evil.jpg", tarfile.SYMTYPE, b"")]), False),
         "empty": (_tar(tmp_path / "empty.tar", []), False),
     }
     # An old tar's regular file and folder (type NUL; a folder's name ends in "/").
