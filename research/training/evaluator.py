@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from research.data import pipeline
 from research.progress import Bar
 from research.training import eval_batch, inputs
 from research.training.config import TrainConfig
@@ -63,7 +64,7 @@ class Evaluator:
         step = self.eval_step if data is None else self._data_step()
         bar = Bar(len(expected), "image", label=f"scoring {split}") if progress else None
         parts = []
-        for batch in dist:
+        for batch in pipeline.batches(dist):
             out = {k: v.numpy() for k, v in step(batch).items()}
             parts.append(out)
             if bar:

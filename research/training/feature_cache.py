@@ -168,8 +168,8 @@ def _extract(model: keras.Model, cfg: TrainConfig, split: str, n: int, positions
     feats, labels, class_ids = [], [], []
     bar = Bar(len(positions), "image", label=f"features of {split}") if cfg.progress else None
     batch = eval_batch.resolve(cfg.eval_batch_size, model, tf.distribute.get_strategy())
-    for b in pipeline.make_dataset(cfg.data_dir, split, batch, training=False,
-                                   scale="raw", keep=keep):
+    for b in pipeline.batches(pipeline.make_dataset(cfg.data_dir, split, batch,
+                                                    training=False, scale="raw", keep=keep)):
         feats.append(np.asarray(tf.cast(run(b["image"]), tf.float16)))
         labels.append(b["label"].numpy())
         class_ids.append(b["class_id"].numpy())

@@ -171,8 +171,8 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
         freeze_whitening_bias(state.model)
     device = inputs.device_data(cfg, strategy) if cfg.input == "device" else None
     train_loop = make_train_loop(cfg, state, positive_id, weights, device)
-    iterator = iter(strategy.distribute_datasets_from_function(
-        inputs.train_input_fn(cfg, state.step)))
+    iterator = [iter(strategy.distribute_datasets_from_function(  # its one reference:
+        inputs.train_input_fn(cfg, state.step)))]                 # pipeline.release
     # --notrain_eval_tta: one view in the evals while training (finish() scores TTA once).
     eval_cfg = (cfg if cfg.train_eval_tta
                 else dataclasses.replace(cfg, tta=False, tta_shifts=False))
@@ -192,8 +192,11 @@ def _train(cfg: TrainConfig, run_cfg: TrainConfig, flagfile, strategy, actions,
     logging.info("Training %s: %d steps (%d per epoch), global batch %d on %d replica(s), %s",
                  cfg.run_name, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,
                  strategy.num_replicas_in_sync, cfg.precision)
-    drive(ctx, actions, train_loop, iterator,
-          lambda: make_train_loop(cfg, state, positive_id, weights, device))
+    try:
+        drive(ctx, actions, train_loop, iterator[0],
+              lambda: make_train_loop(cfg, state, positive_id, weights, device))
+    finally:
+        pipeline.release(iterator)  # freed beside the final evaluation, not before it
     return finish(ctx, previous)
 
 

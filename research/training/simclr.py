@@ -433,8 +433,8 @@ def pretrain(cfg: TrainConfig, flagfile: str | None, strategy, actions=()) -> di
         return previous
     resume.record_session(cfg, flagfile, state.step)
     size = int(manifest["image_shape"][0])
-    iterator = iter(strategy.experimental_distribute_dataset(pair_dataset(
-        pool, size, cfg.simclr_color_strength, cfg.seed, cfg.batch_size, state.step)))
+    iterator = [iter(strategy.experimental_distribute_dataset(pair_dataset(  # pipeline.release
+        pool, size, cfg.simclr_color_strength, cfg.seed, cfg.batch_size, state.step)))]
     train_loop = make_train_loop(cfg, state)
     ctx = LoopContext(cfg, state, plan, manifest, record.Writers(cfg.tb_dir), None,
                       start_step=state.step, step=state.step,
@@ -446,7 +446,10 @@ def pretrain(cfg: TrainConfig, flagfile: str | None, strategy, actions=()) -> di
                  "replica(s), %s", cfg.run_name, plan.total_steps, plan.steps_per_epoch,
                  " + ".join(pool.sources), cfg.batch_size, strategy.num_replicas_in_sync,
                  cfg.precision)
-    drive(ctx, actions, train_loop, iterator)
+    try:
+        drive(ctx, actions, train_loop, iterator[0])
+    finally:
+        pipeline.release(iterator)
     return finish(ctx, previous, pool)
 
 
