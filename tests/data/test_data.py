@@ -6,6 +6,8 @@ import os
 import pickle
 import sys
 import tarfile
+import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -326,3 +328,30 @@ def test_crop_window_is_the_part_resize_keeps(shape, policy, window):
     whole = imaging.resize_image(img, (32, 32), policy).astype(float)
     part = imaging.resize_image(img[top:top + h, left:left + w], (32, 32), "stretch")
     assert np.abs(whole - part).mean() < 2.0
+
+
+@pytest.mark.parametrize("stop", [None, 1])
+def test_batches_are_all_the_batches_and_their_iterator_is_freed_off_this_thread(stop,
+                                                                                monkeypatch):
+    # pipeline.batches hands its iterator to pipeline.release as its only reference, so it is
+    # freed in the release thread (where tf.data's autotuning thread is joined), also when
+    # the loop stops early; a reference left anywhere else would free it here instead.
+    freed = []
+    release = pipeline.release
+
+    def watched(holder):
+        ref = weakref.ref(holder[0])
+        release(holder)
+        for thread in threading.enumerate():
+            if thread.name == "release tf.data iterator":
+                thread.join()
+        freed.append(ref() is None)
+
+    monkeypatch.setattr(pipeline, "release", watched)
+    seen = []
+    for i, b in enumerate(pipeline.batches(tf.data.Dataset.range(10).batch(3))):
+        seen.append(b.numpy().tolist())
+        if i == stop:
+            break
+    assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]][:None if stop is None else stop + 1]
+    assert freed == [True]
