@@ -4,12 +4,11 @@ source, or in worker processes that each decode and write whole shards for a lar
 
 Threads: OpenCV releases the GIL while it decodes and resizes, so threads decode in
 parallel, but reading and encoding hold it for a while in each thread, and one thread writes
-all the shards in order. Processes: each
-worker does all of a shard's work alone and returns only its counts and sha256, so nothing
-serialises them; but a pool costs a fresh interpreter (`forkserver`: it never imports
-TensorFlow, which the main process has usually loaded, and forks each worker from one
-process that has imported this module once). `PROCESS_MIN_IMAGES` is where processes start
-to win (docs/data_at_scale.md, Speed).
+all the shards in order. Processes: each worker does all of a shard's work alone and returns
+only its counts and sha256, so nothing serialises them; but a pool costs a fresh
+interpreter (`forkserver`: it never imports TensorFlow, which the main process has usually
+loaded, and forks each worker from one process that has imported this module once).
+`PROCESS_MIN_IMAGES` is where processes start to win (docs/data_at_scale.md, Speed).
 """
 
 from __future__ import annotations
