@@ -331,8 +331,8 @@ def test_crop_window_is_the_part_resize_keeps(shape, policy, window):
 
 
 @pytest.mark.parametrize("stop", [None, 1])
-def test_batches_are_all_the_batches_and_their_iterator_is_freed_off_this_thread(stop,
-                                                                                monkeypatch):
+def test_batches_are_all_the_batches_and_their_iterator_is_freed_off_this_thread(
+        stop, monkeypatch):
     # pipeline.batches hands its iterator to pipeline.release as its only reference, so it is
     # freed in the release thread (where tf.data's autotuning thread is joined), also when
     # the loop stops early; a reference left anywhere else would free it here instead.
