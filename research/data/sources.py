@@ -247,9 +247,15 @@ class FileTree:
             self._fd = os.open(spill or path, os.O_RDONLY)
             self._archive = spill or path
             self._finalizer = weakref.finalize(self, _close_fd, self._fd, spill)
-            members = _plain_tar_members(self._fd)
-            for name, kind, offset, size in members or _tar_members(spill or path):
-                self._index_member(path, name, kind, offset, size)
+            try:
+                for member in _plain_tar_members(self._fd):
+                    self._index_member(path, *member)
+            except _NotPlain:  # tarfile reads it all, as if the parser had not begun
+                self._files.clear()
+                self._dirs.clear()
+                self.ignored.clear()
+                for member in _tar_members(spill or path):
+                    self._index_member(path, *member)
         except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             self.close()
             raise SourceError(f"{path}: truncated or corrupt archive ({e})") from e
@@ -440,32 +446,38 @@ _TAR_NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329
                 (337, 345))  # mode, uid, gid, size, mtime, devmajor, devminor
 
 
-def _plain_tar_members(fd: int) -> list[tuple[str, str, int, int]] | None:
+class _NotPlain(Exception):
+    """What `_plain_tar_members` raises at a member it leaves to tarfile."""
+
+
+def _plain_tar_members(fd: int) -> Iterator[tuple[str, str, int, int]]:
     """`_tar_members` of the uncompressed tar open as `fd`, parsed here from its 512-byte
     headers as tarfile parses them when every member is a plain file or folder: 8 us a
-    member against tarfile's 21 (measured; ImageNet's 1.28 M: 11 s instead of 27). None as soon
-    as anything else shows (pax or GNU long-name headers, links, devices, sparse files, a
-    number tarfile would read differently or reject, a bad checksum, a truncated archive), so
-    that `_tar_members` reads the whole archive instead: whatever this returns is what
-    tarfile returns (tests/data/test_sources.py compares them)."""
+    member against tarfile's 21 (measured; ImageNet's 1.28 M: 11 s instead of 27).
+    `_NotPlain` as soon as anything else shows (pax or GNU long-name headers, links,
+    devices, sparse files, a number tarfile would read differently or reject, a bad
+    checksum, a truncated archive), for `_tar_members` to read the whole archive instead:
+    what this yields is what tarfile yields (tests/data/test_sources.py compares them)."""
     end = os.fstat(fd).st_size
-    members, offset = [], 0
+    offset = 0
     while True:
-        if offset >= end:  # tarfile: end of data at a header (beyond: its error)
-            return members if offset == end and offset else None
+        if offset >= end:  # tarfile: the end of the data at a header (beyond it: its error)
+            if offset == end and offset:
+                return
+            raise _NotPlain
         head = os.pread(fd, _TAR_BLOCK, offset)
-        if len(head) != _TAR_BLOCK:
-            return None
+        if len(head) != _TAR_BLOCK or (head == _TAR_ZEROS and not offset):
+            raise _NotPlain
         if head == _TAR_ZEROS:  # the end-of-archive blocks
-            return members if offset else None
+            return
         kind = {b"0": "file", b"\0": "file", b"5": "dir"}.get(head[156:157])
         try:
             mode, uid, gid, size, *_ = (_octal(head[a:b]) for a, b in _TAR_NUMBERS)
             checksum = _octal(head[148:156])
         except ValueError:
-            return None
+            raise _NotPlain from None
         if kind is None or checksum != sum(head) - sum(head[148:156]) + 8 * 32:
-            return None
+            raise _NotPlain
         name = head[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
         if head[156:157] == b"\0" and name.endswith("/"):
             kind = "dir"  # an old tar's folder: tarfile reads it so
@@ -474,7 +486,7 @@ def _plain_tar_members(fd: int) -> list[tuple[str, str, int, int]] | None:
         prefix = head[345:500].split(b"\0", 1)[0]
         if prefix:
             name = prefix.decode(tarfile.ENCODING, "surrogateescape") + "/" + name
-        members.append((name, kind, offset + _TAR_BLOCK, size))
+        yield name, kind, offset + _TAR_BLOCK, size
         offset += _TAR_BLOCK + (-(-size // _TAR_BLOCK) * _TAR_BLOCK if kind == "file" else 0)
 
 
