@@ -29,6 +29,17 @@ def pytest_configure(config):
         cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
+def pytest_collection_finish(session):
+    """What the test modules imported (TensorFlow, Keras, research: about 330,000 objects)
+    is moved out of the cyclic collector's reach once collected: it lives as long as the
+    process, and every full collection scanned it all again (two training test modules in
+    one process: 21 full collections took 7.1 s of its 107 CPU-s; 5.0 s with it frozen)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def two_replicas():
     # One MirroredStrategy per process: two strategies over the same devices can reuse
