@@ -146,7 +146,7 @@ class ShardFile:
         """Records already framed (`frame`, by the threads that decoded them), written and
         hashed as one block: the writing thread takes the GIL back once for them all, not
         after each record's write and hash (both release it), while other threads decode."""
-        block = framed[0] if len(framed) == 1 else b"".join(framed)
+        block = b"".join(framed)  # one record: the record itself, not a copy
         self._file.write(block)
         self._sha.update(block)
         self.bytes += len(block)

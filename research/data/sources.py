@@ -444,6 +444,7 @@ _TAR_BLOCK = 512
 _TAR_ZEROS = bytes(_TAR_BLOCK)
 _TAR_NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337),
                 (337, 345))  # mode, uid, gid, size, mtime, devmajor, devminor
+_TAR_KINDS = {b"0": "file", b"\0": "file", b"5": "dir"}  # the types the parser reads itself
 
 
 class _NotPlain(Exception):
@@ -470,9 +471,9 @@ def _plain_tar_members(fd: int) -> Iterator[tuple[str, str, int, int]]:
             raise _NotPlain
         if head == _TAR_ZEROS:  # the end-of-archive blocks
             return
-        kind = {b"0": "file", b"\0": "file", b"5": "dir"}.get(head[156:157])
-        try:
-            mode, uid, gid, size, *_ = (_octal(head[a:b]) for a, b in _TAR_NUMBERS)
+        kind = _TAR_KINDS.get(head[156:157])
+        try:  # every number field read as tarfile reads it, though only the size is kept
+            size = [_octal(head[a:b]) for a, b in _TAR_NUMBERS][3]
             checksum = _octal(head[148:156])
         except ValueError:
             raise _NotPlain from None
