@@ -185,3 +185,19 @@ def test_tensorboard_figures_name_their_run(syn, tmp_path, monkeypatch):
     for name, fig in shown.items():
         assert any("my_run" in t for t in _titles(fig)), (name, _titles(fig))
     assert_titles_clear(shown["sample_inputs"])  # 16 inputs: two rows
+
+
+def test_a_figure_laid_out_when_built_is_drawn_once_and_saved_as_before():
+    """figure_to_png drops the placeholder engine tight_layout leaves: savefig then draws the
+    figure once, not twice, and writes the bytes it wrote with the placeholder kept."""
+    import io
+
+    scores, labels = RNG.random(200), RNG.integers(0, 2, 200)
+    figs = [metrics.roc_pr_figure(labels, scores, "run") for _ in range(2)]
+    kept = io.BytesIO()
+    figs[0].savefig(kept, format="png", dpi=100)
+    with mock.patch.object(type(figs[1]), "draw", autospec=True,
+                           side_effect=type(figs[1]).draw) as draw:
+        png = plots.figure_to_png(figs[1])
+    assert draw.call_count == 1
+    assert png == kept.getvalue()
