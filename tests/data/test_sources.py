@@ -431,3 +431,26 @@ def test_every_source_is_one_record_and_the_help_reads_them():
             assert len(s.download.sha256) == 64 and s.download.origin.startswith("https://")
     assert sources.SOURCES[-1].name == "image_folder"  # last: it detects anything
     assert set(sources.downloads()) == {"cifar10", "cifar10_binary", "cifar100", "mnist"}
+
+
+def test_a_reused_read_is_the_file_whatever_its_size(tmp_path):
+    """The decoding threads' reads into a kept buffer (1 MB at first, grown while a file
+    fills it) give every byte of a folder's file and of a tar's member, at and around the
+    buffer's size, and a read after a larger one is not padded by its leftovers."""
+    sizes = [3 << 20, 0, 1000, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 5]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    blobs = {f"x{i}.bin": np.random.default_rng(i).integers(0, 256, n, np.uint8).tobytes()
+             for i, n in enumerate(sizes)}
+    for name, data in blobs.items():
+        (folder / name).write_bytes(data)
+    archive = tmp_path / "f.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in blobs:
+            tar.add(folder / name, arcname=name)
+    for root in (folder, archive):
+        tree = sources.FileTree(str(root))
+        for name, data in blobs.items():  # in the order written: large, then small
+            got = tree.read_at(tree.locator(name), name, reuse=True)
+            assert bytes(got) == data, (root, name)
+        tree.close()
