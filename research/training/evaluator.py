@@ -43,11 +43,19 @@ class Evaluator:
         self.cfg, self.strategy = cfg, strategy
         with strategy.scope():
             self.metrics = make_metrics(cfg, training=False, classifier=positive_id is None)
-        self.eval_step = make_eval_step(cfg, strategy, model, self.metrics, positive_id)
-        # Another data's batches (rank-5 windows) get their own traced step: one step fed
-        # both would be retraced for a shape of unknown rank (reduce_retracing).
-        self._data_step = lambda: make_eval_step(cfg, strategy, model, self.metrics,
-                                                 positive_id)
+        # One traced step per kind of batch (the distributed dataset's element spec, batch
+        # size unknown): every split's batches, the last partial one included, share one
+        # trace; another data's (evaluate's rank-5 windows) get their own.
+        self._steps: list = []  # (element spec, its step); a spec is a dict: not hashable
+        self._make_step = lambda spec: make_eval_step(cfg, strategy, model, self.metrics,
+                                                      positive_id, spec)
+
+    def _step(self, spec):
+        for known, step in self._steps:
+            if known == spec:
+                return step
+        self._steps.append((spec, self._make_step(spec)))
+        return self._steps[-1][1]
 
     def evaluate(self, split: str, progress: bool = False, data=None) -> EvalResult:
         """`data`: a function (cfg, split) -> (dataset, expected positions) in place of
@@ -61,7 +69,7 @@ class Evaluator:
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA)
         dist = self.strategy.experimental_distribute_dataset(ds.with_options(options))
-        step = self.eval_step if data is None else self._data_step()
+        step = self._step(dist.element_spec)
         bar = Bar(len(expected), "image", label=f"scoring {split}") if progress else None
         parts = []
         for batch in pipeline.batches(dist):
