@@ -337,17 +337,22 @@ def test_stage_notes_a_resumed_training_and_reads_old_summaries(syn):
 @pytest.mark.slow
 @pytest.mark.gpu
 def test_gpu_profile_quick_on_two_simulated_replicas_in_float16(tmp_path):
-    """`lab --profile=gpu --quick --cpu_replicas=2 --precision=mixed_float16`: every stage,
-    every run under MirroredStrategy over 2 logical CPU devices in float16, per-replica
-    batches made global, and the report."""
+    """`lab --profile=gpu --quick --cpu_replicas=2 --precision=mixed_float16`: every stage
+    that trains, every run under MirroredStrategy over 2 logical CPU devices in float16,
+    per-replica batches made global, and the report. Not compare, explain and visualize:
+    they read the runs' exports, which are float32 whatever the training (research.export),
+    with the settings the end-to-end test gives them (TINY), so the cpu profile's run there
+    covers them (they were 35 of this test's 147 CPU-s)."""
     archive, photos, work = lab_sources(tmp_path)
     shrink = [f for f in TINY if not f.startswith(("--precision", "--batch_size"))]
+    stages = [s.name for s in STAGES if s.name not in ("compare", "explain", "visualize")]
+    chosen = ",".join(s for s in stages if s != "source_task")  # (run as transfer's need)
     res, _ = lab(work, "--profile=gpu", "--quick", "--cpu_replicas=2",
                  "--precision=mixed_float16", f"--source={archive}", f"--photo_source={photos}",
-                 "--photo_counts=4,2,2", *shrink, timeout=1500)
+                 "--photo_counts=4,2,2", f"--stages={chosen}", *shrink, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-4000:]
-    for s in STAGES:
-        assert f"[lab] {s.name}: done" in res.stdout, s.name
+    for name in stages:
+        assert f"[lab] {name}: done" in res.stdout, name
     trained = re.findall(r"\[lab\] training (\S+): python -m research.apps.train (.*)",
                          res.stdout)
     assert len(trained) >= 6, res.stdout[-3000:]
