@@ -59,15 +59,17 @@ def test_two_replicas_match_one(syn, tmp_path, objective, two_replicas):
     l2, s2 = step_losses(cfg, two, 6)
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     pid = pipeline.load_manifest(syn)["positive_class_id"]
+    ev1, ev2 = Evaluator(cfg, one, s1.model, pid), Evaluator(cfg, two, s2.model, pid)
     for split in ("val", "test"):
-        e1 = Evaluator(cfg, one, s1.model, pid).evaluate(split)
-        e2 = Evaluator(cfg, two, s2.model, pid).evaluate(split)
+        e1, e2 = ev1.evaluate(split), ev2.evaluate(split)
         n = pipeline.load_manifest(syn)["splits"][split]["num_examples"]
         assert len(e1.scores) == len(e2.scores) == n
         np.testing.assert_array_equal(e1.labels, e2.labels)
         np.testing.assert_allclose(e2.scores, e1.scores, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(e2.loss, e1.loss, rtol=1e-5)
         assert e1.accuracy == e2.accuracy
+    for ev in (ev1, ev2):  # both splits' batches, the partial last ones too: one trace
+        assert [step.experimental_get_tracing_count() for _, step in ev._steps] == [1]
 
 
 @pytest.mark.slow
