@@ -143,12 +143,12 @@ def make_train_loop(cfg: TrainConfig, state: TrainState, positive_id: int | None
 
 
 def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: keras.Model,
-                   metrics: dict, positive_id: int | None, element_spec=None):
+                   metrics: dict, positive_id: int | None, element_spec):
     """A tf.function scoring one distributed batch; returns the gathered outputs (a
     classifier's, `positive_id` None, without scores). `element_spec`: the distributed
     dataset's, whose batch size is unknown (no eval batch is dropped), so the step is traced
-    once for every batch of every split fed with that spec; without it, once for the first
-    batch's size and once more for the first other size (reduce_retracing)."""
+    once for every batch of every split fed with that spec (reduce_retracing traced the first
+    batch's size and again the first other size)."""
 
     outputs = model.output_shape[-1]
 
@@ -178,8 +178,4 @@ def make_eval_step(cfg: TrainConfig, strategy: tf.distribute.Strategy, model: ke
 
     if cfg.run_eagerly:
         return eval_step
-    if element_spec is not None:
-        return tf.function(eval_step, input_signature=[element_spec])
-    # reduce_retracing: the last, partial batch of every split is traced once as [None, ...]
-    # rather than once per size.
-    return tf.function(eval_step, reduce_retracing=True)
+    return tf.function(eval_step, input_signature=[element_spec])
