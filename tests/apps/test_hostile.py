@@ -151,6 +151,25 @@ def test_names_that_are_not_utf8_and_links_out_of_the_tree_are_skipped(tmp_path)
     assert len(manifest["skipped"]) == 5  # these 4 and the helper's corrupt.jpg
 
 
+def test_a_folder_that_cannot_be_listed_is_skipped_and_says_why(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    helpers.make_class_folders(str(root), classes=("cat", "dog"), per_class=4)
+    locked, scandir = str(root / "train" / "dog"), os.scandir
+
+    def refusing(path):  # as chmod 000 would, for a user other than root
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    data = sources.load_source(str(root))
+    assert {"file": locked, "reason": "folder cannot be listed (Permission denied)"} in (
+        data.skipped)
+    names = data.splits["train"].images.names
+    assert names and not any(n.startswith("train/dog/") for n in names)
+    assert data.class_names == ["cat", "dog"]  # dog has test images
+
+
 def test_a_tar_member_name_that_is_not_utf8_is_skipped(tmp_path):
     root = tmp_path / "src"
     helpers.make_class_folders(str(root), classes=("cat", "dog"), per_class=4)
