@@ -202,6 +202,43 @@ def test_processes_from_the_measured_crossover_and_the_largest_shards_first():
     assert [s.file for s in largest_first(plan)] == ["t0", "s0", "t1", "v0"]
 
 
+def test_the_last_shard_of_each_worker_is_written_in_parts_the_smallest_last():
+    plan = [Shard("train", f"t{k}", np.arange(10 * k, 10 * k + 9)) for k in range(3)]
+    plan += [Shard("val", "v0", np.arange(8)), Shard("test", "s0", np.arange(1))]
+    jobs, parts = shards.split_tail(plan, workers=2)
+    # The 2 smallest shards are the tail; a shard of one image has no parts.
+    assert list(parts) == ["v0"] and [p.file for p in parts["v0"]] == [
+        f".v0.part{k}" for k in range(shards.TAIL_PARTS)]
+    assert all(p.part for p in parts["v0"]) and not any(j.part for j in jobs[:4])
+    assert np.array_equal(np.concatenate([p.indices for p in parts["v0"]]), np.arange(8))
+    assert [j.file for j in jobs] == ["t0", "t1", "t2", "s0", *(p.file for p in parts["v0"])]
+    assert [len(j.indices) for j in jobs] == [9, 9, 9, 1, 2, 2, 2, 2]
+    jobs, parts = shards.split_tail(plan[:1], workers=4)  # fewer shards than workers
+    assert jobs == parts["t0"] and [len(j.indices) for j in jobs] == [3, 2, 2, 2]
+
+
+def test_a_shard_joined_from_parts_is_the_whole_shards_bytes_and_result(tmp_path):
+    items = [shards.Item(f"f{i}", None, None, i % 2, i % 2, "ab"[i % 2], -1, f"f{i}")
+             for i in range(7)]
+
+    def results(chosen):
+        for item in chosen:
+            image = np.full((2, 2, 3), int(item.source_id[1:]), np.uint8)
+            yield (shards.encoded(item, lambda image=image: image) if item.source_id != "f3"
+                   else (item, None, "f3: not decodable"))
+
+    whole = shards.write_records(str(tmp_path / "whole"), results(items), 2)
+    cuts = [items[:3], items[3:5], items[5:]]
+    part_shards = [Shard("train", f".s.part{k}", np.arange(len(c)), part=True)
+                   for k, c in enumerate(cuts)]
+    written = [(p, shards.write_records(str(tmp_path / p.file), results(c), 2, sync=False))
+               for p, c in zip(part_shards, cuts)]
+    joined = shards.join_parts(str(tmp_path), Shard("train", "s", np.arange(7)), written)
+    assert (tmp_path / "s").read_bytes() == (tmp_path / "whole").read_bytes()
+    assert joined == whole and joined.skipped == [{"file": "f3", "reason": "f3: not decodable"}]
+    assert sorted(os.listdir(tmp_path)) == ["s", "whole"]  # the parts are gone
+
+
 def test_ordered_map_reads_a_generator_only_a_window_ahead():
     pulled = []
 
@@ -282,12 +319,16 @@ def test_shards_written_here_while_the_workers_start_are_the_same_bytes(tmp_path
     in_threads = shards._in_threads
     monkeypatch.setattr(shards, "_in_threads",
                         lambda plan, *args: here.extend(plan) or in_threads(plan, *args))
-    manifest = convert(tmp_path / "photos", tmp_path / "p", "processes", True)[3]
-    others = [sh["num_examples"] for s in manifest["splits"].values() for sh in s["shards"]
-              if sh["file"] not in {shard.file for shard in here}]
-    # This process wrote the three smallest (+ 1: a file of another shard was skipped).
-    assert len(here) == 3 and max(len(s.indices) for s in here) <= min(others) + 1
+    data, cfg, _, manifest = convert(tmp_path / "photos", tmp_path / "p", "processes", True)
+    splits, _ = tfrecords.make_splits(data, cfg)
+    plan = [sh for k, name in enumerate(tfrecords.SPLITS)
+            for sh in tfrecords.plan_split(splits[name], name, cfg.shards[name],
+                                           cfg.seed + 100 + k)]
+    jobs, _ = shards.split_tail(plan, 2)
+    # This process wrote the last three jobs, the smallest: parts of the smallest shards.
+    assert [s.file for s in here] == [j.file for j in jobs[:-4:-1]] and all(s.part for s in here)
     convert(tmp_path / "photos", tmp_path / "t", "threads", True)
+    assert sorted(os.listdir(tmp_path / "p")) == sorted(os.listdir(tmp_path / "t"))
     for name in os.listdir(tmp_path / "t"):
         assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
 
