@@ -1,6 +1,7 @@
 """Writing a conversion's shards: each image decoded, resized, encoded as a tf.train.Example
 (research.data.records) and framed into its shard, in this process's threads for a small
-source, or in worker processes that each decode and write whole shards for a large one.
+source, or in worker processes that each decode and write whole shards for a large one (the
+last few in parts, joined: `split_tail`).
 
 Threads: OpenCV releases the GIL while it decodes and resizes, so threads decode in
 parallel, but reading and encoding hold it for a while in each thread, and one thread writes

@@ -580,7 +580,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _utf8(name: str) -> bool:
-    """os.walk and tarfile hand over undecodable bytes as lone surrogates."""
+    """os.scandir and tarfile hand over undecodable bytes as lone surrogates."""
     try:
         name.encode("utf-8")
         return True
