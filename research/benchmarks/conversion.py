@@ -3,6 +3,7 @@ r"""make_tfrecords' images/s against the decode limit of the machine, in one run
   python -m research.benchmarks.conversion --source=../shared/data/dogs-vs-cats-2000.tar \
       --image_size=64 [--reduced_decode=false] [--workers=N] [--parallel=processes] \
       [--repeats=3]
+  python -m research.benchmarks.conversion --generate=20000   # docs/data_at_scale.md's folder
 
 The limit is measured on the same images: one thread decodes and resizes them from bytes
 already in memory (OpenCV held to one thread), which is what one core can do; times the
@@ -32,7 +33,9 @@ docs/data_at_scale.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,12 +46,19 @@ import time
 from absl import app, flags
 
 from research import machine
+from research.benchmarks import generated
 from research.benchmarks.ratios import Ratios
 from research.data import imaging, shards, sources, tfrecords
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source", "../shared/data/dogs-vs-cats-2000.tar", "An image folder or "
                     "archive (as make_tfrecords --source).")
+flags.DEFINE_integer("generate", None, "Instead of --source: this many generated 500x375 "
+                     "JPEGs (research.benchmarks.generated: the folder docs/data_at_scale.md "
+                     "measures), "
+                     "written into a temporary folder first, outside the timings.")
+flags.register_validator("generate", lambda n: n is None or n > 0,
+                         "--generate must be a number of images, at least 1")
 flags.DEFINE_integer("image_size", 64, "Target height and width.")
 flags.DEFINE_bool("reduced_decode", True, "As make_tfrecords --reduced_decode.")
 flags.DEFINE_integer("workers", None, "Decoding threads or worker processes (default: one "
@@ -64,6 +74,23 @@ flags.DEFINE_bool("sample_runnable", False, "Also sample, every 5 ms, how many o
                   "conversion's threads want a core (machine.runnable_threads, all its "
                   "processes): the cores it could keep busy, which a shared machine's wall "
                   "time cannot show. The sampling costs this process some CPU.")
+
+
+@contextlib.contextmanager
+def generated_source():
+    """--generate's temporary folder (removed at the end), or None."""
+    if not FLAGS.generate:
+        yield None
+        return
+    root = tempfile.mkdtemp(prefix="conversion-generated-")
+    try:
+        start = time.perf_counter()
+        generated.generate_photos(root, FLAGS.generate)
+        print(f"generated {FLAGS.generate:,} 500x375 JPEGs in {root} in "
+              f"{time.perf_counter() - start:.1f}s")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def limit_images(files: sources.ImageFiles, n: int) -> list[tuple[bytes, str]]:
@@ -174,6 +201,13 @@ def main(argv):
         print(*convert_once())
         return
     print(machine.banner())
+    with generated_source() as root:
+        if root:
+            FLAGS.source = root
+        benchmark()
+
+
+def benchmark() -> None:
     cores = len(os.sched_getaffinity(0))
     data = sources.load_source(FLAGS.source, image_size=(FLAGS.image_size, FLAGS.image_size),
                                reduced_decode=FLAGS.reduced_decode)

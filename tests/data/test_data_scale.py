@@ -18,6 +18,7 @@ from PIL import Image
 
 import helpers
 from research import machine
+from research.benchmarks import generated
 from research.data import imaging, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,18 +35,9 @@ print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def make_photos(root: str, n: int, size=(240, 320), seed: int = 0) -> None:
+def make_photos(root: str, n: int, size=(240, 320)) -> None:
     """n smooth random JPEGs in <root>/{cats,dogs}/, fast to encode."""
-    rng = np.random.default_rng(seed)
-    for c in ("cats", "dogs"):
-        os.makedirs(os.path.join(root, c), exist_ok=True)
-    for i in range(n):
-        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        img = cv2.resize(small, size[::-1], interpolation=cv2.INTER_LINEAR)
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        c = ("cats", "dogs")[i % 2]
-        with open(os.path.join(root, c, f"{c}.{i}.jpg"), "wb") as f:
-            f.write(buf.tobytes())
+    generated.generate_photos(root, n, size, noise=0)
 
 
 def peak_rss_mb(folder, out) -> float:
@@ -160,16 +152,17 @@ def test_a_file_whose_header_reads_but_pixels_do_not_is_listed_and_left_out(tmp_
 
 
 def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
-    make_photos(str(tmp_path / "photos"), 40, size=(64, 80))
     res = subprocess.run(
-        [sys.executable, "-m", "research.benchmarks.conversion",
-         f"--source={tmp_path / 'photos'}", "--image_size=16", "--limit_images=20",
+        [sys.executable, "-m", "research.benchmarks.conversion", "--generate=40",
+         "--image_size=16", "--limit_images=20",
          "--parallel=processes", "--workers=2", "--repeats=2", "--sample_runnable",
          f"--ratios_json={tmp_path / 'r.json'}"],
-        env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True,
-        timeout=300)
+        env={**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path)}, cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "40 images of" in res.stdout and "reduced JPEG decoding" in res.stdout
+    generated = re.search(r"generated 40 500x375 JPEGs in (\S+) in", res.stdout)
+    assert generated and not os.path.exists(generated[1])  # removed at the end
+    assert f"40 images of {generated[1]}" in res.stdout and "reduced JPEG decoding" in res.stdout
     assert "2 worker processes" in res.stdout and "load average" in res.stdout
     assert "from listing to the manifest in place" in res.stdout  # what the timer covers
     cpu = [float(ln.split(" CPU ms per image")[0].split()[-1])
@@ -182,6 +175,21 @@ def test_conversion_benchmark_prints_its_ratio_to_the_decode_limit(tmp_path):
     assert "ratio conversion / all-cores limit:" in res.stdout
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert len(rows) == 2 and rows[1]["name"].startswith("make_tfrecords / all-cores decode")
+
+
+def test_the_generated_photos_are_the_same_bytes_for_the_same_seed(tmp_path):
+    for name in ("a", "b"):
+        generated.generate_photos(str(tmp_path / name), 3)
+    names = ["cats/cats.0.jpg", "dogs/dogs.1.jpg", "cats/cats.2.jpg"]
+    assert sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*.jpg")
+                  ) == sorted(names)
+    for name in names:
+        data = (tmp_path / "a" / name).read_bytes()
+        assert data == (tmp_path / "b" / name).read_bytes()
+        assert imaging.image_size(data) == (500, 375)
+    generated.generate_photos(str(tmp_path / "c"), 1, seed=1)
+    assert (tmp_path / "c/cats/cats.0.jpg").read_bytes() != (tmp_path / "a" / names[0]
+                                                             ).read_bytes()
 
 
 def test_the_cpu_of_processes_started_by_processes_is_counted():
