@@ -77,7 +77,11 @@ class Expansion:
 
 def _walk_folder(root: str, skipped: list) -> list[str]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unlisted(e: OSError) -> None:  # os.walk would leave the folder out without a word
+        skipped.append((e.filename, f"folder cannot be listed ({e.strerror or e})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted):
         for d in dirnames:
             if _hidden(d):
                 skipped.append((os.path.join(dirpath, d), "hidden folder"))
