@@ -148,20 +148,20 @@ class ShardFile:
         """Records already framed (`frame`, by the threads that decoded them), written and
         hashed as one block: the writing thread takes the GIL back once for them all, not
         after each record's write and hash (both release it), while other threads decode."""
-        block = b"".join(framed)  # one record: the record itself, not a copy
-        self._file.write(block)
-        self._sha.update(block)
-        self.bytes += len(block)
+        self._write(b"".join(framed))  # one record: the record itself, not a copy
         self.records += len(framed)
 
     def append_file(self, path: str, records: int) -> None:
         """Another file of framed records (a part of this shard), appended and hashed."""
         with open(path, "rb", buffering=0) as part:
             while block := part.read(1 << 20):
-                self._file.write(block)
-                self._sha.update(block)
-                self.bytes += len(block)
+                self._write(block)
         self.records += records
+
+    def _write(self, block: bytes) -> None:
+        self._file.write(block)
+        self._sha.update(block)
+        self.bytes += len(block)
 
     @property
     def sha256(self) -> str:

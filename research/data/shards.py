@@ -59,11 +59,15 @@ class Item:
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """One shard of the plan: the split positions it holds, in the order they are written.
-    Or a part of one (`part`: its file is joined into the shard's, then removed)."""
+    Or a part of one (`part_of`: its file is joined into that shard's, then removed)."""
     split: str
     file: str
     indices: np.ndarray
-    part: bool = False
+    part_of: "Shard | None" = None
+
+    @property
+    def part(self) -> bool:
+        return self.part_of is not None
 
 
 @dataclasses.dataclass
@@ -297,7 +301,7 @@ def split_tail(plan: list[Shard], workers: int) -> tuple[list[Shard], dict[str, 
         if len(pieces) == 1:
             jobs.append(shard)
             continue
-        parts[shard.file] = [Shard(shard.split, f".{shard.file}.part{k}", idx, part=True)
+        parts[shard.file] = [Shard(shard.split, f".{shard.file}.part{k}", idx, part_of=shard)
                              for k, idx in enumerate(pieces)]
     tail = [p for shard_parts in parts.values() for p in shard_parts]
     return jobs + largest_first(tail), parts
@@ -322,9 +326,8 @@ class _Joiner:
     """Collects the results of shards and parts as they finish; gives each shard's result
     once it is whole (a part's: once its last part is in, joined)."""
 
-    def __init__(self, out_dir: str, plan: list[Shard], parts: dict[str, list[Shard]]):
+    def __init__(self, out_dir: str, parts: dict[str, list[Shard]]):
         self.out_dir, self.parts = out_dir, parts
-        self.shard_of = {p.file: shard for shard in plan for p in parts.get(shard.file, ())}
         self.done: dict[str, ShardResult] = {}
 
     def finished(self, job: Shard, result: ShardResult) -> Iterator[tuple[Shard, ShardResult]]:
@@ -332,7 +335,7 @@ class _Joiner:
             yield job, result
             return
         self.done[job.file] = result
-        shard = self.shard_of[job.file]
+        shard = job.part_of
         parts = self.parts[shard.file]
         if all(p.file in self.done for p in parts):
             yield shard, join_parts(self.out_dir, shard,
@@ -349,7 +352,7 @@ def _in_processes(plan: list[Shard], splits: dict[str, Split], out_dir: str,
     waiting), this process writes the smallest jobs itself, in threads: the same bytes,
     whoever writes a shard or a part."""
     jobs, parts = split_tail(plan, workers)
-    todo, joiner = collections.deque(jobs), _Joiner(out_dir, plan, parts)
+    todo, joiner = collections.deque(jobs), _Joiner(out_dir, parts)
     pending: dict[concurrent.futures.Future, Shard] = {}
     pool = worker_pool(workers)
     try:
@@ -375,7 +378,7 @@ def _in_processes(plan: list[Shard], splits: dict[str, Split], out_dir: str,
                 try:
                     result = future.result()
                 except concurrent.futures.process.BrokenProcessPool:
-                    shown = ", ".join(sorted({(joiner.shard_of.get(j.file) or j).file
+                    shown = ", ".join(sorted({(j.part_of or j).file
                                               for j in (job, *pending.values())}))
                     raise WorkerDiedError(
                         f"a conversion worker process ended without a result (killed, out of "

@@ -209,7 +209,7 @@ def test_the_last_shard_of_each_worker_is_written_in_parts_the_smallest_last():
     # The 2 smallest shards are the tail; a shard of one image has no parts.
     assert list(parts) == ["v0"] and [p.file for p in parts["v0"]] == [
         f".v0.part{k}" for k in range(shards.TAIL_PARTS)]
-    assert all(p.part for p in parts["v0"]) and not any(j.part for j in jobs[:4])
+    assert all(p.part_of is plan[3] for p in parts["v0"]) and not any(j.part for j in jobs[:4])
     assert np.array_equal(np.concatenate([p.indices for p in parts["v0"]]), np.arange(8))
     assert [j.file for j in jobs] == ["t0", "t1", "t2", "s0", *(p.file for p in parts["v0"])]
     assert [len(j.indices) for j in jobs] == [9, 9, 9, 1, 2, 2, 2, 2]
@@ -229,11 +229,12 @@ def test_a_shard_joined_from_parts_is_the_whole_shards_bytes_and_result(tmp_path
 
     whole = shards.write_records(str(tmp_path / "whole"), results(items), 2)
     cuts = [items[:3], items[3:5], items[5:]]
-    part_shards = [Shard("train", f".s.part{k}", np.arange(len(c)), part=True)
+    shard = Shard("train", "s", np.arange(7))
+    part_shards = [Shard("train", f".s.part{k}", np.arange(len(c)), part_of=shard)
                    for k, c in enumerate(cuts)]
     written = [(p, shards.write_records(str(tmp_path / p.file), results(c), 2, sync=False))
                for p, c in zip(part_shards, cuts)]
-    joined = shards.join_parts(str(tmp_path), Shard("train", "s", np.arange(7)), written)
+    joined = shards.join_parts(str(tmp_path), shard, written)
     assert (tmp_path / "s").read_bytes() == (tmp_path / "whole").read_bytes()
     assert joined == whole and joined.skipped == [{"file": "f3", "reason": "f3: not decodable"}]
     assert sorted(os.listdir(tmp_path)) == ["s", "whole"]  # the parts are gone
