@@ -132,6 +132,19 @@ def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def refuse_listing(monkeypatch, folder: str) -> None:
+    """os.scandir (what os.walk and FileTree list with) refuses `folder`, as chmod 000 would
+    for a user other than root (the tests may run as root)."""
+    scandir = os.scandir
+
+    def refusing(path):
+        if str(path) == folder:
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+
 def make_class_folders(root: str, classes=("cat", "dog", "frog"), per_class: int = 6,
                        size=(40, 48)) -> None:
     """<root>/{train,test}/<class>/*.png plus a grayscale JPEG, an RGBA PNG, a CMYK JPEG and a

@@ -154,14 +154,8 @@ def test_names_that_are_not_utf8_and_links_out_of_the_tree_are_skipped(tmp_path)
 def test_a_folder_that_cannot_be_listed_is_skipped_and_says_why(tmp_path, monkeypatch):
     root = tmp_path / "src"
     helpers.make_class_folders(str(root), classes=("cat", "dog"), per_class=4)
-    locked, scandir = str(root / "train" / "dog"), os.scandir
-
-    def refusing(path):  # as chmod 000 would, for a user other than root
-        if str(path) == locked:
-            raise PermissionError(13, "Permission denied", path)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)
+    locked = str(root / "train" / "dog")
+    helpers.refuse_listing(monkeypatch, locked)
     data = sources.load_source(str(root))
     assert {"file": locked, "reason": "folder cannot be listed (Permission denied)"} in (
         data.skipped)

@@ -93,14 +93,8 @@ def test_expand_files_folders_globs(tmp_path):
 def test_a_folder_that_cannot_be_listed_is_skipped_and_says_why(tmp_path, monkeypatch):
     for rel in ("a/x.jpg", "a/locked/y.jpg"):
         write_image(tmp_path / rel, 8, 8, seed=0)
-    locked, scandir = str(tmp_path / "a" / "locked"), os.scandir
-
-    def refusing(path):  # as chmod 000 would, for a user other than root
-        if str(path) == locked:
-            raise PermissionError(13, "Permission denied", path)
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refusing)
+    locked = str(tmp_path / "a" / "locked")
+    helpers.refuse_listing(monkeypatch, locked)
     got = inference.expand_images([str(tmp_path / "a")])
     assert got.paths == [str(tmp_path / "a" / "x.jpg")]
     assert got.skipped == [(locked, "folder cannot be listed (Permission denied)")]
