@@ -290,9 +290,9 @@ def split_tail(plan: list[Shard], workers: int) -> tuple[list[Shard], dict[str, 
     last ones are small; and the last `workers` shards split in `TAIL_PARTS` parts each: a
     worker that takes no new shard idles until the others finish theirs, and that wait is a
     part's time, not a shard's (0.53 s of a 7.8 s conversion with whole shards: 20,000
-    photos at 64 px, 12 + 4 + 2 shards, 2 workers). Each part is its own file (`part_of` its shard),
-    joined into the shard's file once every part of it is written (`join_parts`): the same
-    bytes as a whole shard, since a TFRecord file is its records one after another."""
+    photos at 64 px, 12 + 4 + 2 shards, 2 workers). Each part (`part_of` its shard) is its
+    own file, joined into the shard's file once every part of it is written (`join_parts`):
+    the same bytes as a whole shard, since a TFRecord file is its records one after another."""
     order = largest_first(plan)
     cut = max(len(order) - workers, 0)
     jobs, parts = order[:cut], {}
